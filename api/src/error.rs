@@ -1,0 +1,183 @@
+//! The one place where failures become HTTP responses.
+//!
+//! Every error body is `{"error": {"code": "...", "message": "..."}}` (API.md). Internal errors
+//! are logged with their cause chain and answered with a generic 500: no SQL, no stack trace,
+//! no internal name ever reaches a client.
+
+use poem::http::{HeaderValue, StatusCode, header};
+use poem::{Body, IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the message names the offending field.
+    #[error("{message}")]
+    InvalidInput { message: String },
+    /// 401: no or invalid bearer token.
+    #[error("authentication required")]
+    Unauthorized,
+    /// 403: authenticated, visible, but not allowed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404: missing *or not visible*; the same answer for both, always.
+    #[error("not found")]
+    NotFound,
+    /// 409
+    #[error("{0}")]
+    Conflict(String),
+    /// 413
+    #[error("request body too large (limit {limit} bytes)")]
+    PayloadTooLarge { limit: usize },
+    /// 415
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 422: well-formed but semantically invalid.
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
+    /// 429: the API's own per-user limits.
+    #[error("too many requests")]
+    TooManyRequests { retry_after_secs: u64 },
+    /// 503: a dependency is down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: logged with its cause, answered generically.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::InvalidInput {
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(e: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(e.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidInput { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidInput { .. } => "invalid_input",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Unprocessable { code, .. } => code,
+            ApiError::TooManyRequests { .. } => "rate_limited",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<store::StoreError> for ApiError {
+    fn from(e: store::StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::error!(error = ?e, "database unavailable");
+            ApiError::Unavailable("the database is unavailable".into())
+        } else {
+            ApiError::Internal(e.into())
+        }
+    }
+}
+
+/// The JSON error body of API.md.
+pub fn error_body(code: &str, message: &str) -> serde_json::Value {
+    json!({ "error": { "code": code, "message": message } })
+}
+
+/// Build the response for a status, code and message, with the headers the contract asks for.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let mut resp = Response::builder()
+        .status(status)
+        .content_type("application/json; charset=utf-8")
+        .body(Body::from_json(error_body(code, message)).unwrap_or_else(|_| Body::empty()));
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    resp
+}
+
+impl poem::error::ResponseError for ApiError {
+    fn status(&self) -> StatusCode {
+        ApiError::status(self)
+    }
+
+    fn as_response(&self) -> Response {
+        if let ApiError::Internal(cause) = self {
+            tracing::error!(error = ?cause, "internal error");
+        }
+        let mut resp = error_response(self.status(), self.code(), &self.to_string());
+        if let ApiError::TooManyRequests { retry_after_secs } = self
+            && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        poem::error::ResponseError::as_response(&self)
+    }
+}
+
+/// Turn any error that escaped a handler (poem's own 404/405, poem-openapi's parse errors, our
+/// `ApiError`s) into the contract's body. Used as the outermost `catch_all_error`.
+pub async fn normalize_error(err: poem::Error) -> Response {
+    if let Some(api) = err.downcast_ref::<ApiError>() {
+        return poem::error::ResponseError::as_response(api);
+    }
+    let status = err.status();
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => ("not_found", "not found".to_owned()),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed".to_owned()),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "request body too large".to_owned()),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            "unsupported content type; send application/json".to_owned(),
+        ),
+        StatusCode::UNAUTHORIZED => ("unauthorized", "authentication required".to_owned()),
+        s if s.is_client_error() => ("invalid_input", client_message(&err)),
+        _ => {
+            tracing::error!(error = %err, status = %status, "unhandled error");
+            ("internal", "internal error".to_owned())
+        }
+    };
+    error_response(status, code, &message)
+}
+
+/// poem-openapi's request-parsing errors describe the request (which field is missing or of the
+/// wrong type); keep that, bounded in length.
+fn client_message(err: &poem::Error) -> String {
+    let mut msg = err.to_string();
+    if msg.len() > 300 {
+        let mut cut = 300;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        msg.truncate(cut);
+    }
+    msg
+}

@@ -1,0 +1,14 @@
+//! Switchboard's HTTP API (poem + poem-openapi).
+//!
+//! It never calls a model: it authenticates, writes rows, enqueues jobs and relays events.
+//! `Application::build` binds the listener (port 0 in tests) and `run_until_stopped` serves
+//! until the shutdown token fires.
+
+pub mod error;
+pub mod middleware;
+pub mod routes;
+pub mod startup;
+pub mod state;
+
+pub use startup::Application;
+pub use state::AppState;

@@ -1,0 +1,68 @@
+//! `api serve` | `api migrate` — the Switchboard HTTP API process.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "api", version, about = "Switchboard HTTP API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API on API_ADDR until SIGTERM/Ctrl-C.
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match config::Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("api: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    jobs::telemetry::init_tracing(&settings.log);
+    match run(cli.command, settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "api failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, settings: config::Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => {
+            let app = api::Application::build(settings).await?;
+            let shutdown = CancellationToken::new();
+            let signal = shutdown.clone();
+            tokio::spawn(async move {
+                jobs::telemetry::shutdown_signal().await;
+                tracing::info!("shutdown requested");
+                signal.cancel();
+            });
+            app.run_until_stopped(shutdown).await?;
+            tracing::info!("api stopped");
+            Ok(())
+        }
+        Command::Migrate => {
+            let pool = store::pool(&settings.database)?;
+            store::migrate(&pool).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Build, then run: `Application::build` binds the listener (port 0 in tests) and exposes the
+//! port; `run_until_stopped` serves until the shutdown token fires, then drains for at most
+//! `api.shutdown_timeout_secs`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use poem::listener::TcpAcceptor;
+use poem::middleware::Tracing;
+use poem::{EndpointExt, Route, Server};
+use poem_openapi::OpenApiService;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::normalize_error;
+use crate::middleware::BodyLimit;
+use crate::routes::health::HealthApi;
+use crate::state::AppState;
+
+pub struct Application {
+    state: AppState,
+    acceptor: TcpAcceptor,
+    addr: SocketAddr,
+}
+
+impl Application {
+    /// Connect (lazily) to PostgreSQL and Redis and bind the listening socket.
+    pub async fn build(settings: config::Settings) -> anyhow::Result<Self> {
+        let db = store::pool(&settings.database)?;
+        let redis = jobs::RedisHandle::new(&settings.redis)?;
+        let listener = tokio::net::TcpListener::bind(settings.api_addr()).await?;
+        let addr = listener.local_addr()?;
+        let acceptor = TcpAcceptor::from_tokio(listener)?;
+        let state = AppState {
+            settings: Arc::new(settings),
+            db,
+            redis: Arc::new(redis),
+        };
+        Ok(Self {
+            state,
+            acceptor,
+            addr,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serve until `shutdown` is cancelled.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let timeout = Duration::from_secs(self.state.settings.api.shutdown_timeout_secs);
+        let app = routes(self.state.clone());
+        tracing::info!(addr = %self.addr, "api listening");
+        Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(app, shutdown.cancelled_owned(), Some(timeout))
+            .await
+    }
+}
+
+/// Every route of the API, with the error normaliser and body limits around them.
+pub fn routes(state: AppState) -> impl poem::Endpoint {
+    let api = OpenApiService::new(
+        HealthApi {
+            state: state.clone(),
+        },
+        "Switchboard API",
+        env!("CARGO_PKG_VERSION"),
+    );
+    let spec = api.spec_endpoint();
+    let docs = api.swagger_ui();
+    let limits = BodyLimit {
+        default_limit: state.settings.api.max_body_bytes,
+        upload_limit: state.settings.api.max_upload_bytes,
+        is_upload: |path| path.ends_with("/documents"),
+    };
+    Route::new()
+        .nest("/", api)
+        .at("/openapi.json", spec)
+        .nest("/docs", docs)
+        .with(limits)
+        .with(Tracing)
+        .catch_all_error(normalize_error)
+}

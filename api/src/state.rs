@@ -1,0 +1,12 @@
+use std::sync::Arc;
+
+use jobs::RedisHandle;
+use sqlx::PgPool;
+
+/// What every endpoint shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<config::Settings>,
+    pub db: PgPool,
+    pub redis: Arc<RedisHandle>,
+}

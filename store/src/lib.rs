@@ -1,0 +1,45 @@
+//! PostgreSQL access shared by the API and the workers.
+//!
+//! Query functions take `&mut PgConnection` (or a pool where a single statement suffices) so
+//! that the caller owns the transaction. Nothing here knows about HTTP or Redis.
+
+mod error;
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+pub use error::StoreError;
+
+/// The schema migrations in `migrations/`, embedded at compile time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// A connection pool for the configured database. Connecting is lazy: a process starts even
+/// when PostgreSQL is down, and `/readyz` reports it.
+pub fn pool(settings: &config::DatabaseSettings) -> Result<PgPool, StoreError> {
+    let options: PgConnectOptions = settings
+        .url
+        .expose_secret()
+        .parse::<PgConnectOptions>()
+        .map_err(StoreError::Config)?
+        .log_statements(log::LevelFilter::Trace)
+        .log_slow_statements(log::LevelFilter::Warn, Duration::from_millis(500));
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
+        .connect_lazy_with(options))
+}
+
+/// Apply pending migrations (idempotent; serialised by sqlx's advisory lock).
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// A cheap round trip used by readiness checks.
+pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}

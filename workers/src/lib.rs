@@ -1,0 +1,63 @@
+//! Worker and scheduler runtime: connections, readiness and shutdown shared by both binaries.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// Connections every worker-side process holds.
+pub struct Runtime {
+    pub settings: config::Settings,
+    pub db: sqlx::PgPool,
+    pub redis: jobs::RedisHandle,
+}
+
+impl Runtime {
+    /// Connect to PostgreSQL and Redis, waiting up to `wait` for them to come up, so that a
+    /// process started together with its services does not crash-loop.
+    pub async fn connect(settings: config::Settings, wait: Duration) -> anyhow::Result<Self> {
+        let db = store::pool(&settings.database)?;
+        let redis = jobs::RedisHandle::new(&settings.redis).context("invalid REDIS_URL")?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let pg = store::ping(&db).await;
+            let rd = redis.ping().await;
+            match (&pg, &rd) {
+                (Ok(()), Ok(())) => break,
+                _ if tokio::time::Instant::now() >= deadline => {
+                    pg.context("PostgreSQL is unreachable")?;
+                    rd.context("Redis is unreachable")?;
+                }
+                _ => {
+                    tracing::warn!(
+                        postgres = pg.is_ok(),
+                        redis = rd.is_ok(),
+                        "waiting for services"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        Ok(Self {
+            settings,
+            db,
+            redis,
+        })
+    }
+}
+
+/// Load settings and install tracing; a bad setting exits with code 2 and a message naming it.
+pub fn load_settings(process: &str) -> Result<config::Settings, std::process::ExitCode> {
+    match config::Settings::load() {
+        Ok(s) => {
+            jobs::telemetry::init_tracing(&s.log);
+            Ok(s)
+        }
+        Err(e) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("{process}: {e}");
+            }
+            Err(std::process::ExitCode::from(2))
+        }
+    }
+}

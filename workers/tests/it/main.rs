@@ -1,0 +1,6 @@
+//! The worker and scheduler processes start against real services, log readiness, and stop
+//! cleanly on SIGTERM; a bad setting stops them at once with a message naming it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod process;
