@@ -45,7 +45,7 @@ state_secret() {
 # Run a long command while printing a heartbeat, so a first install never looks hung.
 with_progress() {
   local what=$1; shift
-  local logf="$SB_LOGS/$(echo "$what" | tr -c 'a-zA-Z0-9' '_').log"
+  local logf; logf="$SB_LOGS/$(echo "$what" | tr -c 'a-zA-Z0-9' '_' | cut -c1-60).log"
   log "$what (log: $logf)"
   local start=$SECONDS
   "$@" >"$logf" 2>&1 &
@@ -72,6 +72,15 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
+# pip_install DIR "deps" "no-deps packages": pinned installs into the venv DIR.
+pip_install() {
+  local dir=$1 d n
+  read -ra d <<< "$2"
+  read -ra n <<< "${3:-}"
+  "$dir/bin/pip" install -q --disable-pip-version-check "${d[@]}"
+  if [ ${#n[@]} -gt 0 ]; then "$dir/bin/pip" install -q --disable-pip-version-check --no-deps "${n[@]}"; fi
+}
+
 # ensure_venv NAME "deps" ["no-deps packages"] [extra env for pip]
 # Creates $SB_CACHE/venv/NAME and installs the pinned packages once; a stamp with the
 # requirement list makes re-runs instant and a version bump reinstall.
@@ -90,11 +99,7 @@ ensure_venv() {
   fi
   rm -rf "$dir"
   python3 -m venv "$dir" || { apt_install python3-venv; python3 -m venv "$dir"; }
-  # shellcheck disable=SC2086
-  with_progress "installing $name ($deps $nodeps)" bash -c "
-    set -e
-    '$dir/bin/pip' install -q --disable-pip-version-check $deps
-    if [ -n '$nodeps' ]; then '$dir/bin/pip' install -q --disable-pip-version-check --no-deps $nodeps; fi"
+  with_progress "installing $name" pip_install "$dir" "$deps" "$nodeps"
   echo "$want" > "$stamp"
   exec 9>&-
 }
@@ -187,6 +192,8 @@ litellm_url() { echo "http://127.0.0.1:$SB_LITELLM_PORT"; }
 litellm_ready() { curl -fsS -m 2 "$(litellm_url)/health/liveliness" >/dev/null 2>&1; }
 
 litellm_env() {
+  # The proxy would take our DATABASE_URL/REDIS_URL for its own database and cache.
+  unset DATABASE_URL REDIS_URL
   export LITELLM_MASTER_KEY; LITELLM_MASTER_KEY=$(state_secret litellm_master_key)
   export LITELLM_LOCAL_MODEL_COST_MAP=True
   export LITELLM_TELEMETRY=False
