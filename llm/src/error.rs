@@ -1,0 +1,112 @@
+use std::time::Duration;
+
+/// How a model call failed. `RateLimited` is re-queued with backoff; everything else is a
+/// failure of that model (fallback-eligible before the first token reached the client).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LlmError {
+    #[error("rate limited by the model provider")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("model provider answered {status}: {message}")]
+    Upstream { status: u16, message: String },
+    #[error("model call timed out: {0}")]
+    Timeout(String),
+    #[error("cannot reach the model proxy: {0}")]
+    Connection(String),
+    #[error("malformed model response: {0}")]
+    Malformed(String),
+    #[error("the model stream ended early: {0}")]
+    Cut(String),
+    #[error("the model returned an empty answer")]
+    Empty,
+}
+
+impl LlmError {
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, LlmError::RateLimited { .. })
+    }
+
+    /// The provider's `Retry-After`, when it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            LlmError::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A short, stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LlmError::RateLimited { .. } => "rate_limited",
+            LlmError::Upstream { .. } => "upstream_error",
+            LlmError::Timeout(_) => "timeout",
+            LlmError::Connection(_) => "connection",
+            LlmError::Malformed(_) => "malformed",
+            LlmError::Cut(_) => "cut",
+            LlmError::Empty => "empty",
+        }
+    }
+
+    pub(crate) fn from_reqwest(e: reqwest::Error) -> Self {
+        if e.is_timeout() {
+            LlmError::Timeout(e.to_string())
+        } else if e.is_connect() {
+            LlmError::Connection(e.to_string())
+        } else if e.is_body() || e.is_decode() {
+            LlmError::Cut(e.to_string())
+        } else {
+            LlmError::Connection(e.to_string())
+        }
+    }
+}
+
+/// `Retry-After` in seconds (or an HTTP date we do not try to parse), also under the names the
+/// LiteLLM proxy relays it as (`llm_provider-retry-after`) and the millisecond variant.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(ms) = get("retry-after-ms").or_else(|| get("llm_provider-retry-after-ms"))
+        && let Ok(ms) = ms.parse::<f64>()
+    {
+        return Some(Duration::from_millis(ms.max(0.0) as u64));
+    }
+    let secs = get("retry-after").or_else(|| get("llm_provider-retry-after"))?;
+    secs.parse::<f64>()
+        .ok()
+        .map(|s| Duration::from_millis((s.max(0.0) * 1000.0) as u64))
+}
+
+/// Turn a non-success response into an error (reading at most 4 KiB of its body).
+pub(crate) async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, LlmError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry = retry_after(resp.headers());
+    let mut body = resp.text().await.unwrap_or_default();
+    if body.len() > 4096 {
+        let mut cut = 4096;
+        while !body.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        body.truncate(cut);
+    }
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or(body);
+    if status.as_u16() == 429 {
+        return Err(LlmError::RateLimited { retry_after: retry });
+    }
+    Err(LlmError::Upstream {
+        status: status.as_u16(),
+        message,
+    })
+}
