@@ -64,3 +64,119 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
         self.inner.call(req).await
     }
 }
+
+/// The request id of the current request (from a valid `x-request-id`, or generated).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Route templates of the API (from the OpenAPI document) for bounded metric labels.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    templates: Vec<Vec<String>>,
+}
+
+impl RouteTable {
+    pub fn new<'a>(templates: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            templates: templates
+                .into_iter()
+                .map(|t| t.trim_matches('/').split('/').map(str::to_owned).collect())
+                .collect(),
+        }
+    }
+
+    /// The template a path matches (`/v1/projects/{id}`), or `unmatched`.
+    pub fn label(&self, path: &str) -> String {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        self.templates
+            .iter()
+            .find(|t| {
+                t.len() == segments.len()
+                    && t.iter()
+                        .zip(&segments)
+                        .all(|(a, b)| a == b || (a.starts_with('{') && a.ends_with('}')))
+            })
+            .map(|t| format!("/{}", t.join("/")))
+            .unwrap_or_else(|| "unmatched".to_owned())
+    }
+}
+
+/// Outermost layer: request id (echoed in `x-request-id`), a tracing span carrying it for every
+/// log line of the request, an access log line, and HTTP metrics by route template and status.
+pub struct RequestContext {
+    pub routes: std::sync::Arc<RouteTable>,
+}
+
+impl<E: Endpoint> Middleware<E> for RequestContext {
+    type Output = RequestContextEndpoint<E>;
+
+    fn transform(&self, ep: E) -> Self::Output {
+        RequestContextEndpoint {
+            inner: ep,
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+pub struct RequestContextEndpoint<E> {
+    inner: E,
+    routes: std::sync::Arc<RouteTable>,
+}
+
+fn valid_request_id(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
+    type Output = poem::Response;
+
+    async fn call(&self, mut req: Request) -> Result<Self::Output> {
+        use poem::IntoResponse;
+        use tracing::Instrument;
+
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| valid_request_id(v))
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+        req.extensions_mut().insert(RequestId(request_id.clone()));
+        let method = req.method().to_string();
+        let route = self.routes.label(req.uri().path());
+        let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
+        let started = std::time::Instant::now();
+        let result = self.inner.call(req).instrument(span.clone()).await;
+        let mut resp = match result {
+            Ok(r) => r.into_response(),
+            Err(e) => {
+                crate::error::normalize_error(e)
+                    .instrument(span.clone())
+                    .await
+            }
+        };
+        let elapsed = started.elapsed();
+        let status = resp.status().as_u16();
+        if let Ok(v) = header::HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        span.in_scope(|| {
+            tracing::info!(
+                status,
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                "request finished"
+            );
+        });
+        let labels = [
+            ("method", method),
+            ("route", route),
+            ("status", status.to_string()),
+        ];
+        metrics::counter!("http_requests_total", &labels).increment(1);
+        metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+        Ok(resp)
+    }
+}

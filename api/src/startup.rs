@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use poem::listener::TcpAcceptor;
-use poem::middleware::Tracing;
 use poem::{EndpointExt, Route, Server};
 use poem_openapi::OpenApiService;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::normalize_error;
-use crate::middleware::BodyLimit;
+use crate::middleware::{BodyLimit, RequestContext, RouteTable};
 use crate::routes::health::HealthApi;
+use crate::routes::metrics::MetricsApi;
 use crate::state::AppState;
 
 pub struct Application {
@@ -35,6 +35,7 @@ impl Application {
             settings: Arc::new(settings),
             db,
             redis: Arc::new(redis),
+            metrics: jobs::telemetry::prometheus(),
         };
         Ok(Self {
             state,
@@ -69,12 +70,18 @@ impl Application {
 /// Every route of the API, with the error normaliser and body limits around them.
 pub fn routes(state: AppState) -> impl poem::Endpoint {
     let api = OpenApiService::new(
-        HealthApi {
-            state: state.clone(),
-        },
+        (
+            HealthApi {
+                state: state.clone(),
+            },
+            MetricsApi {
+                handle: state.metrics.clone(),
+            },
+        ),
         "Switchboard API",
         env!("CARGO_PKG_VERSION"),
     );
+    let route_labels = Arc::new(route_table(&api.spec()));
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
     let limits = BodyLimit {
@@ -87,6 +94,20 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .with(limits)
-        .with(Tracing)
         .catch_all_error(normalize_error)
+        .with(RequestContext {
+            routes: route_labels,
+        })
+}
+
+/// The path templates of the OpenAPI document, plus the routes served outside it.
+fn route_table(spec: &str) -> RouteTable {
+    let doc: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
+    let mut paths: Vec<String> = doc
+        .get("paths")
+        .and_then(|p| p.as_object())
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default();
+    paths.extend(["/openapi.json", "/docs"].map(String::from));
+    RouteTable::new(paths.iter().map(String::as_str))
 }

@@ -9,4 +9,6 @@ pub struct AppState {
     pub settings: Arc<config::Settings>,
     pub db: PgPool,
     pub redis: Arc<RedisHandle>,
+    /// Renders this process's Prometheus metrics.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }

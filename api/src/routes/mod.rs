@@ -2,3 +2,4 @@
 //! `/openapi.json` and `/docs` come from the code.
 
 pub mod health;
+pub mod metrics;

@@ -124,3 +124,82 @@ async fn openapi_document_lists_the_probes() {
     let docs = app.http.get(app.url("/docs")).send().await.unwrap();
     assert_eq!(docs.status(), 200);
 }
+
+#[tokio::test]
+async fn request_id_is_echoed_or_generated() {
+    let app = spawn_app().await;
+    let r = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-request-id", "abc-123_x.y")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123_x.y");
+    let r = app.http.get(app.url("/healthz")).send().await.unwrap();
+    let generated = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(generated.len(), 32, "{generated}");
+    // an unsafe id (spaces, too long) is replaced, never echoed
+    let r = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-request-id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.headers()["x-request-id"], "bad id with spaces");
+    // errors carry it too
+    let r = app
+        .http
+        .get(app.url("/nope"))
+        .header("x-request-id", "err-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-request-id"], "err-1");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_template_and_status() {
+    let app = spawn_app().await;
+    for _ in 0..3 {
+        app.http.get(app.url("/healthz")).send().await.unwrap();
+    }
+    app.http
+        .get(app.url("/no/such/route/123"))
+        .send()
+        .await
+        .unwrap();
+    let r = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = r.text().await.unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("http_requests_total{") && l.contains(r#"route="/healthz""#))
+        .unwrap_or_else(|| panic!("no healthz series in:\n{text}"));
+    assert!(
+        line.contains(r#"method="GET""#) && line.contains(r#"status="200""#),
+        "{line}"
+    );
+    assert!(line.trim_end().ends_with(" 3"), "{line}");
+    // unknown paths share one label value: no unbounded label cardinality
+    assert!(
+        text.contains(r#"route="unmatched",status="404""#) || text.contains(r#"route="unmatched""#),
+        "{text}"
+    );
+    assert!(
+        !text.contains("/no/such/route"),
+        "raw path leaked into labels"
+    );
+    assert!(
+        text.contains("http_request_duration_seconds_bucket"),
+        "{text}"
+    );
+}

@@ -1,0 +1,23 @@
+//! `GET /metrics`: Prometheus text exposition of this process's metrics.
+
+use poem_openapi::payload::PlainText;
+use poem_openapi::{OpenApi, Tags};
+
+#[derive(Tags)]
+enum Tag {
+    /// Operations
+    Operations,
+}
+
+pub struct MetricsApi {
+    pub handle: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+#[OpenApi(tag = "Tag::Operations")]
+impl MetricsApi {
+    /// Prometheus metrics (text exposition format 0.0.4).
+    #[oai(path = "/metrics", method = "get")]
+    async fn metrics(&self) -> PlainText<String> {
+        PlainText(self.handle.render())
+    }
+}
