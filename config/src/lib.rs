@@ -63,6 +63,7 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ),
     ("EMBEDDING_MODEL", "embedding.model", Kind::Str),
     ("EMBEDDING_DIM", "embedding.dim", Kind::Int),
+    ("EVENTS_RETENTION_SECS", "events.retention_secs", Kind::Int),
     ("LOG_FORMAT", "log.format", Kind::Str),
     ("LOG_FILTER", "log.filter", Kind::Str),
 ];
@@ -109,6 +110,7 @@ pub struct Settings {
     pub index: IndexSettings,
     pub chat: ChatSettings,
     pub embedding: EmbeddingSettings,
+    pub events: EventsSettings,
     pub log: LogSettings,
 }
 
@@ -203,6 +205,16 @@ pub struct ChatSettings {
 pub struct EmbeddingSettings {
     pub model: String,
     pub dim: u32,
+}
+
+/// Response events (SSE): the per-response replay stream behind `Last-Event-ID`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    /// How long a response's events stay replayable after its last event.
+    pub retention_secs: u64,
+    /// Cap of one response's replay stream (entries, approximate).
+    pub replay_max_len: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -320,6 +332,8 @@ impl Settings {
         positive(self.api.max_upload_bytes as u64, "MAX_UPLOAD_BYTES")?;
         positive(self.api.max_body_bytes as u64, "MAX_BODY_BYTES")?;
         positive(self.auth.token_ttl_secs, "TOKEN_TTL_SECS")?;
+        positive(self.events.retention_secs, "EVENTS_RETENTION_SECS")?;
+        positive(self.events.replay_max_len, "events.replay_max_len")?;
         if !(1..=16_000).contains(&self.embedding.dim) {
             return Err(ConfigError::invalid(
                 "EMBEDDING_DIM",
