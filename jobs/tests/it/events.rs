@@ -216,7 +216,7 @@ async fn the_replay_stream_expires_and_is_capped() {
         .query_async(&mut c)
         .await
         .unwrap();
-    assert!(len < 1000 && len >= 100, "capped near 100, got {len}");
+    assert!((100..1000).contains(&len), "capped near 100, got {len}");
 }
 
 #[tokio::test]
