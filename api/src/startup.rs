@@ -14,7 +14,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::normalize_error;
 use crate::middleware::BodyLimit;
+use crate::routes::auth::AuthApi;
 use crate::routes::health::HealthApi;
+use crate::routes::orgs::OrgsApi;
+use crate::routes::projects::ProjectsApi;
+use crate::routes::tasks::TasksApi;
+use crate::routes::teams::TeamsApi;
 use crate::state::AppState;
 
 pub struct Application {
@@ -26,6 +31,10 @@ pub struct Application {
 impl Application {
     /// Connect (lazily) to PostgreSQL and Redis and bind the listening socket.
     pub async fn build(settings: config::Settings) -> anyhow::Result<Self> {
+        let jwt = crate::auth::JwtKeys::from_settings(&settings)?;
+        let dummy_hash = crate::password::dummy_hash()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot compute the dummy password hash: {e:?}"))?;
         let db = store::pool(&settings.database)?;
         let redis = jobs::RedisHandle::new(&settings.redis)?;
         let listener = tokio::net::TcpListener::bind(settings.api_addr()).await?;
@@ -35,6 +44,8 @@ impl Application {
             settings: Arc::new(settings),
             db,
             redis: Arc::new(redis),
+            jwt: Arc::new(jwt),
+            dummy_hash: Arc::new(dummy_hash),
         };
         Ok(Self {
             state,
@@ -69,9 +80,26 @@ impl Application {
 /// Every route of the API, with the error normaliser and body limits around them.
 pub fn routes(state: AppState) -> impl poem::Endpoint {
     let api = OpenApiService::new(
-        HealthApi {
-            state: state.clone(),
-        },
+        (
+            HealthApi {
+                state: state.clone(),
+            },
+            AuthApi {
+                state: state.clone(),
+            },
+            OrgsApi {
+                state: state.clone(),
+            },
+            TeamsApi {
+                state: state.clone(),
+            },
+            ProjectsApi {
+                state: state.clone(),
+            },
+            TasksApi {
+                state: state.clone(),
+            },
+        ),
         "Switchboard API",
         env!("CARGO_PKG_VERSION"),
     );
@@ -88,5 +116,6 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .nest("/docs", docs)
         .with(limits)
         .with(Tracing)
+        .data(state)
         .catch_all_error(normalize_error)
 }

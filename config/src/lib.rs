@@ -41,6 +41,9 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ("JWT_ISSUER", "auth.jwt_issuer", Kind::Str),
     ("JWT_AUDIENCE", "auth.jwt_audience", Kind::Str),
     ("TOKEN_TTL_SECS", "auth.token_ttl_secs", Kind::Int),
+    ("LOGIN_MAX_FAILURES", "auth.login_max_failures", Kind::Int),
+    ("LOGIN_IP_MAX_FAILURES", "auth.login_ip_max_failures", Kind::Int),
+    ("LOGIN_WINDOW_SECS", "auth.login_window_secs", Kind::Int),
     ("API_ADDR", "api.addr", Kind::Str),
     ("MAX_BODY_BYTES", "api.max_body_bytes", Kind::Int),
     ("MAX_UPLOAD_BYTES", "api.max_upload_bytes", Kind::Int),
@@ -155,6 +158,12 @@ pub struct AuthSettings {
     pub jwt_issuer: String,
     pub jwt_audience: String,
     pub token_ttl_secs: u64,
+    /// Failed logins allowed per email address within `login_window_secs` before 429.
+    pub login_max_failures: u32,
+    /// Failed logins allowed per client IP within `login_window_secs` before 429.
+    pub login_ip_max_failures: u32,
+    /// Length of the login-throttling window, in seconds.
+    pub login_window_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -320,6 +329,15 @@ impl Settings {
         positive(self.api.max_upload_bytes as u64, "MAX_UPLOAD_BYTES")?;
         positive(self.api.max_body_bytes as u64, "MAX_BODY_BYTES")?;
         positive(self.auth.token_ttl_secs, "TOKEN_TTL_SECS")?;
+        positive(
+            u64::from(self.auth.login_max_failures),
+            "LOGIN_MAX_FAILURES",
+        )?;
+        positive(
+            u64::from(self.auth.login_ip_max_failures),
+            "LOGIN_IP_MAX_FAILURES",
+        )?;
+        positive(self.auth.login_window_secs, "LOGIN_WINDOW_SECS")?;
         if !(1..=16_000).contains(&self.embedding.dim) {
             return Err(ConfigError::invalid(
                 "EMBEDDING_DIM",
