@@ -76,23 +76,23 @@ impl JwtKeys {
                     .jwt_public_key_path
                     .as_ref()
                     .context("JWT_PUBLIC_KEY_PATH is required for RS256")?;
-                let pem = std::fs::read(path)
-                    .with_context(|| format!("JWT_PUBLIC_KEY_PATH: cannot read {}", path.display()))?;
+                let pem = std::fs::read(path).with_context(|| {
+                    format!("JWT_PUBLIC_KEY_PATH: cannot read {}", path.display())
+                })?;
                 let decoding = DecodingKey::from_rsa_pem(&pem)
                     .context("JWT_PUBLIC_KEY_PATH: not an RSA public key in PEM form")?;
-                let encoding = match &auth.jwt_private_key_path {
-                    Some(path) => {
-                        let pem = std::fs::read(path).with_context(|| {
-                            format!("JWT_PRIVATE_KEY_PATH: cannot read {}", path.display())
-                        })?;
-                        Some(
-                            EncodingKey::from_rsa_pem(&pem).context(
+                let encoding =
+                    match &auth.jwt_private_key_path {
+                        Some(path) => {
+                            let pem = std::fs::read(path).with_context(|| {
+                                format!("JWT_PRIVATE_KEY_PATH: cannot read {}", path.display())
+                            })?;
+                            Some(EncodingKey::from_rsa_pem(&pem).context(
                                 "JWT_PRIVATE_KEY_PATH: not an RSA private key in PEM form",
-                            )?,
-                        )
-                    }
-                    None => None,
-                };
+                            )?)
+                        }
+                        None => None,
+                    };
                 (Algorithm::RS256, encoding, decoding)
             }
         };
@@ -194,7 +194,10 @@ async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Caller> {
     let state = req
         .data::<AppState>()
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("AppState is not attached")))?;
-    let claims = state.jwt.verify(&bearer.token).ok_or(ApiError::Unauthorized)?;
+    let claims = state
+        .jwt
+        .verify(&bearer.token)
+        .ok_or(ApiError::Unauthorized)?;
     let role = store::tenancy::member_role(&state.db, claims.org, claims.sub)
         .await
         .map_err(ApiError::from)?

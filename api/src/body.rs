@@ -26,7 +26,8 @@ impl<T: Type> Payload for JsonBody<T> {
             .unwrap_or_default()
             .trim()
             .to_ascii_lowercase();
-        essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+        essence == "application/json"
+            || (essence.starts_with("application/") && essence.ends_with("+json"))
     }
 
     fn schema_ref() -> MetaSchemaRef {

@@ -177,11 +177,11 @@ impl poem_openapi::ApiResponse for ApiError {
 /// The error body of API.md (for the OpenAPI document).
 #[derive(poem_openapi::Object)]
 pub struct ErrorBody {
-    pub error: ErrorDetail,
+    pub error: ErrorBodyDetail,
 }
 
 #[derive(poem_openapi::Object)]
-pub struct ErrorDetail {
+pub struct ErrorBodyDetail {
     /// machine-readable code, e.g. `invalid_input`, `not_found`
     pub code: String,
     /// human-readable text; for 400 it names the field
@@ -199,6 +199,11 @@ impl IntoResponse for ApiError {
 pub async fn normalize_error(err: poem::Error) -> Response {
     if let Some(api) = err.downcast_ref::<ApiError>() {
         return poem::error::ResponseError::as_response(api);
+    }
+    // A malformed id in a path names nothing: answer exactly like an id that does not exist
+    // (poem-openapi does not keep the parameter's name, only a positional `param0`).
+    if err.is::<poem_openapi::error::ParsePathError>() {
+        return poem::error::ResponseError::as_response(&ApiError::NotFound);
     }
     let status = err.status();
     let (code, message) = match status {
@@ -222,9 +227,7 @@ pub async fn normalize_error(err: poem::Error) -> Response {
 /// poem-openapi's request-parsing errors describe the request (which parameter is malformed);
 /// say it in our words, naming the parameter, bounded in length.
 fn client_message(err: &poem::Error) -> String {
-    let mut msg = if let Some(e) = err.downcast_ref::<poem_openapi::error::ParsePathError>() {
-        format!("path parameter `{}` is malformed (expected a UUID)", e.name)
-    } else if let Some(e) = err.downcast_ref::<poem_openapi::error::ParseParamError>() {
+    let mut msg = if let Some(e) = err.downcast_ref::<poem_openapi::error::ParseParamError>() {
         format!("parameter `{}` is invalid", e.name)
     } else if err.is::<poem_openapi::error::ParseRequestPayloadError>() {
         "the request body is not valid JSON for this endpoint".to_owned()

@@ -14,7 +14,9 @@ fn hasher() -> Argon2<'static> {
 fn hash_blocking(password: &str) -> Result<String, argon2::password_hash::Error> {
     // 16 bytes from the thread-local CSPRNG (seeded from the OS).
     let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())?;
-    Ok(hasher().hash_password(password.as_bytes(), &salt)?.to_string())
+    Ok(hasher()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
 }
 
 /// Hash a new password (PHC string).

@@ -22,7 +22,9 @@ pub fn optional_text(field: &str, value: &str, max: usize) -> Result<String, Api
             "{field} must be at most {max} characters"
         )));
     }
-    if v.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t')) {
+    if v.chars()
+        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
         return Err(ApiError::invalid(format!(
             "{field} must not contain control characters"
         )));
@@ -76,8 +78,13 @@ mod tests {
     #[test]
     fn emails() {
         assert!(email("email", "a@b.co").is_ok());
-        assert_eq!(email("email", "  Ann@Example.org ").unwrap(), "Ann@Example.org");
-        for bad in ["", "a", "a@b", "@b.co", "a@.co", "a@b.", "a b@c.de", "a@b..de"] {
+        assert_eq!(
+            email("email", "  Ann@Example.org ").unwrap(),
+            "Ann@Example.org"
+        );
+        for bad in [
+            "", "a", "a@b", "@b.co", "a@.co", "a@b.", "a b@c.de", "a@b..de",
+        ] {
             let e = email("email", bad).unwrap_err().to_string();
             assert!(e.contains("email"), "{bad}: {e}");
         }

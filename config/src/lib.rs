@@ -42,7 +42,11 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ("JWT_AUDIENCE", "auth.jwt_audience", Kind::Str),
     ("TOKEN_TTL_SECS", "auth.token_ttl_secs", Kind::Int),
     ("LOGIN_MAX_FAILURES", "auth.login_max_failures", Kind::Int),
-    ("LOGIN_IP_MAX_FAILURES", "auth.login_ip_max_failures", Kind::Int),
+    (
+        "LOGIN_IP_MAX_FAILURES",
+        "auth.login_ip_max_failures",
+        Kind::Int,
+    ),
     ("LOGIN_WINDOW_SECS", "auth.login_window_secs", Kind::Int),
     ("API_ADDR", "api.addr", Kind::Str),
     ("MAX_BODY_BYTES", "api.max_body_bytes", Kind::Int),

@@ -55,11 +55,7 @@ impl<T, E: Into<StoreError>> OnConstraint<T> for Result<T, E> {
     fn on_constraint(self, name: &str, to: StoreError) -> Result<T, StoreError> {
         self.map_err(|e| {
             let e = e.into();
-            if e.constraint() == Some(name) {
-                to
-            } else {
-                e
-            }
+            if e.constraint() == Some(name) { to } else { e }
         })
     }
 }

@@ -121,10 +121,11 @@ pub async fn find_login(pool: &PgPool, email: &str) -> Result<Option<LoginRecord
 }
 
 pub async fn get_user(pool: &PgPool, id: Uuid) -> Result<Option<User>, StoreError> {
-    let row = sqlx::query_as::<_, User>("SELECT id, email, name, created_at FROM users WHERE id = $1")
-    .bind(id)
-    .fetch_optional(pool)
-    .await?;
+    let row =
+        sqlx::query_as::<_, User>("SELECT id, email, name, created_at FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
     Ok(row)
 }
 
@@ -188,12 +189,13 @@ pub async fn set_role(
     user_id: Uuid,
     role: Role,
 ) -> Result<bool, StoreError> {
-    let done = sqlx::query("UPDATE org_memberships SET role = $3 WHERE org_id = $1 AND user_id = $2")
-        .bind(org_id)
-        .bind(user_id)
-        .bind(role)
-        .execute(pool)
-        .await?;
+    let done =
+        sqlx::query("UPDATE org_memberships SET role = $3 WHERE org_id = $1 AND user_id = $2")
+            .bind(org_id)
+            .bind(user_id)
+            .bind(role)
+            .execute(pool)
+            .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -230,7 +232,11 @@ pub async fn insert_team(
 }
 
 /// A team of `org_id` (a team of another org is `None`, like a missing one).
-pub async fn get_team(pool: &PgPool, org_id: Uuid, team_id: Uuid) -> Result<Option<Team>, StoreError> {
+pub async fn get_team(
+    pool: &PgPool,
+    org_id: Uuid,
+    team_id: Uuid,
+) -> Result<Option<Team>, StoreError> {
     let row = sqlx::query_as::<_, Team>(
         "SELECT id, org_id, name, created_at FROM teams WHERE id = $1 AND org_id = $2",
     )
@@ -294,7 +300,11 @@ pub async fn remove_team_member(
     Ok(done.rows_affected() == 1)
 }
 
-pub async fn is_team_member(pool: &PgPool, team_id: Uuid, user_id: Uuid) -> Result<bool, StoreError> {
+pub async fn is_team_member(
+    pool: &PgPool,
+    team_id: Uuid,
+    user_id: Uuid,
+) -> Result<bool, StoreError> {
     let yes = sqlx::query_scalar::<_, bool>(
         "SELECT EXISTS (SELECT 1 FROM team_members WHERE team_id = $1 AND user_id = $2)",
     )

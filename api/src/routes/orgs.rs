@@ -95,7 +95,12 @@ impl OrgsApi {
         let role: Role = req.role.into();
         check_role_power(&caller, role)?;
         let hash = password::hash(req.password).await?;
-        let mut tx = self.state.db.begin().await.map_err(store::StoreError::from)?;
+        let mut tx = self
+            .state
+            .db
+            .begin()
+            .await
+            .map_err(store::StoreError::from)?;
         let user = store::tenancy::insert_user(&mut tx, &email, &name, &hash).await?;
         store::tenancy::insert_membership(&mut tx, caller.org_id, user.id, role).await?;
         tx.commit().await.map_err(store::StoreError::from)?;
@@ -191,7 +196,12 @@ impl OrgsApi {
         caller.require_org(org_id.0)?;
         caller.require_admin()?;
         let name = validate::text("name", &body.0.name, 200)?;
-        let mut conn = self.state.db.acquire().await.map_err(store::StoreError::from)?;
+        let mut conn = self
+            .state
+            .db
+            .acquire()
+            .await
+            .map_err(store::StoreError::from)?;
         let team = store::tenancy::insert_team(&mut conn, caller.org_id, &name).await?;
         Ok(TeamCreated::Created(Json(team.into())))
     }

@@ -83,8 +83,11 @@ impl ProjectsApi {
         let caller = auth.0;
         let req = body.0;
         let name = validate::text("name", &req.name, 200)?;
-        let description =
-            validate::optional_text("description", req.description.as_deref().unwrap_or(""), 10_000)?;
+        let description = validate::optional_text(
+            "description",
+            req.description.as_deref().unwrap_or(""),
+            10_000,
+        )?;
         let visibility: Visibility = req.visibility.into();
         match (visibility, req.team_id) {
             (Visibility::Team, None) => {
@@ -114,7 +117,12 @@ impl ProjectsApi {
                 ));
             }
         }
-        let mut tx = self.state.db.begin().await.map_err(store::StoreError::from)?;
+        let mut tx = self
+            .state
+            .db
+            .begin()
+            .await
+            .map_err(store::StoreError::from)?;
         let project = store::projects::insert_project(
             &mut tx,
             &store::projects::NewProject {
@@ -157,7 +165,12 @@ impl ProjectsApi {
     #[oai(path = "/projects/:id", method = "get")]
     async fn get(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<ProjectView>, ApiError> {
         let caller = auth.0;
-        let mut conn = self.state.db.acquire().await.map_err(store::StoreError::from)?;
+        let mut conn = self
+            .state
+            .db
+            .acquire()
+            .await
+            .map_err(store::StoreError::from)?;
         let project = store::projects::get_visible(&mut conn, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -174,7 +187,12 @@ impl ProjectsApi {
         body: JsonBody<AddProjectMember>,
     ) -> Result<MemberAdded, ApiError> {
         let caller = auth.0;
-        let mut tx = self.state.db.begin().await.map_err(store::StoreError::from)?;
+        let mut tx = self
+            .state
+            .db
+            .begin()
+            .await
+            .map_err(store::StoreError::from)?;
         let project = store::projects::get_visible(&mut tx, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -202,7 +220,12 @@ impl ProjectsApi {
         user_id: Path<Uuid>,
     ) -> Result<MemberRemoved, ApiError> {
         let caller = auth.0;
-        let mut tx = self.state.db.begin().await.map_err(store::StoreError::from)?;
+        let mut tx = self
+            .state
+            .db
+            .begin()
+            .await
+            .map_err(store::StoreError::from)?;
         let project = store::projects::get_visible(&mut tx, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;

@@ -79,7 +79,12 @@ impl TasksApi {
     ) -> Result<TaskCreated, ApiError> {
         let caller = auth.0;
         let req = body.0;
-        let mut tx = self.state.db.begin().await.map_err(store::StoreError::from)?;
+        let mut tx = self
+            .state
+            .db
+            .begin()
+            .await
+            .map_err(store::StoreError::from)?;
         let project = store::projects::get_visible(&mut tx, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -119,18 +124,18 @@ impl TasksApi {
     ) -> Result<Json<TaskPage>, ApiError> {
         let caller = auth.0;
         let page = PageRequest::parse(limit.0, cursor.0.as_deref())?;
-        let mut conn = self.state.db.acquire().await.map_err(store::StoreError::from)?;
+        let mut conn = self
+            .state
+            .db
+            .acquire()
+            .await
+            .map_err(store::StoreError::from)?;
         if !store::projects::can_see(&mut conn, caller.user_id, id.0).await? {
             return Err(ApiError::NotFound);
         }
-        let rows = store::tasks::list_visible(
-            &mut conn,
-            caller.user_id,
-            id.0,
-            page.after,
-            page.fetch(),
-        )
-        .await?;
+        let rows =
+            store::tasks::list_visible(&mut conn, caller.user_id, id.0, page.after, page.fetch())
+                .await?;
         let (rows, next_cursor) = page.finish(rows, |t| (t.created_at, t.id));
         Ok(Json(TaskPage {
             items: rows.into_iter().map(Into::into).collect(),
@@ -142,7 +147,12 @@ impl TasksApi {
     #[oai(path = "/tasks/:id", method = "get")]
     async fn get(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<TaskView>, ApiError> {
         let caller = auth.0;
-        let mut conn = self.state.db.acquire().await.map_err(store::StoreError::from)?;
+        let mut conn = self
+            .state
+            .db
+            .acquire()
+            .await
+            .map_err(store::StoreError::from)?;
         let task = store::tasks::get_visible(&mut conn, caller.user_id, id.0, false)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -177,7 +187,12 @@ impl TasksApi {
                 MaybeUndefined::Value(v) => Some(Some(v)),
             },
         };
-        let mut tx = self.state.db.begin().await.map_err(store::StoreError::from)?;
+        let mut tx = self
+            .state
+            .db
+            .begin()
+            .await
+            .map_err(store::StoreError::from)?;
         let task = store::tasks::update_visible(&mut tx, caller.user_id, id.0, &patch)
             .await?
             .ok_or(ApiError::NotFound)?;
