@@ -494,6 +494,9 @@ mod tests {
         assert_eq!(s.chat.recent_messages, 12);
         assert_eq!(s.api.max_upload_bytes, 10 * 1024 * 1024);
         assert_eq!(s.embedding.dim, 384);
+        assert_eq!(s.auth.login_max_failures, 5);
+        assert_eq!(s.auth.login_ip_max_failures, 50);
+        assert_eq!(s.auth.login_window_secs, 900);
     }
 
     #[test]
@@ -546,6 +549,14 @@ mod tests {
         assert!(e.contains("WORKER_CONCURRENCY"), "{e}");
         let e = load(&[("LOG_FORMAT", "xml")]).unwrap_err().to_string();
         assert!(e.contains("LOG_FORMAT"), "{e}");
+        let e = load(&[("LOGIN_MAX_FAILURES", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LOGIN_MAX_FAILURES"), "{e}");
+        let e = load(&[("LOGIN_WINDOW_SECS", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LOGIN_WINDOW_SECS"), "{e}");
     }
 
     #[test]

@@ -593,3 +593,48 @@ async fn lists_are_paginated_with_cursors() {
         assert_eq!(r.body["error"]["code"], "invalid_input");
     }
 }
+
+#[tokio::test]
+async fn openapi_document_shows_the_bearer_scheme_and_the_tenancy_paths() {
+    let app = spawn_app().await;
+    let v: Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let scheme = &v["components"]["securitySchemes"]["BearerAuth"];
+    assert_eq!(scheme["type"], "http", "{scheme}");
+    assert_eq!(scheme["scheme"], "bearer", "{scheme}");
+    for (path, method) in [
+        ("/v1/auth/register", "post"),
+        ("/v1/auth/login", "post"),
+        ("/v1/me", "get"),
+        ("/v1/orgs/{org_id}/members", "post"),
+        ("/v1/orgs/{org_id}/teams", "post"),
+        ("/v1/teams/{team_id}/members", "post"),
+        ("/v1/teams/{team_id}/members/{user_id}", "delete"),
+        ("/v1/projects", "post"),
+        ("/v1/projects", "get"),
+        ("/v1/projects/{id}", "get"),
+        ("/v1/projects/{id}/members", "post"),
+        ("/v1/projects/{id}/members/{user_id}", "delete"),
+        ("/v1/projects/{id}/tasks", "post"),
+        ("/v1/projects/{id}/tasks", "get"),
+        ("/v1/tasks/{id}", "get"),
+        ("/v1/tasks/{id}", "patch"),
+    ] {
+        let op = &v["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} missing from /openapi.json");
+        let secured = op["security"].is_array();
+        assert_eq!(
+            secured,
+            !path.starts_with("/v1/auth/"),
+            "{method} {path}: security {}",
+            op["security"]
+        );
+    }
+}
