@@ -228,10 +228,16 @@ impl From<store::tasks::Task> for TaskView {
     }
 }
 
-/// A membership row (team or project member).
+/// A member of a team.
 #[derive(Debug, Object)]
-pub struct MembershipView {
+pub struct TeamMemberView {
+    pub team_id: Uuid,
     pub user_id: Uuid,
-    /// The team or project.
-    pub group_id: Uuid,
+}
+
+/// A member of a private project.
+#[derive(Debug, Object)]
+pub struct ProjectMemberView {
+    pub project_id: Uuid,
+    pub user_id: Uuid,
 }

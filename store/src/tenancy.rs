@@ -1,7 +1,7 @@
 //! Organizations, users, org memberships and teams.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::error::OnConstraint;
@@ -184,7 +184,7 @@ pub async fn member_role(
 
 /// Change a member's role; false when they are not a member.
 pub async fn set_role(
-    pool: &PgPool,
+    exec: impl PgExecutor<'_>,
     org_id: Uuid,
     user_id: Uuid,
     role: Role,
@@ -194,17 +194,21 @@ pub async fn set_role(
             .bind(org_id)
             .bind(user_id)
             .bind(role)
-            .execute(pool)
+            .execute(exec)
             .await?;
     Ok(done.rows_affected() == 1)
 }
 
 /// Remove a member from the org (and, by cascade, from its teams and projects).
-pub async fn remove_member(pool: &PgPool, org_id: Uuid, user_id: Uuid) -> Result<bool, StoreError> {
+pub async fn remove_member(
+    exec: impl PgExecutor<'_>,
+    org_id: Uuid,
+    user_id: Uuid,
+) -> Result<bool, StoreError> {
     let done = sqlx::query("DELETE FROM org_memberships WHERE org_id = $1 AND user_id = $2")
         .bind(org_id)
         .bind(user_id)
-        .execute(pool)
+        .execute(exec)
         .await?;
     Ok(done.rows_affected() == 1)
 }
@@ -315,13 +319,30 @@ pub async fn is_team_member(
     Ok(yes)
 }
 
-/// How many owners `org_id` has (an org must keep at least one).
-pub async fn count_owners(pool: &PgPool, org_id: Uuid) -> Result<i64, StoreError> {
-    let n = sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM org_memberships WHERE org_id = $1 AND role = 'owner'",
+/// Lock the org's owner memberships until the end of the caller's transaction and count them,
+/// so that concurrent demotions or removals cannot leave an org without an owner.
+pub async fn lock_owners(conn: &mut PgConnection, org_id: Uuid) -> Result<i64, StoreError> {
+    let owners = sqlx::query_scalar::<_, Uuid>(
+        "SELECT user_id FROM org_memberships WHERE org_id = $1 AND role = 'owner' FOR UPDATE",
     )
     .bind(org_id)
-    .fetch_one(pool)
+    .fetch_all(conn)
     .await?;
-    Ok(n)
+    Ok(i64::try_from(owners.len()).unwrap_or(i64::MAX))
+}
+
+/// The role of `user_id` in `org_id`, locked until the end of the caller's transaction.
+pub async fn lock_member_role(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    user_id: Uuid,
+) -> Result<Option<Role>, StoreError> {
+    let role = sqlx::query_scalar::<_, Role>(
+        "SELECT role FROM org_memberships WHERE org_id = $1 AND user_id = $2 FOR UPDATE",
+    )
+    .bind(org_id)
+    .bind(user_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(role)
 }

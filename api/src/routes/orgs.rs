@@ -75,6 +75,16 @@ fn check_role_power(caller: &Caller, role: Role) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The caller with their role as of now (inside the transaction); 403 if no longer an admin.
+async fn fresh_role(tx: &mut sqlx::PgConnection, caller: Caller) -> Result<Caller, ApiError> {
+    let role = store::tenancy::lock_member_role(tx, caller.org_id, caller.user_id)
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    let caller = Caller { role, ..caller };
+    caller.require_admin()?;
+    Ok(caller)
+}
+
 #[OpenApi(prefix_path = "/v1", tag = "Tag::Organizations")]
 impl OrgsApi {
     /// Create a user as a member of this org (owners and admins).
@@ -127,23 +137,30 @@ impl OrgsApi {
         let caller = auth.0;
         caller.require_org(org_id.0)?;
         caller.require_admin()?;
-        let db = &self.state.db;
-        let current = store::tenancy::member_role(db, caller.org_id, user_id.0)
+        let role: Role = body.0.role.into();
+        let mut tx = self
+            .state
+            .db
+            .begin()
+            .await
+            .map_err(store::StoreError::from)?;
+        // owners first, then the member: the same lock order everywhere
+        let owners = store::tenancy::lock_owners(&mut tx, caller.org_id).await?;
+        // role changes of an org serialise on its owner rows: re-read the caller's own role
+        let caller = fresh_role(&mut tx, caller).await?;
+        let current = store::tenancy::lock_member_role(&mut tx, caller.org_id, user_id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
-        let role: Role = body.0.role.into();
         check_role_power(&caller, current)?;
         check_role_power(&caller, role)?;
-        if current == Role::Owner
-            && role != Role::Owner
-            && store::tenancy::count_owners(db, caller.org_id).await? <= 1
-        {
+        if current == Role::Owner && role != Role::Owner && owners <= 1 {
             return Err(ApiError::Conflict(
                 "the organization must keep at least one owner".into(),
             ));
         }
-        store::tenancy::set_role(db, caller.org_id, user_id.0, role).await?;
-        let user = store::tenancy::get_user(db, user_id.0)
+        store::tenancy::set_role(&mut *tx, caller.org_id, user_id.0, role).await?;
+        tx.commit().await.map_err(store::StoreError::from)?;
+        let user = store::tenancy::get_user(&self.state.db, user_id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
         Ok(Json(MemberView {
@@ -168,19 +185,28 @@ impl OrgsApi {
         let caller = auth.0;
         caller.require_org(org_id.0)?;
         caller.require_admin()?;
-        let db = &self.state.db;
-        let current = store::tenancy::member_role(db, caller.org_id, user_id.0)
+        let mut tx = self
+            .state
+            .db
+            .begin()
+            .await
+            .map_err(store::StoreError::from)?;
+        let owners = store::tenancy::lock_owners(&mut tx, caller.org_id).await?;
+        // role changes of an org serialise on its owner rows: re-read the caller's own role
+        let caller = fresh_role(&mut tx, caller).await?;
+        let current = store::tenancy::lock_member_role(&mut tx, caller.org_id, user_id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
         check_role_power(&caller, current)?;
-        if current == Role::Owner && store::tenancy::count_owners(db, caller.org_id).await? <= 1 {
+        if current == Role::Owner && owners <= 1 {
             return Err(ApiError::Conflict(
                 "the organization must keep at least one owner".into(),
             ));
         }
-        if !store::tenancy::remove_member(db, caller.org_id, user_id.0).await? {
+        if !store::tenancy::remove_member(&mut *tx, caller.org_id, user_id.0).await? {
             return Err(ApiError::NotFound);
         }
+        tx.commit().await.map_err(store::StoreError::from)?;
         Ok(Removed::NoContent)
     }
 

@@ -15,7 +15,7 @@ use crate::error::ApiError;
 use crate::pagination::PageRequest;
 use crate::state::AppState;
 use crate::validate;
-use crate::views::{MembershipView, ProjectView, VisibilityName};
+use crate::views::{ProjectMemberView, ProjectView, VisibilityName};
 
 pub struct ProjectsApi {
     pub state: AppState,
@@ -58,7 +58,7 @@ pub enum ProjectCreated {
 #[derive(ApiResponse)]
 pub enum MemberAdded {
     #[oai(status = 201)]
-    Created(Json<MembershipView>),
+    Created(Json<ProjectMemberView>),
 }
 
 #[derive(ApiResponse)]
@@ -205,9 +205,9 @@ impl ProjectsApi {
         let user_id = body.0.user_id;
         store::projects::add_member(&mut tx, project.org_id, project.id, user_id).await?;
         tx.commit().await.map_err(store::StoreError::from)?;
-        Ok(MemberAdded::Created(Json(MembershipView {
+        Ok(MemberAdded::Created(Json(ProjectMemberView {
+            project_id: project.id,
             user_id,
-            group_id: project.id,
         })))
     }
 

@@ -36,19 +36,29 @@ pub struct NewTask {
     assignee_id: Option<Uuid>,
 }
 
-/// A partial update: absent fields stay as they are; `assignee_id: null` unassigns.
+/// A partial update: absent fields stay as they are; `assignee_id: null` unassigns (the other
+/// fields cannot be null).
 #[derive(Object, Deserialize)]
 #[oai(deny_unknown_fields)]
 #[serde(deny_unknown_fields)]
 pub struct TaskChanges {
     #[serde(default)]
-    title: Option<String>,
+    title: MaybeUndefined<String>,
     #[serde(default)]
-    description: Option<String>,
+    description: MaybeUndefined<String>,
     #[serde(default)]
-    status: Option<StatusName>,
+    status: MaybeUndefined<StatusName>,
     #[serde(default)]
     assignee_id: MaybeUndefined<Uuid>,
+}
+
+/// The value of a field that may be absent but not null.
+fn not_null<T>(field: &str, v: MaybeUndefined<T>) -> Result<Option<T>, ApiError> {
+    match v {
+        MaybeUndefined::Undefined => Ok(None),
+        MaybeUndefined::Null => Err(ApiError::invalid(format!("{field} must not be null"))),
+        MaybeUndefined::Value(v) => Ok(Some(v)),
+    }
 }
 
 #[derive(Object)]
@@ -170,17 +180,13 @@ impl TasksApi {
         let caller = auth.0;
         let req = body.0;
         let patch = store::tasks::TaskPatch {
-            title: req
-                .title
-                .as_deref()
-                .map(|t| validate::text("title", t, TITLE_MAX))
+            title: not_null("title", req.title)?
+                .map(|t| validate::text("title", &t, TITLE_MAX))
                 .transpose()?,
-            description: req
-                .description
-                .as_deref()
-                .map(|d| validate::optional_text("description", d, DESCRIPTION_MAX))
+            description: not_null("description", req.description)?
+                .map(|d| validate::optional_text("description", &d, DESCRIPTION_MAX))
                 .transpose()?,
-            status: req.status.map(Into::into),
+            status: not_null("status", req.status)?.map(Into::into),
             assignee_id: match req.assignee_id {
                 MaybeUndefined::Undefined => None,
                 MaybeUndefined::Null => Some(None),

@@ -12,7 +12,7 @@ use crate::auth::BearerAuth;
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::views::MembershipView;
+use crate::views::TeamMemberView;
 
 pub struct TeamsApi {
     pub state: AppState,
@@ -29,7 +29,7 @@ pub struct AddUser {
 #[derive(ApiResponse)]
 pub enum MemberAdded {
     #[oai(status = 201)]
-    Created(Json<MembershipView>),
+    Created(Json<TeamMemberView>),
 }
 
 #[derive(ApiResponse)]
@@ -55,9 +55,9 @@ impl TeamsApi {
         caller.require_admin()?;
         let user_id = body.0.user_id;
         store::tenancy::add_team_member(&self.state.db, team.org_id, team.id, user_id).await?;
-        Ok(MemberAdded::Created(Json(MembershipView {
+        Ok(MemberAdded::Created(Json(TeamMemberView {
+            team_id: team.id,
             user_id,
-            group_id: team.id,
         })))
     }
 

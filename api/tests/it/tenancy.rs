@@ -397,6 +397,8 @@ async fn members_cannot_administer_the_org() {
         )
         .await;
     assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["team_id"], t.as_str());
+    assert_eq!(r.body["user_id"], member.user_id.as_str());
     let r = app
         .post(
             &format!("/v1/teams/{t}/members"),
@@ -525,6 +527,17 @@ async fn tasks_assignees_and_updates() {
         )
         .await;
     assert_eq!(r.status, 400, "{}", r.body);
+    for field in ["title", "status", "description"] {
+        let r = app
+            .patch(
+                &format!("/v1/tasks/{id}"),
+                &alice.token,
+                json!({field: null}),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{field}: {}", r.body);
+        assert!(r.body["error"]["message"].as_str().unwrap().contains(field));
+    }
     let r = app.get(&format!("/v1/tasks/{id}"), &alice.token).await;
     assert_eq!(r.body["status"], "done");
     assert_eq!(r.body["title"], "Write");
@@ -636,5 +649,36 @@ async fn openapi_document_shows_the_bearer_scheme_and_the_tenancy_paths() {
             "{method} {path}: security {}",
             op["security"]
         );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_demotions_never_leave_an_org_without_an_owner() {
+    let app = spawn_app().await;
+    for round in 0..5 {
+        let a = app.register(&email(&format!("a{round}")), "Org").await;
+        let b = app
+            .add_member(&a, &email(&format!("b{round}")), "owner")
+            .await;
+        let org = &a.org_id;
+        let path_b = format!("/v1/orgs/{org}/members/{}", b.user_id);
+        let path_a = format!("/v1/orgs/{org}/members/{}", a.user_id);
+        let (ra, rb) = tokio::join!(
+            app.patch(&path_b, &a.token, json!({"role": "member"})),
+            app.patch(&path_a, &b.token, json!({"role": "member"})),
+        );
+        let statuses = [ra.status, rb.status];
+        assert!(
+            statuses.iter().all(|s| [200, 403, 409].contains(s)),
+            "{statuses:?}"
+        );
+        let owners: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM org_memberships WHERE org_id = $1::uuid AND role = 'owner'",
+        )
+        .bind(org)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(owners, 1, "round {round}: {statuses:?}");
     }
 }
