@@ -346,3 +346,62 @@ pub async fn lock_member_role(
     .await?;
     Ok(role)
 }
+
+/// A member of an org, as listed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Member {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+    pub role: Role,
+    /// When they joined the org (the list's order).
+    pub joined_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The members of `org_id` in joining order, after `(joined_at, user id)`.
+pub async fn list_members(
+    pool: &PgPool,
+    org_id: Uuid,
+    after: Option<crate::projects::Cursor>,
+    limit: i64,
+) -> Result<Vec<Member>, StoreError> {
+    let rows = sqlx::query_as::<_, Member>(
+        "SELECT u.id, u.email, u.name, m.role, m.created_at AS joined_at, u.created_at
+         FROM org_memberships m JOIN users u ON u.id = m.user_id
+         WHERE m.org_id = $1
+           AND ($2::timestamptz IS NULL OR (m.created_at, u.id) > ($2, $3))
+         ORDER BY m.created_at, u.id
+         LIMIT $4",
+    )
+    .bind(org_id)
+    .bind(after.map(|c| c.0))
+    .bind(after.map(|c| c.1))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// The teams of `org_id`, oldest first, after `cursor`.
+pub async fn list_teams(
+    pool: &PgPool,
+    org_id: Uuid,
+    after: Option<crate::projects::Cursor>,
+    limit: i64,
+) -> Result<Vec<Team>, StoreError> {
+    let rows = sqlx::query_as::<_, Team>(
+        "SELECT id, org_id, name, created_at FROM teams
+         WHERE org_id = $1
+           AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+         ORDER BY created_at, id
+         LIMIT $4",
+    )
+    .bind(org_id)
+    .bind(after.map(|c| c.0))
+    .bind(after.map(|c| c.1))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}

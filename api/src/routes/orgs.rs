@@ -1,7 +1,8 @@
-//! `POST /v1/orgs/{org_id}/members`, `PATCH`/`DELETE /v1/orgs/{org_id}/members/{user_id}`,
-//! `POST /v1/orgs/{org_id}/teams`. Owners and admins only; another org's id answers 404.
+//! `POST`/`GET /v1/orgs/{org_id}/members`, `PATCH`/`DELETE /v1/orgs/{org_id}/members/{user_id}`,
+//! `POST`/`GET /v1/orgs/{org_id}/teams`. Changes: owners and admins only; lists: any member.
+//! Another org's id answers 404.
 
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use serde::Deserialize;
@@ -12,6 +13,7 @@ use super::Tag;
 use crate::auth::{BearerAuth, Caller};
 use crate::body::JsonBody;
 use crate::error::ApiError;
+use crate::pagination::PageRequest;
 use crate::state::AppState;
 use crate::views::{MemberView, RoleName, TeamView};
 use crate::{password, validate};
@@ -44,6 +46,20 @@ pub struct RoleChange {
 #[serde(deny_unknown_fields)]
 pub struct NewTeam {
     name: String,
+}
+
+#[derive(Object)]
+pub struct MemberPage {
+    items: Vec<MemberView>,
+    /// Pass as `?cursor=` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+#[derive(Object)]
+pub struct TeamPage {
+    items: Vec<TeamView>,
+    /// Pass as `?cursor=` for the next page; null on the last page.
+    next_cursor: Option<String>,
 }
 
 #[derive(ApiResponse)]
@@ -230,5 +246,63 @@ impl OrgsApi {
             .map_err(store::StoreError::from)?;
         let team = store::tenancy::insert_team(&mut conn, caller.org_id, &name).await?;
         Ok(TeamCreated::Created(Json(team.into())))
+    }
+
+    /// The members of the org (any member may list them), in joining order.
+    #[oai(path = "/orgs/:org_id/members", method = "get")]
+    async fn list_members(
+        &self,
+        auth: BearerAuth,
+        org_id: Path<Uuid>,
+        /// Page size, 1 to 200 (default 50).
+        limit: Query<Option<i64>>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+    ) -> Result<Json<MemberPage>, ApiError> {
+        let caller = auth.0;
+        caller.require_org(org_id.0)?;
+        let page = PageRequest::parse(limit.0, cursor.0.as_deref())?;
+        let rows =
+            store::tenancy::list_members(&self.state.db, caller.org_id, page.after, page.fetch())
+                .await?;
+        let (rows, next_cursor) = page.finish(rows, |m| (m.joined_at, m.id));
+        Ok(Json(MemberPage {
+            items: rows
+                .into_iter()
+                .map(|m| MemberView {
+                    id: m.id,
+                    email: m.email,
+                    name: m.name,
+                    role: m.role.into(),
+                    org_id: caller.org_id,
+                    created_at: m.created_at,
+                })
+                .collect(),
+            next_cursor,
+        }))
+    }
+
+    /// The teams of the org (any member may list them), oldest first.
+    #[oai(path = "/orgs/:org_id/teams", method = "get")]
+    async fn list_teams(
+        &self,
+        auth: BearerAuth,
+        org_id: Path<Uuid>,
+        /// Page size, 1 to 200 (default 50).
+        limit: Query<Option<i64>>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+    ) -> Result<Json<TeamPage>, ApiError> {
+        let caller = auth.0;
+        caller.require_org(org_id.0)?;
+        let page = PageRequest::parse(limit.0, cursor.0.as_deref())?;
+        let rows =
+            store::tenancy::list_teams(&self.state.db, caller.org_id, page.after, page.fetch())
+                .await?;
+        let (rows, next_cursor) = page.finish(rows, |t| (t.created_at, t.id));
+        Ok(Json(TeamPage {
+            items: rows.into_iter().map(Into::into).collect(),
+            next_cursor,
+        }))
     }
 }

@@ -77,6 +77,8 @@ async fn assert_all_404(app: &TestApp, who: &Account, ids: &Ids, label: &str) {
     let mut calls = calls;
     if ids.cross_org {
         calls.extend([
+            (reqwest::Method::GET, format!("/v1/orgs/{}/members", ids.org), None),
+            (reqwest::Method::GET, format!("/v1/orgs/{}/teams", ids.org), None),
             (
                 reqwest::Method::POST,
                 format!("/v1/orgs/{}/members", ids.org),
@@ -681,4 +683,47 @@ async fn concurrent_demotions_never_leave_an_org_without_an_owner() {
         .unwrap();
         assert_eq!(owners, 1, "round {round}: {statuses:?}");
     }
+}
+
+#[tokio::test]
+async fn members_and_teams_are_listed_to_org_members() {
+    let app = spawn_app().await;
+    let owner = app.register(&email("owner"), "Org").await;
+    let m = app.add_member(&owner, &email("m"), "member").await;
+    app.add_member(&owner, &email("n"), "admin").await;
+    team(&app, &owner, "one").await;
+    team(&app, &owner, "two").await;
+    let r = app
+        .get(
+            &format!("/v1/orgs/{}/members?limit=2", owner.org_id),
+            &m.token,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let items = r.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["id"], owner.user_id.as_str());
+    assert_eq!(items[0]["role"], "owner");
+    assert!(items[0].get("password_hash").is_none());
+    let c = r.body["next_cursor"].as_str().unwrap();
+    let r = app
+        .get(
+            &format!("/v1/orgs/{}/members?limit=2&cursor={c}", owner.org_id),
+            &m.token,
+        )
+        .await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 1);
+    assert_eq!(r.body["items"][0]["role"], "admin");
+    assert!(r.body["next_cursor"].is_null());
+    let r = app
+        .get(&format!("/v1/orgs/{}/teams", owner.org_id), &m.token)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let names: Vec<&str> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["one", "two"]);
 }
