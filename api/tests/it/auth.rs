@@ -434,3 +434,54 @@ async fn api_token_command_prints_a_working_token() {
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
 }
+
+#[tokio::test]
+async fn failures_from_one_client_ip_are_throttled_across_emails() {
+    let app = spawn_app_with(&[("LOGIN_IP_MAX_FAILURES", "3"), ("LOGIN_MAX_FAILURES", "10")]).await;
+    let known = email("known");
+    app.register(&known, "Org").await;
+    for _ in 0..3 {
+        let r = app
+            .call(
+                Method::POST,
+                "/v1/auth/login",
+                None,
+                Some(json!({"email": email("guess"), "password": "wrong password"})),
+            )
+            .await;
+        assert_eq!(r.status, 401);
+    }
+    let r = app
+        .call(
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            Some(json!({"email": known, "password": "correct horse battery"})),
+        )
+        .await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.headers.contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn login_answers_503_when_redis_is_down() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = spawn_app_with(&[("REDIS_URL", &format!("redis://127.0.0.1:{port}"))]).await;
+    let mail = email("r");
+    app.register(&mail, "Org").await;
+    let r = app
+        .call(
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            Some(json!({"email": mail, "password": "correct horse battery"})),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "unavailable");
+    assert!(!r.body.to_string().contains(&port.to_string()));
+}
