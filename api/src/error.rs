@@ -16,6 +16,9 @@ pub enum ApiError {
     /// 401: no or invalid bearer token.
     #[error("authentication required")]
     Unauthorized,
+    /// 401: login with an unknown email or a wrong password (the same answer for both).
+    #[error("invalid email or password")]
+    InvalidCredentials,
     /// 403: authenticated, visible, but not allowed.
     #[error("{0}")]
     Forbidden(String),
@@ -59,7 +62,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidInput { .. } => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -76,6 +79,7 @@ impl ApiError {
         match self {
             ApiError::InvalidInput { .. } => "invalid_input",
             ApiError::Unauthorized => "unauthorized",
+            ApiError::InvalidCredentials => "invalid_credentials",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound => "not_found",
             ApiError::Conflict(_) => "conflict",
@@ -91,6 +95,15 @@ impl ApiError {
 
 impl From<store::StoreError> for ApiError {
     fn from(e: store::StoreError) -> Self {
+        if let store::StoreError::Conflict { message } = e {
+            return ApiError::Conflict(message.into());
+        }
+        if let store::StoreError::InvalidReference { field, message } = e {
+            return ApiError::Unprocessable {
+                code: "invalid_reference",
+                message: format!("{field} {message}"),
+            };
+        }
         if e.is_unavailable() {
             tracing::error!(error = ?e, "database unavailable");
             ApiError::Unavailable("the database is unavailable".into())
@@ -137,6 +150,44 @@ impl poem::error::ResponseError for ApiError {
     }
 }
 
+/// Lets handlers return `Result<T, ApiError>`; documents the error body in the OpenAPI spec.
+impl poem_openapi::ApiResponse for ApiError {
+    fn meta() -> poem_openapi::registry::MetaResponses {
+        use poem_openapi::types::Type as _;
+        poem_openapi::registry::MetaResponses {
+            responses: vec![poem_openapi::registry::MetaResponse {
+                description: "An error: `{\"error\": {\"code\", \"message\"}}`",
+                status: None,
+                status_range: Some("4XX".into()),
+                content: vec![poem_openapi::registry::MetaMediaType {
+                    content_type: "application/json; charset=utf-8",
+                    schema: ErrorBody::schema_ref(),
+                }],
+                headers: vec![],
+            }],
+        }
+    }
+
+    fn register(registry: &mut poem_openapi::registry::Registry) {
+        use poem_openapi::types::Type as _;
+        ErrorBody::register(registry);
+    }
+}
+
+/// The error body of API.md (for the OpenAPI document).
+#[derive(poem_openapi::Object)]
+pub struct ErrorBody {
+    pub error: ErrorBodyDetail,
+}
+
+#[derive(poem_openapi::Object)]
+pub struct ErrorBodyDetail {
+    /// machine-readable code, e.g. `invalid_input`, `not_found`
+    pub code: String,
+    /// human-readable text; for 400 it names the field
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         poem::error::ResponseError::as_response(&self)
@@ -148,6 +199,11 @@ impl IntoResponse for ApiError {
 pub async fn normalize_error(err: poem::Error) -> Response {
     if let Some(api) = err.downcast_ref::<ApiError>() {
         return poem::error::ResponseError::as_response(api);
+    }
+    // A malformed id in a path names nothing: answer exactly like an id that does not exist
+    // (poem-openapi does not keep the parameter's name, only a positional `param0`).
+    if err.is::<poem_openapi::error::ParsePathError>() {
+        return poem::error::ResponseError::as_response(&ApiError::NotFound);
     }
     let status = err.status();
     let (code, message) = match status {
@@ -168,10 +224,16 @@ pub async fn normalize_error(err: poem::Error) -> Response {
     error_response(status, code, &message)
 }
 
-/// poem-openapi's request-parsing errors describe the request (which field is missing or of the
-/// wrong type); keep that, bounded in length.
+/// poem-openapi's request-parsing errors describe the request (which parameter is malformed);
+/// say it in our words, naming the parameter, bounded in length.
 fn client_message(err: &poem::Error) -> String {
-    let mut msg = err.to_string();
+    let mut msg = if let Some(e) = err.downcast_ref::<poem_openapi::error::ParseParamError>() {
+        format!("parameter `{}` is invalid", e.name)
+    } else if err.is::<poem_openapi::error::ParseRequestPayloadError>() {
+        "the request body is not valid JSON for this endpoint".to_owned()
+    } else {
+        err.to_string()
+    };
     if msg.len() > 300 {
         let mut cut = 300;
         while !msg.is_char_boundary(cut) {

@@ -4,11 +4,18 @@
 //! `Application::build` binds the listener (port 0 in tests) and `run_until_stopped` serves
 //! until the shutdown token fires.
 
+pub mod auth;
+pub mod body;
 pub mod error;
 pub mod middleware;
+pub mod pagination;
+pub mod password;
 pub mod routes;
 pub mod startup;
 pub mod state;
+pub mod throttle;
+pub mod validate;
+pub mod views;
 
 pub use startup::Application;
 pub use state::AppState;

@@ -1,4 +1,4 @@
-//! `api serve` | `api migrate` — the Switchboard HTTP API process.
+//! `api serve` | `api migrate` | `api token --user-email E` — the Switchboard HTTP API process.
 
 use std::process::ExitCode;
 
@@ -18,6 +18,12 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Print a bearer token for a user (operators); the token is the only thing on stdout.
+    Token {
+        /// The user's email address.
+        #[arg(long)]
+        user_email: String,
+    },
 }
 
 #[tokio::main]
@@ -56,6 +62,22 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<()>
             });
             app.run_until_stopped(shutdown).await?;
             tracing::info!("api stopped");
+            Ok(())
+        }
+        Command::Token { user_email } => {
+            let keys = api::auth::JwtKeys::from_settings(&settings)?;
+            let pool = store::pool(&settings.database)?;
+            let (user, org_id) = store::tenancy::find_user_by_email(&pool, &user_email)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no user with email {user_email:?}"))?;
+            let (token, expires_at) = keys
+                .issue(user.id, org_id)
+                .map_err(|e| anyhow::anyhow!("cannot issue a token: {e}"))?;
+            tracing::info!(user_id = %user.id, %org_id, %expires_at, "token issued");
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{token}")?;
+            out.flush()?;
             Ok(())
         }
         Command::Migrate => {

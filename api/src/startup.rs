@@ -13,8 +13,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::normalize_error;
 use crate::middleware::{BodyLimit, RequestContext, RouteTable};
+use crate::routes::auth::AuthApi;
 use crate::routes::health::HealthApi;
 use crate::routes::metrics::MetricsApi;
+use crate::routes::orgs::OrgsApi;
+use crate::routes::projects::ProjectsApi;
+use crate::routes::tasks::TasksApi;
+use crate::routes::teams::TeamsApi;
 use crate::state::AppState;
 
 pub struct Application {
@@ -26,6 +31,10 @@ pub struct Application {
 impl Application {
     /// Connect (lazily) to PostgreSQL and Redis and bind the listening socket.
     pub async fn build(settings: config::Settings) -> anyhow::Result<Self> {
+        let jwt = crate::auth::JwtKeys::from_settings(&settings)?;
+        let dummy_hash = crate::password::dummy_hash()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot compute the dummy password hash: {e:?}"))?;
         let db = store::pool(&settings.database)?;
         let redis = jobs::RedisHandle::new(&settings.redis)?;
         let listener = tokio::net::TcpListener::bind(settings.api_addr()).await?;
@@ -36,6 +45,8 @@ impl Application {
             db,
             redis: Arc::new(redis),
             metrics: jobs::telemetry::prometheus(),
+            jwt: Arc::new(jwt),
+            dummy_hash: Arc::new(dummy_hash),
         };
         Ok(Self {
             state,
@@ -77,6 +88,21 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
             MetricsApi {
                 handle: state.metrics.clone(),
             },
+            AuthApi {
+                state: state.clone(),
+            },
+            OrgsApi {
+                state: state.clone(),
+            },
+            TeamsApi {
+                state: state.clone(),
+            },
+            ProjectsApi {
+                state: state.clone(),
+            },
+            TasksApi {
+                state: state.clone(),
+            },
         ),
         "Switchboard API",
         env!("CARGO_PKG_VERSION"),
@@ -94,6 +120,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .with(limits)
+        .data(state)
         .catch_all_error(normalize_error)
         .with(RequestContext {
             routes: route_labels,

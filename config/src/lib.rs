@@ -41,6 +41,13 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ("JWT_ISSUER", "auth.jwt_issuer", Kind::Str),
     ("JWT_AUDIENCE", "auth.jwt_audience", Kind::Str),
     ("TOKEN_TTL_SECS", "auth.token_ttl_secs", Kind::Int),
+    ("LOGIN_MAX_FAILURES", "auth.login_max_failures", Kind::Int),
+    (
+        "LOGIN_IP_MAX_FAILURES",
+        "auth.login_ip_max_failures",
+        Kind::Int,
+    ),
+    ("LOGIN_WINDOW_SECS", "auth.login_window_secs", Kind::Int),
     ("API_ADDR", "api.addr", Kind::Str),
     ("MAX_BODY_BYTES", "api.max_body_bytes", Kind::Int),
     ("MAX_UPLOAD_BYTES", "api.max_upload_bytes", Kind::Int),
@@ -157,6 +164,12 @@ pub struct AuthSettings {
     pub jwt_issuer: String,
     pub jwt_audience: String,
     pub token_ttl_secs: u64,
+    /// Failed logins allowed per email address within `login_window_secs` before 429.
+    pub login_max_failures: u32,
+    /// Failed logins allowed per client IP within `login_window_secs` before 429.
+    pub login_ip_max_failures: u32,
+    /// Length of the login-throttling window, in seconds.
+    pub login_window_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -334,6 +347,15 @@ impl Settings {
         positive(self.auth.token_ttl_secs, "TOKEN_TTL_SECS")?;
         positive(self.events.retention_secs, "EVENTS_RETENTION_SECS")?;
         positive(self.events.replay_max_len, "events.replay_max_len")?;
+        positive(
+            u64::from(self.auth.login_max_failures),
+            "LOGIN_MAX_FAILURES",
+        )?;
+        positive(
+            u64::from(self.auth.login_ip_max_failures),
+            "LOGIN_IP_MAX_FAILURES",
+        )?;
+        positive(self.auth.login_window_secs, "LOGIN_WINDOW_SECS")?;
         if !(1..=16_000).contains(&self.embedding.dim) {
             return Err(ConfigError::invalid(
                 "EMBEDDING_DIM",
@@ -486,6 +508,9 @@ mod tests {
         assert_eq!(s.chat.recent_messages, 12);
         assert_eq!(s.api.max_upload_bytes, 10 * 1024 * 1024);
         assert_eq!(s.embedding.dim, 384);
+        assert_eq!(s.auth.login_max_failures, 5);
+        assert_eq!(s.auth.login_ip_max_failures, 50);
+        assert_eq!(s.auth.login_window_secs, 900);
     }
 
     #[test]
@@ -538,6 +563,14 @@ mod tests {
         assert!(e.contains("WORKER_CONCURRENCY"), "{e}");
         let e = load(&[("LOG_FORMAT", "xml")]).unwrap_err().to_string();
         assert!(e.contains("LOG_FORMAT"), "{e}");
+        let e = load(&[("LOGIN_MAX_FAILURES", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LOGIN_MAX_FAILURES"), "{e}");
+        let e = load(&[("LOGIN_WINDOW_SECS", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LOGIN_WINDOW_SECS"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,17 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A unique constraint was hit: the thing already exists (HTTP 409). `message` is safe to
+    /// show to a client.
+    #[error("{message}")]
+    Conflict { message: &'static str },
+    /// A reference in the request does not name anything usable (a foreign key, or a
+    /// same-org/visibility rule; HTTP 422). `field` names the request field.
+    #[error("{field}: {message}")]
+    InvalidReference {
+        field: &'static str,
+        message: &'static str,
+    },
 }
 
 impl StoreError {
@@ -23,5 +34,28 @@ impl StoreError {
                     | sqlx::Error::Tls(_)
             )
         )
+    }
+
+    /// The name of the constraint a failed statement violated, if that is what happened.
+    pub fn constraint(&self) -> Option<&str> {
+        match self {
+            StoreError::Database(sqlx::Error::Database(db)) => db.constraint(),
+            _ => None,
+        }
+    }
+}
+
+/// Turn the violation of a named constraint into a domain error at the query that hit it
+/// (never by matching error text in handlers).
+pub(crate) trait OnConstraint<T> {
+    fn on_constraint(self, name: &str, to: StoreError) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<StoreError>> OnConstraint<T> for Result<T, E> {
+    fn on_constraint(self, name: &str, to: StoreError) -> Result<T, StoreError> {
+        self.map_err(|e| {
+            let e = e.into();
+            if e.constraint() == Some(name) { to } else { e }
+        })
     }
 }

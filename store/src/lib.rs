@@ -4,6 +4,10 @@
 //! that the caller owns the transaction. Nothing here knows about HTTP or Redis.
 
 mod error;
+pub mod projects;
+pub mod tasks;
+pub mod tenancy;
+mod types;
 
 use std::time::Duration;
 
@@ -12,6 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub use error::StoreError;
+pub use types::{Role, TaskStatus, UnknownValue, Visibility};
 
 /// The schema migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

@@ -1,5 +1,23 @@
 //! HTTP endpoints, one module per area, all declared with poem-openapi so that
 //! `/openapi.json` and `/docs` come from the code.
 
+pub mod auth;
 pub mod health;
 pub mod metrics;
+pub mod orgs;
+pub mod projects;
+pub mod tasks;
+pub mod teams;
+
+/// The OpenAPI tags of the tenancy endpoints.
+#[derive(poem_openapi::Tags)]
+pub enum Tag {
+    /// Registration, login and the caller
+    Auth,
+    /// Organizations, their members and teams
+    Organizations,
+    /// Projects and their members
+    Projects,
+    /// Project tasks
+    Tasks,
+}

@@ -2,5 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod auth;
+mod bad_input;
 mod helpers;
 mod ops;
+mod tenancy;
+mod visibility_model;

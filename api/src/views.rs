@@ -1,0 +1,243 @@
+//! What the API shows of the store's rows, and the enums of its contract.
+
+use chrono::{DateTime, Utc};
+use poem_openapi::{Enum, Object};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A role in an organization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Serialize, Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum RoleName {
+    Owner,
+    Admin,
+    Member,
+}
+
+impl From<RoleName> for store::Role {
+    fn from(r: RoleName) -> Self {
+        match r {
+            RoleName::Owner => store::Role::Owner,
+            RoleName::Admin => store::Role::Admin,
+            RoleName::Member => store::Role::Member,
+        }
+    }
+}
+
+impl From<store::Role> for RoleName {
+    fn from(r: store::Role) -> Self {
+        match r {
+            store::Role::Owner => RoleName::Owner,
+            store::Role::Admin => RoleName::Admin,
+            store::Role::Member => RoleName::Member,
+        }
+    }
+}
+
+/// Who sees a project (org owners and admins always do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Serialize, Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum VisibilityName {
+    /// every member of the org
+    Org,
+    /// the members of the project's team (`team_id`)
+    Team,
+    /// the project's explicit members
+    Private,
+}
+
+impl From<VisibilityName> for store::Visibility {
+    fn from(v: VisibilityName) -> Self {
+        match v {
+            VisibilityName::Org => store::Visibility::Org,
+            VisibilityName::Team => store::Visibility::Team,
+            VisibilityName::Private => store::Visibility::Private,
+        }
+    }
+}
+
+impl From<store::Visibility> for VisibilityName {
+    fn from(v: store::Visibility) -> Self {
+        match v {
+            store::Visibility::Org => VisibilityName::Org,
+            store::Visibility::Team => VisibilityName::Team,
+            store::Visibility::Private => VisibilityName::Private,
+        }
+    }
+}
+
+/// A task's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Serialize, Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum StatusName {
+    Todo,
+    InProgress,
+    Done,
+}
+
+impl From<StatusName> for store::TaskStatus {
+    fn from(s: StatusName) -> Self {
+        match s {
+            StatusName::Todo => store::TaskStatus::Todo,
+            StatusName::InProgress => store::TaskStatus::InProgress,
+            StatusName::Done => store::TaskStatus::Done,
+        }
+    }
+}
+
+impl From<store::TaskStatus> for StatusName {
+    fn from(s: store::TaskStatus) -> Self {
+        match s {
+            store::TaskStatus::Todo => StatusName::Todo,
+            store::TaskStatus::InProgress => StatusName::InProgress,
+            store::TaskStatus::Done => StatusName::Done,
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct UserView {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<store::tenancy::User> for UserView {
+    fn from(u: store::tenancy::User) -> Self {
+        Self {
+            id: u.id,
+            email: u.email,
+            name: u.name,
+            created_at: u.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct OrgView {
+    pub id: Uuid,
+    pub name: String,
+    /// The org's model (null: the system default applies).
+    pub model: Option<String>,
+    /// The org's fallback model (null: the system default applies).
+    pub fallback_model: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<store::tenancy::Org> for OrgView {
+    fn from(o: store::tenancy::Org) -> Self {
+        Self {
+            id: o.id,
+            name: o.name,
+            model: o.model,
+            fallback_model: o.fallback_model,
+            created_at: o.created_at,
+        }
+    }
+}
+
+/// A member of an organization: the user and their role.
+#[derive(Debug, Object)]
+pub struct MemberView {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+    pub role: RoleName,
+    pub org_id: Uuid,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Object)]
+pub struct TeamView {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<store::tenancy::Team> for TeamView {
+    fn from(t: store::tenancy::Team) -> Self {
+        Self {
+            id: t.id,
+            org_id: t.org_id,
+            name: t.name,
+            created_at: t.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct ProjectView {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub visibility: VisibilityName,
+    pub team_id: Option<Uuid>,
+    pub created_by: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<store::projects::Project> for ProjectView {
+    fn from(p: store::projects::Project) -> Self {
+        Self {
+            id: p.id,
+            org_id: p.org_id,
+            name: p.name,
+            description: p.description,
+            visibility: p.visibility.into(),
+            team_id: p.team_id,
+            created_by: p.created_by,
+            created_at: p.created_at,
+            updated_at: p.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct TaskView {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub title: String,
+    pub description: String,
+    pub status: StatusName,
+    pub assignee_id: Option<Uuid>,
+    pub created_by: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<store::tasks::Task> for TaskView {
+    fn from(t: store::tasks::Task) -> Self {
+        Self {
+            id: t.id,
+            project_id: t.project_id,
+            title: t.title,
+            description: t.description,
+            status: t.status.into(),
+            assignee_id: t.assignee_id,
+            created_by: t.created_by,
+            created_at: t.created_at,
+            updated_at: t.updated_at,
+        }
+    }
+}
+
+/// A member of a team.
+#[derive(Debug, Object)]
+pub struct TeamMemberView {
+    pub team_id: Uuid,
+    pub user_id: Uuid,
+}
+
+/// A member of a private project.
+#[derive(Debug, Object)]
+pub struct ProjectMemberView {
+    pub project_id: Uuid,
+    pub user_id: Uuid,
+}

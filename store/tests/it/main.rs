@@ -1,0 +1,5 @@
+//! Store integration tests against a fresh PostgreSQL database per test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod tenancy;
