@@ -3,6 +3,7 @@
 //! Query functions take `&mut PgConnection` (or a pool where a single statement suffices) so
 //! that the caller owns the transaction. Nothing here knows about HTTP or Redis.
 
+pub mod conversations;
 mod error;
 pub mod projects;
 pub mod tasks;

@@ -1,0 +1,440 @@
+//! Conversations, messages and responses.
+//!
+//! A conversation is readable only by its owner: every read takes the caller's user id and
+//! answers `None` for anything else (missing, another user's, another org's alike). The
+//! projects a conversation may draw on are computed at query time by
+//! `conversation_projects_visible(user, conversation)` — live memberships, live narrowing.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::StoreError;
+use crate::projects::Cursor;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Conversation {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub user_id: Uuid,
+    pub title: String,
+    pub scoped: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Message {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub seq: i64,
+    pub role: String,
+    pub content: String,
+    pub response_id: Option<Uuid>,
+    pub model: Option<String>,
+    pub prompt_tokens: Option<i32>,
+    pub completion_tokens: Option<i32>,
+    pub latency_ms: Option<i32>,
+    pub tool_calls: Option<Value>,
+    pub tool_call_id: Option<String>,
+    pub citations: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Response {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub user_message_id: Uuid,
+    pub status: String,
+    pub model: Option<String>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub starts: i32,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// Statements here only splice in the constant column lists above, never input.
+fn sql(s: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(s)
+}
+
+const CONVERSATION_COLS: &str = "id, org_id, user_id, title, scoped, created_at, updated_at";
+const MESSAGE_COLS: &str = "id, conversation_id, seq, role, content, response_id, model, prompt_tokens, \
+     completion_tokens, latency_ms, tool_calls, tool_call_id, citations, created_at";
+const RESPONSE_COLS: &str = "id, conversation_id, user_message_id, status, model, error_code, \
+     error_message, starts, created_at, completed_at";
+
+/// Create a conversation for `user_id`; with `project_ids`, narrowed to those projects, each of
+/// which the user must be able to see now (else `InvalidReference` on `project_ids`).
+pub async fn create(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    user_id: Uuid,
+    title: &str,
+    project_ids: Option<&[Uuid]>,
+) -> Result<Conversation, StoreError> {
+    if let Some(ids) = project_ids {
+        let visible: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT v.project_id) FROM visible_projects($1) v
+             WHERE v.project_id = ANY($2)",
+        )
+        .bind(user_id)
+        .bind(ids)
+        .fetch_one(&mut *conn)
+        .await?;
+        let distinct = {
+            let mut d = ids.to_vec();
+            d.sort();
+            d.dedup();
+            d.len()
+        };
+        if visible as usize != distinct {
+            return Err(StoreError::InvalidReference {
+                field: "project_ids",
+                message: "names a project that does not exist or that you cannot see",
+            });
+        }
+    }
+    let conversation = sqlx::query_as::<_, Conversation>(sql(format!(
+        "INSERT INTO conversations (id, org_id, user_id, title, scoped)
+         VALUES ($1, $2, $3, $4, $5) RETURNING {CONVERSATION_COLS}"
+    )))
+    .bind(Uuid::now_v7())
+    .bind(org_id)
+    .bind(user_id)
+    .bind(title)
+    .bind(project_ids.is_some())
+    .fetch_one(&mut *conn)
+    .await?;
+    if let Some(ids) = project_ids {
+        sqlx::query(
+            "INSERT INTO conversation_projects (conversation_id, project_id)
+             SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(conversation.id)
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(conversation)
+}
+
+/// The caller's own conversation; `None` for anything else.
+pub async fn get_own(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<Option<Conversation>, StoreError> {
+    Ok(sqlx::query_as::<_, Conversation>(sql(format!(
+        "SELECT {CONVERSATION_COLS} FROM conversations WHERE id = $1 AND user_id = $2"
+    )))
+    .bind(id)
+    .bind(user_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// A conversation by id (workers, which act for its owner).
+pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Conversation>, StoreError> {
+    Ok(sqlx::query_as::<_, Conversation>(sql(format!(
+        "SELECT {CONVERSATION_COLS} FROM conversations WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// The caller's conversations, oldest first, after `cursor`.
+pub async fn list_own(
+    pool: &PgPool,
+    user_id: Uuid,
+    after: Option<Cursor>,
+    limit: i64,
+) -> Result<Vec<Conversation>, StoreError> {
+    Ok(sqlx::query_as::<_, Conversation>(sql(format!(
+        "SELECT {CONVERSATION_COLS} FROM conversations
+         WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+         ORDER BY created_at, id LIMIT $4"
+    )))
+    .bind(user_id)
+    .bind(after.map(|c| c.0))
+    .bind(after.map(|c| c.1))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The projects the conversation was narrowed to (empty when not scoped), as stored.
+pub async fn scope(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT project_id FROM conversation_projects WHERE conversation_id = $1 ORDER BY project_id",
+    )
+    .bind(conversation_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The projects the conversation may draw on for its owner right now (live visibility ∩ scope).
+pub async fn usable_projects(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    conversation_id: Uuid,
+) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT project_id FROM conversation_projects_visible($1, $2) ORDER BY project_id",
+    )
+    .bind(user_id)
+    .bind(conversation_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// A user turn: the user's message and the response that will answer it, in one transaction
+/// owned by the caller.
+pub async fn start_turn(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+    content: &str,
+) -> Result<(Message, Response), StoreError> {
+    let message = sqlx::query_as::<_, Message>(sql(format!(
+        "INSERT INTO messages (id, conversation_id, role, content)
+         VALUES ($1, $2, 'user', $3) RETURNING {MESSAGE_COLS}"
+    )))
+    .bind(Uuid::now_v7())
+    .bind(conversation_id)
+    .bind(content)
+    .fetch_one(&mut *conn)
+    .await?;
+    let response = sqlx::query_as::<_, Response>(sql(format!(
+        "INSERT INTO responses (id, conversation_id, user_message_id)
+         VALUES ($1, $2, $3) RETURNING {RESPONSE_COLS}"
+    )))
+    .bind(Uuid::now_v7())
+    .bind(conversation_id)
+    .bind(message.id)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE conversations SET updated_at = now() WHERE id = $1")
+        .bind(conversation_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok((message, response))
+}
+
+/// Messages of a conversation in order, after `after_seq`.
+pub async fn list_messages(
+    pool: &PgPool,
+    conversation_id: Uuid,
+    after_seq: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Message>, StoreError> {
+    Ok(sqlx::query_as::<_, Message>(sql(format!(
+        "SELECT {MESSAGE_COLS} FROM messages
+         WHERE conversation_id = $1 AND ($2::bigint IS NULL OR seq > $2)
+         ORDER BY seq LIMIT $3"
+    )))
+    .bind(conversation_id)
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The last `n` messages of a conversation up to and including `up_to` (a message id), in
+/// order: what a prompt carries in full.
+pub async fn recent_messages(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+    up_to: Uuid,
+    n: i64,
+) -> Result<Vec<Message>, StoreError> {
+    let mut rows = sqlx::query_as::<_, Message>(sql(format!(
+        "SELECT {MESSAGE_COLS} FROM messages
+         WHERE conversation_id = $1
+           AND seq <= (SELECT seq FROM messages WHERE id = $2)
+         ORDER BY seq DESC LIMIT $3"
+    )))
+    .bind(conversation_id)
+    .bind(up_to)
+    .bind(n)
+    .fetch_all(conn)
+    .await?;
+    rows.reverse();
+    Ok(rows)
+}
+
+/// A response of the caller's own conversation.
+pub async fn get_response_own(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    conversation_id: Uuid,
+    response_id: Uuid,
+) -> Result<Option<Response>, StoreError> {
+    Ok(sqlx::query_as::<_, Response>(sql(format!(
+        "SELECT {} FROM responses r
+         JOIN conversations c ON c.id = r.conversation_id
+         WHERE r.id = $1 AND r.conversation_id = $2 AND c.user_id = $3",
+        RESPONSE_COLS
+            .split(", ")
+            .map(|c| format!("r.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+    .bind(response_id)
+    .bind(conversation_id)
+    .bind(user_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// A response by id, locked for the rest of the caller's transaction (workers).
+pub async fn lock_response(
+    conn: &mut PgConnection,
+    response_id: Uuid,
+) -> Result<Option<Response>, StoreError> {
+    Ok(sqlx::query_as::<_, Response>(sql(format!(
+        "SELECT {RESPONSE_COLS} FROM responses WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(response_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Record that a worker starts streaming the response; returns how many starts there were
+/// before this one (> 0 means a restart after a lost worker).
+pub async fn mark_streaming(conn: &mut PgConnection, response_id: Uuid) -> Result<i32, StoreError> {
+    let before: i32 = sqlx::query_scalar(
+        "UPDATE responses SET status = 'streaming', starts = starts + 1
+         WHERE id = $1 AND status IN ('queued', 'streaming')
+         RETURNING starts - 1",
+    )
+    .bind(response_id)
+    .fetch_optional(conn)
+    .await?
+    .unwrap_or(-1);
+    Ok(before)
+}
+
+/// The final answer of a response.
+pub struct Answer<'a> {
+    pub content: &'a str,
+    pub model: &'a str,
+    pub prompt_tokens: Option<i32>,
+    pub completion_tokens: Option<i32>,
+    pub latency_ms: i32,
+    pub citations: Value,
+}
+
+/// Store the final assistant message and complete the response, once: a second call for the
+/// same response (a redelivered job) changes nothing and returns the message stored first.
+pub async fn complete(
+    conn: &mut PgConnection,
+    response: &Response,
+    answer: &Answer<'_>,
+) -> Result<Message, StoreError> {
+    let inserted = sqlx::query_as::<_, Message>(sql(format!(
+        "INSERT INTO messages (id, conversation_id, role, content, response_id, model,
+                               prompt_tokens, completion_tokens, latency_ms, citations)
+         VALUES ($1, $2, 'assistant', $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (response_id) WHERE role = 'assistant' AND tool_calls IS NULL DO NOTHING
+         RETURNING {MESSAGE_COLS}"
+    )))
+    .bind(Uuid::now_v7())
+    .bind(response.conversation_id)
+    .bind(answer.content)
+    .bind(response.id)
+    .bind(answer.model)
+    .bind(answer.prompt_tokens)
+    .bind(answer.completion_tokens)
+    .bind(answer.latency_ms)
+    .bind(&answer.citations)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let message = match inserted {
+        Some(m) => m,
+        None => answer_of(&mut *conn, response.id)
+            .await?
+            .ok_or(StoreError::Conflict {
+                message: "the response's answer disappeared",
+            })?,
+    };
+    sqlx::query(
+        "UPDATE responses SET status = 'completed', model = $2, completed_at = coalesce(completed_at, now()),
+                              error_code = NULL, error_message = NULL
+         WHERE id = $1",
+    )
+    .bind(response.id)
+    .bind(&message.model)
+    .execute(&mut *conn)
+    .await?;
+    Ok(message)
+}
+
+/// The final assistant message of a response, if stored.
+pub async fn answer_of(
+    conn: &mut PgConnection,
+    response_id: Uuid,
+) -> Result<Option<Message>, StoreError> {
+    Ok(sqlx::query_as::<_, Message>(sql(format!(
+        "SELECT {MESSAGE_COLS} FROM messages
+         WHERE response_id = $1 AND role = 'assistant' AND tool_calls IS NULL"
+    )))
+    .bind(response_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Mark a response failed (unless it already completed).
+pub async fn fail(
+    conn: &mut PgConnection,
+    response_id: Uuid,
+    code: &str,
+    message: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE responses SET status = 'failed', error_code = $2, error_message = $3, completed_at = now()
+         WHERE id = $1 AND status <> 'completed'",
+    )
+    .bind(response_id)
+    .bind(code)
+    .bind(message)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// An organization's chat models (`None` until the org sets them).
+pub async fn org_models(
+    pool: &PgPool,
+    org_id: Uuid,
+) -> Result<(Option<String>, Option<String>), StoreError> {
+    Ok(sqlx::query_as::<_, (Option<String>, Option<String>)>(
+        "SELECT model, fallback_model FROM organizations WHERE id = $1",
+    )
+    .bind(org_id)
+    .fetch_optional(pool)
+    .await?
+    .unwrap_or((None, None)))
+}
+
+/// Set an organization's chat models.
+pub async fn set_org_models(
+    pool: &PgPool,
+    org_id: Uuid,
+    model: &str,
+    fallback_model: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE organizations SET model = $2, fallback_model = $3 WHERE id = $1")
+        .bind(org_id)
+        .bind(model)
+        .bind(fallback_model)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
