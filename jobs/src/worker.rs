@@ -295,7 +295,18 @@ impl Worker {
     /// delayed), or fail with [`BusError::Timeout`] after `timeout`. For deterministic tests
     /// and `worker --until-empty`.
     pub async fn drain_until_empty(&self, timeout: Duration) -> Result<RunReport, BusError> {
-        let stop = CancellationToken::new();
+        self.run_until_empty(CancellationToken::new(), timeout)
+            .await
+    }
+
+    /// [`Worker::drain_until_empty`] that also stops (successfully) when `shutdown` is
+    /// cancelled.
+    pub async fn run_until_empty(
+        &self,
+        shutdown: CancellationToken,
+        timeout: Duration,
+    ) -> Result<RunReport, BusError> {
+        let stop = shutdown.child_token();
         let watcher = {
             let stop = stop.clone();
             let bus = self.inner.bus.clone();
@@ -311,7 +322,7 @@ impl Worker {
                         Err(e) => tracing::warn!(error = %e, "cannot check the queues"),
                     }
                     // twice in a row: a handler may enqueue a follow-up on another queue
-                    if empty_in_a_row >= 2 {
+                    if empty_in_a_row >= 2 || stop.is_cancelled() {
                         stop.cancel();
                         return true;
                     }

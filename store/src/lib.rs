@@ -4,6 +4,7 @@
 //! that the caller owns the transaction. Nothing here knows about HTTP or Redis.
 
 mod error;
+pub mod probe;
 
 use std::time::Duration;
 
