@@ -36,6 +36,15 @@ pub async fn record_run(conn: &mut PgConnection, run: &ProbeRun<'_>) -> Result<(
     Ok(())
 }
 
+/// How many runs of `job_id` the log holds.
+pub async fn runs_of(conn: &mut PgConnection, job_id: Uuid) -> Result<u32, StoreError> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM bus_probe_runs WHERE job_id = $1")
+        .bind(job_id)
+        .fetch_one(conn)
+        .await?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
 /// The probe's effect, once per job id: the marker row, and the per-key counter bumped only
 /// when the marker was new. Call it inside the caller's transaction. Returns whether this call
 /// took effect (false: the job had already taken effect — a redelivery).

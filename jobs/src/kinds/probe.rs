@@ -1,6 +1,7 @@
 //! `probe`: a diagnostic job that exercises the bus (tests, the benchmark, operators checking a
-//! pool of workers). Its handler (in `workers`) fails `fail_times` times with a retryable
-//! error, sleeps `sleep_ms`, then records its effect in PostgreSQL, idempotently by job id.
+//! pool of workers). Its handler (in `workers`) fails the first `fail_times` runs of the job with
+//! a retryable error, sleeps `sleep_ms`, then records its effect in PostgreSQL, idempotently by
+//! job id.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +14,7 @@ pub struct Probe {
     pub key: String,
     #[serde(default)]
     pub sleep_ms: u64,
-    /// The first `fail_times` attempts fail with a retryable error.
+    /// The first `fail_times` runs of this job fail with a retryable error.
     #[serde(default)]
     pub fail_times: u32,
     /// The queue to exercise; `actions` when absent.

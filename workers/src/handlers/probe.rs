@@ -1,4 +1,6 @@
-//! `probe`: fail `fail_times` times (retryable), sleep `sleep_ms`, then take effect once.
+//! `probe`: fail the first `fail_times` runs of the job (retryable; runs are counted in
+//! `bus_probe_runs`, so a replayed dead letter goes on counting and eventually succeeds), sleep
+//! `sleep_ms`, then take effect once.
 //!
 //! The pattern every handler follows: the effect and its idempotency marker (a unique key on the
 //! job id, `ON CONFLICT DO NOTHING`) commit in one transaction, so a redelivered job — after a
@@ -10,7 +12,7 @@ use chrono::Utc;
 use jobs::kinds::Probe;
 use jobs::worker::HandlerResult;
 use jobs::{JobContext, JobError};
-use store::probe::{ProbeRun, record_effect, record_run};
+use store::probe::{ProbeRun, record_effect, record_run, runs_of};
 
 fn db_error(e: impl std::fmt::Display) -> JobError {
     JobError::retryable(format!("database: {e}"))
@@ -28,13 +30,17 @@ pub async fn run(db: sqlx::PgPool, ctx: JobContext, job: Probe) -> HandlerResult
         started_at,
         failed: true,
     };
-    if ctx.attempt <= job.fail_times {
+    if job.fail_times > 0 {
         let mut conn = db.acquire().await.map_err(db_error)?;
-        record_run(&mut conn, &run).await.map_err(db_error)?;
-        return Err(JobError::retryable(format!(
-            "probe failure {} of {}",
-            ctx.attempt, job.fail_times
-        )));
+        let previous = runs_of(&mut conn, ctx.id).await.map_err(db_error)?;
+        if previous < job.fail_times {
+            record_run(&mut conn, &run).await.map_err(db_error)?;
+            return Err(JobError::retryable(format!(
+                "probe failure {} of {}",
+                previous + 1,
+                job.fail_times
+            )));
+        }
     }
     if job.sleep_ms > 0 {
         tokio::time::sleep(Duration::from_millis(job.sleep_ms)).await;
