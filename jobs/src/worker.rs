@@ -159,7 +159,7 @@ pub fn consumer_name() -> String {
     )
 }
 
-/// What a run did (this process only).
+/// What one run of a worker did (this process only).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunReport {
     pub completed: u64,
@@ -167,6 +167,18 @@ pub struct RunReport {
     pub dead: u64,
     pub abandoned: u64,
     pub reclaimed: u64,
+}
+
+impl RunReport {
+    fn since(&self, before: &RunReport) -> RunReport {
+        RunReport {
+            completed: self.completed - before.completed,
+            retried: self.retried - before.retried,
+            dead: self.dead - before.dead,
+            abandoned: self.abandoned - before.abandoned,
+            reclaimed: self.reclaimed - before.reclaimed,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -241,6 +253,7 @@ impl Worker {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<RunReport, BusError> {
         metrics::describe();
         let inner = &self.inner;
+        let before = inner.counters.report();
         for q in &inner.opts.queues {
             inner.bus.ensure_group(*q).await?;
         }
@@ -286,7 +299,7 @@ impl Worker {
                 Err(e) => tracing::warn!(queue = %q, error = %e, "cannot tidy up the consumer"),
             }
         }
-        let report = inner.counters.report();
+        let report = inner.counters.report().since(&before);
         tracing::info!(?report, "worker stopped");
         Ok(report)
     }

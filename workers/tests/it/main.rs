@@ -3,4 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod bus;
+mod crash;
 mod process;
+mod scheduler;
