@@ -378,7 +378,10 @@ impl Settings {
         positive(self.worker.read_block_ms, "worker.read_block_ms")?;
         positive(self.scheduler.lease_secs, "scheduler.lease_secs")?;
         for (name, q) in self.queues.all() {
-            positive(q.max_attempts as u64, &format!("queues.{name}.max_attempts"))?;
+            positive(
+                q.max_attempts as u64,
+                &format!("queues.{name}.max_attempts"),
+            )?;
             positive(q.backoff_base_ms, &format!("queues.{name}.backoff_base_ms"))?;
             positive(
                 q.visibility_timeout_secs,

@@ -170,8 +170,12 @@ impl Bus {
         }
         let mut pipe = redis::pipe();
         for env in envs {
-            pipe.xadd(&self.keys(env.job.queue()).stream, "*", &[("j", env.to_json()?)])
-                .ignore();
+            pipe.xadd(
+                &self.keys(env.job.queue()).stream,
+                "*",
+                &[("j", env.to_json()?)],
+            )
+            .ignore();
         }
         let mut conn = self.conn().await?;
         let () = pipe.query_async(&mut conn).await?;
@@ -349,7 +353,10 @@ impl Bus {
             for g in groups {
                 let info = kv(&g);
                 if info.get("name").map(String::as_str) == Some(GROUP) {
-                    pending = info.get("pending").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    pending = info
+                        .get("pending")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
                     consumers = info
                         .get("consumers")
                         .and_then(|v| v.parse().ok())
@@ -402,7 +409,11 @@ impl Bus {
 
     /// Remove `consumer` from the group when it holds nothing (a stopped worker tidies up;
     /// `XGROUP DELCONSUMER` would drop pending entries, so it is never used on a busy one).
-    pub async fn remove_consumer_if_idle(&self, q: Queue, consumer: &str) -> Result<bool, BusError> {
+    pub async fn remove_consumer_if_idle(
+        &self,
+        q: Queue,
+        consumer: &str,
+    ) -> Result<bool, BusError> {
         if self.pending_of(q, consumer).await? > 0 {
             return Ok(false);
         }

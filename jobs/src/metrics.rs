@@ -36,10 +36,16 @@ impl Outcome {
 
 pub fn describe() {
     metrics::describe_counter!(ENQUEUED, "Jobs put on the bus");
-    metrics::describe_counter!(COMPLETED, "Jobs whose handler succeeded and were acknowledged");
+    metrics::describe_counter!(
+        COMPLETED,
+        "Jobs whose handler succeeded and were acknowledged"
+    );
     metrics::describe_counter!(RETRIED, "Jobs scheduled for another attempt");
     metrics::describe_counter!(DEAD, "Jobs moved to the dead letters");
-    metrics::describe_counter!(RECLAIMED, "Entries reclaimed from a lost or stalled consumer");
+    metrics::describe_counter!(
+        RECLAIMED,
+        "Entries reclaimed from a lost or stalled consumer"
+    );
     metrics::describe_histogram!(
         PICKUP,
         metrics::Unit::Seconds,

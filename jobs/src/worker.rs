@@ -262,7 +262,12 @@ impl Worker {
         for q in inner.opts.queues.clone() {
             loops.spawn(read_loop(inner.clone(), q, shutdown.clone(), jobs.clone()));
             loops.spawn(move_loop(inner.clone(), q, shutdown.clone()));
-            loops.spawn(reclaim_loop(inner.clone(), q, shutdown.clone(), jobs.clone()));
+            loops.spawn(reclaim_loop(
+                inner.clone(),
+                q,
+                shutdown.clone(),
+                jobs.clone(),
+            ));
         }
         loops.close();
         tracing::info!(
@@ -280,11 +285,17 @@ impl Worker {
             "worker stopping: no new reads, finishing jobs in flight"
         );
         // Readers finish a read already sent; what it returned becomes jobs in flight.
-        if tokio::time::timeout_at(deadline, loops.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, loops.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("worker loops did not stop within the grace period");
         }
         jobs.close();
-        if tokio::time::timeout_at(deadline, jobs.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, jobs.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 in_flight = jobs.len(),
                 "grace period over: leaving the jobs in flight to be reclaimed by other workers"
@@ -639,20 +650,39 @@ async fn settle_ack(inner: &Inner, d: &Delivery) {
             Err(e) => tracing::warn!(error = %e, "ack failed"),
         }
     }
-    tracing::error!("cannot ack; the job stays pending and will be redelivered (handlers are idempotent)");
+    tracing::error!(
+        "cannot ack; the job stays pending and will be redelivered (handlers are idempotent)"
+    );
 }
 
-async fn settle_dead(inner: &Inner, d: &Delivery, kind: &'static str, error: &str, reason: DeadReason) {
+async fn settle_dead(
+    inner: &Inner,
+    d: &Delivery,
+    kind: &'static str,
+    error: &str,
+    reason: DeadReason,
+) {
     match inner
         .bus
-        .dead_letter(d.queue, &inner.consumer, &d.entry_id, &d.body, error, reason)
+        .dead_letter(
+            d.queue,
+            &inner.consumer,
+            &d.entry_id,
+            &d.body,
+            error,
+            reason,
+        )
         .await
     {
         Ok(true) => {
             inner.counters.dead.fetch_add(1, Ordering::Relaxed);
             metrics::dead(d.queue, kind, reason.as_str());
         }
-        Ok(false) => tracing::warn!("the entry was reclaimed by another worker meanwhile; it decides"),
-        Err(e) => tracing::error!(error = %e, "cannot dead-letter; the job stays pending and will be reclaimed"),
+        Ok(false) => {
+            tracing::warn!("the entry was reclaimed by another worker meanwhile; it decides")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot dead-letter; the job stays pending and will be reclaimed")
+        }
     }
 }

@@ -97,7 +97,9 @@ pub async fn run(
     if leader {
         match lease.release(bus.redis()).await {
             Ok(_) => tracing::info!("scheduler lease released"),
-            Err(e) => tracing::warn!(error = %e, "cannot release the scheduler lease; it expires by itself"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot release the scheduler lease; it expires by itself")
+            }
         }
     }
     Ok(())

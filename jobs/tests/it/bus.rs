@@ -61,11 +61,22 @@ async fn dead_letters_keep_the_error_and_replay_once() {
     bus.ensure_group(q).await.unwrap();
     let env = bus.enqueue(Probe::new("dead")).await.unwrap();
     let mut conn = bus.redis().blocking_conn().await.unwrap();
-    let d = bus.read(&mut conn, q, "a", 1, None).await.unwrap().remove(0);
+    let d = bus
+        .read(&mut conn, q, "a", 1, None)
+        .await
+        .unwrap()
+        .remove(0);
     assert!(
-        bus.dead_letter(q, "a", &d.entry_id, &d.body, "boom: it broke", DeadReason::Permanent)
-            .await
-            .unwrap()
+        bus.dead_letter(
+            q,
+            "a",
+            &d.entry_id,
+            &d.body,
+            "boom: it broke",
+            DeadReason::Permanent
+        )
+        .await
+        .unwrap()
     );
     let s = bus.stats(q).await.unwrap();
     assert_eq!((s.length, s.pending, s.dead), (0, 0, 1));
@@ -78,10 +89,17 @@ async fn dead_letters_keep_the_error_and_replay_once() {
     assert!(dead[0].failed_at.is_some());
 
     assert!(bus.replay(q, &dead[0].id).await.unwrap());
-    assert!(!bus.replay(q, &dead[0].id).await.unwrap(), "replayed once only");
+    assert!(
+        !bus.replay(q, &dead[0].id).await.unwrap(),
+        "replayed once only"
+    );
     let s = bus.stats(q).await.unwrap();
     assert_eq!((s.length, s.dead), (1, 0));
-    let back = bus.read(&mut conn, q, "a", 1, None).await.unwrap().remove(0);
+    let back = bus
+        .read(&mut conn, q, "a", 1, None)
+        .await
+        .unwrap()
+        .remove(0);
     let back = Envelope::from_json(&back.body).unwrap();
     assert_eq!(back.id, env.id, "the job id survives a replay");
     assert_eq!(back.attempt, 1);
@@ -92,8 +110,8 @@ async fn enqueue_with_not_before_waits_in_the_delayed_set() {
     let redis = TestRedis::new();
     let bus = crate::bus(&redis, &crate::queues(|_| {}));
     let q = Queue::Actions;
-    let later = Envelope::new(Probe::new("later"))
-        .with_not_before(Utc::now() + chrono::Duration::hours(1));
+    let later =
+        Envelope::new(Probe::new("later")).with_not_before(Utc::now() + chrono::Duration::hours(1));
     bus.enqueue_envelope(&later).await.unwrap();
     bus.enqueue(Probe::new("now")).await.unwrap();
     let s = bus.stats(q).await.unwrap();
@@ -130,7 +148,10 @@ async fn a_handlers_retry_after_replaces_the_backoff() {
                     at: Utc::now(),
                 });
                 if ctx.attempt == 1 {
-                    Err(JobError::retry_after("429 from upstream", Duration::from_millis(700)))
+                    Err(JobError::retry_after(
+                        "429 from upstream",
+                        Duration::from_millis(700),
+                    ))
                 } else {
                     Ok(())
                 }

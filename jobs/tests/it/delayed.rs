@@ -59,8 +59,7 @@ async fn concurrent_movers_move_each_due_entry_exactly_once() {
     }
     assert_eq!(total, 3000, "each due entry moved once, in all");
 
-    let entries: redis::streams::StreamRangeReply =
-        conn.xrange_all(&keys.stream).await.unwrap();
+    let entries: redis::streams::StreamRangeReply = conn.xrange_all(&keys.stream).await.unwrap();
     assert_eq!(entries.ids.len(), 3000, "no entry moved twice");
     let moved: HashSet<uuid::Uuid> = entries
         .ids

@@ -24,7 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 #[derive(Parser)]
-#[command(name = "bench", about = "Switchboard benchmarks against the real services")]
+#[command(
+    name = "bench",
+    about = "Switchboard benchmarks against the real services"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

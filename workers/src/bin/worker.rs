@@ -17,7 +17,10 @@ use jobs::{Queue, Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "worker", about = "Switchboard worker: consumes jobs from the bus")]
+#[command(
+    name = "worker",
+    about = "Switchboard worker: consumes jobs from the bus"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(flatten)]
@@ -169,7 +172,9 @@ async fn operate(settings: config::Settings, cmd: Cmd) -> ExitCode {
         }
     };
     let result = match cmd {
-        Cmd::Queues => workers::ops::queues_table(&bus).await.map(|t| print!("{t}")),
+        Cmd::Queues => workers::ops::queues_table(&bus)
+            .await
+            .map(|t| print!("{t}")),
         Cmd::Dead {
             cmd: DeadCmd::List { queue, limit },
         } => workers::ops::dead_list(&bus, queue, limit)
@@ -179,11 +184,13 @@ async fn operate(settings: config::Settings, cmd: Cmd) -> ExitCode {
             cmd: DeadCmd::Replay { id, all, queue },
         } => {
             if all {
-                workers::ops::dead_replay_all(&bus, queue).await.map(|counts| {
-                    for (q, n) in counts {
-                        println!("{q}\treplayed {n}");
-                    }
-                })
+                workers::ops::dead_replay_all(&bus, queue)
+                    .await
+                    .map(|counts| {
+                        for (q, n) in counts {
+                            println!("{q}\treplayed {n}");
+                        }
+                    })
             } else {
                 let id = id.unwrap_or_default();
                 match workers::ops::dead_replay(&bus, queue, &id).await {

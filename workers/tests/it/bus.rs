@@ -62,15 +62,30 @@ async fn ten_thousand_jobs_over_three_consumers_are_each_handled_exactly_once() 
     );
     assert!(reports.iter().all(|r| r.retried == 0 && r.dead == 0));
 
-    let effects = scalar(&db, "SELECT count(*) FROM bus_probe_effects WHERE key = $1", "ten-k").await;
+    let effects = scalar(
+        &db,
+        "SELECT count(*) FROM bus_probe_effects WHERE key = $1",
+        "ten-k",
+    )
+    .await;
     let distinct = scalar(
         &db,
         "SELECT count(DISTINCT job_id) FROM bus_probe_effects WHERE key = $1",
         "ten-k",
     )
     .await;
-    let runs = scalar(&db, "SELECT count(*) FROM bus_probe_runs WHERE key = $1", "ten-k").await;
-    let total = scalar(&db, "SELECT handled FROM bus_probe_totals WHERE key = $1", "ten-k").await;
+    let runs = scalar(
+        &db,
+        "SELECT count(*) FROM bus_probe_runs WHERE key = $1",
+        "ten-k",
+    )
+    .await;
+    let total = scalar(
+        &db,
+        "SELECT handled FROM bus_probe_totals WHERE key = $1",
+        "ten-k",
+    )
+    .await;
     assert_eq!((effects, distinct, total), (10_000, 10_000, 10_000));
     assert_eq!(runs, 10_000, "no job was even delivered twice");
     let consumers = scalar(
@@ -146,7 +161,10 @@ async fn a_failing_job_backs_off_longer_each_time_dies_with_its_error_and_replay
         delays.windows(2).all(|w| w[1] > w[0]),
         "delays grow: {delays:?}"
     );
-    assert!(runs.iter().all(|r| r.started_at >= r.due_at), "none ran early");
+    assert!(
+        runs.iter().all(|r| r.started_at >= r.due_at),
+        "none ran early"
+    );
 
     let dead = bus.dead_list(Queue::Actions, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
@@ -162,7 +180,12 @@ async fn a_failing_job_backs_off_longer_each_time_dies_with_its_error_and_replay
     assert_eq!(replayed, Some(Queue::Actions));
     let report = w.drain_until_empty(Duration::from_secs(60)).await.unwrap();
     assert_eq!((report.retried, report.completed, report.dead), (1, 1, 0));
-    let effects = scalar(&db, "SELECT count(*) FROM bus_probe_effects WHERE key = $1", "flaky").await;
+    let effects = scalar(
+        &db,
+        "SELECT count(*) FROM bus_probe_effects WHERE key = $1",
+        "flaky",
+    )
+    .await;
     assert_eq!(effects, 1);
     let s = bus.stats(Queue::Actions).await.unwrap();
     assert_eq!((s.length, s.pending, s.delayed, s.dead), (0, 0, 0, 0));

@@ -28,7 +28,10 @@ where
 {
     let deadline = Instant::now() + limit;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -86,9 +89,18 @@ async fn jobs_of_a_killed_worker_are_reclaimed_and_take_effect_exactly_once() {
         wait_for(&rx, "worker ready", Duration::from_secs(20));
         others.push((c, rx));
     }
-    eventually("all 16 jobs took effect", Duration::from_secs(45), || async {
-        count(&db, "SELECT count(*) FROM bus_probe_effects WHERE key = 'crash'").await == 16
-    })
+    eventually(
+        "all 16 jobs took effect",
+        Duration::from_secs(45),
+        || async {
+            count(
+                &db,
+                "SELECT count(*) FROM bus_probe_effects WHERE key = 'crash'",
+            )
+            .await
+                == 16
+        },
+    )
     .await;
     eventually("the bus is empty", Duration::from_secs(15), || async {
         bus.is_empty(&[Queue::Actions]).await.unwrap()
@@ -96,11 +108,19 @@ async fn jobs_of_a_killed_worker_are_reclaimed_and_take_effect_exactly_once() {
     .await;
 
     assert_eq!(
-        count(&db, "SELECT count(DISTINCT job_id) FROM bus_probe_effects WHERE key = 'crash'").await,
+        count(
+            &db,
+            "SELECT count(DISTINCT job_id) FROM bus_probe_effects WHERE key = 'crash'"
+        )
+        .await,
         16
     );
     assert_eq!(
-        count(&db, "SELECT handled FROM bus_probe_totals WHERE key = 'crash'").await,
+        count(
+            &db,
+            "SELECT handled FROM bus_probe_totals WHERE key = 'crash'"
+        )
+        .await,
         16,
         "each effect exactly once"
     );
@@ -148,7 +168,11 @@ async fn sigterm_finishes_the_job_in_flight_and_leaves_nothing_pending() {
     assert!(status.success(), "exit status {status:?}");
 
     assert_eq!(
-        count(&db, "SELECT count(*) FROM bus_probe_effects WHERE key = 'term'").await,
+        count(
+            &db,
+            "SELECT count(*) FROM bus_probe_effects WHERE key = 'term'"
+        )
+        .await,
         1,
         "the job in flight completed"
     );

@@ -35,7 +35,11 @@ pub(crate) fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
-pub(crate) fn wait_for(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Vec<String> {
+pub(crate) fn wait_for(
+    rx: &mpsc::Receiver<String>,
+    needle: &str,
+    timeout: Duration,
+) -> Vec<String> {
     let deadline = std::time::Instant::now() + timeout;
     let mut seen = Vec::new();
     while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {

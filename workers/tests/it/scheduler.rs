@@ -66,7 +66,11 @@ async fn two_schedulers_fire_each_interval_once() {
         })
         .collect();
     let distinct: HashSet<u64> = ticks.iter().copied().collect();
-    assert_eq!(distinct.len(), ticks.len(), "an interval fired twice: {ticks:?}");
+    assert_eq!(
+        distinct.len(),
+        ticks.len(),
+        "an interval fired twice: {ticks:?}"
+    );
     assert!(ticks.windows(2).all(|w| w[1] > w[0]), "in order: {ticks:?}");
     let span = ticks.last().unwrap() - ticks.first().unwrap() + 1;
     // one missed interval is tolerated around the hand-over on a loaded machine
