@@ -11,7 +11,8 @@
 //! - the reclaimer: every quarter of the visibility timeout (0.1–5 s), `XAUTOCLAIM`s entries
 //!   idle longer than the visibility timeout (their worker died or stalled).
 //!
-//! A job task runs the handler and then, only after it returned: `Ok` → ack (`XACK`+`XDEL`);
+//! A job task runs the handler and then, only after it returned: `Ok` → ack (`XACK`+`XDEL`,
+//! batched with the acks of jobs finishing at the same time by the queue's acker task);
 //! retryable and attempts left → the next attempt goes to the delayed set and the entry is
 //! acked in one Lua step; otherwise → dead letters + ack in one Lua step. If Redis fails at that
 //! point, the entry stays pending and is reclaimed later: handlers are idempotent by job id.
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -48,6 +49,16 @@ pub const MOVER_MAX_SLEEP: Duration = Duration::from_secs(1);
 const MOVE_BATCH: usize = 200;
 /// Entries per read at most.
 const MAX_BATCH: usize = 64;
+/// Entries per acknowledgement call at most.
+const ACK_BATCH: usize = 256;
+
+/// A handled entry to acknowledge; `done` says whether the ack reached Redis.
+struct AckRequest {
+    entry_id: String,
+    done: oneshot::Sender<bool>,
+}
+
+type Acker = mpsc::UnboundedSender<AckRequest>;
 
 /// What a handler knows about the job it runs.
 #[derive(Debug, Clone)]
@@ -259,16 +270,27 @@ impl Worker {
         }
         let loops = TaskTracker::new();
         let jobs = TaskTracker::new();
+        let ackers = TaskTracker::new();
         for q in inner.opts.queues.clone() {
-            loops.spawn(read_loop(inner.clone(), q, shutdown.clone(), jobs.clone()));
+            let (acker, rx) = mpsc::unbounded_channel();
+            ackers.spawn(ack_loop(inner.clone(), q, rx));
+            loops.spawn(read_loop(
+                inner.clone(),
+                q,
+                shutdown.clone(),
+                jobs.clone(),
+                acker.clone(),
+            ));
             loops.spawn(move_loop(inner.clone(), q, shutdown.clone()));
             loops.spawn(reclaim_loop(
                 inner.clone(),
                 q,
                 shutdown.clone(),
                 jobs.clone(),
+                acker,
             ));
         }
+        ackers.close();
         loops.close();
         tracing::info!(
             consumer = %inner.consumer,
@@ -304,6 +326,8 @@ impl Worker {
             jobs.wait().await;
         }
         loops.wait().await;
+        // every sender is gone with the loops and the jobs: the ackers flush and end
+        ackers.wait().await;
         for q in &inner.opts.queues {
             match inner.bus.remove_consumer_if_idle(*q, &inner.consumer).await {
                 Ok(_) => {}
@@ -395,7 +419,13 @@ async fn take_permits(
     Some(permits)
 }
 
-async fn read_loop(inner: Arc<Inner>, q: Queue, stop: CancellationToken, jobs: TaskTracker) {
+async fn read_loop(
+    inner: Arc<Inner>,
+    q: Queue,
+    stop: CancellationToken,
+    jobs: TaskTracker,
+    acker: Acker,
+) {
     let mut conn = None;
     let mut busy = false;
     loop {
@@ -434,7 +464,7 @@ async fn read_loop(inner: Arc<Inner>, q: Queue, stop: CancellationToken, jobs: T
                             Err(_) => break,
                         },
                     };
-                    jobs.spawn(process(inner.clone(), d, permit));
+                    jobs.spawn(process(inner.clone(), d, permit, acker.clone()));
                 }
             }
             Err(e) => {
@@ -482,7 +512,13 @@ async fn move_loop(inner: Arc<Inner>, q: Queue, stop: CancellationToken) {
     }
 }
 
-async fn reclaim_loop(inner: Arc<Inner>, q: Queue, stop: CancellationToken, jobs: TaskTracker) {
+async fn reclaim_loop(
+    inner: Arc<Inner>,
+    q: Queue,
+    stop: CancellationToken,
+    jobs: TaskTracker,
+    acker: Acker,
+) {
     let visibility = Duration::from_secs(inner.bus.settings(q).visibility_timeout_secs);
     let period = (visibility / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     while sleep_or_stop(period, &stop).await {
@@ -506,7 +542,7 @@ async fn reclaim_loop(inner: Arc<Inner>, q: Queue, stop: CancellationToken, jobs
                     }
                     for d in deliveries {
                         let Some(permit) = permits.pop() else { break };
-                        jobs.spawn(process(inner.clone(), d, permit));
+                        jobs.spawn(process(inner.clone(), d, permit, acker.clone()));
                     }
                     if next == "0-0" || stop.is_cancelled() {
                         break;
@@ -525,7 +561,7 @@ async fn reclaim_loop(inner: Arc<Inner>, q: Queue, stop: CancellationToken, jobs
 }
 
 /// Handle one delivered entry and settle it (ack, retry or dead-letter).
-async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit) {
+async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, acker: Acker) {
     let _permit = permit;
     let q = d.queue;
     let env = match Envelope::from_json(&d.body) {
@@ -594,7 +630,7 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit) {
         };
         match result {
             Ok(()) => {
-                settle_ack(&inner, &d).await;
+                settle_ack(&inner, &d, &acker).await;
                 inner.counters.completed.fetch_add(1, Ordering::Relaxed);
                 metrics::finished(q, kind, Outcome::Ok, took);
             }
@@ -641,18 +677,55 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit) {
     .await
 }
 
-async fn settle_ack(inner: &Inner, d: &Delivery) {
-    // A few quick tries: an ack lost here means a (harmless, idempotent) redelivery later.
+/// Acknowledge through the queue's acker (which batches the acks of jobs finishing together)
+/// and wait until it reached Redis.
+async fn settle_ack(inner: &Inner, d: &Delivery, acker: &Acker) {
+    let (done, reply) = oneshot::channel();
+    let req = AckRequest {
+        entry_id: d.entry_id.clone(),
+        done,
+    };
+    let acked = match acker.send(req) {
+        Ok(()) => reply.await.unwrap_or(false),
+        Err(_) => ack_with_retries(inner, d.queue, &[&d.entry_id]).await,
+    };
+    if !acked {
+        tracing::error!(
+            "cannot ack; the job stays pending and will be redelivered (handlers are idempotent)"
+        );
+    }
+}
+
+/// A few quick tries: an ack lost here means a (harmless, idempotent) redelivery later.
+async fn ack_with_retries(inner: &Inner, q: Queue, ids: &[&str]) -> bool {
     for wait in [0u64, 50, 200] {
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        match inner.bus.ack(d.queue, &[&d.entry_id]).await {
-            Ok(_) => return,
-            Err(e) => tracing::warn!(error = %e, "ack failed"),
+        match inner.bus.ack(q, ids).await {
+            Ok(_) => return true,
+            Err(e) => tracing::warn!(queue = %q, error = %e, "ack failed"),
         }
     }
-    tracing::error!(
-        "cannot ack; the job stays pending and will be redelivered (handlers are idempotent)"
-    );
+    false
+}
+
+/// Acknowledges handled entries of one queue: whatever has queued up while the previous call
+/// was in flight goes in the next one (no timer, so no added latency when idle). Ends when
+/// every sender is gone.
+async fn ack_loop(inner: Arc<Inner>, q: Queue, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < ACK_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<&str> = batch.iter().map(|r| r.entry_id.as_str()).collect();
+        let ok = ack_with_retries(&inner, q, &ids).await;
+        for r in batch {
+            let _ = r.done.send(ok);
+        }
+    }
 }
 
 async fn settle_dead(
