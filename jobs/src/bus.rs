@@ -428,6 +428,54 @@ impl Bus {
         Ok(true)
     }
 
+    /// Remove consumers (other than `me`) that hold nothing and were not seen for `idle_over`:
+    /// the names of workers that died, once their entries were reclaimed. Harmless for a live
+    /// one (a consumer is recreated by its next read). Returns how many were removed.
+    pub async fn prune_consumers(
+        &self,
+        q: Queue,
+        me: &str,
+        idle_over: Duration,
+    ) -> Result<u64, BusError> {
+        let stream = &self.keys(q).stream;
+        let mut conn = self.conn().await?;
+        let reply: Result<Value, redis::RedisError> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream)
+            .arg(GROUP)
+            .query_async(&mut conn)
+            .await;
+        let Ok(Value::Array(consumers)) = reply else {
+            return Ok(0);
+        };
+        let idle_ms = u64::try_from(idle_over.as_millis()).unwrap_or(u64::MAX);
+        let mut removed = 0;
+        for c in consumers {
+            let info = kv(&c);
+            let name = info.get("name").cloned().unwrap_or_default();
+            let pending: u64 = info
+                .get("pending")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            let idle: u64 = info.get("idle").and_then(|v| v.parse().ok()).unwrap_or(0);
+            if name.is_empty() || name == me || pending > 0 || idle < idle_ms {
+                continue;
+            }
+            let n: i64 = redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(stream)
+                .arg(GROUP)
+                .arg(&name)
+                .query_async(&mut conn)
+                .await?;
+            // DELCONSUMER answers the pending count it dropped: 0 by the check above
+            if n == 0 {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// The oldest `limit` dead letters of a queue.
     pub async fn dead_list(&self, q: Queue, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
         let mut conn = self.conn().await?;

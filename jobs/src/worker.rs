@@ -9,7 +9,8 @@
 //! - the mover: moves due delayed retries back to the stream (Lua), sleeping until the next due
 //!   time (at most [`MOVER_MAX_SLEEP`]) or until this process schedules a retry;
 //! - the reclaimer: every quarter of the visibility timeout (0.1–5 s), `XAUTOCLAIM`s entries
-//!   idle longer than the visibility timeout (their worker died or stalled).
+//!   idle longer than the visibility timeout (their worker died or stalled), and once a minute
+//!   removes consumer names idle for 10 minutes with nothing pending (dead workers' names).
 //!
 //! A job task runs the handler and then, only after it returned: `Ok` → ack (`XACK`+`XDEL`,
 //! batched with the acks of jobs finishing at the same time by the queue's acker task);
@@ -49,6 +50,10 @@ pub const MOVER_MAX_SLEEP: Duration = Duration::from_secs(1);
 const MOVE_BATCH: usize = 200;
 /// Entries per read at most.
 const MAX_BATCH: usize = 64;
+/// How often a reclaimer prunes the consumer names of dead workers, and how long such a name
+/// must have been idle (with nothing pending) first.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+const PRUNE_IDLE: Duration = Duration::from_secs(600);
 /// Entries per acknowledgement call at most.
 const ACK_BATCH: usize = 256;
 
@@ -521,7 +526,22 @@ async fn reclaim_loop(
 ) {
     let visibility = Duration::from_secs(inner.bus.settings(q).visibility_timeout_secs);
     let period = (visibility / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut last_prune = Instant::now();
     while sleep_or_stop(period, &stop).await {
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = Instant::now();
+            match inner
+                .bus
+                .prune_consumers(q, &inner.consumer, PRUNE_IDLE)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(queue = %q, removed = n, "removed the names of consumers gone for good")
+                }
+                Err(e) => tracing::warn!(queue = %q, error = %e, "cannot prune consumers"),
+            }
+        }
         let mut cursor = "0-0".to_owned();
         loop {
             let Some(mut permits) = take_permits(&inner.semaphore, MAX_BATCH, &stop).await else {

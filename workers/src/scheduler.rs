@@ -48,6 +48,7 @@ pub async fn run(
     let mut next_renew = tokio::time::Instant::now();
     let mut last_fired: Option<u64> = None;
     loop {
+        let mut failed = false;
         if tokio::time::Instant::now() >= next_renew {
             let held = match lease.acquire_or_renew(bus.redis()).await {
                 Ok(h) => h,
@@ -84,10 +85,17 @@ pub async fn run(
                     tracing::debug!(tick = n, "interval already fired");
                     last_fired = Some(n);
                 }
-                Err(e) => tracing::warn!(error = %e, tick = n, "cannot enqueue the index job"),
+                Err(e) => {
+                    tracing::warn!(error = %e, tick = n, "cannot enqueue the index job; retrying");
+                    failed = true;
+                }
             }
         }
-        let to_boundary = Duration::from_millis((n + 1) * interval_ms - now_ms + 1);
+        let to_boundary = if failed {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_millis((n + 1) * interval_ms - now_ms + 1)
+        };
         let to_renew = next_renew.saturating_duration_since(tokio::time::Instant::now());
         tokio::select! {
             _ = shutdown.cancelled() => break,

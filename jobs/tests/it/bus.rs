@@ -181,3 +181,44 @@ async fn a_handlers_retry_after_replaces_the_backoff() {
     );
     assert!(runs[1].at >= runs[1].due_at, "not run before it was due");
 }
+
+#[tokio::test]
+async fn idle_consumer_names_without_pending_entries_are_pruned() {
+    let redis = TestRedis::new();
+    let bus = crate::bus(&redis, &crate::queues(|_| {}));
+    let q = Queue::Actions;
+    bus.ensure_group(q).await.unwrap();
+    bus.enqueue(Probe::new("p")).await.unwrap();
+    let mut conn = bus.redis().blocking_conn().await.unwrap();
+    // "busy" holds an entry; "ghost" and "me" hold nothing
+    assert_eq!(
+        bus.read(&mut conn, q, "busy", 1, None).await.unwrap().len(),
+        1
+    );
+    assert!(
+        bus.read(&mut conn, q, "ghost", 1, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        bus.read(&mut conn, q, "me", 1, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(bus.stats(q).await.unwrap().consumers, 3);
+    // nobody idle for an hour yet
+    assert_eq!(
+        bus.prune_consumers(q, "me", Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        bus.prune_consumers(q, "me", Duration::ZERO).await.unwrap(),
+        1
+    );
+    let s = bus.stats(q).await.unwrap();
+    assert_eq!((s.consumers, s.pending), (2, 1), "only the ghost went");
+}

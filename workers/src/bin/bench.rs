@@ -43,8 +43,9 @@ enum Cmd {
         /// Concurrent producer tasks (and raw XADD tasks).
         #[arg(long, default_value_t = 16)]
         producers: usize,
-        /// Concurrency of each consumer.
-        #[arg(long, default_value_t = 32)]
+        /// Concurrency of each consumer (WORKER_CONCURRENCY; the handler is a no-op, so this
+        /// only bounds the jobs in flight between read and ack).
+        #[arg(long, default_value_t = 128)]
         concurrency: usize,
         /// Pickup latency samples.
         #[arg(long, default_value_t = 400)]
