@@ -12,6 +12,10 @@ pub fn bus_for(settings: &config::Settings) -> Bus {
     Bus::new(handle, &settings.queues)
 }
 
+pub fn worker_with(db: &TestDb, settings: &config::Settings, name: &str) -> Worker {
+    worker(db, settings, name)
+}
+
 fn worker(db: &TestDb, settings: &config::Settings, name: &str) -> Worker {
     let mut opts = WorkerOptions::from_settings(settings, vec![Queue::Actions]);
     opts.consumer = name.to_owned();

@@ -5,5 +5,6 @@
 
 mod bus;
 mod crash;
+mod ops;
 mod process;
 mod scheduler;
