@@ -509,6 +509,12 @@ async fn move_loop(inner: Arc<Inner>, q: Queue, stop: CancellationToken) {
                 MOVER_MAX_SLEEP
             }
         };
+        if wait.is_zero() {
+            if stop.is_cancelled() {
+                break;
+            }
+            continue;
+        }
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = notify.notified() => {}
@@ -719,7 +725,10 @@ async fn settle_ack(inner: &Inner, d: &Delivery, acker: &Acker) {
 /// A few quick tries: an ack lost here means a (harmless, idempotent) redelivery later.
 async fn ack_with_retries(inner: &Inner, q: Queue, ids: &[&str]) -> bool {
     for wait in [0u64, 50, 200] {
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if wait > 0 {
+            // (a zero sleep would still wait for the next timer tick)
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
         match inner.bus.ack(q, ids).await {
             Ok(_) => return true,
             Err(e) => tracing::warn!(queue = %q, error = %e, "ack failed"),
