@@ -119,6 +119,7 @@ pub struct Settings {
     pub embedding: EmbeddingSettings,
     pub events: EventsSettings,
     pub log: LogSettings,
+    pub queues: QueuesSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -188,12 +189,17 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     pub shutdown_grace_secs: u64,
     pub metrics_addr: String,
+    /// How long one blocking `XREADGROUP` waits for a job; also bounds how long a stopping
+    /// worker waits for a read already sent to Redis.
+    pub read_block_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulerSettings {
     pub metrics_addr: String,
+    /// Time to live of the leader lease; the leader renews it every third of this.
+    pub lease_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,6 +248,60 @@ pub enum LogFormat {
 pub struct LogSettings {
     pub format: LogFormat,
     pub filter: String,
+}
+
+/// The bus's per-queue knobs (`[queues.<name>]`): retries and crash recovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueuesSettings {
+    pub chat: QueueSettings,
+    pub memory: QueueSettings,
+    pub index: QueueSettings,
+    pub actions: QueueSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    /// Attempts in all (first delivery included) before a job goes to the dead letters.
+    pub max_attempts: u32,
+    /// Backoff before retry n (n >= 1): up to `min(cap, base * 2^(n-1))`.
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    pub jitter: Jitter,
+    /// A delivered job not acknowledged for this long is reclaimed by another consumer.
+    pub visibility_timeout_secs: u64,
+}
+
+/// How a backoff delay is randomised: `full` = uniform in `[0, delay]` (the default), `none` =
+/// exactly `delay` (deterministic; for tests and diagnosis).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Jitter {
+    Full,
+    None,
+}
+
+impl QueuesSettings {
+    /// The settings of a queue by its name (`chat`, `memory`, `index`, `actions`).
+    pub fn get(&self, name: &str) -> Option<&QueueSettings> {
+        match name {
+            "chat" => Some(&self.chat),
+            "memory" => Some(&self.memory),
+            "index" => Some(&self.index),
+            "actions" => Some(&self.actions),
+            _ => None,
+        }
+    }
+
+    fn all(&self) -> [(&'static str, &QueueSettings); 4] {
+        [
+            ("chat", &self.chat),
+            ("memory", &self.memory),
+            ("index", &self.index),
+            ("actions", &self.actions),
+        ]
+    }
 }
 
 impl Settings {
@@ -340,6 +400,32 @@ impl Settings {
         )?;
         positive(self.worker.concurrency as u64, "WORKER_CONCURRENCY")?;
         positive(self.index.interval_secs, "INDEX_INTERVAL_SECS")?;
+        positive(self.worker.read_block_ms, "worker.read_block_ms")?;
+        positive(self.scheduler.lease_secs, "scheduler.lease_secs")?;
+        for (name, q) in self.queues.all() {
+            positive(
+                q.max_attempts as u64,
+                &format!("queues.{name}.max_attempts"),
+            )?;
+            positive(q.backoff_base_ms, &format!("queues.{name}.backoff_base_ms"))?;
+            positive(
+                q.visibility_timeout_secs,
+                &format!("queues.{name}.visibility_timeout_secs"),
+            )?;
+            if q.backoff_cap_ms < q.backoff_base_ms {
+                return Err(ConfigError::invalid(
+                    format!("queues.{name}.backoff_cap_ms"),
+                    "must not be smaller than backoff_base_ms",
+                ));
+            }
+        }
+        if self.queues.chat.visibility_timeout_secs <= self.litellm.request_timeout_secs {
+            return Err(ConfigError::invalid(
+                "queues.chat.visibility_timeout_secs",
+                "must be longer than the longest model call (litellm.request_timeout_secs), \
+                 or chat jobs still running would be handed to a second worker",
+            ));
+        }
         positive(self.chat.recent_messages as u64, "RECENT_MESSAGES")?;
         positive(self.chat.model_timeout_secs, "MODEL_TIMEOUT_SECS")?;
         positive(self.api.max_upload_bytes as u64, "MAX_UPLOAD_BYTES")?;
@@ -511,6 +597,9 @@ mod tests {
         assert_eq!(s.auth.login_max_failures, 5);
         assert_eq!(s.auth.login_ip_max_failures, 50);
         assert_eq!(s.auth.login_window_secs, 900);
+        assert_eq!(s.queues.chat.jitter, Jitter::Full);
+        assert!(s.queues.get("index").is_some());
+        assert!(s.queues.get("nope").is_none());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod conversations;
 mod error;
+pub mod probe;
 pub mod projects;
 pub mod tasks;
 pub mod tenancy;

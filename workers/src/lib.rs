@@ -1,5 +1,14 @@
 //! Worker and scheduler runtime: connections, readiness and shutdown shared by both binaries.
+//!
+//! - [`handlers`]: the job handlers (one file per kind) and the registry;
+//! - [`ops`]: the operator commands of `worker` (queues, dead letters, probes);
+//! - [`scheduler`]: the periodic jobs under a leader lease.
 
+pub mod handlers;
+pub mod ops;
+pub mod scheduler;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -8,7 +17,8 @@ use anyhow::Context;
 pub struct Runtime {
     pub settings: config::Settings,
     pub db: sqlx::PgPool,
-    pub redis: jobs::RedisHandle,
+    pub redis: Arc<jobs::RedisHandle>,
+    pub bus: jobs::Bus,
 }
 
 impl Runtime {
@@ -16,7 +26,7 @@ impl Runtime {
     /// process started together with its services does not crash-loop.
     pub async fn connect(settings: config::Settings, wait: Duration) -> anyhow::Result<Self> {
         let db = store::pool(&settings.database)?;
-        let redis = jobs::RedisHandle::new(&settings.redis).context("invalid REDIS_URL")?;
+        let redis = Arc::new(jobs::RedisHandle::new(&settings.redis).context("invalid REDIS_URL")?);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let pg = store::ping(&db).await;
@@ -37,10 +47,12 @@ impl Runtime {
                 }
             }
         }
+        let bus = jobs::Bus::new(redis.clone(), &settings.queues);
         Ok(Self {
             settings,
             db,
             redis,
+            bus,
         })
     }
 }

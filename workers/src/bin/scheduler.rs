@@ -3,6 +3,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = match workers::load_settings("scheduler") {
@@ -16,13 +18,38 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let opts = workers::scheduler::SchedulerOptions::from_settings(&rt.settings);
     tracing::info!(
         index_interval_secs = rt.settings.index.interval_secs,
+        owner = opts.owner,
         "scheduler ready"
     );
-    jobs::telemetry::shutdown_signal().await;
-    tracing::info!("scheduler stopping");
+    let shutdown = CancellationToken::new();
+    let done = CancellationToken::new();
+    let signal = async {
+        tokio::select! {
+            () = jobs::telemetry::shutdown_signal() => {
+                tracing::info!("scheduler stopping");
+                shutdown.cancel();
+            }
+            () = done.cancelled() => {}
+        }
+    };
+    let work = async {
+        let r = workers::scheduler::run(&rt.bus, &opts, shutdown.clone()).await;
+        done.cancel();
+        r
+    };
+    let ((), result) = tokio::join!(signal, work);
     rt.db.close().await;
-    tracing::info!("scheduler stopped");
-    ExitCode::SUCCESS
+    match result {
+        Ok(()) => {
+            tracing::info!("scheduler stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "scheduler failed");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,14 +1,109 @@
-//! `worker` — consumes jobs from the Redis Streams bus.
+//! `worker` — consumes jobs from the Redis Streams bus; also the operator's view of the bus.
+//!
+//! ```text
+//! worker [--queues chat,index] [--until-empty]   consume (default: the queues it has handlers for)
+//! worker queues                                  length, pending, delayed, dead per queue
+//! worker dead list [--queue Q] [--limit N]       dead letters with their last error
+//! worker dead replay <ID> | --all [--queue Q]    put dead letters back on their queue
+//! worker enqueue-probe [--count N] [--key K] [--sleep-ms MS] [--fail-times N] [--queue Q]
+//! ```
 
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{Args, Parser, Subcommand};
+use jobs::kinds::Probe;
+use jobs::{Queue, Worker, WorkerOptions};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "worker",
+    about = "Switchboard worker: consumes jobs from the bus"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Queues to consume, comma-separated (chat, memory, index, actions). Default: the queues
+    /// of the job kinds this worker has handlers for.
+    #[arg(long, value_delimiter = ',')]
+    queues: Vec<Queue>,
+    /// Stop (exit 0) once the consumed queues have nothing left to do.
+    #[arg(long)]
+    until_empty: bool,
+    /// With --until-empty: fail (exit 1) if the queues are not empty by then.
+    #[arg(long, default_value_t = 3600, requires = "until_empty")]
+    timeout_secs: u64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Length, pending, delayed and dead counts per queue.
+    Queues,
+    /// Dead letters: list or replay.
+    Dead {
+        #[command(subcommand)]
+        cmd: DeadCmd,
+    },
+    /// Enqueue diagnostic probe jobs.
+    EnqueueProbe {
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value = "operator")]
+        key: String,
+        #[arg(long, default_value_t = 0)]
+        sleep_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        fail_times: u32,
+        /// The queue to exercise (default actions).
+        #[arg(long)]
+        queue: Option<Queue>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCmd {
+    /// The oldest dead letters, with their last error.
+    List {
+        #[arg(long)]
+        queue: Option<Queue>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Put dead letters back on their queue (same job id, attempt 1).
+    Replay {
+        /// The dead letter's id (first column of `dead list` after the queue).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every dead letter (of --queue, or of all queues).
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        queue: Option<Queue>,
+    },
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli = Cli::parse();
     let settings = match workers::load_settings("worker") {
         Ok(s) => s,
         Err(code) => return code,
     };
+    match cli.cmd {
+        None => run(settings, cli.run).await,
+        Some(cmd) => operate(settings, cmd).await,
+    }
+}
+
+async fn run(settings: config::Settings, args: RunArgs) -> ExitCode {
     let rt = match workers::Runtime::connect(settings, Duration::from_secs(30)).await {
         Ok(rt) => rt,
         Err(e) => {
@@ -16,14 +111,128 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let registry = workers::handlers::registry(rt.db.clone());
+    let queues = if args.queues.is_empty() {
+        registry.queues()
+    } else {
+        let mut q = args.queues.clone();
+        q.sort();
+        q.dedup();
+        q
+    };
+    let opts = WorkerOptions::from_settings(&rt.settings, queues);
+    let worker = Worker::new(rt.bus.clone(), registry, opts);
     tracing::info!(
         concurrency = rt.settings.worker.concurrency,
         prefix = rt.redis.prefix(),
+        consumer = worker.consumer(),
+        queues = ?worker.queues(),
         "worker ready"
     );
-    jobs::telemetry::shutdown_signal().await;
-    tracing::info!("worker stopping");
+    let shutdown = CancellationToken::new();
+    let done = CancellationToken::new();
+    let signal = async {
+        tokio::select! {
+            () = jobs::telemetry::shutdown_signal() => {
+                tracing::info!("worker stopping");
+                shutdown.cancel();
+            }
+            () = done.cancelled() => {}
+        }
+    };
+    let work = async {
+        let r = if args.until_empty {
+            worker
+                .run_until_empty(shutdown.clone(), Duration::from_secs(args.timeout_secs))
+                .await
+        } else {
+            worker.run(shutdown.clone()).await
+        };
+        done.cancel();
+        r
+    };
+    let ((), result) = tokio::join!(signal, work);
     rt.db.close().await;
-    tracing::info!("worker stopped");
-    ExitCode::SUCCESS
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "worker failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+async fn operate(settings: config::Settings, cmd: Cmd) -> ExitCode {
+    let bus = match workers::ops::bus(&settings) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "invalid REDIS_URL");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cmd {
+        Cmd::Queues => workers::ops::queues_table(&bus)
+            .await
+            .map(|t| print!("{t}")),
+        Cmd::Dead {
+            cmd: DeadCmd::List { queue, limit },
+        } => workers::ops::dead_list(&bus, queue, limit)
+            .await
+            .map(|t| print!("{t}")),
+        Cmd::Dead {
+            cmd: DeadCmd::Replay { id, all, queue },
+        } => {
+            if all {
+                workers::ops::dead_replay_all(&bus, queue)
+                    .await
+                    .map(|counts| {
+                        for (q, n) in counts {
+                            println!("{q}\treplayed {n}");
+                        }
+                    })
+            } else {
+                let id = id.unwrap_or_default();
+                match workers::ops::dead_replay(&bus, queue, &id).await {
+                    Ok(Some(q)) => {
+                        println!("{q}\treplayed {id}");
+                        Ok(())
+                    }
+                    Ok(None) => {
+                        tracing::error!(id, "no such dead letter");
+                        return ExitCode::FAILURE;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+        Cmd::EnqueueProbe {
+            count,
+            key,
+            sleep_ms,
+            fail_times,
+            queue,
+        } => {
+            let probe = Probe {
+                key,
+                sleep_ms,
+                fail_times,
+                queue,
+            };
+            workers::ops::enqueue_probes(&bus, &probe, count)
+                .await
+                .map(|ids| {
+                    for id in ids {
+                        println!("{id}");
+                    }
+                })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "command failed");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -3,4 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod bus;
+mod crash;
+mod ops;
 mod process;
+mod scheduler;

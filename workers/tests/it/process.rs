@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use testkit::{TestDb, TestRedis};
 
-fn command(bin: &str, db: &TestDb, redis: &TestRedis) -> Command {
+pub(crate) fn command(bin: &str, db: &TestDb, redis: &TestRedis) -> Command {
     let mut cmd = Command::new(bin);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -22,7 +22,7 @@ fn command(bin: &str, db: &TestDb, redis: &TestRedis) -> Command {
 }
 
 /// Collect stderr lines on a thread; return the receiver.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+pub(crate) fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -35,7 +35,11 @@ fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
-fn wait_for(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Vec<String> {
+pub(crate) fn wait_for(
+    rx: &mpsc::Receiver<String>,
+    needle: &str,
+    timeout: Duration,
+) -> Vec<String> {
     let deadline = std::time::Instant::now() + timeout;
     let mut seen = Vec::new();
     while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
@@ -53,7 +57,7 @@ fn wait_for(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Vec
     panic!("did not see {needle:?} within {timeout:?}; got: {seen:#?}");
 }
 
-fn sigterm(child: &Child) {
+pub(crate) fn sigterm(child: &Child) {
     let ok = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
@@ -62,7 +66,7 @@ fn sigterm(child: &Child) {
     assert!(ok.success());
 }
 
-fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -1,0 +1,38 @@
+//! `index`: re-index what the outbox recorded since the last run (chunk, embed, upsert). The
+//! scheduler enqueues one per `INDEX_INTERVAL_SECS`. Handler: a later issue — until then index
+//! jobs wait in their stream.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Job, JobKind, job_variant};
+use crate::queue::Queue;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    pub reason: IndexReason,
+}
+
+/// Why an index run was asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum IndexReason {
+    /// The scheduler's periodic run for interval number `tick` (unix time / interval).
+    Scheduled { tick: u64 },
+    /// Asked for outside the schedule (e.g. a document upload that wants to be seen soon).
+    Requested,
+}
+
+impl JobKind for Index {
+    const NAME: &'static str = "index";
+    const QUEUE: Queue = Queue::Index;
+    fn into_job(self) -> Job {
+        Job::Index(self)
+    }
+    fn from_job(job: Job) -> Option<Self> {
+        match job {
+            Job::Index(j) => Some(j),
+            _ => None,
+        }
+    }
+}
+job_variant!(Index);

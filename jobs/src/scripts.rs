@@ -1,0 +1,150 @@
+//! The Lua scripts of the bus. Each touches the keys of one queue only (one hash tag, so one
+//! Cluster slot) and runs atomically: a crash between two of its steps cannot happen.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Acknowledge handled entries: `XACK` + `XDEL`.
+/// KEYS: stream. ARGV: group, id...
+pub static ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+return n
+"#,
+    )
+});
+
+/// The retry step: put the next attempt in the delayed set and acknowledge the delivered entry,
+/// together — but only while this consumer still owns the entry (if a slow worker's entry was
+/// reclaimed, the new owner decides its fate).
+/// KEYS: stream, delayed. ARGV: group, consumer, id, due_ms, envelope.
+pub static RETRY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"#,
+    )
+});
+
+/// Dead-letter a delivered entry: append it with its last error to the dead stream and
+/// acknowledge it, together, while this consumer owns it.
+/// KEYS: stream, dead. ARGV: group, consumer, id, envelope, error, reason, failed_at_ms.
+pub static DEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XADD', KEYS[2], '*', 'j', ARGV[4], 'error', ARGV[5], 'reason', ARGV[6],
+  'failed_at', ARGV[7], 'source', ARGV[3])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"#,
+    )
+});
+
+/// Move due delayed envelopes to the stream: `ZRANGEBYSCORE` + `XADD` + `ZREM` in one step, so
+/// any number of workers may run it at once and each entry moves exactly once. Returns
+/// `{moved, next_due_ms or -1}`.
+/// KEYS: stream, delayed. ARGV: now_ms, limit.
+pub static MOVE_DUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, m in ipairs(due) do
+  redis.call('XADD', KEYS[1], '*', 'j', m)
+  redis.call('ZREM', KEYS[2], m)
+end
+local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local next_due = -1
+if #nxt == 2 then next_due = tonumber(nxt[2]) end
+return {#due, next_due}
+"#,
+    )
+});
+
+/// Reclaim entries idle past the visibility timeout (`XAUTOCLAIM`) and report each one's
+/// delivery count (from `XPENDING`), which `XAUTOCLAIM` itself does not return.
+/// Returns `{next_cursor, {{id, envelope, deliveries}...}}`.
+/// KEYS: stream. ARGV: group, consumer, min_idle_ms, cursor, count.
+pub static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+  'COUNT', tonumber(ARGV[5]))
+local out = {}
+for _, e in ipairs(r[2]) do
+  if e and e[2] then
+    local body = ''
+    for i = 1, #e[2], 2 do
+      if e[2][i] == 'j' then body = e[2][i + 1] end
+    end
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    local n = 1
+    if #p > 0 then n = p[1][4] end
+    table.insert(out, {e[1], body, n})
+  end
+end
+return {r[1], out}
+"#,
+    )
+});
+
+/// Put a dead letter back on its stream (with a fresh envelope built by the caller), once:
+/// only if the dead entry still exists; it is deleted in the same step.
+/// KEYS: stream, dead. ARGV: dead_id, envelope.
+pub static REPLAY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if #redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[1], '*', 'j', ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[1])
+return 1
+"#,
+    )
+});
+
+/// Fire a scheduler tick once: mark interval `n` (`SET NX PX`) and enqueue its job, together.
+/// KEYS: tick marker, stream. ARGV: owner, ttl_ms, envelope.
+pub static TICK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('XADD', KEYS[2], '*', 'j', ARGV[3])
+return 1
+"#,
+    )
+});
+
+/// Take or keep the leader lease: extend it when we hold it, take it when nobody does.
+/// KEYS: lease. ARGV: owner, ttl_ms. Returns 1 when we hold the lease afterwards.
+pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"#,
+    )
+});
+
+/// Give the lease up, only if we hold it. KEYS: lease. ARGV: owner.
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});

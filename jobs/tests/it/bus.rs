@@ -1,0 +1,223 @@
+//! The atomic steps of the bus and the worker's retry timing, with in-memory handlers.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use jobs::kinds::Probe;
+use jobs::{DeadReason, Envelope, JobError, Queue, Registry, Worker, WorkerOptions};
+use testkit::TestRedis;
+
+#[tokio::test]
+async fn retry_is_atomic_and_only_the_current_owner_may_settle() {
+    let redis = TestRedis::new();
+    let bus = crate::bus(&redis, &crate::queues(|_| {}));
+    let q = Queue::Actions;
+    bus.ensure_group(q).await.unwrap();
+    let env = bus.enqueue(Probe::new("own")).await.unwrap();
+
+    let mut conn = bus.redis().blocking_conn().await.unwrap();
+    let got = bus.read(&mut conn, q, "a", 10, None).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].deliveries, 1);
+    let entry = got[0].entry_id.clone();
+
+    // "a" stalls; "b" reclaims the entry (idle >= 0 ms) and sees the second delivery
+    let (_, claimed) = bus
+        .reclaim(q, "b", Duration::ZERO, "0-0", 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].entry_id, entry);
+    assert_eq!(claimed[0].deliveries, 2);
+    assert_eq!(Envelope::from_json(&claimed[0].body).unwrap().id, env.id);
+
+    let mut next = env.clone();
+    next.attempt = 2;
+    let due = Utc::now() + chrono::Duration::seconds(30);
+    // the stalled "a" may no longer settle it
+    assert!(!bus.retry(q, "a", &entry, &next, due).await.unwrap());
+    assert!(
+        !bus.dead_letter(q, "a", &entry, &claimed[0].body, "x", DeadReason::Permanent)
+            .await
+            .unwrap()
+    );
+    let s = bus.stats(q).await.unwrap();
+    assert_eq!((s.length, s.pending, s.delayed, s.dead), (1, 1, 0, 0));
+
+    // the owner retries: delayed + acked in one step
+    assert!(bus.retry(q, "b", &entry, &next, due).await.unwrap());
+    let s = bus.stats(q).await.unwrap();
+    assert_eq!((s.length, s.pending, s.delayed, s.dead), (0, 0, 1, 0));
+    // not due yet: nothing moves
+    assert_eq!(bus.move_due(q, 10).await.unwrap().0, 0);
+}
+
+#[tokio::test]
+async fn dead_letters_keep_the_error_and_replay_once() {
+    let redis = TestRedis::new();
+    let bus = crate::bus(&redis, &crate::queues(|_| {}));
+    let q = Queue::Actions;
+    bus.ensure_group(q).await.unwrap();
+    let env = bus.enqueue(Probe::new("dead")).await.unwrap();
+    let mut conn = bus.redis().blocking_conn().await.unwrap();
+    let d = bus
+        .read(&mut conn, q, "a", 1, None)
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(
+        bus.dead_letter(
+            q,
+            "a",
+            &d.entry_id,
+            &d.body,
+            "boom: it broke",
+            DeadReason::Permanent
+        )
+        .await
+        .unwrap()
+    );
+    let s = bus.stats(q).await.unwrap();
+    assert_eq!((s.length, s.pending, s.dead), (0, 0, 1));
+
+    let dead = bus.dead_list(q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].error, "boom: it broke");
+    assert_eq!(dead[0].reason, "permanent");
+    assert_eq!(dead[0].envelope.as_ref().unwrap().id, env.id);
+    assert!(dead[0].failed_at.is_some());
+
+    assert!(bus.replay(q, &dead[0].id).await.unwrap());
+    assert!(
+        !bus.replay(q, &dead[0].id).await.unwrap(),
+        "replayed once only"
+    );
+    let s = bus.stats(q).await.unwrap();
+    assert_eq!((s.length, s.dead), (1, 0));
+    let back = bus
+        .read(&mut conn, q, "a", 1, None)
+        .await
+        .unwrap()
+        .remove(0);
+    let back = Envelope::from_json(&back.body).unwrap();
+    assert_eq!(back.id, env.id, "the job id survives a replay");
+    assert_eq!(back.attempt, 1);
+}
+
+#[tokio::test]
+async fn enqueue_with_not_before_waits_in_the_delayed_set() {
+    let redis = TestRedis::new();
+    let bus = crate::bus(&redis, &crate::queues(|_| {}));
+    let q = Queue::Actions;
+    let later =
+        Envelope::new(Probe::new("later")).with_not_before(Utc::now() + chrono::Duration::hours(1));
+    bus.enqueue_envelope(&later).await.unwrap();
+    bus.enqueue(Probe::new("now")).await.unwrap();
+    let s = bus.stats(q).await.unwrap();
+    assert_eq!((s.length, s.delayed), (1, 1));
+    assert!(!bus.is_empty(&[q]).await.unwrap());
+}
+
+#[derive(Debug, Clone)]
+struct Run {
+    attempt: u32,
+    due_at: DateTime<Utc>,
+    at: DateTime<Utc>,
+}
+
+#[tokio::test]
+async fn a_handlers_retry_after_replaces_the_backoff() {
+    let redis = TestRedis::new();
+    // a computed backoff would wait a minute
+    let queues = crate::queues(|q| {
+        q.actions.backoff_base_ms = 60_000;
+        q.actions.backoff_cap_ms = 60_000;
+    });
+    let bus = crate::bus(&redis, &queues);
+    let runs: Arc<Mutex<Vec<Run>>> = Arc::default();
+    let mut registry = Registry::new();
+    {
+        let runs = runs.clone();
+        registry.register::<Probe, _, _>(move |ctx, _job| {
+            let runs = runs.clone();
+            async move {
+                runs.lock().unwrap().push(Run {
+                    attempt: ctx.attempt,
+                    due_at: ctx.due_at,
+                    at: Utc::now(),
+                });
+                if ctx.attempt == 1 {
+                    Err(JobError::retry_after(
+                        "429 from upstream",
+                        Duration::from_millis(700),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        });
+    }
+    bus.enqueue(Probe::new("ra")).await.unwrap();
+    let opts = WorkerOptions {
+        queues: vec![Queue::Actions],
+        concurrency: 4,
+        consumer: "w1".into(),
+        read_block: Duration::from_millis(200),
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let report = Worker::new(bus.clone(), registry, opts)
+        .drain_until_empty(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!((report.completed, report.retried), (1, 1));
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!(runs[1].attempt, 2);
+    let waited = runs[1].due_at - runs[0].at;
+    assert!(
+        waited >= chrono::Duration::milliseconds(700) && waited < chrono::Duration::seconds(5),
+        "the retry was due {waited:?} after the failure; expected Retry-After (700 ms)"
+    );
+    assert!(runs[1].at >= runs[1].due_at, "not run before it was due");
+}
+
+#[tokio::test]
+async fn idle_consumer_names_without_pending_entries_are_pruned() {
+    let redis = TestRedis::new();
+    let bus = crate::bus(&redis, &crate::queues(|_| {}));
+    let q = Queue::Actions;
+    bus.ensure_group(q).await.unwrap();
+    bus.enqueue(Probe::new("p")).await.unwrap();
+    let mut conn = bus.redis().blocking_conn().await.unwrap();
+    // "busy" holds an entry; "ghost" and "me" hold nothing
+    assert_eq!(
+        bus.read(&mut conn, q, "busy", 1, None).await.unwrap().len(),
+        1
+    );
+    let mut c = bus.redis().conn().await.unwrap();
+    for name in ["ghost", "me"] {
+        let _: i64 = redis::cmd("XGROUP")
+            .arg("CREATECONSUMER")
+            .arg(&bus.keys(q).stream)
+            .arg("workers")
+            .arg(name)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    assert_eq!(bus.stats(q).await.unwrap().consumers, 3);
+    // nobody idle for an hour yet
+    assert_eq!(
+        bus.prune_consumers(q, "me", Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        bus.prune_consumers(q, "me", Duration::ZERO).await.unwrap(),
+        1
+    );
+    let s = bus.stats(q).await.unwrap();
+    assert_eq!((s.consumers, s.pending), (2, 1), "only the ghost went");
+}

@@ -1,0 +1,90 @@
+//! The operator commands of the `worker` binary, and its run-until-empty mode.
+
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use jobs::Queue;
+use jobs::kinds::Probe;
+use testkit::{TestDb, TestRedis, test_settings};
+
+use crate::bus::bus_for;
+use crate::process::command;
+
+fn worker(db: &TestDb, redis: &TestRedis, args: &[&str]) -> Output {
+    let out = command(env!("CARGO_BIN_EXE_worker"), db, redis)
+        .args(args)
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "worker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn row<'a>(table: &'a str, queue: &str) -> Vec<&'a str> {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(queue))
+        .unwrap_or_else(|| panic!("no {queue} row in {table}"))
+        .split_whitespace()
+        .collect()
+}
+
+#[tokio::test]
+async fn operators_enqueue_inspect_drain_and_replay() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let mut settings = test_settings(&db, &redis, &[]);
+    settings.queues.actions.max_attempts = 1;
+    let bus = bus_for(&settings);
+
+    let ids = stdout(&worker(
+        &db,
+        &redis,
+        &["enqueue-probe", "--count", "3", "--key", "ops"],
+    ));
+    assert_eq!(ids.lines().count(), 3, "{ids}");
+    let table = stdout(&worker(&db, &redis, &["queues"]));
+    assert!(table.starts_with("queue"), "{table}");
+    assert_eq!(row(&table, "actions")[1], "3", "{table}");
+    assert_eq!(row(&table, "index")[1], "0", "{table}");
+
+    // one job that fails for good at its first attempt (max_attempts = 1 here)
+    let w = crate::bus::worker_with(&db, &settings, "w1");
+    bus.enqueue(Probe {
+        fail_times: 1,
+        ..Probe::new("ops-dead")
+    })
+    .await
+    .unwrap();
+    w.drain_until_empty(Duration::from_secs(30)).await.unwrap();
+    let dead = stdout(&worker(&db, &redis, &["dead", "list"]));
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    assert!(dead.contains("probe failure 1 of 1"), "{dead}");
+    assert!(dead.contains("exhausted"), "{dead}");
+    let dead_id = dead.split('\t').nth(1).unwrap().to_owned();
+
+    let replayed = stdout(&worker(&db, &redis, &["dead", "replay", &dead_id]));
+    assert!(replayed.contains("replayed"), "{replayed}");
+    assert_eq!(bus.stats(Queue::Actions).await.unwrap().length, 1);
+    assert!(stdout(&worker(&db, &redis, &["dead", "list"])).contains("no dead letters"));
+
+    // the binary's run-until-empty mode handles what is left and exits 0
+    worker(&db, &redis, &["--until-empty", "--timeout-secs", "60"]);
+    let table = stdout(&worker(&db, &redis, &["queues"]));
+    let actions = row(&table, "actions");
+    assert_eq!(&actions[1..5], &["0", "0", "0", "0"], "{table}");
+    let effects: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM bus_probe_effects WHERE key LIKE 'ops%'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(effects, 4);
+}
