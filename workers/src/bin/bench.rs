@@ -238,6 +238,15 @@ async fn end_to_end(
     prod.close();
     prod.wait().await;
     let total = produced.load(Ordering::Relaxed);
+    let produce_secs = start.elapsed().as_secs_f64();
+    let backlog = total.saturating_sub(handled.load(Ordering::Relaxed));
+    tracing::warn!(
+        consumers,
+        produced = total,
+        enqueue_per_s = (total as f64 / produce_secs) as u64,
+        backlog,
+        "producing done"
+    );
     // wait for the backlog to be handled and acknowledged (bounded)
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut conn = bus.redis().conn().await?;
