@@ -56,6 +56,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_IDLE: Duration = Duration::from_secs(600);
 /// How much longer than `read_block` a read may take before its connection is given up.
 const READ_SLACK: Duration = Duration::from_secs(5);
+/// The longest a retry waits, whatever a handler's `Retry-After` says.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Entries per acknowledgement call at most.
 const ACK_BATCH: usize = 256;
 
@@ -682,9 +684,13 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
                 metrics::finished(q, kind, Outcome::Ok, took);
             }
             Err(JobError::Retryable { error, retry_after }) if attempt < settings.max_attempts => {
-                let delay = backoff::delay(settings, attempt, retry_after, &mut rand::rng());
-                let due = Utc::now()
-                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                let delay = backoff::delay(settings, attempt, retry_after, &mut rand::rng())
+                    .min(MAX_RETRY_DELAY);
+                let now = Utc::now();
+                let due = chrono::Duration::from_std(delay)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .unwrap_or(now);
                 let mut next = env.clone();
                 next.attempt = attempt + 1;
                 next.not_before = Some(due);
