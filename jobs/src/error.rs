@@ -52,6 +52,8 @@ pub enum BusError {
     Redis(#[from] redis::RedisError),
     #[error("cannot encode a job envelope: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("a blocking read got no reply in time; reconnecting")]
+    Stalled,
     #[error("the queues did not empty within {0:?}")]
     Timeout(Duration),
 }

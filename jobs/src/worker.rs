@@ -54,6 +54,10 @@ const MAX_BATCH: usize = 64;
 /// must have been idle (with nothing pending) first.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_IDLE: Duration = Duration::from_secs(600);
+/// How much longer than `read_block` a read may take before its connection is given up.
+const READ_SLACK: Duration = Duration::from_secs(5);
+/// The longest a retry waits, whatever a handler's `Retry-After` says.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Entries per acknowledgement call at most.
 const ACK_BATCH: usize = 256;
 
@@ -232,8 +236,9 @@ struct Inner {
     /// Wakes a queue's mover when this process schedules a retry.
     movers: HashMap<Queue, Arc<Notify>>,
     counters: Counters,
-    /// Cancelled when the grace period is over: in-flight handlers are dropped.
-    hard_stop: CancellationToken,
+    /// Cancelled when the grace period of the current run is over: in-flight handlers are
+    /// dropped. A fresh token per run.
+    hard_stop: std::sync::Mutex<CancellationToken>,
 }
 
 impl Worker {
@@ -251,7 +256,7 @@ impl Worker {
                 registry,
                 movers,
                 counters: Counters::default(),
-                hard_stop: CancellationToken::new(),
+                hard_stop: std::sync::Mutex::new(CancellationToken::new()),
                 opts,
             }),
         }
@@ -270,6 +275,10 @@ impl Worker {
         metrics::describe();
         let inner = &self.inner;
         let before = inner.counters.report();
+        let hard_stop = CancellationToken::new();
+        if let Ok(mut t) = inner.hard_stop.lock() {
+            *t = hard_stop.clone();
+        }
         for q in &inner.opts.queues {
             inner.bus.ensure_group(*q).await?;
         }
@@ -327,7 +336,7 @@ impl Worker {
                 in_flight = jobs.len(),
                 "grace period over: leaving the jobs in flight to be reclaimed by other workers"
             );
-            inner.hard_stop.cancel();
+            hard_stop.cancel();
             jobs.wait().await;
         }
         loops.wait().await;
@@ -386,7 +395,12 @@ impl Worker {
                 }
             }
         };
-        let (emptied, report) = tokio::join!(watcher, self.run(stop.clone()));
+        let run = async {
+            let r = self.run(stop.clone()).await;
+            stop.cancel(); // ends the watcher too, should the run fail
+            r
+        };
+        let (emptied, report) = tokio::join!(watcher, run);
         let report = report?;
         if emptied {
             Ok(report)
@@ -453,11 +467,15 @@ async fn read_loop(
             },
         };
         let block = (!busy).then_some(inner.opts.read_block);
-        match inner
-            .bus
-            .read(c, q, &inner.consumer, permits.len(), block)
-            .await
-        {
+        // The blocking connection has no reply timeout; bound the read here so that a
+        // connection that died silently cannot hang the reader.
+        let read = tokio::time::timeout(
+            inner.opts.read_block + READ_SLACK,
+            inner.bus.read(c, q, &inner.consumer, permits.len(), block),
+        )
+        .await
+        .unwrap_or_else(|_| Err(BusError::Stalled));
+        match read {
             Ok(deliveries) => {
                 busy = !deliveries.is_empty();
                 for d in deliveries {
@@ -635,12 +653,17 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
             trace: env.trace.clone(),
             consumer: inner.consumer.clone(),
         };
+        let hard_stop = inner
+            .hard_stop
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
         let started = Instant::now();
         let result = match inner.registry.get(kind) {
             Some(handler) => {
                 tokio::select! {
                     r = handler(ctx, env.job.clone()) => Some(r),
-                    _ = inner.hard_stop.cancelled() => None,
+                    _ = hard_stop.cancelled() => None,
                 }
             }
             None => Some(Err(JobError::retryable(format!(
@@ -661,9 +684,13 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
                 metrics::finished(q, kind, Outcome::Ok, took);
             }
             Err(JobError::Retryable { error, retry_after }) if attempt < settings.max_attempts => {
-                let delay = backoff::delay(settings, attempt, retry_after, &mut rand::rng());
-                let due = Utc::now()
-                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                let delay = backoff::delay(settings, attempt, retry_after, &mut rand::rng())
+                    .min(MAX_RETRY_DELAY);
+                let now = Utc::now();
+                let due = chrono::Duration::from_std(delay)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .unwrap_or(now);
                 let mut next = env.clone();
                 next.attempt = attempt + 1;
                 next.not_before = Some(due);

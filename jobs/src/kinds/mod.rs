@@ -83,15 +83,3 @@ macro_rules! job_variant {
     };
 }
 pub(crate) use job_variant;
-
-/// The kind name of a [`Job`] enum variant, for the registry.
-pub fn kind_names() -> [&'static str; 6] {
-    [
-        Chat::NAME,
-        Summarize::NAME,
-        Remember::NAME,
-        Index::NAME,
-        ExecuteAction::NAME,
-        Probe::NAME,
-    ]
-}

@@ -221,3 +221,57 @@ async fn idle_consumer_names_without_pending_entries_are_pruned() {
     let s = bus.stats(q).await.unwrap();
     assert_eq!((s.consumers, s.pending), (2, 1), "only the ghost went");
 }
+
+#[tokio::test]
+async fn a_job_that_keeps_losing_its_worker_is_dead_lettered_as_lost() {
+    let redis = TestRedis::new();
+    let queues = crate::queues(|q| {
+        q.actions.max_attempts = 2;
+        q.actions.visibility_timeout_secs = 1;
+    });
+    let bus = crate::bus(&redis, &queues);
+    let q = Queue::Actions;
+    bus.ensure_group(q).await.unwrap();
+    let env = bus.enqueue(Probe::new("lost")).await.unwrap();
+    // delivered twice already, never acknowledged (two workers died holding it)
+    let mut conn = bus.redis().blocking_conn().await.unwrap();
+    assert_eq!(bus.read(&mut conn, q, "a", 1, None).await.unwrap().len(), 1);
+    let (_, c) = bus.reclaim(q, "b", Duration::ZERO, "0-0", 1).await.unwrap();
+    assert_eq!(c[0].deliveries, 2);
+
+    let calls = Arc::new(Mutex::new(0u32));
+    let mut registry = Registry::new();
+    {
+        let calls = calls.clone();
+        registry.register::<Probe, _, _>(move |_ctx, _job| {
+            *calls.lock().unwrap() += 1;
+            async { Ok(()) }
+        });
+    }
+    let opts = WorkerOptions {
+        queues: vec![q],
+        concurrency: 2,
+        consumer: "c".into(),
+        read_block: Duration::from_millis(200),
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let report = Worker::new(bus.clone(), registry, opts)
+        .drain_until_empty(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!((report.reclaimed, report.dead, report.completed), (1, 1, 0));
+    assert_eq!(
+        *calls.lock().unwrap(),
+        0,
+        "the third delivery is over max_attempts"
+    );
+    let dead = bus.dead_list(q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "lost");
+    assert!(
+        dead[0].error.contains("delivered 3 times"),
+        "{}",
+        dead[0].error
+    );
+    assert_eq!(dead[0].envelope.as_ref().unwrap().id, env.id);
+}

@@ -120,6 +120,15 @@ async fn run(settings: config::Settings, args: RunArgs) -> ExitCode {
         q.dedup();
         q
     };
+    let served = registry.queues();
+    for q in queues.iter().filter(|q| !served.contains(q)) {
+        tracing::warn!(
+            queue = %q,
+            kinds = ?registry.kinds(),
+            "consuming a queue none of whose own job kinds has a handler here: such jobs are \
+             retried and end in the dead letters"
+        );
+    }
     let opts = WorkerOptions::from_settings(&rt.settings, queues);
     let worker = Worker::new(rt.bus.clone(), registry, opts);
     tracing::info!(
