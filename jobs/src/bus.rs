@@ -255,6 +255,21 @@ impl Bus {
         Ok(n == 1)
     }
 
+    /// Reset the idle time of an entry `consumer` is still handling, so that reclaimers leave
+    /// it alone (the heartbeat of long handlers). Returns false when `consumer` no longer owns it.
+    pub async fn touch(&self, q: Queue, consumer: &str, entry_id: &str) -> Result<bool, BusError> {
+        let keys = self.keys(q);
+        let mut conn = self.conn().await?;
+        let n: i64 = scripts::TOUCH
+            .key(&keys.stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(entry_id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(n == 1)
+    }
+
     /// Move a delivered entry to the dead letters with its last error and acknowledge it,
     /// atomically, if `consumer` still owns it.
     pub async fn dead_letter(

@@ -34,6 +34,21 @@ return 1
     )
 });
 
+/// Keep a delivered entry claimed while its handler runs: reset its idle time (`XCLAIM` with
+/// min-idle 0 and `JUSTID`, which does not count a delivery) — only while this consumer owns
+/// it, so a heartbeat never steals an entry another worker reclaimed. Returns 1 if still owned.
+/// KEYS: stream. ARGV: group, consumer, id.
+pub static TOUCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"#,
+    )
+});
+
 /// Dead-letter a delivered entry: append it with its last error to the dead stream and
 /// acknowledge it, together, while this consumer owns it.
 /// KEYS: stream, dead. ARGV: group, consumer, id, envelope, error, reason, failed_at_ms.

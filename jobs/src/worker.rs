@@ -661,9 +661,14 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
         let started = Instant::now();
         let result = match inner.registry.get(kind) {
             Some(handler) => {
+                // While the handler runs, keep the entry claimed (a heartbeat every third of the
+                // visibility timeout), so that only a dead or stalled worker's jobs are
+                // reclaimed, never a long answer still streaming.
+                let visibility = Duration::from_secs(settings.visibility_timeout_secs);
                 tokio::select! {
                     r = handler(ctx, env.job.clone()) => Some(r),
                     _ = hard_stop.cancelled() => None,
+                    never = keep_claimed(&inner, &d, visibility) => match never {},
                 }
             }
             None => Some(Err(JobError::retryable(format!(
@@ -728,6 +733,28 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
     }
     .instrument(span)
     .await
+}
+
+/// The heartbeat of a running handler: resets the entry's idle time every third of the
+/// visibility timeout. Never resolves; if the entry was taken by another consumer it stops
+/// touching it (the settle steps, which check ownership, leave the decision to the new owner).
+async fn keep_claimed(
+    inner: &Inner,
+    d: &Delivery,
+    visibility: Duration,
+) -> std::convert::Infallible {
+    let period = (visibility / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
+        match inner.bus.touch(d.queue, &inner.consumer, &d.entry_id).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(entry = %d.entry_id, "the entry was reclaimed by another worker while its handler ran");
+                std::future::pending::<()>().await;
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed; will try again"),
+        }
+    }
 }
 
 /// Acknowledge through the queue's acker (which batches the acks of jobs finishing together)

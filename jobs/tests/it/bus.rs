@@ -275,3 +275,64 @@ async fn a_job_that_keeps_losing_its_worker_is_dead_lettered_as_lost() {
     );
     assert_eq!(dead[0].envelope.as_ref().unwrap().id, env.id);
 }
+
+/// A handler running longer than the visibility timeout keeps its entry (heartbeat): a second
+/// worker that reclaims idle entries does not take it, so the job runs once.
+#[tokio::test]
+async fn a_long_running_handler_is_not_reclaimed_while_it_runs() {
+    let redis = TestRedis::new();
+    let queues = crate::queues(|q| q.actions.visibility_timeout_secs = 1);
+    let bus = crate::bus(&redis, &queues);
+    let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let registry = |runs: Arc<std::sync::atomic::AtomicU32>| {
+        let mut r = Registry::new();
+        r.register::<Probe, _, _>(move |_ctx, _job| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(3500)).await;
+                Ok(())
+            }
+        });
+        r
+    };
+    bus.enqueue(Probe::new("long")).await.unwrap();
+    let opts = |name: &str| WorkerOptions {
+        queues: vec![Queue::Actions],
+        concurrency: 2,
+        consumer: name.into(),
+        read_block: Duration::from_millis(100),
+        shutdown_grace: Duration::from_secs(10),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let w1 = Worker::new(bus.clone(), registry(runs.clone()), opts("w1"));
+    let w2 = Worker::new(bus.clone(), registry(runs.clone()), opts("w2"));
+    let (s1, s2) = (stop.clone(), stop.clone());
+    let t1 = tokio::spawn(async move { w1.run(s1).await });
+    let t2 = tokio::spawn(async move { w2.run(s2).await });
+    // long enough for several reclaim rounds past the 1 s visibility timeout
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = bus.stats(Queue::Actions).await.unwrap();
+        if runs.load(std::sync::atomic::Ordering::SeqCst) >= 1
+            && stats.length == 0
+            && stats.pending == 0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job did not finish: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    let r1 = t1.await.unwrap().unwrap();
+    let r2 = t2.await.unwrap().unwrap();
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the handler ran once"
+    );
+    assert_eq!(r1.completed + r2.completed, 1);
+}
