@@ -35,6 +35,19 @@ impl Outcome {
 }
 
 pub fn describe() {
+    metrics::describe_gauge!(
+        QUEUE_LENGTH,
+        "Entries in the queue's stream (waiting + being handled)"
+    );
+    metrics::describe_gauge!(
+        QUEUE_PENDING,
+        "Entries delivered to a worker and not yet acknowledged"
+    );
+    metrics::describe_gauge!(
+        QUEUE_DELAYED,
+        "Jobs waiting in the delayed set for their retry time"
+    );
+    metrics::describe_gauge!(QUEUE_DEAD, "Jobs in the dead letters");
     metrics::describe_counter!(ENQUEUED, "Jobs put on the bus");
     metrics::describe_counter!(
         COMPLETED,
@@ -85,4 +98,27 @@ pub(crate) fn dead(queue: Queue, kind: &'static str, reason: &'static str) {
 
 pub(crate) fn reclaimed(queue: Queue, n: u64) {
     metrics::counter!(RECLAIMED, "queue" => queue.as_str()).increment(n);
+}
+
+pub const QUEUE_LENGTH: &str = "bus_queue_length";
+pub const QUEUE_PENDING: &str = "bus_queue_pending";
+pub const QUEUE_DELAYED: &str = "bus_queue_delayed";
+pub const QUEUE_DEAD: &str = "bus_queue_dead";
+
+/// Refresh the per-queue depth gauges from Redis (called when metrics are scraped, so every
+/// process that exposes metrics reports the same, current figures). A queue whose stats cannot
+/// be read keeps its previous values.
+pub async fn refresh_queue_gauges(bus: &crate::Bus) {
+    for q in Queue::ALL {
+        match bus.stats(q).await {
+            Ok(s) => {
+                let label = [("queue", q.as_str())];
+                metrics::gauge!(QUEUE_LENGTH, &label).set(s.length as f64);
+                metrics::gauge!(QUEUE_PENDING, &label).set(s.pending as f64);
+                metrics::gauge!(QUEUE_DELAYED, &label).set(s.delayed as f64);
+                metrics::gauge!(QUEUE_DEAD, &label).set(s.dead as f64);
+            }
+            Err(e) => tracing::warn!(queue = %q, error = %e, "cannot read queue stats for metrics"),
+        }
+    }
 }

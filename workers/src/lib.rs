@@ -2,9 +2,11 @@
 //!
 //! - [`handlers`]: the job handlers (one file per kind) and the registry;
 //! - [`ops`]: the operator commands of `worker` (queues, dead letters, probes);
-//! - [`scheduler`]: the periodic jobs under a leader lease.
+//! - [`scheduler`]: the periodic jobs under a leader lease;
+//! - [`metrics_server`]: the `/metrics` listener of worker and scheduler processes.
 
 pub mod handlers;
+pub mod metrics_server;
 pub mod ops;
 pub mod scheduler;
 

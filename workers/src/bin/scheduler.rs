@@ -25,6 +25,20 @@ async fn main() -> ExitCode {
         "scheduler ready"
     );
     let shutdown = CancellationToken::new();
+    let metrics_stop = CancellationToken::new();
+    let metrics_task = match workers::metrics_server::serve(
+        &rt.settings.scheduler.metrics_addr,
+        rt.bus.clone(),
+        metrics_stop.clone(),
+    )
+    .await
+    {
+        Ok((_, task)) => task,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), addr = %rt.settings.scheduler.metrics_addr, "cannot bind the metrics listener");
+            return ExitCode::FAILURE;
+        }
+    };
     let done = CancellationToken::new();
     let signal = async {
         tokio::select! {
@@ -41,6 +55,8 @@ async fn main() -> ExitCode {
         r
     };
     let ((), result) = tokio::join!(signal, work);
+    metrics_stop.cancel();
+    let _ = metrics_task.await;
     rt.db.close().await;
     match result {
         Ok(()) => {

@@ -139,6 +139,20 @@ async fn run(settings: config::Settings, args: RunArgs) -> ExitCode {
         "worker ready"
     );
     let shutdown = CancellationToken::new();
+    let metrics_stop = CancellationToken::new();
+    let metrics_task = match workers::metrics_server::serve(
+        &rt.settings.worker.metrics_addr,
+        rt.bus.clone(),
+        metrics_stop.clone(),
+    )
+    .await
+    {
+        Ok((_, task)) => task,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), addr = %rt.settings.worker.metrics_addr, "cannot bind the metrics listener");
+            return ExitCode::FAILURE;
+        }
+    };
     let done = CancellationToken::new();
     let signal = async {
         tokio::select! {
@@ -161,6 +175,8 @@ async fn run(settings: config::Settings, args: RunArgs) -> ExitCode {
         r
     };
     let ((), result) = tokio::join!(signal, work);
+    metrics_stop.cancel();
+    let _ = metrics_task.await;
     rt.db.close().await;
     match result {
         Ok(_) => ExitCode::SUCCESS,

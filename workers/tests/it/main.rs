@@ -5,6 +5,7 @@
 
 mod bus;
 mod crash;
+mod metrics;
 mod ops;
 mod process;
 mod scheduler;
