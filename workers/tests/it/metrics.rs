@@ -33,7 +33,7 @@ async fn a_worker_serves_bus_metrics() {
     let settings = testkit::test_settings(&db, &redis, &[]);
     let bus = jobs::Bus::new(handle, &settings.queues);
     for i in 0..3 {
-        bus.enqueue(Probe::new(&format!("m{i}"))).await.unwrap();
+        bus.enqueue(Probe::new(format!("m{i}"))).await.unwrap();
     }
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/metrics");
