@@ -741,3 +741,27 @@ async fn a_worker_killed_mid_answer_is_replaced_and_the_answer_restarts() {
     assert_eq!(calls(&primary).await.len(), 2);
     assert!(calls(&fallback).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_job_that_can_never_run_ends_the_turn_with_an_error_before_dying() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let (primary, _) = org_models(&db, &s).await;
+    let mut job = turn(&db, &s, "hello").await;
+    job.message_id = Uuid::now_v7(); // not the message its response answers
+    let bus = bus_for(&settings);
+    bus.enqueue(job.clone()).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!(report.dead, 1, "an operator sees it: {report:?}");
+
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(error_code(&evs), Some("internal_error"), "{evs:?}");
+    let (status, code, _) = response(&db, job.response_id).await;
+    assert_eq!(
+        (status.as_str(), code.as_deref()),
+        ("failed", Some("internal_error"))
+    );
+    assert!(calls(&primary).await.is_empty());
+}

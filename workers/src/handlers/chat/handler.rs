@@ -28,6 +28,7 @@ const UNAVAILABLE_MESSAGE: &str =
     "The assistant is unavailable right now. Please try again in a few minutes.";
 const STREAM_FAILED_MESSAGE: &str =
     "The answer was interrupted by a model error. Please ask again.";
+const INTERNAL_MESSAGE: &str = "The answer failed because of an internal error. Please ask again.";
 const RATE_LIMITED_MESSAGE: &str =
     "The assistant is too busy to answer right now. Please try again in a few minutes.";
 
@@ -66,6 +67,39 @@ impl ChatHandler {
         fields(job_id = %ctx.id, response_id = %job.response_id, conversation_id = %job.conversation_id, attempt = ctx.attempt)
     )]
     pub async fn run(&self, ctx: JobContext, job: Chat) -> HandlerResult {
+        let result = self.turn(&ctx, &job).await;
+        if let Err(e) = &result
+            && (!e.is_retryable() || ctx.attempt >= self.inner.queue.max_attempts)
+        {
+            // The bus dead-letters it now; the client must not wait for an answer forever.
+            tracing::error!(error = %e, "the job failed for good; ending the turn with an error");
+            self.give_up(&job).await;
+        }
+        result
+    }
+
+    /// Best effort after the last attempt: mark the response failed (unless it completed) and
+    /// publish its terminal event from what is stored.
+    async fn give_up(&self, job: &Chat) {
+        let attempt = async {
+            let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+            conv::fail(
+                &mut conn,
+                job.response_id,
+                codes::INTERNAL_ERROR,
+                INTERNAL_MESSAGE,
+            )
+            .await
+            .map_err(db_error)?;
+            drop(conn);
+            self.already_finished(job).await
+        };
+        if let Err(e) = attempt.await {
+            tracing::error!(error = %e, "cannot end the turn with an error either");
+        }
+    }
+
+    async fn turn(&self, ctx: &JobContext, job: &Chat) -> HandlerResult {
         let db = &self.inner.db;
         let mut conn = db.acquire().await.map_err(db_error)?;
         let Some(response) =
@@ -77,6 +111,11 @@ impl ChatHandler {
                 "the response does not exist (or is not this user's)",
             ));
         };
+        if response.user_message_id != job.message_id {
+            return Err(JobError::permanent(
+                "the job names another message than the one its response answers",
+            ));
+        }
         if matches!(response.status.as_str(), "completed" | "failed") {
             tracing::info!(status = %response.status, "the response is already finished (redelivery)");
             drop(conn);
@@ -99,12 +138,12 @@ impl ChatHandler {
         let messages = PromptBuilder::new().recent_messages(&recent).build();
         let org = conv::org_models(db, job.org_id).await.map_err(db_error)?;
         let models = Models::choose(org, &self.inner.chat);
-        let mut turn = Turn::new(response.id);
+        let mut turn = Turn::new(response.id, self.inner.call_limit);
 
         // the primary
         if let Some(left) = self.cooling_down(&models.primary).await? {
             return self
-                .wait_for_rate_limit(&ctx, &response, &models.primary, left)
+                .wait_for_rate_limit(ctx, &response, &models.primary, left)
                 .await;
         }
         let primary_error = match self
@@ -112,10 +151,10 @@ impl ChatHandler {
             .await?
         {
             CallOutcome::Answered(a) => return self.complete(&response, a).await,
-            CallOutcome::AlreadyFinished => return self.already_finished(&job).await,
+            CallOutcome::AlreadyFinished => return self.already_finished(job).await,
             CallOutcome::RateLimited(after) => {
                 return self
-                    .on_rate_limited(&ctx, &response, &models.primary, after)
+                    .on_rate_limited(ctx, &response, &models.primary, after)
                     .await;
             }
             CallOutcome::FailedAfterTokens => {
@@ -135,16 +174,16 @@ impl ChatHandler {
         };
         if let Some(left) = self.cooling_down(fallback).await? {
             return self
-                .wait_for_rate_limit(&ctx, &response, fallback, left)
+                .wait_for_rate_limit(ctx, &response, fallback, left)
                 .await;
         }
         tracing::info!(primary = %models.primary, fallback, kind = primary_error.kind(), "falling back");
         metrics::fallback(&models.primary, fallback);
         match self.call_model(&mut turn, fallback, &messages).await? {
             CallOutcome::Answered(a) => self.complete(&response, a).await,
-            CallOutcome::AlreadyFinished => self.already_finished(&job).await,
+            CallOutcome::AlreadyFinished => self.already_finished(job).await,
             CallOutcome::RateLimited(after) => {
-                self.on_rate_limited(&ctx, &response, fallback, after).await
+                self.on_rate_limited(ctx, &response, fallback, after).await
             }
             CallOutcome::FailedAfterTokens => {
                 self.fail(&response, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)

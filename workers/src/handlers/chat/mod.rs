@@ -32,6 +32,8 @@ pub mod codes {
     pub const MODEL_UNAVAILABLE: &str = "model_unavailable";
     /// The model failed after tokens had reached the client.
     pub const MODEL_STREAM_FAILED: &str = "model_stream_failed";
+    /// Our own infrastructure (database, Redis) kept failing until the last attempt.
+    pub const INTERNAL_ERROR: &str = "internal_error";
 }
 
 /// The `chat` handler; cheap to clone (one per job).
@@ -49,8 +51,8 @@ struct Inner {
     cooldowns: policy::Cooldowns,
     chat: config::ChatSettings,
     queue: config::QueueSettings,
-    /// Upper bound of one model call, first byte to last token (`litellm.request_timeout_secs`,
-    /// which the chat queue's visibility timeout must exceed).
+    /// Upper bound of the model calls of one run (primary and fallback together):
+    /// `litellm.request_timeout_secs`, which the chat queue's visibility timeout must exceed.
     call_limit: Duration,
 }
 

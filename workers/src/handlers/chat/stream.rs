@@ -35,13 +35,18 @@ pub(super) struct Turn {
     pub response_id: Uuid,
     /// `mark_streaming` happened in this run (at the first token).
     marked: bool,
+    /// All model calls of this run end by then (`litellm.request_timeout_secs` from the start
+    /// of the first): the bus keeps no heartbeat, so a handler must finish within the chat
+    /// queue's visibility timeout, which configuration checks is longer than this.
+    deadline: tokio::time::Instant,
 }
 
 impl Turn {
-    pub fn new(response_id: Uuid) -> Self {
+    pub fn new(response_id: Uuid, limit: Duration) -> Self {
         Self {
             response_id,
             marked: false,
+            deadline: tokio::time::Instant::now() + limit,
         }
     }
 }
@@ -105,10 +110,10 @@ impl ChatHandler {
         };
         let timeouts = Timeouts::from_settings(&self.inner.chat);
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.inner.call_limit;
+        let deadline = turn.deadline;
         let over_limit = || {
             LlmError::Timeout(format!(
-                "the call took longer than {:?} (litellm.request_timeout_secs)",
+                "the turn's model calls took longer than {:?} (litellm.request_timeout_secs)",
                 self.inner.call_limit
             ))
         };
