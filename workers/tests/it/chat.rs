@@ -765,3 +765,30 @@ async fn a_job_that_can_never_run_ends_the_turn_with_an_error_before_dying() {
     );
     assert!(calls(&primary).await.is_empty());
 }
+
+#[tokio::test]
+async fn no_fallback_call_when_the_fallback_is_the_primary() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let model = unique_model("only");
+    conv::set_org_models(&db.pool, s.org, &via_litellm(&model), &via_litellm(&model))
+        .await
+        .unwrap();
+    FakeClient::shared()
+        .set_default(&model, Behaviour::status(503))
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "hello").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    drain(&db, &settings).await;
+
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(error_code(&evs), Some("model_unavailable"), "{evs:?}");
+    assert_eq!(
+        calls(&model).await.len(),
+        1,
+        "the same model is not tried twice"
+    );
+}
