@@ -68,6 +68,11 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
         "chat.default_fallback_model",
         Kind::Str,
     ),
+    (
+        "RATE_LIMIT_MAX_WAIT_SECS",
+        "chat.rate_limit_max_wait_secs",
+        Kind::Int,
+    ),
     ("EMBEDDING_MODEL", "embedding.model", Kind::Str),
     ("EMBEDDING_DIM", "embedding.dim", Kind::Int),
     ("EVENTS_RETENTION_SECS", "events.retention_secs", Kind::Int),
@@ -217,6 +222,9 @@ pub struct ChatSettings {
     pub default_fallback_model: String,
     pub temperature: f64,
     pub max_tokens: u32,
+    /// How long a chat turn may wait on rate limits (429s and model cooldowns), counted from
+    /// the response's creation, before the user gets a `rate_limited` error.
+    pub rate_limit_max_wait_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -428,6 +436,10 @@ impl Settings {
         }
         positive(self.chat.recent_messages as u64, "RECENT_MESSAGES")?;
         positive(self.chat.model_timeout_secs, "MODEL_TIMEOUT_SECS")?;
+        positive(
+            self.chat.rate_limit_max_wait_secs,
+            "RATE_LIMIT_MAX_WAIT_SECS",
+        )?;
         positive(self.api.max_upload_bytes as u64, "MAX_UPLOAD_BYTES")?;
         positive(self.api.max_body_bytes as u64, "MAX_BODY_BYTES")?;
         positive(self.auth.token_ttl_secs, "TOKEN_TTL_SECS")?;

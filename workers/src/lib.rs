@@ -1,6 +1,6 @@
 //! Worker and scheduler runtime: connections, readiness and shutdown shared by both binaries.
 //!
-//! - [`handlers`]: the job handlers (one file per kind) and the registry;
+//! - [`handlers`]: the job handlers (one module per kind: `probe`, `chat`) and the registry;
 //! - [`ops`]: the operator commands of `worker` (queues, dead letters, probes);
 //! - [`scheduler`]: the periodic jobs under a leader lease;
 //! - [`metrics_server`]: the `/metrics` listener of worker and scheduler processes.

@@ -111,7 +111,13 @@ async fn run(settings: config::Settings, args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let registry = workers::handlers::registry(rt.db.clone());
+    let registry = match workers::handlers::worker_registry(&rt) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "worker cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
     let queues = if args.queues.is_empty() {
         registry.queues()
     } else {

@@ -1,14 +1,22 @@
-//! Job handlers, one file per kind, and the registry a worker runs with. Only `probe` exists so
-//! far; chat, summarize, remember, index and execute_action arrive with their issues.
+//! Job handlers, one module per kind, and the registry a worker runs with. `probe` and `chat`
+//! exist so far; summarize, remember, index and execute_action arrive with their issues.
 
+pub mod chat;
 pub mod probe;
 
 use jobs::Registry;
 use jobs::kinds::Probe;
 
-/// Every handler this build has.
+/// The handlers that need only the database (`probe`).
 pub fn registry(db: sqlx::PgPool) -> Registry {
     let mut r = Registry::new();
     r.register::<Probe, _, _>(move |ctx, job| probe::run(db.clone(), ctx, job));
     r
+}
+
+/// Every handler this build has: what the `worker` binary runs.
+pub fn worker_registry(rt: &crate::Runtime) -> Result<Registry, llm::LlmError> {
+    let mut r = registry(rt.db.clone());
+    chat::ChatHandler::new(rt.db.clone(), rt.redis.clone(), &rt.settings)?.register(&mut r);
+    Ok(r)
 }

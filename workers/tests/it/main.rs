@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod bus;
+mod chat;
 mod crash;
 mod metrics;
 mod ops;

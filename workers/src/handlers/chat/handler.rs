@@ -1,0 +1,379 @@
+//! One chat turn: redelivery and restart handling, the primary → fallback policy, rate limits,
+//! completion (commit, then publish) and failures (mark failed, then publish).
+
+use std::time::Duration;
+
+use chrono::Utc;
+use jobs::events::ResponseEvent;
+use jobs::kinds::Chat;
+use jobs::worker::HandlerResult;
+use jobs::{JobContext, JobError};
+use serde_json::{Value, json};
+use store::conversations::{self as conv, Answer, Message, Response};
+
+use super::policy::{DEFAULT_COOLDOWN, Models, RateLimitDecision, rate_limit_decision};
+use super::prompt::PromptBuilder;
+use super::stream::{Answered, CallOutcome, Turn};
+use super::{ChatHandler, codes, metrics};
+
+fn db_error(e: impl std::fmt::Display) -> JobError {
+    JobError::retryable(format!("database: {e}"))
+}
+
+fn redis_error(e: impl std::fmt::Display) -> JobError {
+    JobError::retryable(format!("redis: {e}"))
+}
+
+const UNAVAILABLE_MESSAGE: &str =
+    "The assistant is unavailable right now. Please try again in a few minutes.";
+const STREAM_FAILED_MESSAGE: &str =
+    "The answer was interrupted by a model error. Please ask again.";
+const INTERNAL_MESSAGE: &str = "The answer failed because of an internal error. Please ask again.";
+const RATE_LIMITED_MESSAGE: &str =
+    "The assistant is too busy to answer right now. Please try again in a few minutes.";
+
+/// The `message` of `message.completed`: the stored assistant message.
+pub(super) fn message_json(m: &Message) -> Value {
+    json!({
+        "id": m.id,
+        "conversation_id": m.conversation_id,
+        "response_id": m.response_id,
+        "role": m.role,
+        "content": m.content,
+        "model": m.model,
+        "prompt_tokens": m.prompt_tokens,
+        "completion_tokens": m.completion_tokens,
+        "latency_ms": m.latency_ms,
+        "citations": m.citations,
+        "created_at": m.created_at,
+    })
+}
+
+fn completed_event(m: &Message) -> ResponseEvent {
+    ResponseEvent::MessageCompleted {
+        message: message_json(m),
+        model: m.model.clone().unwrap_or_default(),
+        usage: json!({
+            "prompt_tokens": m.prompt_tokens,
+            "completion_tokens": m.completion_tokens,
+        }),
+    }
+}
+
+impl ChatHandler {
+    #[tracing::instrument(
+        name = "chat",
+        skip_all,
+        fields(job_id = %ctx.id, response_id = %job.response_id, conversation_id = %job.conversation_id, attempt = ctx.attempt)
+    )]
+    pub async fn run(&self, ctx: JobContext, job: Chat) -> HandlerResult {
+        let result = self.turn(&ctx, &job).await;
+        if let Err(e) = &result
+            && (!e.is_retryable() || ctx.attempt >= self.inner.queue.max_attempts)
+        {
+            // The bus dead-letters it now; the client must not wait for an answer forever.
+            tracing::error!(error = %e, "the job failed for good; ending the turn with an error");
+            self.give_up(&job).await;
+        }
+        result
+    }
+
+    /// Best effort after the last attempt: mark the response failed (unless it completed) and
+    /// publish its terminal event from what is stored.
+    async fn give_up(&self, job: &Chat) {
+        let attempt = async {
+            let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+            conv::fail(
+                &mut conn,
+                job.response_id,
+                codes::INTERNAL_ERROR,
+                INTERNAL_MESSAGE,
+            )
+            .await
+            .map_err(db_error)?;
+            drop(conn);
+            self.already_finished(job).await
+        };
+        if let Err(e) = attempt.await {
+            tracing::error!(error = %e, "cannot end the turn with an error either");
+        }
+    }
+
+    async fn turn(&self, ctx: &JobContext, job: &Chat) -> HandlerResult {
+        let db = &self.inner.db;
+        let mut conn = db.acquire().await.map_err(db_error)?;
+        let Some(response) =
+            conv::get_response_own(&mut conn, job.user_id, job.conversation_id, job.response_id)
+                .await
+                .map_err(db_error)?
+        else {
+            return Err(JobError::permanent(
+                "the response does not exist (or is not this user's)",
+            ));
+        };
+        if response.user_message_id != job.message_id {
+            return Err(JobError::permanent(
+                "the job names another message than the one its response answers",
+            ));
+        }
+        if matches!(response.status.as_str(), "completed" | "failed") {
+            tracing::info!(status = %response.status, "the response is already finished (redelivery)");
+            drop(conn);
+            return self.ensure_terminal_published(&response).await;
+        }
+        let recent = conv::recent_messages(
+            &mut conn,
+            job.conversation_id,
+            job.message_id,
+            i64::try_from(self.inner.chat.recent_messages).unwrap_or(i64::MAX),
+        )
+        .await
+        .map_err(db_error)?;
+        drop(conn);
+        if recent.last().map(|m| m.id) != Some(job.message_id) {
+            return Err(JobError::permanent(
+                "the user message of this turn is not in its conversation",
+            ));
+        }
+        let messages = PromptBuilder::new().recent_messages(&recent).build();
+        let org = conv::org_models(db, job.org_id).await.map_err(db_error)?;
+        let models = Models::choose(org, &self.inner.chat);
+        let mut turn = Turn::new(response.id, self.inner.call_limit);
+
+        // the primary
+        if let Some(left) = self.cooling_down(&models.primary).await? {
+            return self
+                .wait_for_rate_limit(ctx, &response, &models.primary, left)
+                .await;
+        }
+        let primary_error = match self
+            .call_model(&mut turn, &models.primary, &messages)
+            .await?
+        {
+            CallOutcome::Answered(a) => return self.complete(&response, a).await,
+            CallOutcome::AlreadyFinished => return self.already_finished(job).await,
+            CallOutcome::RateLimited(after) => {
+                return self
+                    .on_rate_limited(ctx, &response, &models.primary, after)
+                    .await;
+            }
+            CallOutcome::FailedAfterTokens => {
+                return self
+                    .fail(&response, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
+                    .await;
+            }
+            CallOutcome::FailedBeforeTokens(e) => e,
+        };
+
+        // the fallback, once
+        let Some(fallback) = models.fallback.as_deref() else {
+            tracing::warn!(primary = %models.primary, kind = primary_error.kind(), "no fallback model; giving up");
+            return self
+                .fail(&response, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
+                .await;
+        };
+        if let Some(left) = self.cooling_down(fallback).await? {
+            return self
+                .wait_for_rate_limit(ctx, &response, fallback, left)
+                .await;
+        }
+        tracing::info!(primary = %models.primary, fallback, kind = primary_error.kind(), "falling back");
+        metrics::fallback(&models.primary, fallback);
+        match self.call_model(&mut turn, fallback, &messages).await? {
+            CallOutcome::Answered(a) => self.complete(&response, a).await,
+            CallOutcome::AlreadyFinished => self.already_finished(job).await,
+            CallOutcome::RateLimited(after) => {
+                self.on_rate_limited(ctx, &response, fallback, after).await
+            }
+            CallOutcome::FailedAfterTokens => {
+                self.fail(&response, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
+                    .await
+            }
+            CallOutcome::FailedBeforeTokens(_) => {
+                self.fail(&response, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
+                    .await
+            }
+        }
+    }
+
+    async fn cooling_down(&self, model: &str) -> Result<Option<Duration>, JobError> {
+        self.inner
+            .cooldowns
+            .remaining(model)
+            .await
+            .map_err(redis_error)
+    }
+
+    /// A 429: start the model's cooldown, then wait (re-queue) or give up.
+    async fn on_rate_limited(
+        &self,
+        ctx: &JobContext,
+        response: &Response,
+        model: &str,
+        retry_after: Option<Duration>,
+    ) -> HandlerResult {
+        let cooldown = retry_after.unwrap_or(DEFAULT_COOLDOWN);
+        self.inner
+            .cooldowns
+            .start(model, cooldown)
+            .await
+            .map_err(redis_error)?;
+        self.wait_for_rate_limit(ctx, response, model, cooldown)
+            .await
+    }
+
+    /// Re-queue the job until `model`'s cooldown is over (plus jitter), or give up: fail the
+    /// turn with `rate_limited` (the job succeeds; it must not die silently while the client
+    /// waits).
+    async fn wait_for_rate_limit(
+        &self,
+        ctx: &JobContext,
+        response: &Response,
+        model: &str,
+        cooldown: Duration,
+    ) -> HandlerResult {
+        let jitter = jobs::backoff::delay(&self.inner.queue, ctx.attempt, None, &mut rand::rng());
+        let decision = rate_limit_decision(
+            cooldown,
+            jitter,
+            response.created_at,
+            Utc::now(),
+            Duration::from_secs(self.inner.chat.rate_limit_max_wait_secs),
+            ctx.attempt,
+            self.inner.queue.max_attempts,
+        );
+        match decision {
+            RateLimitDecision::Wait(delay) => {
+                metrics::rate_limit_wait(model);
+                tracing::info!(
+                    model,
+                    delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "rate limited; re-queued"
+                );
+                Err(JobError::retry_after(
+                    format!("model {model} is rate limited"),
+                    delay,
+                ))
+            }
+            RateLimitDecision::GiveUp => {
+                tracing::warn!(model, "rate limited past the maximum wait; giving up");
+                self.fail(response, codes::RATE_LIMITED, RATE_LIMITED_MESSAGE)
+                    .await
+            }
+        }
+    }
+
+    /// Store the answer (once per response) and commit, then publish `message.completed`.
+    async fn complete(&self, response: &Response, a: Answered) -> HandlerResult {
+        let mut tx = self.inner.db.begin().await.map_err(db_error)?;
+        let Some(locked) = conv::lock_response(&mut tx, response.id)
+            .await
+            .map_err(db_error)?
+        else {
+            return Err(JobError::permanent("the response disappeared"));
+        };
+        let to_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        let message = conv::complete(
+            &mut tx,
+            &locked,
+            &Answer {
+                content: &a.text,
+                model: &a.model,
+                prompt_tokens: a.usage.map(|u| to_i32(u.prompt_tokens)),
+                completion_tokens: a.usage.map(|u| to_i32(u.completion_tokens)),
+                latency_ms: i32::try_from(a.latency.as_millis()).unwrap_or(i32::MAX),
+                citations: json!([]),
+            },
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        self.publish(response.id, &completed_event(&message))
+            .await?;
+        tracing::info!(model = %a.model, "answered");
+        Ok(())
+    }
+
+    /// Mark the response failed, then publish the `error` event. The job itself succeeded:
+    /// the user has their answer (an error), nothing is retried.
+    async fn fail(&self, response: &Response, code: &str, message: &str) -> HandlerResult {
+        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+        conv::fail(&mut conn, response.id, code, message)
+            .await
+            .map_err(db_error)?;
+        drop(conn);
+        self.publish(
+            response.id,
+            &ResponseEvent::Error {
+                code: code.to_owned(),
+                message: message.to_owned(),
+            },
+        )
+        .await?;
+        tracing::warn!(code, "the turn failed");
+        Ok(())
+    }
+
+    async fn already_finished(&self, job: &Chat) -> HandlerResult {
+        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+        let response =
+            conv::get_response_own(&mut conn, job.user_id, job.conversation_id, job.response_id)
+                .await
+                .map_err(db_error)?
+                .ok_or_else(|| JobError::permanent("the response disappeared"))?;
+        drop(conn);
+        tracing::info!(status = %response.status, "another run finished the response meanwhile");
+        self.ensure_terminal_published(&response).await
+    }
+
+    /// A finished response whose terminal event may be missing (a run that crashed between its
+    /// commit and its publish): publish it from what is stored, unless it went out.
+    async fn ensure_terminal_published(&self, response: &Response) -> HandlerResult {
+        let events = self
+            .inner
+            .hub
+            .replay(response.id, None)
+            .await
+            .map_err(redis_error)?;
+        if events.iter().any(|e| e.event.is_terminal()) {
+            return Ok(());
+        }
+        let event = if response.status == "completed" {
+            let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+            let Some(m) = conv::answer_of(&mut conn, response.id)
+                .await
+                .map_err(db_error)?
+            else {
+                return Err(JobError::permanent(
+                    "a completed response without an answer",
+                ));
+            };
+            completed_event(&m)
+        } else {
+            ResponseEvent::Error {
+                code: response
+                    .error_code
+                    .clone()
+                    .unwrap_or_else(|| codes::MODEL_UNAVAILABLE.to_owned()),
+                message: response
+                    .error_message
+                    .clone()
+                    .unwrap_or_else(|| UNAVAILABLE_MESSAGE.to_owned()),
+            }
+        };
+        tracing::info!(
+            event = event.name(),
+            "publishing the missing terminal event"
+        );
+        self.publish(response.id, &event).await
+    }
+
+    async fn publish(&self, response_id: uuid::Uuid, event: &ResponseEvent) -> HandlerResult {
+        self.inner
+            .events
+            .publish(response_id, event)
+            .await
+            .map(|_| ())
+            .map_err(|e| JobError::retryable(format!("publishing {}: {e}", event.name())))
+    }
+}

@@ -1,0 +1,87 @@
+//! `chat`: answer one user message — prompt → LiteLLM (streamed) → `token` events → one stored
+//! assistant message and `message.completed` — with the rate-limit, cooldown and fallback
+//! policy of SPEC §2 (docs/ARCHITECTURE.md, "The chat turn (worker side)").
+//!
+//! - [`prompt`]: prompt assembly ([`PromptBuilder`]);
+//! - [`policy`]: model choice, model-wide cooldowns, when rate-limit waiting becomes an error;
+//! - [`stream`]: one model call, its tokens published as they arrive;
+//! - [`handler`]: the turn: restart and redelivery handling, fallback, completion, failures;
+//! - [`metrics`]: model and chat metrics.
+
+mod handler;
+pub mod metrics;
+pub mod policy;
+pub mod prompt;
+mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobs::events::{EventHub, EventPublisher};
+use jobs::kinds::Chat;
+use jobs::{RedisHandle, Registry};
+
+pub use policy::Models;
+pub use prompt::PromptBuilder;
+
+/// Error codes of the `error` event (API.md "Conversations").
+pub mod codes {
+    /// Rate limits lasted longer than `RATE_LIMIT_MAX_WAIT_SECS`.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// The primary and the fallback both failed before the first token.
+    pub const MODEL_UNAVAILABLE: &str = "model_unavailable";
+    /// The model failed after tokens had reached the client.
+    pub const MODEL_STREAM_FAILED: &str = "model_stream_failed";
+    /// Our own infrastructure (database, Redis) kept failing until the last attempt.
+    pub const INTERNAL_ERROR: &str = "internal_error";
+}
+
+/// The `chat` handler; cheap to clone (one per job).
+#[derive(Clone)]
+pub struct ChatHandler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sqlx::PgPool,
+    events: EventPublisher,
+    /// Only to read a response's replay stream (did a terminal event go out?).
+    hub: EventHub,
+    llm: llm::LlmClient,
+    cooldowns: policy::Cooldowns,
+    chat: config::ChatSettings,
+    queue: config::QueueSettings,
+    /// Upper bound of the model calls of one run (primary and fallback together):
+    /// `litellm.request_timeout_secs`, which the chat queue's visibility timeout must exceed.
+    call_limit: Duration,
+}
+
+impl ChatHandler {
+    pub fn new(
+        db: sqlx::PgPool,
+        redis: Arc<RedisHandle>,
+        settings: &config::Settings,
+    ) -> Result<Self, llm::LlmError> {
+        metrics::describe();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                events: EventPublisher::new(redis.clone(), &settings.events),
+                hub: EventHub::new(redis.clone()),
+                llm: llm::LlmClient::new(&settings.litellm)?,
+                cooldowns: policy::Cooldowns::new(redis),
+                chat: settings.chat.clone(),
+                queue: settings.queues.chat.clone(),
+                call_limit: Duration::from_secs(settings.litellm.request_timeout_secs),
+            }),
+        })
+    }
+
+    /// Register this handler for `chat` jobs.
+    pub fn register(self, registry: &mut Registry) {
+        registry.register::<Chat, _, _>(move |ctx, job| {
+            let h = self.clone();
+            async move { h.run(ctx, job).await }
+        });
+    }
+}

@@ -1,0 +1,186 @@
+//! One model call: stream it, publishing each token as it arrives, and say how it ended.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jobs::JobError;
+use jobs::events::ResponseEvent;
+use llm::{ChatEvent, ChatRequest, Completion, GenerationParams, LlmError, Timeouts};
+use uuid::Uuid;
+
+use super::{ChatHandler, metrics};
+
+/// How one model call ended.
+pub(super) enum CallOutcome {
+    Answered(Answered),
+    /// 429 before any token (with the provider's `Retry-After`, if any).
+    RateLimited(Option<Duration>),
+    /// Any other failure before a token reached the client: fallback-eligible.
+    FailedBeforeTokens(LlmError),
+    /// Failure after tokens reached the client: no fallback, no retry.
+    FailedAfterTokens,
+    /// Another run of this job finished the response meanwhile; this one stopped.
+    AlreadyFinished,
+}
+
+pub(super) struct Answered {
+    pub model: String,
+    pub text: String,
+    pub usage: Option<llm::Usage>,
+    pub latency: Duration,
+}
+
+/// The streaming state of one run of a turn, shared by the primary and fallback calls.
+pub(super) struct Turn {
+    pub response_id: Uuid,
+    /// `mark_streaming` happened in this run (at the first token).
+    marked: bool,
+    /// All model calls of this run end by then (`litellm.request_timeout_secs` from the start
+    /// of the first): the bus keeps no heartbeat, so a handler must finish within the chat
+    /// queue's visibility timeout, which configuration checks is longer than this.
+    deadline: tokio::time::Instant,
+}
+
+impl Turn {
+    pub fn new(response_id: Uuid, limit: Duration) -> Self {
+        Self {
+            response_id,
+            marked: false,
+            deadline: tokio::time::Instant::now() + limit,
+        }
+    }
+}
+
+fn db_error(e: impl std::fmt::Display) -> JobError {
+    JobError::retryable(format!("database: {e}"))
+}
+
+fn events_error(e: impl std::fmt::Display) -> JobError {
+    JobError::retryable(format!("publishing an event: {e}"))
+}
+
+impl ChatHandler {
+    /// Before the first token of this run goes out: record the start; if a previous run had
+    /// started streaming (a lost worker), tell the client to discard its partial text.
+    /// `false`: the response is already finished (another run completed it).
+    async fn begin_streaming(&self, turn: &mut Turn) -> Result<bool, JobError> {
+        if turn.marked {
+            return Ok(true);
+        }
+        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+        let before = store::conversations::mark_streaming(&mut conn, turn.response_id)
+            .await
+            .map_err(db_error)?;
+        if before < 0 {
+            return Ok(false);
+        }
+        turn.marked = true;
+        if before > 0 {
+            tracing::info!(
+                starts = before,
+                "restarting a response whose worker was lost"
+            );
+            self.inner
+                .events
+                .publish(
+                    turn.response_id,
+                    &ResponseEvent::ResponseRestarted {
+                        reason: "worker_lost".into(),
+                    },
+                )
+                .await
+                .map_err(events_error)?;
+        }
+        Ok(true)
+    }
+
+    /// Call `model` with `messages`, publishing tokens. `Err` only for our own infrastructure
+    /// (database, Redis): the bus retries the job.
+    pub(super) async fn call_model(
+        &self,
+        turn: &mut Turn,
+        model: &str,
+        messages: &[llm::Message],
+    ) -> Result<CallOutcome, JobError> {
+        let req = ChatRequest {
+            model: model.to_owned(),
+            messages: messages.to_vec(),
+            tools: vec![],
+            params: GenerationParams::from(&self.inner.chat),
+        };
+        let timeouts = Timeouts::from_settings(&self.inner.chat);
+        let started = Instant::now();
+        let deadline = turn.deadline;
+        let over_limit = || {
+            LlmError::Timeout(format!(
+                "the turn's model calls took longer than {:?} (litellm.request_timeout_secs)",
+                self.inner.call_limit
+            ))
+        };
+        let opened = tokio::time::timeout_at(deadline, self.inner.llm.chat_stream(&req, timeouts))
+            .await
+            .unwrap_or_else(|_| Err(over_limit()));
+        let mut stream = match opened {
+            Ok(s) => s,
+            Err(e) => return Ok(failed(model, e, false)),
+        };
+        let mut completion = Completion::default();
+        let mut published = false;
+        loop {
+            let next = tokio::time::timeout_at(deadline, stream.next())
+                .await
+                .unwrap_or_else(|_| Some(Err(over_limit())));
+            match next {
+                None => break,
+                Some(Err(e)) => return Ok(failed(model, e, published)),
+                Some(Ok(event)) => {
+                    if let ChatEvent::Token(text) = &event {
+                        if !published {
+                            metrics::first_token(model, started.elapsed());
+                            if !self.begin_streaming(turn).await? {
+                                return Ok(CallOutcome::AlreadyFinished);
+                            }
+                            published = true;
+                        }
+                        self.inner
+                            .events
+                            .publish(
+                                turn.response_id,
+                                &ResponseEvent::Token { text: text.clone() },
+                            )
+                            .await
+                            .map_err(events_error)?;
+                    }
+                    completion.apply(&event);
+                }
+            }
+        }
+        if completion.text.is_empty() {
+            // e.g. only tool calls, which this turn did not offer
+            return Ok(failed(model, LlmError::Empty, published));
+        }
+        let latency = started.elapsed();
+        metrics::request(model, "ok");
+        metrics::finished(model, latency, completion.usage);
+        Ok(CallOutcome::Answered(Answered {
+            model: model.to_owned(),
+            text: completion.text,
+            usage: completion.usage,
+            latency,
+        }))
+    }
+}
+
+fn failed(model: &str, e: LlmError, published: bool) -> CallOutcome {
+    metrics::request(model, e.kind());
+    if published {
+        tracing::warn!(model, error = %e, kind = e.kind(), "the model failed after tokens were sent");
+        CallOutcome::FailedAfterTokens
+    } else if e.is_rate_limited() {
+        tracing::info!(model, retry_after = ?e.retry_after(), "the model is rate limited");
+        CallOutcome::RateLimited(e.retry_after())
+    } else {
+        tracing::warn!(model, error = %e, kind = e.kind(), "the model failed before the first token");
+        CallOutcome::FailedBeforeTokens(e)
+    }
+}

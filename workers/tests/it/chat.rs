@@ -1,0 +1,794 @@
+//! The chat handler against real PostgreSQL, Redis and the LiteLLM proxy in front of the shared
+//! scripted fake upstream (`fake/<model>`), or directly against an in-process fake where the
+//! proxy would hide what is tested (a stream cut after tokens).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jobs::events::{EventHub, ResponseEvent};
+use jobs::kinds::Chat;
+use jobs::{Bus, Envelope, Queue, RedisHandle, Worker, WorkerOptions};
+use serde_json::json;
+use store::Role;
+use store::conversations::{self as conv, Answer};
+use testkit::{Behaviour, FakeClient, FakeUpstream, TestDb, TestRedis, test_settings};
+use testkit::{unique_model, via_litellm};
+use uuid::Uuid;
+
+use crate::bus::bus_for;
+use crate::crash::{command_with, eventually};
+use crate::process::{lines, wait_for};
+
+/// An org with one user and one conversation.
+struct Setup {
+    org: Uuid,
+    user: Uuid,
+    conversation: Uuid,
+}
+
+async fn setup(db: &TestDb) -> Setup {
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = store::tenancy::insert_org(&mut c, "acme").await.unwrap().id;
+    let user = store::tenancy::insert_user(
+        &mut c,
+        &format!("u-{}@x.io", Uuid::new_v4().simple()),
+        "U",
+        "x",
+    )
+    .await
+    .unwrap()
+    .id;
+    store::tenancy::insert_membership(&mut c, org, user, Role::Member)
+        .await
+        .unwrap();
+    let conversation = conv::create(&mut c, org, user, "plans", None)
+        .await
+        .unwrap()
+        .id;
+    Setup {
+        org,
+        user,
+        conversation,
+    }
+}
+
+/// A user turn as the API makes it; returns the job that answers it.
+async fn turn(db: &TestDb, s: &Setup, content: &str) -> Chat {
+    let mut tx = db.pool.begin().await.unwrap();
+    let (message, response) = conv::start_turn(&mut tx, s.conversation, content)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    Chat {
+        conversation_id: s.conversation,
+        message_id: message.id,
+        response_id: response.id,
+        user_id: s.user,
+        org_id: s.org,
+    }
+}
+
+/// A finished earlier turn (user message + stored answer).
+async fn past_turn(db: &TestDb, s: &Setup, question: &str, answer: &str) {
+    let job = turn(db, s, question).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let r = conv::lock_response(&mut tx, job.response_id)
+        .await
+        .unwrap()
+        .unwrap();
+    conv::complete(
+        &mut tx,
+        &r,
+        &Answer {
+            content: answer,
+            model: "earlier",
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency_ms: 1,
+            citations: json!([]),
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Test settings with quick, jitter-free retries (the rate-limit delay is then the cooldown
+/// plus 100 ms · 2^(attempt-1), at most 1 s).
+fn settings(db: &TestDb, redis: &TestRedis, extra: &[(&str, &str)]) -> config::Settings {
+    let mut s = test_settings(db, redis, extra);
+    s.queues.chat.backoff_base_ms = 100;
+    s.queues.chat.backoff_cap_ms = 1000;
+    s.queues.chat.jitter = config::Jitter::None;
+    s
+}
+
+fn redis_handle(settings: &config::Settings) -> Arc<RedisHandle> {
+    Arc::new(RedisHandle::new(&settings.redis).unwrap())
+}
+
+fn chat_worker(db: &TestDb, settings: &config::Settings) -> Worker {
+    let mut registry = workers::handlers::registry(db.pool.clone());
+    workers::handlers::chat::ChatHandler::new(db.pool.clone(), redis_handle(settings), settings)
+        .unwrap()
+        .register(&mut registry);
+    let mut opts = WorkerOptions::from_settings(settings, vec![Queue::Chat]);
+    opts.read_block = Duration::from_millis(200);
+    Worker::new(bus_for(settings), registry, opts)
+}
+
+async fn drain(db: &TestDb, settings: &config::Settings) -> jobs::RunReport {
+    chat_worker(db, settings)
+        .drain_until_empty(Duration::from_secs(90))
+        .await
+        .expect("the chat queue empties")
+}
+
+/// An event hub following live events (as the API runs one), stopped when dropped.
+struct LiveHub {
+    hub: EventHub,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl LiveHub {
+    async fn start(settings: &config::Settings) -> Self {
+        let hub = EventHub::new(redis_handle(settings));
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(hub.clone().run(stop.clone()));
+        assert!(hub.ready(Duration::from_secs(10)).await, "hub subscribed");
+        Self { hub, stop }
+    }
+
+    /// Every event of a response from the start, as a client would see them, up to and
+    /// including the terminal one (waiting for it at most `limit`).
+    async fn events(&self, response_id: Uuid, limit: Duration) -> Option<Vec<ResponseEvent>> {
+        tokio::time::timeout(
+            limit,
+            self.hub
+                .events(response_id, None)
+                .map(|e| e.unwrap().event)
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .ok()
+    }
+}
+
+impl Drop for LiveHub {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Every event of a response (ends with the terminal event).
+async fn events(settings: &config::Settings, response_id: Uuid) -> Vec<ResponseEvent> {
+    LiveHub::start(settings)
+        .await
+        .events(response_id, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no terminal event for response {response_id} within 30 s"))
+}
+
+fn tokens(events: &[ResponseEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ResponseEvent::Token { text } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn error_code(events: &[ResponseEvent]) -> Option<&str> {
+    match events.last() {
+        Some(ResponseEvent::Error { code, .. }) => Some(code),
+        _ => None,
+    }
+}
+
+async fn answers(db: &TestDb, response_id: Uuid) -> Vec<conv::Message> {
+    sqlx::query_as::<_, conv::Message>(
+        "SELECT id, conversation_id, seq, role, content, response_id, model, prompt_tokens, \
+         completion_tokens, latency_ms, tool_calls, tool_call_id, citations, created_at \
+         FROM messages WHERE response_id = $1 AND role = 'assistant'",
+    )
+    .bind(response_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+async fn response(db: &TestDb, response_id: Uuid) -> (String, Option<String>, i32) {
+    sqlx::query_as("SELECT status, error_code, starts FROM responses WHERE id = $1")
+        .bind(response_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Primary and fallback model names unique to this test, set as the org's models.
+async fn org_models(db: &TestDb, s: &Setup) -> (String, String) {
+    let (p, f) = (unique_model("primary"), unique_model("fallback"));
+    conv::set_org_models(&db.pool, s.org, &via_litellm(&p), &via_litellm(&f))
+        .await
+        .unwrap();
+    (p, f)
+}
+
+async fn calls(model: &str) -> Vec<testkit::fake_upstream::Recorded> {
+    FakeClient::shared().requests(model).await.unwrap()
+}
+
+#[tokio::test]
+async fn happy_path_streams_tokens_and_stores_one_answer_with_a_bounded_prompt() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[("RECENT_MESSAGES", "3")]);
+    let s = setup(&db).await;
+    let (primary, fallback) = org_models(&db, &s).await;
+    past_turn(&db, &s, "first question", "first answer").await;
+    past_turn(&db, &s, "second question", "second answer").await;
+    let job = turn(&db, &s, "third question").await;
+    FakeClient::shared()
+        .script(
+            &primary,
+            vec![Behaviour::reply_tokens(&[
+                "Your ", "plan ", "is ", "ready.",
+            ])],
+        )
+        .await
+        .unwrap();
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+
+    let evs = events(&settings, job.response_id).await;
+    let token_events: Vec<&str> = evs
+        .iter()
+        .filter_map(|e| match e {
+            ResponseEvent::Token { text } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        token_events,
+        ["Your ", "plan ", "is ", "ready."],
+        "in order"
+    );
+    assert!(
+        !evs.iter()
+            .any(|e| matches!(e, ResponseEvent::ResponseRestarted { .. }))
+    );
+    let ResponseEvent::MessageCompleted {
+        message,
+        model,
+        usage,
+    } = evs.last().unwrap()
+    else {
+        panic!("last event is not message.completed: {evs:?}");
+    };
+    assert_eq!(model, &via_litellm(&primary));
+    assert_eq!(message["content"], "Your plan is ready.");
+    assert_eq!(message["role"], "assistant");
+    assert_eq!(message["model"], json!(via_litellm(&primary)));
+    assert_eq!(usage["completion_tokens"], 4);
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 0);
+
+    let stored = answers(&db, job.response_id).await;
+    assert_eq!(stored.len(), 1);
+    let m = &stored[0];
+    assert_eq!(m.content, "Your plan is ready.");
+    assert_eq!(m.model.as_deref(), Some(via_litellm(&primary).as_str()));
+    assert_eq!(message["id"], json!(m.id));
+    assert_eq!(m.completion_tokens, Some(4));
+    assert!(m.prompt_tokens.unwrap() > 0);
+    assert!(m.latency_ms.unwrap() >= 0);
+    assert_eq!(response(&db, job.response_id).await.0, "completed");
+
+    // what the model was sent: the system prompt, the last 3 messages, the fixed parameters
+    let seen = calls(&primary).await;
+    assert_eq!(seen.len(), 1);
+    let body = &seen[0].body;
+    let sent: Vec<(String, String)> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    assert_eq!(sent[0].0, "system");
+    assert_eq!(sent[0].1, workers::handlers::chat::prompt::SYSTEM_PROMPT);
+    assert_eq!(
+        sent[1..],
+        [
+            ("user".to_owned(), "second question".to_owned()),
+            ("assistant".to_owned(), "second answer".to_owned()),
+            ("user".to_owned(), "third question".to_owned()),
+        ]
+    );
+    assert_eq!(body["temperature"], json!(settings.chat.temperature));
+    assert_eq!(body["max_tokens"], json!(settings.chat.max_tokens));
+    assert!(calls(&fallback).await.is_empty());
+}
+
+#[tokio::test]
+async fn rate_limits_are_waited_out_on_the_primary_honouring_retry_after() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let (primary, fallback) = org_models(&db, &s).await;
+    FakeClient::shared()
+        .script(
+            &primary,
+            vec![
+                Behaviour::rate_limited(1),
+                Behaviour::rate_limited(1),
+                Behaviour::reply("finally"),
+            ],
+        )
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "hello").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!((report.retried, report.completed, report.dead), (2, 1, 0));
+
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(tokens(&evs), "finally");
+    assert!(matches!(
+        evs.last(),
+        Some(ResponseEvent::MessageCompleted { .. })
+    ));
+    let seen = calls(&primary).await;
+    assert_eq!(seen.len(), 3, "two 429s, then the answer");
+    assert!(
+        calls(&fallback).await.is_empty(),
+        "a 429 is no reason to fall back"
+    );
+    for pair in seen.windows(2) {
+        let gap = pair[1].at_ms - pair[0].at_ms;
+        assert!(
+            gap >= 950,
+            "Retry-After 1 s honoured between calls: {gap} ms"
+        );
+    }
+    let stored = answers(&db, job.response_id).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].model.as_deref(),
+        Some(via_litellm(&primary).as_str())
+    );
+}
+
+#[tokio::test]
+async fn a_cooling_down_model_is_not_called_by_other_jobs() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let (primary, fallback) = org_models(&db, &s).await;
+    FakeClient::shared()
+        .script(&primary, vec![Behaviour::rate_limited(2)])
+        .await
+        .unwrap();
+    FakeClient::shared()
+        .set_default(&primary, Behaviour::reply("ok"))
+        .await
+        .unwrap();
+    let bus = bus_for(&settings);
+    let first = turn(&db, &s, "one").await;
+    bus.enqueue(first.clone()).await.unwrap();
+    let worker = chat_worker(&db, &settings);
+    let run = tokio::spawn(async move { worker.drain_until_empty(Duration::from_secs(90)).await });
+
+    let cooldowns = workers::handlers::chat::policy::Cooldowns::new(redis_handle(&settings));
+    let model = via_litellm(&primary);
+    eventually(
+        "the first job hit the 429 and the model cools down",
+        Duration::from_secs(20),
+        || async { cooldowns.remaining(&model).await.unwrap().is_some() },
+    )
+    .await;
+    // a second turn for the same model while it cools down
+    let second = turn(&db, &s, "two").await;
+    bus.enqueue(second.clone()).await.unwrap();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.completed, report.dead), (2, 0), "{report:?}");
+    assert!(
+        report.retried >= 2,
+        "the 429, and the second job waiting out the cooldown: {report:?}"
+    );
+
+    let seen = calls(&primary).await;
+    assert_eq!(seen.len(), 3, "the 429, then one answer per job");
+    let cooldown_ends = seen[0].at_ms + 2000;
+    for r in &seen[1..] {
+        assert!(
+            r.at_ms + 50 >= cooldown_ends,
+            "called {} ms before the cooldown ended",
+            cooldown_ends - r.at_ms
+        );
+    }
+    assert!(calls(&fallback).await.is_empty());
+    for job in [&first, &second] {
+        let evs = events(&settings, job.response_id).await;
+        assert_eq!(tokens(&evs), "ok");
+        assert_eq!(answers(&db, job.response_id).await.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn rate_limits_beyond_the_maximum_wait_end_in_a_rate_limited_error() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[("RATE_LIMIT_MAX_WAIT_SECS", "3")]);
+    let s = setup(&db).await;
+    let (primary, fallback) = org_models(&db, &s).await;
+    FakeClient::shared()
+        .set_default(&primary, Behaviour::rate_limited(1))
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "hello").await;
+    let bus = bus_for(&settings);
+    bus.enqueue(job.clone()).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!(report.dead, 0, "the job did not die silently: {report:?}");
+
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(error_code(&evs), Some("rate_limited"), "{evs:?}");
+    assert_eq!(tokens(&evs), "");
+    let (status, code, _) = response(&db, job.response_id).await;
+    assert_eq!(
+        (status.as_str(), code.as_deref()),
+        ("failed", Some("rate_limited"))
+    );
+    assert!(answers(&db, job.response_id).await.is_empty());
+    assert!(calls(&primary).await.len() >= 2, "it did wait and retry");
+    assert!(calls(&fallback).await.is_empty());
+    assert_eq!(bus.stats(Queue::Chat).await.unwrap().dead, 0);
+}
+
+#[tokio::test]
+async fn a_failing_primary_falls_back_once() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let (primary, fallback) = org_models(&db, &s).await;
+    let fake = FakeClient::shared();
+    fake.script(&primary, vec![Behaviour::status(500)])
+        .await
+        .unwrap();
+    fake.script(&fallback, vec![Behaviour::reply("from the fallback")])
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "hello").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    drain(&db, &settings).await;
+
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(tokens(&evs), "from the fallback");
+    let Some(ResponseEvent::MessageCompleted { model, .. }) = evs.last() else {
+        panic!("{evs:?}");
+    };
+    assert_eq!(model, &via_litellm(&fallback));
+    assert_eq!(calls(&primary).await.len(), 1);
+    assert_eq!(calls(&fallback).await.len(), 1);
+    let stored = answers(&db, job.response_id).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].model.as_deref(),
+        Some(via_litellm(&fallback).as_str())
+    );
+}
+
+#[tokio::test]
+async fn primary_and_fallback_both_failing_is_model_unavailable_without_a_third_call() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let (primary, fallback) = org_models(&db, &s).await;
+    let fake = FakeClient::shared();
+    fake.set_default(&primary, Behaviour::status(500))
+        .await
+        .unwrap();
+    fake.set_default(&fallback, Behaviour::Malformed)
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "hello").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!((report.completed, report.retried, report.dead), (1, 0, 0));
+
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(error_code(&evs), Some("model_unavailable"), "{evs:?}");
+    assert_eq!(calls(&primary).await.len(), 1);
+    assert_eq!(calls(&fallback).await.len(), 1, "no third call");
+    assert!(answers(&db, job.response_id).await.is_empty());
+    let (status, code, _) = response(&db, job.response_id).await;
+    assert_eq!(
+        (status.as_str(), code.as_deref()),
+        ("failed", Some("model_unavailable"))
+    );
+}
+
+#[tokio::test]
+async fn a_first_token_later_than_the_model_timeout_falls_back() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[("MODEL_TIMEOUT_SECS", "1")]);
+    let s = setup(&db).await;
+    let (primary, fallback) = org_models(&db, &s).await;
+    let fake = FakeClient::shared();
+    fake.script(
+        &primary,
+        vec![Behaviour::Reply {
+            text: "too late".into(),
+            tokens: None,
+            first_token_delay_ms: 3000,
+            token_delay_ms: 0,
+        }],
+    )
+    .await
+    .unwrap();
+    fake.script(&fallback, vec![Behaviour::reply("in time")])
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "hello").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    drain(&db, &settings).await;
+
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(tokens(&evs), "in time", "{evs:?}");
+    assert_eq!(calls(&primary).await.len(), 1);
+    assert_eq!(calls(&fallback).await.len(), 1);
+    assert_eq!(
+        answers(&db, job.response_id).await[0].model.as_deref(),
+        Some(via_litellm(&fallback).as_str())
+    );
+}
+
+/// Behind LiteLLM a cut looks like a normal end (see llm's canary test), so this talks to an
+/// in-process fake upstream directly.
+#[tokio::test]
+async fn a_failure_after_tokens_is_an_error_without_fallback_or_answer() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let settings = settings(&db, &redis, &[("LITELLM_BASE_URL", &upstream.url())]);
+    let s = setup(&db).await;
+    let (primary, fallback) = (unique_model("primary"), unique_model("fallback"));
+    conv::set_org_models(&db.pool, s.org, &primary, &fallback)
+        .await
+        .unwrap();
+    upstream
+        .client()
+        .script(
+            &primary,
+            vec![Behaviour::Cut {
+                text: "alpha beta gamma delta".into(),
+                after_tokens: 2,
+            }],
+        )
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "hello").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!((report.completed, report.retried, report.dead), (1, 0, 0));
+
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(tokens(&evs), "alpha beta ");
+    assert_eq!(error_code(&evs), Some("model_stream_failed"), "{evs:?}");
+    assert!(answers(&db, job.response_id).await.is_empty());
+    let (status, _, _) = response(&db, job.response_id).await;
+    assert_eq!(status, "failed");
+    assert_eq!(upstream.client().requests(&primary).await.unwrap().len(), 1);
+    assert!(
+        upstream
+            .client()
+            .requests(&fallback)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no fallback once tokens were sent"
+    );
+}
+
+#[tokio::test]
+async fn a_redelivered_job_neither_calls_the_model_again_nor_stores_twice() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let (primary, _) = org_models(&db, &s).await;
+    FakeClient::shared()
+        .script(&primary, vec![Behaviour::reply("once")])
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "hello").await;
+    let bus: Bus = bus_for(&settings);
+    let envelope: Envelope = bus.enqueue(job.clone()).await.unwrap();
+    drain(&db, &settings).await;
+    let first = events(&settings, job.response_id).await;
+
+    // the same envelope again: nothing new happens
+    bus.enqueue_envelope(&envelope).await.unwrap();
+    drain(&db, &settings).await;
+    assert_eq!(events(&settings, job.response_id).await, first);
+    assert_eq!(calls(&primary).await.len(), 1);
+    assert_eq!(answers(&db, job.response_id).await.len(), 1);
+
+    // a run that crashed between its commit and its publish: the redelivery publishes
+    // message.completed from what is stored, still without calling the model
+    let hub_keys = jobs::events::EventKeys::new(&settings.redis.prefix);
+    let mut conn = redis_handle(&settings).conn().await.unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(hub_keys.replay(job.response_id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    bus.enqueue_envelope(&envelope).await.unwrap();
+    drain(&db, &settings).await;
+    let again = events(&settings, job.response_id).await;
+    let Some(ResponseEvent::MessageCompleted { message, .. }) = again.last() else {
+        panic!("{again:?}");
+    };
+    assert_eq!(message["content"], "once");
+    assert_eq!(calls(&primary).await.len(), 1);
+    assert_eq!(answers(&db, job.response_id).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_answer_is_replaced_and_the_answer_restarts() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let (primary, fallback) = org_models(&db, &s).await;
+    let words: Vec<String> = (1..=12).map(|i| format!("w{i} ")).collect();
+    let full: String = words.concat();
+    let slow = Behaviour::Reply {
+        text: full.clone(),
+        tokens: Some(words),
+        first_token_delay_ms: 0,
+        token_delay_ms: 250,
+    };
+    FakeClient::shared()
+        .script(&primary, vec![slow.clone(), slow])
+        .await
+        .unwrap();
+    // a short visibility timeout (which must exceed the longest model call), so the lost job is
+    // reclaimed soon; the 3 s answer stays well inside it
+    let overlay =
+        "[litellm]\nrequest_timeout_secs = 5\n[queues.chat]\nvisibility_timeout_secs = 6\n";
+    let bin = env!("CARGO_BIN_EXE_worker");
+    let spawn = || {
+        let mut cmd = command_with(bin, &db, &redis, overlay);
+        for name in ["LITELLM_BASE_URL", "LITELLM_API_KEY"] {
+            cmd.env(name, testkit::env::require(name));
+        }
+        cmd.env("WORKER_CONCURRENCY", "2");
+        cmd.spawn().unwrap()
+    };
+    let mut a = spawn();
+    let a_lines = lines(&mut a);
+    wait_for(&a_lines, "worker ready", Duration::from_secs(20));
+
+    let job = turn(&db, &s, "hello").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    let hub = EventHub::new(redis_handle(&settings));
+    eventually(
+        "A streamed a few tokens",
+        Duration::from_secs(20),
+        || async { hub.replay(job.response_id, None).await.unwrap().len() >= 3 },
+    )
+    .await;
+    a.kill().unwrap(); // SIGKILL, mid-answer
+    a.wait().unwrap();
+
+    let mut b = spawn();
+    let b_lines = lines(&mut b);
+    wait_for(&b_lines, "worker ready", Duration::from_secs(20));
+    let evs = LiveHub::start(&settings)
+        .await
+        .events(job.response_id, Duration::from_secs(40))
+        .await;
+    b.kill().ok();
+    b.wait().ok();
+    let evs = evs.unwrap_or_else(|| {
+        let logs: Vec<String> = b_lines.try_iter().collect();
+        panic!("no terminal event within 40 s; B logged: {logs:#?}")
+    });
+
+    let restart = evs
+        .iter()
+        .position(|e| matches!(e, ResponseEvent::ResponseRestarted { .. }))
+        .unwrap_or_else(|| panic!("no response.restarted: {evs:?}"));
+    assert_eq!(
+        evs[restart],
+        ResponseEvent::ResponseRestarted {
+            reason: "worker_lost".into()
+        }
+    );
+    let before = tokens(&evs[..restart]);
+    assert!(
+        !before.is_empty() && before.len() < full.len(),
+        "A was cut mid-answer: {before:?}"
+    );
+    assert_eq!(
+        tokens(&evs[restart..]),
+        full,
+        "the whole answer after the restart"
+    );
+    let Some(ResponseEvent::MessageCompleted { message, .. }) = evs.last() else {
+        panic!("{evs:?}");
+    };
+    assert_eq!(message["content"], json!(full));
+    let stored = answers(&db, job.response_id).await;
+    assert_eq!(stored.len(), 1, "exactly one assistant message");
+    assert_eq!(stored[0].content, full);
+    let (status, _, starts) = response(&db, job.response_id).await;
+    assert_eq!((status.as_str(), starts), ("completed", 2));
+    assert_eq!(calls(&primary).await.len(), 2);
+    assert!(calls(&fallback).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_job_that_can_never_run_ends_the_turn_with_an_error_before_dying() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let (primary, _) = org_models(&db, &s).await;
+    let mut job = turn(&db, &s, "hello").await;
+    job.message_id = Uuid::now_v7(); // not the message its response answers
+    let bus = bus_for(&settings);
+    bus.enqueue(job.clone()).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!(report.dead, 1, "an operator sees it: {report:?}");
+
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(error_code(&evs), Some("internal_error"), "{evs:?}");
+    let (status, code, _) = response(&db, job.response_id).await;
+    assert_eq!(
+        (status.as_str(), code.as_deref()),
+        ("failed", Some("internal_error"))
+    );
+    assert!(calls(&primary).await.is_empty());
+}
+
+#[tokio::test]
+async fn no_fallback_call_when_the_fallback_is_the_primary() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let model = unique_model("only");
+    conv::set_org_models(&db.pool, s.org, &via_litellm(&model), &via_litellm(&model))
+        .await
+        .unwrap();
+    FakeClient::shared()
+        .set_default(&model, Behaviour::status(503))
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "hello").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    drain(&db, &settings).await;
+
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(error_code(&evs), Some("model_unavailable"), "{evs:?}");
+    assert_eq!(
+        calls(&model).await.len(),
+        1,
+        "the same model is not tried twice"
+    );
+}
