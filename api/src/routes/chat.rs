@@ -310,7 +310,31 @@ impl ChatApi {
             tracing::error!(error = %e, "redis unavailable for response events");
             ApiError::Unavailable("response events are temporarily unavailable".into())
         })?;
-        if replayable || !matches!(response.status.as_str(), "completed" | "failed") {
+        let finished = matches!(response.status.as_str(), "completed" | "failed");
+        if replayable && finished {
+            // A finished response: its recorded events are all there is. Sent from the replay
+            // stream alone, so that a client resuming after the last event gets an empty stream
+            // that ends, not one that waits forever. (Finished in Postgres but the terminal
+            // event not yet published: follow it live below.)
+            let all = state.hub.replay(response.id, None).await.map_err(|e| {
+                tracing::error!(error = %e, "redis unavailable for response events");
+                ApiError::Unavailable("response events are temporarily unavailable".into())
+            })?;
+            if all.iter().any(|e| e.event.is_terminal()) {
+                drop(events);
+                let rest = all
+                    .into_iter()
+                    .filter(|e| after.is_none_or(|a| e.id > a))
+                    .map(|e| SseEvent::new(e.id, &e.event))
+                    .collect();
+                return Ok(EventsResponse::Events(sse::respond(
+                    state,
+                    rest,
+                    futures::stream::empty(),
+                )));
+            }
+        }
+        if replayable || !finished {
             return Ok(EventsResponse::Events(sse::respond(
                 state,
                 Vec::new(),

@@ -191,6 +191,11 @@ async fn resume_after_disconnect_loses_and_repeats_nothing() {
     let all_ids: Vec<&str> = all.iter().map(Frame::id).collect();
     assert_eq!(replay_ids, all_ids);
     assert_eq!(replay[0].name(), "message.created");
+
+    // resuming after the last event: an empty stream that ends
+    let last = all.last().unwrap().id().to_owned();
+    let r = app.events(&user.token, &conv, &rid, Some(&last)).await;
+    assert!(SseReader::new(r).rest().await.is_empty());
 }
 
 #[tokio::test]
@@ -333,6 +338,34 @@ async fn keep_alive_comments_while_waiting() {
     assert_eq!(f.name(), "message.created");
     let f = sse.next_frame(Duration::from_secs(5)).await.unwrap();
     assert!(matches!(f, Frame::Comment), "{f:?}");
+
+    let gauge = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("sse_open_streams "))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+    };
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert_eq!(gauge(&text), Some(1.0), "{text}");
+    drop(sse);
+    let mut closed = false;
+    for _ in 0..50 {
+        let text = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if gauge(&text) == Some(0.0) {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(closed, "the gauge went back to 0 when the client left");
 }
 
 #[tokio::test]
