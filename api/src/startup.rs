@@ -88,17 +88,18 @@ impl Application {
     /// streams and JSON-mode waits end when `shutdown` fires, so the drain does not wait for them.
     pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> std::io::Result<()> {
         let timeout = Duration::from_secs(self.state.settings.api.shutdown_timeout_secs);
-        self.state.shutdown = shutdown.clone();
+        // A child: cancelled with `shutdown`, and by us when the server stops on its own.
+        let stop = shutdown.child_token();
+        self.state.shutdown = stop.clone();
         let tasks = TaskTracker::new();
-        tasks.spawn(self.state.hub.clone().run(shutdown.clone()));
+        tasks.spawn(self.state.hub.clone().run(stop.clone()));
         tasks.close();
         let app = routes(self.state.clone());
         tracing::info!(addr = %self.addr, "api listening");
         let served = Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(app, shutdown.clone().cancelled_owned(), Some(timeout))
+            .run_with_graceful_shutdown(app, stop.clone().cancelled_owned(), Some(timeout))
             .await;
-        // the server also stops when its listener fails: stop the hub with it
-        shutdown.cancel();
+        stop.cancel();
         tasks.wait().await;
         served
     }

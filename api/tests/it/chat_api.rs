@@ -479,3 +479,46 @@ async fn the_openapi_document_describes_the_chat_endpoints() {
         text: String::new(),
     };
 }
+
+#[tokio::test]
+async fn a_turn_that_cannot_be_enqueued_fails_cleanly_with_503() {
+    let app = spawn_app().await;
+    let user = app.register(&email("u"), "Org").await;
+    let conv = app.conversation(&user.token).await;
+    // break the chat queue: its stream key holds a string, so XADD fails
+    let redis = std::sync::Arc::new(jobs::RedisHandle::new(&app.settings.redis).unwrap());
+    let bus = jobs::Bus::new(redis, &app.settings.queues);
+    let stream_key = bus.keys(jobs::Queue::Chat).stream.clone();
+    let client = redis::Client::open(app.redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("SET")
+        .arg(&stream_key)
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let r = app
+        .post(
+            &format!("/v1/conversations/{conv}/messages"),
+            &user.token,
+            json!({"content": "hi"}),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "unavailable");
+    let status: String = sqlx::query_scalar("SELECT status FROM responses")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "failed");
+    let rid: uuid::Uuid = sqlx::query_scalar("SELECT id FROM responses")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    // followers see the turn end with an error, not wait forever
+    let frames = SseReader::new(app.events(&user.token, &conv, &rid.to_string(), None).await)
+        .rest()
+        .await;
+    assert_eq!(names(&frames), ["message.created", "error"]);
+}
