@@ -410,3 +410,53 @@ async fn abandon(state: &AppState, response_id: Uuid) -> ApiError {
     }
     ApiError::Unavailable("the assistant is temporarily unavailable; please try again".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<NewMessage, String> {
+        crate::body::parse::<NewMessage>(v.to_string().as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn generation_parameters_are_named() {
+        for field in FIXED_PARAMS {
+            let mut body = serde_json::json!({"content": "hi"});
+            body[*field] = Value::from(1);
+            let e = parse(body).err().unwrap_or_default();
+            assert_eq!(
+                e,
+                format!("{field}: generation parameters are fixed by the system configuration")
+            );
+        }
+        let e = parse(serde_json::json!({"content": "hi", "colour": 1}))
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("colour"), "{e}");
+        let e = parse(serde_json::json!({"content": null}))
+            .err()
+            .unwrap_or_default();
+        assert!(e.starts_with("content:"), "{e}");
+        let m = parse(serde_json::json!({"content": "hi", "stream": true})).ok();
+        assert!(m.is_some_and(|m| m.content == "hi" && m.stream == Some(true)));
+    }
+
+    #[test]
+    fn sse_is_chosen_by_flag_or_accept() {
+        let req = |accept: Option<&str>| {
+            let mut b = Request::builder();
+            if let Some(a) = accept {
+                b = b.header("Accept", a);
+            }
+            b.finish()
+        };
+        assert!(wants_sse(&req(None), Some(true)));
+        assert!(!wants_sse(&req(None), None));
+        assert!(!wants_sse(&req(Some("application/json")), Some(false)));
+        assert!(wants_sse(
+            &req(Some("application/json, Text/Event-Stream;q=0.9")),
+            None
+        ));
+    }
+}

@@ -522,3 +522,82 @@ async fn a_turn_that_cannot_be_enqueued_fails_cleanly_with_503() {
         .await;
     assert_eq!(names(&frames), ["message.created", "error"]);
 }
+
+#[tokio::test]
+async fn messages_are_paginated_in_order() {
+    let app = spawn_app().await;
+    let user = app.register(&email("u"), "Org").await;
+    let conv = app.conversation(&user.token).await;
+    let mut worker = FakeWorker::new(&app).await;
+    for i in 0..2 {
+        drop(app.post_stream(&user.token, &conv, &format!("q{i}")).await);
+        let job = worker.next_job().await;
+        worker.answer(&job, &[&format!("a{i}")]).await;
+    }
+    let mut contents = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/conversations/{conv}/messages?limit=3&cursor={c}"),
+            None => format!("/v1/conversations/{conv}/messages?limit=3"),
+        };
+        let r = app.get(&path, &user.token).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        for m in r.body["items"].as_array().unwrap() {
+            contents.push(m["content"].as_str().unwrap().to_owned());
+            // nothing internal leaks
+            let keys: Vec<&String> = m.as_object().unwrap().keys().collect();
+            for k in &keys {
+                assert!(
+                    [
+                        "id",
+                        "role",
+                        "content",
+                        "model",
+                        "created_at",
+                        "response_id",
+                        "usage"
+                    ]
+                    .contains(&k.as_str()),
+                    "{k}"
+                );
+            }
+        }
+        match r.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(contents, ["q0", "a0", "q1", "a1"]);
+    let r = app
+        .get(
+            &format!("/v1/conversations/{conv}/messages?cursor=bogus"),
+            &user.token,
+        )
+        .await;
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test]
+async fn json_mode_wait_ends_at_shutdown_with_202() {
+    let app = spawn_app().await;
+    let user = app.register(&email("u"), "Org").await;
+    let conv = app.conversation(&user.token).await;
+    let shutdown = app.shutdown.clone();
+    let stopping = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        shutdown.cancel();
+    });
+    let started = std::time::Instant::now();
+    let r = app
+        .post(
+            &format!("/v1/conversations/{conv}/messages"),
+            &user.token,
+            json!({"content": "hi"}),
+        )
+        .await;
+    stopping.await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(r.body["response_id"].is_string());
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
