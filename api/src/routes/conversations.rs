@@ -123,15 +123,20 @@ impl ConversationsApi {
             .acquire()
             .await
             .map_err(store::StoreError::from)?;
-        let mut items = Vec::with_capacity(rows.len());
-        for c in rows {
-            let scope = if c.scoped {
-                store::conversations::scope(&mut conn, c.id).await?
-            } else {
-                Vec::new()
-            };
-            items.push(ConversationView::new(c, scope));
+        let scoped: Vec<Uuid> = rows.iter().filter(|c| c.scoped).map(|c| c.id).collect();
+        let mut scopes: std::collections::HashMap<Uuid, Vec<Uuid>> = Default::default();
+        if !scoped.is_empty() {
+            for (c, p) in store::conversations::scopes(&mut conn, &scoped).await? {
+                scopes.entry(c).or_default().push(p);
+            }
         }
+        let items = rows
+            .into_iter()
+            .map(|c| {
+                let scope = scopes.remove(&c.id).unwrap_or_default();
+                ConversationView::new(c, scope)
+            })
+            .collect();
         Ok(Json(ConversationPage { items, next_cursor }))
     }
 

@@ -166,4 +166,6 @@ async fn project_ids_must_be_visible() {
         .get(&format!("/v1/conversations/{id}"), &member.token)
         .await;
     assert_eq!(r.body["project_ids"], json!([open]));
+    let r = app.get("/v1/conversations", &member.token).await;
+    assert_eq!(r.body["items"][0]["project_ids"], json!([open]));
 }
