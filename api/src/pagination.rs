@@ -54,6 +54,52 @@ impl PageRequest {
     }
 }
 
+/// Pagination over an ordered sequence number (messages of a conversation): same `limit`, a
+/// cursor holding the last `seq` seen.
+pub struct SeqPageRequest {
+    pub limit: i64,
+    pub after: Option<i64>,
+}
+
+impl SeqPageRequest {
+    pub fn parse(limit: Option<i64>, cursor: Option<&str>) -> Result<Self, ApiError> {
+        let page = PageRequest::parse(limit, None)?;
+        let after = match cursor {
+            None | Some("") => None,
+            Some(c) => Some(
+                URL_SAFE_NO_PAD
+                    .decode(c)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(|t| t.strip_prefix("s:").and_then(|n| n.parse::<i64>().ok()))
+                    .ok_or_else(|| ApiError::invalid("cursor is invalid"))?,
+            ),
+        };
+        Ok(Self {
+            limit: page.limit,
+            after,
+        })
+    }
+
+    pub fn fetch(&self) -> i64 {
+        self.limit + 1
+    }
+
+    /// Cut `rows` to the page; the cursor of the next page, if any.
+    pub fn finish<T>(&self, mut rows: Vec<T>, seq: impl Fn(&T) -> i64) -> (Vec<T>, Option<String>) {
+        let limit = usize::try_from(self.limit).unwrap_or(usize::MAX);
+        if rows.len() > limit {
+            rows.truncate(limit);
+            let next = rows
+                .last()
+                .map(|r| URL_SAFE_NO_PAD.encode(format!("s:{}", seq(r))));
+            (rows, next)
+        } else {
+            (rows, None)
+        }
+    }
+}
+
 pub fn encode((at, id): Cursor) -> String {
     URL_SAFE_NO_PAD.encode(format!("{}:{}", at.timestamp_micros(), id.simple()))
 }

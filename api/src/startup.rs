@@ -10,12 +10,17 @@ use poem::listener::TcpAcceptor;
 use poem::{EndpointExt, Route, Server};
 use poem_openapi::OpenApiService;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::error::normalize_error;
 use crate::middleware::{BodyLimit, RequestContext, RouteTable};
+use crate::models::ModelCatalog;
 use crate::routes::auth::AuthApi;
+use crate::routes::chat::ChatApi;
+use crate::routes::conversations::ConversationsApi;
 use crate::routes::health::HealthApi;
 use crate::routes::metrics::MetricsApi;
+use crate::routes::model_settings::ModelSettingsApi;
 use crate::routes::orgs::OrgsApi;
 use crate::routes::projects::ProjectsApi;
 use crate::routes::tasks::TasksApi;
@@ -36,17 +41,29 @@ impl Application {
             .await
             .map_err(|e| anyhow::anyhow!("cannot compute the dummy password hash: {e:?}"))?;
         let db = store::pool(&settings.database)?;
-        let redis = jobs::RedisHandle::new(&settings.redis)?;
+        let redis = Arc::new(jobs::RedisHandle::new(&settings.redis)?);
+        let bus = jobs::Bus::new(redis.clone(), &settings.queues);
+        let hub = jobs::events::EventHub::new(redis.clone());
+        let publisher = jobs::events::EventPublisher::new(redis.clone(), &settings.events);
+        let models = Arc::new(ModelCatalog::new(
+            llm::LlmClient::new(&settings.litellm)?,
+            Duration::from_secs(settings.api.models_cache_secs),
+        ));
         let listener = tokio::net::TcpListener::bind(settings.api_addr()).await?;
         let addr = listener.local_addr()?;
         let acceptor = TcpAcceptor::from_tokio(listener)?;
         let state = AppState {
             settings: Arc::new(settings),
             db,
-            redis: Arc::new(redis),
+            redis,
             metrics: jobs::telemetry::prometheus(),
             jwt: Arc::new(jwt),
             dummy_hash: Arc::new(dummy_hash),
+            bus,
+            hub,
+            publisher,
+            models,
+            shutdown: CancellationToken::new(),
         };
         Ok(Self {
             state,
@@ -67,14 +84,24 @@ impl Application {
         &self.state
     }
 
-    /// Serve until `shutdown` is cancelled.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+    /// Serve until `shutdown` is cancelled. The event hub runs as a task owned here; open SSE
+    /// streams and JSON-mode waits end when `shutdown` fires, so the drain does not wait for them.
+    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> std::io::Result<()> {
         let timeout = Duration::from_secs(self.state.settings.api.shutdown_timeout_secs);
+        // A child: cancelled with `shutdown`, and by us when the server stops on its own.
+        let stop = shutdown.child_token();
+        self.state.shutdown = stop.clone();
+        let tasks = TaskTracker::new();
+        tasks.spawn(self.state.hub.clone().run(stop.clone()));
+        tasks.close();
         let app = routes(self.state.clone());
         tracing::info!(addr = %self.addr, "api listening");
-        Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(app, shutdown.cancelled_owned(), Some(timeout))
-            .await
+        let served = Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(app, stop.clone().cancelled_owned(), Some(timeout))
+            .await;
+        stop.cancel();
+        tasks.wait().await;
+        served
     }
 }
 
@@ -101,6 +128,15 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
                 state: state.clone(),
             },
             TasksApi {
+                state: state.clone(),
+            },
+            ConversationsApi {
+                state: state.clone(),
+            },
+            ChatApi {
+                state: state.clone(),
+            },
+            ModelSettingsApi {
                 state: state.clone(),
             },
         ),

@@ -1,9 +1,12 @@
 use std::sync::Arc;
 
 use jobs::RedisHandle;
+use jobs::events::{EventHub, EventPublisher};
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::JwtKeys;
+use crate::models::ModelCatalog;
 
 /// What every endpoint shares. Cheap to clone.
 #[derive(Clone)]
@@ -16,4 +19,14 @@ pub struct AppState {
     pub jwt: Arc<JwtKeys>,
     /// argon2 hash of a random password, verified against for unknown emails at login.
     pub dummy_hash: Arc<String>,
+    /// The job bus (chat turns are enqueued here).
+    pub bus: jobs::Bus,
+    /// The one event hub of this process (SSE relay, JSON-mode waits).
+    pub hub: EventHub,
+    /// Publishes the API's own response events (`message.created`).
+    pub publisher: EventPublisher,
+    /// The names the LiteLLM proxy serves, cached briefly.
+    pub models: Arc<ModelCatalog>,
+    /// Cancelled when the server shuts down: open SSE streams and JSON waits end.
+    pub shutdown: CancellationToken,
 }

@@ -241,3 +241,72 @@ pub struct ProjectMemberView {
     pub project_id: Uuid,
     pub user_id: Uuid,
 }
+
+/// A conversation of the caller.
+#[derive(Object)]
+pub struct ConversationView {
+    pub id: Uuid,
+    pub title: String,
+    /// The projects it is narrowed to; null when it draws on every project the caller can see.
+    pub project_ids: Option<Vec<Uuid>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl ConversationView {
+    pub fn new(c: store::conversations::Conversation, scope: Vec<Uuid>) -> Self {
+        Self {
+            id: c.id,
+            title: c.title,
+            project_ids: c.scoped.then_some(scope),
+            created_at: c.created_at,
+            updated_at: c.updated_at,
+        }
+    }
+}
+
+/// Token counts of an assistant message.
+#[derive(Object, Clone, Serialize)]
+pub struct UsageView {
+    pub prompt_tokens: Option<i32>,
+    pub completion_tokens: Option<i32>,
+    pub total_tokens: Option<i32>,
+}
+
+/// A message of a conversation (`user`, `assistant`, or `tool` for a tool result). Internal
+/// memory and summaries are never messages and never shown.
+#[derive(Object, Clone, Serialize)]
+pub struct MessageView {
+    pub id: Uuid,
+    pub role: String,
+    pub content: String,
+    /// The model that wrote it (assistant messages).
+    pub model: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// The response it answers (assistant messages).
+    pub response_id: Option<Uuid>,
+    pub usage: Option<UsageView>,
+}
+
+impl From<store::conversations::Message> for MessageView {
+    fn from(m: store::conversations::Message) -> Self {
+        let usage =
+            (m.prompt_tokens.is_some() || m.completion_tokens.is_some()).then(|| UsageView {
+                prompt_tokens: m.prompt_tokens,
+                completion_tokens: m.completion_tokens,
+                total_tokens: match (m.prompt_tokens, m.completion_tokens) {
+                    (Some(p), Some(c)) => p.checked_add(c),
+                    _ => None,
+                },
+            });
+        Self {
+            id: m.id,
+            role: m.role,
+            content: m.content,
+            model: m.model,
+            created_at: m.created_at,
+            response_id: m.response_id,
+            usage,
+        }
+    }
+}

@@ -52,6 +52,8 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ("MAX_BODY_BYTES", "api.max_body_bytes", Kind::Int),
     ("MAX_UPLOAD_BYTES", "api.max_upload_bytes", Kind::Int),
     ("JSON_WAIT_SECS", "api.json_wait_secs", Kind::Int),
+    ("MESSAGE_RATE_LIMIT", "api.message_rate_limit", Kind::Int),
+    ("SSE_KEEP_ALIVE_SECS", "api.sse_keep_alive_secs", Kind::Int),
     ("WORKER_CONCURRENCY", "worker.concurrency", Kind::Int),
     ("WORKER_METRICS_ADDR", "worker.metrics_addr", Kind::Str),
     (
@@ -186,6 +188,12 @@ pub struct ApiSettings {
     pub max_upload_bytes: usize,
     pub shutdown_timeout_secs: u64,
     pub json_wait_secs: u64,
+    /// Messages one user may post per minute (`MESSAGE_RATE_LIMIT`); then 429.
+    pub message_rate_limit: u32,
+    /// Interval of the SSE keep-alive comments (`SSE_KEEP_ALIVE_SECS`).
+    pub sse_keep_alive_secs: u64,
+    /// How long the proxy's model list is cached for model-settings checks.
+    pub models_cache_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -407,6 +415,8 @@ impl Settings {
             "DATABASE_MAX_CONNECTIONS",
         )?;
         positive(self.worker.concurrency as u64, "WORKER_CONCURRENCY")?;
+        positive(u64::from(self.api.message_rate_limit), "MESSAGE_RATE_LIMIT")?;
+        positive(self.api.sse_keep_alive_secs, "SSE_KEEP_ALIVE_SECS")?;
         positive(self.index.interval_secs, "INDEX_INTERVAL_SECS")?;
         positive(self.worker.read_block_ms, "worker.read_block_ms")?;
         positive(self.scheduler.lease_secs, "scheduler.lease_secs")?;

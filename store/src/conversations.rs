@@ -180,6 +180,20 @@ pub async fn scope(
     .await?)
 }
 
+/// The stored narrowing of several conversations at once: `(conversation_id, project_id)` pairs.
+pub async fn scopes(
+    conn: &mut PgConnection,
+    conversation_ids: &[Uuid],
+) -> Result<Vec<(Uuid, Uuid)>, StoreError> {
+    Ok(sqlx::query_as::<_, (Uuid, Uuid)>(
+        "SELECT conversation_id, project_id FROM conversation_projects
+         WHERE conversation_id = ANY($1) ORDER BY conversation_id, project_id",
+    )
+    .bind(conversation_ids)
+    .fetch_all(conn)
+    .await?)
+}
+
 /// The projects the conversation may draw on for its owner right now (live visibility ∩ scope).
 pub async fn usable_projects(
     conn: &mut PgConnection,

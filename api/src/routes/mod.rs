@@ -2,14 +2,17 @@
 //! `/openapi.json` and `/docs` come from the code.
 
 pub mod auth;
+pub mod chat;
+pub mod conversations;
 pub mod health;
 pub mod metrics;
+pub mod model_settings;
 pub mod orgs;
 pub mod projects;
 pub mod tasks;
 pub mod teams;
 
-/// The OpenAPI tags of the tenancy endpoints.
+/// The OpenAPI tags.
 #[derive(poem_openapi::Tags)]
 pub enum Tag {
     /// Registration, login and the caller
@@ -20,4 +23,8 @@ pub enum Tag {
     Projects,
     /// Project tasks
     Tasks,
+    /// Conversations with the assistant: messages, streamed answers (SSE), resumption
+    Conversations,
+    /// Per-organization model settings
+    Models,
 }

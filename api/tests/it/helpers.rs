@@ -10,7 +10,11 @@ pub struct TestApp {
     pub db: TestDb,
     #[allow(dead_code)]
     pub redis: TestRedis,
-    shutdown: CancellationToken,
+    #[allow(dead_code)]
+    pub settings: config::Settings,
+    /// Cancelling it shuts the app down (as SIGTERM would).
+    #[allow(dead_code)]
+    pub shutdown: CancellationToken,
 }
 
 impl TestApp {
@@ -34,7 +38,9 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let settings = test_settings(&db, &redis, extra);
-    let app = api::Application::build(settings).await.expect("app builds");
+    let app = api::Application::build(settings.clone())
+        .await
+        .expect("app builds");
     let addr = app.addr().to_string();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
@@ -44,6 +50,7 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
         http: reqwest::Client::new(),
         db,
         redis,
+        settings,
         shutdown,
     }
 }

@@ -4,7 +4,11 @@
 
 mod auth;
 mod bad_input;
+mod chat_api;
+mod chat_helpers;
+mod conversations;
 mod helpers;
+mod model_settings;
 mod ops;
 mod tenancy;
 mod visibility_model;
