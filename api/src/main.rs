@@ -52,11 +52,12 @@ async fn main() -> ExitCode {
 async fn run(command: Command, settings: config::Settings) -> anyhow::Result<()> {
     match command {
         Command::Serve => {
+            let stop_signal = jobs::telemetry::shutdown_signal();
             let app = api::Application::build(settings).await?;
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();
             tokio::spawn(async move {
-                jobs::telemetry::shutdown_signal().await;
+                stop_signal.await;
                 tracing::info!("shutdown requested");
                 signal.cancel();
             });

@@ -19,6 +19,8 @@ async fn main() -> ExitCode {
         }
     };
     let opts = workers::scheduler::SchedulerOptions::from_settings(&rt.settings);
+    // Install the signal handlers before announcing readiness.
+    let stop_signal = jobs::telemetry::shutdown_signal();
     tracing::info!(
         index_interval_secs = rt.settings.index.interval_secs,
         owner = opts.owner,
@@ -42,7 +44,7 @@ async fn main() -> ExitCode {
     let done = CancellationToken::new();
     let signal = async {
         tokio::select! {
-            () = jobs::telemetry::shutdown_signal() => {
+            () = stop_signal => {
                 tracing::info!("scheduler stopping");
                 shutdown.cancel();
             }

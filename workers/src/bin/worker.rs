@@ -137,6 +137,8 @@ async fn run(settings: config::Settings, args: RunArgs) -> ExitCode {
     }
     let opts = WorkerOptions::from_settings(&rt.settings, queues);
     let worker = Worker::new(rt.bus.clone(), registry, opts);
+    // Install the signal handlers before announcing readiness.
+    let stop_signal = jobs::telemetry::shutdown_signal();
     tracing::info!(
         concurrency = rt.settings.worker.concurrency,
         prefix = rt.redis.prefix(),
@@ -162,7 +164,7 @@ async fn run(settings: config::Settings, args: RunArgs) -> ExitCode {
     let done = CancellationToken::new();
     let signal = async {
         tokio::select! {
-            () = jobs::telemetry::shutdown_signal() => {
+            () = stop_signal => {
                 tracing::info!("worker stopping");
                 shutdown.cancel();
             }
