@@ -437,13 +437,6 @@ impl Settings {
                 ));
             }
         }
-        if self.queues.chat.visibility_timeout_secs <= self.litellm.request_timeout_secs {
-            return Err(ConfigError::invalid(
-                "queues.chat.visibility_timeout_secs",
-                "must be longer than the longest model call (litellm.request_timeout_secs), \
-                 or chat jobs still running would be handed to a second worker",
-            ));
-        }
         positive(self.chat.recent_messages as u64, "RECENT_MESSAGES")?;
         positive(self.chat.model_timeout_secs, "MODEL_TIMEOUT_SECS")?;
         positive(

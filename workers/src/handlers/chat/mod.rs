@@ -52,7 +52,7 @@ struct Inner {
     chat: config::ChatSettings,
     queue: config::QueueSettings,
     /// Upper bound of the model calls of one run (primary and fallback together):
-    /// `litellm.request_timeout_secs`, which the chat queue's visibility timeout must exceed.
+    /// `litellm.request_timeout_secs`. (The bus's heartbeat keeps the job claimed meanwhile.)
     call_limit: Duration,
 }
 
