@@ -69,6 +69,56 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// The W3C trace context of the current request: the caller's `traceparent` when valid, else a
+/// new one whose trace id is the request id (when that is 32 hex digits, as generated ones are).
+/// Jobs enqueued for the request carry it, so the worker's log lines share the trace id.
+#[derive(Debug, Clone)]
+pub struct TraceContext {
+    pub trace_id: String,
+    pub traceparent: String,
+}
+
+impl TraceContext {
+    fn for_request(header: Option<&str>, request_id: &str) -> Self {
+        let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
+        if let Some(trace_id) = header.and_then(parse_traceparent) {
+            return Self {
+                traceparent: format!("00-{trace_id}-{span_id}-01"),
+                trace_id,
+            };
+        }
+        let trace_id =
+            if request_id.len() == 32 && request_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                request_id.to_ascii_lowercase()
+            } else {
+                uuid::Uuid::new_v4().simple().to_string()
+            };
+        Self {
+            traceparent: format!("00-{trace_id}-{span_id}-01"),
+            trace_id,
+        }
+    }
+}
+
+/// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero).
+fn parse_traceparent(v: &str) -> Option<String> {
+    let parts: Vec<&str> = v.trim().split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if parts.len() != 4
+        || !hex(parts[0], 2)
+        || parts[0] == "ff"
+        || !hex(parts[1], 32)
+        || !hex(parts[2], 16)
+        || !hex(parts[3], 2)
+    {
+        return None;
+    }
+    if parts[1].bytes().all(|b| b == b'0') || parts[2].bytes().all(|b| b == b'0') {
+        return None;
+    }
+    Some(parts[1].to_ascii_lowercase())
+}
+
 /// Route templates of the API (from the OpenAPI document) for bounded metric labels.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
@@ -144,10 +194,18 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
             .filter(|v| valid_request_id(v))
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+        let trace = TraceContext::for_request(
+            req.headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+            &request_id,
+        );
+        let trace_id = trace.trace_id.clone();
         req.extensions_mut().insert(RequestId(request_id.clone()));
+        req.extensions_mut().insert(trace);
         let method = req.method().to_string();
         let route = self.routes.label(req.uri().path());
-        let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
+        let span = tracing::info_span!("request", request_id = %request_id, trace_id = %trace_id, method = %method, route = %route);
         let started = std::time::Instant::now();
         let result = self.inner.call(req).instrument(span.clone()).await;
         let mut resp = match result {

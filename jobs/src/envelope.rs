@@ -44,6 +44,15 @@ impl Envelope {
         self
     }
 
+    /// The trace id of the envelope's W3C `traceparent`, if it carries one.
+    pub fn trace_id(&self) -> Option<&str> {
+        let tp = self.trace.as_deref()?;
+        let mut parts = tp.split('-');
+        let (_version, trace_id) = (parts.next()?, parts.next()?);
+        (trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then_some(trace_id)
+    }
+
     pub fn with_not_before(mut self, at: DateTime<Utc>) -> Self {
         self.not_before = Some(at);
         self

@@ -20,7 +20,8 @@ pub fn init_tracing(log: &config::LogSettings) {
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            // every enclosing span, so a handler's log lines carry the job's trace_id too
+            .with_span_list(true)
             .try_init(),
         config::LogFormat::Pretty => builder.compact().try_init(),
     };

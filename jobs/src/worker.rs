@@ -626,7 +626,7 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
         kind,
         queue = %q,
         attempt,
-        trace = env.trace.as_deref().unwrap_or(""),
+        trace_id = env.trace_id().unwrap_or(""),
     );
     async {
         if d.deliveries > 1 && attempt > settings.max_attempts {
@@ -684,6 +684,7 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
         };
         match result {
             Ok(()) => {
+                tracing::debug!(took_ms = took.as_millis() as u64, "job done");
                 settle_ack(&inner, &d, &acker).await;
                 inner.counters.completed.fetch_add(1, Ordering::Relaxed);
                 metrics::finished(q, kind, Outcome::Ok, took);

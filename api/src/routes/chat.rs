@@ -214,7 +214,12 @@ impl ChatApi {
             user_id: caller.user_id,
             org_id: caller.org_id,
         };
-        if let Err(e) = state.bus.enqueue(job).await {
+        let traceparent = req
+            .extensions()
+            .get::<crate::middleware::TraceContext>()
+            .map(|t| t.traceparent.clone());
+        let envelope = jobs::Envelope::new(job).with_trace(traceparent);
+        if let Err(e) = state.bus.enqueue_envelope(&envelope).await {
             tracing::error!(error = %e, %response_id, "cannot enqueue the chat job");
             let failed = ResponseEvent::Error {
                 code: "unavailable".into(),

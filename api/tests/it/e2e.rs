@@ -232,3 +232,54 @@ async fn fifty_concurrent_streamed_turns_all_complete_with_their_own_text() {
     assert_eq!(answers, 50);
     worker.stop().await;
 }
+
+/// The request's trace context goes into the chat job's envelope: a caller's `x-request-id`
+/// (32 hex digits) becomes the trace id, and a caller's W3C `traceparent` is continued.
+#[tokio::test]
+async fn a_turns_job_carries_the_requests_trace_id() {
+    let app = spawn_app_with(&[("JSON_WAIT_SECS", "1")]).await;
+    let (token, _, _) = org_with_fake_models(&app).await;
+    let conversation = app.conversation(&token).await;
+    let request_id = Uuid::new_v4().simple().to_string();
+    let caller_trace = Uuid::new_v4().simple().to_string();
+    for (header, value, want) in [
+        ("x-request-id", request_id.clone(), request_id.clone()),
+        (
+            "traceparent",
+            format!("00-{caller_trace}-b7ad6b7169203331-01"),
+            caller_trace.clone(),
+        ),
+    ] {
+        let r = app
+            .http
+            .post(app.url(&format!("/v1/conversations/{conversation}/messages")))
+            .bearer_auth(&token)
+            .header(header, value)
+            .json(&json!({"content": "trace me"}))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .unwrap();
+        // no worker runs here: JSON mode answers 202 after the wait; the job is what matters
+        let _ = r.status();
+        let handle = jobs::RedisHandle::new(&app.settings.redis).unwrap();
+        let mut conn = handle.conn().await.unwrap();
+        let stream = format!("{}:{{q:chat}}", app.redis.prefix);
+        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let envs: Vec<jobs::Envelope> = entries
+            .ids
+            .iter()
+            .map(|e| jobs::Envelope::from_json(&e.get::<String>("j").unwrap()).unwrap())
+            .collect();
+        assert!(
+            envs.iter().any(|e| e.trace_id() == Some(want.as_str())),
+            "no job with trace {want}"
+        );
+    }
+}

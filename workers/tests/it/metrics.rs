@@ -79,3 +79,35 @@ async fn a_worker_serves_bus_metrics() {
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
 }
+
+/// The trace context travels in the envelope: the worker's log lines for a job carry its
+/// trace id (the API puts the request's trace there; see api's e2e tests).
+#[tokio::test]
+async fn a_jobs_log_lines_carry_the_trace_id_of_its_envelope() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let mut child = command(env!("CARGO_BIN_EXE_worker"), &db, &redis)
+        .env("LOG_FILTER", "info,jobs=debug")
+        .spawn()
+        .unwrap();
+    let rx = lines(&mut child);
+    wait_for(&rx, "worker ready", Duration::from_secs(20));
+    let handle = Arc::new(jobs::RedisHandle::new(&redis.settings()).unwrap());
+    let settings = testkit::test_settings(&db, &redis, &[]);
+    let bus = jobs::Bus::new(handle, &settings.queues);
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let env = jobs::Envelope::new(Probe::new("traced"))
+        .with_trace(Some(format!("00-{trace_id}-00f067aa0ba902b7-01")));
+    bus.enqueue_envelope(&env).await.unwrap();
+    let seen = wait_for(&rx, "job done", Duration::from_secs(20));
+    let line: serde_json::Value = serde_json::from_str(seen.last().unwrap()).unwrap();
+    let spans = line["spans"].as_array().expect("span list in JSON logs");
+    let job = spans
+        .iter()
+        .find(|s| s["name"] == "job")
+        .expect("the job span");
+    assert_eq!(job["trace_id"], trace_id.as_str(), "{line}");
+    assert_eq!(job["job_id"], env.id.to_string().as_str(), "{line}");
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+}
