@@ -114,6 +114,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
             },
             MetricsApi {
                 handle: state.metrics.clone(),
+                bus: state.bus.clone(),
             },
             AuthApi {
                 state: state.clone(),

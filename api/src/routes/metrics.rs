@@ -11,6 +11,8 @@ enum Tag {
 
 pub struct MetricsApi {
     pub handle: metrics_exporter_prometheus::PrometheusHandle,
+    /// Queue depths are read from Redis when scraped.
+    pub bus: jobs::Bus,
 }
 
 #[OpenApi(tag = "Tag::Operations")]
@@ -18,6 +20,7 @@ impl MetricsApi {
     /// Prometheus metrics (text exposition format 0.0.4).
     #[oai(path = "/metrics", method = "get")]
     async fn metrics(&self) -> PlainText<String> {
+        jobs::metrics::refresh_queue_gauges(&self.bus).await;
         PlainText(self.handle.render())
     }
 }

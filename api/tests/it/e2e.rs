@@ -14,13 +14,13 @@ use crate::chat_helpers::Frame;
 use crate::helpers::{TestApp, email, spawn_app_with};
 
 /// A chat worker running in the background until dropped.
-struct RunningWorker {
+pub(crate) struct RunningWorker {
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningWorker {
-    fn start(app: &TestApp) -> Self {
+    pub(crate) fn start(app: &TestApp) -> Self {
         let settings = &app.settings;
         let redis = Arc::new(jobs::RedisHandle::new(&settings.redis).unwrap());
         let mut registry = jobs::Registry::new();
@@ -41,7 +41,7 @@ impl RunningWorker {
         }
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.stop.cancel();
         if let Some(t) = self.task.take() {
             let _ = t.await;
@@ -57,7 +57,7 @@ impl Drop for RunningWorker {
 
 /// An org whose models are unique `fake/...` names (set in the database: the proxy's model
 /// list does not enumerate wildcard routes), and its owner's token.
-async fn org_with_fake_models(app: &TestApp) -> (String, String, String) {
+pub(crate) async fn org_with_fake_models(app: &TestApp) -> (String, String, String) {
     let owner = app.register(&email("e2e"), "E2E").await;
     let primary = unique_model("e2e-primary");
     let fallback = unique_model("e2e-fallback");

@@ -10,6 +10,7 @@ mod conversations;
 mod e2e;
 mod helpers;
 mod model_settings;
+mod observability;
 mod ops;
 mod tenancy;
 mod visibility_model;
