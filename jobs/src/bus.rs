@@ -219,11 +219,11 @@ impl Bus {
         Ok(out)
     }
 
-    /// Acknowledge handled entries (`XACK` + `XDEL`, atomically).
-    pub async fn ack(&self, q: Queue, ids: &[&str]) -> Result<u64, BusError> {
+    /// Acknowledge handled entries (`XACK` + `XDEL`, atomically) that `consumer` still owns.
+    pub async fn ack(&self, q: Queue, consumer: &str, ids: &[&str]) -> Result<u64, BusError> {
         let mut conn = self.conn().await?;
         let mut inv = scripts::ACK.key(&self.keys(q).stream);
-        inv.arg(GROUP);
+        inv.arg(GROUP).arg(consumer);
         for id in ids {
             inv.arg(*id);
         }

@@ -5,13 +5,20 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Acknowledge handled entries: `XACK` + `XDEL`.
-/// KEYS: stream. ARGV: group, id...
+/// Acknowledge handled entries: `XACK` + `XDEL` of each entry this consumer still owns (an
+/// entry reclaimed by another worker meanwhile is left to its new owner). Returns how many.
+/// KEYS: stream. ARGV: group, consumer, id...
 pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+local n = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p > 0 and p[1][2] == ARGV[2] then
+    n = n + redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+    redis.call('XDEL', KEYS[1], ARGV[i])
+  end
+end
 return n
 "#,
     )

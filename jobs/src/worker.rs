@@ -88,11 +88,16 @@ pub struct JobContext {
 
 pub type HandlerResult = Result<(), JobError>;
 type BoxedHandler = Arc<dyn Fn(JobContext, Job) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
+type BoxedDeadHook = Arc<dyn Fn(Job, String) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// How long a dead-letter hook may take before the job is dead-lettered anyway.
+const DEAD_HOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handlers by job kind. A worker consumes the queues of the kinds it has handlers for.
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<&'static str, (Queue, BoxedHandler)>,
+    dead_hooks: HashMap<&'static str, BoxedDeadHook>,
 }
 
 impl Registry {
@@ -137,6 +142,40 @@ impl Registry {
 
     fn get(&self, kind: &str) -> Option<BoxedHandler> {
         self.handlers.get(kind).map(|(_, h)| h.clone())
+    }
+
+    /// Register what to do when a job of kind `J` is dead-lettered *without* its handler having
+    /// ended it — it kept losing its worker, or failed for good — e.g. tell a waiting client.
+    /// The hook gets the job and the last error; it runs before the job moves to the dead
+    /// letters, bounded in time, and must be idempotent (the handler may have done it too).
+    pub fn on_dead<J, F, Fut>(&mut self, hook: F) -> &mut Self
+    where
+        J: JobKind,
+        F: Fn(J, String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let hook = Arc::new(hook);
+        let boxed: BoxedDeadHook = Arc::new(move |job: Job, error: String| {
+            let hook = hook.clone();
+            Box::pin(async move {
+                if let Some(j) = J::from_job(job) {
+                    hook(j, error).await;
+                }
+            })
+        });
+        self.dead_hooks.insert(J::NAME, boxed);
+        self
+    }
+
+    /// Run the dead-letter hook of `job`'s kind, if any (bounded by `DEAD_HOOK_TIMEOUT`).
+    async fn run_dead_hook(&self, job: &Job, error: &str) {
+        if let Some(hook) = self.dead_hooks.get(job.name())
+            && tokio::time::timeout(DEAD_HOOK_TIMEOUT, hook(job.clone(), error.to_owned()))
+                .await
+                .is_err()
+        {
+            tracing::warn!("the dead-letter hook timed out");
+        }
     }
 }
 
@@ -636,6 +675,7 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
                 d.deliveries, settings.visibility_timeout_secs
             );
             tracing::error!(%error, "dead-lettering a job that keeps losing its worker");
+            inner.registry.run_dead_hook(&env.job, &error).await;
             settle_dead(&inner, &d, kind, &error, DeadReason::Lost).await;
             return;
         }
@@ -668,7 +708,7 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
                 tokio::select! {
                     r = handler(ctx, env.job.clone()) => Some(r),
                     _ = hard_stop.cancelled() => None,
-                    never = keep_claimed(&inner, &d, visibility) => match never {},
+                    () = keep_claimed(&inner, &d, visibility) => None,
                 }
             }
             None => Some(Err(JobError::retryable(format!(
@@ -677,7 +717,7 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
         };
         let took = started.elapsed();
         let Some(result) = result else {
-            tracing::warn!("handler dropped at the end of the grace period; the job stays pending");
+            tracing::warn!("handler dropped (end of the grace period, or the entry was reclaimed); the job stays with its owner");
             inner.counters.abandoned.fetch_add(1, Ordering::Relaxed);
             metrics::finished(q, kind, Outcome::Abandoned, took);
             return;
@@ -728,6 +768,7 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
                 let error = e.to_string();
                 tracing::error!(%error, reason = reason.as_str(), "job failed for good; dead-lettering it");
                 metrics::finished(q, kind, Outcome::Dead, took);
+                inner.registry.run_dead_hook(&env.job, &error).await;
                 settle_dead(&inner, &d, kind, &error, reason).await;
             }
         }
@@ -737,21 +778,18 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
 }
 
 /// The heartbeat of a running handler: resets the entry's idle time every third of the
-/// visibility timeout. Never resolves; if the entry was taken by another consumer it stops
-/// touching it (the settle steps, which check ownership, leave the decision to the new owner).
-async fn keep_claimed(
-    inner: &Inner,
-    d: &Delivery,
-    visibility: Duration,
-) -> std::convert::Infallible {
+/// visibility timeout. Resolves only when the entry is no longer this consumer's (another
+/// worker reclaimed it after missed heartbeats): the caller then drops the handler, so one job
+/// never runs twice at once; the new owner decides its fate.
+async fn keep_claimed(inner: &Inner, d: &Delivery, visibility: Duration) {
     let period = (visibility / 3).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(period).await;
         match inner.bus.touch(d.queue, &inner.consumer, &d.entry_id).await {
             Ok(true) => {}
             Ok(false) => {
-                tracing::warn!(entry = %d.entry_id, "the entry was reclaimed by another worker while its handler ran");
-                std::future::pending::<()>().await;
+                tracing::warn!(entry = %d.entry_id, "the entry was reclaimed by another worker; dropping this run");
+                return;
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed; will try again"),
         }
@@ -784,7 +822,7 @@ async fn ack_with_retries(inner: &Inner, q: Queue, ids: &[&str]) -> bool {
             // (a zero sleep would still wait for the next timer tick)
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
-        match inner.bus.ack(q, ids).await {
+        match inner.bus.ack(q, &inner.consumer, ids).await {
             Ok(_) => return true,
             Err(e) => tracing::warn!(queue = %q, error = %e, "ack failed"),
         }

@@ -79,29 +79,29 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .map(|s| Duration::from_millis((s.max(0.0) * 1000.0) as u64))
 }
 
-/// Turn a non-success response into an error (reading at most 4 KiB of its body).
+/// Turn a non-success response into an error. Only the error's *type* is kept, never the
+/// provider's message: those often quote the prompt (context length, content policy), and the
+/// error ends up in logs and dead letters.
 pub(crate) async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, LlmError> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
     }
     let retry = retry_after(resp.headers());
-    let mut body = resp.text().await.unwrap_or_default();
-    if body.len() > 4096 {
-        let mut cut = 4096;
-        while !body.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        body.truncate(cut);
-    }
-    let message = serde_json::from_str::<serde_json::Value>(&body)
+    let body = resp.bytes().await.unwrap_or_default();
+    let body = &body[..body.len().min(16 * 1024)];
+    let kind = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {
-            v.pointer("/error/message")
+            v.pointer("/error/type")
                 .and_then(|m| m.as_str())
-                .map(str::to_owned)
+                .map(|t| t.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(64).collect::<String>())
         })
-        .unwrap_or(body);
+        .filter(|t| !t.is_empty());
+    let message = match kind {
+        Some(kind) => format!("{kind} (HTTP {})", status.as_u16()),
+        None => format!("HTTP {}", status.as_u16()),
+    };
     if status.as_u16() == 429 {
         return Err(LlmError::RateLimited { retry_after: retry });
     }

@@ -381,7 +381,7 @@ pub async fn complete(
     sqlx::query(
         "UPDATE responses SET status = 'completed', model = $2, completed_at = coalesce(completed_at, now()),
                               error_code = NULL, error_message = NULL
-         WHERE id = $1",
+         WHERE id = $1 AND status <> 'failed'",
     )
     .bind(response.id)
     .bind(&message.model)

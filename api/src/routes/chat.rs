@@ -137,6 +137,9 @@ pub enum TurnResponse {
     /// failed), with the worker's error code.
     #[oai(status = 502)]
     BadGateway(Json<ErrorBody>),
+    /// JSON mode: our own dependency failed while answering (`internal_error`, `unavailable`).
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
 }
 
 #[derive(ApiResponse)]
@@ -185,11 +188,19 @@ impl ChatApi {
         let sse_mode = wants_sse(req, body.stream);
         let state = &self.state;
 
+        // Ownership first (404), then the per-user limit (Redis) — outside the transaction,
+        // so a slow Redis never holds a pooled database connection.
+        {
+            let mut conn = state.db.acquire().await.map_err(db_err)?;
+            store::conversations::get_own(&mut conn, caller.user_id, id.0)
+                .await?
+                .ok_or(ApiError::NotFound)?;
+        }
+        ratelimit::message_posted(state, caller.user_id).await?;
         let mut tx = state.db.begin().await.map_err(db_err)?;
         let conversation = store::conversations::get_own(&mut tx, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
-        ratelimit::message_posted(state, caller.user_id).await?;
         let (message, response) =
             store::conversations::start_turn(&mut tx, conversation.id, &content).await?;
         tx.commit().await.map_err(db_err)?;
@@ -272,9 +283,16 @@ impl ChatApi {
                 }
             }
             Some(ResponseEvent::Error { code, message }) => {
-                Ok(TurnResponse::BadGateway(Json(ErrorBody {
+                // The model side failed → 502; our own side (database, Redis) → 503.
+                let ours = matches!(code.as_str(), "internal_error" | "unavailable");
+                let body = Json(ErrorBody {
                     error: ErrorBodyDetail { code, message },
-                })))
+                });
+                Ok(if ours {
+                    TurnResponse::Unavailable(body)
+                } else {
+                    TurnResponse::BadGateway(body)
+                })
             }
             _ => Ok(TurnResponse::Accepted(Json(TurnAccepted { response_id }))),
         }
@@ -353,7 +371,9 @@ impl ChatApi {
             ms: u64::try_from(at.timestamp_millis()).unwrap_or(0),
             seq: 0,
         };
-        if after.is_some_and(|a| a >= id) {
+        // Only a client that already has this very event gets nothing: any earlier id (even one
+        // stamped later by another clock) still needs the outcome.
+        if after == Some(id) {
             return Ok(EventsResponse::Events(sse::respond(
                 state,
                 Vec::new(),

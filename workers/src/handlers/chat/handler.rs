@@ -80,7 +80,7 @@ impl ChatHandler {
 
     /// Best effort after the last attempt: mark the response failed (unless it completed) and
     /// publish its terminal event from what is stored.
-    async fn give_up(&self, job: &Chat) {
+    pub(super) async fn give_up(&self, job: &Chat) {
         let attempt = async {
             let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
             conv::fail(
@@ -272,6 +272,12 @@ impl ChatHandler {
         else {
             return Err(JobError::permanent("the response disappeared"));
         };
+        if locked.status == "failed" {
+            // Failed meanwhile (the client was told so with an `error` event): do not turn it
+            // into a success the client never sees.
+            tracing::warn!("the response failed meanwhile; dropping this answer");
+            return Ok(());
+        }
         let to_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
         let message = conv::complete(
             &mut tx,

@@ -79,9 +79,16 @@ impl ChatHandler {
 
     /// Register this handler for `chat` jobs.
     pub fn register(self, registry: &mut Registry) {
+        let dead = self.clone();
         registry.register::<Chat, _, _>(move |ctx, job| {
             let h = self.clone();
             async move { h.run(ctx, job).await }
+        });
+        // A turn whose job dies without its handler ending it (it kept losing its worker, or a
+        // handler failure) still ends for the client, with an `error` event.
+        registry.on_dead::<Chat, _, _>(move |job, _error| {
+            let h = dead.clone();
+            async move { h.give_up(&job).await }
         });
     }
 }
