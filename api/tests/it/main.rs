@@ -12,4 +12,5 @@ mod helpers;
 mod model_settings;
 mod ops;
 mod tenancy;
+mod usage;
 mod visibility_model;
