@@ -17,6 +17,7 @@ pub mod sse;
 pub mod startup;
 pub mod state;
 pub mod throttle;
+pub mod usage_report;
 pub mod validate;
 pub mod views;
 

@@ -1,4 +1,5 @@
-//! `api serve` | `api migrate` | `api token --user-email E` — the Switchboard HTTP API process.
+//! `api serve` | `api migrate` | `api token --user-email E` | `api usage [--org ID] [--since DAY]`
+//! — the Switchboard HTTP API process and its operator commands.
 
 use std::process::ExitCode;
 
@@ -24,7 +25,19 @@ enum Command {
         #[arg(long)]
         user_email: String,
     },
+    /// Print token usage per day, org and model (answers stored by the chat workers) and totals.
+    Usage {
+        /// Only this organization (default: all).
+        #[arg(long, value_name = "ORG_ID")]
+        org: Option<uuid::Uuid>,
+        /// The first day (UTC) to include (default: 30 days ago).
+        #[arg(long, value_name = "YYYY-MM-DD", value_parser = api::usage_report::parse_day)]
+        since: Option<chrono::NaiveDate>,
+    },
 }
+
+/// `api usage` without `--since` starts this many days ago.
+const USAGE_DEFAULT_DAYS: u64 = 30;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -78,6 +91,21 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<()>
             use std::io::Write as _;
             let mut out = std::io::stdout().lock();
             writeln!(out, "{token}")?;
+            out.flush()?;
+            Ok(())
+        }
+        Command::Usage { org, since } => {
+            let since = since.unwrap_or_else(|| {
+                chrono::Utc::now().date_naive() - chrono::Days::new(USAGE_DEFAULT_DAYS)
+            });
+            let pool = store::pool(&settings.database)?;
+            let rows = store::usage::report(&pool, org, since).await?;
+            let table = api::usage_report::render(&rows);
+            // A locked writer rather than `println!`: a closed pipe (`api usage | head`) is an
+            // error to report, not a panic.
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            out.write_all(table.as_bytes())?;
             out.flush()?;
             Ok(())
         }

@@ -347,11 +347,13 @@ pub struct Answer<'a> {
 
 /// Store the final assistant message and complete the response, once: a second call for the
 /// same response (a redelivered job) changes nothing and returns the message stored first.
+/// The flag says whether this call stored it (`false`: an earlier call had), so that effects
+/// that must happen once per answer (usage) commit with it in the caller's transaction.
 pub async fn complete(
     conn: &mut PgConnection,
     response: &Response,
     answer: &Answer<'_>,
-) -> Result<Message, StoreError> {
+) -> Result<(Message, bool), StoreError> {
     let inserted = sqlx::query_as::<_, Message>(sql(format!(
         "INSERT INTO messages (id, conversation_id, role, content, response_id, model,
                                prompt_tokens, completion_tokens, latency_ms, citations)
@@ -370,13 +372,16 @@ pub async fn complete(
     .bind(&answer.citations)
     .fetch_optional(&mut *conn)
     .await?;
-    let message = match inserted {
-        Some(m) => m,
-        None => answer_of(&mut *conn, response.id)
-            .await?
-            .ok_or(StoreError::Conflict {
-                message: "the response's answer disappeared",
-            })?,
+    let (message, stored) = match inserted {
+        Some(m) => (m, true),
+        None => (
+            answer_of(&mut *conn, response.id)
+                .await?
+                .ok_or(StoreError::Conflict {
+                    message: "the response's answer disappeared",
+                })?,
+            false,
+        ),
     };
     sqlx::query(
         "UPDATE responses SET status = 'completed', model = $2, completed_at = coalesce(completed_at, now()),
@@ -387,7 +392,7 @@ pub async fn complete(
     .bind(&message.model)
     .execute(&mut *conn)
     .await?;
-    Ok(message)
+    Ok((message, stored))
 }
 
 /// The final assistant message of a response, if stored.

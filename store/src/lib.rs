@@ -10,6 +10,7 @@ pub mod projects;
 pub mod tasks;
 pub mod tenancy;
 mod types;
+pub mod usage;
 
 use std::time::Duration;
 

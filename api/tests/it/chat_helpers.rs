@@ -82,7 +82,7 @@ impl FakeWorker {
             .await
             .unwrap()
             .unwrap();
-        let m = store::conversations::complete(
+        let (m, _) = store::conversations::complete(
             &mut tx,
             &response,
             &store::conversations::Answer {

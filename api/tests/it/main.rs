@@ -13,4 +13,5 @@ mod model_settings;
 mod observability;
 mod ops;
 mod tenancy;
+mod usage;
 mod visibility_model;

@@ -235,12 +235,14 @@ async fn a_response_completes_once() {
         latency_ms: 5,
         citations: serde_json::json!([]),
     };
-    let first = conversations::complete(&mut c, &response, &answer("first"))
+    let (first, stored) = conversations::complete(&mut c, &response, &answer("first"))
         .await
         .unwrap();
-    let second = conversations::complete(&mut c, &response, &answer("second"))
+    assert!(stored, "the first call stores the answer");
+    let (second, stored) = conversations::complete(&mut c, &response, &answer("second"))
         .await
         .unwrap();
+    assert!(!stored, "a second call stores nothing");
     assert_eq!(first.id, second.id);
     assert_eq!(second.content, "first");
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE role = 'assistant'")

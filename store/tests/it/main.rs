@@ -4,3 +4,4 @@
 
 mod conversations;
 mod tenancy;
+mod usage;

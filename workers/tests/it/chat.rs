@@ -647,6 +647,112 @@ async fn a_redelivered_job_neither_calls_the_model_again_nor_stores_twice() {
     assert_eq!(answers(&db, job.response_id).await.len(), 1);
 }
 
+/// The org's usage rows from yesterday on (a test may straddle midnight UTC).
+async fn usage_rows(db: &TestDb, org: Uuid) -> Vec<store::usage::Row> {
+    let since = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    store::usage::report(&db.pool, Some(org), since)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_completed_turn_records_its_usage_once_even_when_redelivered() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let (primary, _) = org_models(&db, &s).await;
+    FakeClient::shared()
+        .script(
+            &primary,
+            vec![
+                Behaviour::reply_tokens(&["one ", "answer"]),
+                Behaviour::reply("again"),
+            ],
+        )
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "how much?").await;
+    let bus: Bus = bus_for(&settings);
+    let envelope: Envelope = bus.enqueue(job.clone()).await.unwrap();
+    drain(&db, &settings).await;
+    assert!(matches!(
+        events(&settings, job.response_id).await.last(),
+        Some(ResponseEvent::MessageCompleted { .. })
+    ));
+    let stored = answers(&db, job.response_id).await;
+    assert_eq!(stored.len(), 1);
+    let (prompt, completion) = (
+        i64::from(stored[0].prompt_tokens.unwrap()),
+        i64::from(stored[0].completion_tokens.unwrap()),
+    );
+    assert!(prompt > 0);
+    assert_eq!(completion, 2);
+    let once = usage_rows(&db, s.org).await;
+    assert_eq!(once.len(), 1, "{once:?}");
+    assert_eq!(once[0].org_id, s.org);
+    assert_eq!(
+        once[0].model,
+        via_litellm(&primary),
+        "the model that answered"
+    );
+    assert_eq!(
+        (
+            once[0].requests,
+            once[0].prompt_tokens,
+            once[0].completion_tokens
+        ),
+        (1, prompt, completion)
+    );
+
+    // the same envelope again: the response is finished, nothing is called or counted
+    bus.enqueue_envelope(&envelope).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+    assert_eq!(calls(&primary).await.len(), 1);
+    assert_eq!(usage_rows(&db, s.org).await, once);
+
+    // a run that stalled past the visibility timeout and finishes after the answer was stored
+    // (simulated: the response looks unfinished to it): it calls the model, but its answer is
+    // not stored and its usage not counted
+    sqlx::query("UPDATE responses SET status = 'streaming' WHERE id = $1")
+        .bind(job.response_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    bus.enqueue_envelope(&envelope).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+    assert_eq!(
+        calls(&primary).await.len(),
+        2,
+        "the stalled run called the model"
+    );
+    let stored = answers(&db, job.response_id).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].content, "one answer");
+    assert_eq!(response(&db, job.response_id).await.0, "completed");
+    assert_eq!(usage_rows(&db, s.org).await, once, "counted once");
+
+    // another turn of the same org on the same day adds to the same row
+    FakeClient::shared()
+        .script(&primary, vec![Behaviour::reply_tokens(&["more"])])
+        .await
+        .unwrap();
+    let second = turn(&db, &s, "and now?").await;
+    bus.enqueue(second.clone()).await.unwrap();
+    drain(&db, &settings).await;
+    let m = &answers(&db, second.response_id).await[0];
+    let both = usage_rows(&db, s.org).await;
+    let requests: i64 = both.iter().map(|r| r.requests).sum();
+    let completion_sum: i64 = both.iter().map(|r| r.completion_tokens).sum();
+    assert_eq!(requests, 2, "{both:?}");
+    assert_eq!(
+        completion_sum,
+        completion + i64::from(m.completion_tokens.unwrap())
+    );
+}
+
 #[tokio::test]
 async fn a_worker_killed_mid_answer_is_replaced_and_the_answer_restarts() {
     let db = TestDb::new().await;

@@ -263,7 +263,8 @@ impl ChatHandler {
         }
     }
 
-    /// Store the answer (once per response) and commit, then publish `message.completed`.
+    /// Store the answer (once per response) and, when it was new, count its usage for the
+    /// conversation's org; commit; then publish `message.completed`.
     async fn complete(&self, response: &Response, a: Answered) -> HandlerResult {
         let mut tx = self.inner.db.begin().await.map_err(db_error)?;
         let Some(locked) = conv::lock_response(&mut tx, response.id)
@@ -279,7 +280,7 @@ impl ChatHandler {
             return Ok(());
         }
         let to_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
-        let message = conv::complete(
+        let (message, stored) = conv::complete(
             &mut tx,
             &locked,
             &Answer {
@@ -293,6 +294,29 @@ impl ChatHandler {
         )
         .await
         .map_err(db_error)?;
+        if stored {
+            // The org of the conversation (not the job's payload) pays. A call whose answer was
+            // not stored (a failed attempt, or a stalled run that lost the race) is not counted.
+            let conversation = conv::get(&mut tx, locked.conversation_id)
+                .await
+                .map_err(db_error)?
+                .ok_or_else(|| JobError::permanent("the conversation disappeared"))?;
+            let (prompt, completion) = a.usage.map_or((0, 0), |u| {
+                (i64::from(u.prompt_tokens), i64::from(u.completion_tokens))
+            });
+            store::usage::record(
+                &mut tx,
+                conversation.org_id,
+                &a.model,
+                prompt,
+                completion,
+                Utc::now(),
+            )
+            .await
+            .map_err(db_error)?;
+        } else {
+            tracing::info!("the answer was already stored by another run; usage not counted again");
+        }
         tx.commit().await.map_err(db_error)?;
         self.publish(response.id, &completed_event(&message))
             .await?;
