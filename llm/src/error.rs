@@ -93,9 +93,12 @@ pub(crate) async fn check_status(resp: reqwest::Response) -> Result<reqwest::Res
     let kind = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {
-            v.pointer("/error/type")
-                .and_then(|m| m.as_str())
-                .map(|t| t.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(64).collect::<String>())
+            v.pointer("/error/type").and_then(|m| m.as_str()).map(|t| {
+                t.chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .take(64)
+                    .collect::<String>()
+            })
         })
         .filter(|t| !t.is_empty());
     let message = match kind {

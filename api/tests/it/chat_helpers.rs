@@ -43,7 +43,10 @@ impl FakeWorker {
             .await
             .unwrap();
         let d = got.into_iter().next()?;
-        self.bus.ack(Queue::Chat, "fake-worker", &[&d.entry_id]).await.unwrap();
+        self.bus
+            .ack(Queue::Chat, "fake-worker", &[&d.entry_id])
+            .await
+            .unwrap();
         match Envelope::from_json(&d.body).unwrap().job {
             Job::Chat(c) => Some(c),
             other => panic!("unexpected job {other:?}"),
