@@ -274,6 +274,28 @@ async fn json_mode_model_failure_is_502() {
 }
 
 #[tokio::test]
+async fn json_mode_our_own_failure_is_503() {
+    let app = spawn_app().await;
+    let user = app.register(&email("u"), "Org").await;
+    let conv = app.conversation(&user.token).await;
+    let mut worker = FakeWorker::new(&app).await;
+    let failing = tokio::spawn(async move {
+        let job = worker.next_job().await;
+        worker.fail(&job, "internal_error").await;
+    });
+    let r = app
+        .post(
+            &format!("/v1/conversations/{conv}/messages"),
+            &user.token,
+            json!({"content": "hi"}),
+        )
+        .await;
+    failing.await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "internal_error");
+}
+
+#[tokio::test]
 async fn json_mode_answers_202_when_the_wait_runs_out() {
     let app = spawn_app_with(&[("JSON_WAIT_SECS", "1")]).await;
     let user = app.register(&email("u"), "Org").await;

@@ -336,3 +336,85 @@ async fn a_long_running_handler_is_not_reclaimed_while_it_runs() {
     );
     assert_eq!(r1.completed + r2.completed, 1);
 }
+
+/// A worker whose entry was reclaimed by another cannot acknowledge (delete) it any more: the
+/// new owner decides.
+#[tokio::test]
+async fn a_stale_owner_cannot_acknowledge_a_reclaimed_entry() {
+    let redis = TestRedis::new();
+    let queues = crate::queues(|_| {});
+    let bus = crate::bus(&redis, &queues);
+    bus.ensure_group(Queue::Actions).await.unwrap();
+    bus.enqueue(Probe::new("stale")).await.unwrap();
+    let handle = jobs::RedisHandle::new(&redis.settings()).unwrap();
+    let mut conn = handle.blocking_conn().await.unwrap();
+    let got = bus
+        .read(
+            &mut conn,
+            Queue::Actions,
+            "old",
+            1,
+            Some(Duration::from_millis(500)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    let id = got[0].entry_id.clone();
+    let (_, taken) = bus
+        .reclaim(Queue::Actions, "new", Duration::ZERO, "0-0", 10)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(
+        bus.ack(Queue::Actions, "old", &[&id]).await.unwrap(),
+        0,
+        "the stale owner's ack is refused"
+    );
+    let stats = bus.stats(Queue::Actions).await.unwrap();
+    assert_eq!(
+        (stats.length, stats.pending),
+        (1, 1),
+        "still there for the new owner"
+    );
+    assert_eq!(bus.ack(Queue::Actions, "new", &[&id]).await.unwrap(), 1);
+    let stats = bus.stats(Queue::Actions).await.unwrap();
+    assert_eq!((stats.length, stats.pending), (0, 0));
+}
+
+/// A job that fails for good runs its kind's dead-letter hook (once) before it is dead-lettered.
+#[tokio::test]
+async fn a_dead_letter_hook_runs_before_a_job_is_dead_lettered() {
+    let redis = TestRedis::new();
+    let queues = crate::queues(|_| {});
+    let bus = crate::bus(&redis, &queues);
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut registry = Registry::new();
+    registry.register::<Probe, _, _>(|_ctx, _job| async {
+        Err(JobError::permanent("broken for good"))
+    });
+    {
+        let seen = seen.clone();
+        registry.on_dead::<Probe, _, _>(move |job, error| {
+            let seen = seen.clone();
+            async move { seen.lock().unwrap().push(format!("{}: {error}", job.key)) }
+        });
+    }
+    bus.enqueue(Probe::new("doomed")).await.unwrap();
+    let opts = WorkerOptions {
+        queues: vec![Queue::Actions],
+        concurrency: 2,
+        consumer: "w".into(),
+        read_block: Duration::from_millis(100),
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let report = Worker::new(bus.clone(), registry, opts)
+        .drain_until_empty(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(report.dead, 1);
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        vec!["doomed: broken for good".to_owned()]
+    );
+    assert_eq!(bus.stats(Queue::Actions).await.unwrap().dead, 1);
+}
