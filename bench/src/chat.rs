@@ -63,8 +63,26 @@ pub struct ChatArgs {
 
 /// The reply of the fake: 20 tokens.
 const REPLY: [&str; 20] = [
-    "Your ", "plan ", "is ", "on ", "track: ", "three ", "tasks ", "are ", "done, ", "two ",
-    "are ", "in ", "progress ", "and ", "one ", "is ", "due ", "on ", "Friday", ".",
+    "Your ",
+    "plan ",
+    "is ",
+    "on ",
+    "track: ",
+    "three ",
+    "tasks ",
+    "are ",
+    "done, ",
+    "two ",
+    "are ",
+    "in ",
+    "progress ",
+    "and ",
+    "one ",
+    "is ",
+    "due ",
+    "on ",
+    "Friday",
+    ".",
 ];
 const QUESTION: &str = "How is my plan for this week going, and what is still open?";
 const MODEL: &str = "bench-chat";
@@ -141,7 +159,9 @@ async fn run(
     litellm: &config::LitellmSettings,
     args: &ChatArgs,
 ) -> anyhow::Result<()> {
-    let fake = FakeUpstream::start().await.context("start the fake upstream")?;
+    let fake = FakeUpstream::start()
+        .await
+        .context("start the fake upstream")?;
     let reply = Behaviour::reply_tokens(&REPLY);
     fake.client().set_default(MODEL, reply.clone()).await?;
     fake.client().set_default(FALLBACK, reply.clone()).await?;
@@ -385,7 +405,9 @@ fn print_summary(rows: &[(usize, Level, Level, WorkerSide)], lite: &[(usize, Lev
         line(*c, "switchboard", s);
     }
     println!();
-    println!("| concurrency | overhead TTFT p50 ms | overhead TTFT p99 ms | overhead total p50 ms | overhead total p99 ms |");
+    println!(
+        "| concurrency | overhead TTFT p50 ms | overhead TTFT p99 ms | overhead total p50 ms | overhead total p99 ms |"
+    );
     println!("|---|---|---|---|---|");
     for (c, d, s, _) in rows {
         println!(

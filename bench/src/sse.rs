@@ -57,14 +57,17 @@ impl Capacity {
             self.fd_limit
                 .map_or_else(|| "?".to_owned(), |l| l.to_string())
         );
-        println!("| streams requested | streams open | sse_open_streams | API VmRSS MB | KB per stream | open time s |");
+        println!(
+            "| streams requested | streams open | sse_open_streams | API VmRSS MB | KB per stream | open time s |"
+        );
         println!("|---|---|---|---|---|---|");
         for p in &self.points {
             println!(
                 "| {} | {} | {} | {:.1} | {:.1} | {:.1} |",
                 p.requested,
                 p.open,
-                p.gauge.map_or_else(|| "?".to_owned(), |g| format!("{g:.0}")),
+                p.gauge
+                    .map_or_else(|| "?".to_owned(), |g| format!("{g:.0}")),
                 p.rss_kb as f64 / 1024.0,
                 self.per_stream(p),
                 p.secs
@@ -236,14 +239,16 @@ async fn measure(pid: u32, addr: &str, levels: &[usize]) -> anyhow::Result<Capac
             let Ok(permit) = gate.clone().acquire_owned().await else {
                 break;
             };
-            let (client, url, token) = (client.clone(), targets[i % targets.len()].clone(), token.clone());
+            let (client, url, token) = (
+                client.clone(),
+                targets[i % targets.len()].clone(),
+                token.clone(),
+            );
             let (hold, open, failed) = (hold.clone(), open.clone(), failed.clone());
             holders.spawn(async move {
-                let opened = tokio::time::timeout(
-                    Duration::from_secs(60),
-                    open_one(&client, &url, &token),
-                )
-                .await;
+                let opened =
+                    tokio::time::timeout(Duration::from_secs(60), open_one(&client, &url, &token))
+                        .await;
                 drop(permit);
                 let mut body = match opened {
                     Ok(Ok(body)) => body,
@@ -348,7 +353,11 @@ async fn start_turn(
         .json(&json!({"content": "hold this stream open", "stream": true}))
         .send()
         .await?;
-    anyhow::ensure!(resp.status().as_u16() == 200, "POST messages: {}", resp.status());
+    anyhow::ensure!(
+        resp.status().as_u16() == 200,
+        "POST messages: {}",
+        resp.status()
+    );
     let mut body = resp.bytes_stream();
     let mut buf = Vec::new();
     while let Some(chunk) = body.next().await {
