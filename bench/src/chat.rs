@@ -261,6 +261,8 @@ async fn measure(
     })
     .await?;
 
+    primitives(settings).await?;
+
     let mut rows: Vec<(usize, Level, Level, WorkerSide)> = Vec::new();
     for &c in &args.concurrency {
         let per_task = args.turns.div_ceil(c).max(3);
@@ -724,4 +726,61 @@ fn worker_metrics() -> WorkerMetrics {
         model_ttft: sum_count("model_time_to_first_token_seconds", ""),
         job: sum_count("bus_job_duration_seconds", "queue=\"chat\""),
     }
+}
+
+/// The cost of the round trips the chat path is made of, one at a time (p50 / p99 ms): what
+/// the breakdown is explained with.
+#[allow(clippy::print_stdout)]
+async fn primitives(settings: &config::Settings) -> anyhow::Result<()> {
+    const N: usize = 300;
+    let redis = Arc::new(jobs::RedisHandle::new(&settings.redis)?);
+    let publisher = jobs::events::EventPublisher::new(redis.clone(), &settings.events);
+    let pool = store::pool(&settings.database)?;
+    sqlx::query("CREATE TABLE bench_commit (id int PRIMARY KEY, n bigint NOT NULL)")
+        .execute(&pool)
+        .await?;
+    sqlx::query("INSERT INTO bench_commit VALUES (1, 0)")
+        .execute(&pool)
+        .await?;
+    let response = uuid::Uuid::now_v7();
+    let token = jobs::events::ResponseEvent::Token {
+        text: "word ".to_owned(),
+    };
+    let mut conn = redis.conn().await?;
+    let (mut ping, mut publish, mut select, mut commit) = (
+        Vec::with_capacity(N),
+        Vec::with_capacity(N),
+        Vec::with_capacity(N),
+        Vec::with_capacity(N),
+    );
+    for _ in 0..N {
+        let t = Instant::now();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        ping.push(ms(t.elapsed()));
+        let t = Instant::now();
+        publisher.publish(response, &token).await?;
+        publish.push(ms(t.elapsed()));
+        let t = Instant::now();
+        sqlx::query("SELECT 1").execute(&pool).await?;
+        select.push(ms(t.elapsed()));
+        let t = Instant::now();
+        sqlx::query("UPDATE bench_commit SET n = n + 1 WHERE id = 1")
+            .execute(&pool)
+            .await?;
+        commit.push(ms(t.elapsed()));
+    }
+    pool.close().await;
+    let f = |v: Vec<f64>| {
+        let s = Samples::new(v);
+        format!("{:.3}/{:.3}", s.p50(), s.p99())
+    };
+    println!(
+        "chat: round trips (p50/p99 ms, one at a time): redis_ping={} publish_event={} \
+         pg_select_1={} pg_update_autocommit={}",
+        f(ping),
+        f(publish),
+        f(select),
+        f(commit)
+    );
+    Ok(())
 }
