@@ -142,12 +142,16 @@ pub async fn bench_chat(mut settings: config::Settings, args: ChatArgs) -> anyho
     settings.database.url = db.url.clone().into();
     let outcome = run(&mut settings, &litellm, &args).await;
     crate::bus::cleanup(&redis).await;
-    let sse_prefix = crate::sse::prefix_of(&settings.redis.prefix);
-    if let Ok(r) = jobs::RedisHandle::new(&config::RedisSettings {
-        prefix: sse_prefix,
-        ..settings.redis.clone()
-    }) {
-        crate::bus::cleanup(&r).await;
+    for prefix in [
+        crate::sse::prefix_of(&settings.redis.prefix),
+        via_litellm_prefix(&settings.redis.prefix),
+    ] {
+        if let Ok(r) = jobs::RedisHandle::new(&config::RedisSettings {
+            prefix,
+            ..settings.redis.clone()
+        }) {
+            crate::bus::cleanup(&r).await;
+        }
     }
     db.drop_db().await;
     outcome
@@ -314,6 +318,9 @@ async fn measure(
                 }
             }
             Err(e) => println!("chat: litellm path skipped: {e:#}"),
+        }
+        if let Err(e) = switchboard_via_litellm(settings, litellm, args).await {
+            println!("chat: switchboard+litellm skipped: {e:#}");
         }
     }
 
@@ -783,4 +790,74 @@ async fn primitives(settings: &config::Settings) -> anyhow::Result<()> {
         f(commit)
     );
     Ok(())
+}
+
+fn via_litellm_prefix(prefix: &str) -> String {
+    format!("{prefix}ll")
+}
+
+/// The production shape: Switchboard with its worker calling the LiteLLM proxy (model
+/// `fake/<unique>` → the shared fake). A second in-process API and worker on a Redis prefix of
+/// their own; printed as `path=switchboard+litellm` (a reference, like the LiteLLM path).
+#[allow(clippy::print_stdout)]
+async fn switchboard_via_litellm(
+    settings: &config::Settings,
+    litellm: &config::LitellmSettings,
+    args: &ChatArgs,
+) -> anyhow::Result<()> {
+    let fake_url =
+        std::env::var("FAKE_UPSTREAM_URL").unwrap_or_else(|_| "http://127.0.0.1:4010".to_owned());
+    let name = testkit::unique_model("bench-chat-sb");
+    FakeClient::new(&fake_url)
+        .set_default(&name, Behaviour::reply_tokens(&REPLY))
+        .await?;
+    let mut s = settings.clone();
+    s.redis.prefix = via_litellm_prefix(&settings.redis.prefix);
+    s.litellm = litellm.clone();
+    s.chat.default_model = testkit::via_litellm(&name);
+    s.chat.default_fallback_model = testkit::via_litellm(&name);
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let result = async {
+        let app = api::Application::build(s.clone()).await?;
+        let base = format!("http://{}", app.addr());
+        {
+            let stop = stop.clone();
+            tasks.spawn(async move { app.run_until_stopped(stop).await });
+        }
+        let pool = store::pool(&s.database)?;
+        let redis = Arc::new(jobs::RedisHandle::new(&s.redis)?);
+        let mut registry = jobs::Registry::new();
+        workers::handlers::chat::ChatHandler::new(pool, redis.clone(), &s)?.register(&mut registry);
+        let worker = Worker::new(
+            jobs::Bus::new(redis, &s.queues),
+            registry,
+            WorkerOptions::from_settings(&s, vec![Queue::Chat]),
+        );
+        {
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                if let Err(e) = worker.run(stop).await {
+                    tracing::error!(error = %e, "chat worker stopped");
+                }
+            });
+        }
+        let max_c = args.concurrency.iter().copied().max().unwrap_or(1);
+        let sb = Arc::new(Switchboard::setup(&http_client()?, &base, max_c).await?);
+        for &c in &args.concurrency {
+            let per_task = args.litellm_turns.div_ceil(c).max(1);
+            let level = run_level(c, per_task, |i| {
+                let sb = sb.clone();
+                async move { sb.turn(i).await }
+            })
+            .await?;
+            print_level("switchboard+litellm", c, &level);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    stop.cancel();
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(30), tasks.wait()).await;
+    result
 }
