@@ -1,5 +1,3 @@
-//! `bench` — measurements against the real services.
-//!
 //! `bench bus`: the job bus on the configured Redis (`REDIS_URL`), under a unique key prefix
 //! deleted afterwards. It measures, in one run and bounded in time:
 //! 1. the raw `XADD` rate of that Redis, with the same client and concurrency as the producer;
@@ -11,87 +9,19 @@
 //! The last line is `bus: jobs_per_s=N ratio_to_xadd=R pickup_p50_ms=X pickup_p99_ms=Y`, where
 //! N is the best of the consumer counts.
 
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
 use jobs::kinds::Probe;
 use jobs::{Bus, Queue, Registry, Worker, WorkerOptions};
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-#[derive(Parser)]
-#[command(
-    name = "bench",
-    about = "Switchboard benchmarks against the real services"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// The job bus: raw XADD rate, end-to-end jobs/s with 1, 2, 4 consumers, pickup latency.
-    Bus {
-        /// Seconds of producing per measurement.
-        #[arg(long, default_value_t = 4)]
-        secs: u64,
-        /// Concurrent producer tasks (and raw XADD tasks).
-        #[arg(long, default_value_t = 16)]
-        producers: usize,
-        /// Concurrency of each consumer (WORKER_CONCURRENCY; the handler is a no-op, so this
-        /// only bounds the jobs in flight between read and ack).
-        #[arg(long, default_value_t = 128)]
-        concurrency: usize,
-        /// Pickup latency samples.
-        #[arg(long, default_value_t = 400)]
-        samples: usize,
-    },
-}
-
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let mut settings = match config::Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            #[allow(clippy::print_stderr)]
-            {
-                eprintln!("bench: {e}");
-            }
-            return ExitCode::from(2);
-        }
-    };
-    // quiet unless RUST_LOG asks: the figures go to stdout
-    settings.log.filter = "warn".to_owned();
-    jobs::telemetry::init_tracing(&settings.log);
-    let result = match cli.cmd {
-        Cmd::Bus {
-            secs,
-            producers,
-            concurrency,
-            samples,
-        } => {
-            settings.redis.prefix = format!("bench{:08x}", rand::random::<u32>());
-            bench_bus(&settings, secs, producers, concurrency, samples).await
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "bench failed");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 #[allow(clippy::print_stdout)]
-async fn bench_bus(
+pub async fn bench_bus(
     settings: &config::Settings,
     secs: u64,
     producers: usize,
@@ -324,7 +254,7 @@ async fn pickup(
 }
 
 /// Delete every key of the bench's prefix.
-async fn cleanup(redis: &jobs::RedisHandle) {
+pub async fn cleanup(redis: &jobs::RedisHandle) {
     let Ok(mut conn) = redis.conn().await else {
         return;
     };

@@ -1,0 +1,87 @@
+//! `bench` — measurements against the real services (`eval "$(scripts/services env)"` first).
+//!
+//! - `bench bus`: the job bus (raw `XADD`, end-to-end jobs/s, pickup latency); see [`bus`].
+//! - `bench chat`: the chat path — direct to a fake upstream, through the LiteLLM proxy, and
+//!   through Switchboard (HTTP → bus → chat worker → model → SSE) — and the SSE capacity of one
+//!   API process; see [`chat`] and [`sse`].
+//!
+//! Every run uses its own Redis key prefix (and, for `chat`, its own scratch database), deleted
+//! at the end, and stops by itself.
+
+mod bus;
+mod chat;
+mod scratch;
+mod sse;
+mod stats;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "Switchboard benchmarks against the real services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The job bus: raw XADD rate, end-to-end jobs/s with 1, 2, 4 consumers, pickup latency.
+    Bus {
+        /// Seconds of producing per measurement.
+        #[arg(long, default_value_t = 4)]
+        secs: u64,
+        /// Concurrent producer tasks (and raw XADD tasks).
+        #[arg(long, default_value_t = 16)]
+        producers: usize,
+        /// Concurrency of each consumer (WORKER_CONCURRENCY; the handler is a no-op, so this
+        /// only bounds the jobs in flight between read and ack).
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+        /// Pickup latency samples.
+        #[arg(long, default_value_t = 400)]
+        samples: usize,
+    },
+    /// The chat path: TTFT and total, direct / via LiteLLM / via Switchboard, at several
+    /// concurrencies; then how many SSE streams one API process holds.
+    Chat(chat::ChatArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut settings = match config::Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("bench: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    // quiet unless RUST_LOG asks: the figures go to stdout
+    settings.log.filter = "warn".to_owned();
+    jobs::telemetry::init_tracing(&settings.log);
+    settings.redis.prefix = format!("bench{:08x}", rand::random::<u32>());
+    let result = match cli.cmd {
+        Cmd::Bus {
+            secs,
+            producers,
+            concurrency,
+            samples,
+        } => bus::bench_bus(&settings, secs, producers, concurrency, samples).await,
+        Cmd::Chat(args) => chat::bench_chat(settings, args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "bench failed");
+            ExitCode::FAILURE
+        }
+    }
+}
