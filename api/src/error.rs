@@ -113,6 +113,13 @@ impl From<store::StoreError> for ApiError {
     }
 }
 
+impl From<sqlx::Error> for ApiError {
+    /// Beginning, committing or acquiring: the same mapping as any store error.
+    fn from(e: sqlx::Error) -> Self {
+        store::StoreError::from(e).into()
+    }
+}
+
 /// The JSON error body of API.md.
 pub fn error_body(code: &str, message: &str) -> serde_json::Value {
     json!({ "error": { "code": code, "message": message } })

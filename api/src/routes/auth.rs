@@ -81,16 +81,11 @@ impl AuthApi {
         let name = validate::text("name", &req.name, 200)?;
         let org_name = validate::text("org_name", &req.org_name, 200)?;
         let hash = password::hash(req.password).await?;
-        let mut tx = self
-            .state
-            .db
-            .begin()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut tx = self.state.db.begin().await?;
         let org = store::tenancy::insert_org(&mut tx, &org_name).await?;
         let user = store::tenancy::insert_user(&mut tx, &email, &name, &hash).await?;
         store::tenancy::insert_membership(&mut tx, org.id, user.id, store::Role::Owner).await?;
-        tx.commit().await.map_err(store::StoreError::from)?;
+        tx.commit().await?;
         let (token, expires_at) = self.state.jwt.issue(user.id, org.id)?;
         Ok(RegisterResponse::Created(Json(Registered {
             user: user.into(),

@@ -165,10 +165,6 @@ fn wants_sse(req: &Request, stream: Option<bool>) -> bool {
             })
 }
 
-fn db_err(e: sqlx::Error) -> ApiError {
-    store::StoreError::from(e).into()
-}
-
 #[OpenApi(prefix_path = "/v1", tag = "Tag::Conversations")]
 impl ChatApi {
     /// Post a message and get the assistant's answer: streamed as Server-Sent Events
@@ -191,19 +187,19 @@ impl ChatApi {
         // Ownership first (404), then the per-user limit (Redis) — outside the transaction,
         // so a slow Redis never holds a pooled database connection.
         {
-            let mut conn = state.db.acquire().await.map_err(db_err)?;
+            let mut conn = state.db.acquire().await?;
             store::conversations::get_own(&mut conn, caller.user_id, id.0)
                 .await?
                 .ok_or(ApiError::NotFound)?;
         }
         ratelimit::message_posted(state, caller.user_id).await?;
-        let mut tx = state.db.begin().await.map_err(db_err)?;
+        let mut tx = state.db.begin().await?;
         let conversation = store::conversations::get_own(&mut tx, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
         let (message, response) =
             store::conversations::start_turn(&mut tx, conversation.id, &content).await?;
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         let response_id = response.id;
 
         // `message.created` names the user's message (the assistant's does not exist yet); it
@@ -272,7 +268,7 @@ impl ChatApi {
         };
         match outcome {
             Some(ResponseEvent::MessageCompleted { .. }) => {
-                let mut conn = state.db.acquire().await.map_err(db_err)?;
+                let mut conn = state.db.acquire().await?;
                 match store::conversations::answer_of(&mut conn, response_id).await? {
                     Some(m) => Ok(TurnResponse::Ok(TurnContent::Answer(Json(TurnAnswer {
                         message: m.into(),
@@ -323,7 +319,7 @@ impl ChatApi {
                 ApiError::invalid("Last-Event-ID: not an event id of this stream")
             })?),
         };
-        let mut conn = state.db.acquire().await.map_err(db_err)?;
+        let mut conn = state.db.acquire().await?;
         let response =
             store::conversations::get_response_own(&mut conn, caller.user_id, id.0, response_id.0)
                 .await?

@@ -75,12 +75,7 @@ impl ConversationsApi {
                 "project_ids must name at most {PROJECT_IDS_MAX} projects"
             )));
         }
-        let mut tx = self
-            .state
-            .db
-            .begin()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut tx = self.state.db.begin().await?;
         let conversation = store::conversations::create(
             &mut tx,
             caller.org_id,
@@ -90,7 +85,7 @@ impl ConversationsApi {
         )
         .await?;
         let scope = store::conversations::scope(&mut tx, conversation.id).await?;
-        tx.commit().await.map_err(store::StoreError::from)?;
+        tx.commit().await?;
         Ok(ConversationCreated::Created(Json(ConversationView::new(
             conversation,
             scope,
@@ -117,12 +112,7 @@ impl ConversationsApi {
         )
         .await?;
         let (rows, next_cursor) = page.finish(rows, |c| (c.created_at, c.id));
-        let mut conn = self
-            .state
-            .db
-            .acquire()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut conn = self.state.db.acquire().await?;
         let scoped: Vec<Uuid> = rows.iter().filter(|c| c.scoped).map(|c| c.id).collect();
         let mut scopes: std::collections::HashMap<Uuid, Vec<Uuid>> = Default::default();
         if !scoped.is_empty() {
@@ -148,12 +138,7 @@ impl ConversationsApi {
         id: Path<Uuid>,
     ) -> Result<Json<ConversationView>, ApiError> {
         let caller = auth.0;
-        let mut conn = self
-            .state
-            .db
-            .acquire()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut conn = self.state.db.acquire().await?;
         let c = store::conversations::get_own(&mut conn, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -176,12 +161,7 @@ impl ConversationsApi {
         let caller = auth.0;
         let page = SeqPageRequest::parse(limit.0, cursor.0.as_deref())?;
         {
-            let mut conn = self
-                .state
-                .db
-                .acquire()
-                .await
-                .map_err(store::StoreError::from)?;
+            let mut conn = self.state.db.acquire().await?;
             store::conversations::get_own(&mut conn, caller.user_id, id.0)
                 .await?
                 .ok_or(ApiError::NotFound)?;

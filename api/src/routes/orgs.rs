@@ -121,15 +121,10 @@ impl OrgsApi {
         let role: Role = req.role.into();
         check_role_power(&caller, role)?;
         let hash = password::hash(req.password).await?;
-        let mut tx = self
-            .state
-            .db
-            .begin()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut tx = self.state.db.begin().await?;
         let user = store::tenancy::insert_user(&mut tx, &email, &name, &hash).await?;
         store::tenancy::insert_membership(&mut tx, caller.org_id, user.id, role).await?;
-        tx.commit().await.map_err(store::StoreError::from)?;
+        tx.commit().await?;
         Ok(MemberCreated::Created(Json(MemberView {
             id: user.id,
             email: user.email,
@@ -154,12 +149,7 @@ impl OrgsApi {
         caller.require_org(org_id.0)?;
         caller.require_admin()?;
         let role: Role = body.0.role.into();
-        let mut tx = self
-            .state
-            .db
-            .begin()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut tx = self.state.db.begin().await?;
         // owners first, then the member: the same lock order everywhere
         let owners = store::tenancy::lock_owners(&mut tx, caller.org_id).await?;
         // role changes of an org serialise on its owner rows: re-read the caller's own role
@@ -175,7 +165,7 @@ impl OrgsApi {
             ));
         }
         store::tenancy::set_role(&mut *tx, caller.org_id, user_id.0, role).await?;
-        tx.commit().await.map_err(store::StoreError::from)?;
+        tx.commit().await?;
         let user = store::tenancy::get_user(&self.state.db, user_id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -201,12 +191,7 @@ impl OrgsApi {
         let caller = auth.0;
         caller.require_org(org_id.0)?;
         caller.require_admin()?;
-        let mut tx = self
-            .state
-            .db
-            .begin()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut tx = self.state.db.begin().await?;
         let owners = store::tenancy::lock_owners(&mut tx, caller.org_id).await?;
         // role changes of an org serialise on its owner rows: re-read the caller's own role
         let caller = fresh_role(&mut tx, caller).await?;
@@ -222,7 +207,7 @@ impl OrgsApi {
         if !store::tenancy::remove_member(&mut *tx, caller.org_id, user_id.0).await? {
             return Err(ApiError::NotFound);
         }
-        tx.commit().await.map_err(store::StoreError::from)?;
+        tx.commit().await?;
         Ok(Removed::NoContent)
     }
 
@@ -238,12 +223,7 @@ impl OrgsApi {
         caller.require_org(org_id.0)?;
         caller.require_admin()?;
         let name = validate::text("name", &body.0.name, 200)?;
-        let mut conn = self
-            .state
-            .db
-            .acquire()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut conn = self.state.db.acquire().await?;
         let team = store::tenancy::insert_team(&mut conn, caller.org_id, &name).await?;
         Ok(TeamCreated::Created(Json(team.into())))
     }

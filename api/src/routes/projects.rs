@@ -117,12 +117,7 @@ impl ProjectsApi {
                 ));
             }
         }
-        let mut tx = self
-            .state
-            .db
-            .begin()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut tx = self.state.db.begin().await?;
         let project = store::projects::insert_project(
             &mut tx,
             &store::projects::NewProject {
@@ -135,7 +130,7 @@ impl ProjectsApi {
             },
         )
         .await?;
-        tx.commit().await.map_err(store::StoreError::from)?;
+        tx.commit().await?;
         Ok(ProjectCreated::Created(Json(project.into())))
     }
 
@@ -165,12 +160,7 @@ impl ProjectsApi {
     #[oai(path = "/projects/:id", method = "get")]
     async fn get(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<ProjectView>, ApiError> {
         let caller = auth.0;
-        let mut conn = self
-            .state
-            .db
-            .acquire()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut conn = self.state.db.acquire().await?;
         let project = store::projects::get_visible(&mut conn, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -187,12 +177,7 @@ impl ProjectsApi {
         body: JsonBody<AddProjectMember>,
     ) -> Result<MemberAdded, ApiError> {
         let caller = auth.0;
-        let mut tx = self
-            .state
-            .db
-            .begin()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut tx = self.state.db.begin().await?;
         let project = store::projects::get_visible(&mut tx, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -204,7 +189,7 @@ impl ProjectsApi {
         }
         let user_id = body.0.user_id;
         store::projects::add_member(&mut tx, project.org_id, project.id, user_id).await?;
-        tx.commit().await.map_err(store::StoreError::from)?;
+        tx.commit().await?;
         Ok(MemberAdded::Created(Json(ProjectMemberView {
             project_id: project.id,
             user_id,
@@ -220,12 +205,7 @@ impl ProjectsApi {
         user_id: Path<Uuid>,
     ) -> Result<MemberRemoved, ApiError> {
         let caller = auth.0;
-        let mut tx = self
-            .state
-            .db
-            .begin()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut tx = self.state.db.begin().await?;
         let project = store::projects::get_visible(&mut tx, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -238,7 +218,7 @@ impl ProjectsApi {
         if !store::projects::remove_member(&mut tx, project.id, user_id.0).await? {
             return Err(ApiError::NotFound);
         }
-        tx.commit().await.map_err(store::StoreError::from)?;
+        tx.commit().await?;
         Ok(MemberRemoved::NoContent)
     }
 }

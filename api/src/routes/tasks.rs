@@ -89,12 +89,7 @@ impl TasksApi {
     ) -> Result<TaskCreated, ApiError> {
         let caller = auth.0;
         let req = body.0;
-        let mut tx = self
-            .state
-            .db
-            .begin()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut tx = self.state.db.begin().await?;
         let project = store::projects::get_visible(&mut tx, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -117,7 +112,7 @@ impl TasksApi {
             },
         )
         .await?;
-        tx.commit().await.map_err(store::StoreError::from)?;
+        tx.commit().await?;
         Ok(TaskCreated::Created(Json(task.into())))
     }
 
@@ -134,12 +129,7 @@ impl TasksApi {
     ) -> Result<Json<TaskPage>, ApiError> {
         let caller = auth.0;
         let page = PageRequest::parse(limit.0, cursor.0.as_deref())?;
-        let mut conn = self
-            .state
-            .db
-            .acquire()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut conn = self.state.db.acquire().await?;
         if !store::projects::can_see(&mut conn, caller.user_id, id.0).await? {
             return Err(ApiError::NotFound);
         }
@@ -157,12 +147,7 @@ impl TasksApi {
     #[oai(path = "/tasks/:id", method = "get")]
     async fn get(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<TaskView>, ApiError> {
         let caller = auth.0;
-        let mut conn = self
-            .state
-            .db
-            .acquire()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut conn = self.state.db.acquire().await?;
         let task = store::tasks::get_visible(&mut conn, caller.user_id, id.0, false)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -193,16 +178,11 @@ impl TasksApi {
                 MaybeUndefined::Value(v) => Some(Some(v)),
             },
         };
-        let mut tx = self
-            .state
-            .db
-            .begin()
-            .await
-            .map_err(store::StoreError::from)?;
+        let mut tx = self.state.db.begin().await?;
         let task = store::tasks::update_visible(&mut tx, caller.user_id, id.0, &patch)
             .await?
             .ok_or(ApiError::NotFound)?;
-        tx.commit().await.map_err(store::StoreError::from)?;
+        tx.commit().await?;
         Ok(Json(task.into()))
     }
 }
