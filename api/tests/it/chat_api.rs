@@ -250,49 +250,30 @@ async fn json_mode_answers_with_the_message() {
     assert_eq!(r.body["actions"], json!([]));
 }
 
+/// JSON mode: a model failure is 502 with the worker's code; our own failure is 503.
 #[tokio::test]
-async fn json_mode_model_failure_is_502() {
+async fn json_mode_failures_are_502_for_the_model_and_503_for_ours() {
     let app = spawn_app().await;
     let user = app.register(&email("u"), "Org").await;
     let conv = app.conversation(&user.token).await;
-    let mut worker = FakeWorker::new(&app).await;
-    let failing = tokio::spawn(async move {
-        let job = worker.next_job().await;
-        worker.fail(&job, "model_unavailable").await;
-    });
-    let r = app
-        .post(
-            &format!("/v1/conversations/{conv}/messages"),
-            &user.token,
-            json!({"content": "hi"}),
-        )
-        .await;
-    failing.await.unwrap();
-    assert_eq!(r.status, 502, "{}", r.body);
-    assert_eq!(r.body["error"]["code"], "model_unavailable");
-    assert!(r.body["error"]["message"].is_string());
-}
-
-#[tokio::test]
-async fn json_mode_our_own_failure_is_503() {
-    let app = spawn_app().await;
-    let user = app.register(&email("u"), "Org").await;
-    let conv = app.conversation(&user.token).await;
-    let mut worker = FakeWorker::new(&app).await;
-    let failing = tokio::spawn(async move {
-        let job = worker.next_job().await;
-        worker.fail(&job, "internal_error").await;
-    });
-    let r = app
-        .post(
-            &format!("/v1/conversations/{conv}/messages"),
-            &user.token,
-            json!({"content": "hi"}),
-        )
-        .await;
-    failing.await.unwrap();
-    assert_eq!(r.status, 503, "{}", r.body);
-    assert_eq!(r.body["error"]["code"], "internal_error");
+    for (code, status) in [("model_unavailable", 502), ("internal_error", 503)] {
+        let mut worker = FakeWorker::new(&app).await;
+        let failing = tokio::spawn(async move {
+            let job = worker.next_job().await;
+            worker.fail(&job, code).await;
+        });
+        let r = app
+            .post(
+                &format!("/v1/conversations/{conv}/messages"),
+                &user.token,
+                json!({"content": "hi"}),
+            )
+            .await;
+        failing.await.unwrap();
+        assert_eq!(r.status, status, "{code}: {}", r.body);
+        assert_eq!(r.body["error"]["code"], code);
+        assert!(r.body["error"]["message"].is_string());
+    }
 }
 
 #[tokio::test]
