@@ -30,6 +30,9 @@ use crate::RedisHandle;
 
 /// Buffered live events per listener before it falls back to re-reading the replay stream.
 const LISTENER_BUFFER: usize = 256;
+/// How often the hub checks its subscription connection, and how long it waits for the answer.
+const HUB_PING_EVERY: Duration = Duration::from_secs(15);
+const HUB_PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The events of one response, as API.md names them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +224,9 @@ struct HubInner {
     listeners: Mutex<HashMap<Uuid, Vec<Listener>>>,
     next_id: AtomicU64,
     connected: tokio::sync::watch::Sender<bool>,
+    /// Subscriptions made (1 after the first connect; more after reconnects).
+    subscriptions: AtomicU64,
+    ping_every: Duration,
 }
 
 impl HubInner {
@@ -290,8 +296,24 @@ impl EventHub {
                 listeners: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 connected,
+                subscriptions: AtomicU64::new(0),
+                ping_every: HUB_PING_EVERY,
             }),
         }
+    }
+
+    /// The same hub checking its connection every `every` (tests).
+    pub fn with_ping_every(redis: Arc<RedisHandle>, every: Duration) -> Self {
+        let mut hub = Self::new(redis);
+        if let Some(inner) = Arc::get_mut(&mut hub.inner) {
+            inner.ping_every = every;
+        }
+        hub
+    }
+
+    /// How many times the hub has subscribed (1 + reconnects).
+    pub fn subscriptions(&self) -> u64 {
+        self.inner.subscriptions.load(Ordering::Relaxed)
     }
 
     /// Number of live listeners (open SSE streams).
@@ -316,13 +338,27 @@ impl EventHub {
                 Ok(mut pubsub) => match pubsub.psubscribe(self.inner.keys.pattern()).await {
                     Ok(()) => {
                         delay = Duration::from_millis(100);
+                        self.inner.subscriptions.fetch_add(1, Ordering::Relaxed);
                         self.inner.connected.send_replace(true);
                         // Anything published while we were not subscribed is in the replay streams.
                         self.inner.resync_all();
-                        let mut messages = pubsub.into_on_message();
+                        let (mut sink, mut messages) = pubsub.split();
+                        // A half-open connection (no RST after a failover or a NAT timeout)
+                        // would never end the message stream: ping it, and reconnect when the
+                        // ping does not come back.
+                        let mut watchdog = tokio::time::interval(self.inner.ping_every);
+                        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        watchdog.tick().await;
                         loop {
                             tokio::select! {
                                 _ = shutdown.cancelled() => break,
+                                _ = watchdog.tick() => {
+                                    let ping = tokio::time::timeout(HUB_PING_TIMEOUT, sink.ping::<redis::Value>()).await;
+                                    if !matches!(ping, Ok(Ok(_))) {
+                                        tracing::warn!("event hub: pub/sub connection does not answer; reconnecting");
+                                        break;
+                                    }
+                                }
                                 msg = messages.next() => match msg {
                                     Some(msg) => self.on_message(msg.get_channel_name(), msg.get_payload::<String>().ok()),
                                     None => {

@@ -271,3 +271,32 @@ fn event_names_and_payloads_follow_the_contract() {
     assert!(EventId::parse("12-3").unwrap() < EventId::parse("12-10").unwrap());
     assert!(EventId::parse("9-0").unwrap() < EventId::parse("10-0").unwrap());
 }
+
+/// The hub pings its subscription connection; a healthy one answers, so the hub stays on its
+/// first subscription and live events keep flowing.
+#[tokio::test]
+async fn the_hub_watchdog_keeps_a_healthy_subscription() {
+    let redis = TestRedis::new();
+    let handle = Arc::new(RedisHandle::new(&redis.settings()).unwrap());
+    let publisher = EventPublisher::new(
+        handle.clone(),
+        &config::EventsSettings {
+            retention_secs: 60,
+            replay_max_len: 100,
+        },
+    );
+    let hub = EventHub::with_ping_every(handle.clone(), Duration::from_millis(100));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(hub.clone().run(stop.clone()));
+    assert!(hub.ready(Duration::from_secs(5)).await);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(hub.subscriptions(), 1, "pings answered: no reconnect");
+    let rid = Uuid::now_v7();
+    let reader = tokio::spawn(collect(hub.events(rid, None)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publisher.publish(rid, &token(0)).await.unwrap();
+    publisher.publish(rid, &completed()).await.unwrap();
+    assert_eq!(reader.await.unwrap().len(), 2);
+    stop.cancel();
+    task.await.unwrap();
+}
