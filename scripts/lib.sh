@@ -231,7 +231,9 @@ litellm_down() {
   if [ -f "$SB_RUN/litellm.pid" ]; then
     local pid; pid=$(cat "$SB_RUN/litellm.pid")
     if kill -0 "$pid" 2>/dev/null; then log "stopping LiteLLM"; kill "$pid" 2>/dev/null || true; fi
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
+    for _ in $(seq 50); do litellm_ready || break; sleep 0.1; done
     rm -f "$SB_RUN/litellm.pid"
   fi
 }
