@@ -107,25 +107,6 @@ async fn oversized_bodies_are_refused_with_413() {
 }
 
 #[tokio::test]
-async fn openapi_document_lists_the_probes() {
-    let app = spawn_app().await;
-    let v: Value = app
-        .http
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(v["openapi"].as_str().unwrap().starts_with("3."));
-    assert!(v["paths"]["/healthz"]["get"].is_object());
-    assert!(v["paths"]["/readyz"]["get"].is_object());
-    let docs = app.http.get(app.url("/docs")).send().await.unwrap();
-    assert_eq!(docs.status(), 200);
-}
-
-#[tokio::test]
 async fn request_id_is_echoed_or_generated() {
     let app = spawn_app().await;
     let r = app

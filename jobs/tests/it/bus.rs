@@ -159,13 +159,7 @@ async fn a_handlers_retry_after_replaces_the_backoff() {
         });
     }
     bus.enqueue(Probe::new("ra")).await.unwrap();
-    let opts = WorkerOptions {
-        queues: vec![Queue::Actions],
-        concurrency: 4,
-        consumer: "w1".into(),
-        read_block: Duration::from_millis(200),
-        shutdown_grace: Duration::from_secs(5),
-    };
+    let opts = actions_worker("w1", 4, 200, 5);
     let report = Worker::new(bus.clone(), registry, opts)
         .drain_until_empty(Duration::from_secs(20))
         .await
@@ -297,13 +291,7 @@ async fn a_long_running_handler_is_not_reclaimed_while_it_runs() {
         r
     };
     bus.enqueue(Probe::new("long")).await.unwrap();
-    let opts = |name: &str| WorkerOptions {
-        queues: vec![Queue::Actions],
-        concurrency: 2,
-        consumer: name.into(),
-        read_block: Duration::from_millis(100),
-        shutdown_grace: Duration::from_secs(10),
-    };
+    let opts = |name: &str| actions_worker(name, 2, 100, 10);
     let stop = tokio_util::sync::CancellationToken::new();
     let w1 = Worker::new(bus.clone(), registry(runs.clone()), opts("w1"));
     let w2 = Worker::new(bus.clone(), registry(runs.clone()), opts("w2"));
@@ -400,13 +388,7 @@ async fn a_dead_letter_hook_runs_before_a_job_is_dead_lettered() {
         });
     }
     bus.enqueue(Probe::new("doomed")).await.unwrap();
-    let opts = WorkerOptions {
-        queues: vec![Queue::Actions],
-        concurrency: 2,
-        consumer: "w".into(),
-        read_block: Duration::from_millis(100),
-        shutdown_grace: Duration::from_secs(5),
-    };
+    let opts = actions_worker("w", 2, 100, 5);
     let report = Worker::new(bus.clone(), registry, opts)
         .drain_until_empty(Duration::from_secs(20))
         .await
@@ -417,4 +399,20 @@ async fn a_dead_letter_hook_runs_before_a_job_is_dead_lettered() {
         vec!["doomed: broken for good".to_owned()]
     );
     assert_eq!(bus.stats(Queue::Actions).await.unwrap().dead, 1);
+}
+
+/// Options of a worker consuming the `actions` queue.
+fn actions_worker(
+    consumer: &str,
+    concurrency: usize,
+    read_block_ms: u64,
+    grace_secs: u64,
+) -> WorkerOptions {
+    WorkerOptions {
+        queues: vec![Queue::Actions],
+        concurrency,
+        consumer: consumer.into(),
+        read_block: Duration::from_millis(read_block_ms),
+        shutdown_grace: Duration::from_secs(grace_secs),
+    }
 }
