@@ -111,7 +111,7 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<()>
         }
         Command::Migrate => {
             let pool = store::pool(&settings.database)?;
-            store::migrate(&pool).await?;
+            store::migrate_with_vector_index(&pool, settings.embedding.dim).await?;
             tracing::info!("migrations applied");
             Ok(())
         }

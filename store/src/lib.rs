@@ -4,6 +4,7 @@
 //! that the caller owns the transaction. Nothing here knows about HTTP or Redis.
 
 pub mod conversations;
+pub mod embeddings;
 mod error;
 pub mod probe;
 pub mod projects;
@@ -44,6 +45,12 @@ pub fn pool(settings: &config::DatabaseSettings) -> Result<PgPool, StoreError> {
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+/// Migrations, then the HNSW index for the configured embedding dimension.
+pub async fn migrate_with_vector_index(pool: &PgPool, dim: u32) -> Result<(), StoreError> {
+    migrate(pool).await?;
+    embeddings::ensure_vector_index(pool, dim).await
 }
 
 /// A cheap round trip used by readiness checks.

@@ -115,7 +115,8 @@ async fn ensure_template(admin: &mut PgConnection, admin_url: &str, template: &s
                 .connect(&with_database(admin_url, &tmp))
                 .await
                 .expect("connect template");
-            store::migrate(&pool)
+            // the test settings use the default EMBEDDING_DIM (384)
+            store::migrate_with_vector_index(&pool, 384)
                 .await
                 .expect("migrations apply to the template");
             pool.close().await;

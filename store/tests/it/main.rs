@@ -3,5 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod conversations;
+mod embeddings;
 mod tenancy;
 mod usage;
