@@ -19,6 +19,7 @@ use crate::models::ModelCatalog;
 use crate::routes::auth::AuthApi;
 use crate::routes::chat::ChatApi;
 use crate::routes::conversations::ConversationsApi;
+use crate::routes::documents::DocumentsApi;
 use crate::routes::health::HealthApi;
 use crate::routes::metrics::MetricsApi;
 use crate::routes::model_settings::ModelSettingsApi;
@@ -155,6 +156,9 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
                 state: state.clone(),
             },
             TasksApi {
+                state: state.clone(),
+            },
+            DocumentsApi {
                 state: state.clone(),
             },
             ConversationsApi {

@@ -62,6 +62,14 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
         Kind::Str,
     ),
     ("INDEX_INTERVAL_SECS", "index.interval_secs", Kind::Int),
+    ("INDEX_CHUNK_TOKENS", "index.chunk_tokens", Kind::Int),
+    (
+        "INDEX_CHUNK_OVERLAP_TOKENS",
+        "index.chunk_overlap_tokens",
+        Kind::Int,
+    ),
+    ("INDEX_BATCH_SOURCES", "index.batch_sources", Kind::Int),
+    ("INDEX_EMBED_BATCH", "index.embed_batch", Kind::Int),
     ("RECENT_MESSAGES", "chat.recent_messages", Kind::Int),
     ("MODEL_TIMEOUT_SECS", "chat.model_timeout_secs", Kind::Int),
     ("DEFAULT_MODEL", "chat.default_model", Kind::Str),
@@ -219,6 +227,14 @@ pub struct SchedulerSettings {
 #[serde(deny_unknown_fields)]
 pub struct IndexSettings {
     pub interval_secs: u64,
+    /// Token budget of one chunk; tokens are approximated as characters / 4.
+    pub chunk_tokens: usize,
+    /// Tokens (characters / 4) repeated from the end of a chunk at the start of the next one.
+    pub chunk_overlap_tokens: usize,
+    /// Outbox sources one index batch (one transaction) processes.
+    pub batch_sources: usize,
+    /// Inputs per embedding request.
+    pub embed_batch: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -418,6 +434,15 @@ impl Settings {
         positive(u64::from(self.api.message_rate_limit), "MESSAGE_RATE_LIMIT")?;
         positive(self.api.sse_keep_alive_secs, "SSE_KEEP_ALIVE_SECS")?;
         positive(self.index.interval_secs, "INDEX_INTERVAL_SECS")?;
+        positive(self.index.chunk_tokens as u64, "INDEX_CHUNK_TOKENS")?;
+        if self.index.chunk_overlap_tokens >= self.index.chunk_tokens {
+            return Err(ConfigError::invalid(
+                "INDEX_CHUNK_OVERLAP_TOKENS",
+                "must be smaller than INDEX_CHUNK_TOKENS",
+            ));
+        }
+        positive(self.index.batch_sources as u64, "INDEX_BATCH_SOURCES")?;
+        positive(self.index.embed_batch as u64, "INDEX_EMBED_BATCH")?;
         positive(self.worker.read_block_ms, "worker.read_block_ms")?;
         positive(self.scheduler.lease_secs, "scheduler.lease_secs")?;
         for (name, q) in self.queues.all() {
@@ -675,6 +700,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("LOGIN_WINDOW_SECS"), "{e}");
+    }
+
+    #[test]
+    fn index_chunking_settings_load_and_are_checked() {
+        let s = load(&[
+            ("INDEX_CHUNK_TOKENS", "100"),
+            ("INDEX_CHUNK_OVERLAP_TOKENS", "10"),
+            ("INDEX_BATCH_SOURCES", "16"),
+            ("INDEX_EMBED_BATCH", "8"),
+        ])
+        .unwrap();
+        assert_eq!(s.index.chunk_tokens, 100);
+        assert_eq!(s.index.chunk_overlap_tokens, 10);
+        assert_eq!(s.index.batch_sources, 16);
+        assert_eq!(s.index.embed_batch, 8);
+        let e = load(&[
+            ("INDEX_CHUNK_TOKENS", "10"),
+            ("INDEX_CHUNK_OVERLAP_TOKENS", "10"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("INDEX_CHUNK_OVERLAP_TOKENS"), "{e}");
+        let e = load(&[("INDEX_EMBED_BATCH", "0")]).unwrap_err().to_string();
+        assert!(e.contains("INDEX_EMBED_BATCH"), "{e}");
     }
 
     #[test]

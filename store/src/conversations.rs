@@ -210,7 +210,7 @@ pub async fn usable_projects(
 }
 
 /// A user turn: the user's message and the response that will answer it, in one transaction
-/// owned by the caller.
+/// owned by the caller (with the message's indexing outbox row).
 pub async fn start_turn(
     conn: &mut PgConnection,
     conversation_id: Uuid,
@@ -238,6 +238,7 @@ pub async fn start_turn(
         .bind(conversation_id)
         .execute(&mut *conn)
         .await?;
+    crate::outbox::record_message(&mut *conn, conversation_id, message.id).await?;
     Ok((message, response))
 }
 
@@ -348,7 +349,8 @@ pub struct Answer<'a> {
 /// Store the final assistant message and complete the response, once: a second call for the
 /// same response (a redelivered job) changes nothing and returns the message stored first.
 /// The flag says whether this call stored it (`false`: an earlier call had), so that effects
-/// that must happen once per answer (usage) commit with it in the caller's transaction.
+/// that must happen once per answer (usage) commit with it in the caller's transaction; the
+/// message's indexing outbox row is written here when this call stored it.
 pub async fn complete(
     conn: &mut PgConnection,
     response: &Response,
@@ -373,7 +375,10 @@ pub async fn complete(
     .fetch_optional(&mut *conn)
     .await?;
     let (message, stored) = match inserted {
-        Some(m) => (m, true),
+        Some(m) => {
+            crate::outbox::record_message(&mut *conn, m.conversation_id, m.id).await?;
+            (m, true)
+        }
         None => (
             answer_of(&mut *conn, response.id)
                 .await?

@@ -4,8 +4,11 @@
 //! that the caller owns the transaction. Nothing here knows about HTTP or Redis.
 
 pub mod conversations;
+pub mod documents;
 pub mod embeddings;
 mod error;
+pub mod index;
+pub mod outbox;
 pub mod probe;
 pub mod projects;
 pub mod tasks;

@@ -5,6 +5,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::OnConstraint;
+use crate::outbox::SourceKind;
 use crate::{StoreError, Visibility};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -32,7 +33,8 @@ pub struct NewProject<'a> {
     pub team_id: Option<Uuid>,
 }
 
-/// Insert a project; the creator of a private project becomes its first member.
+/// Insert a project; the creator of a private project becomes its first member. Writes the
+/// indexing outbox row in the caller's transaction.
 pub async fn insert_project(
     conn: &mut PgConnection,
     new: &NewProject<'_>,
@@ -69,6 +71,7 @@ pub async fn insert_project(
     if new.visibility == Visibility::Private {
         add_member(&mut *conn, project.org_id, project.id, new.created_by).await?;
     }
+    crate::outbox::record(&mut *conn, project.org_id, SourceKind::Project, project.id).await?;
     Ok(project)
 }
 

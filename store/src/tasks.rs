@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::outbox::SourceKind;
 use crate::projects::Cursor;
 use crate::{StoreError, TaskStatus};
 
@@ -59,7 +60,7 @@ async fn check_assignee(
 }
 
 /// Insert a task. The caller has checked that the creator sees the project; the assignee is
-/// checked here.
+/// checked here. Writes the indexing outbox row in the caller's transaction.
 pub async fn insert_task(conn: &mut PgConnection, new: &NewTask<'_>) -> Result<Task, StoreError> {
     check_assignee(&mut *conn, new.project_id, new.assignee_id).await?;
     let task = sqlx::query_as::<_, Task>(
@@ -77,8 +78,9 @@ pub async fn insert_task(conn: &mut PgConnection, new: &NewTask<'_>) -> Result<T
     .bind(new.status)
     .bind(new.assignee_id)
     .bind(new.created_by)
-    .fetch_one(conn)
+    .fetch_one(&mut *conn)
     .await?;
+    crate::outbox::record(conn, new.org_id, SourceKind::Task, task.id).await?;
     Ok(task)
 }
 
@@ -139,7 +141,8 @@ pub async fn get_visible(
 }
 
 /// Apply `patch` to a task `user_id` can see. Run it in a transaction: the task row is locked
-/// while the new assignee is checked. `None` when the task is not visible.
+/// while the new assignee is checked, and the indexing outbox row commits with the change.
+/// `None` when the task is not visible.
 pub async fn update_visible(
     conn: &mut PgConnection,
     user_id: Uuid,
@@ -169,7 +172,12 @@ pub async fn update_visible(
     .bind(patch.status)
     .bind(patch.assignee_id.is_some())
     .bind(patch.assignee_id.flatten())
-    .fetch_one(conn)
+    .fetch_one(&mut *conn)
     .await?;
+    let org_id = sqlx::query_scalar::<_, Uuid>("SELECT org_id FROM tasks WHERE id = $1")
+        .bind(row.id)
+        .fetch_one(&mut *conn)
+        .await?;
+    crate::outbox::record(conn, org_id, SourceKind::Task, row.id).await?;
     Ok(Some(row))
 }

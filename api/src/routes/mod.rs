@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod chat;
 pub mod conversations;
+pub mod documents;
 pub mod health;
 pub mod metrics;
 pub mod model_settings;
@@ -23,6 +24,8 @@ pub enum Tag {
     Projects,
     /// Project tasks
     Tasks,
+    /// Documents uploaded into projects (indexed for retrieval)
+    Documents,
     /// Conversations with the assistant: messages, streamed answers (SSE), resumption
     Conversations,
     /// Per-organization model settings

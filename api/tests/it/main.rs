@@ -7,6 +7,7 @@ mod bad_input;
 mod chat_api;
 mod chat_helpers;
 mod conversations;
+mod documents;
 mod e2e;
 mod helpers;
 mod model_settings;

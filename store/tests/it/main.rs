@@ -4,5 +4,6 @@
 
 mod conversations;
 mod embeddings;
+mod outbox;
 mod tenancy;
 mod usage;

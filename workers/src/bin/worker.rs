@@ -6,6 +6,8 @@
 //! worker dead list [--queue Q] [--limit N]       dead letters with their last error
 //! worker dead replay <ID> | --all [--queue Q]    put dead letters back on their queue
 //! worker enqueue-probe [--count N] [--key K] [--sleep-ms MS] [--fail-times N] [--queue Q]
+//! worker index [--now]                           enqueue an index job, or (--now) run one
+//!                                                index pass inline and print its figures
 //! ```
 
 use std::process::ExitCode;
@@ -52,6 +54,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DeadCmd,
     },
+    /// Re-index what the outbox recorded: enqueue an `index` job, or run a pass with --now.
+    Index(IndexArgs),
     /// Enqueue diagnostic probe jobs.
     EnqueueProbe {
         #[arg(long, default_value_t = 1)]
@@ -66,6 +70,15 @@ enum Cmd {
         #[arg(long)]
         queue: Option<Queue>,
     },
+}
+
+#[derive(Args)]
+struct IndexArgs {
+    /// Run one index pass here and now (inline, in this process) instead of enqueueing an
+    /// `index` job; prints what it did. Safe beside running workers: the outbox rows are
+    /// claimed with FOR UPDATE SKIP LOCKED and each source under its own lock.
+    #[arg(long)]
+    now: bool,
 }
 
 #[derive(Subcommand)]
@@ -99,7 +112,52 @@ async fn main() -> ExitCode {
     };
     match cli.cmd {
         None => run(settings, cli.run).await,
+        Some(Cmd::Index(IndexArgs { now: true })) => index_now(settings).await,
         Some(cmd) => operate(settings, cmd).await,
+    }
+}
+
+/// `worker index --now`: one index pass inline, with its figures on stdout.
+#[allow(clippy::print_stdout)]
+async fn index_now(settings: config::Settings) -> ExitCode {
+    let rt = match workers::Runtime::connect(settings, Duration::from_secs(30)).await {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "cannot connect");
+            return ExitCode::FAILURE;
+        }
+    };
+    let indexer = match workers::handlers::index::Indexer::new(rt.db.clone(), &rt.settings) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the LiteLLM client");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("index: model={} running one pass", indexer.model());
+    match workers::handlers::index::run_now(&indexer).await {
+        Ok((r, took)) => {
+            let secs = took.as_secs_f64().max(1e-9);
+            println!(
+                "index: batches={} sources={} outbox_rows={} chunks_embedded={} chunks_skipped={} \
+                 chunks_deleted={} documents_failed={} embed_requests={} ms={} chunks_per_s={:.0}",
+                r.batches,
+                r.sources,
+                r.outbox_rows,
+                r.chunks_embedded,
+                r.chunks_skipped,
+                r.chunks_deleted,
+                r.documents_failed,
+                r.embed_requests,
+                took.as_millis(),
+                r.chunks_embedded as f64 / secs
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "index pass failed; the outbox rows of the failed batch are kept");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -239,6 +297,12 @@ async fn operate(settings: config::Settings, cmd: Cmd) -> ExitCode {
                 }
             }
         }
+        Cmd::Index(_) => bus
+            .enqueue(jobs::kinds::Index {
+                reason: jobs::kinds::IndexReason::Requested,
+            })
+            .await
+            .map(|env| println!("{}", env.id)),
         Cmd::EnqueueProbe {
             count,
             key,

@@ -1,0 +1,170 @@
+//! Uploaded documents (SPEC §4). A document belongs to a project and may be restricted inside
+//! it to listed users and/or members of listed teams. Reads filter in SQL: the caller must see
+//! the project (`can_see_project`) and, when the document is restricted, be listed or belong to
+//! a listed team. Missing, deleted, other-org and hidden documents all answer `None`.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::StoreError;
+use crate::outbox::SourceKind;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Document {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub project_id: Uuid,
+    pub uploaded_by: Option<Uuid>,
+    pub title: String,
+    pub content_type: String,
+    pub byte_size: i64,
+    pub visible_to_user_ids: Vec<Uuid>,
+    pub visible_to_team_ids: Vec<Uuid>,
+    pub status: String,
+    pub failure_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub indexed_at: Option<DateTime<Utc>>,
+}
+
+const DOCUMENT_COLS: &str = "d.id, d.org_id, d.project_id, d.uploaded_by, d.title, d.content_type, \
+     d.byte_size, d.visible_to_user_ids, d.visible_to_team_ids, d.status, d.failure_reason, \
+     d.created_at, d.updated_at, d.indexed_at";
+
+/// Statements here only splice in the constant column list above, never input.
+fn sql(s: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(s)
+}
+
+/// The SQL predicate "user `$1` may see document `d`": the project rule, then the restriction.
+const VISIBLE_TO_CALLER: &str = "can_see_project($1, d.project_id)
+    AND (
+        (cardinality(d.visible_to_user_ids) = 0 AND cardinality(d.visible_to_team_ids) = 0)
+        OR $1 = ANY(d.visible_to_user_ids)
+        OR EXISTS (SELECT 1 FROM team_members tm
+                   WHERE tm.user_id = $1 AND tm.team_id = ANY(d.visible_to_team_ids))
+    )";
+
+pub struct NewDocument<'a> {
+    pub org_id: Uuid,
+    pub project_id: Uuid,
+    pub uploaded_by: Uuid,
+    pub title: &'a str,
+    pub content_type: &'a str,
+    pub byte_size: i64,
+    pub content: &'a str,
+    pub visible_to_user_ids: &'a [Uuid],
+    pub visible_to_team_ids: &'a [Uuid],
+}
+
+/// Check that every listed user is a member of `org_id` and every listed team one of its teams.
+pub async fn check_restrictions(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    user_ids: &[Uuid],
+    team_ids: &[Uuid],
+) -> Result<(), StoreError> {
+    let users_ok = sqlx::query_scalar::<_, bool>(
+        "SELECT count(DISTINCT m.user_id) = cardinality(ARRAY(SELECT DISTINCT unnest($2::uuid[])))
+         FROM org_memberships m WHERE m.org_id = $1 AND m.user_id = ANY($2)",
+    )
+    .bind(org_id)
+    .bind(user_ids)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !users_ok {
+        return Err(StoreError::InvalidReference {
+            field: "visible_to_user_ids",
+            message: "must name members of the project's organization",
+        });
+    }
+    let teams_ok = sqlx::query_scalar::<_, bool>(
+        "SELECT count(DISTINCT t.id) = cardinality(ARRAY(SELECT DISTINCT unnest($2::uuid[])))
+         FROM teams t WHERE t.org_id = $1 AND t.id = ANY($2)",
+    )
+    .bind(org_id)
+    .bind(team_ids)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !teams_ok {
+        return Err(StoreError::InvalidReference {
+            field: "visible_to_team_ids",
+            message: "must name teams of the project's organization",
+        });
+    }
+    Ok(())
+}
+
+/// Insert a document (status `queued`) and its outbox row, in the caller's transaction. The
+/// restriction lists are checked against the project's org.
+pub async fn insert(
+    conn: &mut PgConnection,
+    new: &NewDocument<'_>,
+) -> Result<Document, StoreError> {
+    check_restrictions(
+        &mut *conn,
+        new.org_id,
+        new.visible_to_user_ids,
+        new.visible_to_team_ids,
+    )
+    .await?;
+    let doc = sqlx::query_as::<_, Document>(sql(format!(
+        "INSERT INTO documents AS d (id, org_id, project_id, uploaded_by, title, content_type,
+                                     byte_size, content, visible_to_user_ids, visible_to_team_ids)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         RETURNING {DOCUMENT_COLS}"
+    )))
+    .bind(Uuid::now_v7())
+    .bind(new.org_id)
+    .bind(new.project_id)
+    .bind(new.uploaded_by)
+    .bind(new.title)
+    .bind(new.content_type)
+    .bind(new.byte_size)
+    .bind(new.content)
+    .bind(new.visible_to_user_ids)
+    .bind(new.visible_to_team_ids)
+    .fetch_one(&mut *conn)
+    .await?;
+    crate::outbox::record(conn, doc.org_id, SourceKind::Document, doc.id).await?;
+    Ok(doc)
+}
+
+/// The document if `user_id` may see it (not deleted); with `lock`, locked for update.
+pub async fn get_visible(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    id: Uuid,
+    lock: bool,
+) -> Result<Option<Document>, StoreError> {
+    let lock = if lock { "FOR UPDATE OF d" } else { "" };
+    let row = sqlx::query_as::<_, Document>(sql(format!(
+        "SELECT {DOCUMENT_COLS} FROM documents d
+         WHERE d.id = $2 AND d.deleted_at IS NULL AND {VISIBLE_TO_CALLER} {lock}"
+    )))
+    .bind(user_id)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row)
+}
+
+/// Delete a document: tombstone it, drop its chunks (it stops being retrievable at commit) and
+/// write its outbox row — in the caller's transaction, which should have locked the row with
+/// [`get_visible`]. False when it was already deleted.
+pub async fn delete(conn: &mut PgConnection, doc: &Document) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE documents SET deleted_at = now(), updated_at = now()
+         WHERE id = $1 AND deleted_at IS NULL",
+    )
+    .bind(doc.id)
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    crate::index::delete_source_chunks(&mut *conn, SourceKind::Document, doc.id).await?;
+    crate::outbox::record(conn, doc.org_id, SourceKind::Document, doc.id).await?;
+    Ok(true)
+}

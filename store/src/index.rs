@@ -1,0 +1,238 @@
+//! What the `index` job reads and writes besides the outbox: the current content of each kind
+//! of source, the chunk hashes already stored, stale-chunk removal and document status.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::StoreError;
+use crate::outbox::SourceKind;
+
+/// The current, indexable state of a source, with the visibility facts its chunks carry.
+#[derive(Debug, Clone)]
+pub struct SourceContent {
+    pub org_id: Uuid,
+    pub project_id: Option<Uuid>,
+    pub owner_user_id: Option<Uuid>,
+    pub allowed_user_ids: Vec<Uuid>,
+    pub allowed_team_ids: Vec<Uuid>,
+    /// The title every chunk starts from (document title, project name, task title,
+    /// conversation title).
+    pub title: String,
+    /// `text/markdown` is chunked by headings; everything else as plain text.
+    pub markdown: bool,
+    pub text: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct DocumentRow {
+    org_id: Uuid,
+    project_id: Uuid,
+    title: String,
+    content_type: String,
+    content: String,
+    visible_to_user_ids: Vec<Uuid>,
+    visible_to_team_ids: Vec<Uuid>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ProjectRow {
+    org_id: Uuid,
+    name: String,
+    description: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct TaskRow {
+    org_id: Uuid,
+    project_id: Uuid,
+    title: String,
+    description: String,
+    status: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct MessageRow {
+    org_id: Uuid,
+    user_id: Uuid,
+    title: String,
+    role: String,
+    content: String,
+}
+
+/// Load the current content of a source; `None` when it is gone (deleted, or a kind of row
+/// that is not indexed, e.g. a tool-call message), so its chunks should go.
+pub async fn load_source(
+    conn: &mut PgConnection,
+    kind: SourceKind,
+    id: Uuid,
+) -> Result<Option<SourceContent>, StoreError> {
+    Ok(match kind {
+        SourceKind::Document => sqlx::query_as::<_, DocumentRow>(
+            "SELECT org_id, project_id, title, content_type, content, visible_to_user_ids,
+                    visible_to_team_ids
+             FROM documents WHERE id = $1 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .map(|d| SourceContent {
+            org_id: d.org_id,
+            project_id: Some(d.project_id),
+            owner_user_id: None,
+            allowed_user_ids: d.visible_to_user_ids,
+            allowed_team_ids: d.visible_to_team_ids,
+            title: d.title,
+            markdown: d.content_type == "text/markdown",
+            text: d.content,
+        }),
+        SourceKind::Project => sqlx::query_as::<_, ProjectRow>(
+            "SELECT org_id, name, description FROM projects WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .map(|p| SourceContent {
+            org_id: p.org_id,
+            project_id: Some(id),
+            owner_user_id: None,
+            allowed_user_ids: vec![],
+            allowed_team_ids: vec![],
+            text: if p.description.trim().is_empty() {
+                p.name.clone()
+            } else {
+                format!("{}\n\n{}", p.name, p.description)
+            },
+            title: p.name,
+            markdown: false,
+        }),
+        SourceKind::Task => sqlx::query_as::<_, TaskRow>(
+            "SELECT org_id, project_id, title, description, status::text AS status
+             FROM tasks WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .map(|t| SourceContent {
+            org_id: t.org_id,
+            project_id: Some(t.project_id),
+            owner_user_id: None,
+            allowed_user_ids: vec![],
+            allowed_team_ids: vec![],
+            text: if t.description.trim().is_empty() {
+                format!("{}\nstatus: {}", t.title, t.status)
+            } else {
+                format!("{}\nstatus: {}\n\n{}", t.title, t.status, t.description)
+            },
+            title: t.title,
+            markdown: false,
+        }),
+        SourceKind::Message => sqlx::query_as::<_, MessageRow>(
+            "SELECT c.org_id, c.user_id, c.title, m.role, m.content
+             FROM messages m JOIN conversations c ON c.id = m.conversation_id
+             WHERE m.id = $1 AND m.role IN ('user', 'assistant') AND m.tool_calls IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .map(|m| SourceContent {
+            org_id: m.org_id,
+            project_id: None,
+            owner_user_id: Some(m.user_id),
+            allowed_user_ids: vec![],
+            allowed_team_ids: vec![],
+            title: if m.title.is_empty() {
+                format!("conversation ({})", m.role)
+            } else {
+                format!("{} ({})", m.title, m.role)
+            },
+            markdown: false,
+            text: m.content,
+        }),
+    })
+}
+
+/// The stored `(chunk_index, content_hash)` of a source for `model`.
+pub async fn chunk_hashes(
+    conn: &mut PgConnection,
+    kind: SourceKind,
+    id: Uuid,
+    model: &str,
+) -> Result<Vec<(i32, Vec<u8>)>, StoreError> {
+    let rows = sqlx::query_as::<_, (i32, Vec<u8>)>(
+        "SELECT chunk_index, content_hash FROM embeddings
+         WHERE source_kind = $1 AND source_id = $2 AND model = $3",
+    )
+    .bind(kind.as_str())
+    .bind(id)
+    .bind(model)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows)
+}
+
+/// Delete every chunk of a source (every model).
+pub async fn delete_source_chunks(
+    conn: &mut PgConnection,
+    kind: SourceKind,
+    id: Uuid,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query("DELETE FROM embeddings WHERE source_kind = $1 AND source_id = $2")
+        .bind(kind.as_str())
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Delete the chunks of a source for `model` whose index is `count` or beyond (the source got
+/// shorter).
+pub async fn delete_stale_chunks(
+    conn: &mut PgConnection,
+    kind: SourceKind,
+    id: Uuid,
+    model: &str,
+    count: i32,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "DELETE FROM embeddings
+         WHERE source_kind = $1 AND source_id = $2 AND model = $3 AND chunk_index >= $4",
+    )
+    .bind(kind.as_str())
+    .bind(id)
+    .bind(model)
+    .bind(count)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// A document's content is in the index.
+pub async fn mark_document_indexed(conn: &mut PgConnection, id: Uuid) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE documents SET status = 'indexed', failure_reason = NULL, indexed_at = now(),
+                              updated_at = now()
+         WHERE id = $1 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A document's content could not be indexed; `reason` is shown to whoever may see it, so it
+/// must not carry provider text.
+pub async fn mark_document_failed(
+    conn: &mut PgConnection,
+    id: Uuid,
+    reason: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE documents SET status = 'failed', failure_reason = $2, updated_at = now()
+         WHERE id = $1 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
