@@ -4,12 +4,15 @@
 //! - `bench chat`: the chat path — direct to a fake upstream, through the LiteLLM proxy, and
 //!   through Switchboard (HTTP → bus → chat worker → model → SSE) — and the SSE capacity of one
 //!   API process; see [`chat`] and [`sse`].
+//! - `bench index`: indexing throughput (chunks/s) with the zero-latency fake embedder, direct
+//!   and through the LiteLLM proxy; see [`index`].
 //!
 //! Every run uses its own Redis key prefix (and, for `chat`, its own scratch database), deleted
 //! at the end, and stops by itself.
 
 mod bus;
 mod chat;
+mod index;
 mod scratch;
 mod sse;
 mod stats;
@@ -49,6 +52,13 @@ enum Cmd {
     /// The chat path: TTFT and total, direct / via LiteLLM / via Switchboard, at several
     /// concurrencies; then how many SSE streams one API process holds.
     Chat(chat::ChatArgs),
+    /// Indexing throughput: chunks/s of an index pass, direct to the fake embedder and through
+    /// the LiteLLM proxy, in a scratch database.
+    Index {
+        /// Sources to index (one chunk each).
+        #[arg(long, default_value_t = 5000)]
+        chunks: usize,
+    },
 }
 
 #[tokio::main]
@@ -76,6 +86,7 @@ async fn main() -> ExitCode {
             samples,
         } => bus::bench_bus(&settings, secs, producers, concurrency, samples).await,
         Cmd::Chat(args) => chat::bench_chat(settings, args).await,
+        Cmd::Index { chunks } => index::bench_index(settings, chunks).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

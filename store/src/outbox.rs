@@ -151,3 +151,22 @@ pub async fn depth(conn: &mut PgConnection) -> Result<i64, StoreError> {
         .await?;
     Ok(n)
 }
+
+/// Queue every indexable source for re-indexing (after a change of embedding model, or to
+/// rebuild the index): one outbox row per live document, project, task and user/assistant
+/// message. Unchanged chunks of the current model cost no embedding call. Returns the rows
+/// written.
+pub async fn requeue_all(conn: &mut PgConnection) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "INSERT INTO index_outbox (org_id, source_kind, source_id)
+         SELECT org_id, 'document', id FROM documents WHERE deleted_at IS NULL
+         UNION ALL SELECT org_id, 'project', id FROM projects
+         UNION ALL SELECT org_id, 'task', id FROM tasks
+         UNION ALL SELECT c.org_id, 'message', m.id
+                   FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                   WHERE m.role IN ('user', 'assistant') AND m.tool_calls IS NULL",
+    )
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}

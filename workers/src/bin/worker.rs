@@ -6,8 +6,9 @@
 //! worker dead list [--queue Q] [--limit N]       dead letters with their last error
 //! worker dead replay <ID> | --all [--queue Q]    put dead letters back on their queue
 //! worker enqueue-probe [--count N] [--key K] [--sleep-ms MS] [--fail-times N] [--queue Q]
-//! worker index [--now]                           enqueue an index job, or (--now) run one
+//! worker index [--now [--all]]                   enqueue an index job, or (--now) run one
 //!                                                index pass inline and print its figures
+//!                                                (--all: queue every source first)
 //! ```
 
 use std::process::ExitCode;
@@ -79,6 +80,10 @@ struct IndexArgs {
     /// claimed with FOR UPDATE SKIP LOCKED and each source under its own lock.
     #[arg(long)]
     now: bool,
+    /// First queue every source (documents, projects, tasks, messages) for re-indexing, e.g.
+    /// after changing EMBEDDING_MODEL; unchanged chunks cost no embedding call.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Subcommand)]
@@ -112,14 +117,14 @@ async fn main() -> ExitCode {
     };
     match cli.cmd {
         None => run(settings, cli.run).await,
-        Some(Cmd::Index(IndexArgs { now: true })) => index_now(settings).await,
+        Some(Cmd::Index(IndexArgs { now: true, all })) => index_now(settings, all).await,
         Some(cmd) => operate(settings, cmd).await,
     }
 }
 
 /// `worker index --now`: one index pass inline, with its figures on stdout.
 #[allow(clippy::print_stdout)]
-async fn index_now(settings: config::Settings) -> ExitCode {
+async fn index_now(settings: config::Settings, all: bool) -> ExitCode {
     let rt = match workers::Runtime::connect(settings, Duration::from_secs(30)).await {
         Ok(rt) => rt,
         Err(e) => {
@@ -134,6 +139,19 @@ async fn index_now(settings: config::Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if all {
+        let queued = match rt.db.acquire().await {
+            Ok(mut conn) => store::outbox::requeue_all(&mut conn).await,
+            Err(e) => Err(e.into()),
+        };
+        match queued {
+            Ok(n) => println!("index: queued {n} sources"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot queue the sources");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     println!("index: model={} running one pass", indexer.model());
     match workers::handlers::index::run_now(&indexer).await {
         Ok((r, took)) => {
@@ -297,12 +315,17 @@ async fn operate(settings: config::Settings, cmd: Cmd) -> ExitCode {
                 }
             }
         }
-        Cmd::Index(_) => bus
-            .enqueue(jobs::kinds::Index {
+        Cmd::Index(args) => {
+            if args.all {
+                tracing::error!("--all goes with --now");
+                return ExitCode::from(2);
+            }
+            bus.enqueue(jobs::kinds::Index {
                 reason: jobs::kinds::IndexReason::Requested,
             })
             .await
-            .map(|env| println!("{}", env.id)),
+            .map(|env| println!("{}", env.id))
+        }
         Cmd::EnqueueProbe {
             count,
             key,

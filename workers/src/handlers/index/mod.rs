@@ -75,6 +75,9 @@ pub struct PassReport {
     pub documents_failed: u64,
     /// Embedding requests made.
     pub embed_requests: u64,
+    /// Milliseconds spent waiting for the embedder, and writing chunks.
+    pub embed_ms: u64,
+    pub write_ms: u64,
 }
 
 impl PassReport {
@@ -87,6 +90,8 @@ impl PassReport {
         self.chunks_deleted += b.chunks_deleted;
         self.documents_failed += b.documents_failed;
         self.embed_requests += b.embed_requests;
+        self.embed_ms += b.embed_ms;
+        self.write_ms += b.write_ms;
     }
 }
 
@@ -290,6 +295,7 @@ impl Indexer {
         }
 
         // Embed what changed, `embed_batch` inputs per request.
+        let embed_started = Instant::now();
         let mut stop = false;
         let mut unavailable: Vec<usize> = Vec::new();
         let mut start = 0;
@@ -324,6 +330,8 @@ impl Indexer {
         }
         unavailable.sort_unstable();
         unavailable.dedup();
+        report.embed_ms = embed_started.elapsed().as_millis() as u64;
+        let write_started = Instant::now();
 
         // Write: chunks, stale chunks, document status, outbox rows.
         let mut done_ids = junk;
@@ -396,6 +404,7 @@ impl Indexer {
         report.outbox_rows = done_ids.len() as u64;
         store::outbox::delete(&mut tx, &done_ids).await?;
         tx.commit().await?;
+        report.write_ms = write_started.elapsed().as_millis() as u64;
         metrics::counter!("index_chunks_total", "outcome" => "embedded")
             .increment(report.chunks_embedded);
         metrics::counter!("index_chunks_total", "outcome" => "skipped")

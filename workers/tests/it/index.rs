@@ -1,0 +1,121 @@
+//! `worker index --now` (one pass inline, figures on stdout), `worker index` (enqueue) and the
+//! `worker` binary's `index` handler, against LiteLLM in front of the fake upstream.
+
+use std::process::{Output, Stdio};
+
+use testkit::{FakeClient, TestDb, TestRedis, unique_model, via_litellm};
+
+use crate::process::command;
+
+fn worker(db: &TestDb, redis: &TestRedis, model: &str, args: &[&str]) -> Output {
+    let mut cmd = command(env!("CARGO_BIN_EXE_worker"), db, redis);
+    cmd.env("EMBEDDING_MODEL", model);
+    if let Ok(url) = std::env::var("LITELLM_BASE_URL") {
+        cmd.env("LITELLM_BASE_URL", url);
+    }
+    if let Ok(key) = std::env::var("LITELLM_API_KEY") {
+        cmd.env("LITELLM_API_KEY", key);
+    }
+    let out = cmd.args(args).stdout(Stdio::piped()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "worker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A project (its creation writes the outbox row).
+async fn project(db: &TestDb, name: &str) {
+    let mut tx = db.pool.begin().await.unwrap();
+    let org = store::tenancy::insert_org(&mut tx, "o").await.unwrap().id;
+    let user = store::tenancy::insert_user(&mut tx, &format!("{name}@x.io"), "u", "h")
+        .await
+        .unwrap()
+        .id;
+    store::tenancy::insert_membership(&mut tx, org, user, store::Role::Owner)
+        .await
+        .unwrap();
+    store::projects::insert_project(
+        &mut tx,
+        &store::projects::NewProject {
+            org_id: org,
+            created_by: user,
+            name,
+            description: "indexed by the worker",
+            visibility: store::Visibility::Org,
+            team_id: None,
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn chunks(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM embeddings")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn index_now_runs_a_pass_inline_and_prints_its_figures() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let model = unique_model("embed");
+    project(&db, "apollo").await;
+    let out = worker(&db, &redis, &via_litellm(&model), &["index", "--now"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last = text.lines().last().unwrap_or_default();
+    assert!(last.starts_with("index: batches=1 sources=1 "), "{text}");
+    assert!(
+        last.contains("chunks_embedded=1 chunks_skipped=0"),
+        "{text}"
+    );
+    assert_eq!(chunks(&db).await, 1);
+    assert_eq!(
+        FakeClient::shared().requests(&model).await.unwrap().len(),
+        1
+    );
+    // nothing left: a second pass does nothing
+    let out = worker(&db, &redis, &via_litellm(&model), &["index", "--now"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("sources=0 "), "{text}");
+    // --all queues every source again: nothing changed, so nothing is embedded
+    let out = worker(
+        &db,
+        &redis,
+        &via_litellm(&model),
+        &["index", "--now", "--all"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("index: queued 1 sources"), "{text}");
+    assert!(
+        text.contains("chunks_embedded=0 chunks_skipped=1"),
+        "{text}"
+    );
+    assert_eq!(
+        FakeClient::shared().requests(&model).await.unwrap().len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_enqueued_index_job_is_handled_by_the_worker_binary() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let model = unique_model("embed");
+    project(&db, "gemini").await;
+    let out = worker(&db, &redis, &via_litellm(&model), &["index"]);
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    assert_eq!(chunks(&db).await, 0, "enqueueing does not index");
+    worker(
+        &db,
+        &redis,
+        &via_litellm(&model),
+        &["--queues", "index", "--until-empty", "--timeout-secs", "60"],
+    );
+    assert_eq!(chunks(&db).await, 1);
+}
