@@ -4,7 +4,8 @@
 //!   a project the caller cannot see answers 404. Multipart (part `file`, optional JSON part
 //!   `meta`) or JSON (`content` as text; base64 for `application/pdf`). The body is limited to
 //!   `MAX_UPLOAD_BYTES` before it is read (413); the text is extracted here and the document
-//!   is queued for the next `index` run (its outbox row commits with it).
+//!   is queued for indexing (its outbox row commits with it); an `index` job is requested so
+//!   it does not wait for the scheduled run (at most one request per 10 s for all uploads).
 //! - Read: only users who can see the project *and*, for a restricted document, are listed in
 //!   `visible_to_user_ids` or belong to a team of `visible_to_team_ids`; anyone else gets 404.
 //! - Delete: the uploader, or an owner/admin of the org; another user who can see the document
@@ -250,6 +251,31 @@ impl Incoming {
     }
 }
 
+/// Uploads ask for an index run at most once per this many seconds.
+const INDEX_REQUEST_WINDOW_SECS: u64 = 10;
+
+impl DocumentsApi {
+    /// Ask for an index run soon instead of waiting for the scheduled one: at most one
+    /// `index` job per `INDEX_REQUEST_WINDOW_SECS` for all uploads (a tick marker, like the
+    /// scheduler's). The document is already safe in the outbox, so a failure here only delays
+    /// its indexing to the next scheduled run; the upload does not fail for it.
+    async fn request_index_run(&self) {
+        let window = chrono::Utc::now().timestamp().max(0) as u64 / INDEX_REQUEST_WINDOW_SECS;
+        let job = jobs::kinds::Index {
+            reason: jobs::kinds::IndexReason::Requested,
+        };
+        let marker_ttl = std::time::Duration::from_secs(INDEX_REQUEST_WINDOW_SECS * 6);
+        if let Err(e) = self
+            .state
+            .bus
+            .enqueue_tick("index-upload", window, "api", marker_ttl, job)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot request an index run; the scheduled one will index the document");
+        }
+    }
+}
+
 #[OpenApi(prefix_path = "/v1", tag = "Tag::Documents")]
 impl DocumentsApi {
     /// Upload a document into a project the caller can see; it is indexed by the next `index`
@@ -301,6 +327,7 @@ impl DocumentsApi {
         tx.commit().await?;
         tracing::info!(document_id = %doc.id, project_id = %project.id, bytes = byte_size,
             content_type = incoming.content_type, "document queued for indexing");
+        self.request_index_run().await;
         Ok(DocumentCreated::Accepted(Json(DocumentQueued {
             id: doc.id,
             status: doc.status,

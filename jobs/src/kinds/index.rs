@@ -1,6 +1,6 @@
 //! `index`: re-index what the outbox recorded since the last run (chunk, embed, upsert). The
-//! scheduler enqueues one per `INDEX_INTERVAL_SECS`. Handler: a later issue — until then index
-//! jobs wait in their stream.
+//! scheduler enqueues one per `INDEX_INTERVAL_SECS`; document uploads request one (at most one
+//! per 10 s); `worker index` enqueues one. Handler: `workers::handlers::index`.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +18,8 @@ pub struct Index {
 pub enum IndexReason {
     /// The scheduler's periodic run for interval number `tick` (unix time / interval).
     Scheduled { tick: u64 },
-    /// Asked for outside the schedule (e.g. a document upload that wants to be seen soon).
+    /// Asked for outside the schedule (a document upload that wants to be seen soon, or an
+    /// operator's `worker index`).
     Requested,
 }
 
