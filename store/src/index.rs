@@ -236,3 +236,83 @@ pub async fn mark_document_failed(
     .await?;
     Ok(())
 }
+
+/// Rows per bulk statement of [`write_chunks`].
+const WRITE_CHUNK_ROWS: usize = 512;
+
+/// Insert or replace many chunks with few statements (the semantics of
+/// [`crate::embeddings::upsert_chunks`], which writes one row per statement): rows are grouped
+/// by their allowed-user/team lists (the array columns that cannot travel inside an `unnest`),
+/// then written `WRITE_CHUNK_ROWS` at a time. No two chunks may share a key.
+pub async fn write_chunks(
+    conn: &mut PgConnection,
+    chunks: &[crate::embeddings::NewChunk],
+) -> Result<(), StoreError> {
+    let mut groups: std::collections::BTreeMap<
+        (&[Uuid], &[Uuid]),
+        Vec<&crate::embeddings::NewChunk>,
+    > = std::collections::BTreeMap::new();
+    for c in chunks {
+        groups
+            .entry((c.allowed_user_ids.as_slice(), c.allowed_team_ids.as_slice()))
+            .or_default()
+            .push(c);
+    }
+    for ((users, teams), rows) in groups {
+        for part in rows.chunks(WRITE_CHUNK_ROWS) {
+            let ids: Vec<Uuid> = part.iter().map(|_| Uuid::now_v7()).collect();
+            let orgs: Vec<Uuid> = part.iter().map(|c| c.org_id).collect();
+            let kinds: Vec<&str> = part.iter().map(|c| c.source_kind).collect();
+            let sources: Vec<Uuid> = part.iter().map(|c| c.source_id).collect();
+            let indexes: Vec<i32> = part.iter().map(|c| c.chunk_index).collect();
+            let projects: Vec<Option<Uuid>> = part.iter().map(|c| c.project_id).collect();
+            let owners: Vec<Option<Uuid>> = part.iter().map(|c| c.owner_user_id).collect();
+            let titles: Vec<&str> = part.iter().map(|c| c.title.as_str()).collect();
+            let contents: Vec<&str> = part.iter().map(|c| c.content.as_str()).collect();
+            let hashes: Vec<&[u8]> = part.iter().map(|c| c.content_hash.as_slice()).collect();
+            let models: Vec<&str> = part.iter().map(|c| c.model.as_str()).collect();
+            let dims: Vec<i32> = part
+                .iter()
+                .map(|c| i32::try_from(c.embedding.as_slice().len()).unwrap_or(i32::MAX))
+                .collect();
+            let vectors: Vec<pgvector::Vector> = part.iter().map(|c| c.embedding.clone()).collect();
+            sqlx::query(
+                "INSERT INTO embeddings (id, org_id, source_kind, source_id, chunk_index, project_id,
+                     owner_user_id, allowed_user_ids, allowed_team_ids, title, content, content_hash,
+                     model, dim, embedding)
+                 SELECT u.id, u.org_id, u.kind, u.source_id, u.chunk_index, u.project_id,
+                        u.owner_user_id, $14, $15, u.title, u.content, u.hash, u.model, u.dim,
+                        u.embedding
+                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::int4[],
+                             $6::uuid[], $7::uuid[], $8::text[], $9::text[], $10::bytea[],
+                             $11::text[], $12::int4[], $13::vector[])
+                      AS u(id, org_id, kind, source_id, chunk_index, project_id, owner_user_id,
+                           title, content, hash, model, dim, embedding)
+                 ON CONFLICT (source_kind, source_id, model, chunk_index) DO UPDATE SET
+                     project_id = EXCLUDED.project_id, owner_user_id = EXCLUDED.owner_user_id,
+                     allowed_user_ids = EXCLUDED.allowed_user_ids,
+                     allowed_team_ids = EXCLUDED.allowed_team_ids, title = EXCLUDED.title,
+                     content = EXCLUDED.content, content_hash = EXCLUDED.content_hash,
+                     dim = EXCLUDED.dim, embedding = EXCLUDED.embedding, updated_at = now()",
+            )
+            .bind(&ids)
+            .bind(&orgs)
+            .bind(&kinds)
+            .bind(&sources)
+            .bind(&indexes)
+            .bind(&projects)
+            .bind(&owners)
+            .bind(&titles)
+            .bind(&contents)
+            .bind(&hashes)
+            .bind(&models)
+            .bind(&dims)
+            .bind(&vectors)
+            .bind(users)
+            .bind(teams)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}

@@ -126,3 +126,69 @@ async fn claims_coalesce_a_source_and_skip_rows_held_elsewhere() {
     t2.rollback().await.unwrap();
     assert_eq!(outbox_rows(&db).await, [("task".to_owned(), b)]);
 }
+
+#[tokio::test]
+async fn bulk_chunk_writes_keep_each_rows_visibility_facts_and_replace_by_key() {
+    use store::embeddings::NewChunk;
+    let db = TestDb::new().await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let (project, _, _) = changes(&mut c).await;
+    let org: Uuid = sqlx::query_scalar("SELECT org_id FROM projects WHERE id = $1")
+        .bind(project)
+        .fetch_one(&mut *c)
+        .await
+        .unwrap();
+    let (doc, task) = (Uuid::new_v4(), Uuid::new_v4());
+    let listed = Uuid::new_v4();
+    let chunk = |kind: &'static str, source: Uuid, i: i32, allowed: Vec<Uuid>, text: &str| {
+        let mut v = vec![0.0f32; 384];
+        v[i as usize] = 1.0;
+        NewChunk {
+            org_id: org,
+            source_kind: kind,
+            source_id: source,
+            chunk_index: i,
+            project_id: Some(project),
+            owner_user_id: None,
+            allowed_user_ids: allowed,
+            allowed_team_ids: vec![],
+            title: format!("title {i}"),
+            content: text.to_owned(),
+            content_hash: text.as_bytes().to_vec(),
+            model: "m".into(),
+            embedding: pgvector::Vector::from(v),
+        }
+    };
+    store::index::write_chunks(
+        &mut c,
+        &[
+            chunk("document", doc, 0, vec![listed], "d0"),
+            chunk("task", task, 0, vec![], "t0"),
+            chunk("document", doc, 1, vec![listed], "d1"),
+        ],
+    )
+    .await
+    .unwrap();
+    store::index::write_chunks(&mut c, &[chunk("task", task, 0, vec![], "t0 new")])
+        .await
+        .unwrap();
+    let rows: Vec<(String, i32, Vec<Uuid>, String, i32)> = sqlx::query_as(
+        "SELECT source_kind, chunk_index, allowed_user_ids, content, dim FROM embeddings
+         ORDER BY source_kind, chunk_index",
+    )
+    .fetch_all(&mut *c)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("document".to_owned(), 0, vec![listed], "d0".to_owned(), 384),
+            ("document".to_owned(), 1, vec![listed], "d1".to_owned(), 384),
+            ("task".to_owned(), 0, vec![], "t0 new".to_owned(), 384),
+        ]
+    );
+    let hashes = store::index::chunk_hashes(&mut c, SourceKind::Document, doc, "m")
+        .await
+        .unwrap();
+    assert_eq!(hashes.len(), 2);
+}

@@ -336,6 +336,7 @@ impl Indexer {
         // Write: chunks, stale chunks, document status, outbox rows.
         let mut done_ids = junk;
         let mut chunks_by_plan: HashMap<usize, Vec<NewChunk>> = HashMap::new();
+        let mut to_write: Vec<NewChunk> = Vec::new();
         for p in pending {
             let (Some(vector), Some(src)) = (p.vector, plans[p.plan].content.as_ref()) else {
                 continue;
@@ -385,9 +386,9 @@ impl Indexer {
                     store::index::delete_source_chunks(&mut tx, plan.kind, plan.id).await?;
                 continue;
             }
-            if let Some(chunks) = chunks_by_plan.get(&i) {
-                store::embeddings::upsert_chunks(&mut tx, chunks).await?;
+            if let Some(chunks) = chunks_by_plan.remove(&i) {
                 report.chunks_embedded += chunks.len() as u64;
+                to_write.extend(chunks);
             }
             report.chunks_deleted += store::index::delete_stale_chunks(
                 &mut tx,
@@ -401,6 +402,7 @@ impl Indexer {
                 store::index::mark_document_indexed(&mut tx, plan.id).await?;
             }
         }
+        store::index::write_chunks(&mut tx, &to_write).await?;
         report.outbox_rows = done_ids.len() as u64;
         store::outbox::delete(&mut tx, &done_ids).await?;
         tx.commit().await?;
