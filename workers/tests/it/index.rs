@@ -52,6 +52,15 @@ async fn project(db: &TestDb, name: &str) {
     tx.commit().await.unwrap();
 }
 
+/// source_id, owner_user_id, project_id, title, content
+type MessageChunk = (
+    uuid::Uuid,
+    Option<uuid::Uuid>,
+    Option<uuid::Uuid>,
+    String,
+    String,
+);
+
 async fn chunks(db: &TestDb) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM embeddings")
         .fetch_one(&db.pool)
@@ -160,13 +169,7 @@ async fn user_and_assistant_messages_are_indexed_for_their_owner_only() {
     let indexer = workers::handlers::index::Indexer::new(db.pool.clone(), &settings).unwrap();
     let r = indexer.run_pass(false).await.unwrap();
     assert_eq!((r.sources, r.chunks_embedded), (2, 2), "{r:?}");
-    let rows: Vec<(
-        uuid::Uuid,
-        Option<uuid::Uuid>,
-        Option<uuid::Uuid>,
-        String,
-        String,
-    )> = sqlx::query_as(
+    let rows: Vec<MessageChunk> = sqlx::query_as(
         "SELECT source_id, owner_user_id, project_id, title, content FROM embeddings
              WHERE source_kind = 'message' ORDER BY content DESC",
     )
