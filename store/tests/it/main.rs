@@ -4,5 +4,6 @@
 
 mod conversations;
 mod embeddings;
+mod retrieval;
 mod tenancy;
 mod usage;
