@@ -489,10 +489,19 @@ impl Settings {
         )?;
         positive(self.auth.login_window_secs, "LOGIN_WINDOW_SECS")?;
         positive(u64::from(self.retrieval.candidates), "retrieval.candidates")?;
-        positive(u64::from(self.retrieval.token_budget), "RETRIEVAL_TOKEN_BUDGET")?;
-        positive(self.retrieval.embed_timeout_ms, "retrieval.embed_timeout_ms")?;
+        positive(
+            u64::from(self.retrieval.token_budget),
+            "RETRIEVAL_TOKEN_BUDGET",
+        )?;
+        positive(
+            self.retrieval.embed_timeout_ms,
+            "retrieval.embed_timeout_ms",
+        )?;
         if self.retrieval.top_k > 100 {
-            return Err(ConfigError::invalid("RETRIEVAL_TOP_K", "must be at most 100"));
+            return Err(ConfigError::invalid(
+                "RETRIEVAL_TOP_K",
+                "must be at most 100",
+            ));
         }
         if !(1..=1000).contains(&self.retrieval.ef_search) {
             return Err(ConfigError::invalid(

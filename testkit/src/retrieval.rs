@@ -129,5 +129,7 @@ pub fn message_chunk(
 
 /// Store chunks (the indexer's `upsert_chunks`).
 pub async fn insert(conn: &mut PgConnection, chunks: &[NewChunk]) {
-    store::embeddings::upsert_chunks(conn, chunks).await.unwrap();
+    store::embeddings::upsert_chunks(conn, chunks)
+        .await
+        .unwrap();
 }

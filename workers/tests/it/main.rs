@@ -9,4 +9,5 @@ mod crash;
 mod metrics;
 mod ops;
 mod process;
+mod retrieval;
 mod scheduler;
