@@ -4,12 +4,15 @@
 //! - `bench chat`: the chat path — direct to a fake upstream, through the LiteLLM proxy, and
 //!   through Switchboard (HTTP → bus → chat worker → model → SSE) — and the SSE capacity of one
 //!   API process; see [`chat`] and [`sse`].
+//! - `bench retrieval`: filtered hybrid search on a generated index (latency, recall@10
+//!   against exact filtered search, for users who see 1 %, 10 % and 100 %); see [`retrieval`].
 //!
 //! Every run uses its own Redis key prefix (and, for `chat`, its own scratch database), deleted
 //! at the end, and stops by itself.
 
 mod bus;
 mod chat;
+mod retrieval;
 mod scratch;
 mod sse;
 mod stats;
@@ -49,6 +52,8 @@ enum Cmd {
     /// The chat path: TTFT and total, direct / via LiteLLM / via Switchboard, at several
     /// concurrencies; then how many SSE streams one API process holds.
     Chat(chat::ChatArgs),
+    /// Retrieval: filtered hybrid search on a generated index in a scratch database.
+    Retrieval(retrieval::RetrievalArgs),
 }
 
 #[tokio::main]
@@ -76,6 +81,7 @@ async fn main() -> ExitCode {
             samples,
         } => bus::bench_bus(&settings, secs, producers, concurrency, samples).await,
         Cmd::Chat(args) => chat::bench_chat(settings, args).await,
+        Cmd::Retrieval(args) => retrieval::bench_retrieval(settings, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

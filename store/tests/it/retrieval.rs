@@ -469,3 +469,81 @@ async fn the_recent_window_is_excluded_and_a_one_percent_user_still_gets_k_resul
         "{words:?}"
     );
 }
+
+#[tokio::test]
+async fn a_filtered_hnsw_scan_keeps_going_until_enough_rows_pass_the_filter() {
+    let db = TestDb::new().await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = fx::org(&mut c).await;
+    let owner = fx::user(&mut c, org, Role::Owner).await;
+    let user = fx::user(&mut c, org, Role::Member).await;
+    let mine = fx::project(&mut c, org, user, Visibility::Private, None).await;
+    let others = fx::project(&mut c, org, owner, Visibility::Private, None).await;
+    // half of 2 000 chunks visible: the planner takes the HNSW index; with ef_search = 10 a
+    // plain scan would stop after ~10 candidates (~5 visible), the iterative one goes on
+    let mut chunks = Vec::new();
+    for i in 0..2000 {
+        let text = format!("chunk {i}");
+        let p = if i % 2 == 0 { mine } else { others };
+        chunks.push(fx::project_chunk(
+            org,
+            p,
+            "task",
+            Uuid::now_v7(),
+            "T",
+            &text,
+            &text,
+            MODEL,
+            DIM,
+        ));
+    }
+    fx::insert(&mut c, &chunks).await;
+    sqlx::query("ANALYZE embeddings")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    let conv = store::conversations::create(&mut c, org, user, "c", None)
+        .await
+        .unwrap()
+        .id;
+    let v = pgvector::Vector::from(fake_embedding("anything", DIM));
+    let q = Query {
+        org_id: org,
+        user_id: user,
+        conversation_id: conv,
+        embedding: Some(&v),
+        text: "",
+        model: MODEL,
+        dim: DIM as u32,
+        k: 6,
+        exclude_message_ids: &[],
+    };
+    let tuning = Tuning {
+        candidates: 10,
+        ef_search: 10,
+        max_scan_tuples: 20_000,
+    };
+    let plan = retrieval::explain_nearest(&mut c, &q, &tuning, 40)
+        .await
+        .unwrap()
+        .join("\n");
+    assert!(plan.contains("embeddings_hnsw_d384"), "{plan}");
+    let approx = retrieval::nearest(&mut c, &q, &tuning, 40, false)
+        .await
+        .unwrap();
+    let exact = retrieval::nearest(&mut c, &q, &tuning, 40, true)
+        .await
+        .unwrap();
+    assert_eq!(approx.len(), 40, "{plan}");
+    let visible: std::collections::HashSet<Uuid> =
+        sqlx::query_scalar("SELECT id FROM embeddings WHERE project_id = $1")
+            .bind(mine)
+            .fetch_all(&mut *c)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert!(approx.iter().all(|id| visible.contains(id)));
+    let hits = exact.iter().filter(|id| approx.contains(id)).count();
+    assert!(hits >= 30, "recall@40 {hits}/40");
+}
