@@ -68,6 +68,9 @@ pub struct RetrievalArgs {
     /// Print EXPLAIN (ANALYZE, BUFFERS) of the 1 %-visible user's vector query.
     #[arg(long)]
     explain: bool,
+    /// Keep the scratch database (to inspect plans with psql); drop it yourself afterwards.
+    #[arg(long)]
+    keep: bool,
     /// Seed of the generated data and queries.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -88,7 +91,14 @@ pub async fn bench_retrieval(
         println!("retrieval: scratch database {}", db.name);
     }
     let outcome = run(&db, &args).await;
-    db.drop_db().await;
+    if args.keep {
+        #[allow(clippy::print_stdout)]
+        {
+            println!("retrieval: kept the scratch database {}", db.name);
+        }
+    } else {
+        db.drop_db().await;
+    }
     outcome
 }
 
@@ -425,6 +435,18 @@ async fn run(db: &ScratchDb, args: &RetrievalArgs) -> anyhow::Result<()> {
             };
             let mut conn = pool.acquire().await?;
             for line in retrieval::explain_nearest(&mut conn, &query, &tuning, 40).await? {
+                println!("  {}", elide_literals(&line));
+            }
+            let text = words(&mut rng, 3);
+            println!(
+                "retrieval: EXPLAIN of the hybrid search, {} visible, text {text:?}:",
+                user.label
+            );
+            let hybrid = Query {
+                text: &text,
+                ..query.clone()
+            };
+            for line in retrieval::explain_search(&mut conn, &hybrid, &tuning).await? {
                 println!("  {}", elide_literals(&line));
             }
         }
