@@ -221,12 +221,13 @@ fn search_sql(dim: u32, with_vector: bool, all_projects: bool) -> String {
              SELECT coalesce(a.id, f.id) AS id,
                     coalesce(1.0 / ({rrf} + a.r), 0) + coalesce(1.0 / ({rrf} + f.r), 0) AS score,
                     a.r AS vector_rank, f.r AS text_rank
-             FROM ann_ranked a FULL JOIN fts_ranked f ON f.id = a.id)
+             FROM ann_ranked a FULL JOIN fts_ranked f ON f.id = a.id),
+         top AS (
+             SELECT * FROM fused ORDER BY score DESC, vector_rank NULLS LAST, id LIMIT $10)
          SELECT e.id, e.source_kind, e.source_id, e.chunk_index, e.project_id, e.title,
-                e.content, fused.score::float8 AS score, fused.vector_rank, fused.text_rank
-         FROM fused JOIN embeddings e ON e.id = fused.id
-         ORDER BY fused.score DESC, fused.vector_rank NULLS LAST, e.id
-         LIMIT $10",
+                e.content, top.score::float8 AS score, top.vector_rank, top.text_rank
+         FROM top JOIN embeddings e ON e.id = top.id
+         ORDER BY top.score DESC, top.vector_rank NULLS LAST, e.id",
         fts = fts_sql(all_projects),
         rrf = RRF_K,
     )
