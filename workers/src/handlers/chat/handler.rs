@@ -268,8 +268,8 @@ impl ChatHandler {
         }
     }
 
-    /// Store the answer with its `citations` (once per response) and, when it was new, count its usage for the
-    /// conversation's org; commit; then publish `message.completed`.
+    /// Store the answer with its `citations` (once per response) and, when it was new, count
+    /// its usage for the conversation's org; commit; then publish `message.completed`.
     async fn complete(&self, response: &Response, a: Answered, citations: Value) -> HandlerResult {
         let mut tx = self.inner.db.begin().await.map_err(db_error)?;
         let Some(locked) = conv::lock_response(&mut tx, response.id)

@@ -68,17 +68,19 @@ impl PromptBuilder {
     }
 
     /// Retrieved chunks (already visibility-filtered and fitted to the token budget): a
-    /// second system message, right after the standing instructions, delimiting them as data.
+    /// delimited section appended to the system message, after the standing instructions. One
+    /// system message, not two: several chat templates (llama.cpp's among them) accept only
+    /// one, first.
     pub fn retrieved(mut self, chunks: &[store::retrieval::Chunk]) -> Self {
         self.workspace = super::retrieval::section(chunks);
         self
     }
 
     pub fn build(self) -> Vec<llm::Message> {
-        let mut out = Vec::with_capacity(self.recent.len() + 2);
-        out.push(llm::Message::system(self.system));
-        if let Some(w) = self.workspace {
-            out.push(llm::Message::system(w));
+        let mut out = Vec::with_capacity(self.recent.len() + 1);
+        match self.workspace {
+            Some(w) => out.push(llm::Message::system(format!("{}\n\n{w}", self.system))),
+            None => out.push(llm::Message::system(self.system)),
         }
         out.extend(self.recent);
         out

@@ -302,6 +302,19 @@ mod tests {
     }
 
     #[test]
+    fn the_section_follows_the_instructions_in_the_one_system_message() {
+        use crate::handlers::chat::prompt::{PromptBuilder, SYSTEM_PROMPT};
+        let plain = PromptBuilder::new().retrieved(&[]).build();
+        assert_eq!(plain.len(), 1, "no chunks, no section");
+        let chunks = [chunk("Plan", "step one", "document")];
+        let prompt = PromptBuilder::new().retrieved(&chunks).build();
+        assert_eq!(prompt.len(), 1, "one system message");
+        let system = prompt[0].content.as_deref().unwrap();
+        assert!(system.starts_with(SYSTEM_PROMPT), "{system}");
+        assert!(system.ends_with(&section(&chunks).unwrap()), "{system}");
+    }
+
+    #[test]
     fn citations_name_the_sources_given() {
         let c = chunk("Plan", "x", "document");
         let r = Retrieved {
