@@ -273,6 +273,17 @@ pub struct UsageView {
     pub total_tokens: Option<i32>,
 }
 
+/// A source the assistant was given for an answer (retrieved workspace data).
+#[derive(Object, Clone, Serialize, Deserialize)]
+pub struct CitationView {
+    /// `document`, `project`, `task` or `message` (an earlier conversation of the caller).
+    pub source_kind: String,
+    pub source_id: Uuid,
+    pub title: String,
+    /// The chunk of the source (0-based).
+    pub chunk: i32,
+}
+
 /// A message of a conversation (`user`, `assistant`, or `tool` for a tool result). Internal
 /// memory and summaries are never messages and never shown.
 #[derive(Object, Clone, Serialize)]
@@ -286,6 +297,8 @@ pub struct MessageView {
     /// The response it answers (assistant messages).
     pub response_id: Option<Uuid>,
     pub usage: Option<UsageView>,
+    /// The sources of the workspace data the answer was given (assistant messages; else empty).
+    pub citations: Vec<CitationView>,
 }
 
 impl From<store::conversations::Message> for MessageView {
@@ -307,6 +320,7 @@ impl From<store::conversations::Message> for MessageView {
             created_at: m.created_at,
             response_id: m.response_id,
             usage,
+            citations: serde_json::from_value(m.citations).unwrap_or_default(),
         }
     }
 }

@@ -85,6 +85,18 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ),
     ("EMBEDDING_MODEL", "embedding.model", Kind::Str),
     ("EMBEDDING_DIM", "embedding.dim", Kind::Int),
+    ("RETRIEVAL_TOP_K", "retrieval.top_k", Kind::Int),
+    (
+        "RETRIEVAL_TOKEN_BUDGET",
+        "retrieval.token_budget",
+        Kind::Int,
+    ),
+    ("RETRIEVAL_EF_SEARCH", "retrieval.ef_search", Kind::Int),
+    (
+        "RETRIEVAL_MAX_SCAN_TUPLES",
+        "retrieval.max_scan_tuples",
+        Kind::Int,
+    ),
     ("EVENTS_RETENTION_SECS", "events.retention_secs", Kind::Int),
     ("LOG_FORMAT", "log.format", Kind::Str),
     ("LOG_FILTER", "log.filter", Kind::Str),
@@ -132,6 +144,7 @@ pub struct Settings {
     pub index: IndexSettings,
     pub chat: ChatSettings,
     pub embedding: EmbeddingSettings,
+    pub retrieval: RetrievalSettings,
     pub events: EventsSettings,
     pub log: LogSettings,
     pub queues: QueuesSettings,
@@ -256,6 +269,24 @@ pub struct ChatSettings {
 pub struct EmbeddingSettings {
     pub model: String,
     pub dim: u32,
+}
+
+/// Retrieval in the chat turn (store::retrieval; docs/ARCHITECTURE.md, "Retrieval").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrievalSettings {
+    /// Chunks retrieved per turn (after fusion), at most.
+    pub top_k: u32,
+    /// Rows taken from each list (vector, full text) before reciprocal rank fusion.
+    pub candidates: u32,
+    /// Estimated tokens (4 characters each) of the prompt's workspace-data section, at most.
+    pub token_budget: u32,
+    /// `hnsw.ef_search` of the vector scan.
+    pub ef_search: u32,
+    /// `hnsw.max_scan_tuples`: how far an iterative scan walks for a restrictive filter.
+    pub max_scan_tuples: u32,
+    /// The query's embedding call gives up after this; the turn then uses full text only.
+    pub embed_timeout_ms: u64,
 }
 
 /// Response events (SSE): the per-response replay stream behind `Last-Event-ID`.
@@ -482,6 +513,31 @@ impl Settings {
             "LOGIN_IP_MAX_FAILURES",
         )?;
         positive(self.auth.login_window_secs, "LOGIN_WINDOW_SECS")?;
+        positive(u64::from(self.retrieval.candidates), "retrieval.candidates")?;
+        positive(
+            u64::from(self.retrieval.token_budget),
+            "RETRIEVAL_TOKEN_BUDGET",
+        )?;
+        positive(
+            self.retrieval.embed_timeout_ms,
+            "retrieval.embed_timeout_ms",
+        )?;
+        if self.retrieval.top_k > 100 {
+            return Err(ConfigError::invalid(
+                "RETRIEVAL_TOP_K",
+                "must be at most 100",
+            ));
+        }
+        if !(1..=1000).contains(&self.retrieval.ef_search) {
+            return Err(ConfigError::invalid(
+                "RETRIEVAL_EF_SEARCH",
+                "must be between 1 and 1000",
+            ));
+        }
+        positive(
+            u64::from(self.retrieval.max_scan_tuples),
+            "RETRIEVAL_MAX_SCAN_TUPLES",
+        )?;
         if !(1..=16_000).contains(&self.embedding.dim) {
             return Err(ConfigError::invalid(
                 "EMBEDDING_DIM",
@@ -634,6 +690,8 @@ mod tests {
         assert_eq!(s.chat.recent_messages, 12);
         assert_eq!(s.api.max_upload_bytes, 10 * 1024 * 1024);
         assert_eq!(s.embedding.dim, 384);
+        assert_eq!(s.retrieval.top_k, 6);
+        assert_eq!(s.retrieval.token_budget, 1500);
         assert_eq!(s.auth.login_max_failures, 5);
         assert_eq!(s.auth.login_ip_max_failures, 50);
         assert_eq!(s.auth.login_window_secs, 900);
@@ -724,6 +782,27 @@ mod tests {
         assert!(e.contains("INDEX_CHUNK_OVERLAP_TOKENS"), "{e}");
         let e = load(&[("INDEX_EMBED_BATCH", "0")]).unwrap_err().to_string();
         assert!(e.contains("INDEX_EMBED_BATCH"), "{e}");
+    fn retrieval_settings_load_from_the_environment_and_are_checked() {
+        let s = load(&[
+            ("RETRIEVAL_TOP_K", "3"),
+            ("RETRIEVAL_TOKEN_BUDGET", "800"),
+            ("RETRIEVAL_EF_SEARCH", "64"),
+            ("RETRIEVAL_MAX_SCAN_TUPLES", "5000"),
+        ])
+        .unwrap();
+        assert_eq!(s.retrieval.top_k, 3);
+        assert_eq!(s.retrieval.token_budget, 800);
+        assert_eq!(s.retrieval.ef_search, 64);
+        assert_eq!(s.retrieval.max_scan_tuples, 5000);
+        for (name, bad) in [
+            ("RETRIEVAL_TOP_K", "101"),
+            ("RETRIEVAL_TOKEN_BUDGET", "0"),
+            ("RETRIEVAL_EF_SEARCH", "5000"),
+            ("RETRIEVAL_MAX_SCAN_TUPLES", "0"),
+        ] {
+            let e = load(&[(name, bad)]).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod index;
 pub mod outbox;
 pub mod probe;
 pub mod projects;
+pub mod retrieval;
 pub mod tasks;
 pub mod tenancy;
 mod types;

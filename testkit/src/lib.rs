@@ -4,6 +4,7 @@
 //! - [`TestRedis`]: a unique Redis key prefix per test, cleaned up on drop.
 //! - [`fake_upstream`]: a scripted OpenAI-compatible upstream, in-process or shared behind the
 //!   real LiteLLM proxy.
+//! - [`retrieval`]: tenants, projects and indexed chunks for retrieval tests and benches.
 //! - [`test_settings`]: `config::Settings` pointing at all of the above.
 //!
 //! The services come from the environment that scripts/test sets up (`scripts/services env`);
@@ -14,6 +15,7 @@ pub mod db;
 pub mod env;
 pub mod fake_upstream;
 pub mod redis_prefix;
+pub mod retrieval;
 
 pub use db::TestDb;
 pub use fake_upstream::{Behaviour, FakeClient, FakeUpstream};

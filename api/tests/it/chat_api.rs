@@ -559,7 +559,8 @@ async fn messages_are_paginated_in_order() {
                         "model",
                         "created_at",
                         "response_id",
-                        "usage"
+                        "usage",
+                        "citations"
                     ]
                     .contains(&k.as_str()),
                     "{k}"

@@ -13,6 +13,7 @@ mod helpers;
 mod model_settings;
 mod observability;
 mod ops;
+mod retrieval;
 mod tenancy;
 mod usage;
 mod visibility_model;

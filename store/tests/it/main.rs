@@ -5,5 +5,6 @@
 mod conversations;
 mod embeddings;
 mod outbox;
+mod retrieval;
 mod tenancy;
 mod usage;

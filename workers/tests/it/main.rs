@@ -10,4 +10,5 @@ mod index;
 mod metrics;
 mod ops;
 mod process;
+mod retrieval;
 mod scheduler;

@@ -135,7 +135,12 @@ impl ChatHandler {
                 "the user message of this turn is not in its conversation",
             ));
         }
-        let messages = PromptBuilder::new().recent_messages(&recent).build();
+        let retrieved = self.retrieve(job, &recent).await?;
+        let citations = retrieved.citations();
+        let messages = PromptBuilder::new()
+            .retrieved(&retrieved.chunks)
+            .recent_messages(&recent)
+            .build();
         let org = conv::org_models(db, job.org_id).await.map_err(db_error)?;
         let models = Models::choose(org, &self.inner.chat);
         let mut turn = Turn::new(response.id, self.inner.call_limit);
@@ -150,7 +155,7 @@ impl ChatHandler {
             .call_model(&mut turn, &models.primary, &messages)
             .await?
         {
-            CallOutcome::Answered(a) => return self.complete(&response, a).await,
+            CallOutcome::Answered(a) => return self.complete(&response, a, citations).await,
             CallOutcome::AlreadyFinished => return self.already_finished(job).await,
             CallOutcome::RateLimited(after) => {
                 return self
@@ -180,7 +185,7 @@ impl ChatHandler {
         tracing::info!(primary = %models.primary, fallback, kind = primary_error.kind(), "falling back");
         metrics::fallback(&models.primary, fallback);
         match self.call_model(&mut turn, fallback, &messages).await? {
-            CallOutcome::Answered(a) => self.complete(&response, a).await,
+            CallOutcome::Answered(a) => self.complete(&response, a, citations).await,
             CallOutcome::AlreadyFinished => self.already_finished(job).await,
             CallOutcome::RateLimited(after) => {
                 self.on_rate_limited(ctx, &response, fallback, after).await
@@ -263,9 +268,9 @@ impl ChatHandler {
         }
     }
 
-    /// Store the answer (once per response) and, when it was new, count its usage for the
-    /// conversation's org; commit; then publish `message.completed`.
-    async fn complete(&self, response: &Response, a: Answered) -> HandlerResult {
+    /// Store the answer with its `citations` (once per response) and, when it was new, count
+    /// its usage for the conversation's org; commit; then publish `message.completed`.
+    async fn complete(&self, response: &Response, a: Answered, citations: Value) -> HandlerResult {
         let mut tx = self.inner.db.begin().await.map_err(db_error)?;
         let Some(locked) = conv::lock_response(&mut tx, response.id)
             .await
@@ -289,7 +294,7 @@ impl ChatHandler {
                 prompt_tokens: a.usage.map(|u| to_i32(u.prompt_tokens)),
                 completion_tokens: a.usage.map(|u| to_i32(u.completion_tokens)),
                 latency_ms: i32::try_from(a.latency.as_millis()).unwrap_or(i32::MAX),
-                citations: json!([]),
+                citations,
             },
         )
         .await

@@ -5,6 +5,7 @@
 //! - [`prompt`]: prompt assembly ([`PromptBuilder`]);
 //! - [`policy`]: model choice, model-wide cooldowns, when rate-limit waiting becomes an error;
 //! - [`stream`]: one model call, its tokens published as they arrive;
+//! - [`retrieval`]: hybrid retrieval of workspace data for the prompt, and citations;
 //! - [`handler`]: the turn: restart and redelivery handling, fallback, completion, failures;
 //! - [`metrics`]: model and chat metrics.
 
@@ -12,6 +13,7 @@ mod handler;
 pub mod metrics;
 pub mod policy;
 pub mod prompt;
+pub mod retrieval;
 mod stream;
 
 use std::sync::Arc;
@@ -50,6 +52,8 @@ struct Inner {
     llm: llm::LlmClient,
     cooldowns: policy::Cooldowns,
     chat: config::ChatSettings,
+    retrieval: config::RetrievalSettings,
+    embedding: config::EmbeddingSettings,
     queue: config::QueueSettings,
     /// Upper bound of the model calls of one run (primary and fallback together):
     /// `litellm.request_timeout_secs`. (The bus's heartbeat keeps the job claimed meanwhile.)
@@ -63,6 +67,7 @@ impl ChatHandler {
         settings: &config::Settings,
     ) -> Result<Self, llm::LlmError> {
         metrics::describe();
+        retrieval::describe();
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -71,6 +76,8 @@ impl ChatHandler {
                 llm: llm::LlmClient::new(&settings.litellm)?,
                 cooldowns: policy::Cooldowns::new(redis),
                 chat: settings.chat.clone(),
+                retrieval: settings.retrieval.clone(),
+                embedding: settings.embedding.clone(),
                 queue: settings.queues.chat.clone(),
                 call_limit: Duration::from_secs(settings.litellm.request_timeout_secs),
             }),

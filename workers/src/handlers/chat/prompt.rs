@@ -31,6 +31,8 @@ Be concise and concrete.";
 #[derive(Debug, Clone)]
 pub struct PromptBuilder {
     system: String,
+    /// The "workspace data" section of retrieved chunks (handlers/chat/retrieval.rs).
+    workspace: Option<String>,
     recent: Vec<llm::Message>,
 }
 
@@ -44,6 +46,7 @@ impl PromptBuilder {
     pub fn new() -> Self {
         Self {
             system: SYSTEM_PROMPT.to_owned(),
+            workspace: None,
             recent: Vec::new(),
         }
     }
@@ -64,9 +67,21 @@ impl PromptBuilder {
         self
     }
 
+    /// Retrieved chunks (already visibility-filtered and fitted to the token budget): a
+    /// delimited section appended to the system message, after the standing instructions. One
+    /// system message, not two: several chat templates (llama.cpp's among them) accept only
+    /// one, first.
+    pub fn retrieved(mut self, chunks: &[store::retrieval::Chunk]) -> Self {
+        self.workspace = super::retrieval::section(chunks);
+        self
+    }
+
     pub fn build(self) -> Vec<llm::Message> {
         let mut out = Vec::with_capacity(self.recent.len() + 1);
-        out.push(llm::Message::system(self.system));
+        match self.workspace {
+            Some(w) => out.push(llm::Message::system(format!("{}\n\n{w}", self.system))),
+            None => out.push(llm::Message::system(self.system)),
+        }
         out.extend(self.recent);
         out
     }

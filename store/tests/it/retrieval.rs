@@ -1,0 +1,549 @@
+//! `store::retrieval::search`: reciprocal rank fusion of the vector and full-text lists, and
+//! the live visibility filter (projects, restricted documents, message owners, narrowing,
+//! deletion, other orgs), evaluated on every call.
+
+use store::retrieval::{self, Chunk, Query, Tuning};
+use store::{Role, Visibility};
+use testkit::TestDb;
+use testkit::fake_upstream::fake_embedding;
+use testkit::retrieval as fx;
+use uuid::Uuid;
+
+const MODEL: &str = "fake/embed";
+const DIM: usize = 384;
+
+async fn search_as(
+    db: &TestDb,
+    org: Uuid,
+    user: Uuid,
+    conversation: Uuid,
+    text: &str,
+    embed: Option<&str>,
+) -> Vec<Chunk> {
+    let v = embed.map(|t| pgvector::Vector::from(fake_embedding(t, DIM)));
+    let mut c = db.pool.acquire().await.unwrap();
+    retrieval::search(
+        &mut c,
+        &Query {
+            org_id: org,
+            user_id: user,
+            conversation_id: conversation,
+            embedding: v.as_ref(),
+            text,
+            model: MODEL,
+            dim: DIM as u32,
+            k: 6,
+            exclude_message_ids: &[],
+        },
+        &Tuning::default(),
+    )
+    .await
+    .unwrap()
+}
+
+fn contents(chunks: &[Chunk]) -> Vec<&str> {
+    chunks.iter().map(|c| c.content.as_str()).collect()
+}
+
+#[tokio::test]
+async fn rank_fusion_returns_a_text_only_hit_and_a_vector_only_hit_and_ranks_a_double_hit_first() {
+    let db = TestDb::new().await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = fx::org(&mut c).await;
+    let user = fx::user(&mut c, org, Role::Member).await;
+    let p = fx::project(&mut c, org, user, Visibility::Org, None).await;
+    let conv = store::conversations::create(&mut c, org, user, "c", None)
+        .await
+        .unwrap()
+        .id;
+    let query = "where is the quarterly zeppelin budget";
+    let mut chunks = vec![
+        // only the words match (its vector is of other text)
+        fx::project_chunk(
+            org,
+            p,
+            "task",
+            Uuid::now_v7(),
+            "Zeppelin",
+            "the zeppelin budget sheet",
+            "other words",
+            MODEL,
+            DIM,
+        ),
+        // only the vector matches (the query's own embedding), no shared word
+        fx::project_chunk(
+            org,
+            p,
+            "task",
+            Uuid::now_v7(),
+            "Notes",
+            "figures for next term",
+            query,
+            MODEL,
+            DIM,
+        ),
+    ];
+    for i in 0..20 {
+        let text = format!("filler number {i} about gardening");
+        chunks.push(fx::project_chunk(
+            org,
+            p,
+            "task",
+            Uuid::now_v7(),
+            "F",
+            &text,
+            &text,
+            MODEL,
+            DIM,
+        ));
+    }
+    fx::insert(&mut c, &chunks).await;
+
+    let got = search_as(&db, org, user, conv, query, Some(query)).await;
+    assert_eq!(got.len(), 6, "top k: {:?}", contents(&got));
+    let text_hit = got
+        .iter()
+        .find(|c| c.content == "the zeppelin budget sheet")
+        .expect("the full-text hit");
+    assert_eq!(text_hit.text_rank, Some(1));
+    let vector_hit = got
+        .iter()
+        .find(|c| c.content == "figures for next term")
+        .expect("the vector hit");
+    assert_eq!(vector_hit.vector_rank, Some(1));
+    assert_eq!(vector_hit.text_rank, None);
+    assert!(
+        (vector_hit.score - 1.0 / 61.0).abs() < 1e-9,
+        "{}",
+        vector_hit.score
+    );
+    assert_eq!(vector_hit.source_kind, "task");
+    assert_eq!(vector_hit.project_id, Some(p));
+    // the two rank-1 hits lead; scores never increase down the list
+    assert!(got.windows(2).all(|w| w[0].score >= w[1].score));
+
+    // a chunk in both lists outranks both single-list winners
+    let both = fx::project_chunk(
+        org,
+        p,
+        "document",
+        Uuid::now_v7(),
+        "Budget",
+        "zeppelin budget plan",
+        query,
+        MODEL,
+        DIM,
+    );
+    fx::insert(&mut c, &[both]).await;
+    let got = search_as(&db, org, user, conv, query, Some(query)).await;
+    assert_eq!(
+        got[0].content,
+        "zeppelin budget plan",
+        "{:?}",
+        contents(&got)
+    );
+    assert!(got[0].vector_rank.is_some() && got[0].text_rank.is_some());
+
+    // no embedding (the embedder is down): full text alone still answers
+    let got = search_as(&db, org, user, conv, query, None).await;
+    assert!(got.iter().all(|c| c.vector_rank.is_none()));
+    let mut words = contents(&got);
+    words.sort();
+    assert_eq!(words, ["the zeppelin budget sheet", "zeppelin budget plan"]);
+    // an embedding of another model's rows finds nothing of this model
+    let mut c2 = db.pool.acquire().await.unwrap();
+    let v = pgvector::Vector::from(fake_embedding(query, DIM));
+    let other = retrieval::search(
+        &mut c2,
+        &Query {
+            org_id: org,
+            user_id: user,
+            conversation_id: conv,
+            embedding: Some(&v),
+            text: query,
+            model: "fake/other",
+            dim: DIM as u32,
+            k: 6,
+            exclude_message_ids: &[],
+        },
+        &Tuning::default(),
+    )
+    .await
+    .unwrap();
+    assert!(other.is_empty(), "{other:?}");
+}
+
+#[tokio::test]
+async fn the_filter_is_live_for_projects_restrictions_messages_narrowing_deletion_and_orgs() {
+    let db = TestDb::new().await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = fx::org(&mut c).await;
+    let owner = fx::user(&mut c, org, Role::Owner).await;
+    let alice = fx::user(&mut c, org, Role::Member).await;
+    let bob = fx::user(&mut c, org, Role::Member).await;
+    let carol = fx::user(&mut c, org, Role::Member).await;
+    let team = store::tenancy::insert_team(&mut c, org, "t")
+        .await
+        .unwrap()
+        .id;
+    store::tenancy::add_team_member(&db.pool, org, team, carol)
+        .await
+        .unwrap();
+    let private = fx::project(&mut c, org, alice, Visibility::Private, None).await;
+    store::projects::add_member(&mut c, org, private, bob)
+        .await
+        .unwrap();
+    store::projects::add_member(&mut c, org, private, carol)
+        .await
+        .unwrap();
+    let open = fx::project(&mut c, org, owner, Visibility::Org, None).await;
+    let doc = fx::document(&mut c, org, private, "Secret plan").await;
+    let restricted_doc = fx::document(&mut c, org, private, "For some").await;
+    let alice_msg = Uuid::now_v7();
+    let mut restricted = fx::project_chunk(
+        org,
+        private,
+        "document",
+        restricted_doc,
+        "For some",
+        "marker restricted ostrich",
+        "marker restricted ostrich",
+        MODEL,
+        DIM,
+    );
+    restricted.allowed_user_ids = vec![bob];
+    restricted.allowed_team_ids = vec![team];
+    fx::insert(
+        &mut c,
+        &[
+            fx::project_chunk(
+                org,
+                private,
+                "document",
+                doc,
+                "Secret plan",
+                "marker private pelican",
+                "marker private pelican",
+                MODEL,
+                DIM,
+            ),
+            fx::project_chunk(
+                org,
+                open,
+                "task",
+                Uuid::now_v7(),
+                "Open",
+                "marker open flamingo",
+                "marker open flamingo",
+                MODEL,
+                DIM,
+            ),
+            restricted,
+            fx::message_chunk(org, alice, alice_msg, "marker message heron", MODEL, DIM),
+        ],
+    )
+    .await;
+    // another org with the same words
+    let org2 = fx::org(&mut c).await;
+    let mallory = fx::user(&mut c, org2, Role::Owner).await;
+    let p2 = fx::project(&mut c, org2, mallory, Visibility::Org, None).await;
+    fx::insert(
+        &mut c,
+        &[fx::project_chunk(
+            org2,
+            p2,
+            "task",
+            Uuid::now_v7(),
+            "X",
+            "marker foreign crane",
+            "marker foreign crane",
+            MODEL,
+            DIM,
+        )],
+    )
+    .await;
+
+    let mut convs = std::collections::HashMap::new();
+    for u in [owner, alice, bob, carol] {
+        convs.insert(
+            u,
+            store::conversations::create(&mut c, org, u, "c", None)
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let conv_m = store::conversations::create(&mut c, org2, mallory, "c", None)
+        .await
+        .unwrap()
+        .id;
+    let seen = |got: Vec<Chunk>| {
+        let mut words: Vec<String> = got
+            .iter()
+            .map(|c| c.content.split(' ').nth(1).unwrap().to_owned())
+            .collect();
+        words.sort();
+        words
+    };
+    let q = "marker";
+    assert_eq!(
+        seen(search_as(&db, org, alice, convs[&alice], q, Some(q)).await),
+        ["message", "open", "private"]
+    );
+    assert_eq!(
+        seen(search_as(&db, org, bob, convs[&bob], q, Some(q)).await),
+        ["open", "private", "restricted"]
+    );
+    assert_eq!(
+        seen(search_as(&db, org, carol, convs[&carol], q, Some(q)).await),
+        ["open", "private", "restricted"],
+        "through her team"
+    );
+    // the owner sees every project, but not alice's messages nor the restricted document
+    assert_eq!(
+        seen(search_as(&db, org, owner, convs[&owner], q, Some(q)).await),
+        ["open", "private"]
+    );
+    assert_eq!(
+        seen(search_as(&db, org2, mallory, conv_m, q, Some(q)).await),
+        ["foreign"]
+    );
+    // a user asking with another org's id, or in someone else's conversation, gets nothing
+    assert!(
+        search_as(&db, org, mallory, conv_m, q, Some(q))
+            .await
+            .is_empty()
+    );
+    assert!(
+        search_as(&db, org, bob, convs[&alice], q, Some(q))
+            .await
+            .is_empty()
+    );
+
+    // live: carol leaves the team, bob leaves the project
+    store::tenancy::remove_team_member(&db.pool, org, team, carol)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(search_as(&db, org, carol, convs[&carol], q, Some(q)).await),
+        ["open", "private"]
+    );
+    store::projects::remove_member(&mut c, private, bob)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(search_as(&db, org, bob, convs[&bob], q, Some(q)).await),
+        ["open"]
+    );
+    // narrowing: alice's conversation about the open project only
+    let narrow = store::conversations::create(&mut c, org, alice, "n", Some(&[open]))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(
+        seen(search_as(&db, org, alice, narrow, q, Some(q)).await),
+        ["message", "open"]
+    );
+    // deleted document: marked deleted, rows still there (before any re-index)
+    sqlx::query("UPDATE documents SET deleted_at = now() WHERE id = $1")
+        .bind(doc)
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(search_as(&db, org, alice, convs[&alice], q, Some(q)).await),
+        ["message", "open"]
+    );
+    assert_eq!(
+        seen(search_as(&db, org, alice, convs[&alice], q, None).await),
+        ["message", "open"],
+        "full text too"
+    );
+    // removed from the org: nothing at all, own messages included
+    store::tenancy::remove_member(&db.pool, org, alice)
+        .await
+        .unwrap();
+    assert!(
+        search_as(&db, org, alice, convs[&alice], q, Some(q))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn the_recent_window_is_excluded_and_a_one_percent_user_still_gets_k_results() {
+    let db = TestDb::new().await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = fx::org(&mut c).await;
+    let owner = fx::user(&mut c, org, Role::Owner).await;
+    let user = fx::user(&mut c, org, Role::Member).await;
+    let mine = fx::project(&mut c, org, user, Visibility::Private, None).await;
+    let others = fx::project(&mut c, org, owner, Visibility::Private, None).await;
+    // 1 000 chunks, 1 % of them visible to `user`: the HNSW scan must walk past the hidden
+    // 99 % (iterative scan) instead of returning the few visible rows among its first ef_search
+    let mut chunks = Vec::new();
+    for i in 0..1000 {
+        let text = format!("chunk {i}");
+        let p = if i % 100 == 7 { mine } else { others };
+        chunks.push(fx::project_chunk(
+            org,
+            p,
+            "task",
+            Uuid::now_v7(),
+            "T",
+            &text,
+            &text,
+            MODEL,
+            DIM,
+        ));
+    }
+    fx::insert(&mut c, &chunks).await;
+    sqlx::query("ANALYZE embeddings")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    let conv = store::conversations::create(&mut c, org, user, "c", None)
+        .await
+        .unwrap()
+        .id;
+    let v = pgvector::Vector::from(fake_embedding("anything", DIM));
+    let q = Query {
+        org_id: org,
+        user_id: user,
+        conversation_id: conv,
+        embedding: Some(&v),
+        text: "",
+        model: MODEL,
+        dim: DIM as u32,
+        k: 6,
+        exclude_message_ids: &[],
+    };
+    let tuning = Tuning {
+        candidates: 10,
+        ef_search: 10,
+        max_scan_tuples: 20_000,
+    };
+    let approx = retrieval::nearest(&mut c, &q, &tuning, 10, false)
+        .await
+        .unwrap();
+    let exact = retrieval::nearest(&mut c, &q, &tuning, 10, true)
+        .await
+        .unwrap();
+    assert_eq!(exact.len(), 10);
+    assert_eq!(
+        approx.len(),
+        10,
+        "the iterative scan found all 10 visible rows"
+    );
+    let got = retrieval::search(&mut c, &q, &tuning).await.unwrap();
+    assert_eq!(got.len(), 6);
+    assert!(got.iter().all(|c| c.project_id == Some(mine)));
+
+    // message chunks of the recent window are left out when asked
+    let m1 = Uuid::now_v7();
+    let m2 = Uuid::now_v7();
+    fx::insert(
+        &mut c,
+        &[
+            fx::message_chunk(org, user, m1, "window walrus", MODEL, DIM),
+            fx::message_chunk(org, user, m2, "older walrus", MODEL, DIM),
+        ],
+    )
+    .await;
+    let v = pgvector::Vector::from(fake_embedding("walrus", DIM));
+    let got = retrieval::search(
+        &mut c,
+        &Query {
+            embedding: Some(&v),
+            text: "walrus",
+            exclude_message_ids: &[m1],
+            ..q.clone()
+        },
+        &Tuning::default(),
+    )
+    .await
+    .unwrap();
+    let words = contents(&got);
+    assert!(
+        words.contains(&"older walrus") && !words.contains(&"window walrus"),
+        "{words:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_filtered_hnsw_scan_keeps_going_until_enough_rows_pass_the_filter() {
+    let db = TestDb::new().await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = fx::org(&mut c).await;
+    let owner = fx::user(&mut c, org, Role::Owner).await;
+    let user = fx::user(&mut c, org, Role::Member).await;
+    let mine = fx::project(&mut c, org, user, Visibility::Private, None).await;
+    let others = fx::project(&mut c, org, owner, Visibility::Private, None).await;
+    // half of 2 000 chunks visible: the planner takes the HNSW index; with ef_search = 10 a
+    // plain scan would stop after ~10 candidates (~5 visible), the iterative one goes on
+    let mut chunks = Vec::new();
+    for i in 0..2000 {
+        let text = format!("chunk {i}");
+        let p = if i % 2 == 0 { mine } else { others };
+        chunks.push(fx::project_chunk(
+            org,
+            p,
+            "task",
+            Uuid::now_v7(),
+            "T",
+            &text,
+            &text,
+            MODEL,
+            DIM,
+        ));
+    }
+    fx::insert(&mut c, &chunks).await;
+    sqlx::query("ANALYZE embeddings")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    let conv = store::conversations::create(&mut c, org, user, "c", None)
+        .await
+        .unwrap()
+        .id;
+    let v = pgvector::Vector::from(fake_embedding("anything", DIM));
+    let q = Query {
+        org_id: org,
+        user_id: user,
+        conversation_id: conv,
+        embedding: Some(&v),
+        text: "",
+        model: MODEL,
+        dim: DIM as u32,
+        k: 6,
+        exclude_message_ids: &[],
+    };
+    let tuning = Tuning {
+        candidates: 10,
+        ef_search: 10,
+        max_scan_tuples: 20_000,
+    };
+    let plan = retrieval::explain_nearest(&mut c, &q, &tuning, 40)
+        .await
+        .unwrap()
+        .join("\n");
+    assert!(plan.contains("embeddings_hnsw_d384"), "{plan}");
+    let approx = retrieval::nearest(&mut c, &q, &tuning, 40, false)
+        .await
+        .unwrap();
+    let exact = retrieval::nearest(&mut c, &q, &tuning, 40, true)
+        .await
+        .unwrap();
+    assert_eq!(approx.len(), 40, "{plan}");
+    let visible: std::collections::HashSet<Uuid> =
+        sqlx::query_scalar("SELECT id FROM embeddings WHERE project_id = $1")
+            .bind(mine)
+            .fetch_all(&mut *c)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert!(approx.iter().all(|id| visible.contains(id)));
+    let hits = exact.iter().filter(|id| approx.contains(id)).count();
+    assert!(hits >= 30, "recall@40 {hits}/40");
+}
