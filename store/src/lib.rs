@@ -6,6 +6,7 @@
 pub mod conversations;
 pub mod embeddings;
 mod error;
+pub mod memory;
 pub mod probe;
 pub mod projects;
 pub mod tasks;

@@ -1,7 +1,8 @@
-//! Job handlers, one module per kind, and the registry a worker runs with. `probe` and `chat`
-//! exist so far; summarize, remember, index and execute_action arrive with their issues.
+//! Job handlers, one module per kind, and the registry a worker runs with. `probe`, `chat`
+//! and the memory queue's `summarize` and `remember` (handlers/memory) exist so far; index and execute_action arrive with their issues.
 
 pub mod chat;
+pub mod memory;
 pub mod probe;
 
 use jobs::Registry;
@@ -18,5 +19,6 @@ pub fn registry(db: sqlx::PgPool) -> Registry {
 pub fn worker_registry(rt: &crate::Runtime) -> Result<Registry, llm::LlmError> {
     let mut r = registry(rt.db.clone());
     chat::ChatHandler::new(rt.db.clone(), rt.redis.clone(), &rt.settings)?.register(&mut r);
+    memory::MemoryHandlers::new(rt.db.clone(), rt.redis.clone(), &rt.settings)?.register(&mut r);
     Ok(r)
 }

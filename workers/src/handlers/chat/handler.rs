@@ -135,7 +135,16 @@ impl ChatHandler {
                 "the user message of this turn is not in its conversation",
             ));
         }
-        let messages = PromptBuilder::new().recent_messages(&recent).build();
+        let question = recent
+            .last()
+            .map(|m| m.content.as_str())
+            .unwrap_or_default();
+        let memory = self.memory_context(job, question).await?;
+        let messages = PromptBuilder::new()
+            .memories(memory.memories)
+            .summary(memory.summary)
+            .recent_messages(&recent)
+            .build();
         let org = conv::org_models(db, job.org_id).await.map_err(db_error)?;
         let models = Models::choose(org, &self.inner.chat);
         let mut turn = Turn::new(response.id, self.inner.call_limit);
@@ -294,6 +303,7 @@ impl ChatHandler {
         )
         .await
         .map_err(db_error)?;
+        let mut follow_up = None;
         if stored {
             // The org of the conversation (not the job's payload) pays. A call whose answer was
             // not stored (a failed attempt, or a stalled run that lost the race) is not counted.
@@ -314,12 +324,17 @@ impl ChatHandler {
             )
             .await
             .map_err(db_error)?;
+            follow_up = Some((conversation.id, conversation.user_id, conversation.org_id));
         } else {
             tracing::info!("the answer was already stored by another run; usage not counted again");
         }
         tx.commit().await.map_err(db_error)?;
         self.publish(response.id, &completed_event(&message))
             .await?;
+        if let Some((conversation_id, user_id, org_id)) = follow_up {
+            self.enqueue_follow_ups(conversation_id, user_id, org_id, message.id)
+                .await;
+        }
         tracing::info!(model = %a.model, "answered");
         Ok(())
     }

@@ -27,11 +27,20 @@ with it, in the same words whether or not it exists.
 
 Be concise and concrete.";
 
+/// Introduces the memory entries of a prompt.
+pub const MEMORIES_HEADER: &str = "Background you remember about this workspace, its projects \
+and this user (use it only when relevant; never mention that you keep such notes):";
+
+/// Introduces the running summary of a prompt.
+pub const SUMMARY_HEADER: &str = "Summary of the earlier part of this conversation:";
+
 /// Builds the message list of one model call.
 #[derive(Debug, Clone)]
 pub struct PromptBuilder {
     system: String,
     recent: Vec<llm::Message>,
+    memories: Vec<String>,
+    summary: Option<String>,
 }
 
 impl Default for PromptBuilder {
@@ -45,7 +54,22 @@ impl PromptBuilder {
         Self {
             system: SYSTEM_PROMPT.to_owned(),
             recent: Vec::new(),
+            memories: Vec::new(),
+            summary: None,
         }
+    }
+
+    /// Memory entries the user may see, most relevant first, already within the budget
+    /// (chat/memory.rs). Sent as background, after the system prompt.
+    pub fn memories(mut self, entries: Vec<String>) -> Self {
+        self.memories = entries;
+        self
+    }
+
+    /// The conversation's running summary of the messages before the recent window.
+    pub fn summary(mut self, summary: Option<String>) -> Self {
+        self.summary = summary.filter(|s| !s.trim().is_empty());
+        self
     }
 
     /// The recent messages, oldest first, as `store::conversations::recent_messages` returns
@@ -65,8 +89,19 @@ impl PromptBuilder {
     }
 
     pub fn build(self) -> Vec<llm::Message> {
-        let mut out = Vec::with_capacity(self.recent.len() + 1);
+        let mut out = Vec::with_capacity(self.recent.len() + 3);
         out.push(llm::Message::system(self.system));
+        if !self.memories.is_empty() {
+            let mut text = String::from(MEMORIES_HEADER);
+            for m in &self.memories {
+                text.push_str("\n- ");
+                text.push_str(m);
+            }
+            out.push(llm::Message::system(text));
+        }
+        if let Some(summary) = self.summary {
+            out.push(llm::Message::system(format!("{SUMMARY_HEADER}\n{summary}")));
+        }
         out.extend(self.recent);
         out
     }
@@ -114,6 +149,32 @@ mod tests {
         assert_eq!(roles, ["system", "user", "assistant", "user"]);
         assert_eq!(prompt[0].content.as_deref(), Some(SYSTEM_PROMPT));
         assert_eq!(prompt[3].content.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn memories_then_summary_come_after_the_system_prompt() {
+        let prompt = PromptBuilder::new()
+            .recent_messages(&[msg("user", "q", 9)])
+            .memories(vec!["likes tea".into(), "ships on Fridays".into()])
+            .summary(Some("we planned the launch".into()))
+            .build();
+        let roles: Vec<&str> = prompt.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "system", "system", "user"]);
+        let memories = prompt[1].content.as_deref().unwrap();
+        assert!(memories.starts_with(MEMORIES_HEADER));
+        assert!(memories.contains("\n- likes tea\n- ships on Fridays"));
+        assert!(
+            prompt[2]
+                .content
+                .as_deref()
+                .unwrap()
+                .ends_with("we planned the launch")
+        );
+        let bare = PromptBuilder::new()
+            .memories(vec![])
+            .summary(Some("  ".into()))
+            .build();
+        assert_eq!(bare.len(), 1);
     }
 
     #[test]

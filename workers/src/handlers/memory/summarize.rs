@@ -1,0 +1,120 @@
+//! `summarize`: fold a conversation's messages older than the `RECENT_MESSAGES` window into
+//! its running summary.
+//!
+//! Race safety: the run locks the conversation's summary row (`SELECT ... FOR UPDATE`) for its
+//! whole transaction — model call included — and folds exactly the messages with seq in
+//! `(summarized_up_to, new_up_to]`. A concurrent run waits on the lock, then finds nothing new
+//! (or only what arrived since), so no message is folded twice or lost; a run that fails
+//! rolls back and leaves the summary as it was.
+
+use jobs::JobContext;
+use jobs::kinds::Summarize;
+use jobs::worker::HandlerResult;
+use store::conversations::Message;
+use store::memory;
+
+use super::{MemoryHandlers, SUMMARIES, db_error, truncate_chars};
+
+/// The summarizer's instructions.
+pub const SUMMARIZE_PROMPT: &str = "\
+You maintain the running summary of a conversation between a user and Switchboard, the \
+assistant of a work-management application. You get the current summary (possibly empty) and \
+the messages that follow it. Answer with the updated summary only: a concise, factual account \
+of what was discussed, decided and asked for, the user's goals and preferences, names of \
+projects and tasks, and open questions. Keep what still matters from the current summary, drop \
+small talk, do not invent anything, and write no preamble.";
+
+/// A message's text in the summarizer's input is cut to this many characters.
+const MESSAGE_MAX_CHARS: usize = 4000;
+
+/// The summarizer's input: the current summary, then the messages to fold (tool-call turns and
+/// tool results left out; they are folded over all the same).
+pub fn summarize_prompt(current: &str, messages: &[Message]) -> Option<Vec<llm::Message>> {
+    let mut lines = Vec::new();
+    for m in messages.iter().filter(|m| m.tool_calls.is_none()) {
+        let who = match m.role.as_str() {
+            "user" => "User",
+            "assistant" => "Assistant",
+            _ => continue,
+        };
+        let text = truncate_chars(m.content.trim(), MESSAGE_MAX_CHARS);
+        if !text.is_empty() {
+            lines.push(format!("{who}: {text}"));
+        }
+    }
+    if lines.is_empty() {
+        return None;
+    }
+    let current = if current.trim().is_empty() {
+        "(none yet)"
+    } else {
+        current.trim()
+    };
+    Some(vec![
+        llm::Message::system(SUMMARIZE_PROMPT),
+        llm::Message::user(format!(
+            "Current summary:\n{current}\n\nMessages that follow it:\n{}",
+            lines.join("\n")
+        )),
+    ])
+}
+
+impl MemoryHandlers {
+    #[tracing::instrument(
+        name = "summarize",
+        skip_all,
+        fields(job_id = %ctx.id, conversation_id = %job.conversation_id, attempt = ctx.attempt)
+    )]
+    pub async fn summarize(&self, ctx: JobContext, job: Summarize) -> HandlerResult {
+        let inner = &self.inner;
+        let mut tx = inner.db.begin().await.map_err(db_error)?;
+        let Some(conversation) = store::conversations::get(&mut tx, job.conversation_id)
+            .await
+            .map_err(db_error)?
+        else {
+            tracing::info!("the conversation is gone; nothing to summarize");
+            return Ok(());
+        };
+        let state = memory::lock_summary(&mut tx, conversation.id)
+            .await
+            .map_err(db_error)?;
+        let batch = memory::messages_to_fold(
+            &mut tx,
+            conversation.id,
+            state.summarized_up_to,
+            i64::try_from(inner.chat.recent_messages).unwrap_or(i64::MAX),
+            i64::try_from(inner.memory.summarize_batch).unwrap_or(i64::MAX),
+        )
+        .await
+        .map_err(db_error)?;
+        let Some(up_to) = batch.last().map(|m| m.seq) else {
+            tx.commit().await.map_err(db_error)?;
+            metrics::counter!(SUMMARIES, "outcome" => "nothing_new").increment(1);
+            tracing::info!("nothing new to summarize");
+            return Ok(());
+        };
+        let (summary, model) = match summarize_prompt(&state.summary, &batch) {
+            Some(prompt) => {
+                let (text, model) = self.complete_text(conversation.org_id, prompt).await?;
+                (
+                    truncate_chars(text.trim(), inner.memory.summary_max_chars).to_owned(),
+                    model,
+                )
+            }
+            // only tool traffic: advance over it, the summary stays
+            None => (state.summary.clone(), String::new()),
+        };
+        memory::save_summary(&mut tx, conversation.id, &summary, up_to, &model)
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        metrics::counter!(SUMMARIES, "outcome" => "folded").increment(1);
+        tracing::info!(
+            folded = batch.len(),
+            from = state.summarized_up_to,
+            up_to,
+            "summary updated"
+        );
+        Ok(())
+    }
+}
