@@ -6,6 +6,7 @@
 mod bus;
 mod chat;
 mod crash;
+mod memory;
 mod metrics;
 mod ops;
 mod process;
