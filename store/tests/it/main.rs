@@ -4,5 +4,6 @@
 
 mod conversations;
 mod embeddings;
+mod memory;
 mod tenancy;
 mod usage;
