@@ -9,6 +9,7 @@ mod chat_helpers;
 mod conversations;
 mod e2e;
 mod helpers;
+mod memory;
 mod model_settings;
 mod observability;
 mod ops;
