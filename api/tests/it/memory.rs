@@ -188,21 +188,65 @@ async fn no_user_endpoint_returns_memory_or_summary_text() {
         .as_str()
         .unwrap()
         .to_owned();
-    let paths = [
-        "/v1/me".to_owned(),
-        "/v1/conversations".to_owned(),
-        format!("/v1/conversations/{conversation}"),
-        format!("/v1/conversations/{conversation}/messages"),
-        "/v1/projects".to_owned(),
-        format!("/v1/projects/{project_id}"),
-        format!("/v1/projects/{project_id}/tasks"),
-        format!("/v1/tasks/{task_id}"),
-        format!("/v1/orgs/{org}/settings/model"),
-        format!("/v1/orgs/{org}/members"),
-        format!("/v1/orgs/{org}/teams"),
-        "/openapi.json".to_owned(),
+    // every user GET endpoint of the OpenAPI document, with this user's ids filled in
+    let covered: Vec<(&str, String)> = vec![
+        ("/v1/me", "/v1/me".to_owned()),
+        ("/v1/conversations", "/v1/conversations".to_owned()),
+        (
+            "/v1/conversations/{id}",
+            format!("/v1/conversations/{conversation}"),
+        ),
+        (
+            "/v1/conversations/{id}/messages",
+            format!("/v1/conversations/{conversation}/messages"),
+        ),
+        ("/v1/projects", "/v1/projects".to_owned()),
+        ("/v1/projects/{id}", format!("/v1/projects/{project_id}")),
+        (
+            "/v1/projects/{id}/tasks",
+            format!("/v1/projects/{project_id}/tasks"),
+        ),
+        ("/v1/tasks/{id}", format!("/v1/tasks/{task_id}")),
+        (
+            "/v1/orgs/{org_id}/settings/model",
+            format!("/v1/orgs/{org}/settings/model"),
+        ),
+        (
+            "/v1/orgs/{org_id}/members",
+            format!("/v1/orgs/{org}/members"),
+        ),
+        ("/v1/orgs/{org_id}/teams", format!("/v1/orgs/{org}/teams")),
     ];
-    for path in paths {
+    let doc: serde_json::Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    bodies.push(("/openapi.json".to_owned(), doc.to_string()));
+    let events_template = "/v1/conversations/{id}/responses/{response_id}/events";
+    let mut seen = Vec::new();
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        if item.get("get").is_none()
+            || ["/healthz", "/readyz", "/metrics"].contains(&template.as_str())
+            || template == events_template
+        {
+            continue;
+        }
+        assert!(
+            covered.iter().any(|(t, _)| t == template),
+            "GET {template} is a user endpoint this test does not call yet: add it to `covered` \
+             (no user endpoint may return memory text)"
+        );
+        seen.push(template.clone());
+    }
+    // (a template served by two poem-openapi APIs, like .../messages, may appear twice in the
+    // document and lose its GET in parsing: the explicit list still calls it)
+    assert!(seen.len() >= 10, "{seen:?}");
+    for (_, path) in covered {
         let r = app
             .http
             .get(app.url(&path))
