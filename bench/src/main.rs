@@ -4,12 +4,14 @@
 //! - `bench chat`: the chat path — direct to a fake upstream, through the LiteLLM proxy, and
 //!   through Switchboard (HTTP → bus → chat worker → model → SSE) — and the SSE capacity of one
 //!   API process; see [`chat`] and [`sse`].
+//! - `bench memory`: memory at full capacity — prompt reads and inserts; see [`memory`].
 //!
 //! Every run uses its own Redis key prefix (and, for `chat`, its own scratch database), deleted
 //! at the end, and stops by itself.
 
 mod bus;
 mod chat;
+mod memory;
 mod scratch;
 mod sse;
 mod stats;
@@ -49,6 +51,8 @@ enum Cmd {
     /// The chat path: TTFT and total, direct / via LiteLLM / via Switchboard, at several
     /// concurrencies; then how many SSE streams one API process holds.
     Chat(chat::ChatArgs),
+    /// Memory at full capacity: prompt reads (visibility + exact ranking) and inserts.
+    Memory(memory::MemoryArgs),
 }
 
 #[tokio::main]
@@ -76,6 +80,7 @@ async fn main() -> ExitCode {
             samples,
         } => bus::bench_bus(&settings, secs, producers, concurrency, samples).await,
         Cmd::Chat(args) => chat::bench_chat(settings, args).await,
+        Cmd::Memory(args) => memory::bench_memory(settings, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
