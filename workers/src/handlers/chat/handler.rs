@@ -331,11 +331,11 @@ impl ChatHandler {
         tx.commit().await.map_err(db_error)?;
         self.publish(response.id, &completed_event(&message))
             .await?;
+        tracing::info!(model = %a.model, "answered");
         if let Some((conversation_id, user_id, org_id)) = follow_up {
             self.enqueue_follow_ups(conversation_id, user_id, org_id, message.id)
                 .await;
         }
-        tracing::info!(model = %a.model, "answered");
         Ok(())
     }
 

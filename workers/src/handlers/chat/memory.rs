@@ -19,6 +19,8 @@ pub const FOLLOW_UP_FAILURES: &str = "chat_follow_up_enqueue_failures_total";
 
 /// Entries read per prompt before the budget is applied.
 const CANDIDATES: i64 = 200;
+/// The question is embedded from at most this many characters.
+const QUESTION_MAX_CHARS: usize = 2000;
 /// How long the query embedding may take before the turn ranks by recency instead.
 const EMBED_LIMIT: Duration = Duration::from_secs(10);
 
@@ -80,6 +82,7 @@ impl ChatHandler {
         }
         drop(conn);
         let model = inner.embedding.model.as_str();
+        let question = crate::handlers::memory::truncate_chars(question, QUESTION_MAX_CHARS);
         let query =
             match tokio::time::timeout(EMBED_LIMIT, inner.llm.embed(model, &[question.to_owned()]))
                 .await

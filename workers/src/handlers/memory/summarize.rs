@@ -26,6 +26,22 @@ small talk, do not invent anything, and write no preamble.";
 
 /// A message's text in the summarizer's input is cut to this many characters.
 const MESSAGE_MAX_CHARS: usize = 4000;
+/// One run folds messages until their text reaches this many characters (at least one
+/// message); the rest waits for the next run, which the next turn enqueues.
+pub const INPUT_MAX_CHARS: usize = 24_000;
+
+/// How many of `batch` (oldest first) one run folds: the longest prefix whose text fits
+/// [`INPUT_MAX_CHARS`], at least one.
+pub fn fold_count(batch: &[Message]) -> usize {
+    let mut total = 0usize;
+    for (i, m) in batch.iter().enumerate() {
+        total += m.content.chars().count().min(MESSAGE_MAX_CHARS);
+        if i > 0 && total > INPUT_MAX_CHARS {
+            return i;
+        }
+    }
+    batch.len()
+}
 
 /// The summarizer's input: the current summary, then the messages to fold (tool-call turns and
 /// tool results left out; they are folded over all the same).
@@ -87,6 +103,8 @@ impl MemoryHandlers {
         )
         .await
         .map_err(db_error)?;
+        let mut batch = batch;
+        batch.truncate(fold_count(&batch));
         let Some(up_to) = batch.last().map(|m| m.seq) else {
             tx.commit().await.map_err(db_error)?;
             metrics::counter!(SUMMARIES, "outcome" => "nothing_new").increment(1);
@@ -116,5 +134,41 @@ impl MemoryHandlers {
             "summary updated"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(content: String, seq: i64) -> Message {
+        Message {
+            id: uuid::Uuid::now_v7(),
+            conversation_id: uuid::Uuid::nil(),
+            seq,
+            role: "user".into(),
+            content,
+            response_id: None,
+            model: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency_ms: None,
+            tool_calls: None,
+            tool_call_id: None,
+            citations: serde_json::json!([]),
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn one_run_folds_a_bounded_prefix() {
+        let small: Vec<Message> = (0..10).map(|i| msg("hello".into(), i)).collect();
+        assert_eq!(fold_count(&small), 10);
+        let big: Vec<Message> = (0..10).map(|i| msg("x".repeat(4000), i)).collect();
+        assert_eq!(fold_count(&big), INPUT_MAX_CHARS / 4000);
+        // a long message counts with its cut length
+        let huge: Vec<Message> = (0..10).map(|i| msg("y".repeat(100_000), i)).collect();
+        assert_eq!(fold_count(&huge), INPUT_MAX_CHARS / 4000);
+        assert_eq!(fold_count(&[]), 0);
     }
 }
