@@ -521,6 +521,31 @@ async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_projec
     let text = all_text(&c.chat(job, "fine").await);
     assert!(text.contains(&format!("APOLLO-{marker}")), "{text}");
 
+    // a conversation narrowed to another project the user sees does not get it either
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    let other = store::projects::insert_project(
+        &mut conn,
+        &store::projects::NewProject {
+            org_id: c.org,
+            created_by: owner,
+            name: "Gemini",
+            description: "",
+            visibility: store::Visibility::Org,
+            team_id: None,
+        },
+    )
+    .await
+    .unwrap()
+    .id;
+    let narrowed = conv::create(&mut conn, c.org, u, "gemini only", Some(&[other]))
+        .await
+        .unwrap()
+        .id;
+    drop(conn);
+    let job = c.turn(u, narrowed, "status?").await;
+    let text = all_text(&c.chat(job, "fine").await);
+    assert!(!text.contains(&format!("APOLLO-{marker}")), "{text}");
+
     let mut conn = c.db.pool.acquire().await.unwrap();
     assert!(
         store::projects::remove_member(&mut conn, project, u)
@@ -690,4 +715,37 @@ async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_de
     assert_eq!(tea.id, old.id);
     assert!(tea.updated_at > old.updated_at);
     assert!(tea.source_message_ids.contains(&a2));
+}
+
+#[tokio::test]
+async fn a_rate_limited_summarize_waits_and_then_folds() {
+    let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
+    let user = c.user(Role::Member).await;
+    let conversation = c.conversation(user).await;
+    for i in 1..=3 {
+        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
+            .await;
+    }
+    FakeClient::shared()
+        .script(
+            &c.model,
+            vec![Behaviour::rate_limited(1), Behaviour::reply("AFTER-WAIT")],
+        )
+        .await
+        .unwrap();
+    bus_for(&c.settings)
+        .enqueue(Summarize {
+            conversation_id: conversation,
+        })
+        .await
+        .unwrap();
+    let report = c.drain(Queue::Memory, 1).await;
+    assert_eq!(report.dead, 0, "{report:?}");
+    assert!(report.retried >= 1, "{report:?}");
+    let s = c.summary(conversation).await;
+    assert_eq!(
+        (s.summary.as_str(), s.summarized_up_to),
+        ("AFTER-WAIT", c.seq_of("a2").await)
+    );
+    assert_eq!(c.calls().await.len(), 2, "no call during the cooldown");
 }
