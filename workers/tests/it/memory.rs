@@ -749,3 +749,40 @@ async fn a_rate_limited_summarize_waits_and_then_folds() {
     );
     assert_eq!(c.calls().await.len(), 2, "no call during the cooldown");
 }
+
+#[tokio::test]
+async fn a_long_backlog_is_folded_over_several_runs() {
+    let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
+    let user = c.user(Role::Member).await;
+    let conversation = c.conversation(user).await;
+    // 16 messages beyond the window, 8 of them 4,000 characters: more than one run's input
+    for i in 1..=9 {
+        let long = format!("{i}{}", "x".repeat(3999));
+        c.past_turn(user, conversation, &format!("q{i}"), &long)
+            .await;
+    }
+    FakeClient::shared()
+        .script(
+            &c.model,
+            vec![Behaviour::reply("PART-1"), Behaviour::reply("PART-2")],
+        )
+        .await
+        .unwrap();
+    bus_for(&c.settings)
+        .enqueue(Summarize {
+            conversation_id: conversation,
+        })
+        .await
+        .unwrap();
+    let report = c.drain(Queue::Memory, 1).await;
+    assert_eq!((report.completed, report.dead), (2, 0), "{report:?}");
+    let calls = c.calls().await;
+    assert_eq!(calls.len(), 2);
+    assert!(all_text(&sent(&calls[1].body)).contains("Current summary:\nPART-1"));
+    let s = c.summary(conversation).await;
+    let last_long = format!("8{}", "x".repeat(3999));
+    assert_eq!(
+        (s.summary.as_str(), s.summarized_up_to),
+        ("PART-2", c.seq_of(&last_long).await)
+    );
+}

@@ -57,6 +57,8 @@ struct Inner {
     chat: config::ChatSettings,
     memory: config::MemorySettings,
     embedding: config::EmbeddingSettings,
+    /// To continue a summary that one run could not finish.
+    bus: jobs::Bus,
     call_limit: Duration,
 }
 
@@ -71,7 +73,8 @@ impl MemoryHandlers {
             inner: Arc::new(Inner {
                 db,
                 llm: llm::LlmClient::new(&settings.litellm)?,
-                cooldowns: Cooldowns::new(redis),
+                cooldowns: Cooldowns::new(redis.clone()),
+                bus: jobs::Bus::new(redis, &settings.queues),
                 chat: settings.chat.clone(),
                 memory: settings.memory.clone(),
                 embedding: settings.embedding.clone(),

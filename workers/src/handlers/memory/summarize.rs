@@ -5,7 +5,8 @@
 //! whole transaction — model call included — and folds exactly the messages with seq in
 //! `(summarized_up_to, new_up_to]`. A concurrent run waits on the lock, then finds nothing new
 //! (or only what arrived since), so no message is folded twice or lost; a run that fails
-//! rolls back and leaves the summary as it was.
+//! rolls back and leaves the summary as it was. One run folds a bounded batch; when more waits,
+//! it enqueues the next run after its commit.
 
 use jobs::JobContext;
 use jobs::kinds::Summarize;
@@ -104,7 +105,10 @@ impl MemoryHandlers {
         .await
         .map_err(db_error)?;
         let mut batch = batch;
+        let fetched = batch.len();
         batch.truncate(fold_count(&batch));
+        // more waits beyond this run's bounds: a follow-up run continues after the commit
+        let more = batch.len() < fetched || fetched >= inner.memory.summarize_batch;
         let Some(up_to) = batch.last().map(|m| m.seq) else {
             tx.commit().await.map_err(db_error)?;
             metrics::counter!(SUMMARIES, "outcome" => "nothing_new").increment(1);
@@ -127,6 +131,12 @@ impl MemoryHandlers {
             .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
         metrics::counter!(SUMMARIES, "outcome" => "folded").increment(1);
+        if more {
+            // best effort: otherwise the next turn's count enqueues it again
+            if let Err(e) = inner.bus.enqueue(job.clone()).await {
+                tracing::warn!(error = %e, "cannot enqueue the next summarize run");
+            }
+        }
         tracing::info!(
             folded = batch.len(),
             from = state.summarized_up_to,
