@@ -8,6 +8,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod extract;
+pub mod memory_cli;
 pub mod middleware;
 pub mod models;
 pub mod pagination;

@@ -8,6 +8,7 @@
 //!   and through the LiteLLM proxy; see [`index`].
 //! - `bench retrieval`: filtered hybrid search on a generated index (latency, recall@10
 //!   against exact filtered search, for users who see 1 %, 10 % and 100 %); see [`retrieval`].
+//! - `bench memory`: memory at full capacity — prompt reads and inserts; see [`memory`].
 //!
 //! Every run uses its own Redis key prefix (and, for `chat`, its own scratch database), deleted
 //! at the end, and stops by itself.
@@ -15,6 +16,7 @@
 mod bus;
 mod chat;
 mod index;
+mod memory;
 mod retrieval;
 mod scratch;
 mod sse;
@@ -64,6 +66,8 @@ enum Cmd {
     },
     /// Retrieval: filtered hybrid search on a generated index in a scratch database.
     Retrieval(retrieval::RetrievalArgs),
+    /// Memory at full capacity: prompt reads (visibility + exact ranking) and inserts.
+    Memory(memory::MemoryArgs),
 }
 
 #[tokio::main]
@@ -93,6 +97,7 @@ async fn main() -> ExitCode {
         Cmd::Chat(args) => chat::bench_chat(settings, args).await,
         Cmd::Index { chunks } => index::bench_index(settings, chunks).await,
         Cmd::Retrieval(args) => retrieval::bench_retrieval(settings, args).await,
+        Cmd::Memory(args) => memory::bench_memory(settings, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -83,6 +83,19 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
         "chat.rate_limit_max_wait_secs",
         Kind::Int,
     ),
+    (
+        "SUMMARIZE_THRESHOLD",
+        "memory.summarize_threshold",
+        Kind::Int,
+    ),
+    ("MEMORY_TOKEN_BUDGET", "memory.token_budget", Kind::Int),
+    ("MEMORY_CAPACITY_ORG", "memory.capacity_org", Kind::Int),
+    (
+        "MEMORY_CAPACITY_PROJECT",
+        "memory.capacity_project",
+        Kind::Int,
+    ),
+    ("MEMORY_CAPACITY_USER", "memory.capacity_user", Kind::Int),
     ("EMBEDDING_MODEL", "embedding.model", Kind::Str),
     ("EMBEDDING_DIM", "embedding.dim", Kind::Int),
     ("RETRIEVAL_TOP_K", "retrieval.top_k", Kind::Int),
@@ -145,6 +158,7 @@ pub struct Settings {
     pub chat: ChatSettings,
     pub embedding: EmbeddingSettings,
     pub retrieval: RetrievalSettings,
+    pub memory: MemorySettings,
     pub events: EventsSettings,
     pub log: LogSettings,
     pub queues: QueuesSettings,
@@ -287,6 +301,43 @@ pub struct RetrievalSettings {
     pub max_scan_tuples: u32,
     /// The query's embedding call gives up after this; the turn then uses full text only.
     pub embed_timeout_ms: u64,
+}
+
+/// Conversation memory (`[memory]`): summary + recent, and the hierarchical memory entries
+/// (docs/ARCHITECTURE.md, "Memory").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySettings {
+    /// Messages older than the `RECENT_MESSAGES` window and not yet summarized; at this many a
+    /// finished turn enqueues a `summarize` job (`SUMMARIZE_THRESHOLD`).
+    pub summarize_threshold: usize,
+    /// Messages one summarize run folds at most (the rest waits for the next run).
+    pub summarize_batch: usize,
+    /// The running summary is cut to this many characters.
+    pub summary_max_chars: usize,
+    /// Tokens (estimated as characters / 4) the memory entries may take in a prompt
+    /// (`MEMORY_TOKEN_BUDGET`).
+    pub token_budget: usize,
+    /// Entries kept per owner and tier; the oldest go beyond (`MEMORY_CAPACITY_ORG`, ...).
+    pub capacity_org: u32,
+    pub capacity_project: u32,
+    pub capacity_user: u32,
+    /// A new fact closer than this cosine distance to an entry of the same owner refreshes
+    /// that entry instead of adding one.
+    pub dedup_distance: f64,
+    /// Whether finished turns enqueue a `remember` job (fact extraction).
+    pub remember: bool,
+}
+
+impl MemorySettings {
+    /// The capacity of a tier (`org`, `project`, `user`).
+    pub fn capacity(&self, tier: &str) -> u32 {
+        match tier {
+            "org" => self.capacity_org,
+            "project" => self.capacity_project,
+            _ => self.capacity_user,
+        }
+    }
 }
 
 /// Response events (SSE): the per-response replay stream behind `Last-Event-ID`.
@@ -503,6 +554,28 @@ impl Settings {
         positive(self.api.max_body_bytes as u64, "MAX_BODY_BYTES")?;
         positive(self.auth.token_ttl_secs, "TOKEN_TTL_SECS")?;
         positive(self.events.retention_secs, "EVENTS_RETENTION_SECS")?;
+        positive(
+            self.memory.summarize_threshold as u64,
+            "SUMMARIZE_THRESHOLD",
+        )?;
+        positive(self.memory.summarize_batch as u64, "memory.summarize_batch")?;
+        positive(
+            self.memory.summary_max_chars as u64,
+            "memory.summary_max_chars",
+        )?;
+        for (name, v) in [
+            ("MEMORY_CAPACITY_ORG", self.memory.capacity_org),
+            ("MEMORY_CAPACITY_PROJECT", self.memory.capacity_project),
+            ("MEMORY_CAPACITY_USER", self.memory.capacity_user),
+        ] {
+            positive(u64::from(v), name)?;
+        }
+        if !(0.0..=2.0).contains(&self.memory.dedup_distance) {
+            return Err(ConfigError::invalid(
+                "memory.dedup_distance",
+                "must be a cosine distance between 0 and 2",
+            ));
+        }
         positive(self.events.replay_max_len, "events.replay_max_len")?;
         positive(
             u64::from(self.auth.login_max_failures),
@@ -782,6 +855,9 @@ mod tests {
         assert!(e.contains("INDEX_CHUNK_OVERLAP_TOKENS"), "{e}");
         let e = load(&[("INDEX_EMBED_BATCH", "0")]).unwrap_err().to_string();
         assert!(e.contains("INDEX_EMBED_BATCH"), "{e}");
+    }
+
+    #[test]
     fn retrieval_settings_load_from_the_environment_and_are_checked() {
         let s = load(&[
             ("RETRIEVAL_TOP_K", "3"),
@@ -801,6 +877,36 @@ mod tests {
             ("RETRIEVAL_MAX_SCAN_TUPLES", "0"),
         ] {
             let e = load(&[(name, bad)]).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+    }
+
+    #[test]
+    fn memory_settings_load_from_env_and_are_checked() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.memory.summarize_threshold, 6);
+        assert_eq!(s.memory.capacity("user"), 50);
+        assert!((s.memory.dedup_distance - 0.1).abs() < 1e-9);
+        let s = load(&[
+            ("SUMMARIZE_THRESHOLD", "3"),
+            ("MEMORY_TOKEN_BUDGET", "100"),
+            ("MEMORY_CAPACITY_ORG", "7"),
+            ("MEMORY_CAPACITY_PROJECT", "8"),
+            ("MEMORY_CAPACITY_USER", "9"),
+        ])
+        .unwrap();
+        assert_eq!(s.memory.summarize_threshold, 3);
+        assert_eq!(s.memory.token_budget, 100);
+        assert_eq!(
+            (
+                s.memory.capacity("org"),
+                s.memory.capacity("project"),
+                s.memory.capacity("user")
+            ),
+            (7, 8, 9)
+        );
+        for name in ["SUMMARIZE_THRESHOLD", "MEMORY_CAPACITY_USER"] {
+            let e = load(&[(name, "0")]).unwrap_err().to_string();
             assert!(e.contains(name), "{e}");
         }
     }

@@ -8,6 +8,7 @@ pub mod documents;
 pub mod embeddings;
 mod error;
 pub mod index;
+pub mod memory;
 pub mod outbox;
 pub mod probe;
 pub mod projects;

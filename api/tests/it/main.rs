@@ -10,6 +10,7 @@ mod conversations;
 mod documents;
 mod e2e;
 mod helpers;
+mod memory;
 mod model_settings;
 mod observability;
 mod ops;

@@ -4,6 +4,7 @@
 
 mod conversations;
 mod embeddings;
+mod memory;
 mod outbox;
 mod retrieval;
 mod tenancy;

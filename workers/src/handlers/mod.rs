@@ -1,8 +1,9 @@
-//! Job handlers, one module per kind, and the registry a worker runs with. `probe`, `chat` and
-//! `index` exist so far; summarize, remember and execute_action arrive with their issues.
+//! Job handlers, one module per kind, and the registry a worker runs with: `probe`, `chat`,
+//! `index` (handlers/index) and the memory queue's `summarize` and `remember` (handlers/memory).
 
 pub mod chat;
 pub mod index;
+pub mod memory;
 pub mod probe;
 
 use jobs::Registry;
@@ -20,5 +21,6 @@ pub fn worker_registry(rt: &crate::Runtime) -> Result<Registry, llm::LlmError> {
     let mut r = registry(rt.db.clone());
     chat::ChatHandler::new(rt.db.clone(), rt.redis.clone(), &rt.settings)?.register(&mut r);
     index::Indexer::new(rt.db.clone(), &rt.settings)?.register(&mut r);
+    memory::MemoryHandlers::new(rt.db.clone(), rt.redis.clone(), &rt.settings)?.register(&mut r);
     Ok(r)
 }

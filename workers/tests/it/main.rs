@@ -7,6 +7,7 @@ mod bus;
 mod chat;
 mod crash;
 mod index;
+mod memory;
 mod metrics;
 mod ops;
 mod process;

@@ -135,9 +135,21 @@ impl ChatHandler {
                 "the user message of this turn is not in its conversation",
             ));
         }
-        let retrieved = self.retrieve(job, &recent).await?;
+        let question = recent
+            .last()
+            .map(|m| m.content.as_str())
+            .unwrap_or_default();
+        // Retrieval and memory are independent reads (each embeds the question only when it has
+        // something to rank): run them together.
+        let (retrieved, memory) = tokio::join!(
+            self.retrieve(job, &recent),
+            self.memory_context(job, question)
+        );
+        let (retrieved, memory) = (retrieved?, memory?);
         let citations = retrieved.citations();
         let messages = PromptBuilder::new()
+            .memories(memory.memories)
+            .summary(memory.summary)
             .retrieved(&retrieved.chunks)
             .recent_messages(&recent)
             .build();
@@ -299,6 +311,7 @@ impl ChatHandler {
         )
         .await
         .map_err(db_error)?;
+        let mut follow_up = None;
         if stored {
             // The org of the conversation (not the job's payload) pays. A call whose answer was
             // not stored (a failed attempt, or a stalled run that lost the race) is not counted.
@@ -319,6 +332,7 @@ impl ChatHandler {
             )
             .await
             .map_err(db_error)?;
+            follow_up = Some((conversation.id, conversation.user_id, conversation.org_id));
         } else {
             tracing::info!("the answer was already stored by another run; usage not counted again");
         }
@@ -326,6 +340,10 @@ impl ChatHandler {
         self.publish(response.id, &completed_event(&message))
             .await?;
         tracing::info!(model = %a.model, "answered");
+        if let Some((conversation_id, user_id, org_id)) = follow_up {
+            self.enqueue_follow_ups(conversation_id, user_id, org_id, message.id)
+                .await;
+        }
         Ok(())
     }
 

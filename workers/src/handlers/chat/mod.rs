@@ -7,9 +7,11 @@
 //! - [`stream`]: one model call, its tokens published as they arrive;
 //! - [`retrieval`]: hybrid retrieval of workspace data for the prompt, and citations;
 //! - [`handler`]: the turn: restart and redelivery handling, fallback, completion, failures;
+//! - [`memory`]: the summary and memory entries of the prompt, and the follow-up jobs;
 //! - [`metrics`]: model and chat metrics.
 
 mod handler;
+pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod prompt;
@@ -55,6 +57,9 @@ struct Inner {
     retrieval: config::RetrievalSettings,
     embedding: config::EmbeddingSettings,
     queue: config::QueueSettings,
+    /// Memory: the prompt's summary and entries, follow-up jobs (summarize, remember).
+    memory: config::MemorySettings,
+    bus: jobs::Bus,
     /// Upper bound of the model calls of one run (primary and fallback together):
     /// `litellm.request_timeout_secs`. (The bus's heartbeat keeps the job claimed meanwhile.)
     call_limit: Duration,
@@ -74,11 +79,13 @@ impl ChatHandler {
                 events: EventPublisher::new(redis.clone(), &settings.events),
                 hub: EventHub::new(redis.clone()),
                 llm: llm::LlmClient::new(&settings.litellm)?,
-                cooldowns: policy::Cooldowns::new(redis),
+                cooldowns: policy::Cooldowns::new(redis.clone()),
                 chat: settings.chat.clone(),
                 retrieval: settings.retrieval.clone(),
                 embedding: settings.embedding.clone(),
                 queue: settings.queues.chat.clone(),
+                memory: settings.memory.clone(),
+                bus: jobs::Bus::new(redis.clone(), &settings.queues),
                 call_limit: Duration::from_secs(settings.litellm.request_timeout_secs),
             }),
         })

@@ -1,0 +1,579 @@
+//! Conversation memory (SPEC §3): running summaries and the hierarchical memory entries.
+//!
+//! Nothing here is reachable from a user-facing endpoint: the chat worker reads it into
+//! prompts, the memory jobs write it, operators manage it with `api memory`.
+//!
+//! - Summaries: [`lock_summary`] (row lock) → [`messages_to_fold`] → [`save_summary`], all in
+//!   one transaction, so two summarize runs never fold a message twice or lose one.
+//! - Entries: [`insert`] locks the owner (advisory transaction lock), refreshes a
+//!   near-duplicate or inserts, then trims the owner's entries to the tier's capacity — in the
+//!   caller's transaction, so concurrent inserts of one owner never leave more than capacity.
+//! - Prompt reads: [`for_prompt`] filters by the user's visibility in SQL at query time.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::StoreError;
+use crate::conversations::Message;
+use crate::error::OnConstraint;
+
+/// The tier of a memory entry: whose it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    Org,
+    Project,
+    User,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Org, Tier::Project, Tier::User];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Org => "org",
+            Tier::Project => "project",
+            Tier::User => "user",
+        }
+    }
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Tier {
+    type Err = crate::UnknownValue;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "org" => Ok(Tier::Org),
+            "project" => Ok(Tier::Project),
+            "user" => Ok(Tier::User),
+            _ => Err(crate::UnknownValue),
+        }
+    }
+}
+
+/// Who an entry belongs to. User entries belong to a user within one org.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub org_id: Uuid,
+    pub tier: Tier,
+    pub project_id: Option<Uuid>,
+    pub user_id: Option<Uuid>,
+}
+
+impl Owner {
+    pub fn org(org_id: Uuid) -> Self {
+        Self {
+            org_id,
+            tier: Tier::Org,
+            project_id: None,
+            user_id: None,
+        }
+    }
+    pub fn project(org_id: Uuid, project_id: Uuid) -> Self {
+        Self {
+            org_id,
+            tier: Tier::Project,
+            project_id: Some(project_id),
+            user_id: None,
+        }
+    }
+    pub fn user(org_id: Uuid, user_id: Uuid) -> Self {
+        Self {
+            org_id,
+            tier: Tier::User,
+            project_id: None,
+            user_id: Some(user_id),
+        }
+    }
+
+    /// The key of the owner's advisory lock.
+    fn lock_key(&self) -> String {
+        format!(
+            "memory:{}:{}:{}:{}",
+            self.org_id,
+            self.tier,
+            self.project_id.unwrap_or_default(),
+            self.user_id.unwrap_or_default()
+        )
+    }
+}
+
+/// A stored entry (operators' view; prompts use [`PromptEntry`]).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Entry {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub tier: String,
+    pub project_id: Option<Uuid>,
+    pub user_id: Option<Uuid>,
+    pub content: String,
+    pub source_conversation_id: Option<Uuid>,
+    pub source_message_ids: Vec<Uuid>,
+    pub model: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const ENTRY_COLS: &str = "id, org_id, tier, project_id, user_id, content, source_conversation_id, \
+     source_message_ids, model, created_at, updated_at";
+
+/// The longest entry content (the table's check).
+pub const MAX_CONTENT_CHARS: usize = 2000;
+
+/// An entry to store.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    pub owner: Owner,
+    pub content: String,
+    pub source_conversation_id: Option<Uuid>,
+    pub source_message_ids: Vec<Uuid>,
+    /// The embedding of `content` and the model that made it (`None` when embedding failed:
+    /// the entry is kept, ranked by recency, and not de-duplicated).
+    pub embedding: Option<(String, Vec<f32>)>,
+}
+
+/// What [`insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new entry; `removed` older entries of the owner went to keep the capacity.
+    New { id: Uuid, removed: u64 },
+    /// A near-duplicate existed: its content and `updated_at` were refreshed.
+    Refreshed { id: Uuid },
+}
+
+/// Store an entry with de-duplication and capacity retention, in the caller's transaction.
+///
+/// Locks the owner first (`pg_advisory_xact_lock`), so concurrent inserts for one owner run
+/// one after the other: each sees the others' committed rows, and the trim after the insert
+/// leaves at most `capacity` entries (the most recently updated). Timestamps come from
+/// `clock_timestamp()`, so the order is the order of the inserts, not of the transactions'
+/// starts.
+pub async fn insert(
+    conn: &mut PgConnection,
+    entry: &NewEntry,
+    capacity: u32,
+    dedup_distance: f64,
+) -> Result<Inserted, StoreError> {
+    let o = &entry.owner;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(o.lock_key())
+        .execute(&mut *conn)
+        .await?;
+    let (model, dim, vector) = match &entry.embedding {
+        Some((model, v)) => (
+            Some(model.as_str()),
+            Some(i32::try_from(v.len()).unwrap_or(i32::MAX)),
+            Some(pgvector::Vector::from(v.clone())),
+        ),
+        None => (None, None, None),
+    };
+    if let (Some(model), Some(dim), Some(vector)) = (model, dim, &vector) {
+        let near: Option<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM (
+                 SELECT id, CASE WHEN dim = $5 AND model = $6 THEN embedding <=> $7 END AS d
+                 FROM conversation_memories
+                 WHERE org_id = $1 AND tier = $2
+                   AND project_id IS NOT DISTINCT FROM $3 AND user_id IS NOT DISTINCT FROM $4
+                   AND embedding IS NOT NULL) c
+             WHERE d < $8 ORDER BY d LIMIT 1",
+        )
+        .bind(o.org_id)
+        .bind(o.tier.as_str())
+        .bind(o.project_id)
+        .bind(o.user_id)
+        .bind(dim)
+        .bind(model)
+        .bind(vector)
+        .bind(dedup_distance)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(id) = near {
+            sqlx::query(
+                "UPDATE conversation_memories SET content = $2, embedding = $3, dim = $4,
+                     model = $5, updated_at = clock_timestamp(),
+                     source_conversation_id = coalesce($6, source_conversation_id),
+                     source_message_ids = CASE WHEN cardinality($7::uuid[]) > 0 THEN $7
+                                               ELSE source_message_ids END
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(&entry.content)
+            .bind(vector)
+            .bind(dim)
+            .bind(model)
+            .bind(entry.source_conversation_id)
+            .bind(&entry.source_message_ids)
+            .execute(&mut *conn)
+            .await?;
+            return Ok(Inserted::Refreshed { id });
+        }
+    }
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO conversation_memories (id, org_id, tier, project_id, user_id, content,
+             source_conversation_id, source_message_ids, model, dim, embedding)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(id)
+    .bind(o.org_id)
+    .bind(o.tier.as_str())
+    .bind(o.project_id)
+    .bind(o.user_id)
+    .bind(&entry.content)
+    .bind(entry.source_conversation_id)
+    .bind(&entry.source_message_ids)
+    .bind(model)
+    .bind(dim)
+    .bind(vector)
+    .execute(&mut *conn)
+    .await
+    .on_constraint(
+        "conversation_memories_project_fkey",
+        StoreError::InvalidReference {
+            field: "project",
+            message: "does not name a project of this organization",
+        },
+    )
+    .on_constraint(
+        "conversation_memories_user_id_fkey",
+        StoreError::InvalidReference {
+            field: "user",
+            message: "does not name a user",
+        },
+    )
+    .on_constraint(
+        "conversation_memories_content_check",
+        StoreError::InvalidReference {
+            field: "content",
+            message: "must be 1 to 2000 characters",
+        },
+    )?;
+    let removed = sqlx::query(
+        "DELETE FROM conversation_memories WHERE id IN (
+             SELECT id FROM conversation_memories
+             WHERE org_id = $1 AND tier = $2
+               AND project_id IS NOT DISTINCT FROM $3 AND user_id IS NOT DISTINCT FROM $4
+             ORDER BY updated_at DESC, id DESC
+             OFFSET $5)",
+    )
+    .bind(o.org_id)
+    .bind(o.tier.as_str())
+    .bind(o.project_id)
+    .bind(o.user_id)
+    .bind(i64::from(capacity))
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(Inserted::New { id, removed })
+}
+
+/// Entries of an org for operators, newest first, optionally narrowed.
+pub async fn list(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    tier: Option<Tier>,
+    project_id: Option<Uuid>,
+    user_id: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Entry>, StoreError> {
+    Ok(sqlx::query_as::<_, Entry>(sqlx::AssertSqlSafe(format!(
+        "SELECT {ENTRY_COLS} FROM conversation_memories
+         WHERE org_id = $1 AND ($2::text IS NULL OR tier = $2)
+           AND ($3::uuid IS NULL OR project_id = $3) AND ($4::uuid IS NULL OR user_id = $4)
+         ORDER BY updated_at DESC, id DESC LIMIT $5"
+    )))
+    .bind(org_id)
+    .bind(tier.map(Tier::as_str))
+    .bind(project_id)
+    .bind(user_id)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Delete an entry of `org_id` (operators); false when there is none.
+pub async fn delete(conn: &mut PgConnection, org_id: Uuid, id: Uuid) -> Result<bool, StoreError> {
+    let done = sqlx::query("DELETE FROM conversation_memories WHERE id = $1 AND org_id = $2")
+        .bind(id)
+        .bind(org_id)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Whether `user_id` is a member of `org_id` (user-tier entries need one).
+pub async fn is_org_member(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    user_id: Uuid,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM org_memberships WHERE org_id = $1 AND user_id = $2)",
+    )
+    .bind(org_id)
+    .bind(user_id)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Whether `project_id` is one the conversation may draw on for `user_id` right now
+/// (`conversation_projects_visible`): the check before a project-tier fact is stored.
+pub async fn project_usable(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    conversation_id: Uuid,
+    project_id: Uuid,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM conversation_projects_visible($1, $2) WHERE project_id = $3)",
+    )
+    .bind(user_id)
+    .bind(conversation_id)
+    .bind(project_id)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// An entry as a prompt gets it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PromptEntry {
+    pub id: Uuid,
+    pub tier: String,
+    pub content: String,
+    /// Cosine distance to the query (`None` without a query vector or a comparable embedding).
+    pub distance: Option<f64>,
+}
+
+/// The visibility rule of prompt reads, for user `$1` in conversation `$2`: the entries of the
+/// conversation's org (the conversation must be the user's), of the projects the conversation
+/// may draw on for the user right now, and the user's own. Nothing of another user, nor of a
+/// project the user cannot see (live memberships).
+const VISIBLE_TO: &str =
+    "m.org_id = (SELECT c.org_id FROM conversations c WHERE c.id = $2 AND c.user_id = $1)
+       AND (m.tier = 'org'
+            OR (m.tier = 'project'
+                AND m.project_id IN (SELECT project_id FROM conversation_projects_visible($1, $2)))
+            OR (m.tier = 'user' AND m.user_id = $1))";
+
+/// Whether the user has any memory entry a prompt of this conversation could carry (a cheap
+/// check that spares the embedding call when there is none).
+pub async fn any_for_prompt(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    conversation_id: Uuid,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT EXISTS (SELECT 1 FROM conversation_memories m WHERE {VISIBLE_TO})"
+    )))
+    .bind(user_id)
+    .bind(conversation_id)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// The entries a prompt for `user_id` in `conversation_id` may carry, most relevant first:
+/// by cosine distance to `query` (an embedding by `model`) when given, then most recently
+/// updated. At most `limit` (the caller then fits them into its token budget).
+pub async fn for_prompt(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    conversation_id: Uuid,
+    query: Option<(&str, &[f32])>,
+    limit: i64,
+) -> Result<Vec<PromptEntry>, StoreError> {
+    let (model, dim, vector) = match query {
+        Some((model, v)) => (
+            Some(model),
+            Some(i32::try_from(v.len()).unwrap_or(i32::MAX)),
+            Some(pgvector::Vector::from(v.to_vec())),
+        ),
+        None => (None, None, None),
+    };
+    Ok(
+        sqlx::query_as::<_, PromptEntry>(sqlx::AssertSqlSafe(format!(
+            "SELECT m.id, m.tier, m.content,
+                CASE WHEN $3::vector IS NOT NULL AND m.dim = $4 AND m.model = $5
+                     THEN m.embedding <=> $3 END AS distance
+         FROM conversation_memories m
+         WHERE {VISIBLE_TO}
+         ORDER BY distance ASC NULLS LAST, m.updated_at DESC, m.id DESC
+         LIMIT $6"
+        )))
+        .bind(user_id)
+        .bind(conversation_id)
+        .bind(vector)
+        .bind(dim)
+        .bind(model)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?,
+    )
+}
+
+/// A conversation's running summary.
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct Summary {
+    pub summary: String,
+    /// The seq of the last message folded into it (0: none).
+    pub summarized_up_to: i64,
+}
+
+/// The summary of a conversation, if any was written.
+pub async fn summary(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+) -> Result<Option<Summary>, StoreError> {
+    Ok(sqlx::query_as::<_, Summary>(
+        "SELECT summary, summarized_up_to FROM conversation_summaries WHERE conversation_id = $1",
+    )
+    .bind(conversation_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// The summary row of a conversation (created empty if missing), locked for the rest of the
+/// caller's transaction: a concurrent summarize run waits here, then sees this one's result.
+pub async fn lock_summary(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+) -> Result<Summary, StoreError> {
+    sqlx::query(
+        "INSERT INTO conversation_summaries (conversation_id) VALUES ($1)
+         ON CONFLICT (conversation_id) DO NOTHING",
+    )
+    .bind(conversation_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(sqlx::query_as::<_, Summary>(
+        "SELECT summary, summarized_up_to FROM conversation_summaries
+         WHERE conversation_id = $1 FOR UPDATE",
+    )
+    .bind(conversation_id)
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+const MESSAGE_COLS: &str = "m.id, m.conversation_id, m.seq, m.role, m.content, m.response_id, \
+     m.model, m.prompt_tokens, m.completion_tokens, m.latency_ms, m.tool_calls, m.tool_call_id, \
+     m.citations, m.created_at";
+
+/// Messages after `after_seq` that are older than the conversation's last `keep_recent`
+/// (the prompt's window), oldest first, at most `limit`: what a summarize run folds.
+pub async fn messages_to_fold(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+    after_seq: i64,
+    keep_recent: i64,
+    limit: i64,
+) -> Result<Vec<Message>, StoreError> {
+    Ok(sqlx::query_as::<_, Message>(sqlx::AssertSqlSafe(format!(
+        "SELECT {MESSAGE_COLS} FROM messages m
+         WHERE m.conversation_id = $1 AND m.seq > $2
+           AND m.seq < coalesce((SELECT min(seq) FROM (
+                   SELECT seq FROM messages WHERE conversation_id = $1
+                   ORDER BY seq DESC LIMIT $3) w), 0)
+         ORDER BY m.seq LIMIT $4"
+    )))
+    .bind(conversation_id)
+    .bind(after_seq)
+    .bind(keep_recent)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// How many messages are older than the last `keep_recent` and not summarized yet.
+pub async fn unsummarized_beyond_window(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+    keep_recent: i64,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM messages m
+         WHERE m.conversation_id = $1
+           AND m.seq > coalesce((SELECT summarized_up_to FROM conversation_summaries
+                                 WHERE conversation_id = $1), 0)
+           AND m.seq < coalesce((SELECT min(seq) FROM (
+                   SELECT seq FROM messages WHERE conversation_id = $1
+                   ORDER BY seq DESC LIMIT $2) w), 0)",
+    )
+    .bind(conversation_id)
+    .bind(keep_recent)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Store the new summary, folded up to message seq `up_to` (never backwards).
+pub async fn save_summary(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+    summary: &str,
+    up_to: i64,
+    model: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE conversation_summaries SET summary = $2, summarized_up_to = $3, model = $4,
+             updated_at = now()
+         WHERE conversation_id = $1 AND summarized_up_to < $3",
+    )
+    .bind(conversation_id)
+    .bind(summary)
+    .bind(up_to)
+    .bind(model)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Record that the `remember` run for assistant message `message_id` stored `facts` facts;
+/// false when a run had already recorded it (the caller then rolls back).
+pub async fn record_extraction(
+    conn: &mut PgConnection,
+    message_id: Uuid,
+    facts: i32,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "INSERT INTO memory_extractions (message_id, facts) VALUES ($1, $2)
+         ON CONFLICT (message_id) DO NOTHING",
+    )
+    .bind(message_id)
+    .bind(facts)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Whether the exchange closed by `message_id` was already learnt from.
+pub async fn extracted(conn: &mut PgConnection, message_id: Uuid) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM memory_extractions WHERE message_id = $1)",
+        )
+        .bind(message_id)
+        .fetch_one(conn)
+        .await?,
+    )
+}
+
+/// Names of the projects the conversation may draw on for its user right now (the remember
+/// prompt offers them as project-tier targets).
+pub async fn usable_project_names(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    conversation_id: Uuid,
+) -> Result<Vec<(Uuid, String)>, StoreError> {
+    Ok(sqlx::query_as::<_, (Uuid, String)>(
+        "SELECT p.id, p.name FROM projects p
+         WHERE p.id IN (SELECT project_id FROM conversation_projects_visible($1, $2))
+         ORDER BY p.name, p.id LIMIT 50",
+    )
+    .bind(user_id)
+    .bind(conversation_id)
+    .fetch_all(conn)
+    .await?)
+}

@@ -1,0 +1,181 @@
+//! Memory entries: capacity retention per owner and tier (also under concurrent inserts),
+//! near-duplicate refresh, and the owner shape.
+
+use store::memory::{self, Inserted, NewEntry, Owner, Tier};
+use store::{Role, StoreError};
+use testkit::TestDb;
+use uuid::Uuid;
+
+async fn org_and_user(db: &TestDb) -> (Uuid, Uuid) {
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = store::tenancy::insert_org(&mut c, "acme").await.unwrap().id;
+    let user = store::tenancy::insert_user(
+        &mut c,
+        &format!("u-{}@x.io", Uuid::new_v4().simple()),
+        "U",
+        "x",
+    )
+    .await
+    .unwrap()
+    .id;
+    store::tenancy::insert_membership(&mut c, org, user, Role::Member)
+        .await
+        .unwrap();
+    (org, user)
+}
+
+fn entry(owner: Owner, content: &str, embedding: Option<Vec<f32>>) -> NewEntry {
+    NewEntry {
+        owner,
+        content: content.into(),
+        source_conversation_id: None,
+        source_message_ids: vec![],
+        embedding: embedding.map(|v| ("m".to_owned(), v)),
+    }
+}
+
+async fn insert(db: &TestDb, e: &NewEntry, capacity: u32) -> Result<Inserted, StoreError> {
+    let mut tx = db.pool.begin().await.unwrap();
+    let r = memory::insert(&mut tx, e, capacity, 0.1).await?;
+    tx.commit().await.unwrap();
+    Ok(r)
+}
+
+async fn contents(db: &TestDb, org: Uuid, tier: Tier) -> Vec<String> {
+    let mut c = db.pool.acquire().await.unwrap();
+    memory::list(&mut c, org, Some(tier), None, None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.content)
+        .collect()
+}
+
+#[tokio::test]
+async fn capacity_plus_one_inserts_keep_the_newest_n_per_owner() {
+    let db = TestDb::new().await;
+    let (org, user) = org_and_user(&db).await;
+    let owner = Owner::user(org, user);
+    for i in 1..=4 {
+        let r = insert(&db, &entry(owner, &format!("fact {i}"), None), 3)
+            .await
+            .unwrap();
+        let removed = match r {
+            Inserted::New { removed, .. } => removed,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(removed, u64::from(i == 4));
+    }
+    // newest first
+    assert_eq!(
+        contents(&db, org, Tier::User).await,
+        ["fact 4", "fact 3", "fact 2"]
+    );
+    // other owners and tiers are not trimmed by this owner's capacity
+    insert(&db, &entry(Owner::org(org), "org fact", None), 3)
+        .await
+        .unwrap();
+    assert_eq!(contents(&db, org, Tier::Org).await, ["org fact"]);
+    assert_eq!(contents(&db, org, Tier::User).await.len(), 3);
+}
+
+#[tokio::test]
+async fn concurrent_inserts_never_leave_more_than_the_capacity() {
+    let db = TestDb::new().await;
+    let (org, user) = org_and_user(&db).await;
+    let owner = Owner::user(org, user);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let pool = db.pool.clone();
+        tasks.spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            let r = memory::insert(&mut tx, &entry(owner, &format!("fact {i}"), None), 5, 0.1)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            match r {
+                Inserted::New { removed, .. } => removed,
+                other => panic!("{other:?}"),
+            }
+        });
+    }
+    let mut removed = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        removed.push(r.unwrap());
+    }
+    let kept = contents(&db, org, Tier::User).await;
+    assert_eq!(kept.len(), 5, "{kept:?}");
+    // one after the other under the owner's lock: the first five removed nothing, each later
+    // insert removed exactly the oldest one
+    removed.sort();
+    assert_eq!(removed, [vec![0u64; 5], vec![1u64; 19]].concat());
+}
+
+#[tokio::test]
+async fn a_near_duplicate_refreshes_instead_of_adding() {
+    let db = TestDb::new().await;
+    let (org, user) = org_and_user(&db).await;
+    let owner = Owner::user(org, user);
+    let a = vec![1.0, 0.0, 0.0];
+    let first = insert(&db, &entry(owner, "likes tea", Some(a.clone())), 10)
+        .await
+        .unwrap();
+    let Inserted::New { id, .. } = first else {
+        panic!("{first:?}")
+    };
+    // almost the same direction: refreshed with the new wording
+    let again = insert(
+        &db,
+        &entry(owner, "likes green tea", Some(vec![0.99, 0.05, 0.0])),
+        10,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, Inserted::Refreshed { id });
+    assert_eq!(contents(&db, org, Tier::User).await, ["likes green tea"]);
+    // far apart, a different dimension, or no embedding: new entries
+    for e in [
+        entry(owner, "ships on Fridays", Some(vec![0.0, 1.0, 0.0])),
+        entry(owner, "other model", Some(vec![1.0, 0.0])),
+        entry(owner, "no vector", None),
+    ] {
+        assert!(matches!(
+            insert(&db, &e, 10).await.unwrap(),
+            Inserted::New { .. }
+        ));
+    }
+    // the same vector for another owner is not a duplicate
+    let other = Owner::org(org);
+    assert!(matches!(
+        insert(&db, &entry(other, "likes tea", Some(a)), 10)
+            .await
+            .unwrap(),
+        Inserted::New { .. }
+    ));
+    assert_eq!(contents(&db, org, Tier::User).await.len(), 4);
+}
+
+#[tokio::test]
+async fn a_project_entry_must_name_a_project_of_its_org() {
+    let db = TestDb::new().await;
+    let (org, _) = org_and_user(&db).await;
+    let e = insert(
+        &db,
+        &entry(Owner::project(org, Uuid::now_v7()), "x", None),
+        10,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::InvalidReference {
+                field: "project",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let mut c = db.pool.acquire().await.unwrap();
+    assert!(!memory::delete(&mut c, org, Uuid::now_v7()).await.unwrap());
+}

@@ -1,0 +1,185 @@
+//! Memory in the chat turn (docs/ARCHITECTURE.md, "Memory"): what the prompt gets — the
+//! conversation's running summary and the memory entries the user may see, most relevant first
+//! within `MEMORY_TOKEN_BUDGET` — and the follow-up jobs a finished turn enqueues.
+//!
+//! Visibility is decided in SQL at query time (`store::memory::for_prompt`): the org's
+//! entries, those of the projects the conversation may draw on for the user right now, and the
+//! user's own. Relevance: the user's message is embedded (`EMBEDDING_MODEL`) and entries are
+//! ranked by cosine distance; when embedding fails they are ranked by recency.
+
+use std::time::Duration;
+
+use jobs::JobError;
+use jobs::kinds::{Chat, Remember, Summarize};
+use uuid::Uuid;
+
+use super::ChatHandler;
+
+pub const FOLLOW_UP_FAILURES: &str = "chat_follow_up_enqueue_failures_total";
+
+/// Entries read per prompt before the budget is applied.
+const CANDIDATES: i64 = 200;
+/// The question is embedded from at most this many characters.
+const QUESTION_MAX_CHARS: usize = 2000;
+/// How long the query embedding may take before the turn ranks by recency instead.
+const EMBED_LIMIT: Duration = Duration::from_secs(10);
+
+/// What memory adds to one prompt.
+#[derive(Debug, Default)]
+pub struct MemoryContext {
+    pub summary: Option<String>,
+    pub memories: Vec<String>,
+}
+
+/// Estimated tokens of a text (characters / 4, at least 1).
+pub fn estimate_tokens(s: &str) -> usize {
+    s.chars().count().div_ceil(4).max(1)
+}
+
+/// The longest prefix of `entries` (already most relevant first) that fits `budget` tokens.
+pub fn fit_budget(entries: Vec<String>, budget: usize) -> Vec<String> {
+    let mut used = 0usize;
+    let mut out = Vec::new();
+    for e in entries {
+        let t = estimate_tokens(&e);
+        if used + t > budget {
+            break;
+        }
+        used += t;
+        out.push(e);
+    }
+    out
+}
+
+fn db_error(e: impl std::fmt::Display) -> JobError {
+    JobError::retryable(format!("database: {e}"))
+}
+
+impl ChatHandler {
+    /// The summary and the memory entries for the prompt of `job`, whose user message is
+    /// `question`.
+    pub(super) async fn memory_context(
+        &self,
+        job: &Chat,
+        question: &str,
+    ) -> Result<MemoryContext, JobError> {
+        let inner = &self.inner;
+        let mut conn = inner.db.acquire().await.map_err(db_error)?;
+        let summary = store::memory::summary(&mut conn, job.conversation_id)
+            .await
+            .map_err(db_error)?
+            .map(|s| s.summary)
+            .filter(|s| !s.trim().is_empty());
+        if inner.memory.token_budget == 0
+            || !store::memory::any_for_prompt(&mut conn, job.user_id, job.conversation_id)
+                .await
+                .map_err(db_error)?
+        {
+            return Ok(MemoryContext {
+                summary,
+                memories: Vec::new(),
+            });
+        }
+        drop(conn);
+        let model = inner.embedding.model.as_str();
+        let question = crate::handlers::memory::truncate_chars(question, QUESTION_MAX_CHARS);
+        let query =
+            match tokio::time::timeout(EMBED_LIMIT, inner.llm.embed(model, &[question.to_owned()]))
+                .await
+            {
+                Ok(Ok(mut v)) if v.len() == 1 => v.pop(),
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => {
+                    tracing::warn!(
+                        kind = e.kind(),
+                        "embedding the question failed; memories by recency"
+                    );
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!("embedding the question timed out; memories by recency");
+                    None
+                }
+            };
+        let mut conn = inner.db.acquire().await.map_err(db_error)?;
+        let entries = store::memory::for_prompt(
+            &mut conn,
+            job.user_id,
+            job.conversation_id,
+            query.as_deref().map(|v| (model, v)),
+            CANDIDATES,
+        )
+        .await
+        .map_err(db_error)?;
+        Ok(MemoryContext {
+            summary,
+            memories: fit_budget(
+                entries.into_iter().map(|e| e.content).collect(),
+                inner.memory.token_budget,
+            ),
+        })
+    }
+
+    /// After a new answer was committed: `remember` (fact extraction) and, when enough
+    /// messages fell out of the recent window unsummarized, `summarize`. Best effort: a failure
+    /// is logged and counted, never fails the answered turn.
+    pub(super) async fn enqueue_follow_ups(
+        &self,
+        conversation_id: Uuid,
+        user_id: Uuid,
+        org_id: Uuid,
+        answer_id: Uuid,
+    ) {
+        let inner = &self.inner;
+        if inner.memory.remember {
+            let job = Remember {
+                conversation_id,
+                message_id: answer_id,
+                user_id,
+                org_id,
+            };
+            if let Err(e) = inner.bus.enqueue(job).await {
+                metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "remember").increment(1);
+                tracing::warn!(error = %e, "cannot enqueue remember");
+            }
+        }
+        let pending = async {
+            let mut conn = inner.db.acquire().await.map_err(store::StoreError::from)?;
+            store::memory::unsummarized_beyond_window(
+                &mut conn,
+                conversation_id,
+                i64::try_from(inner.chat.recent_messages).unwrap_or(i64::MAX),
+            )
+            .await
+        };
+        match pending.await {
+            Ok(n) if n >= i64::try_from(inner.memory.summarize_threshold).unwrap_or(i64::MAX) => {
+                if let Err(e) = inner.bus.enqueue(Summarize { conversation_id }).await {
+                    metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "summarize").increment(1);
+                    tracing::warn!(error = %e, "cannot enqueue summarize");
+                } else {
+                    tracing::info!(unsummarized = n, "summarize enqueued");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "summarize").increment(1);
+                tracing::warn!(error = %e, "cannot count unsummarized messages");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_keeps_the_most_relevant_prefix() {
+        let e = vec!["a".repeat(40), "b".repeat(40), "c".repeat(4)];
+        assert_eq!(fit_budget(e.clone(), 21).len(), 3);
+        assert_eq!(fit_budget(e.clone(), 20).len(), 2);
+        assert_eq!(fit_budget(e.clone(), 10), vec!["a".repeat(40)]);
+        assert!(fit_budget(e, 5).is_empty());
+    }
+}

@@ -1,0 +1,790 @@
+//! Memory (SPEC §3) end to end against real PostgreSQL, Redis and the LiteLLM proxy in front
+//! of the shared scripted fake upstream: summary + recent prompts, race-safe summarize jobs,
+//! fact extraction, and who may see which memory entry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobs::kinds::{Chat, Remember, Summarize};
+use jobs::{Queue, RedisHandle, Worker, WorkerOptions};
+use serde_json::{Value, json};
+use store::Role;
+use store::conversations::{self as conv, Answer};
+use store::memory::{self, NewEntry, Owner};
+use testkit::{Behaviour, FakeClient, TestDb, TestRedis, test_settings};
+use testkit::{unique_model, via_litellm};
+use uuid::Uuid;
+
+use crate::bus::bus_for;
+
+struct Ctx {
+    db: TestDb,
+    _redis: TestRedis,
+    settings: config::Settings,
+    org: Uuid,
+    /// the fake model behind the org's model (chat, summarize and remember calls)
+    model: String,
+}
+
+/// An org whose chat model is a fresh fake model; memory embeddings through a fake model too.
+async fn ctx(extra: &[(&str, &str)]) -> Ctx {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let embed = via_litellm(&unique_model("embed"));
+    let mut vars: Vec<(&str, &str)> = vec![("EMBEDDING_MODEL", embed.as_str())];
+    vars.extend_from_slice(extra);
+    let mut settings = test_settings(&db, &redis, &vars);
+    settings.queues.memory.backoff_base_ms = 100;
+    settings.queues.memory.backoff_cap_ms = 500;
+    settings.queues.chat.backoff_base_ms = 100;
+    settings.queues.chat.backoff_cap_ms = 500;
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = store::tenancy::insert_org(&mut c, "acme").await.unwrap().id;
+    drop(c);
+    let model = unique_model("mem");
+    conv::set_org_models(&db.pool, org, &via_litellm(&model), &via_litellm(&model))
+        .await
+        .unwrap();
+    Ctx {
+        db,
+        _redis: redis,
+        settings,
+        org,
+        model,
+    }
+}
+
+impl Ctx {
+    async fn user(&self, role: Role) -> Uuid {
+        let mut c = self.db.pool.acquire().await.unwrap();
+        let user = store::tenancy::insert_user(
+            &mut c,
+            &format!("u-{}@x.io", Uuid::new_v4().simple()),
+            "U",
+            "x",
+        )
+        .await
+        .unwrap()
+        .id;
+        store::tenancy::insert_membership(&mut c, self.org, user, role)
+            .await
+            .unwrap();
+        user
+    }
+
+    async fn conversation(&self, user: Uuid) -> Uuid {
+        let mut c = self.db.pool.acquire().await.unwrap();
+        conv::create(&mut c, self.org, user, "plans", None)
+            .await
+            .unwrap()
+            .id
+    }
+
+    /// A user turn as the API makes it; returns the job that answers it.
+    async fn turn(&self, user: Uuid, conversation: Uuid, content: &str) -> Chat {
+        let mut tx = self.db.pool.begin().await.unwrap();
+        let (message, response) = conv::start_turn(&mut tx, conversation, content)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        Chat {
+            conversation_id: conversation,
+            message_id: message.id,
+            response_id: response.id,
+            user_id: user,
+            org_id: self.org,
+        }
+    }
+
+    /// A finished earlier turn; returns the stored answer's id.
+    async fn past_turn(&self, user: Uuid, conversation: Uuid, q: &str, a: &str) -> Uuid {
+        let job = self.turn(user, conversation, q).await;
+        let mut tx = self.db.pool.begin().await.unwrap();
+        let r = conv::lock_response(&mut tx, job.response_id)
+            .await
+            .unwrap()
+            .unwrap();
+        let (m, _) = conv::complete(
+            &mut tx,
+            &r,
+            &Answer {
+                content: a,
+                model: "earlier",
+                prompt_tokens: None,
+                completion_tokens: None,
+                latency_ms: 1,
+                citations: json!([]),
+            },
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        m.id
+    }
+
+    fn worker(&self, queues: Vec<Queue>, concurrency: usize) -> Worker {
+        let redis = Arc::new(RedisHandle::new(&self.settings.redis).unwrap());
+        let mut registry = workers::handlers::registry(self.db.pool.clone());
+        workers::handlers::chat::ChatHandler::new(
+            self.db.pool.clone(),
+            redis.clone(),
+            &self.settings,
+        )
+        .unwrap()
+        .register(&mut registry);
+        workers::handlers::memory::MemoryHandlers::new(self.db.pool.clone(), redis, &self.settings)
+            .unwrap()
+            .register(&mut registry);
+        let mut opts = WorkerOptions::from_settings(&self.settings, queues);
+        opts.read_block = Duration::from_millis(200);
+        opts.concurrency = concurrency;
+        Worker::new(bus_for(&self.settings), registry, opts)
+    }
+
+    async fn drain(&self, queue: Queue, concurrency: usize) -> jobs::RunReport {
+        self.worker(vec![queue], concurrency)
+            .drain_until_empty(Duration::from_secs(90))
+            .await
+            .expect("the queue empties")
+    }
+
+    /// Answer `job` through the chat handler with `reply`; returns the messages the model got.
+    async fn chat(&self, job: Chat, reply: &str) -> Vec<(String, String)> {
+        let before = self.calls().await.len();
+        FakeClient::shared()
+            .script(&self.model, vec![Behaviour::reply(reply)])
+            .await
+            .unwrap();
+        bus_for(&self.settings).enqueue(job).await.unwrap();
+        let report = self.drain(Queue::Chat, 1).await;
+        assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+        let calls = self.calls().await;
+        assert_eq!(calls.len(), before + 1);
+        sent(&calls[before].body)
+    }
+
+    async fn calls(&self) -> Vec<testkit::fake_upstream::Recorded> {
+        FakeClient::shared()
+            .requests(&self.model)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.path.ends_with("/chat/completions"))
+            .collect()
+    }
+
+    async fn summary(&self, conversation: Uuid) -> memory::Summary {
+        let mut c = self.db.pool.acquire().await.unwrap();
+        memory::summary(&mut c, conversation)
+            .await
+            .unwrap()
+            .unwrap_or_default()
+    }
+
+    async fn entries(&self) -> Vec<memory::Entry> {
+        let mut c = self.db.pool.acquire().await.unwrap();
+        memory::list(&mut c, self.org, None, None, None, 1000)
+            .await
+            .unwrap()
+    }
+
+    async fn add(&self, owner: Owner, content: &str) {
+        let mut tx = self.db.pool.begin().await.unwrap();
+        memory::insert(
+            &mut tx,
+            &NewEntry {
+                owner,
+                content: content.into(),
+                source_conversation_id: None,
+                source_message_ids: vec![],
+                embedding: None,
+            },
+            50,
+            0.1,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    async fn seq_of(&self, content: &str) -> i64 {
+        sqlx::query_scalar("SELECT seq FROM messages WHERE content = $1")
+            .bind(content)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+}
+
+fn sent(body: &Value) -> Vec<(String, String)> {
+    body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn all_text(messages: &[(String, String)]) -> String {
+    messages
+        .iter()
+        .map(|(_, c)| c.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Everything but the system messages.
+fn dialogue(messages: &[(String, String)]) -> Vec<(String, String)> {
+    messages
+        .iter()
+        .filter(|(r, _)| r != "system")
+        .cloned()
+        .collect()
+}
+
+fn pair(role: &str, content: &str) -> (String, String) {
+    (role.to_owned(), content.to_owned())
+}
+
+#[tokio::test]
+async fn prompts_hold_the_summary_and_exactly_the_last_n_messages_and_turns_enqueue_follow_ups() {
+    let c = ctx(&[("RECENT_MESSAGES", "4"), ("SUMMARIZE_THRESHOLD", "2")]).await;
+    let user = c.user(Role::Member).await;
+    let conversation = c.conversation(user).await;
+    for i in 1..=6 {
+        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
+            .await;
+    }
+    // the first summary: everything before the last 4 messages (q1..a4)
+    FakeClient::shared()
+        .script(&c.model, vec![Behaviour::reply("SUMMARY-ONE")])
+        .await
+        .unwrap();
+    bus_for(&c.settings)
+        .enqueue(Summarize {
+            conversation_id: conversation,
+        })
+        .await
+        .unwrap();
+    let report = c.drain(Queue::Memory, 1).await;
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+    let s = c.summary(conversation).await;
+    assert_eq!(s.summary, "SUMMARY-ONE");
+    assert_eq!(s.summarized_up_to, c.seq_of("a4").await);
+    let folded = sent(&c.calls().await[0].body);
+    let input = all_text(&folded);
+    for m in ["q1", "a1", "q2", "a2", "q3", "a3", "q4", "a4"] {
+        assert!(
+            input.contains(&format!(": {m}\n")) || input.ends_with(&format!(": {m}")),
+            "{m} folded: {input}"
+        );
+    }
+    for m in ["q5", "a5", "q6", "a6"] {
+        assert!(
+            !input.contains(&format!(": {m}")),
+            "{m} is in the window: {input}"
+        );
+    }
+
+    // the next turn: system prompt, the summary, then exactly the last 4 messages
+    let job = c.turn(user, conversation, "q7").await;
+    let prompt = c.chat(job, "a7").await;
+    assert_eq!(prompt[0].0, "system");
+    assert!(prompt.iter().any(|(r, t)| r == "system"
+        && t.contains(&format!(
+            "{}\nSUMMARY-ONE",
+            workers::handlers::chat::prompt::SUMMARY_HEADER
+        ))));
+    assert_eq!(
+        dialogue(&prompt),
+        [
+            pair("assistant", "a5"),
+            pair("user", "q6"),
+            pair("assistant", "a6"),
+            pair("user", "q7"),
+        ]
+    );
+
+    // the answered turn enqueued remember and (q5, a5 fell out of the window) summarize
+    let stats = bus_for(&c.settings).stats(Queue::Memory).await.unwrap();
+    assert_eq!(stats.length, 2, "{stats:?}");
+    FakeClient::shared()
+        .script(
+            &c.model,
+            vec![
+                Behaviour::reply(
+                    r#"{"facts":[{"tier":"user","content":"Prefers numbered plans"}]}"#,
+                ),
+                Behaviour::reply("SUMMARY-TWO"),
+            ],
+        )
+        .await
+        .unwrap();
+    let report = c.drain(Queue::Memory, 1).await;
+    assert_eq!((report.completed, report.dead), (2, 0), "{report:?}");
+    let s = c.summary(conversation).await;
+    assert_eq!(s.summary, "SUMMARY-TWO");
+    assert_eq!(s.summarized_up_to, c.seq_of("a5").await);
+    let calls = c.calls().await;
+    let second = all_text(&sent(&calls[calls.len() - 1].body));
+    assert!(second.contains("SUMMARY-ONE"), "{second}");
+    assert!(
+        second.contains(": q5") && second.contains(": a5"),
+        "{second}"
+    );
+    for m in ["q4", "a4", "q6", "a6", "q7", "a7"] {
+        assert!(
+            !second.contains(&format!(": {m}\n")) && !second.ends_with(&format!(": {m}")),
+            "{m} folded twice or early: {second}"
+        );
+    }
+    let entries = c.entries().await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].tier, "user");
+    assert_eq!(entries[0].user_id, Some(user));
+    assert_eq!(entries[0].content, "Prefers numbered plans");
+    assert_eq!(entries[0].source_conversation_id, Some(conversation));
+}
+
+#[tokio::test]
+async fn concurrent_summarize_jobs_fold_each_message_once() {
+    let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
+    let user = c.user(Role::Member).await;
+    let conversation = c.conversation(user).await;
+    for i in 1..=5 {
+        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
+            .await;
+    }
+    // one slow answer: the other runs wait on the summary's row lock meanwhile
+    FakeClient::shared()
+        .script(
+            &c.model,
+            vec![Behaviour::Reply {
+                text: "S1".into(),
+                tokens: None,
+                first_token_delay_ms: 800,
+                token_delay_ms: 0,
+            }],
+        )
+        .await
+        .unwrap();
+    let bus = bus_for(&c.settings);
+    for _ in 0..3 {
+        bus.enqueue(Summarize {
+            conversation_id: conversation,
+        })
+        .await
+        .unwrap();
+    }
+    // two workers, each running several jobs at once
+    let (w1, w2) = (
+        c.worker(vec![Queue::Memory], 3),
+        c.worker(vec![Queue::Memory], 3),
+    );
+    let (r1, r2) = tokio::join!(
+        w1.drain_until_empty(Duration::from_secs(90)),
+        w2.drain_until_empty(Duration::from_secs(90))
+    );
+    let (r1, r2) = (r1.unwrap(), r2.unwrap());
+    assert_eq!(r1.completed + r2.completed, 3, "{r1:?} {r2:?}");
+    assert_eq!(r1.dead + r2.dead, 0);
+    let calls = c.calls().await;
+    assert_eq!(
+        calls.len(),
+        1,
+        "one model call folds them; the others find nothing new"
+    );
+    let input = all_text(&sent(&calls[0].body));
+    for i in 1..=4 {
+        for m in [format!("q{i}"), format!("a{i}")] {
+            assert_eq!(
+                input.matches(&format!(": {m}\n")).count()
+                    + usize::from(input.ends_with(&format!(": {m}"))),
+                1,
+                "{m}: {input}"
+            );
+        }
+    }
+    assert!(!input.contains(": q5") && !input.contains(": a5"));
+    let s = c.summary(conversation).await;
+    assert_eq!(
+        (s.summary.as_str(), s.summarized_up_to),
+        ("S1", c.seq_of("a4").await)
+    );
+
+    // two more turns: the next runs fold exactly the new messages beyond the window (q5..a6)
+    for i in 6..=7 {
+        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
+            .await;
+    }
+    FakeClient::shared()
+        .script(&c.model, vec![Behaviour::reply("S2")])
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        bus.enqueue(Summarize {
+            conversation_id: conversation,
+        })
+        .await
+        .unwrap();
+    }
+    let report = c.drain(Queue::Memory, 2).await;
+    assert_eq!((report.completed, report.dead), (2, 0), "{report:?}");
+    let calls = c.calls().await;
+    assert_eq!(calls.len(), 2);
+    let input = all_text(&sent(&calls[1].body));
+    assert!(input.contains("Current summary:\nS1"), "{input}");
+    let folded: Vec<&str> = input
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("User: ")
+                .or_else(|| l.strip_prefix("Assistant: "))
+        })
+        .collect();
+    assert_eq!(folded, ["q5", "a5", "q6", "a6"]);
+    let s = c.summary(conversation).await;
+    assert_eq!(
+        (s.summary.as_str(), s.summarized_up_to),
+        ("S2", c.seq_of("a6").await)
+    );
+}
+
+#[tokio::test]
+async fn a_users_memories_never_reach_another_users_prompt() {
+    let c = ctx(&[]).await;
+    let (u, v) = (c.user(Role::Member).await, c.user(Role::Admin).await);
+    let marker = Uuid::new_v4().simple().to_string();
+    c.add(Owner::user(c.org, u), &format!("U-SECRET-{marker}"))
+        .await;
+    c.add(Owner::user(c.org, v), &format!("V-FACT-{marker}"))
+        .await;
+    c.add(Owner::org(c.org), &format!("ORG-FACT-{marker}"))
+        .await;
+    // another org's entry
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    let other = store::tenancy::insert_org(&mut conn, "other")
+        .await
+        .unwrap()
+        .id;
+    drop(conn);
+    c.add(Owner::org(other), &format!("OTHER-ORG-{marker}"))
+        .await;
+
+    let cv = c.conversation(v).await;
+    let job = c.turn(v, cv, "what do you know?").await;
+    let text = all_text(&c.chat(job, "ok").await);
+    assert!(text.contains(&format!("ORG-FACT-{marker}")), "{text}");
+    assert!(text.contains(&format!("V-FACT-{marker}")), "{text}");
+    assert!(!text.contains(&format!("U-SECRET-{marker}")), "{text}");
+    assert!(!text.contains(&format!("OTHER-ORG-{marker}")), "{text}");
+
+    let cu = c.conversation(u).await;
+    let job = c.turn(u, cu, "and for me?").await;
+    let text = all_text(&c.chat(job, "ok").await);
+    assert!(text.contains(&format!("U-SECRET-{marker}")), "{text}");
+    assert!(text.contains(&format!("ORG-FACT-{marker}")), "{text}");
+    assert!(!text.contains(&format!("V-FACT-{marker}")), "{text}");
+}
+
+#[tokio::test]
+async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_project() {
+    let c = ctx(&[]).await;
+    let (owner, u) = (c.user(Role::Owner).await, c.user(Role::Member).await);
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    let project = store::projects::insert_project(
+        &mut conn,
+        &store::projects::NewProject {
+            org_id: c.org,
+            created_by: owner,
+            name: "Apollo",
+            description: "",
+            visibility: store::Visibility::Private,
+            team_id: None,
+        },
+    )
+    .await
+    .unwrap()
+    .id;
+    store::projects::add_member(&mut conn, c.org, project, u)
+        .await
+        .unwrap();
+    drop(conn);
+    let marker = Uuid::new_v4().simple().to_string();
+    c.add(Owner::project(c.org, project), &format!("APOLLO-{marker}"))
+        .await;
+    let conversation = c.conversation(u).await;
+
+    let job = c.turn(u, conversation, "status?").await;
+    let text = all_text(&c.chat(job, "fine").await);
+    assert!(text.contains(&format!("APOLLO-{marker}")), "{text}");
+
+    // a conversation narrowed to another project the user sees does not get it either
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    let other = store::projects::insert_project(
+        &mut conn,
+        &store::projects::NewProject {
+            org_id: c.org,
+            created_by: owner,
+            name: "Gemini",
+            description: "",
+            visibility: store::Visibility::Org,
+            team_id: None,
+        },
+    )
+    .await
+    .unwrap()
+    .id;
+    let narrowed = conv::create(&mut conn, c.org, u, "gemini only", Some(&[other]))
+        .await
+        .unwrap()
+        .id;
+    drop(conn);
+    let job = c.turn(u, narrowed, "status?").await;
+    let text = all_text(&c.chat(job, "fine").await);
+    assert!(!text.contains(&format!("APOLLO-{marker}")), "{text}");
+
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    assert!(
+        store::projects::remove_member(&mut conn, project, u)
+            .await
+            .unwrap()
+    );
+    drop(conn);
+    let job = c.turn(u, conversation, "status now?").await;
+    let text = all_text(&c.chat(job, "fine").await);
+    assert!(!text.contains(&format!("APOLLO-{marker}")), "{text}");
+}
+
+#[tokio::test]
+async fn the_most_relevant_memories_fill_the_token_budget() {
+    // room for one short entry only: the one closest to the question wins over newer ones
+    let c = ctx(&[("MEMORY_TOKEN_BUDGET", "8")]).await;
+    let u = c.user(Role::Member).await;
+    let question = "Which colour does the launch deck use?";
+    let relevant = "Launch deck colour is teal";
+    let mut tx = c.db.pool.begin().await.unwrap();
+    for content in [relevant, "Standup is at nine", "Prefers short replies"] {
+        // the fake upstream embeds deterministically: the question itself is the nearest text
+        let text = if content == relevant {
+            question
+        } else {
+            content
+        };
+        let v = testkit::fake_upstream::fake_embedding(text, 384);
+        memory::insert(
+            &mut tx,
+            &NewEntry {
+                owner: Owner::user(c.org, u),
+                content: content.into(),
+                source_conversation_id: None,
+                source_message_ids: vec![],
+                embedding: Some((c.settings.embedding.model.clone(), v)),
+            },
+            50,
+            0.1,
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let conversation = c.conversation(u).await;
+    let job = c.turn(u, conversation, question).await;
+    let text = all_text(&c.chat(job, "teal").await);
+    assert!(text.contains(relevant), "{text}");
+    assert!(!text.contains("Standup is at nine"), "{text}");
+    assert!(!text.contains("Prefers short replies"), "{text}");
+}
+
+async fn remember(c: &Ctx, user: Uuid, conversation: Uuid, answer: Uuid, reply: &str) {
+    FakeClient::shared()
+        .script(&c.model, vec![Behaviour::reply(reply)])
+        .await
+        .unwrap();
+    bus_for(&c.settings)
+        .enqueue(Remember {
+            conversation_id: conversation,
+            message_id: answer,
+            user_id: user,
+            org_id: c.org,
+        })
+        .await
+        .unwrap();
+    let report = c.drain(Queue::Memory, 1).await;
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+}
+
+#[tokio::test]
+async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_dedup() {
+    let c = ctx(&[]).await;
+    let (owner, u) = (c.user(Role::Owner).await, c.user(Role::Member).await);
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    let project = |name: &'static str| store::projects::NewProject {
+        org_id: c.org,
+        created_by: owner,
+        name,
+        description: "",
+        visibility: store::Visibility::Private,
+        team_id: None,
+    };
+    let visible = store::projects::insert_project(&mut conn, &project("Seen"))
+        .await
+        .unwrap()
+        .id;
+    let hidden = store::projects::insert_project(&mut conn, &project("Hidden"))
+        .await
+        .unwrap()
+        .id;
+    store::projects::add_member(&mut conn, c.org, visible, u)
+        .await
+        .unwrap();
+    drop(conn);
+    let conversation = c.conversation(u).await;
+    let a1 = c.past_turn(u, conversation, "I like tea", "Noted").await;
+
+    for bad in [
+        "The user likes tea.".to_owned(),
+        r#"{"facts":[{"tier":"user","content":"Likes tea"},{"tier":"project","content":"no project id"}]}"#.to_owned(),
+        r#"{"facts":[{"tier":"user","content":"Likes tea"},{"tier":"team","content":"x"}]}"#.to_owned(),
+        r#"{"facts":[{"tier":"user","content":"Likes tea"}"#.to_owned(),
+    ] {
+        remember(&c, u, conversation, a1, &bad).await;
+        assert!(c.entries().await.is_empty(), "stored from {bad}");
+    }
+    let extracted: i64 = sqlx::query_scalar("SELECT count(*) FROM memory_extractions")
+        .fetch_one(&c.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(extracted, 0);
+
+    // well-formed: the user fact and the visible project's fact are stored; the hidden
+    // project's is not
+    let good = format!(
+        r#"{{"facts":[{{"tier":"user","content":"Likes tea"}},{{"tier":"project","project_id":"{visible}","content":"Seen ships weekly"}},{{"tier":"project","project_id":"{hidden}","content":"Hidden is late"}}]}}"#
+    );
+    remember(&c, u, conversation, a1, &good).await;
+    let entries = c.entries().await;
+    let mut got: Vec<(String, Option<Uuid>, Option<Uuid>, String)> = entries
+        .iter()
+        .map(|e| (e.tier.clone(), e.project_id, e.user_id, e.content.clone()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (
+                "project".into(),
+                Some(visible),
+                None,
+                "Seen ships weekly".into()
+            ),
+            ("user".into(), None, Some(u), "Likes tea".into()),
+        ]
+    );
+    // a redelivered job for the same answer stores nothing more (and calls no model)
+    let before = c.calls().await.len();
+    bus_for(&c.settings)
+        .enqueue(Remember {
+            conversation_id: conversation,
+            message_id: a1,
+            user_id: u,
+            org_id: c.org,
+        })
+        .await
+        .unwrap();
+    c.drain(Queue::Memory, 1).await;
+    assert_eq!(c.calls().await.len(), before);
+    assert_eq!(c.entries().await.len(), 2);
+
+    // the same fact from a later exchange refreshes the entry instead of adding one
+    let a2 = c.past_turn(u, conversation, "tea again", "Sure").await;
+    remember(
+        &c,
+        u,
+        conversation,
+        a2,
+        r#"{"facts":[{"tier":"user","content":"Likes tea"}]}"#,
+    )
+    .await;
+    let after = c.entries().await;
+    assert_eq!(after.len(), 2);
+    let tea = after.iter().find(|e| e.content == "Likes tea").unwrap();
+    let old = entries.iter().find(|e| e.content == "Likes tea").unwrap();
+    assert_eq!(tea.id, old.id);
+    assert!(tea.updated_at > old.updated_at);
+    assert!(tea.source_message_ids.contains(&a2));
+}
+
+#[tokio::test]
+async fn a_rate_limited_summarize_waits_and_then_folds() {
+    let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
+    let user = c.user(Role::Member).await;
+    let conversation = c.conversation(user).await;
+    for i in 1..=3 {
+        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
+            .await;
+    }
+    FakeClient::shared()
+        .script(
+            &c.model,
+            vec![Behaviour::rate_limited(1), Behaviour::reply("AFTER-WAIT")],
+        )
+        .await
+        .unwrap();
+    bus_for(&c.settings)
+        .enqueue(Summarize {
+            conversation_id: conversation,
+        })
+        .await
+        .unwrap();
+    let report = c.drain(Queue::Memory, 1).await;
+    assert_eq!(report.dead, 0, "{report:?}");
+    assert!(report.retried >= 1, "{report:?}");
+    let s = c.summary(conversation).await;
+    assert_eq!(
+        (s.summary.as_str(), s.summarized_up_to),
+        ("AFTER-WAIT", c.seq_of("a2").await)
+    );
+    assert_eq!(c.calls().await.len(), 2, "no call during the cooldown");
+}
+
+#[tokio::test]
+async fn a_long_backlog_is_folded_over_several_runs() {
+    let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
+    let user = c.user(Role::Member).await;
+    let conversation = c.conversation(user).await;
+    // 16 messages beyond the window, 8 of them 4,000 characters: more than one run's input
+    for i in 1..=9 {
+        let long = format!("{i}{}", "x".repeat(3999));
+        c.past_turn(user, conversation, &format!("q{i}"), &long)
+            .await;
+    }
+    FakeClient::shared()
+        .script(
+            &c.model,
+            vec![Behaviour::reply("PART-1"), Behaviour::reply("PART-2")],
+        )
+        .await
+        .unwrap();
+    bus_for(&c.settings)
+        .enqueue(Summarize {
+            conversation_id: conversation,
+        })
+        .await
+        .unwrap();
+    let report = c.drain(Queue::Memory, 1).await;
+    assert_eq!((report.completed, report.dead), (2, 0), "{report:?}");
+    let calls = c.calls().await;
+    assert_eq!(calls.len(), 2);
+    assert!(all_text(&sent(&calls[1].body)).contains("Current summary:\nPART-1"));
+    let s = c.summary(conversation).await;
+    let last_long = format!("8{}", "x".repeat(3999));
+    assert_eq!(
+        (s.summary.as_str(), s.summarized_up_to),
+        ("PART-2", c.seq_of(&last_long).await)
+    );
+}
