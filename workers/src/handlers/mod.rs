@@ -1,6 +1,7 @@
 //! Job handlers, one module per kind, and the registry a worker runs with. `probe` and `chat`
 //! exist so far; summarize, remember, index and execute_action arrive with their issues.
 
+pub mod actions;
 pub mod chat;
 pub mod probe;
 
@@ -18,5 +19,6 @@ pub fn registry(db: sqlx::PgPool) -> Registry {
 pub fn worker_registry(rt: &crate::Runtime) -> Result<Registry, llm::LlmError> {
     let mut r = registry(rt.db.clone());
     chat::ChatHandler::new(rt.db.clone(), rt.redis.clone(), &rt.settings)?.register(&mut r);
+    actions::ActionsHandler::new(rt.db.clone(), rt.bus.clone()).register(&mut r);
     Ok(r)
 }

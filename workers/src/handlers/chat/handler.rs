@@ -13,7 +13,9 @@ use store::conversations::{self as conv, Answer, Message, Response};
 
 use super::policy::{DEFAULT_COOLDOWN, Models, RateLimitDecision, rate_limit_decision};
 use super::prompt::PromptBuilder;
+use super::rounds::{ToolTurn, proposal_answer, with_exchange};
 use super::stream::{Answered, CallOutcome, Turn};
+use super::tools::ToolCtx;
 use super::{ChatHandler, codes, metrics};
 
 fn db_error(e: impl std::fmt::Display) -> JobError {
@@ -129,13 +131,13 @@ impl ChatHandler {
         )
         .await
         .map_err(db_error)?;
-        drop(conn);
         if recent.last().map(|m| m.id) != Some(job.message_id) {
             return Err(JobError::permanent(
                 "the user message of this turn is not in its conversation",
             ));
         }
-        let messages = PromptBuilder::new().recent_messages(&recent).build();
+        let mut tools = self.tool_turn(&mut conn, job, &response, recent).await?;
+        drop(conn);
         let org = conv::org_models(db, job.org_id).await.map_err(db_error)?;
         let models = Models::choose(org, &self.inner.chat);
         let mut turn = Turn::new(response.id, self.inner.call_limit);
@@ -147,7 +149,7 @@ impl ChatHandler {
                 .await;
         }
         let primary_error = match self
-            .call_model(&mut turn, &models.primary, &messages)
+            .call_with_tools(&mut turn, &models.primary, &mut tools)
             .await?
         {
             CallOutcome::Answered(a) => return self.complete(&response, a).await,
@@ -179,7 +181,10 @@ impl ChatHandler {
         }
         tracing::info!(primary = %models.primary, fallback, kind = primary_error.kind(), "falling back");
         metrics::fallback(&models.primary, fallback);
-        match self.call_model(&mut turn, fallback, &messages).await? {
+        match self
+            .call_with_tools(&mut turn, fallback, &mut tools)
+            .await?
+        {
             CallOutcome::Answered(a) => self.complete(&response, a).await,
             CallOutcome::AlreadyFinished => self.already_finished(job).await,
             CallOutcome::RateLimited(after) => {
@@ -194,6 +199,35 @@ impl ChatHandler {
                     .await
             }
         }
+    }
+
+    /// The prompt and tool state of this run: the recent messages plus what this response
+    /// already stored (the rounds of a restarted turn, the decided proposal of a continuation).
+    async fn tool_turn(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        job: &Chat,
+        response: &Response,
+        recent: Vec<Message>,
+    ) -> Result<ToolTurn, JobError> {
+        let (exchange, rounds) = store::actions::response_exchange(&mut *conn, response.id)
+            .await
+            .map_err(db_error)?;
+        let proposed = store::actions::list_for_response(&mut *conn, response.id)
+            .await
+            .map_err(db_error)?;
+        let recent = with_exchange(recent, exchange);
+        Ok(ToolTurn {
+            ctx: ToolCtx {
+                user_id: job.user_id,
+                org_id: job.org_id,
+                conversation_id: job.conversation_id,
+            },
+            response_id: response.id,
+            messages: PromptBuilder::new().recent_messages(&recent).build(),
+            rounds_done: u32::try_from(rounds).unwrap_or(0),
+            proposed: (!proposed.is_empty()).then(|| proposal_answer(&proposed)),
+        })
     }
 
     async fn cooling_down(&self, model: &str) -> Result<Option<Duration>, JobError> {

@@ -6,13 +6,16 @@
 //! - [`policy`]: model choice, model-wide cooldowns, when rate-limit waiting becomes an error;
 //! - [`stream`]: one model call, its tokens published as they arrive;
 //! - [`handler`]: the turn: restart and redelivery handling, fallback, completion, failures;
-//! - [`metrics`]: model and chat metrics.
+//! - [`metrics`]: model and chat metrics;
+//! - [`tools`], [`rounds`]: the tool registry and the tool rounds of a turn.
 
 mod handler;
 pub mod metrics;
 pub mod policy;
 pub mod prompt;
+pub mod rounds;
 mod stream;
+pub mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +54,7 @@ struct Inner {
     cooldowns: policy::Cooldowns,
     chat: config::ChatSettings,
     queue: config::QueueSettings,
+    tools: config::ToolsSettings,
     /// Upper bound of the model calls of one run (primary and fallback together):
     /// `litellm.request_timeout_secs`. (The bus's heartbeat keeps the job claimed meanwhile.)
     call_limit: Duration,
@@ -72,6 +76,7 @@ impl ChatHandler {
                 cooldowns: policy::Cooldowns::new(redis),
                 chat: settings.chat.clone(),
                 queue: settings.queues.chat.clone(),
+                tools: settings.tools.clone(),
                 call_limit: Duration::from_secs(settings.litellm.request_timeout_secs),
             }),
         })
