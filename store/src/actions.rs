@@ -407,6 +407,37 @@ pub async fn stale_confirmed(
     .await?)
 }
 
+/// A continuation that should have started: its action was decided (executed or failed)
+/// `older_than` ago and its response is still untouched (the `chat` job was lost before it
+/// reached the bus).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StaleContinuation {
+    pub conversation_id: Uuid,
+    pub message_id: Uuid,
+    pub response_id: Uuid,
+    pub user_id: Uuid,
+    pub org_id: Uuid,
+}
+
+pub async fn stale_continuations(
+    pool: &PgPool,
+    older_than: std::time::Duration,
+) -> Result<Vec<StaleContinuation>, StoreError> {
+    Ok(sqlx::query_as::<_, StaleContinuation>(
+        "SELECT a.conversation_id, r.user_message_id AS message_id, r.id AS response_id,
+                a.user_id, a.org_id
+         FROM proposed_actions a
+         JOIN responses r ON r.id = a.continuation_response_id
+         WHERE a.status IN ('executed', 'failed')
+           AND a.executed_at <= now() - make_interval(secs => $1)
+           AND r.status = 'queued' AND r.starts = 0
+         ORDER BY a.executed_at LIMIT 100",
+    )
+    .bind(older_than.as_secs_f64())
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Insert a message of the tool exchange (round `None`: not part of a turn's rounds).
 pub async fn insert_message(
     conn: &mut PgConnection,

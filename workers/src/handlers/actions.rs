@@ -86,9 +86,10 @@ impl ActionsHandler {
         match action.status.as_str() {
             "confirmed" => {}
             "executed" | "failed" => {
-                drop(tx);
+                // A redelivery: the run that decided it enqueued the continuation (or, had that
+                // failed, the scheduler's sweep does).
                 tracing::info!(status = %action.status, "already decided (redelivery)");
-                return self.continue_conversation(&action).await;
+                return Ok(());
             }
             other => {
                 tracing::warn!(status = other, "not confirmed; nothing to execute");
@@ -151,7 +152,8 @@ impl ActionsHandler {
         self.continue_conversation(&action).await
     }
 
-    /// Enqueue the continuation's `chat` job unless its response already started.
+    /// Enqueue the continuation's `chat` job. A failure is logged, not retried: the decision is
+    /// committed, and the scheduler's sweep enqueues continuations that never started.
     async fn continue_conversation(&self, action: &Action) -> HandlerResult {
         let Some(response_id) = action.continuation_response_id else {
             return Ok(());
@@ -168,19 +170,17 @@ impl ActionsHandler {
         else {
             return Ok(());
         };
-        if response.status != "queued" || response.starts > 0 {
-            return Ok(());
+        drop(conn);
+        let job = Chat {
+            conversation_id: action.conversation_id,
+            message_id: response.user_message_id,
+            response_id,
+            user_id: action.user_id,
+            org_id: action.org_id,
+        };
+        if let Err(e) = self.bus.enqueue(job).await {
+            tracing::error!(error = %e, %response_id, "cannot enqueue the continuation; the sweep will");
         }
-        self.bus
-            .enqueue(Chat {
-                conversation_id: action.conversation_id,
-                message_id: response.user_message_id,
-                response_id,
-                user_id: action.user_id,
-                org_id: action.org_id,
-            })
-            .await
-            .map_err(|e| JobError::retryable(format!("enqueue the continuation: {e}")))?;
         Ok(())
     }
 }

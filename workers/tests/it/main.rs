@@ -10,3 +10,4 @@ mod metrics;
 mod ops;
 mod process;
 mod scheduler;
+mod tools;
