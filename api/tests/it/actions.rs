@@ -333,3 +333,117 @@ async fn json_mode_lists_the_proposals_of_the_turn() {
     assert_eq!(actions[0]["status"], "pending");
     assert_ne!(actions[0]["id"], earlier.as_str());
 }
+
+/// The chat and actions handlers, consuming both queues in the background until dropped.
+struct ToolWorker {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ToolWorker {
+    fn start(app: &TestApp) -> Self {
+        let settings = &app.settings;
+        let redis = std::sync::Arc::new(jobs::RedisHandle::new(&settings.redis).unwrap());
+        let bus = jobs::Bus::new(redis.clone(), &settings.queues);
+        let mut registry = jobs::Registry::new();
+        workers::handlers::chat::ChatHandler::new(app.db.pool.clone(), redis, settings)
+            .unwrap()
+            .register(&mut registry);
+        workers::handlers::actions::ActionsHandler::new(app.db.pool.clone(), bus.clone())
+            .register(&mut registry);
+        let mut opts =
+            jobs::WorkerOptions::from_settings(settings, vec![Queue::Chat, Queue::Actions]);
+        opts.read_block = Duration::from_millis(200);
+        let worker = jobs::Worker::new(bus, registry, opts);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let _ = worker.run(token).await;
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// HTTP in, SSE out, real worker, LiteLLM and the scripted fake: a proposal is announced and
+/// writes nothing; the confirm executes it once and the continuation streams on the response
+/// events endpoint.
+#[tokio::test]
+async fn end_to_end_a_proposal_is_confirmed_executed_once_and_the_assistant_continues() {
+    let app = spawn_app().await;
+    let worker = ToolWorker::start(&app);
+    let (token, primary, _fallback) = crate::e2e::org_with_fake_models(&app).await;
+    let r = app
+        .post(
+            "/v1/projects",
+            &token,
+            json!({"name": "Apollo", "description": "launch", "visibility": "org"}),
+        )
+        .await;
+    let project = r.body["id"].as_str().unwrap().to_owned();
+    let fake = testkit::FakeClient::shared();
+    fake.script(
+        &primary,
+        vec![
+            testkit::Behaviour::ToolCalls {
+                calls: vec![testkit::fake_upstream::ToolCall {
+                    id: "call-1".into(),
+                    name: "create_task".into(),
+                    arguments: json!({"project_id": project, "title": "E2E task"}).to_string(),
+                }],
+            },
+            testkit::Behaviour::reply_tokens(&["Created ", "it."]),
+        ],
+    )
+    .await
+    .unwrap();
+    let conversation = app.conversation(&token).await;
+    let mut sse = app
+        .post_stream(&token, &conversation, "add a task E2E task")
+        .await;
+    let frames = sse.rest().await;
+    let names: Vec<&str> = frames.iter().map(|f| f.name()).collect();
+    assert_eq!(
+        names,
+        ["message.created", "action.proposed", "message.completed"],
+        "{frames:?}"
+    );
+    let action = frames[1].data()["action"].clone();
+    assert_eq!(action["tool"], "create_task");
+    assert_eq!(action["arguments"]["title"], "E2E task");
+    assert!(action["summary"].as_str().unwrap().contains("E2E task"));
+    let id = action["id"].as_str().unwrap().to_owned();
+    let tasks = format!("/v1/projects/{project}/tasks");
+    assert_eq!(app.get(&tasks, &token).await.body["items"], json!([]));
+
+    let r = app
+        .post(&format!("/v1/actions/{id}/confirm"), &token, json!({}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let response_id = r.body["response_id"].as_str().unwrap().to_owned();
+    let events = app.events(&token, &conversation, &response_id, None).await;
+    let mut sse = crate::chat_helpers::SseReader::new(events);
+    let frames = sse.rest().await;
+    let last = frames.last().unwrap();
+    assert_eq!(last.name(), "message.completed", "{frames:?}");
+    assert_eq!(last.data()["message"]["content"], "Created it.");
+
+    let items = app.get(&tasks, &token).await.body["items"].clone();
+    assert_eq!(items.as_array().unwrap().len(), 1);
+    assert_eq!(items[0]["title"], "E2E task");
+    let r = app
+        .get(&format!("/v1/conversations/{conversation}/actions"), &token)
+        .await;
+    assert_eq!(r.body["items"][0]["status"], "executed");
+    assert_eq!(r.body["items"][0]["result"]["title"], "E2E task");
+    let r = app
+        .post(&format!("/v1/actions/{id}/confirm"), &token, json!({}))
+        .await;
+    assert_eq!(r.status, 409);
+    assert_eq!(fake.requests(&primary).await.unwrap().len(), 2);
+    worker.stop().await;
+}
