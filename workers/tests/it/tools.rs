@@ -812,3 +812,62 @@ async fn tool_rounds_are_bounded_and_the_last_call_offers_no_tools() {
         2
     );
 }
+
+#[tokio::test]
+async fn the_sweep_recovers_a_lost_execution_and_a_lost_continuation() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = test_settings(&db, &redis, &[]);
+    let w = world(&db).await;
+    let (_, action_id) = propose_create(&db, &settings, &w).await;
+    // confirmed, but the execution job never reached the bus
+    let (_, continuation) = confirm(&db, &w, action_id).await;
+    let bus = bus_for(&settings);
+    let fresh = workers::action_sweep::sweep_once(&db.pool, &bus, &settings.tools)
+        .await
+        .unwrap();
+    assert_eq!(fresh.requeued, 0, "not before the grace period");
+    sqlx::query("UPDATE proposed_actions SET decided_at = now() - interval '10 minutes'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let swept = workers::action_sweep::sweep_once(&db.pool, &bus, &settings.tools)
+        .await
+        .unwrap();
+    assert_eq!((swept.requeued, swept.continued), (1, 0));
+    // the execution runs; its continuation job is "lost" (removed from the bus before a worker
+    // takes it: the actions queue alone is drained)
+    let mut registry = jobs::Registry::new();
+    workers::handlers::actions::ActionsHandler::new(db.pool.clone(), bus.clone())
+        .register(&mut registry);
+    let mut opts = WorkerOptions::from_settings(&settings, vec![Queue::Actions]);
+    opts.read_block = Duration::from_millis(200);
+    Worker::new(bus_for(&settings), registry, opts)
+        .drain_until_empty(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&db, action_id).await.0, "executed");
+    let mut conn = bus.redis().conn().await.unwrap();
+    let _: i64 = redis::AsyncCommands::del(&mut conn, &bus.keys(Queue::Chat).stream)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE proposed_actions SET executed_at = now() - interval '10 minutes'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let swept = workers::action_sweep::sweep_once(&db.pool, &bus, &settings.tools)
+        .await
+        .unwrap();
+    assert_eq!((swept.requeued, swept.continued), (0, 1));
+    script(&w, vec![Behaviour::reply("Recovered.")]).await;
+    drain(&db, &settings).await;
+    assert_eq!(
+        answer(&events(&settings, continuation.id).await),
+        "Recovered."
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM tasks").await, 3);
+    let after = workers::action_sweep::sweep_once(&db.pool, &bus, &settings.tools)
+        .await
+        .unwrap();
+    assert_eq!(after, workers::action_sweep::SweepReport::default());
+}
