@@ -409,7 +409,12 @@ async fn end_to_end_a_proposal_is_confirmed_executed_once_and_the_assistant_cont
     let names: Vec<&str> = frames.iter().map(|f| f.name()).collect();
     assert_eq!(
         names,
-        ["message.created", "action.proposed", "message.completed"],
+        [
+            "message.created",
+            "action.proposed",
+            "token",
+            "message.completed"
+        ],
         "{frames:?}"
     );
     let action = frames[1].data()["action"].clone();
@@ -417,6 +422,13 @@ async fn end_to_end_a_proposal_is_confirmed_executed_once_and_the_assistant_cont
     assert_eq!(action["arguments"]["title"], "E2E task");
     assert!(action["summary"].as_str().unwrap().contains("E2E task"));
     let id = action["id"].as_str().unwrap().to_owned();
+    let asked = frames[3].data()["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        frames[2].data()["text"],
+        asked,
+        "the answer is streamed too"
+    );
+    assert!(asked.contains("confirm"));
     let tasks = format!("/v1/projects/{project}/tasks");
     assert_eq!(app.get(&tasks, &token).await.body["items"], json!([]));
 

@@ -470,6 +470,17 @@ async fn a_write_proposal_creates_nothing_until_confirmed_then_runs_exactly_once
     );
     let text = answer(&evs);
     assert!(text.contains("confirm") && text.contains(summary), "{text}");
+    let streamed: String = evs
+        .iter()
+        .filter_map(|e| match e {
+            ResponseEvent::Token { text } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        streamed, text,
+        "the answer asking to confirm is streamed too"
+    );
     assert_eq!(requests(&w).await.len(), 1, "a proposal ends the turn");
     assert_eq!(status_of(&db, action_id).await.0, "pending");
     assert_eq!(count(&db, "SELECT count(*) FROM tasks").await, 2);

@@ -5,8 +5,8 @@
 //! assistant's calls and one result per call are stored together (once per response and round),
 //! and the model is called again with them — at most `TOOL_MAX_ROUNDS` rounds, after which the
 //! model is called without tools. A round that proposed something ends the turn: each proposal
-//! is announced with `action.proposed` and the answer asks the user to confirm; no further model
-//! call happens.
+//! is announced with `action.proposed` and the answer asks the user to confirm (published as one
+//! `token`, then stored as usual); no further model call happens.
 //!
 //! A restarted turn (lost worker, redelivered job) resumes after the rounds already stored and
 //! never repeats a proposal (unique per response and tool call).
@@ -146,6 +146,9 @@ impl ChatHandler {
         tt: &mut ToolTurn,
     ) -> Result<CallOutcome, JobError> {
         if let Some(text) = tt.proposed.take() {
+            if !self.stream_text(turn, &text).await? {
+                return Ok(CallOutcome::AlreadyFinished);
+            }
             return Ok(CallOutcome::Answered(Answered {
                 model: model.to_owned(),
                 text,
@@ -175,16 +178,41 @@ impl ChatHandler {
                 );
                 if a.text.trim().is_empty() {
                     a.text = ROUND_LIMIT_MESSAGE.to_owned();
+                    if !self.stream_text(turn, &a.text).await? {
+                        return Ok(CallOutcome::AlreadyFinished);
+                    }
                 }
                 a.tool_calls.clear();
                 return Ok(CallOutcome::Answered(a));
             }
             if let Some(text) = self.run_round(tt, &a).await? {
+                if !self.stream_text(turn, &text).await? {
+                    return Ok(CallOutcome::AlreadyFinished);
+                }
                 a.text = text;
                 a.tool_calls.clear();
                 return Ok(CallOutcome::Answered(a));
             }
         }
+    }
+
+    /// Publish an answer the turn writes itself (not the model) as one `token`, so that clients
+    /// that render tokens show it too. `false`: another run finished the response meanwhile.
+    async fn stream_text(&self, turn: &mut Turn, text: &str) -> Result<bool, JobError> {
+        if !self.begin_streaming(turn).await? {
+            return Ok(false);
+        }
+        self.inner
+            .events
+            .publish(
+                turn.response_id,
+                &ResponseEvent::Token {
+                    text: text.to_owned(),
+                },
+            )
+            .await
+            .map_err(|e| JobError::retryable(format!("publishing a token: {e}")))?;
+        Ok(true)
     }
 
     /// Run one round of calls and store it; `Some(answer)` when it proposed something.
@@ -196,16 +224,19 @@ impl ChatHandler {
         let mut calls = Vec::with_capacity(a.tool_calls.len());
         let mut results: Vec<(String, String)> = Vec::with_capacity(a.tool_calls.len());
         let mut proposals: Vec<Action> = Vec::new();
+        // (at most ten years: the arithmetic stays far from chrono's limits)
+        let expiry = self.inner.tools.action_expiry_secs.min(315_360_000);
         let expires_at = chrono::Utc::now()
-            + chrono::Duration::seconds(
-                i64::try_from(self.inner.tools.action_expiry_secs).unwrap_or(i64::MAX / 1000),
-            );
+            + chrono::Duration::seconds(i64::try_from(expiry).unwrap_or(315_360_000));
+        let mut seen = std::collections::HashSet::new();
         for (i, call) in a.tool_calls.iter().enumerate() {
-            let id = if call.id.trim().is_empty() {
+            // every call of a round needs its own id (its result answers it)
+            let id = if call.id.trim().is_empty() || seen.contains(call.id.as_str()) {
                 format!("call_{round}_{i}")
             } else {
                 call.id.clone()
             };
+            seen.insert(id.clone());
             calls.push(json!({
                 "id": id, "type": "function",
                 "function": {"name": call.name, "arguments": call.arguments},

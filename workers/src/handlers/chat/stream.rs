@@ -65,7 +65,7 @@ impl ChatHandler {
     /// Before the first token of this run goes out: record the start; if a previous run had
     /// started streaming (a lost worker), tell the client to discard its partial text.
     /// `false`: the response is already finished (another run completed it).
-    async fn begin_streaming(&self, turn: &mut Turn) -> Result<bool, JobError> {
+    pub(super) async fn begin_streaming(&self, turn: &mut Turn) -> Result<bool, JobError> {
         if turn.marked {
             return Ok(true);
         }

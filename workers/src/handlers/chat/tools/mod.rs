@@ -230,6 +230,18 @@ fn status_arg(args: &Value) -> Option<TaskStatus> {
         .and_then(|s| s.parse().ok())
 }
 
+/// Longest description in a list of tasks (`get_task` gives the whole one).
+const BRIEF_DESCRIPTION: usize = 300;
+
+fn task_brief(t: &store::tasks::Task) -> Value {
+    let mut v = task_json(t);
+    if t.description.chars().count() > BRIEF_DESCRIPTION {
+        let cut: String = t.description.chars().take(BRIEF_DESCRIPTION).collect();
+        v["description"] = json!(format!("{cut}…"));
+    }
+    v
+}
+
 fn task_json(t: &store::tasks::Task) -> Value {
     json!({
         "id": t.id,
@@ -254,7 +266,8 @@ pub async fn run_read(
         "list_projects" => {
             let rows = data::projects(conn, user, conv, LIST_LIMIT).await?;
             Ok(json!({"projects": rows.iter().map(|p| json!({
-                "id": p.id, "name": p.name, "description": p.description,
+                "id": p.id, "name": p.name,
+                "description": p.description.chars().take(BRIEF_DESCRIPTION).collect::<String>(),
                 "visibility": p.visibility,
             })).collect::<Vec<_>>()}))
         }
@@ -267,7 +280,7 @@ pub async fn run_read(
             } else {
                 let rows =
                     data::tasks(conn, user, conv, project, status_arg(args), LIST_LIMIT).await?;
-                Ok(json!({"tasks": rows.iter().map(task_json).collect::<Vec<_>>()}))
+                Ok(json!({"tasks": rows.iter().map(task_brief).collect::<Vec<_>>()}))
             }
         }
         "get_task" => match uuid_arg(args, "task_id") {
