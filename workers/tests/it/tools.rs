@@ -882,3 +882,165 @@ async fn the_sweep_recovers_a_lost_execution_and_a_lost_continuation() {
         .unwrap();
     assert_eq!(after, workers::action_sweep::SweepReport::default());
 }
+
+#[tokio::test]
+async fn a_confirmed_update_changes_the_task_once_and_is_audited_with_before_and_after() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = test_settings(&db, &redis, &[]);
+    let w = world(&db).await;
+    script(
+        &w,
+        vec![Behaviour::ToolCalls {
+            calls: vec![call(
+                "u1",
+                "update_task",
+                json!({"task_id": w.open_task, "status": "in_progress", "assignee_id": w.user}),
+            )],
+        }],
+    )
+    .await;
+    let job = turn(&db, &w, "I'll take the alpha checklist").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    drain(&db, &settings).await;
+    let action_id: Uuid = sqlx::query_scalar("SELECT id FROM proposed_actions")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let summary: String = sqlx::query_scalar("SELECT summary FROM proposed_actions")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        summary.contains("status todo → in_progress") && summary.contains("assignee nobody → Uma"),
+        "{summary}"
+    );
+    let unchanged: (String, Option<Uuid>) =
+        sqlx::query_as("SELECT status, assignee_id FROM tasks WHERE id = $1")
+            .bind(w.open_task)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        unchanged,
+        ("todo".to_owned(), None),
+        "nothing before the confirm"
+    );
+
+    confirm(&db, &w, action_id).await;
+    script(&w, vec![Behaviour::reply("It is yours now.")]).await;
+    let env = Envelope::new(ExecuteAction { action_id });
+    let bus = bus_for(&settings);
+    bus.enqueue_envelope(&env).await.unwrap();
+    drain(&db, &settings).await;
+    bus.enqueue_envelope(&env).await.unwrap();
+    drain(&db, &settings).await;
+    let changed: (String, Option<Uuid>) =
+        sqlx::query_as("SELECT status, assignee_id FROM tasks WHERE id = $1")
+            .bind(w.open_task)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(changed, ("in_progress".to_owned(), Some(w.user)));
+    let (task_id, before, after): (Uuid, Value, Value) =
+        sqlx::query_as("SELECT task_id, before, after FROM action_audit WHERE action_id = $1")
+            .bind(action_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(task_id, w.open_task);
+    assert_eq!(
+        (before["status"].as_str(), after["status"].as_str()),
+        (Some("todo"), Some("in_progress"))
+    );
+    assert_eq!(after["assignee_id"], json!(w.user));
+    assert_eq!(count(&db, "SELECT count(*) FROM action_audit").await, 1);
+    assert_eq!(
+        requests(&w).await.len(),
+        2,
+        "one proposal call, one continuation"
+    );
+}
+
+#[tokio::test]
+async fn a_narrowed_conversation_reads_and_proposes_only_within_its_projects() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = test_settings(&db, &redis, &[]);
+    let mut w = world(&db).await;
+    // a second project the user sees, outside the conversation's narrowing
+    let mut c = db.pool.acquire().await.unwrap();
+    let other = project(&mut c, w.org, w.admin, "Hermes mail", Visibility::Org).await;
+    let other_task = task(&mut c, w.org, other, w.admin, "Outside gamma checklist").await;
+    w.conversation = conv::create(&mut c, w.org, w.user, "narrow", Some(&[w.open]))
+        .await
+        .unwrap()
+        .id;
+    drop(c);
+    script(
+        &w,
+        vec![
+            Behaviour::ToolCalls {
+                calls: vec![
+                    call("n1", "list_projects", json!({})),
+                    call("n2", "get_task", json!({"task_id": other_task})),
+                    call("n3", "search_knowledge", json!({"query": "checklist"})),
+                    call(
+                        "n4",
+                        "create_task",
+                        json!({"project_id": other, "title": "x"}),
+                    ),
+                ],
+            },
+            Behaviour::reply("Only Apollo here."),
+        ],
+    )
+    .await;
+    let job = turn(&db, &w, "what about hermes?").await;
+    bus_for(&settings).enqueue(job).await.unwrap();
+    drain(&db, &settings).await;
+    let reqs = requests(&w).await;
+    let r = tool_results(&reqs[1]);
+    let all = reqs[1]["messages"].to_string();
+    assert!(
+        !all.contains("Hermes mail") && !all.contains("Outside gamma"),
+        "{all}"
+    );
+    assert_eq!(r["n1"]["projects"].as_array().unwrap().len(), 1);
+    assert_eq!(r["n2"], json!({"error": "not found"}));
+    assert_eq!(r["n3"]["results"].as_array().unwrap().len(), 1);
+    assert_eq!(r["n4"], json!({"error": "not found"}));
+    assert_eq!(count(&db, "SELECT count(*) FROM proposed_actions").await, 0);
+}
+
+#[tokio::test]
+async fn a_round_is_stored_once_per_response_even_by_two_runs() {
+    let db = TestDb::new().await;
+    let w = world(&db).await;
+    let job = turn(&db, &w, "q").await;
+    let calls = json!([{"id": "c1", "type": "function", "function": {"name": "list_projects", "arguments": "{}"}}]);
+    let results = vec![("c1".to_owned(), "{}".to_owned())];
+    let round = actions::Round {
+        conversation_id: w.conversation,
+        response_id: job.response_id,
+        round: 1,
+        content: "",
+        model: "m",
+        tool_calls: &calls,
+        results: &results,
+    };
+    let mut a = db.pool.begin().await.unwrap();
+    assert!(actions::insert_round(&mut a, &round).await.unwrap());
+    a.commit().await.unwrap();
+    let mut b = db.pool.begin().await.unwrap();
+    assert!(
+        !actions::insert_round(&mut b, &round).await.unwrap(),
+        "the second run stores nothing"
+    );
+    b.commit().await.unwrap();
+    let mut c = db.pool.acquire().await.unwrap();
+    let (exchange, rounds) = actions::response_exchange(&mut c, job.response_id)
+        .await
+        .unwrap();
+    assert_eq!((exchange.len(), rounds), (2, 1));
+}
