@@ -30,6 +30,7 @@ pub async fn sweep_once(
     settings: &config::ToolsSettings,
 ) -> anyhow::Result<SweepReport> {
     let expired = store::actions::expire_due(db).await?;
+    crate::handlers::chat::tools::metrics::action("expired", expired);
     let grace = Duration::from_secs(settings.stale_confirmed_secs);
     let stale = store::actions::stale_confirmed(db, grace).await?;
     for action_id in &stale {

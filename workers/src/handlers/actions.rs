@@ -143,11 +143,16 @@ impl ActionsHandler {
         .await
         .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
+        use crate::handlers::chat::tools::metrics as m;
         match &outcome {
             Outcome::Executed { task_id, .. } => {
+                m::action("executed", 1);
                 tracing::info!(%task_id, attempt = ctx.attempt, "action executed")
             }
-            Outcome::Refused(reason) => tracing::info!(reason, "action failed; nothing written"),
+            Outcome::Refused(reason) => {
+                m::action("failed", 1);
+                tracing::info!(reason, "action failed; nothing written")
+            }
         }
         self.continue_conversation(&action).await
     }

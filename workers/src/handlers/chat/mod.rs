@@ -67,6 +67,7 @@ impl ChatHandler {
         settings: &config::Settings,
     ) -> Result<Self, llm::LlmError> {
         metrics::describe();
+        tools::metrics::describe();
         Ok(Self {
             inner: Arc::new(Inner {
                 db,

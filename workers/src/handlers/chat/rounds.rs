@@ -244,6 +244,7 @@ impl ChatHandler {
             let content = match tools::parse_call(&call.name, &call.arguments) {
                 Err(e) => {
                     tracing::info!(tool = %call.name, error = %e.0, "invalid tool call; not run");
+                    tools::metrics::tool_call(&call.name, "invalid");
                     e.to_result()
                 }
                 Ok((def, args)) => match def.kind {
@@ -252,8 +253,14 @@ impl ChatHandler {
                             .await
                             .map_err(db_error)?
                         {
-                            Ok(v) => v.to_string(),
-                            Err(e) => e.to_result(),
+                            Ok(v) => {
+                                tools::metrics::tool_call(def.name, "ok");
+                                v.to_string()
+                            }
+                            Err(e) => {
+                                tools::metrics::tool_call(def.name, "error");
+                                e.to_result()
+                            }
                         }
                     }
                     ToolKind::Write => {
@@ -261,8 +268,12 @@ impl ChatHandler {
                             .await
                             .map_err(db_error)?
                         {
-                            Err(e) => e.to_result(),
+                            Err(e) => {
+                                tools::metrics::tool_call(def.name, "error");
+                                e.to_result()
+                            }
                             Ok(p) => {
+                                tools::metrics::tool_call(def.name, "proposed");
                                 let (action, _) = actions::insert_proposal(
                                     &mut tx,
                                     &NewProposal {
@@ -318,6 +329,7 @@ impl ChatHandler {
             )));
         }
         tx.commit().await.map_err(db_error)?;
+        tools::metrics::action("proposed", proposals.len() as u64);
         for p in &proposals {
             self.inner
                 .events
