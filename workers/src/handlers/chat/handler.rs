@@ -131,13 +131,15 @@ impl ChatHandler {
         )
         .await
         .map_err(db_error)?;
+        drop(conn);
         if recent.last().map(|m| m.id) != Some(job.message_id) {
             return Err(JobError::permanent(
                 "the user message of this turn is not in its conversation",
             ));
         }
-        let mut tools = self.tool_turn(&mut conn, job, &response, recent).await?;
-        drop(conn);
+        let recent = self.with_own_exchange(&response, recent).await?;
+        let messages = PromptBuilder::new().recent_messages(&recent).build();
+        let mut tools = self.tool_turn(job, &response, messages).await?;
         let org = conv::org_models(db, job.org_id).await.map_err(db_error)?;
         let models = Models::choose(org, &self.inner.chat);
         let mut turn = Turn::new(response.id, self.inner.call_limit);
@@ -201,22 +203,34 @@ impl ChatHandler {
         }
     }
 
-    /// The prompt and tool state of this run: the recent messages plus what this response
-    /// already stored (the rounds of a restarted turn, the decided proposal of a continuation).
-    async fn tool_turn(
+    /// `recent` plus what this response already stored of its tool exchange (the rounds of a
+    /// restarted turn, the decided proposal of a continuation).
+    async fn with_own_exchange(
         &self,
-        conn: &mut sqlx::PgConnection,
-        job: &Chat,
         response: &Response,
         recent: Vec<Message>,
+    ) -> Result<Vec<Message>, JobError> {
+        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+        let (exchange, _) = store::actions::response_exchange(&mut conn, response.id)
+            .await
+            .map_err(db_error)?;
+        Ok(with_exchange(recent, exchange))
+    }
+
+    /// The tool state of this run, starting from the prompt `messages`.
+    async fn tool_turn(
+        &self,
+        job: &Chat,
+        response: &Response,
+        messages: Vec<llm::Message>,
     ) -> Result<ToolTurn, JobError> {
-        let (exchange, rounds) = store::actions::response_exchange(&mut *conn, response.id)
+        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+        let (_, rounds) = store::actions::response_exchange(&mut conn, response.id)
             .await
             .map_err(db_error)?;
-        let proposed = store::actions::list_for_response(&mut *conn, response.id)
+        let proposed = store::actions::list_for_response(&mut conn, response.id)
             .await
             .map_err(db_error)?;
-        let recent = with_exchange(recent, exchange);
         Ok(ToolTurn {
             ctx: ToolCtx {
                 user_id: job.user_id,
@@ -224,7 +238,7 @@ impl ChatHandler {
                 conversation_id: job.conversation_id,
             },
             response_id: response.id,
-            messages: PromptBuilder::new().recent_messages(&recent).build(),
+            messages,
             rounds_done: u32::try_from(rounds).unwrap_or(0),
             proposed: (!proposed.is_empty()).then(|| proposal_answer(&proposed)),
         })
