@@ -1044,3 +1044,57 @@ async fn a_round_is_stored_once_per_response_even_by_two_runs() {
         .unwrap();
     assert_eq!((exchange.len(), rounds), (2, 1));
 }
+
+/// The `scheduler` process sweeps: an expired proposal is recorded as `expired`; the process
+/// still stops cleanly on SIGTERM.
+#[tokio::test]
+async fn the_scheduler_process_expires_pending_proposals() {
+    use crate::crash::{command_with, eventually};
+    use crate::process::{lines, sigterm, wait_exit, wait_for};
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let w = world(&db).await;
+    let job = turn(&db, &w, "q").await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let args = json!({"project_id": w.open, "title": "t"});
+    let (action, _) = actions::insert_proposal(
+        &mut tx,
+        &actions::NewProposal {
+            org_id: w.org,
+            conversation_id: w.conversation,
+            user_id: w.user,
+            response_id: job.response_id,
+            tool_call_id: "c1",
+            tool: "create_task",
+            arguments: &args,
+            summary: "Create task \"t\"",
+            before: None,
+            after: &args,
+            expires_at: chrono::Utc::now() - chrono::Duration::seconds(1),
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let mut child = command_with(env!("CARGO_BIN_EXE_scheduler"), &db, &redis, "")
+        .spawn()
+        .unwrap();
+    let rx = lines(&mut child);
+    wait_for(&rx, "scheduler ready", Duration::from_secs(20));
+    let pool = db.pool.clone();
+    eventually("the proposal is swept", Duration::from_secs(20), || {
+        let pool = pool.clone();
+        async move {
+            let status: String =
+                sqlx::query_scalar("SELECT status FROM proposed_actions WHERE id = $1")
+                    .bind(action.id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            status == "expired"
+        }
+    })
+    .await;
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+}
