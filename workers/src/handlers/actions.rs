@@ -244,10 +244,18 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
             let Some(task_id) = uuid_arg(args, "task_id") else {
                 return Ok(Outcome::Refused("the proposal names no task".into()));
             };
-            let Some(current) = store::assistant::task(&mut *conn, user, conv, task_id).await?
+            // lock the task first (its `before` is what this transaction overwrites), then the
+            // conversation's narrowing
+            let Some(current) = store::tasks::get_visible(&mut *conn, user, task_id, true).await?
             else {
                 return Ok(Outcome::Refused(NO_ACCESS.into()));
             };
+            if store::assistant::task(&mut *conn, user, conv, task_id)
+                .await?
+                .is_none()
+            {
+                return Ok(Outcome::Refused(NO_ACCESS.into()));
+            }
             let assignee = args
                 .get("assignee_id")
                 .map(|_| uuid_arg(args, "assignee_id"));
