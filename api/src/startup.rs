@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::normalize_error;
 use crate::middleware::{BodyLimit, RequestContext, RouteTable};
 use crate::models::ModelCatalog;
+use crate::routes::actions::ActionsApi;
 use crate::routes::auth::AuthApi;
 use crate::routes::chat::ChatApi;
 use crate::routes::conversations::ConversationsApi;
@@ -168,6 +169,9 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
                 state: state.clone(),
             },
             ModelSettingsApi {
+                state: state.clone(),
+            },
+            ActionsApi {
                 state: state.clone(),
             },
         ),

@@ -111,6 +111,8 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
         Kind::Int,
     ),
     ("EVENTS_RETENTION_SECS", "events.retention_secs", Kind::Int),
+    ("TOOL_MAX_ROUNDS", "tools.max_rounds", Kind::Int),
+    ("ACTION_EXPIRY_SECS", "tools.action_expiry_secs", Kind::Int),
     ("LOG_FORMAT", "log.format", Kind::Str),
     ("LOG_FILTER", "log.filter", Kind::Str),
 ];
@@ -162,6 +164,7 @@ pub struct Settings {
     pub events: EventsSettings,
     pub log: LogSettings,
     pub queues: QueuesSettings,
+    pub tools: ToolsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -276,6 +279,19 @@ pub struct ChatSettings {
     /// How long a chat turn may wait on rate limits (429s and model cooldowns), counted from
     /// the response's creation, before the user gets a `rate_limited` error.
     pub rate_limit_max_wait_secs: u64,
+}
+
+/// The assistant's tools and supervised writes (docs/ARCHITECTURE.md, "Scope and tools").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolsSettings {
+    /// Tool-call rounds one turn may run; then the model must answer without tools.
+    pub max_rounds: u32,
+    /// A pending proposal expires this long after it was made.
+    pub action_expiry_secs: u64,
+    /// A confirmed proposal not executed this long after the confirm is enqueued again by the
+    /// scheduler (its execution job was lost).
+    pub stale_confirmed_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -577,6 +593,12 @@ impl Settings {
             ));
         }
         positive(self.events.replay_max_len, "events.replay_max_len")?;
+        positive(u64::from(self.tools.max_rounds), "TOOL_MAX_ROUNDS")?;
+        positive(self.tools.action_expiry_secs, "ACTION_EXPIRY_SECS")?;
+        positive(
+            self.tools.stale_confirmed_secs,
+            "tools.stale_confirmed_secs",
+        )?;
         positive(
             u64::from(self.auth.login_max_failures),
             "LOGIN_MAX_FAILURES",
@@ -786,6 +808,19 @@ mod tests {
         assert_eq!(s.chat.recent_messages, 5);
         assert_eq!(s.redis.prefix, "test_1");
         assert_eq!(s.embedding.dim, 768);
+    }
+
+    #[test]
+    fn tool_settings_default_and_override() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.tools.max_rounds, 4);
+        assert_eq!(s.tools.action_expiry_secs, 86400);
+        let s = load(&[("TOOL_MAX_ROUNDS", "2"), ("ACTION_EXPIRY_SECS", "60")]).unwrap();
+        assert_eq!((s.tools.max_rounds, s.tools.action_expiry_secs), (2, 60));
+        let e = load(&[("ACTION_EXPIRY_SECS", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ACTION_EXPIRY_SECS"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! Query functions take `&mut PgConnection` (or a pool where a single statement suffices) so
 //! that the caller owns the transaction. Nothing here knows about HTTP or Redis.
 
+pub mod actions;
+pub mod assistant;
 pub mod conversations;
 pub mod documents;
 pub mod embeddings;

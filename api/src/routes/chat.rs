@@ -20,6 +20,7 @@ use super::Tag;
 use crate::auth::BearerAuth;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ErrorBody, ErrorBodyDetail};
+use crate::routes::actions::ActionView;
 use crate::sse::{SseEvent, SseStream};
 use crate::state::AppState;
 use crate::views::MessageView;
@@ -108,8 +109,9 @@ impl<'de> Deserialize<'de> for NewMessage {
 #[derive(Object)]
 pub struct TurnAnswer {
     message: MessageView,
-    /// Proposed write actions (supervised writes); empty until tools exist.
-    actions: Vec<Value>,
+    /// The write actions the assistant proposed in this turn (confirm or reject them with
+    /// `POST /v1/actions/{id}/confirm|reject`).
+    actions: Vec<ActionView>,
 }
 
 /// JSON mode: the answer takes longer than `JSON_WAIT_SECS`; follow it on
@@ -270,10 +272,14 @@ impl ChatApi {
             Some(ResponseEvent::MessageCompleted { .. }) => {
                 let mut conn = state.db.acquire().await?;
                 match store::conversations::answer_of(&mut conn, response_id).await? {
-                    Some(m) => Ok(TurnResponse::Ok(TurnContent::Answer(Json(TurnAnswer {
-                        message: m.into(),
-                        actions: Vec::new(),
-                    })))),
+                    Some(m) => {
+                        let actions =
+                            store::actions::list_for_response(&mut conn, response_id).await?;
+                        Ok(TurnResponse::Ok(TurnContent::Answer(Json(TurnAnswer {
+                            message: m.into(),
+                            actions: actions.into_iter().map(Into::into).collect(),
+                        }))))
+                    }
                     // announced but not readable yet: the client fetches it later
                     None => Ok(TurnResponse::Accepted(Json(TurnAccepted { response_id }))),
                 }

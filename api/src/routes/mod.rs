@@ -1,6 +1,7 @@
 //! HTTP endpoints, one module per area, all declared with poem-openapi so that
 //! `/openapi.json` and `/docs` come from the code.
 
+pub mod actions;
 pub mod auth;
 pub mod chat;
 pub mod conversations;
@@ -30,4 +31,6 @@ pub enum Tag {
     Conversations,
     /// Per-organization model settings
     Models,
+    /// Actions the assistant proposed (supervised writes): list, confirm, reject
+    Actions,
 }

@@ -56,7 +56,14 @@ async fn main() -> ExitCode {
         done.cancel();
         r
     };
-    let ((), result) = tokio::join!(signal, work);
+    // Proposed actions: expiry and lost executions (idempotent; every scheduler sweeps).
+    let sweeps = workers::action_sweep::run(
+        rt.db.clone(),
+        rt.bus.clone(),
+        rt.settings.tools.clone(),
+        done.clone(),
+    );
+    let ((), result, ()) = tokio::join!(signal, work, sweeps);
     metrics_stop.cancel();
     let _ = metrics_task.await;
     rt.db.close().await;

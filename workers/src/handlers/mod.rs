@@ -1,6 +1,8 @@
 //! Job handlers, one module per kind, and the registry a worker runs with: `probe`, `chat`,
-//! `index` (handlers/index) and the memory queue's `summarize` and `remember` (handlers/memory).
+//! `index` (handlers/index), the memory queue's `summarize` and `remember` (handlers/memory)
+//! and the actions queue's `execute_action` (handlers/actions).
 
+pub mod actions;
 pub mod chat;
 pub mod index;
 pub mod memory;
@@ -22,5 +24,6 @@ pub fn worker_registry(rt: &crate::Runtime) -> Result<Registry, llm::LlmError> {
     chat::ChatHandler::new(rt.db.clone(), rt.redis.clone(), &rt.settings)?.register(&mut r);
     index::Indexer::new(rt.db.clone(), &rt.settings)?.register(&mut r);
     memory::MemoryHandlers::new(rt.db.clone(), rt.redis.clone(), &rt.settings)?.register(&mut r);
+    actions::ActionsHandler::new(rt.db.clone(), rt.bus.clone()).register(&mut r);
     Ok(r)
 }

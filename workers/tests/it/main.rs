@@ -13,3 +13,4 @@ mod ops;
 mod process;
 mod retrieval;
 mod scheduler;
+mod tools;

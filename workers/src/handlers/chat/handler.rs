@@ -13,7 +13,9 @@ use store::conversations::{self as conv, Answer, Message, Response};
 
 use super::policy::{DEFAULT_COOLDOWN, Models, RateLimitDecision, rate_limit_decision};
 use super::prompt::PromptBuilder;
+use super::rounds::{ToolTurn, proposal_answer, with_exchange};
 use super::stream::{Answered, CallOutcome, Turn};
+use super::tools::ToolCtx;
 use super::{ChatHandler, codes, metrics};
 
 fn db_error(e: impl std::fmt::Display) -> JobError {
@@ -147,12 +149,14 @@ impl ChatHandler {
         );
         let (retrieved, memory) = (retrieved?, memory?);
         let citations = retrieved.citations();
+        let recent = self.with_own_exchange(&response, recent).await?;
         let messages = PromptBuilder::new()
             .memories(memory.memories)
             .summary(memory.summary)
             .retrieved(&retrieved.chunks)
             .recent_messages(&recent)
             .build();
+        let mut tools = self.tool_turn(job, &response, messages).await?;
         let org = conv::org_models(db, job.org_id).await.map_err(db_error)?;
         let models = Models::choose(org, &self.inner.chat);
         let mut turn = Turn::new(response.id, self.inner.call_limit);
@@ -164,7 +168,7 @@ impl ChatHandler {
                 .await;
         }
         let primary_error = match self
-            .call_model(&mut turn, &models.primary, &messages)
+            .call_with_tools(&mut turn, &models.primary, &mut tools)
             .await?
         {
             CallOutcome::Answered(a) => return self.complete(&response, a, citations).await,
@@ -196,7 +200,10 @@ impl ChatHandler {
         }
         tracing::info!(primary = %models.primary, fallback, kind = primary_error.kind(), "falling back");
         metrics::fallback(&models.primary, fallback);
-        match self.call_model(&mut turn, fallback, &messages).await? {
+        match self
+            .call_with_tools(&mut turn, fallback, &mut tools)
+            .await?
+        {
             CallOutcome::Answered(a) => self.complete(&response, a, citations).await,
             CallOutcome::AlreadyFinished => self.already_finished(job).await,
             CallOutcome::RateLimited(after) => {
@@ -211,6 +218,47 @@ impl ChatHandler {
                     .await
             }
         }
+    }
+
+    /// `recent` plus what this response already stored of its tool exchange (the rounds of a
+    /// restarted turn, the decided proposal of a continuation).
+    async fn with_own_exchange(
+        &self,
+        response: &Response,
+        recent: Vec<Message>,
+    ) -> Result<Vec<Message>, JobError> {
+        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+        let (exchange, _) = store::actions::response_exchange(&mut conn, response.id)
+            .await
+            .map_err(db_error)?;
+        Ok(with_exchange(recent, exchange))
+    }
+
+    /// The tool state of this run, starting from the prompt `messages`.
+    async fn tool_turn(
+        &self,
+        job: &Chat,
+        response: &Response,
+        messages: Vec<llm::Message>,
+    ) -> Result<ToolTurn, JobError> {
+        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+        let (_, rounds) = store::actions::response_exchange(&mut conn, response.id)
+            .await
+            .map_err(db_error)?;
+        let proposed = store::actions::list_for_response(&mut conn, response.id)
+            .await
+            .map_err(db_error)?;
+        Ok(ToolTurn {
+            ctx: ToolCtx {
+                user_id: job.user_id,
+                org_id: job.org_id,
+                conversation_id: job.conversation_id,
+            },
+            response_id: response.id,
+            messages,
+            rounds_done: u32::try_from(rounds).unwrap_or(0),
+            proposed: (!proposed.is_empty()).then(|| proposal_answer(&proposed)),
+        })
     }
 
     async fn cooling_down(&self, model: &str) -> Result<Option<Duration>, JobError> {

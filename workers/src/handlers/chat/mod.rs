@@ -8,7 +8,8 @@
 //! - [`retrieval`]: hybrid retrieval of workspace data for the prompt, and citations;
 //! - [`handler`]: the turn: restart and redelivery handling, fallback, completion, failures;
 //! - [`memory`]: the summary and memory entries of the prompt, and the follow-up jobs;
-//! - [`metrics`]: model and chat metrics.
+//! - [`metrics`]: model and chat metrics;
+//! - [`tools`], [`rounds`]: the tool registry and the tool rounds of a turn.
 
 mod handler;
 pub mod memory;
@@ -16,7 +17,9 @@ pub mod metrics;
 pub mod policy;
 pub mod prompt;
 pub mod retrieval;
+pub mod rounds;
 mod stream;
+pub mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +63,7 @@ struct Inner {
     /// Memory: the prompt's summary and entries, follow-up jobs (summarize, remember).
     memory: config::MemorySettings,
     bus: jobs::Bus,
+    tools: config::ToolsSettings,
     /// Upper bound of the model calls of one run (primary and fallback together):
     /// `litellm.request_timeout_secs`. (The bus's heartbeat keeps the job claimed meanwhile.)
     call_limit: Duration,
@@ -73,6 +77,7 @@ impl ChatHandler {
     ) -> Result<Self, llm::LlmError> {
         metrics::describe();
         retrieval::describe();
+        tools::metrics::describe();
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -86,6 +91,7 @@ impl ChatHandler {
                 queue: settings.queues.chat.clone(),
                 memory: settings.memory.clone(),
                 bus: jobs::Bus::new(redis.clone(), &settings.queues),
+                tools: settings.tools.clone(),
                 call_limit: Duration::from_secs(settings.litellm.request_timeout_secs),
             }),
         })

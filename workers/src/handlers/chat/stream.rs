@@ -28,6 +28,8 @@ pub(super) struct Answered {
     pub text: String,
     pub usage: Option<llm::Usage>,
     pub latency: Duration,
+    /// Tool calls the model made (handled by `rounds`); empty for a plain answer.
+    pub tool_calls: Vec<llm::ToolCall>,
 }
 
 /// The streaming state of one run of a turn, shared by the primary and fallback calls.
@@ -63,7 +65,7 @@ impl ChatHandler {
     /// Before the first token of this run goes out: record the start; if a previous run had
     /// started streaming (a lost worker), tell the client to discard its partial text.
     /// `false`: the response is already finished (another run completed it).
-    async fn begin_streaming(&self, turn: &mut Turn) -> Result<bool, JobError> {
+    pub(super) async fn begin_streaming(&self, turn: &mut Turn) -> Result<bool, JobError> {
         if turn.marked {
             return Ok(true);
         }
@@ -94,18 +96,19 @@ impl ChatHandler {
         Ok(true)
     }
 
-    /// Call `model` with `messages`, publishing tokens. `Err` only for our own infrastructure
-    /// (database, Redis): the bus retries the job.
+    /// Call `model` with `messages` (offering `tools`), publishing tokens. `Err` only for our
+    /// own infrastructure (database, Redis): the bus retries the job.
     pub(super) async fn call_model(
         &self,
         turn: &mut Turn,
         model: &str,
         messages: &[llm::Message],
+        tools: &[serde_json::Value],
     ) -> Result<CallOutcome, JobError> {
         let req = ChatRequest {
             model: model.to_owned(),
             messages: messages.to_vec(),
-            tools: vec![],
+            tools: tools.to_vec(),
             params: GenerationParams::from(&self.inner.chat),
         };
         let timeouts = Timeouts::from_settings(&self.inner.chat);
@@ -155,8 +158,7 @@ impl ChatHandler {
                 }
             }
         }
-        if completion.text.is_empty() {
-            // e.g. only tool calls, which this turn did not offer
+        if completion.text.is_empty() && completion.tool_calls.is_empty() {
             return Ok(failed(model, LlmError::Empty, published));
         }
         let latency = started.elapsed();
@@ -167,6 +169,7 @@ impl ChatHandler {
             text: completion.text,
             usage: completion.usage,
             latency,
+            tool_calls: completion.tool_calls,
         }))
     }
 }

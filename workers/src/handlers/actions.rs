@@ -1,0 +1,298 @@
+//! `execute_action`: run a confirmed proposal exactly once, then let the assistant continue
+//! (docs/ARCHITECTURE.md, "Scope and tools").
+//!
+//! In one transaction, on the locked proposal: re-check that its owner may still do it (sees the
+//! project within the conversation's scope; the assignee rule of the task API), write the task,
+//! move `confirmed → executed` with the result, write the audit record, and store the result as
+//! the `tool` message answering the decided call. If the permission is gone: `failed` with a
+//! reason and nothing written. After the commit, the continuation response's `chat` job is
+//! enqueued. A redelivered job finds the proposal decided and only makes sure the continuation
+//! was enqueued (when its response has not started yet).
+
+use jobs::kinds::{Chat, ExecuteAction};
+use jobs::worker::HandlerResult;
+use jobs::{Bus, JobContext, JobError, Registry};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use store::actions::{self, Action, Audit};
+use store::tasks::{NewTask, TaskPatch};
+use store::{StoreError, TaskStatus};
+use uuid::Uuid;
+
+fn db_error(e: impl std::fmt::Display) -> JobError {
+    JobError::retryable(format!("database: {e}"))
+}
+
+#[derive(Clone)]
+pub struct ActionsHandler {
+    db: sqlx::PgPool,
+    bus: Bus,
+}
+
+/// What an execution did.
+enum Outcome {
+    Executed {
+        task_id: Uuid,
+        before: Option<Value>,
+        after: Value,
+        task: Value,
+    },
+    /// Not allowed (any more), or not possible: nothing was written.
+    Refused(String),
+}
+
+const NO_ACCESS: &str = "you can no longer see or change this project or task";
+
+fn uuid_arg(args: &Value, name: &str) -> Option<Uuid> {
+    args.get(name)
+        .and_then(Value::as_str)
+        .and_then(|s| Uuid::parse_str(s).ok())
+}
+
+fn status_arg(args: &Value) -> Option<TaskStatus> {
+    args.get("status")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+}
+
+fn task_json(t: &store::tasks::Task) -> Value {
+    json!({
+        "id": t.id, "project_id": t.project_id, "title": t.title,
+        "description": t.description, "status": t.status, "assignee_id": t.assignee_id,
+    })
+}
+
+impl ActionsHandler {
+    pub fn new(db: sqlx::PgPool, bus: Bus) -> Self {
+        Self { db, bus }
+    }
+
+    pub fn register(self, registry: &mut Registry) {
+        registry.register::<ExecuteAction, _, _>(move |ctx, job| {
+            let h = self.clone();
+            async move { h.run(ctx, job).await }
+        });
+    }
+
+    #[tracing::instrument(name = "execute_action", skip_all, fields(job_id = %ctx.id, action_id = %job.action_id))]
+    pub async fn run(&self, ctx: JobContext, job: ExecuteAction) -> HandlerResult {
+        let mut tx = self.db.begin().await.map_err(db_error)?;
+        let Some(action) = actions::lock(&mut tx, job.action_id)
+            .await
+            .map_err(db_error)?
+        else {
+            return Err(JobError::permanent("the proposed action does not exist"));
+        };
+        match action.status.as_str() {
+            "confirmed" => {}
+            "executed" | "failed" => {
+                // A redelivery: the run that decided it enqueued the continuation (or, had that
+                // failed, the scheduler's sweep does).
+                tracing::info!(status = %action.status, "already decided (redelivery)");
+                return Ok(());
+            }
+            other => {
+                tracing::warn!(status = other, "not confirmed; nothing to execute");
+                return Ok(());
+            }
+        }
+        let outcome = execute(&mut tx, &action).await.map_err(db_error)?;
+        let result = match &outcome {
+            Outcome::Executed {
+                task_id,
+                before,
+                after,
+                task,
+            } => {
+                if !actions::mark_executed(&mut tx, action.id, task)
+                    .await
+                    .map_err(db_error)?
+                {
+                    return Err(JobError::retryable("the action changed state meanwhile"));
+                }
+                actions::insert_audit(
+                    &mut tx,
+                    &Audit {
+                        action: &action,
+                        task_id: *task_id,
+                        before: before.as_ref(),
+                        after,
+                    },
+                )
+                .await
+                .map_err(db_error)?;
+                json!({"status": "executed", "action_id": action.id, "task": task})
+            }
+            Outcome::Refused(reason) => {
+                actions::mark_failed(&mut tx, action.id, reason)
+                    .await
+                    .map_err(db_error)?;
+                json!({"status": "failed", "action_id": action.id, "reason": reason,
+                       "message": "Nothing was changed."})
+            }
+        };
+        actions::insert_message(
+            &mut tx,
+            action.conversation_id,
+            action.continuation_response_id,
+            "tool",
+            &result.to_string(),
+            None,
+            Some(&actions::decision_call_id(action.id)),
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        use crate::handlers::chat::tools::metrics as m;
+        match &outcome {
+            Outcome::Executed { task_id, .. } => {
+                m::action("executed", 1);
+                tracing::info!(%task_id, attempt = ctx.attempt, "action executed")
+            }
+            Outcome::Refused(reason) => {
+                m::action("failed", 1);
+                tracing::info!(reason, "action failed; nothing written")
+            }
+        }
+        self.continue_conversation(&action).await
+    }
+
+    /// Enqueue the continuation's `chat` job. A failure is logged, not retried: the decision is
+    /// committed, and the scheduler's sweep enqueues continuations that never started.
+    async fn continue_conversation(&self, action: &Action) -> HandlerResult {
+        let Some(response_id) = action.continuation_response_id else {
+            return Ok(());
+        };
+        let mut conn = self.db.acquire().await.map_err(db_error)?;
+        let Some(response) = store::conversations::get_response_own(
+            &mut conn,
+            action.user_id,
+            action.conversation_id,
+            response_id,
+        )
+        .await
+        .map_err(db_error)?
+        else {
+            return Ok(());
+        };
+        drop(conn);
+        let job = Chat {
+            conversation_id: action.conversation_id,
+            message_id: response.user_message_id,
+            response_id,
+            user_id: action.user_id,
+            org_id: action.org_id,
+        };
+        if let Err(e) = self.bus.enqueue(job).await {
+            tracing::error!(error = %e, %response_id, "cannot enqueue the continuation; the sweep will");
+        }
+        Ok(())
+    }
+}
+
+/// Re-check and write, inside the caller's transaction.
+async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, StoreError> {
+    let (user, conv) = (action.user_id, action.conversation_id);
+    let args = &action.arguments;
+    match action.tool.as_str() {
+        "create_task" => {
+            let Some(project_id) = uuid_arg(args, "project_id") else {
+                return Ok(Outcome::Refused("the proposal names no project".into()));
+            };
+            let Some((project, org)) =
+                store::assistant::project(&mut *conn, user, conv, project_id).await?
+            else {
+                return Ok(Outcome::Refused(NO_ACCESS.into()));
+            };
+            let assignee = uuid_arg(args, "assignee_id");
+            if let Some(a) = assignee
+                && store::assistant::assignable(&mut *conn, org, project.id, a)
+                    .await?
+                    .is_none()
+            {
+                return Ok(Outcome::Refused(
+                    "the assignee can no longer see the project".into(),
+                ));
+            }
+            let title = args.get("title").and_then(Value::as_str).unwrap_or("");
+            let description = args
+                .get("description")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let task = store::tasks::insert_task(
+                &mut *conn,
+                &NewTask {
+                    org_id: org,
+                    project_id: project.id,
+                    created_by: user,
+                    title,
+                    description,
+                    status: status_arg(args).unwrap_or(TaskStatus::Todo),
+                    assignee_id: assignee,
+                },
+            )
+            .await?;
+            let t = task_json(&task);
+            Ok(Outcome::Executed {
+                task_id: task.id,
+                before: None,
+                after: t.clone(),
+                task: t,
+            })
+        }
+        "update_task" => {
+            let Some(task_id) = uuid_arg(args, "task_id") else {
+                return Ok(Outcome::Refused("the proposal names no task".into()));
+            };
+            // lock the task first (its `before` is what this transaction overwrites), then the
+            // conversation's narrowing
+            let Some(current) = store::tasks::get_visible(&mut *conn, user, task_id, true).await?
+            else {
+                return Ok(Outcome::Refused(NO_ACCESS.into()));
+            };
+            if store::assistant::task(&mut *conn, user, conv, task_id)
+                .await?
+                .is_none()
+            {
+                return Ok(Outcome::Refused(NO_ACCESS.into()));
+            }
+            let assignee = args
+                .get("assignee_id")
+                .map(|_| uuid_arg(args, "assignee_id"));
+            if let Some(Some(a)) = assignee {
+                let org = action.org_id;
+                if store::assistant::assignable(&mut *conn, org, current.project_id, a)
+                    .await?
+                    .is_none()
+                {
+                    return Ok(Outcome::Refused(
+                        "the assignee can no longer see the project".into(),
+                    ));
+                }
+            }
+            let patch = TaskPatch {
+                title: args.get("title").and_then(Value::as_str).map(str::to_owned),
+                description: args
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                status: status_arg(args),
+                assignee_id: assignee,
+            };
+            let before = task_json(&current);
+            let Some(task) =
+                store::tasks::update_visible(&mut *conn, user, task_id, &patch).await?
+            else {
+                return Ok(Outcome::Refused(NO_ACCESS.into()));
+            };
+            let t = task_json(&task);
+            Ok(Outcome::Executed {
+                task_id: task.id,
+                before: Some(before),
+                after: t.clone(),
+                task: t,
+            })
+        }
+        other => Ok(Outcome::Refused(format!("unknown tool {other}"))),
+    }
+}
