@@ -8,6 +8,7 @@ pub mod embeddings;
 mod error;
 pub mod probe;
 pub mod projects;
+pub mod public;
 pub mod tasks;
 pub mod tenancy;
 mod types;

@@ -192,6 +192,13 @@ impl ChatApi {
                 .await?
                 .ok_or(ApiError::NotFound)?;
         }
+        // SSE mode: a stream of the caller's, within the per-user cap (429 before anything is
+        // written).
+        let permit = if sse_mode {
+            Some(state.streams.acquire(caller.user_id)?)
+        } else {
+            None
+        };
         ratelimit::message_posted(state, caller.user_id).await?;
         let mut tx = state.db.begin().await?;
         let conversation = store::conversations::get_own(&mut tx, caller.user_id, id.0)
@@ -238,9 +245,10 @@ impl ChatApi {
             return Err(abandon(state, response_id).await);
         }
 
-        if sse_mode {
+        if let Some(permit) = permit {
             return Ok(TurnResponse::Ok(TurnContent::Events(sse::respond(
                 state,
+                permit,
                 Vec::new(),
                 events,
             ))));
@@ -324,6 +332,7 @@ impl ChatApi {
             store::conversations::get_response_own(&mut conn, caller.user_id, id.0, response_id.0)
                 .await?
                 .ok_or(ApiError::NotFound)?;
+        let permit = state.streams.acquire(caller.user_id)?;
         let events = state.hub.events(response.id, after);
         let replayable = state.hub.exists(response.id).await.map_err(|e| {
             tracing::error!(error = %e, "redis unavailable for response events");
@@ -348,6 +357,7 @@ impl ChatApi {
                     .collect();
                 return Ok(EventsResponse::Events(sse::respond(
                     state,
+                    permit,
                     rest,
                     futures::stream::empty(),
                 )));
@@ -356,6 +366,7 @@ impl ChatApi {
         if replayable || !finished {
             return Ok(EventsResponse::Events(sse::respond(
                 state,
+                permit,
                 Vec::new(),
                 events,
             )));
@@ -372,6 +383,7 @@ impl ChatApi {
         if after == Some(id) {
             return Ok(EventsResponse::Events(sse::respond(
                 state,
+                permit,
                 Vec::new(),
                 futures::stream::empty(),
             )));
@@ -379,12 +391,11 @@ impl ChatApi {
         let event = if response.status == "completed" {
             match store::conversations::answer_of(&mut conn, response.id).await? {
                 Some(m) => {
-                    let view = MessageView::from(m);
-                    let usage = serde_json::to_value(&view.usage).unwrap_or(Value::Null);
+                    let c = store::public::PublicMessage::from(m).completed();
                     ResponseEvent::MessageCompleted {
-                        model: view.model.clone().unwrap_or_default(),
-                        message: serde_json::to_value(&view).unwrap_or(Value::Null),
-                        usage,
+                        message: c.message,
+                        model: c.model,
+                        usage: c.usage,
                     }
                 }
                 None => expired_error(),
@@ -401,6 +412,7 @@ impl ChatApi {
         };
         Ok(EventsResponse::Events(sse::respond(
             state,
+            permit,
             vec![SseEvent::new(id, &event)],
             futures::stream::empty(),
         )))

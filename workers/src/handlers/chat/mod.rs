@@ -49,6 +49,7 @@ struct Inner {
     hub: EventHub,
     llm: llm::LlmClient,
     cooldowns: policy::Cooldowns,
+    primary_failures: policy::PrimaryFailures,
     chat: config::ChatSettings,
     queue: config::QueueSettings,
     /// Upper bound of the model calls of one run (primary and fallback together):
@@ -69,7 +70,8 @@ impl ChatHandler {
                 events: EventPublisher::new(redis.clone(), &settings.events),
                 hub: EventHub::new(redis.clone()),
                 llm: llm::LlmClient::new(&settings.litellm)?,
-                cooldowns: policy::Cooldowns::new(redis),
+                cooldowns: policy::Cooldowns::new(redis.clone()),
+                primary_failures: policy::PrimaryFailures::new(redis),
                 chat: settings.chat.clone(),
                 queue: settings.queues.chat.clone(),
                 call_limit: Duration::from_secs(settings.litellm.request_timeout_secs),
