@@ -184,14 +184,6 @@ impl ChatApi {
         let sse_mode = wants_sse(req, body.stream);
         let state = &self.state;
 
-        // Ownership first (404), then the per-user limit (Redis) — outside the transaction,
-        // so a slow Redis never holds a pooled database connection.
-        {
-            let mut conn = state.db.acquire().await?;
-            store::conversations::get_own(&mut conn, caller.user_id, id.0)
-                .await?
-                .ok_or(ApiError::NotFound)?;
-        }
         // SSE mode: a stream of the caller's, within the per-user cap (429 before anything is
         // written).
         let permit = if sse_mode {
@@ -199,14 +191,18 @@ impl ChatApi {
         } else {
             None
         };
+        // The per-user limit (Redis), then the turn in ONE autocommitted statement that also
+        // checks ownership (404: nothing written). Nothing holds a pooled database connection
+        // while Redis answers. (A post to a conversation that is not the caller's counts
+        // against the caller's own limit; it reveals nothing about the conversation.)
         ratelimit::message_posted(state, caller.user_id).await?;
-        let mut tx = state.db.begin().await?;
-        let conversation = store::conversations::get_own(&mut tx, caller.user_id, id.0)
-            .await?
-            .ok_or(ApiError::NotFound)?;
-        let (message, response) =
-            store::conversations::start_turn(&mut tx, conversation.id, &content).await?;
-        tx.commit().await?;
+        let (message, response) = {
+            let mut conn = state.db.acquire().await?;
+            store::conversations::start_own_turn(&mut conn, caller.user_id, id.0, &content)
+                .await?
+                .ok_or(ApiError::NotFound)?
+        };
+        let conversation_id = response.conversation_id;
         let response_id = response.id;
 
         // `message.created` names the user's message (the assistant's does not exist yet); it
@@ -222,7 +218,7 @@ impl ChatApi {
         // Listen before the job exists, so that no event can slip past.
         let events = state.hub.events(response_id, None);
         let job = jobs::kinds::Chat {
-            conversation_id: conversation.id,
+            conversation_id,
             message_id: message.id,
             response_id,
             user_id: caller.user_id,
