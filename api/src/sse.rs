@@ -11,12 +11,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::task::Poll;
+
+use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use jobs::events::{EventId, EventsError, ResponseEvent, StoredEvent};
 use poem::web::sse::Event;
-use poem_openapi::Object;
-use poem_openapi::payload::EventStream;
+use poem::{Body, IntoResponse, Response};
+use poem_openapi::payload::{EventStream, Payload};
+use poem_openapi::registry::{MetaResponses, MetaSchemaRef, Registry};
+use poem_openapi::{ApiResponse, Object};
 
 use uuid::Uuid;
 
@@ -47,7 +52,67 @@ impl SseEvent {
     }
 }
 
-pub type SseStream = EventStream<BoxStream<'static, SseEvent>>;
+/// The `text/event-stream` payload of the chat endpoints: documented like poem-openapi's
+/// `EventStream<SseEvent>`, but written straight from our event stream
+/// (`Body::from_bytes_stream`, one `Bytes` per event or keep-alive) — poem's SSE response goes
+/// through an `AsyncRead` adapter that holds a 4 KiB buffer per open stream.
+pub struct SseStream {
+    stream: BoxStream<'static, SseEvent>,
+    keep_alive: Duration,
+}
+
+type Documented = EventStream<BoxStream<'static, SseEvent>>;
+
+impl Payload for SseStream {
+    const CONTENT_TYPE: &'static str = "text/event-stream";
+
+    fn schema_ref() -> MetaSchemaRef {
+        <Documented as Payload>::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        <Documented as Payload>::register(registry);
+    }
+}
+
+impl ApiResponse for SseStream {
+    fn meta() -> MetaResponses {
+        <Documented as ApiResponse>::meta()
+    }
+
+    fn register(registry: &mut Registry) {
+        <Documented as ApiResponse>::register(registry);
+    }
+}
+
+impl IntoResponse for SseStream {
+    fn into_response(self) -> Response {
+        let mut events = self.stream.map(|ev| {
+            Bytes::from(
+                Event::message(ev.data.to_string())
+                    .id(ev.id)
+                    .event_type(ev.event)
+                    .to_string(),
+            )
+        });
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.keep_alive,
+            self.keep_alive,
+        );
+        let body = futures::stream::poll_fn(move |cx| {
+            if let Poll::Ready(item) = events.poll_next_unpin(cx) {
+                return Poll::Ready(item.map(Ok::<_, std::io::Error>));
+            }
+            tick.poll_tick(cx)
+                .map(|_| Some(Ok(Bytes::from_static(b":\n\n"))))
+        });
+        Response::builder()
+            .content_type(Self::CONTENT_TYPE)
+            .header("X-Accel-Buffering", "no")
+            .header("Cache-Control", "no-cache")
+            .body(Body::from_bytes_stream(body))
+    }
+}
 
 /// Counts an open SSE stream in the `sse_open_streams` gauge for as long as it lives.
 pub struct OpenStreamGuard(());
@@ -176,13 +241,10 @@ pub fn respond(
         .chain(relayed)
         .take_until(state.shutdown.clone().cancelled_owned())
         .boxed();
-    EventStream::new(stream)
-        .keep_alive(Duration::from_secs(state.settings.api.sse_keep_alive_secs))
-        .to_event(|ev| {
-            Event::message(ev.data.to_string())
-                .id(ev.id)
-                .event_type(ev.event)
-        })
+    SseStream {
+        stream,
+        keep_alive: Duration::from_secs(state.settings.api.sse_keep_alive_secs),
+    }
 }
 
 #[cfg(test)]
