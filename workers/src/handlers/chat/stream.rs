@@ -261,3 +261,54 @@ fn failed(model: &str, e: LlmError, published: bool) -> CallOutcome {
         CallOutcome::FailedBeforeTokens(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::sync::Arc;
+
+    use jobs::RedisHandle;
+    use jobs::events::EventHub;
+
+    use super::*;
+
+    /// Tokens pushed while a publish is in flight go out as ONE event, after it; nothing is
+    /// lost or reordered (against the real Redis).
+    #[tokio::test]
+    async fn tokens_arriving_during_a_publish_are_joined_into_one_event() {
+        let redis = testkit::TestRedis::new();
+        let settings = config::Settings::load_from(None, |k| match k {
+            "REDIS_URL" => Some(redis.url.clone()),
+            "REDIS_PREFIX" => Some(redis.prefix.clone()),
+            _ => None,
+        })
+        .unwrap();
+        let handle = Arc::new(RedisHandle::new(&settings.redis).unwrap());
+        let response_id = Uuid::now_v7();
+        let mut tokens = TokenPublisher::new(
+            EventPublisher::new(handle.clone(), &settings.events),
+            response_id,
+        );
+        tokens.push("Hel"); // published at once
+        tokens.push("lo"); // these three wait for it, then go together
+        tokens.push("");
+        tokens.push(", ");
+        tokens.push("world");
+        tokens.flush().await.unwrap();
+        tokens.push("!"); // nothing in flight: published at once
+        tokens.flush().await.unwrap();
+
+        let events = EventHub::new(handle)
+            .replay(response_id, None)
+            .await
+            .unwrap();
+        let texts: Vec<String> = events
+            .into_iter()
+            .map(|e| match e.event {
+                ResponseEvent::Token { text } => text,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(texts, ["Hel", "lo, world", "!"]);
+    }
+}
