@@ -505,7 +505,9 @@ impl EventHub {
                 }
                 if st.need_replay || st.lagged.swap(false, Ordering::AcqRel) {
                     st.need_replay = false;
-                    match st.hub.replay(st.response_id, st.last).await {
+                    // boxed: a stream spends its life waiting on `recv`, and an inline replay
+                    // future would size every open stream's state for the Redis call
+                    match Box::pin(st.hub.replay(st.response_id, st.last)).await {
                         Ok(evs) => st.queue.extend(evs),
                         Err(e) => {
                             st.done = true;
