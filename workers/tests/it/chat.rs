@@ -251,11 +251,14 @@ async fn happy_path_streams_tokens_and_stores_one_answer_with_a_bounded_prompt()
             _ => None,
         })
         .collect();
+    // tokens that arrive while a publish is in flight are joined into one event
     assert_eq!(
-        token_events,
-        ["Your ", "plan ", "is ", "ready."],
-        "in order"
+        token_events.concat(),
+        "Your plan is ready.",
+        "in order, nothing lost or repeated: {token_events:?}"
     );
+    assert!(token_events.len() <= 4 && token_events.iter().all(|t| !t.is_empty()));
+    assert!(token_events[0].starts_with("Your "));
     assert!(
         !evs.iter()
             .any(|e| matches!(e, ResponseEvent::ResponseRestarted { .. }))
