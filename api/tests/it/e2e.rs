@@ -55,8 +55,8 @@ impl Drop for RunningWorker {
     }
 }
 
-/// An org whose models are unique `fake/...` names (set in the database: the proxy's model
-/// list does not enumerate wildcard routes), and its owner's token.
+/// An org whose models are unique `fake/...` names (set directly in the database; the API would
+/// accept them too, as names under the proxy's `fake/*` route), and its owner's token.
 pub(crate) async fn org_with_fake_models(app: &TestApp) -> (String, String, String) {
     let owner = app.register(&email("e2e"), "E2E").await;
     let primary = unique_model("e2e-primary");
