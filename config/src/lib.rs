@@ -625,7 +625,7 @@ mod tests {
         assert_eq!(s.auth.login_ip_max_failures, 50);
         assert_eq!(s.auth.login_window_secs, 900);
         assert_eq!(s.queues.chat.jitter, Jitter::Full);
-        assert_eq!(s.api.sse_max_streams_per_user, 20);
+        assert_eq!(s.api.sse_max_streams_per_user, 100);
         assert!(s.queues.get("index").is_some());
         assert!(s.queues.get("nope").is_none());
     }

@@ -190,7 +190,7 @@ async fn a_json_turn_answers_with_the_message_and_a_failing_primary_falls_back()
 
 #[tokio::test]
 async fn fifty_concurrent_streamed_turns_all_complete_with_their_own_text() {
-    // one user with 50 open streams: above the default per-user cap
+    // one user with 50 open streams (within the per-user cap, said explicitly)
     let app = spawn_app_with(&[
         ("MESSAGE_RATE_LIMIT", "1000"),
         ("WORKER_CONCURRENCY", "16"),
