@@ -40,6 +40,11 @@ pub enum ApiError {
     /// 429: the API's own per-user limits.
     #[error("too many requests")]
     TooManyRequests { retry_after_secs: u64 },
+    /// 429: the per-user cap on open event streams (`SSE_MAX_STREAMS_PER_USER`).
+    #[error(
+        "too many open event streams (at most {limit} per user); close one, or retry after {retry_after_secs} s"
+    )]
+    TooManyStreams { limit: usize, retry_after_secs: u64 },
     /// 503: a dependency is down.
     #[error("{0}")]
     Unavailable(String),
@@ -69,7 +74,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests { .. } | ApiError::TooManyStreams { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -87,6 +94,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unprocessable { code, .. } => code,
             ApiError::TooManyRequests { .. } => "rate_limited",
+            ApiError::TooManyStreams { .. } => "too_many_streams",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -148,7 +156,10 @@ impl poem::error::ResponseError for ApiError {
             tracing::error!(error = ?cause, "internal error");
         }
         let mut resp = error_response(self.status(), self.code(), &self.to_string());
-        if let ApiError::TooManyRequests { retry_after_secs } = self
+        if let ApiError::TooManyRequests { retry_after_secs }
+        | ApiError::TooManyStreams {
+            retry_after_secs, ..
+        } = self
             && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);

@@ -1,5 +1,8 @@
 //! The model names the LiteLLM proxy serves, cached for `api.models_cache_secs` so that model
-//! settings are checked against the proxy without asking it on every request.
+//! settings are checked against the proxy without asking it on every request. A name is served
+//! when the proxy lists it, or when it falls under one of the proxy's wildcard routes (e.g.
+//! `fake/*`, `openai/*`), which LiteLLM's `/v1/models` names only with
+//! `return_wildcard_routes=true` ([`llm::matches_route`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -47,9 +50,17 @@ impl ModelCatalog {
         }
     }
 
-    /// 422 `unknown_model` naming `field` unless the proxy serves `name`.
+    /// 422 `unknown_model` naming `field` unless the proxy serves `name` (listed, or under
+    /// a wildcard route).
     pub async fn check(&self, field: &str, name: &str) -> Result<(), ApiError> {
-        if self.served().await?.contains(name) {
+        let served = self.served().await?;
+        let listed = !name.contains('*') && served.contains(name);
+        if listed
+            || served
+                .iter()
+                .filter(|route| route.contains('*'))
+                .any(|route| llm::matches_route(route, name))
+        {
             Ok(())
         } else {
             Err(ApiError::Unprocessable {

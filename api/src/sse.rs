@@ -7,15 +7,25 @@
 //! shutdown never waits on an open stream. A client that goes away only drops its listener:
 //! the worker is never told, and the answer is completed and stored regardless.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::task::Poll;
+
+use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use jobs::events::{EventId, EventsError, ResponseEvent, StoredEvent};
 use poem::web::sse::Event;
-use poem_openapi::Object;
-use poem_openapi::payload::EventStream;
+use poem::{Body, IntoResponse, Response};
+use poem_openapi::payload::{EventStream, Payload};
+use poem_openapi::registry::{MetaResponses, MetaSchemaRef, Registry};
+use poem_openapi::{ApiResponse, Object};
 
+use uuid::Uuid;
+
+use crate::error::ApiError;
 use crate::state::AppState;
 
 pub const OPEN_STREAMS: &str = "sse_open_streams";
@@ -42,7 +52,67 @@ impl SseEvent {
     }
 }
 
-pub type SseStream = EventStream<BoxStream<'static, SseEvent>>;
+/// The `text/event-stream` payload of the chat endpoints: documented like poem-openapi's
+/// `EventStream<SseEvent>`, but written straight from our event stream
+/// (`Body::from_bytes_stream`, one `Bytes` per event or keep-alive) — poem's SSE response goes
+/// through an `AsyncRead` adapter that holds a 4 KiB buffer per open stream.
+pub struct SseStream {
+    stream: BoxStream<'static, SseEvent>,
+    keep_alive: Duration,
+}
+
+type Documented = EventStream<BoxStream<'static, SseEvent>>;
+
+impl Payload for SseStream {
+    const CONTENT_TYPE: &'static str = "text/event-stream";
+
+    fn schema_ref() -> MetaSchemaRef {
+        <Documented as Payload>::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        <Documented as Payload>::register(registry);
+    }
+}
+
+impl ApiResponse for SseStream {
+    fn meta() -> MetaResponses {
+        <Documented as ApiResponse>::meta()
+    }
+
+    fn register(registry: &mut Registry) {
+        <Documented as ApiResponse>::register(registry);
+    }
+}
+
+impl IntoResponse for SseStream {
+    fn into_response(self) -> Response {
+        let mut events = self.stream.map(|ev| {
+            Bytes::from(
+                Event::message(ev.data.to_string())
+                    .id(ev.id)
+                    .event_type(ev.event)
+                    .to_string(),
+            )
+        });
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.keep_alive,
+            self.keep_alive,
+        );
+        let body = futures::stream::poll_fn(move |cx| {
+            if let Poll::Ready(item) = events.poll_next_unpin(cx) {
+                return Poll::Ready(item.map(Ok::<_, std::io::Error>));
+            }
+            tick.poll_tick(cx)
+                .map(|_| Some(Ok(Bytes::from_static(b":\n\n"))))
+        });
+        Response::builder()
+            .content_type(Self::CONTENT_TYPE)
+            .header("X-Accel-Buffering", "no")
+            .header("Cache-Control", "no-cache")
+            .body(Body::from_bytes_stream(body))
+    }
+}
 
 /// Counts an open SSE stream in the `sse_open_streams` gauge for as long as it lives.
 pub struct OpenStreamGuard(());
@@ -66,13 +136,92 @@ impl Drop for OpenStreamGuard {
     }
 }
 
-/// The SSE response for a stream of hub events (plus `before`, events to send first).
+/// The per-user cap on concurrently open SSE streams in this process
+/// (`api.sse_max_streams_per_user`, `SSE_MAX_STREAMS_PER_USER`): POST messages in SSE mode and
+/// GET .../events take a [`StreamPermit`] first; past the cap, 429 `too_many_streams` with
+/// `Retry-After`. A permit is returned when its stream is dropped (a gone client is noticed
+/// at the next write: an event or the keep-alive, hence `Retry-After` = the keep-alive interval).
+pub struct StreamLimits {
+    max: usize,
+    retry_after_secs: u64,
+    open: Mutex<HashMap<Uuid, usize>>,
+}
+
+/// One open stream of one user, counted until dropped.
+pub struct StreamPermit {
+    limits: Arc<StreamLimits>,
+    user_id: Uuid,
+}
+
+impl StreamLimits {
+    pub fn new(settings: &config::ApiSettings) -> Self {
+        Self {
+            max: settings.sse_max_streams_per_user,
+            retry_after_secs: settings.sse_keep_alive_secs.max(1),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, usize>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Count one more open stream of `user_id`, or 429 when they already hold the maximum.
+    pub fn acquire(self: &Arc<Self>, user_id: Uuid) -> Result<StreamPermit, ApiError> {
+        let mut open = self.lock();
+        let n = open.entry(user_id).or_insert(0);
+        if *n >= self.max {
+            if *n == 0 {
+                open.remove(&user_id);
+            }
+            return Err(ApiError::TooManyStreams {
+                limit: self.max,
+                retry_after_secs: self.retry_after_secs,
+            });
+        }
+        *n += 1;
+        Ok(StreamPermit {
+            limits: self.clone(),
+            user_id,
+        })
+    }
+
+    /// Streams `user_id` holds open now.
+    pub fn open(&self, user_id: Uuid) -> usize {
+        self.lock().get(&user_id).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = self.limits.lock();
+        if let Some(n) = open.get_mut(&self.user_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.user_id);
+            }
+        }
+    }
+}
+
+/// What an open stream holds until it is dropped.
+struct Held {
+    _open: OpenStreamGuard,
+    _permit: StreamPermit,
+}
+
+/// The SSE response for a stream of hub events (plus `before`, events to send first), holding
+/// the caller's stream `permit` for as long as it is open.
 pub fn respond(
     state: &AppState,
+    permit: StreamPermit,
     before: Vec<SseEvent>,
     events: impl Stream<Item = Result<StoredEvent, EventsError>> + Send + 'static,
 ) -> SseStream {
-    let guard = OpenStreamGuard::new();
+    let held = Held {
+        _open: OpenStreamGuard::new(),
+        _permit: permit,
+    };
     let relayed = events
         .take_while(|item| {
             if let Err(e) = item {
@@ -85,18 +234,44 @@ pub fn respond(
             futures::future::ready(item.ok().map(|ev| SseEvent::new(ev.id, &ev.event)))
         })
         .map(move |ev| {
-            let _open = &guard;
+            let _held = &held;
             ev
         });
     let stream = futures::stream::iter(before)
         .chain(relayed)
         .take_until(state.shutdown.clone().cancelled_owned())
         .boxed();
-    EventStream::new(stream)
-        .keep_alive(Duration::from_secs(state.settings.api.sse_keep_alive_secs))
-        .to_event(|ev| {
-            Event::message(ev.data.to_string())
-                .id(ev.id)
-                .event_type(ev.event)
-        })
+    SseStream {
+        stream,
+        keep_alive: Duration::from_secs(state.settings.api.sse_keep_alive_secs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn streams_are_capped_per_user_and_released_on_drop() {
+        let mut api = config::Settings::load_from(None, |_| None).unwrap().api;
+        api.sse_max_streams_per_user = 2;
+        api.sse_keep_alive_secs = 15;
+        let limits = Arc::new(StreamLimits::new(&api));
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let p1 = limits.acquire(a).unwrap();
+        let _p2 = limits.acquire(a).unwrap();
+        let Err(ApiError::TooManyStreams {
+            limit: 2,
+            retry_after_secs: 15,
+        }) = limits.acquire(a)
+        else {
+            panic!("a third stream of the same user is refused");
+        };
+        let _other = limits.acquire(b).unwrap();
+        drop(p1);
+        assert_eq!(limits.open(a), 1);
+        let _p3 = limits.acquire(a).unwrap();
+        assert_eq!(limits.open(a), 2);
+    }
 }

@@ -80,6 +80,7 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(settings.api_addr()).await?;
         let addr = listener.local_addr()?;
         let acceptor = NoDelayAcceptor(TcpAcceptor::from_tokio(listener)?);
+        let streams = Arc::new(crate::sse::StreamLimits::new(&settings.api));
         let state = AppState {
             settings: Arc::new(settings),
             db,
@@ -91,6 +92,7 @@ impl Application {
             hub,
             publisher,
             models,
+            streams,
             shutdown: CancellationToken::new(),
         };
         Ok(Self {

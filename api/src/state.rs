@@ -27,6 +27,8 @@ pub struct AppState {
     pub publisher: EventPublisher,
     /// The names the LiteLLM proxy serves, cached briefly.
     pub models: Arc<ModelCatalog>,
+    /// Per-user cap on open SSE streams in this process.
+    pub streams: Arc<crate::sse::StreamLimits>,
     /// Cancelled when the server shuts down: open SSE streams and JSON waits end.
     pub shutdown: CancellationToken,
 }

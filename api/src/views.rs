@@ -285,7 +285,9 @@ pub struct CitationView {
 }
 
 /// A message of a conversation (`user`, `assistant`, or `tool` for a tool result). Internal
-/// memory and summaries are never messages and never shown.
+/// memory and summaries are never messages and never shown. The documented twin of
+/// `store::public::PublicMessage`, the one serializer of a message (listing, JSON-mode answer,
+/// `message.completed`); a test checks both give the same JSON.
 #[derive(Object, Clone, Serialize)]
 pub struct MessageView {
     pub id: Uuid,
@@ -301,17 +303,8 @@ pub struct MessageView {
     pub citations: Vec<CitationView>,
 }
 
-impl From<store::conversations::Message> for MessageView {
-    fn from(m: store::conversations::Message) -> Self {
-        let usage =
-            (m.prompt_tokens.is_some() || m.completion_tokens.is_some()).then(|| UsageView {
-                prompt_tokens: m.prompt_tokens,
-                completion_tokens: m.completion_tokens,
-                total_tokens: match (m.prompt_tokens, m.completion_tokens) {
-                    (Some(p), Some(c)) => p.checked_add(c),
-                    _ => None,
-                },
-            });
+impl From<store::public::PublicMessage> for MessageView {
+    fn from(m: store::public::PublicMessage) -> Self {
         Self {
             id: m.id,
             role: m.role,
@@ -319,8 +312,65 @@ impl From<store::conversations::Message> for MessageView {
             model: m.model,
             created_at: m.created_at,
             response_id: m.response_id,
-            usage,
-            citations: serde_json::from_value(m.citations).unwrap_or_default(),
+            usage: m.usage.map(|u| UsageView {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                total_tokens: u.total_tokens,
+            }),
+            citations: m
+                .citations
+                .into_iter()
+                .map(|c| CitationView {
+                    source_kind: c.source_kind,
+                    source_id: c.source_id,
+                    title: c.title,
+                    chunk: c.chunk,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<store::conversations::Message> for MessageView {
+    fn from(m: store::conversations::Message) -> Self {
+        store::public::PublicMessage::from(m).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use poem_openapi::types::ToJSON as _;
+
+    use super::*;
+
+    /// What the API documents and sends (poem-openapi's serializer) is what the worker
+    /// publishes (serde, `store::public`), with and without usage.
+    #[test]
+    fn message_view_serializes_like_the_public_message() {
+        for (prompt, completion) in [(Some(3), Some(4)), (None, None), (Some(1), None)] {
+            let m = store::conversations::Message {
+                id: Uuid::now_v7(),
+                conversation_id: Uuid::now_v7(),
+                seq: 1,
+                role: "assistant".into(),
+                content: "hi".into(),
+                response_id: Some(Uuid::now_v7()),
+                model: None,
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                latency_ms: None,
+                tool_calls: None,
+                tool_call_id: None,
+                citations: serde_json::json!([{"source_kind": "task", "source_id": Uuid::now_v7(),
+                    "title": "T", "chunk": 2}]),
+                created_at: Utc::now(),
+            };
+            let public = store::public::PublicMessage::from(m.clone());
+            assert_eq!(
+                MessageView::from(m).to_json().unwrap(),
+                serde_json::to_value(&public).unwrap()
+            );
         }
     }
 }

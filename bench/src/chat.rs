@@ -98,6 +98,8 @@ struct Turn {
     /// Switchboard only: response headers; the `message.created` frame.
     headers: f64,
     created: f64,
+    /// Switchboard only: `token` events received (tokens that arrived together are coalesced).
+    token_events: f64,
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +108,7 @@ struct Level {
     total: Samples,
     headers: Samples,
     created: Samples,
+    token_events: Samples,
     wall_secs: f64,
 }
 
@@ -116,6 +119,7 @@ impl Level {
             total: Samples::new(turns.iter().map(|t| t.total).collect()),
             headers: Samples::new(turns.iter().map(|t| t.headers).collect()),
             created: Samples::new(turns.iter().map(|t| t.created).collect()),
+            token_events: Samples::new(turns.iter().map(|t| t.token_events).collect()),
             wall_secs,
         }
     }
@@ -172,6 +176,8 @@ async fn run(
 
     settings.api.addr = "127.0.0.1:0".to_owned();
     settings.api.message_rate_limit = 1_000_000;
+    // 25 concurrent streams per user at concurrency 200 (8 users)
+    settings.api.sse_max_streams_per_user = 1_000_000;
     settings.worker.concurrency = args.worker_concurrency;
     settings.database.max_connections = 32;
     settings.litellm.base_url = fake.url();
@@ -376,7 +382,7 @@ fn print_breakdown(c: usize, s: &Level, w: &WorkerSide) {
     println!(
         "chat: breakdown concurrency={c} (p50 / mean ms) post_to_headers={:.3}/{:.3} \
          post_to_created={:.3}/{:.3} post_to_first_token={:.3}/{:.3} | worker means: \
-         pickup={:.3} model_ttft={:.3} job={:.3}",
+         pickup={:.3} model_ttft={:.3} job={:.3} | token events per turn (20 tokens): mean={:.2}",
         s.headers.p50(),
         s.headers.mean(),
         s.created.p50(),
@@ -385,7 +391,8 @@ fn print_breakdown(c: usize, s: &Level, w: &WorkerSide) {
         s.ttft.mean(),
         w.pickup_ms,
         w.model_ttft_ms,
-        w.job_ms
+        w.job_ms,
+        s.token_events.mean()
     );
 }
 
@@ -617,6 +624,7 @@ impl Switchboard {
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let (mut created, mut first) = (None, None);
         let mut tokens = 0usize;
+        let mut text = String::new();
         while let Some(chunk) = body.next().await {
             buf.extend_from_slice(&chunk?);
             while let Some(pos) = find(&buf, b"\n\n") {
@@ -628,16 +636,21 @@ impl Switchboard {
                     Some("token") => {
                         tokens += 1;
                         first.get_or_insert_with(|| t0.elapsed());
+                        text.push_str(&token_text(&frame)?);
                     }
                     Some("message.completed") => {
                         let total = t0.elapsed();
-                        anyhow::ensure!(tokens == REPLY.len(), "{tokens} tokens, not 20");
+                        anyhow::ensure!(
+                            text == REPLY.concat(),
+                            "the tokens say {text:?}, not the 20-token reply"
+                        );
                         let first = first.context("completed without a token")?;
                         return Ok(Turn {
                             ttft: ms(first),
                             total: ms(total),
                             headers: ms(headers),
                             created: ms(created.unwrap_or(first)),
+                            token_events: tokens as f64,
                         });
                     }
                     Some("error") => anyhow::bail!(
@@ -673,6 +686,19 @@ pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The `event:` field of one SSE frame.
+/// The `text` of a `token` frame.
+fn token_text(frame: &[u8]) -> anyhow::Result<String> {
+    let data = std::str::from_utf8(frame)?
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .context("a token frame without data")?;
+    let v: Value = serde_json::from_str(data)?;
+    Ok(v["text"]
+        .as_str()
+        .context("a token without text")?
+        .to_owned())
+}
+
 pub fn event_name(frame: &[u8]) -> Option<&str> {
     std::str::from_utf8(frame)
         .ok()?

@@ -144,6 +144,8 @@ pub async fn capacity(settings: &config::Settings, levels: &[usize]) -> anyhow::
         .env("API_ADDR", &addr)
         .env("LITELLM_BASE_URL", &settings.litellm.base_url)
         .env("MESSAGE_RATE_LIMIT", "1000000")
+        // one user holds every stream of the capacity test
+        .env("SSE_MAX_STREAMS_PER_USER", "1000000")
         .env("LOG_FILTER", "warn")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -54,6 +54,11 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ("JSON_WAIT_SECS", "api.json_wait_secs", Kind::Int),
     ("MESSAGE_RATE_LIMIT", "api.message_rate_limit", Kind::Int),
     ("SSE_KEEP_ALIVE_SECS", "api.sse_keep_alive_secs", Kind::Int),
+    (
+        "SSE_MAX_STREAMS_PER_USER",
+        "api.sse_max_streams_per_user",
+        Kind::Int,
+    ),
     ("WORKER_CONCURRENCY", "worker.concurrency", Kind::Int),
     ("WORKER_METRICS_ADDR", "worker.metrics_addr", Kind::Str),
     (
@@ -230,6 +235,9 @@ pub struct ApiSettings {
     pub message_rate_limit: u32,
     /// Interval of the SSE keep-alive comments (`SSE_KEEP_ALIVE_SECS`).
     pub sse_keep_alive_secs: u64,
+    /// Event streams one user may hold open at once in one API process
+    /// (`SSE_MAX_STREAMS_PER_USER`); then 429.
+    pub sse_max_streams_per_user: usize,
     /// How long the proxy's model list is cached for model-settings checks.
     pub models_cache_secs: u64,
 }
@@ -531,6 +539,10 @@ impl Settings {
         positive(self.worker.concurrency as u64, "WORKER_CONCURRENCY")?;
         positive(u64::from(self.api.message_rate_limit), "MESSAGE_RATE_LIMIT")?;
         positive(self.api.sse_keep_alive_secs, "SSE_KEEP_ALIVE_SECS")?;
+        positive(
+            self.api.sse_max_streams_per_user as u64,
+            "SSE_MAX_STREAMS_PER_USER",
+        )?;
         positive(self.index.interval_secs, "INDEX_INTERVAL_SECS")?;
         positive(self.index.chunk_tokens as u64, "INDEX_CHUNK_TOKENS")?;
         if self.index.chunk_overlap_tokens >= self.index.chunk_tokens {
@@ -791,6 +803,7 @@ mod tests {
         assert_eq!(s.auth.login_ip_max_failures, 50);
         assert_eq!(s.auth.login_window_secs, 900);
         assert_eq!(s.queues.chat.jitter, Jitter::Full);
+        assert_eq!(s.api.sse_max_streams_per_user, 100);
         assert!(s.queues.get("index").is_some());
         assert!(s.queues.get("nope").is_none());
     }
@@ -802,8 +815,14 @@ mod tests {
             ("RECENT_MESSAGES", "5"),
             ("REDIS_PREFIX", "test_1"),
             ("EMBEDDING_DIM", "768"),
+            ("SSE_MAX_STREAMS_PER_USER", "3"),
         ])
         .unwrap();
+        assert_eq!(s.api.sse_max_streams_per_user, 3);
+        let e = load(&[("SSE_MAX_STREAMS_PER_USER", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SSE_MAX_STREAMS_PER_USER"), "{e}");
         assert_eq!(s.api.addr, "0.0.0.0:9000");
         assert_eq!(s.chat.recent_messages, 5);
         assert_eq!(s.redis.prefix, "test_1");

@@ -28,8 +28,10 @@ use uuid::Uuid;
 
 use crate::RedisHandle;
 
-/// Buffered live events per listener before it falls back to re-reading the replay stream.
-const LISTENER_BUFFER: usize = 256;
+/// Buffered live events per listener before it falls back to re-reading the replay stream
+/// (nothing is lost past it: the listener re-reads the replay stream). Tokens are coalesced by
+/// the worker while a publish is in flight, so a response rarely has many events queued.
+const LISTENER_BUFFER: usize = 64;
 /// How often the hub checks its subscription connection, and how long it waits for the answer.
 const HUB_PING_EVERY: Duration = Duration::from_secs(15);
 const HUB_PING_TIMEOUT: Duration = Duration::from_secs(5);
@@ -207,7 +209,10 @@ impl EventPublisher {
 }
 
 enum HubMsg {
-    Event(StoredEvent),
+    /// Boxed behind an `Arc`: a channel slot is then one pointer (tokio allocates a listener's
+    /// slots in blocks of 32, per open stream), and fanning out to several listeners of the
+    /// same response does not copy the event.
+    Event(Arc<StoredEvent>),
     /// The hub reconnected: live events may have been missed; re-read the replay stream.
     Resync,
 }
@@ -237,6 +242,7 @@ impl HubInner {
     fn dispatch(&self, response_id: Uuid, ev: StoredEvent) {
         let map = self.lock();
         if let Some(ls) = map.get(&response_id) {
+            let ev = Arc::new(ev);
             for l in ls {
                 if l.tx.try_send(HubMsg::Event(ev.clone())).is_err() {
                     l.lagged.store(true, Ordering::Release);
@@ -499,7 +505,9 @@ impl EventHub {
                 }
                 if st.need_replay || st.lagged.swap(false, Ordering::AcqRel) {
                     st.need_replay = false;
-                    match st.hub.replay(st.response_id, st.last).await {
+                    // boxed: a stream spends its life waiting on `recv`, and an inline replay
+                    // future would size every open stream's state for the Redis call
+                    match Box::pin(st.hub.replay(st.response_id, st.last)).await {
                         Ok(evs) => st.queue.extend(evs),
                         Err(e) => {
                             st.done = true;
@@ -509,7 +517,7 @@ impl EventHub {
                     continue;
                 }
                 match st.rx.recv().await {
-                    Some(HubMsg::Event(ev)) => st.queue.push_back(ev),
+                    Some(HubMsg::Event(ev)) => st.queue.push_back(Arc::unwrap_or_clone(ev)),
                     Some(HubMsg::Resync) => st.need_replay = true,
                     None => return None, // hub shut down
                 }

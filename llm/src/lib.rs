@@ -143,11 +143,16 @@ impl LlmClient {
         }
     }
 
-    /// The model names the proxy serves (`GET /v1/models`).
+    /// The model names the proxy serves (`GET /v1/models`), including its wildcard routes
+    /// (e.g. `fake/*`; LiteLLM lists them with `return_wildcard_routes=true`, otherwise only the
+    /// names it expands them to from its own catalogue). See [`matches_route`].
     pub async fn models(&self) -> Result<Vec<String>, LlmError> {
         let mut rb = self
             .http
-            .get(format!("{}/v1/models", self.base))
+            .get(format!(
+                "{}/v1/models?return_wildcard_routes=true",
+                self.base
+            ))
             .timeout(Duration::from_secs(10));
         if let Some(k) = &self.key {
             rb = rb.bearer_auth(k.expose_secret());
@@ -253,5 +258,58 @@ impl LlmClient {
         }
         out.sort_by_key(|(i, _)| *i);
         Ok(out.into_iter().map(|(_, v)| v).collect())
+    }
+}
+
+/// Whether `name` is served by the proxy's `route`: equal to it, or — for a wildcard route
+/// such as `fake/*` — matching it with each `*` standing for one or more characters. A name
+/// that contains `*` itself is never a model.
+pub fn matches_route(route: &str, name: &str) -> bool {
+    if name.contains('*') {
+        return false;
+    }
+    if !route.contains('*') {
+        return route == name;
+    }
+    let parts: Vec<&str> = route.split('*').collect();
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    let literal: usize = parts.iter().map(|p| p.len()).sum();
+    let stars = parts.len() - 1;
+    if name.len() < literal + stars || !name.starts_with(first) || !name.ends_with(last) {
+        return false;
+    }
+    // the middle parts in order, each after at least one character for the star before it
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        let Some(c) = rest.chars().next() else {
+            return false;
+        };
+        let skip = &rest[c.len_utf8()..];
+        let Some(at) = skip.find(part) else {
+            return false;
+        };
+        rest = &skip[at + part.len()..];
+    }
+    !rest.is_empty()
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::matches_route;
+
+    #[test]
+    fn wildcard_routes_match_names_under_them() {
+        assert!(matches_route("local-chat", "local-chat"));
+        assert!(!matches_route("local-chat", "local-chat-2"));
+        assert!(matches_route("fake/*", "fake/anything-at-all"));
+        assert!(matches_route("fake/*", "fake/a/b"));
+        assert!(!matches_route("fake/*", "fake/"));
+        assert!(!matches_route("fake/*", "fakeish"));
+        assert!(!matches_route("fake/*", "nonexistent-model-x"));
+        assert!(!matches_route("fake/*", "fake/*"));
+        assert!(matches_route("a/*/b-*", "a/x/b-y"));
+        assert!(!matches_route("a/*/b-*", "a//b-y"));
+        assert!(!matches_route("a/*/b-*", "a/x/b-"));
+        assert!(matches_route("*", "x"));
     }
 }

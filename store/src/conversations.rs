@@ -242,6 +242,60 @@ pub async fn start_turn(
     Ok((message, response))
 }
 
+/// [`start_turn`] for the caller's own conversation, in ONE autocommitted statement (the
+/// chat path's latency: no `BEGIN`/`COMMIT`, no separate ownership read): the conversation's
+/// `updated_at`, the user's message and the response, all or nothing. `None` when the
+/// conversation is not `user_id`'s (missing, another user's, another org's alike).
+pub async fn start_own_turn(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    conversation_id: Uuid,
+    content: &str,
+) -> Result<Option<(Message, Response)>, StoreError> {
+    use sqlx::{FromRow as _, Row as _};
+    let row = sqlx::query(sql(format!(
+        "WITH c AS (
+             UPDATE conversations SET updated_at = now()
+             WHERE id = $1 AND user_id = $2 RETURNING id
+         ), m AS (
+             INSERT INTO messages (id, conversation_id, role, content)
+             SELECT $3, c.id, 'user', $4 FROM c RETURNING {MESSAGE_COLS}
+         ), r AS (
+             INSERT INTO responses (id, conversation_id, user_message_id)
+             SELECT $5, m.conversation_id, m.id FROM m RETURNING {RESPONSE_COLS}
+         )
+         SELECT m.*, r.id AS r_id, r.status AS r_status, r.model AS r_model,
+                r.error_code AS r_error_code, r.error_message AS r_error_message,
+                r.starts AS r_starts, r.created_at AS r_created_at,
+                r.completed_at AS r_completed_at
+         FROM m, r"
+    )))
+    .bind(conversation_id)
+    .bind(user_id)
+    .bind(Uuid::now_v7())
+    .bind(content)
+    .bind(Uuid::now_v7())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let message = Message::from_row(&row)?;
+    let response = Response {
+        id: row.try_get("r_id")?,
+        conversation_id: message.conversation_id,
+        user_message_id: message.id,
+        status: row.try_get("r_status")?,
+        model: row.try_get("r_model")?,
+        error_code: row.try_get("r_error_code")?,
+        error_message: row.try_get("r_error_message")?,
+        starts: row.try_get("r_starts")?,
+        created_at: row.try_get("r_created_at")?,
+        completed_at: row.try_get("r_completed_at")?,
+    };
+    Ok(Some((message, response)))
+}
+
 /// Messages of a conversation in order, after `after_seq`.
 pub async fn list_messages(
     pool: &PgPool,

@@ -186,22 +186,25 @@ impl ChatApi {
         let sse_mode = wants_sse(req, body.stream);
         let state = &self.state;
 
-        // Ownership first (404), then the per-user limit (Redis) — outside the transaction,
-        // so a slow Redis never holds a pooled database connection.
-        {
-            let mut conn = state.db.acquire().await?;
-            store::conversations::get_own(&mut conn, caller.user_id, id.0)
-                .await?
-                .ok_or(ApiError::NotFound)?;
-        }
+        // SSE mode: a stream of the caller's, within the per-user cap (429 before anything is
+        // written).
+        let permit = if sse_mode {
+            Some(state.streams.acquire(caller.user_id)?)
+        } else {
+            None
+        };
+        // The per-user limit (Redis), then the turn in ONE autocommitted statement that also
+        // checks ownership (404: nothing written). Nothing holds a pooled database connection
+        // while Redis answers. (A post to a conversation that is not the caller's counts
+        // against the caller's own limit; it reveals nothing about the conversation.)
         ratelimit::message_posted(state, caller.user_id).await?;
-        let mut tx = state.db.begin().await?;
-        let conversation = store::conversations::get_own(&mut tx, caller.user_id, id.0)
-            .await?
-            .ok_or(ApiError::NotFound)?;
-        let (message, response) =
-            store::conversations::start_turn(&mut tx, conversation.id, &content).await?;
-        tx.commit().await?;
+        let (message, response) = {
+            let mut conn = state.db.acquire().await?;
+            store::conversations::start_own_turn(&mut conn, caller.user_id, id.0, &content)
+                .await?
+                .ok_or(ApiError::NotFound)?
+        };
+        let conversation_id = response.conversation_id;
         let response_id = response.id;
 
         // `message.created` names the user's message (the assistant's does not exist yet); it
@@ -217,7 +220,7 @@ impl ChatApi {
         // Listen before the job exists, so that no event can slip past.
         let events = state.hub.events(response_id, None);
         let job = jobs::kinds::Chat {
-            conversation_id: conversation.id,
+            conversation_id,
             message_id: message.id,
             response_id,
             user_id: caller.user_id,
@@ -240,9 +243,10 @@ impl ChatApi {
             return Err(abandon(state, response_id).await);
         }
 
-        if sse_mode {
+        if let Some(permit) = permit {
             return Ok(TurnResponse::Ok(TurnContent::Events(sse::respond(
                 state,
+                permit,
                 Vec::new(),
                 events,
             ))));
@@ -330,6 +334,7 @@ impl ChatApi {
             store::conversations::get_response_own(&mut conn, caller.user_id, id.0, response_id.0)
                 .await?
                 .ok_or(ApiError::NotFound)?;
+        let permit = state.streams.acquire(caller.user_id)?;
         let events = state.hub.events(response.id, after);
         let replayable = state.hub.exists(response.id).await.map_err(|e| {
             tracing::error!(error = %e, "redis unavailable for response events");
@@ -354,6 +359,7 @@ impl ChatApi {
                     .collect();
                 return Ok(EventsResponse::Events(sse::respond(
                     state,
+                    permit,
                     rest,
                     futures::stream::empty(),
                 )));
@@ -362,6 +368,7 @@ impl ChatApi {
         if replayable || !finished {
             return Ok(EventsResponse::Events(sse::respond(
                 state,
+                permit,
                 Vec::new(),
                 events,
             )));
@@ -378,6 +385,7 @@ impl ChatApi {
         if after == Some(id) {
             return Ok(EventsResponse::Events(sse::respond(
                 state,
+                permit,
                 Vec::new(),
                 futures::stream::empty(),
             )));
@@ -385,12 +393,11 @@ impl ChatApi {
         let event = if response.status == "completed" {
             match store::conversations::answer_of(&mut conn, response.id).await? {
                 Some(m) => {
-                    let view = MessageView::from(m);
-                    let usage = serde_json::to_value(&view.usage).unwrap_or(Value::Null);
+                    let c = store::public::PublicMessage::from(m).completed();
                     ResponseEvent::MessageCompleted {
-                        model: view.model.clone().unwrap_or_default(),
-                        message: serde_json::to_value(&view).unwrap_or(Value::Null),
-                        usage,
+                        message: c.message,
+                        model: c.model,
+                        usage: c.usage,
                     }
                 }
                 None => expired_error(),
@@ -407,6 +414,7 @@ impl ChatApi {
         };
         Ok(EventsResponse::Events(sse::respond(
             state,
+            permit,
             vec![SseEvent::new(id, &event)],
             futures::stream::empty(),
         )))

@@ -27,7 +27,7 @@ pub struct NewConversation {
     #[serde(default)]
     title: Option<String>,
     /// Narrow the conversation to these projects (each must be visible to the caller);
-    /// absent: every project the caller can see.
+    /// absent or empty (`[]`): not narrowed — every project the caller can see.
     #[serde(default)]
     project_ids: Option<Vec<Uuid>>,
 }
@@ -68,7 +68,9 @@ impl ConversationsApi {
         let req = body.0;
         let title =
             validate::optional_text("title", req.title.as_deref().unwrap_or(""), TITLE_MAX)?;
-        if let Some(ids) = &req.project_ids
+        // `[]` means "not narrowed", as if omitted (not "narrowed to nothing").
+        let project_ids = req.project_ids.filter(|ids| !ids.is_empty());
+        if let Some(ids) = &project_ids
             && ids.len() > PROJECT_IDS_MAX
         {
             return Err(ApiError::invalid(format!(
@@ -81,7 +83,7 @@ impl ConversationsApi {
             caller.org_id,
             caller.user_id,
             &title,
-            req.project_ids.as_deref(),
+            project_ids.as_deref(),
         )
         .await?;
         let scope = store::conversations::scope(&mut tx, conversation.id).await?;

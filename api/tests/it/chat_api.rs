@@ -605,3 +605,65 @@ async fn json_mode_wait_ends_at_shutdown_with_202() {
     assert!(r.body["response_id"].is_string());
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// `SSE_MAX_STREAMS_PER_USER`: past the cap, POST messages in SSE mode and GET .../events
+/// answer 429 `too_many_streams` with `Retry-After` (nothing written); other users are not
+/// affected; a closed stream gives its place back.
+#[tokio::test]
+async fn open_event_streams_are_capped_per_user() {
+    let app = spawn_app_with(&[
+        ("SSE_MAX_STREAMS_PER_USER", "2"),
+        ("SSE_KEEP_ALIVE_SECS", "1"),
+    ])
+    .await;
+    let user = app.register(&email("u"), "Org").await;
+    let other = app.register(&email("o"), "Other").await;
+    let conv = app.conversation(&user.token).await;
+    // no worker: both answers stay open
+    let mut first = app.post_stream(&user.token, &conv, "one").await;
+    let created = first.next_event().await.unwrap();
+    let rid = created.data()["response_id"].as_str().unwrap().to_owned();
+    let mut second = app.events(&user.token, &conv, &rid, None).await;
+    assert_eq!(second.status().as_u16(), 200);
+    let _ = second.chunk().await.unwrap();
+
+    let before = app.count("messages").await;
+    let r = app
+        .http
+        .post(app.url(&format!("/v1/conversations/{conv}/messages")))
+        .bearer_auth(&user.token)
+        .json(&json!({"content": "three", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_streams");
+    assert!(body["error"]["message"].as_str().unwrap().contains("2"));
+    assert_eq!(app.count("messages").await, before, "nothing written");
+
+    let r = app.events(&user.token, &conv, &rid, None).await;
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+
+    // another user is not affected
+    let other_conv = app.conversation(&other.token).await;
+    let mut theirs = app.post_stream(&other.token, &other_conv, "mine").await;
+    assert_eq!(theirs.next_event().await.unwrap().name(), "message.created");
+
+    // a closed stream frees its place (noticed at the next keep-alive write)
+    drop(first);
+    let mut freed = false;
+    for _ in 0..50 {
+        let r = app.events(&user.token, &conv, &rid, None).await;
+        if r.status().as_u16() == 200 {
+            freed = true;
+            break;
+        }
+        assert_eq!(r.status().as_u16(), 429);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(freed, "the closed stream's place came back");
+    drop(second);
+}

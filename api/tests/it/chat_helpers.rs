@@ -100,14 +100,15 @@ impl FakeWorker {
         .await
         .unwrap();
         tx.commit().await.unwrap();
-        let usage = json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10});
+        // as the worker does: the one public shape of a message
+        let c = store::public::PublicMessage::from(m).completed();
+        assert_eq!(c.usage["total_tokens"], 10);
         self.publish(
             job.response_id,
             ResponseEvent::MessageCompleted {
-                message: json!({"id": m.id, "role": "assistant", "content": m.content,
-                                "model": m.model, "created_at": m.created_at, "usage": usage}),
-                model: "local-chat".into(),
-                usage,
+                message: c.message,
+                model: c.model,
+                usage: c.usage,
             },
         )
         .await;

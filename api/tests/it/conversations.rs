@@ -169,3 +169,30 @@ async fn project_ids_must_be_visible() {
     let r = app.get("/v1/conversations", &member.token).await;
     assert_eq!(r.body["items"][0]["project_ids"], json!([open]));
 }
+
+#[tokio::test]
+async fn an_empty_project_ids_list_is_not_narrowed() {
+    let app = spawn_app().await;
+    let owner = app.register(&email("owner"), "Org E").await;
+    let r = app
+        .post(
+            "/v1/conversations",
+            &owner.token,
+            json!({"title": "Everything", "project_ids": []}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(r.body["project_ids"].is_null(), "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let r = app
+        .get(&format!("/v1/conversations/{id}"), &owner.token)
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.body["project_ids"].is_null(), "{}", r.body);
+    let scoped: bool = sqlx::query_scalar("SELECT scoped FROM conversations WHERE id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(!scoped, "stored as not narrowed");
+}

@@ -55,8 +55,8 @@ impl Drop for RunningWorker {
     }
 }
 
-/// An org whose models are unique `fake/...` names (set in the database: the proxy's model
-/// list does not enumerate wildcard routes), and its owner's token.
+/// An org whose models are unique `fake/...` names (set directly in the database; the API would
+/// accept them too, as names under the proxy's `fake/*` route), and its owner's token.
 pub(crate) async fn org_with_fake_models(app: &TestApp) -> (String, String, String) {
     let owner = app.register(&email("e2e"), "E2E").await;
     let primary = unique_model("e2e-primary");
@@ -190,7 +190,13 @@ async fn a_json_turn_answers_with_the_message_and_a_failing_primary_falls_back()
 
 #[tokio::test]
 async fn fifty_concurrent_streamed_turns_all_complete_with_their_own_text() {
-    let app = spawn_app_with(&[("MESSAGE_RATE_LIMIT", "1000"), ("WORKER_CONCURRENCY", "16")]).await;
+    // one user with 50 open streams (within the per-user cap, said explicitly)
+    let app = spawn_app_with(&[
+        ("MESSAGE_RATE_LIMIT", "1000"),
+        ("WORKER_CONCURRENCY", "16"),
+        ("SSE_MAX_STREAMS_PER_USER", "50"),
+    ])
+    .await;
     let worker = RunningWorker::start(&app);
     let (token, primary, _) = org_with_fake_models(&app).await;
     // unscripted, the fake echoes the last user message: each turn's text is its own
@@ -282,4 +288,110 @@ async fn a_turns_job_carries_the_requests_trace_id() {
             "no job with trace {want}"
         );
     }
+}
+
+/// `message.completed`'s `message` has one shape everywhere: the live event (real worker), the
+/// replayed event, the event rebuilt from Postgres past the retention window, the JSON-mode
+/// answer, and the messages listing agree field for field.
+#[tokio::test]
+async fn the_completed_message_has_one_shape_live_replayed_rebuilt_json_and_listed() {
+    let app = spawn_app_with(&[]).await;
+    let worker = RunningWorker::start(&app);
+    let (token, primary, _fallback) = org_with_fake_models(&app).await;
+    let fake = FakeClient::shared();
+    fake.script(
+        &primary,
+        vec![
+            Behaviour::reply_tokens(&["one ", "shape"]),
+            Behaviour::reply("json mode"),
+        ],
+    )
+    .await
+    .unwrap();
+    let conversation = app.conversation(&token).await;
+
+    // live
+    let frames = app
+        .post_stream(&token, &conversation, "first")
+        .await
+        .rest()
+        .await;
+    let done = frames.last().unwrap();
+    assert_eq!(done.name(), "message.completed", "{frames:?}");
+    let live = done.data().clone();
+    let response_id = live["message"]["response_id"].as_str().unwrap().to_owned();
+
+    // replayed
+    let replayed = crate::chat_helpers::SseReader::new(
+        app.events(&token, &conversation, &response_id, None).await,
+    )
+    .rest()
+    .await;
+    let replayed = replayed.last().unwrap().data().clone();
+
+    // rebuilt (the replay stream expired)
+    let client = redis::Client::open(app.redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{}:{{resp:{response_id}}}:events", app.redis.prefix);
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let rebuilt = crate::chat_helpers::SseReader::new(
+        app.events(&token, &conversation, &response_id, None).await,
+    )
+    .rest()
+    .await;
+    assert_eq!(rebuilt.len(), 1);
+    let rebuilt = rebuilt[0].data().clone();
+
+    // JSON mode (the next turn)
+    let r = app
+        .post(
+            &format!("/v1/conversations/{conversation}/messages"),
+            &token,
+            json!({"content": "second"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let json_mode = r.body["message"].clone();
+
+    let listed = app
+        .get(
+            &format!("/v1/conversations/{conversation}/messages"),
+            &token,
+        )
+        .await;
+    assert_eq!(listed.status, 200);
+    let items = listed.body["items"].as_array().unwrap().clone();
+    let listed_first = items
+        .iter()
+        .find(|m| m["response_id"] == live["message"]["response_id"] && m["role"] == "assistant")
+        .unwrap()
+        .clone();
+    let listed_second = items
+        .iter()
+        .find(|m| m["id"] == json_mode["id"])
+        .unwrap()
+        .clone();
+
+    assert_eq!(live["message"]["content"], "one shape");
+    assert!(live["message"]["usage"]["total_tokens"].as_i64().unwrap() > 0);
+    assert_eq!(live["message"], listed_first, "live vs listing");
+    assert_eq!(replayed, live, "replayed vs live");
+    assert_eq!(rebuilt["message"], listed_first, "rebuilt vs listing");
+    assert_eq!(rebuilt["usage"], live["usage"], "rebuilt vs live usage");
+    assert_eq!(rebuilt["model"], live["model"]);
+    assert_eq!(live["usage"], live["message"]["usage"]);
+    assert_eq!(json_mode["content"], "json mode");
+    assert_eq!(json_mode, listed_second, "JSON mode vs listing");
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&json_mode), keys(&live["message"]));
+    worker.stop().await;
 }

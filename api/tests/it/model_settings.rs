@@ -112,3 +112,46 @@ async fn proxy_down_is_503() {
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.body["error"]["code"], "unavailable");
 }
+
+/// Names under a wildcard route of the proxy (`fake/*` in config/litellm.yaml) are served,
+/// though `/v1/models` does not list them one by one; unknown names still answer 422, and the
+/// route itself is not a model name.
+#[tokio::test]
+async fn names_under_a_wildcard_route_are_accepted() {
+    let app = spawn_app().await;
+    let owner = app.register(&email("owner"), "Org W").await;
+    let path = format!("/v1/orgs/{}/settings/model", owner.org_id);
+    let model = testkit::via_litellm(&testkit::unique_model("wild"));
+    assert!(model.starts_with("fake/"), "{model}");
+    let body = json!({"model": model, "fallback_model": "local-chat"});
+    let r = app
+        .call(
+            reqwest::Method::PUT,
+            &path,
+            Some(&owner.token),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(app.get(&path, &owner.token).await.body, body);
+
+    for bad in ["nonexistent-model-x", "fake/*"] {
+        let r = app
+            .call(
+                reqwest::Method::PUT,
+                &path,
+                Some(&owner.token),
+                Some(json!({"model": bad, "fallback_model": "local-chat"})),
+            )
+            .await;
+        assert_eq!(r.status, 422, "{bad}: {}", r.body);
+        assert_eq!(r.body["error"]["code"], "unknown_model");
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("model")
+        );
+    }
+    assert_eq!(app.get(&path, &owner.token).await.body, body);
+}

@@ -279,3 +279,67 @@ async fn a_response_completes_once() {
         "no restart after completion"
     );
 }
+
+#[tokio::test]
+async fn start_own_turn_writes_all_for_the_owner_and_nothing_for_anyone_else() {
+    let w = world().await;
+    let mut c = w.db.pool.acquire().await.unwrap();
+    let conv = conversations::create(&mut c, w.org, w.alice, "t", None)
+        .await
+        .unwrap();
+    let (m, r) = conversations::start_own_turn(&mut c, w.alice, conv.id, "hello")
+        .await
+        .unwrap()
+        .expect("alice's conversation");
+    assert_eq!((m.role.as_str(), m.content.as_str()), ("user", "hello"));
+    assert_eq!(m.conversation_id, conv.id);
+    assert_eq!((r.user_message_id, r.conversation_id), (m.id, conv.id));
+    assert_eq!((r.status.as_str(), r.starts), ("queued", 0));
+    // what was returned is what is stored
+    let stored = conversations::get_response_own(&mut c, w.alice, conv.id, r.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((stored.id, stored.user_message_id), (r.id, m.id));
+    assert_eq!(stored.created_at, r.created_at);
+    let recent = conversations::recent_messages(&mut c, conv.id, m.id, 5)
+        .await
+        .unwrap();
+    assert_eq!(recent.last().map(|x| (x.id, x.seq)), Some((m.id, m.seq)));
+    let updated = conversations::get_own(&mut c, w.alice, conv.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .updated_at;
+    assert!(updated >= conv.updated_at);
+
+    // bob (same org) and a missing id: nothing written
+    let count = |table: &'static str| {
+        let pool = w.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM {table}"
+            )))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (msgs, resps) = (count("messages").await, count("responses").await);
+    assert!(
+        conversations::start_own_turn(&mut c, w.bob, conv.id, "sneaky")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        conversations::start_own_turn(&mut c, w.alice, uuid::Uuid::now_v7(), "lost")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        (count("messages").await, count("responses").await),
+        (msgs, resps)
+    );
+}

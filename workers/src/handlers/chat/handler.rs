@@ -8,7 +8,7 @@ use jobs::events::ResponseEvent;
 use jobs::kinds::Chat;
 use jobs::worker::HandlerResult;
 use jobs::{JobContext, JobError};
-use serde_json::{Value, json};
+use serde_json::Value;
 use store::conversations::{self as conv, Answer, Message, Response};
 
 use super::policy::{DEFAULT_COOLDOWN, Models, RateLimitDecision, rate_limit_decision};
@@ -34,31 +34,14 @@ const INTERNAL_MESSAGE: &str = "The answer failed because of an internal error. 
 const RATE_LIMITED_MESSAGE: &str =
     "The assistant is too busy to answer right now. Please try again in a few minutes.";
 
-/// The `message` of `message.completed`: the stored assistant message.
-pub(super) fn message_json(m: &Message) -> Value {
-    json!({
-        "id": m.id,
-        "conversation_id": m.conversation_id,
-        "response_id": m.response_id,
-        "role": m.role,
-        "content": m.content,
-        "model": m.model,
-        "prompt_tokens": m.prompt_tokens,
-        "completion_tokens": m.completion_tokens,
-        "latency_ms": m.latency_ms,
-        "citations": m.citations,
-        "created_at": m.created_at,
-    })
-}
-
+/// `message.completed` for the stored answer, in the one public shape of a message
+/// (`store::public`): the same as the messages listing and the JSON-mode answer.
 fn completed_event(m: &Message) -> ResponseEvent {
+    let c = store::public::PublicMessage::from(m.clone()).completed();
     ResponseEvent::MessageCompleted {
-        message: message_json(m),
-        model: m.model.clone().unwrap_or_default(),
-        usage: json!({
-            "prompt_tokens": m.prompt_tokens,
-            "completion_tokens": m.completion_tokens,
-        }),
+        message: c.message,
+        model: c.model,
+        usage: c.usage,
     }
 }
 
@@ -161,45 +144,50 @@ impl ChatHandler {
         let models = Models::choose(org, &self.inner.chat);
         let mut turn = Turn::new(response.id, self.inner.call_limit);
 
-        // the primary
-        if let Some(left) = self.cooling_down(&models.primary).await? {
-            return self
-                .wait_for_rate_limit(ctx, &response, &models.primary, left)
-                .await;
-        }
-        let primary_error = match self
-            .call_with_tools(&mut turn, &models.primary, &mut tools)
-            .await?
-        {
-            CallOutcome::Answered(a) => return self.complete(&response, a, citations).await,
-            CallOutcome::AlreadyFinished => return self.already_finished(job).await,
-            CallOutcome::RateLimited(after) => {
-                return self
-                    .on_rate_limited(ctx, &response, &models.primary, after)
-                    .await;
-            }
-            CallOutcome::FailedAfterTokens => {
-                return self
-                    .fail(&response, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
-                    .await;
-            }
-            CallOutcome::FailedBeforeTokens(e) => e,
+        // the primary — unless an earlier attempt of this turn saw it fail before its first
+        // token and was re-queued by the fallback's rate limit: then straight to the fallback
+        let primary_failed_before = ctx.attempt > 1
+            && models.fallback.is_some()
+            && self
+                .inner
+                .primary_failures
+                .marked(response.id)
+                .await
+                .map_err(redis_error)?;
+        let primary_error = if primary_failed_before {
+            tracing::info!(primary = %models.primary, "the primary failed in an earlier attempt of this turn; using the fallback");
+            None
+        } else {
+            Some(
+                self.call_primary(
+                    ctx, job, &response, &models, &mut turn, &mut tools, &citations,
+                )
+                .await?,
+            )
+        };
+        let primary_error = match primary_error {
+            Some(Ok(e)) => Some(e),
+            Some(Err(done)) => return done,
+            None => None,
         };
 
         // the fallback, once
         let Some(fallback) = models.fallback.as_deref() else {
-            tracing::warn!(primary = %models.primary, kind = primary_error.kind(), "no fallback model; giving up");
+            tracing::warn!(primary = %models.primary, kind = primary_error.as_ref().map(llm::LlmError::kind), "no fallback model; giving up");
             return self
                 .fail(&response, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
                 .await;
         };
         if let Some(left) = self.cooling_down(fallback).await? {
+            self.remember_primary_failed(&response).await?;
             return self
                 .wait_for_rate_limit(ctx, &response, fallback, left)
                 .await;
         }
-        tracing::info!(primary = %models.primary, fallback, kind = primary_error.kind(), "falling back");
-        metrics::fallback(&models.primary, fallback);
+        if let Some(e) = &primary_error {
+            tracing::info!(primary = %models.primary, fallback, kind = e.kind(), "falling back");
+            metrics::fallback(&models.primary, fallback);
+        }
         match self
             .call_with_tools(&mut turn, fallback, &mut tools)
             .await?
@@ -207,6 +195,7 @@ impl ChatHandler {
             CallOutcome::Answered(a) => self.complete(&response, a, citations).await,
             CallOutcome::AlreadyFinished => self.already_finished(job).await,
             CallOutcome::RateLimited(after) => {
+                self.remember_primary_failed(&response).await?;
                 self.on_rate_limited(ctx, &response, fallback, after).await
             }
             CallOutcome::FailedAfterTokens => {
@@ -259,6 +248,53 @@ impl ChatHandler {
             rounds_done: u32::try_from(rounds).unwrap_or(0),
             proposed: (!proposed.is_empty()).then(|| proposal_answer(&proposed)),
         })
+    }
+
+    /// The primary's call: `Ok(Ok(error))` when it failed before its first token (fallback
+    /// eligible), `Ok(Err(result))` when the turn ends (or waits) with `result`.
+    async fn call_primary(
+        &self,
+        ctx: &JobContext,
+        job: &Chat,
+        response: &Response,
+        models: &Models,
+        turn: &mut Turn,
+        tools: &mut ToolTurn,
+        citations: &Value,
+    ) -> Result<Result<llm::LlmError, HandlerResult>, JobError> {
+        if let Some(left) = self.cooling_down(&models.primary).await? {
+            return Ok(Err(self
+                .wait_for_rate_limit(ctx, response, &models.primary, left)
+                .await));
+        }
+        Ok(
+            match self.call_with_tools(turn, &models.primary, tools).await? {
+                CallOutcome::Answered(a) => {
+                    Err(self.complete(response, a, citations.clone()).await)
+                }
+                CallOutcome::AlreadyFinished => Err(self.already_finished(job).await),
+                CallOutcome::RateLimited(after) => Err(self
+                    .on_rate_limited(ctx, response, &models.primary, after)
+                    .await),
+                CallOutcome::FailedAfterTokens => Err(self
+                    .fail(response, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
+                    .await),
+                CallOutcome::FailedBeforeTokens(e) => Ok(e),
+            },
+        )
+    }
+
+    /// The fallback is rate limited after the primary failed: the re-queued job must not call
+    /// the primary again (kept past the longest wait of the turn).
+    async fn remember_primary_failed(&self, response: &Response) -> Result<(), JobError> {
+        let ttl = Duration::from_secs(self.inner.chat.rate_limit_max_wait_secs)
+            + self.inner.call_limit
+            + Duration::from_secs(60);
+        self.inner
+            .primary_failures
+            .mark(response.id, ttl)
+            .await
+            .map_err(redis_error)
     }
 
     async fn cooling_down(&self, model: &str) -> Result<Option<Duration>, JobError> {

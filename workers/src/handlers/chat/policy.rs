@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use jobs::RedisHandle;
+use uuid::Uuid;
 
 /// Cooldown after a 429 that named no `Retry-After`.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(2);
@@ -80,6 +81,48 @@ impl Cooldowns {
             .invoke_async(&mut conn)
             .await?;
         Ok(())
+    }
+}
+
+/// Turns whose primary already failed before its first token and whose job was re-queued
+/// because the fallback was rate limited (`<prefix>:chat:primary-failed:<response_id>`, a key
+/// with a TTL). A later attempt of such a turn goes straight to the fallback: the fallback is
+/// tried "once" per turn, the primary is not called again.
+#[derive(Clone)]
+pub struct PrimaryFailures {
+    redis: Arc<RedisHandle>,
+}
+
+impl PrimaryFailures {
+    pub fn new(redis: Arc<RedisHandle>) -> Self {
+        Self { redis }
+    }
+
+    pub fn key(&self, response_id: Uuid) -> String {
+        format!("{}:chat:primary-failed:{response_id}", self.redis.prefix())
+    }
+
+    /// Remember for `ttl` that this turn's primary failed.
+    pub async fn mark(&self, response_id: Uuid, ttl: Duration) -> Result<(), redis::RedisError> {
+        let mut conn = self.redis.conn().await?;
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let _: () = redis::cmd("SET")
+            .arg(self.key(response_id))
+            .arg("1")
+            .arg("PX")
+            .arg(ms)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether an earlier attempt of this turn saw its primary fail.
+    pub async fn marked(&self, response_id: Uuid) -> Result<bool, redis::RedisError> {
+        let mut conn = self.redis.conn().await?;
+        redis::cmd("EXISTS")
+            .arg(self.key(response_id))
+            .query_async(&mut conn)
+            .await
     }
 }
 

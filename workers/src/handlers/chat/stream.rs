@@ -3,8 +3,9 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use jobs::JobError;
-use jobs::events::ResponseEvent;
+use jobs::events::{EventId, EventPublisher, EventsError, ResponseEvent};
 use llm::{ChatEvent, ChatRequest, Completion, GenerationParams, LlmError, Timeouts};
 use uuid::Uuid;
 
@@ -129,13 +130,25 @@ impl ChatHandler {
         };
         let mut completion = Completion::default();
         let mut published = false;
+        let mut tokens = TokenPublisher::new(self.inner.events.clone(), turn.response_id);
         loop {
-            let next = tokio::time::timeout_at(deadline, stream.next())
-                .await
-                .unwrap_or_else(|_| Some(Err(over_limit())));
+            let next = tokio::select! {
+                // a publish finished: send what arrived meanwhile, as one event
+                r = tokens.in_flight() => {
+                    r.map_err(events_error)?;
+                    continue;
+                }
+                next = tokio::time::timeout_at(deadline, stream.next()) => {
+                    next.unwrap_or_else(|_| Some(Err(over_limit())))
+                }
+            };
             match next {
                 None => break,
-                Some(Err(e)) => return Ok(failed(model, e, published)),
+                Some(Err(e)) => {
+                    // what the client was sent so far goes out before the turn's end event
+                    tokens.flush().await.map_err(events_error)?;
+                    return Ok(failed(model, e, published));
+                }
                 Some(Ok(event)) => {
                     if let ChatEvent::Token(text) = &event {
                         if !published {
@@ -145,19 +158,13 @@ impl ChatHandler {
                             }
                             published = true;
                         }
-                        self.inner
-                            .events
-                            .publish(
-                                turn.response_id,
-                                &ResponseEvent::Token { text: text.clone() },
-                            )
-                            .await
-                            .map_err(events_error)?;
+                        tokens.push(text);
                     }
                     completion.apply(&event);
                 }
             }
         }
+        tokens.flush().await.map_err(events_error)?;
         if completion.text.is_empty() && completion.tool_calls.is_empty() {
             return Ok(failed(model, LlmError::Empty, published));
         }
@@ -174,6 +181,76 @@ impl ChatHandler {
     }
 }
 
+type PublishFuture = BoxFuture<'static, Result<EventId, EventsError>>;
+
+/// Publishes a call's tokens without waiting on each: the first token goes out at once; the
+/// tokens that arrive while a publish is in flight are joined into ONE `token` event (their
+/// concatenation, one id), sent when it completes. No added latency for the first token, and
+/// under load one Redis call, pub/sub message and SSE write per batch instead of per token.
+struct TokenPublisher {
+    events: EventPublisher,
+    response_id: Uuid,
+    pending: String,
+    in_flight: Option<PublishFuture>,
+}
+
+impl TokenPublisher {
+    fn new(events: EventPublisher, response_id: Uuid) -> Self {
+        Self {
+            events,
+            response_id,
+            pending: String::new(),
+            in_flight: None,
+        }
+    }
+
+    fn start(&mut self, text: String) {
+        let events = self.events.clone();
+        let response_id = self.response_id;
+        self.in_flight = Some(Box::pin(async move {
+            events
+                .publish(response_id, &ResponseEvent::Token { text })
+                .await
+        }));
+    }
+
+    /// A token from the model: published now, or joined to the next batch.
+    fn push(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        if self.in_flight.is_none() {
+            self.start(text.to_owned());
+        } else {
+            self.pending.push_str(text);
+        }
+    }
+
+    /// Completes when the publish in flight does (pending forever when none is), then starts
+    /// the next batch if tokens are waiting.
+    async fn in_flight(&mut self) -> Result<(), EventsError> {
+        let Some(publish) = self.in_flight.as_mut() else {
+            return std::future::pending().await;
+        };
+        let r = publish.await;
+        self.in_flight = None;
+        r?;
+        if !self.pending.is_empty() {
+            let text = std::mem::take(&mut self.pending);
+            self.start(text);
+        }
+        Ok(())
+    }
+
+    /// Wait until everything pushed so far is published.
+    async fn flush(&mut self) -> Result<(), EventsError> {
+        while self.in_flight.is_some() {
+            self.in_flight().await?;
+        }
+        Ok(())
+    }
+}
+
 fn failed(model: &str, e: LlmError, published: bool) -> CallOutcome {
     metrics::request(model, e.kind());
     if published {
@@ -185,5 +262,56 @@ fn failed(model: &str, e: LlmError, published: bool) -> CallOutcome {
     } else {
         tracing::warn!(model, error = %e, kind = e.kind(), "the model failed before the first token");
         CallOutcome::FailedBeforeTokens(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::sync::Arc;
+
+    use jobs::RedisHandle;
+    use jobs::events::EventHub;
+
+    use super::*;
+
+    /// Tokens pushed while a publish is in flight go out as ONE event, after it; nothing is
+    /// lost or reordered (against the real Redis).
+    #[tokio::test]
+    async fn tokens_arriving_during_a_publish_are_joined_into_one_event() {
+        let redis = testkit::TestRedis::new();
+        let settings = config::Settings::load_from(None, |k| match k {
+            "REDIS_URL" => Some(redis.url.clone()),
+            "REDIS_PREFIX" => Some(redis.prefix.clone()),
+            _ => None,
+        })
+        .unwrap();
+        let handle = Arc::new(RedisHandle::new(&settings.redis).unwrap());
+        let response_id = Uuid::now_v7();
+        let mut tokens = TokenPublisher::new(
+            EventPublisher::new(handle.clone(), &settings.events),
+            response_id,
+        );
+        tokens.push("Hel"); // published at once
+        tokens.push("lo"); // these three wait for it, then go together
+        tokens.push("");
+        tokens.push(", ");
+        tokens.push("world");
+        tokens.flush().await.unwrap();
+        tokens.push("!"); // nothing in flight: published at once
+        tokens.flush().await.unwrap();
+
+        let events = EventHub::new(handle)
+            .replay(response_id, None)
+            .await
+            .unwrap();
+        let texts: Vec<String> = events
+            .into_iter()
+            .map(|e| match e.event {
+                ResponseEvent::Token { text } => text,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(texts, ["Hel", "lo, world", "!"]);
     }
 }
