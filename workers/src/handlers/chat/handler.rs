@@ -160,7 +160,12 @@ impl ChatHandler {
         } else {
             Some(
                 self.call_primary(
-                    ctx, job, &response, &models, &mut turn, &mut tools, &citations,
+                    ctx,
+                    job,
+                    &response,
+                    &models,
+                    (&mut turn, &mut tools),
+                    &citations,
                 )
                 .await?,
             )
@@ -258,8 +263,7 @@ impl ChatHandler {
         job: &Chat,
         response: &Response,
         models: &Models,
-        turn: &mut Turn,
-        tools: &mut ToolTurn,
+        (turn, tools): (&mut Turn, &mut ToolTurn),
         citations: &Value,
     ) -> Result<Result<llm::LlmError, HandlerResult>, JobError> {
         if let Some(left) = self.cooling_down(&models.primary).await? {
