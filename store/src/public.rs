@@ -129,6 +129,7 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "citations",
                 "content",
                 "created_at",
                 "id",

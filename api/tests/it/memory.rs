@@ -188,6 +188,39 @@ async fn no_user_endpoint_returns_memory_or_summary_text() {
         .as_str()
         .unwrap()
         .to_owned();
+    let document = app
+        .post(
+            &format!("/v1/projects/{project_id}/documents"),
+            &owner.token,
+            json!({"title": "Doc", "content": "document text", "content_type": "text/plain"}),
+        )
+        .await;
+    assert_eq!(document.status, 202, "{}", document.body);
+    let document_id = document.body["id"].as_str().unwrap().to_owned();
+    let action = {
+        let mut c = app.db.pool.acquire().await.unwrap();
+        let args = json!({"project_id": project_id, "title": "Proposed"});
+        store::actions::insert_proposal(
+            &mut c,
+            &store::actions::NewProposal {
+                org_id: org,
+                conversation_id: conversation.parse().unwrap(),
+                user_id: user,
+                response_id: response_id.parse().unwrap(),
+                tool_call_id: "call_1",
+                tool: "create_task",
+                arguments: &args,
+                summary: "Create the task Proposed",
+                before: None,
+                after: &args,
+                expires_at: chrono::Utc::now() + chrono::Duration::hours(1),
+            },
+        )
+        .await
+        .unwrap()
+        .0
+        .id
+    };
     // every user GET endpoint of the OpenAPI document, with this user's ids filled in
     let covered: Vec<(&str, String)> = vec![
         ("/v1/me", "/v1/me".to_owned()),
@@ -216,6 +249,12 @@ async fn no_user_endpoint_returns_memory_or_summary_text() {
             format!("/v1/orgs/{org}/members"),
         ),
         ("/v1/orgs/{org_id}/teams", format!("/v1/orgs/{org}/teams")),
+        ("/v1/documents/{id}", format!("/v1/documents/{document_id}")),
+        (
+            "/v1/conversations/{id}/actions",
+            format!("/v1/conversations/{conversation}/actions"),
+        ),
+        ("/v1/actions/{id}", format!("/v1/actions/{action}")),
     ];
     let doc: serde_json::Value = app
         .http
