@@ -1098,3 +1098,92 @@ async fn the_scheduler_process_expires_pending_proposals() {
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
 }
+
+#[tokio::test]
+async fn search_knowledge_finds_indexed_documents_the_user_may_see_and_nothing_else() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let embed = via_litellm(&unique_model("embed"));
+    let settings = test_settings(&db, &redis, &[("EMBEDDING_MODEL", embed.as_str())]);
+    let w = world(&db).await;
+    let visible_marker = format!("orbit{}", Uuid::new_v4().simple());
+    let hidden_marker = format!("vault{}", Uuid::new_v4().simple());
+    {
+        let mut c = db.pool.acquire().await.unwrap();
+        let seen = testkit::retrieval::document(&mut c, w.org, w.open, "Flight plan").await;
+        let secret = testkit::retrieval::document(&mut c, w.org, w.hidden, "Vault").await;
+        testkit::retrieval::insert(
+            &mut c,
+            &[
+                testkit::retrieval::project_chunk(
+                    w.org,
+                    w.open,
+                    "document",
+                    seen,
+                    "Flight plan",
+                    &format!("the {visible_marker} procedure"),
+                    "flight procedure",
+                    &embed,
+                    384,
+                ),
+                testkit::retrieval::project_chunk(
+                    w.org,
+                    w.hidden,
+                    "document",
+                    secret,
+                    "Vault",
+                    &format!("the {hidden_marker} procedure"),
+                    "flight procedure",
+                    &embed,
+                    384,
+                ),
+            ],
+        )
+        .await;
+    }
+    script(
+        &w,
+        vec![
+            Behaviour::ToolCalls {
+                calls: vec![call(
+                    "s1",
+                    "search_knowledge",
+                    json!({"query": "flight procedure"}),
+                )],
+            },
+            Behaviour::reply("Found it."),
+        ],
+    )
+    .await;
+    let job = turn(&db, &w, "what is the flight procedure?").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+
+    let reqs = requests(&w).await;
+    assert_eq!(reqs.len(), 2, "one tool round, then the answer");
+    let results = tool_results(&reqs[1]);
+    let hits = results["s1"]["results"].as_array().unwrap();
+    assert!(
+        hits.iter()
+            .any(|h| h["kind"] == "document"
+                && h["snippet"].as_str().unwrap().contains(&visible_marker)),
+        "the visible document is found through the retrieval index: {hits:?}"
+    );
+    let all = reqs[1]["messages"].to_string();
+    assert!(
+        !all.contains(&hidden_marker),
+        "a document of a hidden project leaked: {all}"
+    );
+    // the query was embedded (vector search), not only matched by full text
+    let embedded = FakeClient::shared()
+        .requests(embed.strip_prefix("fake/").unwrap())
+        .await
+        .unwrap();
+    assert!(
+        embedded
+            .iter()
+            .any(|r| r.body.to_string().contains("flight procedure")),
+        "the search_knowledge query went to the embedder"
+    );
+}

@@ -36,7 +36,7 @@ pub fn describe() {
 }
 
 /// The longest query text embedded / searched (a user message is size-limited anyway).
-const MAX_QUERY_CHARS: usize = 4000;
+pub(super) const MAX_QUERY_CHARS: usize = 4000;
 /// A chunk cut to fit the budget keeps at least this many estimated tokens, or is left out.
 const MIN_PIECE_TOKENS: usize = 32;
 
@@ -217,7 +217,7 @@ impl ChatHandler {
 
     /// The query's embedding, or `None` (logged, counted) when the embedder fails, times out
     /// or answers with the wrong dimension.
-    async fn embed_query(&self, model: &str, text: &str) -> Option<pgvector::Vector> {
+    pub(super) async fn embed_query(&self, model: &str, text: &str) -> Option<pgvector::Vector> {
         let limit = Duration::from_millis(self.inner.retrieval.embed_timeout_ms);
         let input = [text.to_owned()];
         let outcome = tokio::time::timeout(limit, self.inner.llm.embed(model, &input)).await;

@@ -220,6 +220,24 @@ impl ChatHandler {
         let round = tt.rounds_done + 1;
         let round_i32 = i32::try_from(round).unwrap_or(i32::MAX);
         let ctx = tt.ctx;
+        // search_knowledge queries are embedded before the round's transaction (a model call
+        // must not hold a database transaction open)
+        let mut query_embeddings = std::collections::HashMap::new();
+        for (i, call) in a.tool_calls.iter().enumerate() {
+            if let Ok((def, args)) = tools::parse_call(&call.name, &call.arguments)
+                && def.name == "search_knowledge"
+                && let Some(q) = args.get("query").and_then(serde_json::Value::as_str)
+            {
+                let text: String = q.chars().take(super::retrieval::MAX_QUERY_CHARS).collect();
+                let v = self.embed_query(&self.inner.embedding.model, &text).await;
+                query_embeddings.insert(i, v);
+            }
+        }
+        let tuning = store::retrieval::Tuning {
+            candidates: self.inner.retrieval.candidates,
+            ef_search: self.inner.retrieval.ef_search,
+            max_scan_tuples: self.inner.retrieval.max_scan_tuples,
+        };
         let mut tx = self.inner.db.begin().await.map_err(db_error)?;
         let mut calls = Vec::with_capacity(a.tool_calls.len());
         let mut results: Vec<(String, String)> = Vec::with_capacity(a.tool_calls.len());
@@ -249,7 +267,13 @@ impl ChatHandler {
                 }
                 Ok((def, args)) => match def.kind {
                     ToolKind::Read => {
-                        match tools::run_read(&mut tx, &ctx, def.name, &args)
+                        let knowledge = tools::search::Knowledge {
+                            embedding: query_embeddings.get(&i).and_then(Option::as_ref),
+                            model: &self.inner.embedding.model,
+                            dim: self.inner.embedding.dim,
+                            tuning,
+                        };
+                        match tools::run_read(&mut tx, &ctx, &knowledge, def.name, &args)
                             .await
                             .map_err(db_error)?
                         {

@@ -12,7 +12,7 @@
 //! invalid ones go back to the model as a tool error and nothing runs.
 
 pub mod schema;
-mod search;
+pub mod search;
 
 /// Tool and proposal metrics (bounded labels: tool names of the registry, fixed outcomes).
 pub mod metrics {
@@ -285,6 +285,7 @@ fn task_json(t: &store::tasks::Task) -> Value {
 pub async fn run_read(
     conn: &mut PgConnection,
     ctx: &ToolCtx,
+    knowledge: &search::Knowledge<'_>,
     name: &str,
     args: &Value,
 ) -> Result<Result<Value, ToolError>, Internal> {
@@ -319,7 +320,7 @@ pub async fn run_read(
         },
         "search_knowledge" => {
             let query = args.get("query").and_then(Value::as_str).unwrap_or("");
-            Ok(search::search_knowledge(conn, ctx, query).await?)
+            Ok(search::search_knowledge(conn, ctx, knowledge, query).await?)
         }
         other => Err(ToolError(format!("{other} is not a read tool"))),
     })
