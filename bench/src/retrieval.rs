@@ -16,8 +16,10 @@
 //!      rank fusion, top 10), latency.
 //! 3. `--explain`: `EXPLAIN (ANALYZE, BUFFERS)` of the 1 % user's vector query.
 //!
-//! Indexing throughput (chunking + embedding + upsert) is the indexer's `bench index`; this
-//! command prints the bulk-load rate and the index build time only (see [`INDEXING_HOOK`]).
+//! Indexing throughput (chunking + embedding + upsert through the real `index` pass, with the
+//! zero-latency fake embedder) is measured first by the indexer's `bench index`
+//! (`--index-chunks`, 0 to skip), in its own scratch database; this command's own load is a bulk
+//! COPY (its rate and the HNSW build time are printed too).
 //!
 //! The last line is `retrieval: chunks=N p95_ms=X recall_at_10=R (1% visible)`, with X the
 //! p95 of the 1 %-visible user's hybrid search (what a turn pays) and R its ANN recall@10.
@@ -34,10 +36,6 @@ use uuid::Uuid;
 
 use crate::scratch::ScratchDb;
 use crate::stats::Samples;
-
-/// Where the indexing figures of `bench index` (the indexer's command) join this report once
-/// both live on main: call it from [`run`] after the load, with the same scratch database.
-pub const INDEXING_HOOK: &str = "indexing throughput: see `bench index`";
 
 const MODEL: &str = "bench-embed";
 const VOCABULARY: usize = 5_000;
@@ -74,6 +72,9 @@ pub struct RetrievalArgs {
     /// Seed of the generated data and queries.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Sources for the indexing-throughput pass run first (`bench index`); 0 skips it.
+    #[arg(long, default_value_t = 2_000)]
+    index_chunks: usize,
 }
 
 pub async fn bench_retrieval(
@@ -85,6 +86,9 @@ pub async fn bench_retrieval(
         args.chunks > 0 && args.clusters > 0 && args.queries > 0,
         "counts must be positive"
     );
+    if args.index_chunks > 0 {
+        crate::index::bench_index(settings.clone(), args.index_chunks).await?;
+    }
     let db = ScratchDb::create(&settings.database.url).await?;
     #[allow(clippy::print_stdout)]
     {
@@ -329,7 +333,6 @@ async fn run(db: &ScratchDb, args: &RetrievalArgs) -> anyhow::Result<()> {
         args.chunks as f64 / load_s,
         args.dim
     );
-    println!("retrieval: {INDEXING_HOOK}");
     let started = Instant::now();
     pool.execute("ANALYZE").await?;
     {
