@@ -52,6 +52,15 @@ async fn project(db: &TestDb, name: &str) {
     tx.commit().await.unwrap();
 }
 
+/// source_id, owner_user_id, project_id, title, content
+type MessageChunk = (
+    uuid::Uuid,
+    Option<uuid::Uuid>,
+    Option<uuid::Uuid>,
+    String,
+    String,
+);
+
 async fn chunks(db: &TestDb) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM embeddings")
         .fetch_one(&db.pool)
@@ -118,4 +127,75 @@ async fn an_enqueued_index_job_is_handled_by_the_worker_binary() {
         &["--queues", "index", "--until-empty", "--timeout-secs", "60"],
     );
     assert_eq!(chunks(&db).await, 1);
+}
+
+#[tokio::test]
+async fn user_and_assistant_messages_are_indexed_for_their_owner_only() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let model = unique_model("embed");
+    let embedding_model = via_litellm(&model);
+    let settings = testkit::test_settings(&db, &redis, &[("EMBEDDING_MODEL", &embedding_model)]);
+    let mut tx = db.pool.begin().await.unwrap();
+    let org = store::tenancy::insert_org(&mut tx, "o").await.unwrap().id;
+    let user = store::tenancy::insert_user(&mut tx, "talker@x.io", "u", "h")
+        .await
+        .unwrap()
+        .id;
+    store::tenancy::insert_membership(&mut tx, org, user, store::Role::Member)
+        .await
+        .unwrap();
+    let conv = store::conversations::create(&mut tx, org, user, "Launch talk", None)
+        .await
+        .unwrap();
+    let (question, response) =
+        store::conversations::start_turn(&mut tx, conv.id, "when is launch?")
+            .await
+            .unwrap();
+    let answer = store::conversations::Answer {
+        content: "launch is on friday",
+        model: "m",
+        prompt_tokens: None,
+        completion_tokens: None,
+        latency_ms: 1,
+        citations: serde_json::json!([]),
+    };
+    let (reply, stored) = store::conversations::complete(&mut tx, &response, &answer)
+        .await
+        .unwrap();
+    assert!(stored);
+    tx.commit().await.unwrap();
+
+    let indexer = workers::handlers::index::Indexer::new(db.pool.clone(), &settings).unwrap();
+    let r = indexer.run_pass(false).await.unwrap();
+    assert_eq!((r.sources, r.chunks_embedded), (2, 2), "{r:?}");
+    let rows: Vec<MessageChunk> = sqlx::query_as(
+        "SELECT source_id, owner_user_id, project_id, title, content FROM embeddings
+             WHERE source_kind = 'message' ORDER BY content DESC",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].0, question.id);
+    assert_eq!(rows[1].0, reply.id);
+    for (_, owner, project, title, _) in &rows {
+        assert_eq!(*owner, Some(user));
+        assert_eq!(*project, None);
+        assert!(title.starts_with("Launch talk ("), "{title}");
+    }
+    assert_eq!(rows[0].4, "when is launch?");
+    assert_eq!(rows[1].4, "launch is on friday");
+    // a redelivered completion stores nothing new and queues nothing
+    let mut tx = db.pool.begin().await.unwrap();
+    let (_, stored) = store::conversations::complete(&mut tx, &response, &answer)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(!stored);
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM index_outbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0);
 }
