@@ -799,3 +799,49 @@ async fn a_failing_embedder_is_retried_through_the_bus_then_the_document_fails()
     let r = indexer(&app).run_pass(false).await.unwrap();
     assert_eq!(r.sources, 1);
 }
+
+#[tokio::test]
+async fn content_the_embedder_rejects_fails_its_document_without_failing_the_run() {
+    let (app, model) = app_with(&[]).await;
+    let owner = app.register(&email("docs-reject"), "Reject Org").await;
+    let pid = project(&app, &owner, "org").await;
+    let r = upload(
+        &app,
+        &owner.token,
+        &pid,
+        &[("file", Some("a.txt"), Some("text/plain"), b"rejected words")],
+    )
+    .await;
+    let doc = r.body["id"].as_str().unwrap().to_owned();
+    // the batch request (document + project) is rejected, then each source on its own (in
+    // kind order: the document first): the document is rejected again, the project passes
+    FakeClient::shared()
+        .script(
+            &model,
+            vec![
+                Behaviour::status(400),
+                Behaviour::status(400),
+                Behaviour::reply("ok"),
+            ],
+        )
+        .await
+        .unwrap();
+    let r = indexer(&app).run_pass(true).await.unwrap();
+    assert_eq!(r.documents_failed, 1, "{r:?}");
+    assert_eq!(r.chunks_embedded, 1, "{r:?}");
+    assert_eq!(
+        FakeClient::shared().requests(&model).await.unwrap().len(),
+        3
+    );
+    let g = app.get(&format!("/v1/documents/{doc}"), &owner.token).await;
+    assert_eq!(g.body["status"], "failed", "{}", g.body);
+    assert!(
+        g.body["failure_reason"]
+            .as_str()
+            .unwrap()
+            .contains("rejected")
+    );
+    assert!(chunks_of(&app, &doc).await.is_empty());
+    assert_eq!(chunks_of(&app, &pid).await.len(), 1);
+    assert_eq!(app.count("index_outbox").await, 0);
+}
