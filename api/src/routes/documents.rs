@@ -70,8 +70,8 @@ struct UploadMeta {
 #[derive(Multipart)]
 pub struct DocumentUpload {
     /// The file: text/plain, text/markdown, text/html or application/pdf (the part's type, or
-    /// else the file name's extension, decides).
-    file: Upload,
+    /// else the file name's extension, decides). Required.
+    file: Option<Upload>,
     /// JSON `{title?, visible_to_user_ids?, visible_to_team_ids?}`.
     meta: Option<String>,
 }
@@ -206,8 +206,11 @@ impl Incoming {
             Some(raw) => crate::body::parse(raw.as_bytes())
                 .map_err(|e| ApiError::invalid(format!("meta: {e}")))?,
         };
-        let declared = m.file.content_type().map(str::to_owned);
-        let file_name = m.file.file_name().map(str::to_owned);
+        let file = m
+            .file
+            .ok_or_else(|| ApiError::invalid("file: a part named `file` is required"))?;
+        let declared = file.content_type().map(str::to_owned);
+        let file_name = file.file_name().map(str::to_owned);
         let by_type = declared
             .as_deref()
             .and_then(extract::normalize_content_type);
@@ -239,7 +242,7 @@ impl Incoming {
                 }
             }
         };
-        let bytes = m.file.into_vec().await.map_err(ApiError::internal)?;
+        let bytes = file.into_vec().await.map_err(ApiError::internal)?;
         Ok(Self {
             title,
             content_type,

@@ -419,6 +419,23 @@ async fn bad_uploads_are_refused_with_the_contract_status() {
     )
     .await;
     assert_eq!(r.status, 422);
+    // no file part
+    let r = upload(
+        &app,
+        &owner.token,
+        &pid,
+        &[("meta", None, None, br#"{"title": "x"}"#)],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("file"),
+        "{}",
+        r.body
+    );
     // a bad meta part names its field
     let r = upload(
         &app,
