@@ -862,3 +862,25 @@ async fn content_the_embedder_rejects_fails_its_document_without_failing_the_run
     assert_eq!(chunks_of(&app, &pid).await.len(), 1);
     assert_eq!(app.count("index_outbox").await, 0);
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_document_endpoints() {
+    let (app, _) = app_with(&[]).await;
+    let doc: Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let upload = &doc["paths"]["/v1/projects/{id}/documents"]["post"];
+    let content = upload["requestBody"]["content"].as_object().unwrap();
+    assert!(content.contains_key("application/json"), "{content:?}");
+    assert!(content.contains_key("multipart/form-data"), "{content:?}");
+    assert!(upload["responses"]["202"].is_object());
+    let item = &doc["paths"]["/v1/documents/{id}"];
+    assert!(item["get"]["responses"]["200"].is_object());
+    assert!(item["delete"]["responses"]["204"].is_object());
+}

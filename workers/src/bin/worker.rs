@@ -153,7 +153,20 @@ async fn index_now(settings: config::Settings, all: bool) -> ExitCode {
         }
     }
     println!("index: model={} running one pass", indexer.model());
-    match workers::handlers::index::run_now(&indexer).await {
+    let mut batch = 0u64;
+    let progress = |b: &workers::handlers::index::PassReport| {
+        batch += 1;
+        println!(
+            "index: batch={batch} sources={} chunks_embedded={} chunks_skipped={} chunks_deleted={} embed_ms={} write_ms={}",
+            b.sources,
+            b.chunks_embedded,
+            b.chunks_skipped,
+            b.chunks_deleted,
+            b.embed_ms,
+            b.write_ms
+        );
+    };
+    match workers::handlers::index::run_now(&indexer, progress).await {
         Ok((r, took)) => {
             let secs = took.as_secs_f64().max(1e-9);
             println!(

@@ -79,6 +79,10 @@ async fn index_now_runs_a_pass_inline_and_prints_its_figures() {
     let last = text.lines().last().unwrap_or_default();
     assert!(last.starts_with("index: batches=1 sources=1 "), "{text}");
     assert!(
+        text.contains("index: batch=1 sources=1 chunks_embedded=1 "),
+        "{text}"
+    );
+    assert!(
         last.contains("chunks_embedded=1 chunks_skipped=0"),
         "{text}"
     );

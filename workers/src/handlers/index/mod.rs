@@ -200,6 +200,15 @@ impl Indexer {
     /// fails). `last_attempt`: an embedder failure worth retrying marks documents failed
     /// instead of failing the run.
     pub async fn run_pass(&self, last_attempt: bool) -> Result<PassReport, IndexError> {
+        self.run_pass_with(last_attempt, |_| {}).await
+    }
+
+    /// [`Indexer::run_pass`], calling `on_batch` with each committed batch's figures.
+    pub async fn run_pass_with(
+        &self,
+        last_attempt: bool,
+        mut on_batch: impl FnMut(&PassReport),
+    ) -> Result<PassReport, IndexError> {
         let mut total = PassReport::default();
         loop {
             let (report, stop) = match self.run_batch(last_attempt).await {
@@ -211,6 +220,7 @@ impl Indexer {
                 }
             };
             total.add(&report);
+            on_batch(&report);
             if stop || report.outbox_rows == 0 {
                 break;
             }
@@ -471,10 +481,13 @@ fn describe_metrics() {
     );
 }
 
-/// Run one pass inline and report it (`worker index --now`).
-pub async fn run_now(indexer: &Indexer) -> Result<(PassReport, Duration), IndexError> {
+/// Run one pass inline and report it (`worker index --now`); `on_batch` sees each batch.
+pub async fn run_now(
+    indexer: &Indexer,
+    on_batch: impl FnMut(&PassReport),
+) -> Result<(PassReport, Duration), IndexError> {
     let started = Instant::now();
-    let r = indexer.run_pass(false).await?;
+    let r = indexer.run_pass_with(false, on_batch).await?;
     Ok((r, started.elapsed()))
 }
 
