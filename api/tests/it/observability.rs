@@ -105,17 +105,10 @@ async fn a_turns_request_id_is_in_the_workers_log_records_and_its_series_in_metr
             .any(|r| span(r, "job").unwrap()["kind"] == "chat")
     );
 
-    // The series a turn leaves, with bounded labels.
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let has = |name: &str, labels: &[(&str, &str)]| {
+    // The series a turn leaves, with bounded labels. The client has its answer once it is
+    // stored and published; the worker acknowledges the job a moment later (after enqueueing
+    // the turn's follow-ups), so wait for the completion to be counted.
+    let has_in = |text: &str, name: &str, labels: &[(&str, &str)]| {
         text.lines().any(|l| {
             l.starts_with(&format!("{name}{{"))
                 && labels
@@ -123,6 +116,28 @@ async fn a_turns_request_id_is_in_the_workers_log_records_and_its_series_in_metr
                     .all(|(k, v)| l.contains(&format!(r#"{k}="{v}""#)))
         })
     };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let text = loop {
+        let text = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if has_in(
+            &text,
+            "bus_jobs_completed_total",
+            &[("queue", "chat"), ("kind", "chat")],
+        ) || tokio::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let has = |name: &str, labels: &[(&str, &str)]| has_in(&text, name, labels);
     assert!(
         has(
             "http_requests_total",
