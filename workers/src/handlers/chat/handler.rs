@@ -120,15 +120,17 @@ impl ChatHandler {
                 "the user message of this turn is not in its conversation",
             ));
         }
-        let question = recent
-            .last()
-            .map(|m| m.content.as_str())
-            .unwrap_or_default();
-        // Retrieval and memory are independent reads (each embeds the question only when it has
-        // something to rank): run them together.
+        // Retrieval and memory are independent reads; the question is embedded once, and only
+        // if one of them has something to rank.
+        let question = super::retrieval::Question::new(
+            recent
+                .last()
+                .map(|m| m.content.as_str())
+                .unwrap_or_default(),
+        );
         let (retrieved, memory) = tokio::join!(
-            self.retrieve(job, &recent),
-            self.memory_context(job, question)
+            self.retrieve(job, &recent, &question),
+            self.memory_context(job, &question)
         );
         let (retrieved, memory) = (retrieved?, memory?);
         let citations = retrieved.citations();

@@ -7,8 +7,6 @@
 //! user's own. Relevance: the user's message is embedded (`EMBEDDING_MODEL`) and entries are
 //! ranked by cosine distance; when embedding fails they are ranked by recency.
 
-use std::time::Duration;
-
 use jobs::JobError;
 use jobs::kinds::{Chat, Remember, Summarize};
 use uuid::Uuid;
@@ -19,10 +17,6 @@ pub const FOLLOW_UP_FAILURES: &str = "chat_follow_up_enqueue_failures_total";
 
 /// Entries read per prompt before the budget is applied.
 const CANDIDATES: i64 = 200;
-/// The question is embedded from at most this many characters.
-const QUESTION_MAX_CHARS: usize = 2000;
-/// How long the query embedding may take before the turn ranks by recency instead.
-const EMBED_LIMIT: Duration = Duration::from_secs(10);
 
 /// What memory adds to one prompt.
 #[derive(Debug, Default)]
@@ -61,7 +55,7 @@ impl ChatHandler {
     pub(super) async fn memory_context(
         &self,
         job: &Chat,
-        question: &str,
+        question: &super::retrieval::Question,
     ) -> Result<MemoryContext, JobError> {
         let inner = &self.inner;
         let mut conn = inner.db.acquire().await.map_err(db_error)?;
@@ -82,31 +76,13 @@ impl ChatHandler {
         }
         drop(conn);
         let model = inner.embedding.model.as_str();
-        let question = crate::handlers::memory::truncate_chars(question, QUESTION_MAX_CHARS);
-        let query =
-            match tokio::time::timeout(EMBED_LIMIT, inner.llm.embed(model, &[question.to_owned()]))
-                .await
-            {
-                Ok(Ok(mut v)) if v.len() == 1 => v.pop(),
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => {
-                    tracing::warn!(
-                        kind = e.kind(),
-                        "embedding the question failed; memories by recency"
-                    );
-                    None
-                }
-                Err(_) => {
-                    tracing::warn!("embedding the question timed out; memories by recency");
-                    None
-                }
-            };
+        let query = self.question_embedding(question).await;
         let mut conn = inner.db.acquire().await.map_err(db_error)?;
         let entries = store::memory::for_prompt(
             &mut conn,
             job.user_id,
             job.conversation_id,
-            query.as_deref().map(|v| (model, v)),
+            query.map(|v| (model, v.as_slice())),
             CANDIDATES,
         )
         .await

@@ -37,6 +37,26 @@ pub fn describe() {
 
 /// The longest query text embedded / searched (a user message is size-limited anyway).
 pub(super) const MAX_QUERY_CHARS: usize = 4000;
+
+/// The turn's question, embedded at most once and only when a step needs it: retrieval and
+/// memory share it (they run concurrently; the first to ask embeds, the other waits).
+pub(super) struct Question {
+    text: String,
+    embedding: tokio::sync::OnceCell<Option<pgvector::Vector>>,
+}
+
+impl Question {
+    pub(super) fn new(text: &str) -> Self {
+        Self {
+            text: text.chars().take(MAX_QUERY_CHARS).collect(),
+            embedding: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    pub(super) fn text(&self) -> &str {
+        &self.text
+    }
+}
 /// A chunk cut to fit the budget keeps at least this many estimated tokens, or is left out.
 const MIN_PIECE_TOKENS: usize = 32;
 
@@ -147,13 +167,11 @@ impl ChatHandler {
         &self,
         job: &Chat,
         recent: &[Message],
+        question: &Question,
     ) -> Result<Retrieved, JobError> {
         let settings = &self.inner.retrieval;
         let model = &self.inner.embedding.model;
-        let Some(question) = recent.last() else {
-            return Ok(Retrieved::default());
-        };
-        if settings.top_k == 0 {
+        if recent.is_empty() || settings.top_k == 0 {
             return Ok(Retrieved::default());
         }
         let started = Instant::now();
@@ -170,8 +188,8 @@ impl ChatHandler {
             return Ok(Retrieved::default());
         }
         drop(conn);
-        let text: String = question.content.chars().take(MAX_QUERY_CHARS).collect();
-        let embedding = self.embed_query(model, &text).await;
+        let text = question.text();
+        let embedding = self.question_embedding(question).await;
         let exclude: Vec<uuid::Uuid> = recent.iter().map(|m| m.id).collect();
         let mut conn = db
             .acquire()
@@ -183,8 +201,8 @@ impl ChatHandler {
                 org_id: job.org_id,
                 user_id: job.user_id,
                 conversation_id: job.conversation_id,
-                embedding: embedding.as_ref(),
-                text: &text,
+                embedding,
+                text,
                 model,
                 dim: self.inner.embedding.dim,
                 k: settings.top_k,
@@ -217,6 +235,18 @@ impl ChatHandler {
 
     /// The query's embedding, or `None` (logged, counted) when the embedder fails, times out
     /// or answers with the wrong dimension.
+    /// The embedding of the turn's question, computed on the first call only.
+    pub(super) async fn question_embedding<'q>(
+        &self,
+        question: &'q Question,
+    ) -> Option<&'q pgvector::Vector> {
+        question
+            .embedding
+            .get_or_init(|| self.embed_query(&self.inner.embedding.model, &question.text))
+            .await
+            .as_ref()
+    }
+
     pub(super) async fn embed_query(&self, model: &str, text: &str) -> Option<pgvector::Vector> {
         let limit = Duration::from_millis(self.inner.retrieval.embed_timeout_ms);
         let input = [text.to_owned()];
@@ -242,7 +272,7 @@ impl ChatHandler {
         tracing::warn!(
             model,
             failure,
-            "the query embedding failed; retrieving by full text only"
+            "the query embedding failed; retrieval by full text only, memories by recency"
         );
         metrics::counter!(EMBED_FAILURES).increment(1);
         None
