@@ -119,6 +119,19 @@ pg_as() {
   fi
 }
 
+# shared_buffers: SB_PG_SHARED_BUFFERS, else a quarter of the RAM (PostgreSQL's usual advice)
+# between 256MB and 8GB, so that an index of a million chunks (~5 GB with its table) is served
+# from PostgreSQL's own cache; effective_cache_size three quarters of the RAM.
+pg_memory_conf() {
+  local kb; kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null || echo 1048576)
+  local mb=$(( kb / 1024 / 4 ))
+  [ "$mb" -lt 256 ] && mb=256
+  [ "$mb" -gt 8192 ] && mb=8192
+  echo "shared_buffers = ${SB_PG_SHARED_BUFFERS:-${mb}MB}"
+  echo "effective_cache_size = $(( kb / 1024 * 3 / 4 ))MB"
+  echo "maintenance_work_mem = 512MB"
+}
+
 pg_ready() { "$(pg_home)/bin/pg_isready" -q -h 127.0.0.1 -p "$SB_PG_PORT" 2>/dev/null; }
 
 pg_up() {
@@ -137,11 +150,27 @@ listen_addresses = '127.0.0.1'
 port = $SB_PG_PORT
 unix_socket_directories = '$data'
 max_connections = 300
-shared_buffers = 256MB
+include_if_exists = 'switchboard.conf'
 fsync = off
 synchronous_commit = off
 full_page_writes = off
 EOF
+  fi
+  # Memory settings, rewritten on every `up` (older data directories set shared_buffers in
+  # postgresql.conf itself: that line is dropped so this file decides). A running server whose
+  # settings changed is restarted.
+  sed -i '/^shared_buffers = /d' "$data/postgresql.conf"
+  grep -q "^include_if_exists = 'switchboard.conf'" "$data/postgresql.conf" \
+    || echo "include_if_exists = 'switchboard.conf'" >> "$data/postgresql.conf"
+  local conf; conf=$(pg_memory_conf)
+  if [ "$(cat "$data/switchboard.conf" 2>/dev/null)" != "$conf" ]; then
+    printf '%s\n' "$conf" > "$data/switchboard.conf"
+    [ "$(id -u)" = 0 ] && chown postgres: "$data/switchboard.conf"
+    if pg_ready; then
+      log "PostgreSQL memory settings changed: restarting it"
+      pg_as "$home/bin/pg_ctl" -D "$data" -l "$SB_LOGS/postgres.log" -m fast -w -t 60 restart >/dev/null \
+        || { tail "$SB_LOGS/postgres.log" >&2; die "PostgreSQL did not restart"; }
+    fi
   fi
   if ! pg_ready; then
     log "starting PostgreSQL 16 + pgvector on 127.0.0.1:$SB_PG_PORT"
