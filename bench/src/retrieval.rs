@@ -31,7 +31,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool};
-use store::retrieval::{self, Query, Tuning};
+use store::retrieval::{self, Nearest, Query, Tuning};
 use uuid::Uuid;
 
 use crate::scratch::ScratchDb;
@@ -48,6 +48,11 @@ pub struct RetrievalArgs {
     /// Projects they are spread over (the 1 % user is a member of projects/100 of them).
     #[arg(long, default_value_t = 1_000)]
     projects: usize,
+    /// Chunks per source (document): a source's chunks are written together, as the indexer
+    /// writes each source's chunks in one batch, so they share heap pages; 1 scatters every
+    /// chunk (the worst case for reading one user's visible rows).
+    #[arg(long, default_value_t = 8)]
+    chunks_per_source: usize,
     /// Vector clusters (topics).
     #[arg(long, default_value_t = 100)]
     clusters: usize,
@@ -75,6 +80,13 @@ pub struct RetrievalArgs {
     /// Sources for the indexing-throughput pass run first (`bench index`); 0 skips it.
     #[arg(long, default_value_t = 2_000)]
     index_chunks: usize,
+    /// RETRIEVAL_EXACT_MAX_ROWS: a user seeing at most this many chunks is searched exactly.
+    #[arg(long, default_value_t = 20_000)]
+    exact_max_rows: u32,
+    /// Query a database kept by an earlier `--keep` run (same `--seed`, `--clusters`, `--dim`)
+    /// instead of loading a new one: no load, no index build. Kept afterwards.
+    #[arg(long, value_name = "DATABASE")]
+    reuse: Option<String>,
 }
 
 pub async fn bench_retrieval(
@@ -86,6 +98,14 @@ pub async fn bench_retrieval(
         args.chunks > 0 && args.clusters > 0 && args.queries > 0,
         "counts must be positive"
     );
+    if let Some(name) = &args.reuse {
+        let db = ScratchDb::existing(&settings.database.url, name)?;
+        #[allow(clippy::print_stdout)]
+        {
+            println!("retrieval: reusing the kept database {}", db.name);
+        }
+        return run(&db, &args).await;
+    }
     if args.index_chunks > 0 {
         crate::index::bench_index(settings.clone(), args.index_chunks).await?;
     }
@@ -249,20 +269,25 @@ async fn load(
         .await?;
     let nobody = Uuid::new_v4();
     let mut buf = String::with_capacity(8 << 20);
+    let per_source = args.chunks_per_source.max(1);
+    let (mut project, mut allowed, mut source) = (projects[0], String::new(), Uuid::nil());
     for i in 0..args.chunks {
-        let project = projects[rng.random_range(0..projects.len())];
-        let allowed = if rng.random_ratio(2, 100) {
-            format!("{{{nobody}}}")
-        } else {
-            "{}".to_owned()
-        };
+        if i % per_source == 0 {
+            project = projects[rng.random_range(0..projects.len())];
+            allowed = if rng.random_ratio(2, 100) {
+                format!("{{{nobody}}}")
+            } else {
+                "{}".to_owned()
+            };
+            source = Uuid::now_v7();
+        }
         let text = words(rng, 24);
         let v = vectors.sample(rng);
         write!(
             buf,
-            "{}\t{org}\ttask\t{}\t0\t{project}\t{allowed}\tchunk {i}\t{text}\t\\\\x{:08x}\t{MODEL}\t{}\t[",
+            "{}\t{org}\tdocument\t{source}\t{}\t{project}\t{allowed}\tchunk {i}\t{text}\t\\\\x{:08x}\t{MODEL}\t{}\t[",
             Uuid::now_v7(),
-            Uuid::now_v7(),
+            i % per_source,
             i,
             args.dim
         )?;
@@ -324,9 +349,56 @@ async fn run(db: &ScratchDb, args: &RetrievalArgs) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let dim = usize::try_from(args.dim)?;
     let vectors = Vectors::new(&mut rng, args.clusters, dim);
-    let (org, projects, users) = tenancy(&pool, args, &mut rng).await?;
+    let (org, users) = if args.reuse.is_some() {
+        kept_tenancy(&pool).await?
+    } else {
+        let (org, users) = load_and_index(&pool, &options, args, &vectors, &mut rng).await?;
+        (org, users)
+    };
+    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM embeddings")
+        .fetch_one(&pool)
+        .await?;
+    query(&pool, args, &vectors, &mut rng, org, &users, chunks).await?;
+    pool.close().await;
+    Ok(())
+}
 
-    let load_s = load(&pool, args, org, &projects, &vectors, &mut rng).await?;
+/// The org and the three users of a kept database (made by [`tenancy`]).
+async fn kept_tenancy(pool: &PgPool) -> anyhow::Result<(Uuid, Vec<User>)> {
+    let org: Uuid = sqlx::query_scalar("SELECT id FROM organizations WHERE name = 'bench'")
+        .fetch_one(pool)
+        .await
+        .context("the kept database has no bench org")?;
+    let mut users = Vec::new();
+    for (label, name) in [("1%", "one"), ("10%", "ten"), ("100%", "admin")] {
+        let (id, conversation): (Uuid, Uuid) = sqlx::query_as(
+            "SELECT u.id, c.id FROM users u JOIN conversations c ON c.user_id = u.id
+             WHERE u.name = $1 AND c.org_id = $2 LIMIT 1",
+        )
+        .bind(name)
+        .bind(org)
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("the kept database has no user {name}"))?;
+        users.push(User {
+            label,
+            id,
+            conversation,
+        });
+    }
+    Ok((org, users))
+}
+
+#[allow(clippy::print_stdout)]
+async fn load_and_index(
+    pool: &PgPool,
+    options: &PgConnectOptions,
+    args: &RetrievalArgs,
+    vectors: &Vectors,
+    rng: &mut StdRng,
+) -> anyhow::Result<(Uuid, Vec<User>)> {
+    let (org, projects, users) = tenancy(pool, args, rng).await?;
+    let load_s = load(pool, args, org, &projects, vectors, rng).await?;
     println!(
         "retrieval: loaded chunks={} in {load_s:.1} s ({:.0} chunks/s, COPY, dim {})",
         args.chunks,
@@ -334,14 +406,17 @@ async fn run(db: &ScratchDb, args: &RetrievalArgs) -> anyhow::Result<()> {
         args.dim
     );
     let started = Instant::now();
-    pool.execute("ANALYZE").await?;
+    // what autovacuum does to a table in steady state: the visibility map set (index-only
+    // scans, such as the exact-search decision's count, need it) and statistics
+    pool.execute("VACUUM ANALYZE embeddings").await?;
     {
         // the production index, built after loading with room to build in memory
         let build = PgPoolOptions::new()
             .max_connections(1)
             .connect_with(
                 options
-                    .options([("maintenance_work_mem", "2GB")])
+                    .clone()
+                    .options([("maintenance_work_mem", "4GB")])
                     .log_slow_statements(log::LevelFilter::Off, std::time::Duration::ZERO),
             )
             .await?;
@@ -350,25 +425,40 @@ async fn run(db: &ScratchDb, args: &RetrievalArgs) -> anyhow::Result<()> {
     }
     pool.execute("ANALYZE embeddings").await?;
     println!(
-        "retrieval: hnsw index built in {:.1} s (m=16, ef_construction=64)",
+        "retrieval: vacuum + hnsw index built in {:.1} s (m=16, ef_construction=64)",
         started.elapsed().as_secs_f64()
     );
+    Ok((org, users))
+}
 
+#[allow(clippy::print_stdout)]
+async fn query(
+    pool: &PgPool,
+    args: &RetrievalArgs,
+    vectors: &Vectors,
+    rng: &mut StdRng,
+    org: Uuid,
+    users: &[User],
+    chunks: i64,
+) -> anyhow::Result<()> {
     let tuning = Tuning {
         candidates: 40,
         ef_search: args.ef_search,
         max_scan_tuples: args.max_scan_tuples,
+        exact_max_rows: args.exact_max_rows,
     };
     let mut last = (0.0, 0.0);
-    for user in &users {
+    for user in users {
         let mut ann = Vec::with_capacity(args.queries);
         let mut hybrid = Vec::with_capacity(args.queries);
+        let mut reference_ms = Vec::with_capacity(args.queries);
+        let mut exact_scans = 0usize;
         let mut hits = 0usize;
         let mut expected = 0usize;
         let mut short = 0usize;
         for q in 0..args.queries + 20 {
-            let v = pgvector::Vector::from(vectors.sample(&mut rng));
-            let text = words(&mut rng, 3);
+            let v = pgvector::Vector::from(vectors.sample(rng));
+            let text = words(rng, 3);
             let query = Query {
                 org_id: org,
                 user_id: user.id,
@@ -382,45 +472,57 @@ async fn run(db: &ScratchDb, args: &RetrievalArgs) -> anyhow::Result<()> {
             };
             let mut conn = pool.acquire().await?;
             let t = Instant::now();
-            let approx = retrieval::nearest(&mut conn, &query, &tuning, 10, false).await?;
+            let (approx, was_exact) =
+                retrieval::nearest(&mut conn, &query, &tuning, 10, Nearest::Auto).await?;
             let ann_ms = ms(t);
             let t = Instant::now();
             let fused = retrieval::search(&mut conn, &query, &tuning).await?;
             let hybrid_ms = ms(t);
-            let exact = retrieval::nearest(&mut conn, &query, &tuning, 10, true).await?;
+            let t = Instant::now();
+            let (exact, _) =
+                retrieval::nearest(&mut conn, &query, &tuning, 10, Nearest::Reference).await?;
+            let brute_ms = ms(t);
             if q < 20 {
                 continue;
             }
             ann.push(ann_ms);
             hybrid.push(hybrid_ms);
+            reference_ms.push(brute_ms);
+            exact_scans += usize::from(was_exact);
             expected += exact.len();
             hits += exact.iter().filter(|id| approx.contains(id)).count();
             if fused.len() < 10 || approx.len() < exact.len() {
                 short += 1;
             }
         }
-        let (ann, hybrid) = (Samples::new(ann), Samples::new(hybrid));
+        let (ann, hybrid, brute) = (
+            Samples::new(ann),
+            Samples::new(hybrid),
+            Samples::new(reference_ms),
+        );
         let recall = if expected == 0 {
             f64::NAN
         } else {
             hits as f64 / expected as f64
         };
         println!(
-            "retrieval: visible={:<5} ann_p50_ms={:.2} ann_p95_ms={:.2} recall_at_10={recall:.3} hybrid_p50_ms={:.2} hybrid_p95_ms={:.2} short_results={short}/{}",
+            "retrieval: visible={:<5} ann_p50_ms={:.2} ann_p95_ms={:.2} recall_at_10={recall:.3} hybrid_p50_ms={:.2} hybrid_p95_ms={:.2} exact_scans={exact_scans}/{n} brute_force_p50_ms={:.2} brute_force_p95_ms={:.2} short_results={short}/{n}",
             user.label,
             ann.p50(),
             ann.pct(0.95),
             hybrid.p50(),
             hybrid.pct(0.95),
-            ann.len()
+            brute.p50(),
+            brute.pct(0.95),
+            n = ann.len()
         );
         if user.label == "1%" {
             last = (hybrid.pct(0.95), recall);
         }
     }
     if args.explain {
-        let v = pgvector::Vector::from(vectors.sample(&mut rng));
-        for user in &users {
+        let v = pgvector::Vector::from(vectors.sample(rng));
+        for user in users {
             println!(
                 "retrieval: EXPLAIN of the vector list, {} visible:",
                 user.label
@@ -440,7 +542,7 @@ async fn run(db: &ScratchDb, args: &RetrievalArgs) -> anyhow::Result<()> {
             for line in retrieval::explain_nearest(&mut conn, &query, &tuning, 40).await? {
                 println!("  {}", elide_literals(&line));
             }
-            let text = words(&mut rng, 3);
+            let text = words(rng, 3);
             println!(
                 "retrieval: EXPLAIN of the hybrid search, {} visible, text {text:?}:",
                 user.label
@@ -454,10 +556,9 @@ async fn run(db: &ScratchDb, args: &RetrievalArgs) -> anyhow::Result<()> {
             }
         }
     }
-    pool.close().await;
     println!(
-        "retrieval: chunks={} p95_ms={:.2} recall_at_10={:.3} (1% visible)",
-        args.chunks, last.0, last.1
+        "retrieval: chunks={chunks} p95_ms={:.2} recall_at_10={:.3} (1% visible)",
+        last.0, last.1
     );
     Ok(())
 }

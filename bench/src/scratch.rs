@@ -51,6 +51,20 @@ impl ScratchDb {
         Ok(db)
     }
 
+    /// A database kept by an earlier run (`bench_<hex>` only: nothing else is touched).
+    pub fn existing(base: &SecretString, name: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            name.strip_prefix("bench_")
+                .is_some_and(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit())),
+            "{name:?} is not a bench database (bench_<hex>)"
+        );
+        Ok(Self {
+            name: name.to_owned(),
+            url: with_database(base.expose_secret(), name)?,
+            admin_url: with_database(base.expose_secret(), "postgres")?,
+        })
+    }
+
     /// Drop the database (its connections are closed by force).
     pub async fn drop_db(&self) {
         if let Ok(mut admin) = PgConnection::connect(&self.admin_url).await {

@@ -115,6 +115,11 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
         "retrieval.max_scan_tuples",
         Kind::Int,
     ),
+    (
+        "RETRIEVAL_EXACT_MAX_ROWS",
+        "retrieval.exact_max_rows",
+        Kind::Int,
+    ),
     ("EVENTS_RETENTION_SECS", "events.retention_secs", Kind::Int),
     ("TOOL_MAX_ROUNDS", "tools.max_rounds", Kind::Int),
     ("ACTION_EXPIRY_SECS", "tools.action_expiry_secs", Kind::Int),
@@ -323,6 +328,8 @@ pub struct RetrievalSettings {
     pub ef_search: u32,
     /// `hnsw.max_scan_tuples`: how far an iterative scan walks for a restrictive filter.
     pub max_scan_tuples: u32,
+    /// A user who sees at most this many chunks is searched exactly (no HNSW); 0: never.
+    pub exact_max_rows: u32,
     /// The query's embedding call gives up after this; the turn then uses full text only.
     pub embed_timeout_ms: u64,
 }
@@ -918,8 +925,10 @@ mod tests {
             ("RETRIEVAL_TOKEN_BUDGET", "800"),
             ("RETRIEVAL_EF_SEARCH", "64"),
             ("RETRIEVAL_MAX_SCAN_TUPLES", "5000"),
+            ("RETRIEVAL_EXACT_MAX_ROWS", "0"),
         ])
         .unwrap();
+        assert_eq!(s.retrieval.exact_max_rows, 0);
         assert_eq!(s.retrieval.top_k, 3);
         assert_eq!(s.retrieval.token_budget, 800);
         assert_eq!(s.retrieval.ef_search, 64);

@@ -362,6 +362,62 @@ pub async fn get_response_own(
     .await?)
 }
 
+/// What a chat run reads first, in one statement.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TurnStart {
+    /// The response (of the user's own conversation).
+    #[sqlx(flatten)]
+    pub response: Response,
+    /// The org's chat models (`None`: the system default).
+    pub org_model: Option<String>,
+    pub org_fallback_model: Option<String>,
+    /// The org has chunks embedded with the given model (else retrieval is skipped).
+    pub has_index: bool,
+    /// The response has a stored tool exchange (assistant tool calls, tool results).
+    pub has_exchange: bool,
+    /// The response has proposed actions.
+    pub has_proposals: bool,
+}
+
+/// [`TurnStart`] of `response_id` in `user_id`'s own conversation `conversation_id`, org
+/// `org_id`; `None` when there is no such response of that user's.
+pub async fn turn_start(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    conversation_id: Uuid,
+    response_id: Uuid,
+    org_id: Uuid,
+    embedding_model: &str,
+) -> Result<Option<TurnStart>, StoreError> {
+    Ok(sqlx::query_as::<_, TurnStart>(sql(format!(
+        "SELECT {},
+                o.model AS org_model, o.fallback_model AS org_fallback_model,
+                EXISTS (SELECT 1 FROM embeddings e
+                        WHERE e.org_id = $4 AND e.model = $5) AS has_index,
+                EXISTS (SELECT 1 FROM messages m
+                        WHERE m.response_id = r.id
+                          AND (m.tool_calls IS NOT NULL OR m.role = 'tool')) AS has_exchange,
+                EXISTS (SELECT 1 FROM proposed_actions a
+                        WHERE a.response_id = r.id) AS has_proposals
+         FROM responses r
+         JOIN conversations c ON c.id = r.conversation_id
+         LEFT JOIN organizations o ON o.id = $4
+         WHERE r.id = $1 AND r.conversation_id = $2 AND c.user_id = $3",
+        RESPONSE_COLS
+            .split(", ")
+            .map(|c| format!("r.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+    .bind(response_id)
+    .bind(conversation_id)
+    .bind(user_id)
+    .bind(org_id)
+    .bind(embedding_model)
+    .fetch_optional(conn)
+    .await?)
+}
+
 /// A response by id, locked for the rest of the caller's transaction (workers).
 pub async fn lock_response(
     conn: &mut PgConnection,

@@ -43,7 +43,12 @@ pub fn pool(settings: &config::DatabaseSettings) -> Result<PgPool, StoreError> {
         .map_err(StoreError::Config)?
         .log_statements(log::LevelFilter::Trace)
         .log_slow_statements(log::LevelFilter::Warn, Duration::from_millis(500));
+    // No ping before handing out a pooled connection: it cost one extra round trip per
+    // acquire (a chat turn acquires several times before its first token). A connection that
+    // died while idle (PostgreSQL restarted) fails its next statement instead — the request
+    // answers 503 or the job is retried — and is then discarded (sqlx tests it on release).
     Ok(PgPoolOptions::new()
+        .test_before_acquire(false)
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
         .connect_lazy_with(options))

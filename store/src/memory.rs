@@ -360,15 +360,17 @@ const VISIBLE_TO: &str =
                 AND m.project_id IN (SELECT project_id FROM conversation_projects_visible($1, $2)))
             OR (m.tier = 'user' AND m.user_id = $1))";
 
-/// Whether the user has any memory entry a prompt of this conversation could carry (a cheap
+/// What a prompt starts from, in one round trip: the conversation's summary (if any) and
+/// whether the user has any memory entry a prompt of this conversation could carry (a cheap
 /// check that spares the embedding call when there is none).
-pub async fn any_for_prompt(
+pub async fn prompt_start(
     conn: &mut PgConnection,
     user_id: Uuid,
     conversation_id: Uuid,
-) -> Result<bool, StoreError> {
-    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT EXISTS (SELECT 1 FROM conversation_memories m WHERE {VISIBLE_TO})"
+) -> Result<(Option<String>, bool), StoreError> {
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT (SELECT s.summary FROM conversation_summaries s WHERE s.conversation_id = $2),
+                EXISTS (SELECT 1 FROM conversation_memories m WHERE {VISIBLE_TO})"
     )))
     .bind(user_id)
     .bind(conversation_id)

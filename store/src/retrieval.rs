@@ -65,6 +65,11 @@ pub struct Tuning {
     pub ef_search: u32,
     /// `hnsw.max_scan_tuples`: how far an iterative scan may walk for a restrictive filter.
     pub max_scan_tuples: u32,
+    /// A user who sees at most this many chunks gets an exact vector search (the visible rows
+    /// through the `project_id` index, every distance computed, top-n sorted) instead of the
+    /// HNSW scan: cheaper and exact for a small visible set, where a graph walk would reject
+    /// ~99 % of what it visits. 0 turns it off.
+    pub exact_max_rows: u32,
 }
 
 impl Default for Tuning {
@@ -73,6 +78,7 @@ impl Default for Tuning {
             candidates: 40,
             ef_search: 100,
             max_scan_tuples: 20_000,
+            exact_max_rows: 20_000,
         }
     }
 }
@@ -164,17 +170,63 @@ fn filter(all_projects: bool) -> String {
     )
 }
 
+/// How the vector list is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// The HNSW index (iterative scan under the filter).
+    Index,
+    /// Every visible row's distance, top-n sorted: ordered by `distance + 0`, an expression no
+    /// index provides, so the planner reads the visible rows through the filter's own indexes
+    /// (`project_id`, `owner_user_id`) instead of walking the graph.
+    Exact,
+}
+
 /// The vector list: the `candidates` nearest visible chunks. Parameters as [`filter`], plus $7
 /// the query vector and $8 the limit. `dim` is a validated integer from configuration.
-fn ann_sql(dim: u32, all_projects: bool) -> String {
+fn ann_sql(dim: u32, all_projects: bool, scan: Scan) -> String {
     let filter = filter(all_projects);
+    let distance = format!("e.embedding::vector({dim}) <=> $7::vector({dim})");
+    let order = match scan {
+        Scan::Index => distance.clone(),
+        Scan::Exact => format!("({distance}) + 0"),
+    };
     format!(
-        "SELECT e.id, e.embedding::vector({dim}) <=> $7::vector({dim}) AS distance
+        "SELECT e.id, {distance} AS distance
          FROM embeddings e
          WHERE e.dim = {dim} AND {filter}
-         ORDER BY e.embedding::vector({dim}) <=> $7::vector({dim})
+         ORDER BY {order}
          LIMIT $8"
     )
+}
+
+/// Whether the user's visible chunks number at most `max` (counted up to `max + 1` on the
+/// `project_id` and `owner_user_id` indexes; rows of other models count too, an overestimate
+/// that only ever chooses the index scan). A user who sees every project never qualifies.
+async fn choose_scan(
+    conn: &mut PgConnection,
+    q: &Query<'_>,
+    vis: &Visible,
+    max: u32,
+) -> Result<Scan, StoreError> {
+    if max == 0 || vis.all {
+        return Ok(Scan::Index);
+    }
+    let n: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM embeddings e
+                                        WHERE e.project_id = ANY($1) LIMIT $3) p)
+              + (SELECT count(*) FROM (SELECT 1 FROM embeddings e
+                                        WHERE e.owner_user_id = $2 LIMIT $3) m)",
+    )
+    .bind(&vis.projects)
+    .bind(q.user_id)
+    .bind(i64::from(max) + 1)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(if n <= i64::from(max) {
+        Scan::Exact
+    } else {
+        Scan::Index
+    })
 }
 
 /// At most this many full-text matches are ranked (`ts_rank` reads each one's `tsv`). Rare
@@ -193,9 +245,7 @@ fn fts_sql(all_projects: bool) -> String {
     format!(
         "SELECT m.id, ts_rank(m.tsv, m.tq) AS rank
          FROM (SELECT e.id, e.tsv, q.tq
-               FROM embeddings e,
-                    (SELECT replace(websearch_to_tsquery('english', $9)::text, ' & ', ' | ')
-                                ::tsquery AS tq) q
+               FROM embeddings e, {TSQUERY}
                WHERE e.tsv @@ q.tq AND {filter}
                LIMIT {FTS_RANKED}) m
          ORDER BY rank DESC, m.id
@@ -203,20 +253,48 @@ fn fts_sql(all_projects: bool) -> String {
     )
 }
 
-fn search_sql(dim: u32, with_vector: bool, all_projects: bool) -> String {
-    let ann = if with_vector {
-        format!(
+/// The ORed full-text query of the user's words ($9), as `q.tq` (see [`fts_sql`]).
+const TSQUERY: &str =
+    "(SELECT replace(websearch_to_tsquery('english', $9)::text, ' & ', ' | ')::tsquery AS tq) q";
+
+fn search_sql(dim: u32, with_vector: bool, all_projects: bool, scan: Scan) -> String {
+    let lists = match (with_vector, scan) {
+        // A small visible set: ONE pass over its rows (through the filter's indexes) computes
+        // both lists — every distance, and the text rank of the rows that match — instead of
+        // a second pass for full text whose GIN scan would walk a common term's whole posting
+        // list (~10 % of the index) only to keep the visible 1 %.
+        (true, Scan::Exact) => format!(
+            "vis AS MATERIALIZED (
+                 SELECT e.id, e.embedding::vector({dim}) <=> $7::vector({dim}) AS distance,
+                        CASE WHEN e.tsv @@ q.tq THEN ts_rank(e.tsv, q.tq) END AS rank
+                 FROM embeddings e, {TSQUERY}
+                 WHERE e.dim = {dim} AND {filter}),
+             ann_ranked AS (
+                 SELECT id, row_number() OVER (ORDER BY distance, id) AS r
+                 FROM (SELECT id, distance FROM vis ORDER BY distance, id LIMIT $8) a),
+             fts_ranked AS (
+                 SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r
+                 FROM (SELECT id, rank FROM vis WHERE rank IS NOT NULL
+                       ORDER BY rank DESC, id LIMIT $8) f),",
+            filter = filter(all_projects),
+        ),
+        (true, Scan::Index) => format!(
             "ann AS MATERIALIZED ({}),
-             ann_ranked AS (SELECT id, row_number() OVER (ORDER BY distance, id) AS r FROM ann),",
-            ann_sql(dim, all_projects)
-        )
-    } else {
-        "ann_ranked AS (SELECT NULL::uuid AS id, NULL::bigint AS r WHERE false),".to_owned()
+             ann_ranked AS (SELECT id, row_number() OVER (ORDER BY distance, id) AS r FROM ann),
+             fts AS MATERIALIZED ({}),
+             fts_ranked AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r FROM fts),",
+            ann_sql(dim, all_projects, scan),
+            fts_sql(all_projects),
+        ),
+        (false, _) => format!(
+            "ann_ranked AS (SELECT NULL::uuid AS id, NULL::bigint AS r WHERE false),
+             fts AS MATERIALIZED ({}),
+             fts_ranked AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r FROM fts),",
+            fts_sql(all_projects),
+        ),
     };
     format!(
-        "WITH {ann}
-         fts AS MATERIALIZED ({fts}),
-         fts_ranked AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r FROM fts),
+        "WITH {lists}
          fused AS (
              SELECT coalesce(a.id, f.id) AS id,
                     coalesce(1.0 / ({rrf} + a.r), 0) + coalesce(1.0 / ({rrf} + f.r), 0) AS score,
@@ -228,7 +306,6 @@ fn search_sql(dim: u32, with_vector: bool, all_projects: bool) -> String {
                 e.content, top.score::float8 AS score, top.vector_rank, top.text_rank
          FROM top JOIN embeddings e ON e.id = top.id
          ORDER BY top.score DESC, top.vector_rank NULLS LAST, e.id",
-        fts = fts_sql(all_projects),
         rrf = RRF_K,
     )
 }
@@ -275,7 +352,11 @@ pub async fn search(
         return Ok(Vec::new());
     }
     tune(&mut tx, tuning).await?;
-    let sql = search_sql(q.dim, embedding.is_some(), vis.all);
+    let scan = match embedding {
+        Some(_) => choose_scan(&mut tx, q, &vis, tuning.exact_max_rows).await?,
+        None => Scan::Index,
+    };
+    let sql = search_sql(q.dim, embedding.is_some(), vis.all, scan);
     let rows = sqlx::query_as::<_, Chunk>(sqlx::AssertSqlSafe(sql))
         .bind(q.org_id)
         .bind(q.user_id)
@@ -293,36 +374,67 @@ pub async fn search(
     Ok(rows)
 }
 
+/// How [`nearest`] finds the vector list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nearest {
+    /// As [`search`] does: exact for a small visible set, else the HNSW scan.
+    Auto,
+    /// Brute force over the filtered set with index scans off: the reference answer for
+    /// recall, whatever the visible set's size.
+    Reference,
+}
+
 /// The vector list alone (ids, nearest first), with the same filter as [`search`]: what the
-/// benchmark measures. `exact` disables index scans, giving the brute-force answer over the
-/// filtered set (the reference for recall).
+/// benchmark measures. Also returns whether the exact scan was chosen.
 pub async fn nearest(
     conn: &mut PgConnection,
     q: &Query<'_>,
     tuning: &Tuning,
     limit: u32,
-    exact: bool,
-) -> Result<Vec<Uuid>, StoreError> {
+    how: Nearest,
+) -> Result<(Vec<Uuid>, bool), StoreError> {
     let Some(embedding) = q.embedding else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     };
     let mut tx = conn.begin().await?;
     let vis = visible(&mut tx, q).await?;
     if !vis.member {
         tx.commit().await?;
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
     tune(&mut tx, tuning).await?;
-    if exact {
-        sqlx::query("SET LOCAL enable_indexscan = off")
-            .execute(&mut *tx)
-            .await?;
-    }
+    let scan = match how {
+        Nearest::Auto => choose_scan(&mut tx, q, &vis, tuning.exact_max_rows).await?,
+        Nearest::Reference => {
+            sqlx::query("SET LOCAL enable_indexscan = off")
+                .execute(&mut *tx)
+                .await?;
+            Scan::Index
+        }
+    };
     let sql = format!(
         "SELECT id FROM ({}) ann ORDER BY distance, id",
-        ann_sql(q.dim, vis.all)
+        ann_sql(q.dim, vis.all, scan)
     );
-    let ids = sqlx::query_scalar::<_, Uuid>(sqlx::AssertSqlSafe(sql))
+    let ids = vector_list(&mut tx, sql, q, &vis, embedding, limit).await?;
+    tx.commit().await?;
+    Ok((ids, scan == Scan::Exact))
+}
+
+/// Runs a statement over [`ann_sql`]'s parameters.
+async fn vector_list<T>(
+    conn: &mut PgConnection,
+    sql: String,
+    q: &Query<'_>,
+    vis: &Visible,
+    embedding: &pgvector::Vector,
+    limit: u32,
+) -> Result<Vec<T>, StoreError>
+where
+    T: Send + Unpin,
+    (T,): for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    Ok(sqlx::query_scalar::<_, T>(sqlx::AssertSqlSafe(sql))
         .bind(q.org_id)
         .bind(q.user_id)
         .bind(&vis.projects)
@@ -331,13 +443,12 @@ pub async fn nearest(
         .bind(q.model)
         .bind(embedding)
         .bind(to_i64(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(ids)
+        .fetch_all(&mut *conn)
+        .await?)
 }
 
-/// `EXPLAIN (ANALYZE, BUFFERS)` of the vector list, for the benchmark and operators.
+/// `EXPLAIN (ANALYZE, BUFFERS)` of the vector list as [`search`] runs it, for the benchmark
+/// and operators.
 pub async fn explain_nearest(
     conn: &mut PgConnection,
     q: &Query<'_>,
@@ -350,18 +461,12 @@ pub async fn explain_nearest(
     let mut tx = conn.begin().await?;
     let vis = visible(&mut tx, q).await?;
     tune(&mut tx, tuning).await?;
-    let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", ann_sql(q.dim, vis.all));
-    let lines = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
-        .bind(q.org_id)
-        .bind(q.user_id)
-        .bind(&vis.projects)
-        .bind(&vis.teams)
-        .bind(q.exclude_message_ids)
-        .bind(q.model)
-        .bind(embedding)
-        .bind(to_i64(limit))
-        .fetch_all(&mut *tx)
-        .await?;
+    let scan = choose_scan(&mut tx, q, &vis, tuning.exact_max_rows).await?;
+    let sql = format!(
+        "EXPLAIN (ANALYZE, BUFFERS) {}",
+        ann_sql(q.dim, vis.all, scan)
+    );
+    let lines = vector_list(&mut tx, sql, q, &vis, embedding, limit).await?;
     tx.commit().await?;
     Ok(lines)
 }
@@ -391,9 +496,13 @@ pub async fn explain_search(
     let mut tx = conn.begin().await?;
     let vis = visible(&mut tx, q).await?;
     tune(&mut tx, tuning).await?;
+    let scan = match q.embedding {
+        Some(_) => choose_scan(&mut tx, q, &vis, tuning.exact_max_rows).await?,
+        None => Scan::Index,
+    };
     let sql = format!(
         "EXPLAIN (ANALYZE, BUFFERS) {}",
-        search_sql(q.dim, q.embedding.is_some(), vis.all)
+        search_sql(q.dim, q.embedding.is_some(), vis.all, scan)
     );
     let lines = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
         .bind(q.org_id)

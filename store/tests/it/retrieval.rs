@@ -2,7 +2,7 @@
 //! the live visibility filter (projects, restricted documents, message owners, narrowing,
 //! deletion, other orgs), evaluated on every call.
 
-use store::retrieval::{self, Chunk, Query, Tuning};
+use store::retrieval::{self, Chunk, Nearest, Query, Tuning};
 use store::{Role, Visibility};
 use testkit::TestDb;
 use testkit::fake_upstream::fake_embedding;
@@ -22,23 +22,34 @@ async fn search_as(
 ) -> Vec<Chunk> {
     let v = embed.map(|t| pgvector::Vector::from(fake_embedding(t, DIM)));
     let mut c = db.pool.acquire().await.unwrap();
-    retrieval::search(
+    let q = Query {
+        org_id: org,
+        user_id: user,
+        conversation_id: conversation,
+        embedding: v.as_ref(),
+        text,
+        model: MODEL,
+        dim: DIM as u32,
+        k: 6,
+        exclude_message_ids: &[],
+    };
+    // the small test sets take the exact one-pass form; the HNSW form (exact_max_rows 0) must
+    // give the same answer on them (the graph holds every row within ef_search)
+    let exact = retrieval::search(&mut c, &q, &Tuning::default())
+        .await
+        .unwrap();
+    let hnsw = retrieval::search(
         &mut c,
-        &Query {
-            org_id: org,
-            user_id: user,
-            conversation_id: conversation,
-            embedding: v.as_ref(),
-            text,
-            model: MODEL,
-            dim: DIM as u32,
-            k: 6,
-            exclude_message_ids: &[],
+        &q,
+        &Tuning {
+            exact_max_rows: 0,
+            ..Tuning::default()
         },
-        &Tuning::default(),
     )
     .await
-    .unwrap()
+    .unwrap();
+    assert_eq!(exact, hnsw, "the exact and the HNSW form disagree");
+    exact
 }
 
 fn contents(chunks: &[Chunk]) -> Vec<&str> {
@@ -418,15 +429,18 @@ async fn the_recent_window_is_excluded_and_a_one_percent_user_still_gets_k_resul
         k: 6,
         exclude_message_ids: &[],
     };
+    // exact_max_rows 0: the HNSW scan whatever the visible set's size (what this test is about)
     let tuning = Tuning {
         candidates: 10,
         ef_search: 10,
         max_scan_tuples: 20_000,
+        exact_max_rows: 0,
     };
-    let approx = retrieval::nearest(&mut c, &q, &tuning, 10, false)
+    let (approx, was_exact) = retrieval::nearest(&mut c, &q, &tuning, 10, Nearest::Auto)
         .await
         .unwrap();
-    let exact = retrieval::nearest(&mut c, &q, &tuning, 10, true)
+    assert!(!was_exact);
+    let (exact, _) = retrieval::nearest(&mut c, &q, &tuning, 10, Nearest::Reference)
         .await
         .unwrap();
     assert_eq!(exact.len(), 10);
@@ -518,20 +532,23 @@ async fn a_filtered_hnsw_scan_keeps_going_until_enough_rows_pass_the_filter() {
         k: 6,
         exclude_message_ids: &[],
     };
+    // 1 000 visible rows, above exact_max_rows: the HNSW scan
     let tuning = Tuning {
         candidates: 10,
         ef_search: 10,
         max_scan_tuples: 20_000,
+        exact_max_rows: 999,
     };
     let plan = retrieval::explain_nearest(&mut c, &q, &tuning, 40)
         .await
         .unwrap()
         .join("\n");
     assert!(plan.contains("embeddings_hnsw_d384"), "{plan}");
-    let approx = retrieval::nearest(&mut c, &q, &tuning, 40, false)
+    let (approx, was_exact) = retrieval::nearest(&mut c, &q, &tuning, 40, Nearest::Auto)
         .await
         .unwrap();
-    let exact = retrieval::nearest(&mut c, &q, &tuning, 40, true)
+    assert!(!was_exact);
+    let (exact, _) = retrieval::nearest(&mut c, &q, &tuning, 40, Nearest::Reference)
         .await
         .unwrap();
     assert_eq!(approx.len(), 40, "{plan}");
@@ -546,4 +563,89 @@ async fn a_filtered_hnsw_scan_keeps_going_until_enough_rows_pass_the_filter() {
     assert!(approx.iter().all(|id| visible.contains(id)));
     let hits = exact.iter().filter(|id| approx.contains(id)).count();
     assert!(hits >= 30, "recall@40 {hits}/40");
+}
+
+#[tokio::test]
+async fn a_small_visible_set_is_searched_exactly_without_the_hnsw_index() {
+    let db = TestDb::new().await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = fx::org(&mut c).await;
+    let owner = fx::user(&mut c, org, Role::Owner).await;
+    let user = fx::user(&mut c, org, Role::Member).await;
+    let mine = fx::project(&mut c, org, user, Visibility::Private, None).await;
+    let others = fx::project(&mut c, org, owner, Visibility::Private, None).await;
+    // 100 visible rows among 2 000
+    let mut chunks = Vec::new();
+    for i in 0..2000 {
+        let text = format!("chunk {i}");
+        let p = if i % 20 == 0 { mine } else { others };
+        chunks.push(fx::project_chunk(
+            org,
+            p,
+            "task",
+            Uuid::now_v7(),
+            "T",
+            &text,
+            &text,
+            MODEL,
+            DIM,
+        ));
+    }
+    fx::insert(&mut c, &chunks).await;
+    sqlx::query("ANALYZE embeddings")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    let conv = store::conversations::create(&mut c, org, user, "c", None)
+        .await
+        .unwrap()
+        .id;
+    let v = pgvector::Vector::from(fake_embedding("anything", DIM));
+    let q = Query {
+        org_id: org,
+        user_id: user,
+        conversation_id: conv,
+        embedding: Some(&v),
+        text: "chunk",
+        model: MODEL,
+        dim: DIM as u32,
+        k: 10,
+        exclude_message_ids: &[],
+    };
+    let at = |exact_max_rows| Tuning {
+        candidates: 40,
+        ef_search: 10,
+        max_scan_tuples: 20_000,
+        exact_max_rows,
+    };
+    let (reference, _) = retrieval::nearest(&mut c, &q, &at(100), 40, Nearest::Reference)
+        .await
+        .unwrap();
+    assert_eq!(reference.len(), 40);
+
+    // at the threshold: exact, no graph walk, the reference answer itself
+    let plan = retrieval::explain_nearest(&mut c, &q, &at(100), 40)
+        .await
+        .unwrap()
+        .join("\n");
+    assert!(!plan.contains("embeddings_hnsw"), "{plan}");
+    let (ids, was_exact) = retrieval::nearest(&mut c, &q, &at(100), 40, Nearest::Auto)
+        .await
+        .unwrap();
+    assert!(was_exact);
+    assert_eq!(ids, reference);
+    let plan = retrieval::explain_search(&mut c, &q, &at(100))
+        .await
+        .unwrap()
+        .join("\n");
+    assert!(!plan.contains("embeddings_hnsw"), "{plan}");
+    let got = retrieval::search(&mut c, &q, &at(100)).await.unwrap();
+    assert_eq!(got.len(), 10);
+    assert!(got.iter().all(|c| c.project_id == Some(mine)));
+
+    // one row over: the HNSW index
+    let (_, was_exact) = retrieval::nearest(&mut c, &q, &at(99), 40, Nearest::Auto)
+        .await
+        .unwrap();
+    assert!(!was_exact);
 }

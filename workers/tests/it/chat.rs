@@ -954,3 +954,88 @@ async fn no_fallback_call_when_the_fallback_is_the_primary() {
         "the same model is not tried twice"
     );
 }
+
+#[tokio::test]
+async fn a_first_token_published_while_another_run_started_the_response_is_sent_again_after_a_restart()
+ {
+    // A fresh response's first token is published while its start is recorded. Should
+    // another run of the same turn have started streaming in between (simulated here by
+    // recording a start while this run waits for its first token), the client is told to
+    // restart and this run's text goes out again: the text after the restart is whole.
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let settings = settings(&db, &redis, &[("LITELLM_BASE_URL", &upstream.url())]);
+    let s = setup(&db).await;
+    let (primary, fallback) = (unique_model("primary"), unique_model("fallback"));
+    conv::set_org_models(&db.pool, s.org, &primary, &fallback)
+        .await
+        .unwrap();
+    let words = ["alpha ", "beta ", "gamma"];
+    upstream
+        .client()
+        .script(
+            &primary,
+            vec![Behaviour::Reply {
+                text: words.concat(),
+                tokens: Some(words.iter().map(|w| (*w).to_owned()).collect()),
+                first_token_delay_ms: 1500,
+                token_delay_ms: 0,
+            }],
+        )
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "hello").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    let run = tokio::spawn({
+        let (db_pool, settings) = (db.pool.clone(), settings.clone());
+        async move {
+            let mut registry = workers::handlers::registry(db_pool.clone());
+            workers::handlers::chat::ChatHandler::new(db_pool, redis_handle(&settings), &settings)
+                .unwrap()
+                .register(&mut registry);
+            let mut opts = WorkerOptions::from_settings(&settings, vec![Queue::Chat]);
+            opts.read_block = Duration::from_millis(200);
+            Worker::new(bus_for(&settings), registry, opts)
+                .drain_until_empty(Duration::from_secs(90))
+                .await
+        }
+    });
+    // the run has read its (queued) response and waits for the model's first token
+    eventually("the model was called", Duration::from_secs(20), || async {
+        !upstream
+            .client()
+            .requests(&primary)
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let mut c = db.pool.acquire().await.unwrap();
+    assert_eq!(
+        conv::mark_streaming(&mut c, job.response_id).await.unwrap(),
+        0,
+        "the other run's start is the first"
+    );
+    drop(c);
+    let report = run.await.unwrap().expect("the chat queue empties");
+    assert_eq!((report.completed, report.dead), (1, 0));
+
+    let evs = events(&settings, job.response_id).await;
+    let restart = evs
+        .iter()
+        .position(|e| matches!(e, ResponseEvent::ResponseRestarted { .. }))
+        .unwrap_or_else(|| panic!("no response.restarted: {evs:?}"));
+    assert!(
+        evs[..restart]
+            .iter()
+            .any(|e| matches!(e, ResponseEvent::Token { .. })),
+        "the first token went out while the start was recorded: {evs:?}"
+    );
+    assert_eq!(tokens(&evs[restart..]), words.concat(), "{evs:?}");
+    let stored = answers(&db, job.response_id).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].content, words.concat());
+    let (status, _, starts) = response(&db, job.response_id).await;
+    assert_eq!((status.as_str(), starts), ("completed", 2));
+}

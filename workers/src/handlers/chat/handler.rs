@@ -45,6 +45,14 @@ fn completed_event(m: &Message) -> ResponseEvent {
     }
 }
 
+/// A response's stored tool exchange, its rounds and its proposals.
+#[derive(Default)]
+struct OwnExchange {
+    messages: Vec<Message>,
+    rounds: u32,
+    proposed: Vec<store::actions::Action>,
+}
+
 impl ChatHandler {
     #[tracing::instrument(
         name = "chat",
@@ -86,16 +94,36 @@ impl ChatHandler {
 
     async fn turn(&self, ctx: &JobContext, job: &Chat) -> HandlerResult {
         let db = &self.inner.db;
-        let mut conn = db.acquire().await.map_err(db_error)?;
-        let Some(response) =
-            conv::get_response_own(&mut conn, job.user_id, job.conversation_id, job.response_id)
+        // Two independent reads at once, each on its own pooled connection (neither holds one
+        // while waiting for another): the response with everything else a run needs to know
+        // first (org models, whether there is an index, a tool exchange, proposals), and the
+        // recent window.
+        let recent_n = i64::try_from(self.inner.chat.recent_messages).unwrap_or(i64::MAX);
+        let (start, recent) = tokio::join!(
+            async {
+                let mut conn = db.acquire().await?;
+                conv::turn_start(
+                    &mut conn,
+                    job.user_id,
+                    job.conversation_id,
+                    job.response_id,
+                    job.org_id,
+                    &self.inner.embedding.model,
+                )
                 .await
-                .map_err(db_error)?
-        else {
+            },
+            async {
+                let mut conn = db.acquire().await?;
+                conv::recent_messages(&mut conn, job.conversation_id, job.message_id, recent_n)
+                    .await
+            }
+        );
+        let Some(start) = start.map_err(db_error)? else {
             return Err(JobError::permanent(
                 "the response does not exist (or is not this user's)",
             ));
         };
+        let response = start.response.clone();
         if response.user_message_id != job.message_id {
             return Err(JobError::permanent(
                 "the job names another message than the one its response answers",
@@ -103,48 +131,51 @@ impl ChatHandler {
         }
         if matches!(response.status.as_str(), "completed" | "failed") {
             tracing::info!(status = %response.status, "the response is already finished (redelivery)");
-            drop(conn);
             return self.ensure_terminal_published(&response).await;
         }
-        let recent = conv::recent_messages(
-            &mut conn,
-            job.conversation_id,
-            job.message_id,
-            i64::try_from(self.inner.chat.recent_messages).unwrap_or(i64::MAX),
-        )
-        .await
-        .map_err(db_error)?;
-        drop(conn);
+        let recent = recent.map_err(db_error)?;
         if recent.last().map(|m| m.id) != Some(job.message_id) {
             return Err(JobError::permanent(
                 "the user message of this turn is not in its conversation",
             ));
         }
-        // Retrieval and memory are independent reads; the question is embedded once, and only
-        // if one of them has something to rank.
+        // Retrieval, memory and this response's own tool exchange are independent reads; the
+        // question is embedded once, and only if retrieval or memory has something to rank.
         let question = super::retrieval::Question::new(
             recent
                 .last()
                 .map(|m| m.content.as_str())
                 .unwrap_or_default(),
         );
-        let (retrieved, memory) = tokio::join!(
-            self.retrieve(job, &recent, &question),
-            self.memory_context(job, &question)
+        let (retrieved, memory, exchange) = tokio::join!(
+            self.retrieve(job, &recent, &question, start.has_index),
+            self.memory_context(job, &question),
+            self.own_exchange(&start)
         );
-        let (retrieved, memory) = (retrieved?, memory?);
+        let (retrieved, memory, exchange) = (retrieved?, memory?, exchange?);
         let citations = retrieved.citations();
-        let recent = self.with_own_exchange(&response, recent).await?;
+        let recent = with_exchange(recent, exchange.messages);
         let messages = PromptBuilder::new()
             .memories(memory.memories)
             .summary(memory.summary)
             .retrieved(&retrieved.chunks)
             .recent_messages(&recent)
             .build();
-        let mut tools = self.tool_turn(job, &response, messages).await?;
-        let org = conv::org_models(db, job.org_id).await.map_err(db_error)?;
+        let mut tools = ToolTurn {
+            ctx: ToolCtx {
+                user_id: job.user_id,
+                org_id: job.org_id,
+                conversation_id: job.conversation_id,
+            },
+            response_id: response.id,
+            messages,
+            rounds_done: exchange.rounds,
+            proposed: (!exchange.proposed.is_empty()).then(|| proposal_answer(&exchange.proposed)),
+        };
+        let org = (start.org_model, start.org_fallback_model);
         let models = Models::choose(org, &self.inner.chat);
-        let mut turn = Turn::new(response.id, self.inner.call_limit);
+        let fresh = response.status == "queued" && response.starts == 0;
+        let mut turn = Turn::new(response.id, self.inner.call_limit, fresh);
 
         // the primary — unless an earlier attempt of this turn saw it fail before its first
         // token and was re-queued by the fallback's rate limit: then straight to the fallback
@@ -216,45 +247,29 @@ impl ChatHandler {
         }
     }
 
-    /// `recent` plus what this response already stored of its tool exchange (the rounds of a
-    /// restarted turn, the decided proposal of a continuation).
-    async fn with_own_exchange(
-        &self,
-        response: &Response,
-        recent: Vec<Message>,
-    ) -> Result<Vec<Message>, JobError> {
+    /// What this response already stored of its tool exchange (the rounds of a restarted
+    /// turn, the decided proposal of a continuation) and its proposals; no query when the turn
+    /// start saw none.
+    async fn own_exchange(&self, start: &conv::TurnStart) -> Result<OwnExchange, JobError> {
+        let mut own = OwnExchange::default();
+        if !start.has_exchange && !start.has_proposals {
+            return Ok(own);
+        }
         let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-        let (exchange, _) = store::actions::response_exchange(&mut conn, response.id)
-            .await
-            .map_err(db_error)?;
-        Ok(with_exchange(recent, exchange))
-    }
-
-    /// The tool state of this run, starting from the prompt `messages`.
-    async fn tool_turn(
-        &self,
-        job: &Chat,
-        response: &Response,
-        messages: Vec<llm::Message>,
-    ) -> Result<ToolTurn, JobError> {
-        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-        let (_, rounds) = store::actions::response_exchange(&mut conn, response.id)
-            .await
-            .map_err(db_error)?;
-        let proposed = store::actions::list_for_response(&mut conn, response.id)
-            .await
-            .map_err(db_error)?;
-        Ok(ToolTurn {
-            ctx: ToolCtx {
-                user_id: job.user_id,
-                org_id: job.org_id,
-                conversation_id: job.conversation_id,
-            },
-            response_id: response.id,
-            messages,
-            rounds_done: u32::try_from(rounds).unwrap_or(0),
-            proposed: (!proposed.is_empty()).then(|| proposal_answer(&proposed)),
-        })
+        if start.has_exchange {
+            let (messages, rounds) =
+                store::actions::response_exchange(&mut conn, start.response.id)
+                    .await
+                    .map_err(db_error)?;
+            own.messages = messages;
+            own.rounds = u32::try_from(rounds).unwrap_or(0);
+        }
+        if start.has_proposals {
+            own.proposed = store::actions::list_for_response(&mut conn, start.response.id)
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(own)
     }
 
     /// The primary's call: `Ok(Ok(error))` when it failed before its first token (fallback

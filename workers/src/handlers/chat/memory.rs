@@ -59,16 +59,12 @@ impl ChatHandler {
     ) -> Result<MemoryContext, JobError> {
         let inner = &self.inner;
         let mut conn = inner.db.acquire().await.map_err(db_error)?;
-        let summary = store::memory::summary(&mut conn, job.conversation_id)
-            .await
-            .map_err(db_error)?
-            .map(|s| s.summary)
-            .filter(|s| !s.trim().is_empty());
-        if inner.memory.token_budget == 0
-            || !store::memory::any_for_prompt(&mut conn, job.user_id, job.conversation_id)
+        let (summary, any) =
+            store::memory::prompt_start(&mut conn, job.user_id, job.conversation_id)
                 .await
-                .map_err(db_error)?
-        {
+                .map_err(db_error)?;
+        let summary = summary.filter(|s| !s.trim().is_empty());
+        if inner.memory.token_budget == 0 || !any {
             return Ok(MemoryContext {
                 summary,
                 memories: Vec::new(),

@@ -168,26 +168,17 @@ impl ChatHandler {
         job: &Chat,
         recent: &[Message],
         question: &Question,
+        has_index: bool,
     ) -> Result<Retrieved, JobError> {
         let settings = &self.inner.retrieval;
         let model = &self.inner.embedding.model;
-        if recent.is_empty() || settings.top_k == 0 {
+        // An org with nothing indexed for this model (`has_index`, read at the turn's start):
+        // no embedding call, no search.
+        if recent.is_empty() || settings.top_k == 0 || !has_index {
             return Ok(Retrieved::default());
         }
         let started = Instant::now();
         let db = &self.inner.db;
-        let mut conn = db
-            .acquire()
-            .await
-            .map_err(|e| JobError::retryable(format!("database: {e}")))?;
-        // An org with nothing indexed for this model: no embedding call, no search.
-        if !retrieval::has_index(&mut conn, job.org_id, model)
-            .await
-            .map_err(|e| JobError::retryable(format!("database: {e}")))?
-        {
-            return Ok(Retrieved::default());
-        }
-        drop(conn);
         let text = question.text();
         let embedding = self.question_embedding(question).await;
         let exclude: Vec<uuid::Uuid> = recent.iter().map(|m| m.id).collect();
@@ -208,11 +199,7 @@ impl ChatHandler {
                 k: settings.top_k,
                 exclude_message_ids: &exclude,
             },
-            &Tuning {
-                candidates: settings.candidates,
-                ef_search: settings.ef_search,
-                max_scan_tuples: settings.max_scan_tuples,
-            },
+            &tuning(settings),
         )
         .await
         .map_err(|e| JobError::retryable(format!("database: {e}")))?;
@@ -276,6 +263,16 @@ impl ChatHandler {
         );
         metrics::counter!(EMBED_FAILURES).increment(1);
         None
+    }
+}
+
+/// The search knobs of `[retrieval]`.
+pub(crate) fn tuning(settings: &config::RetrievalSettings) -> Tuning {
+    Tuning {
+        candidates: settings.candidates,
+        ef_search: settings.ef_search,
+        max_scan_tuples: settings.max_scan_tuples,
+        exact_max_rows: settings.exact_max_rows,
     }
 }
 

@@ -233,11 +233,7 @@ impl ChatHandler {
                 query_embeddings.insert(i, v);
             }
         }
-        let tuning = store::retrieval::Tuning {
-            candidates: self.inner.retrieval.candidates,
-            ef_search: self.inner.retrieval.ef_search,
-            max_scan_tuples: self.inner.retrieval.max_scan_tuples,
-        };
+        let tuning = super::retrieval::tuning(&self.inner.retrieval);
         let mut tx = self.inner.db.begin().await.map_err(db_error)?;
         let mut calls = Vec::with_capacity(a.tool_calls.len());
         let mut results: Vec<(String, String)> = Vec::with_capacity(a.tool_calls.len());

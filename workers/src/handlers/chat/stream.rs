@@ -38,6 +38,9 @@ pub(super) struct Turn {
     pub response_id: Uuid,
     /// `mark_streaming` happened in this run (at the first token).
     marked: bool,
+    /// The response had never started streaming when this run read it (`queued`, no start):
+    /// the first token is then published while the start is recorded, not after.
+    fresh: bool,
     /// All model calls of this run end by then (`litellm.request_timeout_secs` from the start
     /// of the first): the bus keeps no heartbeat, so a handler must finish within the chat
     /// queue's visibility timeout, which configuration checks is longer than this.
@@ -45,10 +48,11 @@ pub(super) struct Turn {
 }
 
 impl Turn {
-    pub fn new(response_id: Uuid, limit: Duration) -> Self {
+    pub fn new(response_id: Uuid, limit: Duration, fresh: bool) -> Self {
         Self {
             response_id,
             marked: false,
+            fresh,
             deadline: tokio::time::Instant::now() + limit,
         }
     }
@@ -70,31 +74,43 @@ impl ChatHandler {
         if turn.marked {
             return Ok(true);
         }
-        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-        let before = store::conversations::mark_streaming(&mut conn, turn.response_id)
-            .await
-            .map_err(db_error)?;
+        let before = self.mark_streaming(turn).await?;
         if before < 0 {
             return Ok(false);
         }
-        turn.marked = true;
         if before > 0 {
             tracing::info!(
                 starts = before,
                 "restarting a response whose worker was lost"
             );
-            self.inner
-                .events
-                .publish(
-                    turn.response_id,
-                    &ResponseEvent::ResponseRestarted {
-                        reason: "worker_lost".into(),
-                    },
-                )
-                .await
-                .map_err(events_error)?;
+            self.publish_restarted(turn).await?;
         }
         Ok(true)
+    }
+
+    /// `mark_streaming`: how many runs had started before this one (-1: already finished).
+    async fn mark_streaming(&self, turn: &mut Turn) -> Result<i32, JobError> {
+        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+        let before = store::conversations::mark_streaming(&mut conn, turn.response_id)
+            .await
+            .map_err(db_error)?;
+        turn.marked = before >= 0;
+        Ok(before)
+    }
+
+    /// `response.restarted`: the client discards what it got of this response so far.
+    async fn publish_restarted(&self, turn: &Turn) -> Result<(), JobError> {
+        self.inner
+            .events
+            .publish(
+                turn.response_id,
+                &ResponseEvent::ResponseRestarted {
+                    reason: "worker_lost".into(),
+                },
+            )
+            .await
+            .map_err(events_error)?;
+        Ok(())
     }
 
     /// Call `model` with `messages` (offering `tools`), publishing tokens. `Err` only for our
@@ -153,10 +169,35 @@ impl ChatHandler {
                     if let ChatEvent::Token(text) = &event {
                         if !published {
                             metrics::first_token(model, started.elapsed());
+                            published = true;
+                            if turn.fresh && !turn.marked {
+                                // publish and record the start at once (one round trip off
+                                // the first token); should another run have started in
+                                // between, the client is told to restart and this run's
+                                // text so far goes out again after that
+                                tokens.push(text);
+                                let (sent, before) =
+                                    tokio::join!(tokens.in_flight(), self.mark_streaming(turn));
+                                sent.map_err(events_error)?;
+                                let before = before?;
+                                if before < 0 {
+                                    return Ok(CallOutcome::AlreadyFinished);
+                                }
+                                if before > 0 {
+                                    tracing::info!(
+                                        starts = before,
+                                        "another run started this response meanwhile; restarting it"
+                                    );
+                                    tokens.flush().await.map_err(events_error)?;
+                                    self.publish_restarted(turn).await?;
+                                    tokens.push(text);
+                                }
+                                completion.apply(&event);
+                                continue;
+                            }
                             if !self.begin_streaming(turn).await? {
                                 return Ok(CallOutcome::AlreadyFinished);
                             }
-                            published = true;
                         }
                         tokens.push(text);
                     }
