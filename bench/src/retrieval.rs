@@ -83,6 +83,10 @@ pub struct RetrievalArgs {
     /// RETRIEVAL_EXACT_MAX_ROWS: a user seeing at most this many chunks is searched exactly.
     #[arg(long, default_value_t = 20_000)]
     exact_max_rows: u32,
+    /// RETRIEVAL_STOPWORD_MIN_ROWS: a term in more than 2 % of the chunks and in more than
+    /// this many is left out of the full-text query (0: never).
+    #[arg(long, default_value_t = 10_000)]
+    stopword_min_rows: u32,
     /// Query a database kept by an earlier `--keep` run (same `--seed`, `--clusters`, `--dim`)
     /// instead of loading a new one: no load, no index build. Kept afterwards.
     #[arg(long, value_name = "DATABASE")]
@@ -446,6 +450,7 @@ async fn query(
         ef_search: args.ef_search,
         max_scan_tuples: args.max_scan_tuples,
         exact_max_rows: args.exact_max_rows,
+        stopword_min_rows: args.stopword_min_rows,
     };
     let mut last = (0.0, 0.0);
     for user in users {

@@ -120,6 +120,11 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
         "retrieval.exact_max_rows",
         Kind::Int,
     ),
+    (
+        "RETRIEVAL_STOPWORD_MIN_ROWS",
+        "retrieval.stopword_min_rows",
+        Kind::Int,
+    ),
     ("EVENTS_RETENTION_SECS", "events.retention_secs", Kind::Int),
     ("TOOL_MAX_ROUNDS", "tools.max_rounds", Kind::Int),
     ("ACTION_EXPIRY_SECS", "tools.action_expiry_secs", Kind::Int),
@@ -330,6 +335,9 @@ pub struct RetrievalSettings {
     pub max_scan_tuples: u32,
     /// A user who sees at most this many chunks is searched exactly (no HNSW); 0: never.
     pub exact_max_rows: u32,
+    /// A question's term found in more than 2 % of all chunks and in more than this many is
+    /// left out of the full-text query (a corpus stopword); 0: never.
+    pub stopword_min_rows: u32,
     /// The query's embedding call gives up after this; the turn then uses full text only.
     pub embed_timeout_ms: u64,
 }
@@ -926,9 +934,11 @@ mod tests {
             ("RETRIEVAL_EF_SEARCH", "64"),
             ("RETRIEVAL_MAX_SCAN_TUPLES", "5000"),
             ("RETRIEVAL_EXACT_MAX_ROWS", "0"),
+            ("RETRIEVAL_STOPWORD_MIN_ROWS", "500"),
         ])
         .unwrap();
         assert_eq!(s.retrieval.exact_max_rows, 0);
+        assert_eq!(s.retrieval.stopword_min_rows, 500);
         assert_eq!(s.retrieval.top_k, 3);
         assert_eq!(s.retrieval.token_budget, 800);
         assert_eq!(s.retrieval.ef_search, 64);

@@ -15,7 +15,7 @@
 //!    `hnsw.max_scan_tuples` were visited), so recall holds for users who see 1 % of the index.
 //!    The query uses the index's own expression, `embedding::vector(<dim>) <=> $q` with
 //!    `dim = <dim>`, and the model.
-//! 3. Full-text search (`tsv @@ websearch_to_tsquery('english', text)` with its terms ORed,
+//! 3. Full-text search (`tsv @@` the text's lexemes ORed, less the corpus's most common ones,
 //!    ranked by `ts_rank`) under the same filter.
 //! 4. Reciprocal rank fusion (`1 / (60 + rank)` summed over both lists), top `k`.
 //!
@@ -70,6 +70,12 @@ pub struct Tuning {
     /// HNSW scan: cheaper and exact for a small visible set, where a graph walk would reject
     /// ~99 % of what it visits. 0 turns it off.
     pub exact_max_rows: u32,
+    /// A lexeme of the question is left out of the full-text query when it is in more than
+    /// [`COMMON_TERM_FREQ`] of all chunks AND in more than this many (estimated from
+    /// PostgreSQL's statistics): a long posting list, and little said about relevance. The
+    /// absolute floor keeps every term of a small corpus, where one chunk is already 2 %.
+    /// 0 turns it off.
+    pub stopword_min_rows: u32,
 }
 
 impl Default for Tuning {
@@ -79,6 +85,7 @@ impl Default for Tuning {
             ef_search: 100,
             max_scan_tuples: 20_000,
             exact_max_rows: 20_000,
+            stopword_min_rows: 10_000,
         }
     }
 }
@@ -236,16 +243,16 @@ const FTS_RANKED: u32 = 500;
 
 /// The full-text list. Parameters as [`filter`], plus $9 the text and $8 the limit.
 ///
-/// A chat message is a question, not a search expression: `websearch_to_tsquery` ANDs its
-/// words, and a chunk rarely holds every word of a question. The terms are ORed instead
-/// (lexemes never contain spaces, so ` & ` only occurs as the operator) and `ts_rank` prefers
-/// chunks holding more of them; quoted phrases keep their `<->`.
-fn fts_sql(all_projects: bool) -> String {
+/// A chat message is a question, not a search expression: a chunk rarely holds every word of a
+/// question, so its terms are ORed (see [`tsquery`]) and `ts_rank` prefers chunks holding more
+/// of them.
+fn fts_sql(all_projects: bool, stopword_min_rows: u32) -> String {
     let filter = filter(all_projects);
+    let tsquery = tsquery(stopword_min_rows);
     format!(
         "SELECT m.id, ts_rank(m.tsv, m.tq) AS rank
          FROM (SELECT e.id, e.tsv, q.tq
-               FROM embeddings e, {TSQUERY}
+               FROM embeddings e, {tsquery}
                WHERE e.tsv @@ q.tq AND {filter}
                LIMIT {FTS_RANKED}) m
          ORDER BY rank DESC, m.id
@@ -253,46 +260,63 @@ fn fts_sql(all_projects: bool) -> String {
     )
 }
 
-/// The ORed full-text query of the user's words ($9), as `q.tq` (see [`fts_sql`]).
-const TSQUERY: &str =
-    "(SELECT replace(websearch_to_tsquery('english', $9)::text, ' & ', ' | ')::tsquery AS tq) q";
+/// Lexemes in more than this fraction of all chunks (PostgreSQL's own statistics of `tsv`,
+/// `pg_stats.most_common_elems`) and in more than [`Tuning::stopword_min_rows`] chunks are left
+/// out of the full-text query: corpus stopwords. They say little about relevance (a term in
+/// 20 % of the chunks), and a GIN scan must walk a posting list that long before the visibility
+/// filter keeps the user's share of it — at 1M chunks ~90 ms for one such term.
+const COMMON_TERM_FREQ: f64 = 0.02;
 
-fn search_sql(dim: u32, with_vector: bool, all_projects: bool, scan: Scan) -> String {
-    let lists = match (with_vector, scan) {
-        // A small visible set: ONE pass over its rows (through the filter's indexes) computes
-        // both lists — every distance, and the text rank of the rows that match — instead of
-        // a second pass for full text whose GIN scan would walk a common term's whole posting
-        // list (~10 % of the index) only to keep the visible 1 %.
-        (true, Scan::Exact) => format!(
-            "vis AS MATERIALIZED (
-                 SELECT e.id, e.embedding::vector({dim}) <=> $7::vector({dim}) AS distance,
-                        CASE WHEN e.tsv @@ q.tq THEN ts_rank(e.tsv, q.tq) END AS rank
-                 FROM embeddings e, {TSQUERY}
-                 WHERE e.dim = {dim} AND {filter}),
-             ann_ranked AS (
-                 SELECT id, row_number() OVER (ORDER BY distance, id) AS r
-                 FROM (SELECT id, distance FROM vis ORDER BY distance, id LIMIT $8) a),
-             fts_ranked AS (
-                 SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r
-                 FROM (SELECT id, rank FROM vis WHERE rank IS NOT NULL
-                       ORDER BY rank DESC, id LIMIT $8) f),",
-            filter = filter(all_projects),
-        ),
-        (true, Scan::Index) => format!(
-            "ann AS MATERIALIZED ({}),
-             ann_ranked AS (SELECT id, row_number() OVER (ORDER BY distance, id) AS r FROM ann),
-             fts AS MATERIALIZED ({}),
-             fts_ranked AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r FROM fts),",
-            ann_sql(dim, all_projects, scan),
-            fts_sql(all_projects),
-        ),
-        (false, _) => format!(
-            "ann_ranked AS (SELECT NULL::uuid AS id, NULL::bigint AS r WHERE false),
-             fts AS MATERIALIZED ({}),
-             fts_ranked AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r FROM fts),",
-            fts_sql(all_projects),
-        ),
+/// The full-text query of the user's words ($9), as `q.tq` (see [`fts_sql`]): their lexemes
+/// (`to_tsvector('english', ..)`) ORed, without the corpus stopwords ([`COMMON_TERM_FREQ`];
+/// before the first `ANALYZE` nothing is left out; `min_rows` 0: nothing ever is). All
+/// common: an empty query, which matches nothing.
+fn tsquery(min_rows: u32) -> String {
+    let common = if min_rows == 0 {
+        String::new()
+    } else {
+        format!(
+            "WHERE l.lexeme NOT IN (
+                 SELECT c.elem
+                 FROM pg_stats s
+                 JOIN pg_class t ON t.relname = s.tablename
+                     AND t.relnamespace = to_regnamespace(s.schemaname),
+                      unnest(s.most_common_elems::text::text[], s.most_common_elem_freqs)
+                          AS c(elem, freq)
+                 WHERE s.schemaname = current_schema() AND s.tablename = 'embeddings'
+                   AND s.attname = 'tsv' AND c.elem IS NOT NULL
+                   AND c.freq > {COMMON_TERM_FREQ} AND c.freq * t.reltuples > {min_rows})"
+        )
     };
+    format!(
+        "(SELECT coalesce(string_agg(quote_literal(l.lexeme), ' | '), '')::tsquery AS tq
+          FROM unnest(tsvector_to_array(to_tsvector('english', $9))) AS l(lexeme)
+          {common}) q"
+    )
+}
+
+fn search_sql(
+    dim: u32,
+    with_vector: bool,
+    all_projects: bool,
+    scan: Scan,
+    stopword_min_rows: u32,
+) -> String {
+    let ann = if with_vector {
+        format!(
+            "ann AS MATERIALIZED ({}),
+             ann_ranked AS (SELECT id, row_number() OVER (ORDER BY distance, id) AS r FROM ann),",
+            ann_sql(dim, all_projects, scan)
+        )
+    } else {
+        "ann_ranked AS (SELECT NULL::uuid AS id, NULL::bigint AS r WHERE false),".to_owned()
+    };
+    let lists = format!(
+        "{ann}
+         fts AS MATERIALIZED ({}),
+         fts_ranked AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r FROM fts),",
+        fts_sql(all_projects, stopword_min_rows)
+    );
     format!(
         "WITH {lists}
          fused AS (
@@ -310,12 +334,14 @@ fn search_sql(dim: u32, with_vector: bool, all_projects: bool, scan: Scan) -> St
     )
 }
 
-/// Per-transaction settings (`SET LOCAL`, through `set_config`): the HNSW scan's, and custom
+/// Per-transaction settings (`SET LOCAL`, through `set_config`): no notices (a question of
+/// stopwords only is no news), the HNSW scan's, and custom
 /// plans always — a prepared statement's generic plan (after 5 runs) cannot see how many
 /// projects the array parameter holds, and chose a sequential scan for every user.
 async fn tune(conn: &mut PgConnection, t: &Tuning) -> Result<(), StoreError> {
     sqlx::query(
         "SELECT set_config('plan_cache_mode', 'force_custom_plan', true),
+                set_config('client_min_messages', 'warning', true),
                 set_config('hnsw.iterative_scan', 'relaxed_order', true),
                 set_config('hnsw.ef_search', $1, true),
                 set_config('hnsw.max_scan_tuples', $2, true)",
@@ -356,7 +382,13 @@ pub async fn search(
         Some(_) => choose_scan(&mut tx, q, &vis, tuning.exact_max_rows).await?,
         None => Scan::Index,
     };
-    let sql = search_sql(q.dim, embedding.is_some(), vis.all, scan);
+    let sql = search_sql(
+        q.dim,
+        embedding.is_some(),
+        vis.all,
+        scan,
+        tuning.stopword_min_rows,
+    );
     let rows = sqlx::query_as::<_, Chunk>(sqlx::AssertSqlSafe(sql))
         .bind(q.org_id)
         .bind(q.user_id)
@@ -502,7 +534,13 @@ pub async fn explain_search(
     };
     let sql = format!(
         "EXPLAIN (ANALYZE, BUFFERS) {}",
-        search_sql(q.dim, q.embedding.is_some(), vis.all, scan)
+        search_sql(
+            q.dim,
+            q.embedding.is_some(),
+            vis.all,
+            scan,
+            tuning.stopword_min_rows
+        )
     );
     let lines = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
         .bind(q.org_id)

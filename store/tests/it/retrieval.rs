@@ -435,6 +435,7 @@ async fn the_recent_window_is_excluded_and_a_one_percent_user_still_gets_k_resul
         ef_search: 10,
         max_scan_tuples: 20_000,
         exact_max_rows: 0,
+        ..Tuning::default()
     };
     let (approx, was_exact) = retrieval::nearest(&mut c, &q, &tuning, 10, Nearest::Auto)
         .await
@@ -538,6 +539,7 @@ async fn a_filtered_hnsw_scan_keeps_going_until_enough_rows_pass_the_filter() {
         ef_search: 10,
         max_scan_tuples: 20_000,
         exact_max_rows: 999,
+        ..Tuning::default()
     };
     let plan = retrieval::explain_nearest(&mut c, &q, &tuning, 40)
         .await
@@ -617,6 +619,7 @@ async fn a_small_visible_set_is_searched_exactly_without_the_hnsw_index() {
         ef_search: 10,
         max_scan_tuples: 20_000,
         exact_max_rows,
+        ..Tuning::default()
     };
     let (reference, _) = retrieval::nearest(&mut c, &q, &at(100), 40, Nearest::Reference)
         .await
@@ -648,4 +651,82 @@ async fn a_small_visible_set_is_searched_exactly_without_the_hnsw_index() {
         .await
         .unwrap();
     assert!(!was_exact);
+}
+
+#[tokio::test]
+async fn the_corpus_most_common_terms_are_left_out_of_the_full_text_query() {
+    let db = TestDb::new().await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = fx::org(&mut c).await;
+    let user = fx::user(&mut c, org, Role::Owner).await;
+    let p = fx::project(&mut c, org, user, Visibility::Private, None).await;
+    // "widget" is in every chunk, "zeppelin" in one
+    let mut chunks = Vec::new();
+    for i in 0..300 {
+        let text = if i == 7 {
+            "widget zeppelin".to_owned()
+        } else {
+            format!("widget number{i}")
+        };
+        chunks.push(fx::project_chunk(
+            org,
+            p,
+            "task",
+            Uuid::now_v7(),
+            "T",
+            &text,
+            &text,
+            MODEL,
+            DIM,
+        ));
+    }
+    fx::insert(&mut c, &chunks).await;
+    let conv = store::conversations::create(&mut c, org, user, "c", None)
+        .await
+        .unwrap()
+        .id;
+    let search = |text: &'static str, stopword_min_rows: u32| {
+        let pool = db.pool.clone();
+        async move {
+            let mut c = pool.acquire().await.unwrap();
+            let q = Query {
+                org_id: org,
+                user_id: user,
+                conversation_id: conv,
+                embedding: None,
+                text,
+                model: MODEL,
+                dim: DIM as u32,
+                k: 6,
+                exclude_message_ids: &[],
+            };
+            let tuning = Tuning {
+                stopword_min_rows,
+                ..Tuning::default()
+            };
+            let got = retrieval::search(&mut c, &q, &tuning).await.unwrap();
+            got.into_iter().map(|c| c.content).collect::<Vec<_>>()
+        }
+    };
+    // before statistics exist nothing is left out: every chunk matches "widget"
+    let got = search("widget zeppelin", 100).await;
+    assert_eq!(got.len(), 6, "{got:?}");
+    assert_eq!(got[0], "widget zeppelin");
+    sqlx::query("ANALYZE embeddings")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    // with them, "widget" (in all 300 chunks, more than 100) is a corpus stopword: only the
+    // rare term's chunk matches
+    assert_eq!(
+        search("widget zeppelin", 100).await,
+        vec!["widget zeppelin"]
+    );
+    // a question of common terms only finds nothing by full text (and raises no error)
+    let got = search("widget", 100).await;
+    assert!(got.is_empty(), "{got:?}");
+    // a small corpus keeps every term: 300 chunks are under the default floor (10 000), and
+    // 0 turns the filter off
+    assert_eq!(search("widget", 10_000).await.len(), 6);
+    assert_eq!(search("widget", 0).await.len(), 6);
 }

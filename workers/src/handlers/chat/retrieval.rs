@@ -273,6 +273,7 @@ pub(crate) fn tuning(settings: &config::RetrievalSettings) -> Tuning {
         ef_search: settings.ef_search,
         max_scan_tuples: settings.max_scan_tuples,
         exact_max_rows: settings.exact_max_rows,
+        stopword_min_rows: settings.stopword_min_rows,
     }
 }
 
