@@ -33,7 +33,7 @@ async fn search_as(
         k: 6,
         exclude_message_ids: &[],
     };
-    // the small test sets take the exact one-pass form; the HNSW form (exact_max_rows 0) must
+    // the small test sets take the exact form; the HNSW form (exact_max_rows 0) must
     // give the same answer on them (the graph holds every row within ef_search)
     let exact = retrieval::search(&mut c, &q, &Tuning::default())
         .await
