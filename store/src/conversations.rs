@@ -67,6 +67,15 @@ const MESSAGE_COLS: &str = "id, conversation_id, seq, role, content, response_id
 const RESPONSE_COLS: &str = "id, conversation_id, user_message_id, status, model, error_code, \
      error_message, starts, created_at, completed_at";
 
+/// [`RESPONSE_COLS`] qualified by a table alias (`r.id, r.conversation_id, ..`).
+fn response_cols_of(alias: &str) -> String {
+    RESPONSE_COLS
+        .split(',')
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Create a conversation for `user_id`; with `project_ids`, narrowed to those projects, each of
 /// which the user must be able to see now (else `InvalidReference` on `project_ids`).
 pub async fn create(
@@ -349,11 +358,7 @@ pub async fn get_response_own(
         "SELECT {} FROM responses r
          JOIN conversations c ON c.id = r.conversation_id
          WHERE r.id = $1 AND r.conversation_id = $2 AND c.user_id = $3",
-        RESPONSE_COLS
-            .split(", ")
-            .map(|c| format!("r.{}", c.trim()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        response_cols_of("r")
     )))
     .bind(response_id)
     .bind(conversation_id)
@@ -403,11 +408,7 @@ pub async fn turn_start(
          JOIN conversations c ON c.id = r.conversation_id
          LEFT JOIN organizations o ON o.id = $4
          WHERE r.id = $1 AND r.conversation_id = $2 AND c.user_id = $3",
-        RESPONSE_COLS
-            .split(", ")
-            .map(|c| format!("r.{}", c.trim()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        response_cols_of("r")
     )))
     .bind(response_id)
     .bind(conversation_id)
