@@ -381,42 +381,75 @@ async fn the_filter_is_live_for_projects_restrictions_messages_narrowing_deletio
     );
 }
 
+/// A member who sees one private project of two, `n` task chunks ("chunk {i}") spread over
+/// them (`is_mine(i)`: in the member's), statistics analyzed, and a conversation of theirs.
+struct Scene {
+    db: TestDb,
+    c: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    org: Uuid,
+    user: Uuid,
+    mine: Uuid,
+    conv: Uuid,
+}
+
+impl Scene {
+    async fn new(n: usize, is_mine: impl Fn(usize) -> bool) -> Self {
+        let db = TestDb::new().await;
+        let mut c = db.pool.acquire().await.unwrap();
+        let org = fx::org(&mut c).await;
+        let owner = fx::user(&mut c, org, Role::Owner).await;
+        let user = fx::user(&mut c, org, Role::Member).await;
+        let mine = fx::project(&mut c, org, user, Visibility::Private, None).await;
+        let others = fx::project(&mut c, org, owner, Visibility::Private, None).await;
+        let chunks: Vec<_> = (0..n)
+            .map(|i| {
+                let text = format!("chunk {i}");
+                let p = if is_mine(i) { mine } else { others };
+                fx::project_chunk(
+                    org,
+                    p,
+                    "task",
+                    Uuid::now_v7(),
+                    "T",
+                    &text,
+                    &text,
+                    MODEL,
+                    DIM,
+                )
+            })
+            .collect();
+        fx::insert(&mut c, &chunks).await;
+        sqlx::query("ANALYZE embeddings")
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        let conv = store::conversations::create(&mut c, org, user, "c", None)
+            .await
+            .unwrap()
+            .id;
+        Self {
+            db,
+            c,
+            org,
+            user,
+            mine,
+            conv,
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_recent_window_is_excluded_and_a_one_percent_user_still_gets_k_results() {
-    let db = TestDb::new().await;
-    let mut c = db.pool.acquire().await.unwrap();
-    let org = fx::org(&mut c).await;
-    let owner = fx::user(&mut c, org, Role::Owner).await;
-    let user = fx::user(&mut c, org, Role::Member).await;
-    let mine = fx::project(&mut c, org, user, Visibility::Private, None).await;
-    let others = fx::project(&mut c, org, owner, Visibility::Private, None).await;
     // 1 000 chunks, 1 % of them visible to `user`: the HNSW scan must walk past the hidden
     // 99 % (iterative scan) instead of returning the few visible rows among its first ef_search
-    let mut chunks = Vec::new();
-    for i in 0..1000 {
-        let text = format!("chunk {i}");
-        let p = if i % 100 == 7 { mine } else { others };
-        chunks.push(fx::project_chunk(
-            org,
-            p,
-            "task",
-            Uuid::now_v7(),
-            "T",
-            &text,
-            &text,
-            MODEL,
-            DIM,
-        ));
-    }
-    fx::insert(&mut c, &chunks).await;
-    sqlx::query("ANALYZE embeddings")
-        .execute(&mut *c)
-        .await
-        .unwrap();
-    let conv = store::conversations::create(&mut c, org, user, "c", None)
-        .await
-        .unwrap()
-        .id;
+    let Scene {
+        db: _db,
+        mut c,
+        org,
+        user,
+        mine,
+        conv,
+    } = Scene::new(1000, |i| i % 100 == 7).await;
     let v = pgvector::Vector::from(fake_embedding("anything", DIM));
     let q = Query {
         org_id: org,
@@ -487,40 +520,16 @@ async fn the_recent_window_is_excluded_and_a_one_percent_user_still_gets_k_resul
 
 #[tokio::test]
 async fn a_filtered_hnsw_scan_keeps_going_until_enough_rows_pass_the_filter() {
-    let db = TestDb::new().await;
-    let mut c = db.pool.acquire().await.unwrap();
-    let org = fx::org(&mut c).await;
-    let owner = fx::user(&mut c, org, Role::Owner).await;
-    let user = fx::user(&mut c, org, Role::Member).await;
-    let mine = fx::project(&mut c, org, user, Visibility::Private, None).await;
-    let others = fx::project(&mut c, org, owner, Visibility::Private, None).await;
     // half of 2 000 chunks visible: the planner takes the HNSW index; with ef_search = 10 a
     // plain scan would stop after ~10 candidates (~5 visible), the iterative one goes on
-    let mut chunks = Vec::new();
-    for i in 0..2000 {
-        let text = format!("chunk {i}");
-        let p = if i % 2 == 0 { mine } else { others };
-        chunks.push(fx::project_chunk(
-            org,
-            p,
-            "task",
-            Uuid::now_v7(),
-            "T",
-            &text,
-            &text,
-            MODEL,
-            DIM,
-        ));
-    }
-    fx::insert(&mut c, &chunks).await;
-    sqlx::query("ANALYZE embeddings")
-        .execute(&mut *c)
-        .await
-        .unwrap();
-    let conv = store::conversations::create(&mut c, org, user, "c", None)
-        .await
-        .unwrap()
-        .id;
+    let Scene {
+        db: _db,
+        mut c,
+        org,
+        user,
+        mine,
+        conv,
+    } = Scene::new(2000, |i| i % 2 == 0).await;
     let v = pgvector::Vector::from(fake_embedding("anything", DIM));
     let q = Query {
         org_id: org,
@@ -569,39 +578,15 @@ async fn a_filtered_hnsw_scan_keeps_going_until_enough_rows_pass_the_filter() {
 
 #[tokio::test]
 async fn a_small_visible_set_is_searched_exactly_without_the_hnsw_index() {
-    let db = TestDb::new().await;
-    let mut c = db.pool.acquire().await.unwrap();
-    let org = fx::org(&mut c).await;
-    let owner = fx::user(&mut c, org, Role::Owner).await;
-    let user = fx::user(&mut c, org, Role::Member).await;
-    let mine = fx::project(&mut c, org, user, Visibility::Private, None).await;
-    let others = fx::project(&mut c, org, owner, Visibility::Private, None).await;
     // 100 visible rows among 2 000
-    let mut chunks = Vec::new();
-    for i in 0..2000 {
-        let text = format!("chunk {i}");
-        let p = if i % 20 == 0 { mine } else { others };
-        chunks.push(fx::project_chunk(
-            org,
-            p,
-            "task",
-            Uuid::now_v7(),
-            "T",
-            &text,
-            &text,
-            MODEL,
-            DIM,
-        ));
-    }
-    fx::insert(&mut c, &chunks).await;
-    sqlx::query("ANALYZE embeddings")
-        .execute(&mut *c)
-        .await
-        .unwrap();
-    let conv = store::conversations::create(&mut c, org, user, "c", None)
-        .await
-        .unwrap()
-        .id;
+    let Scene {
+        db: _db,
+        mut c,
+        org,
+        user,
+        mine,
+        conv,
+    } = Scene::new(2000, |i| i % 20 == 0).await;
     let v = pgvector::Vector::from(fake_embedding("anything", DIM));
     let q = Query {
         org_id: org,
