@@ -987,20 +987,8 @@ async fn a_first_token_published_while_another_run_started_the_response_is_sent_
         .unwrap();
     let job = turn(&db, &s, "hello").await;
     bus_for(&settings).enqueue(job.clone()).await.unwrap();
-    let run = tokio::spawn({
-        let (db_pool, settings) = (db.pool.clone(), settings.clone());
-        async move {
-            let mut registry = workers::handlers::registry(db_pool.clone());
-            workers::handlers::chat::ChatHandler::new(db_pool, redis_handle(&settings), &settings)
-                .unwrap()
-                .register(&mut registry);
-            let mut opts = WorkerOptions::from_settings(&settings, vec![Queue::Chat]);
-            opts.read_block = Duration::from_millis(200);
-            Worker::new(bus_for(&settings), registry, opts)
-                .drain_until_empty(Duration::from_secs(90))
-                .await
-        }
-    });
+    let worker = chat_worker(&db, &settings);
+    let run = tokio::spawn(async move { worker.drain_until_empty(Duration::from_secs(90)).await });
     // the run has read its (queued) response and waits for the model's first token
     eventually("the model was called", Duration::from_secs(20), || async {
         !upstream
