@@ -503,22 +503,6 @@ pub async fn explain_nearest(
     Ok(lines)
 }
 
-/// Whether `org` has any chunk embedded with `model` (a turn skips the embedding call and the
-/// search when it has none).
-pub async fn has_index(
-    conn: &mut PgConnection,
-    org: Uuid,
-    model: &str,
-) -> Result<bool, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM embeddings WHERE org_id = $1 AND model = $2)",
-    )
-    .bind(org)
-    .bind(model)
-    .fetch_one(&mut *conn)
-    .await?)
-}
-
 /// `EXPLAIN (ANALYZE, BUFFERS)` of the whole hybrid query of [`search`].
 pub async fn explain_search(
     conn: &mut PgConnection,
