@@ -15,6 +15,7 @@ pub mod pagination;
 pub mod password;
 pub mod ratelimit;
 pub mod routes;
+pub mod server;
 pub mod sse;
 pub mod startup;
 pub mod state;

@@ -139,8 +139,9 @@ impl Drop for OpenStreamGuard {
 /// The per-user cap on concurrently open SSE streams in this process
 /// (`api.sse_max_streams_per_user`, `SSE_MAX_STREAMS_PER_USER`): POST messages in SSE mode and
 /// GET .../events take a [`StreamPermit`] first; past the cap, 429 `too_many_streams` with
-/// `Retry-After`. A permit is returned when its stream is dropped (a gone client is noticed
-/// at the next write: an event or the keep-alive, hence `Retry-After` = the keep-alive interval).
+/// `Retry-After`. A permit is returned when its stream is dropped: at once when the client
+/// closes its connection (the server's pending read sees it), else at the next write (an event
+/// or the keep-alive, hence `Retry-After` = the keep-alive interval).
 pub struct StreamLimits {
     max: usize,
     retry_after_secs: u64,

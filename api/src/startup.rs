@@ -6,9 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use poem::listener::{Acceptor, TcpAcceptor};
-use poem::web::{LocalAddr, RemoteAddr};
-use poem::{EndpointExt, Route, Server};
+use poem::{EndpointExt, Route};
 use poem_openapi::OpenApiService;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,34 +28,9 @@ use crate::routes::tasks::TasksApi;
 use crate::routes::teams::TeamsApi;
 use crate::state::AppState;
 
-/// Accepts like [`TcpAcceptor`] and turns Nagle's algorithm off on every connection (poem
-/// leaves it on). An SSE response writes its headers, then each event as a small write of its
-/// own; with Nagle on, the first event after the headers waited for the client's delayed ACK
-/// (tens of milliseconds), which `bench chat` measured as ~20 ms added to the time to the
-/// first event.
-struct NoDelayAcceptor(TcpAcceptor);
-
-impl Acceptor for NoDelayAcceptor {
-    type Io = <TcpAcceptor as Acceptor>::Io;
-
-    fn local_addr(&self) -> Vec<LocalAddr> {
-        self.0.local_addr()
-    }
-
-    async fn accept(
-        &mut self,
-    ) -> std::io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
-        let (io, local, remote, scheme) = self.0.accept().await?;
-        if let Err(e) = io.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        Ok((io, local, remote, scheme))
-    }
-}
-
 pub struct Application {
     state: AppState,
-    acceptor: NoDelayAcceptor,
+    listener: tokio::net::TcpListener,
     addr: SocketAddr,
 }
 
@@ -79,7 +52,6 @@ impl Application {
         ));
         let listener = tokio::net::TcpListener::bind(settings.api_addr()).await?;
         let addr = listener.local_addr()?;
-        let acceptor = NoDelayAcceptor(TcpAcceptor::from_tokio(listener)?);
         let streams = Arc::new(crate::sse::StreamLimits::new(&settings.api));
         let state = AppState {
             settings: Arc::new(settings),
@@ -97,7 +69,7 @@ impl Application {
         };
         Ok(Self {
             state,
-            acceptor,
+            listener,
             addr,
         })
     }
@@ -117,7 +89,12 @@ impl Application {
     /// Serve until `shutdown` is cancelled. The event hub runs as a task owned here; open SSE
     /// streams and JSON-mode waits end when `shutdown` fires, so the drain does not wait for them.
     pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> std::io::Result<()> {
-        let timeout = Duration::from_secs(self.state.settings.api.shutdown_timeout_secs);
+        let api = &self.state.settings.api;
+        let limits = crate::server::ServerLimits {
+            max_header_bytes: api.max_header_bytes,
+            header_read_timeout: Duration::from_secs(api.header_read_timeout_secs),
+            drain: Duration::from_secs(api.shutdown_timeout_secs),
+        };
         // A child: cancelled with `shutdown`, and by us when the server stops on its own.
         let stop = shutdown.child_token();
         self.state.shutdown = stop.clone();
@@ -126,9 +103,7 @@ impl Application {
         tasks.close();
         let app = routes(self.state.clone());
         tracing::info!(addr = %self.addr, "api listening");
-        let served = Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(app, stop.clone().cancelled_owned(), Some(timeout))
-            .await;
+        let served = crate::server::serve(self.listener, app, limits, stop.clone()).await;
         stop.cancel();
         tasks.wait().await;
         served

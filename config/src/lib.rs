@@ -51,6 +51,17 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ("API_ADDR", "api.addr", Kind::Str),
     ("MAX_BODY_BYTES", "api.max_body_bytes", Kind::Int),
     ("MAX_UPLOAD_BYTES", "api.max_upload_bytes", Kind::Int),
+    (
+        "API_SHUTDOWN_TIMEOUT_SECS",
+        "api.shutdown_timeout_secs",
+        Kind::Int,
+    ),
+    ("MAX_HEADER_BYTES", "api.max_header_bytes", Kind::Int),
+    (
+        "HEADER_READ_TIMEOUT_SECS",
+        "api.header_read_timeout_secs",
+        Kind::Int,
+    ),
     ("JSON_WAIT_SECS", "api.json_wait_secs", Kind::Int),
     ("MESSAGE_RATE_LIMIT", "api.message_rate_limit", Kind::Int),
     ("SSE_KEEP_ALIVE_SECS", "api.sse_keep_alive_secs", Kind::Int),
@@ -239,7 +250,15 @@ pub struct ApiSettings {
     pub addr: String,
     pub max_body_bytes: usize,
     pub max_upload_bytes: usize,
+    /// How long a stopping API lets in-flight requests finish before it closes their
+    /// connections (`API_SHUTDOWN_TIMEOUT_SECS`).
     pub shutdown_timeout_secs: u64,
+    /// Longest request head (request line and headers) accepted (`MAX_HEADER_BYTES`); longer
+    /// ones are answered 431.
+    pub max_header_bytes: usize,
+    /// A connection that takes longer to send a request head, or stays idle between requests
+    /// that long, is closed (`HEADER_READ_TIMEOUT_SECS`).
+    pub header_read_timeout_secs: u64,
     pub json_wait_secs: u64,
     /// Messages one user may post per minute (`MESSAGE_RATE_LIMIT`); then 429.
     pub message_rate_limit: u32,
@@ -554,6 +573,16 @@ impl Settings {
         positive(self.worker.concurrency as u64, "WORKER_CONCURRENCY")?;
         positive(u64::from(self.api.message_rate_limit), "MESSAGE_RATE_LIMIT")?;
         positive(self.api.sse_keep_alive_secs, "SSE_KEEP_ALIVE_SECS")?;
+        positive(
+            self.api.header_read_timeout_secs,
+            "HEADER_READ_TIMEOUT_SECS",
+        )?;
+        if self.api.max_header_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "MAX_HEADER_BYTES",
+                "must be at least 1024",
+            ));
+        }
         positive(
             self.api.sse_max_streams_per_user as u64,
             "SSE_MAX_STREAMS_PER_USER",

@@ -667,3 +667,39 @@ async fn open_event_streams_are_capped_per_user() {
     assert!(freed, "the closed stream's place came back");
     drop(second);
 }
+
+/// A client that hangs up is noticed when it hangs up, not at the stream's next write: with an
+/// hour between keep-alives and nothing else to send, its place under the per-user cap comes
+/// back at once (the server's pending read on the connection sees the end of it).
+#[tokio::test]
+async fn a_client_that_hangs_up_frees_its_stream_at_once() {
+    let app = spawn_app_with(&[
+        ("SSE_MAX_STREAMS_PER_USER", "1"),
+        ("SSE_KEEP_ALIVE_SECS", "3600"),
+    ])
+    .await;
+    let user = app.register(&email("u"), "Org").await;
+    let conv = app.conversation(&user.token).await;
+    // no worker: the answer stays open
+    let mut first = app.post_stream(&user.token, &conv, "one").await;
+    let created = first.next_event().await.unwrap();
+    let rid = created.data()["response_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.events(&user.token, &conv, &rid, None)
+            .await
+            .status()
+            .as_u16(),
+        429
+    );
+    drop(first);
+    let mut freed = false;
+    for _ in 0..50 {
+        let r = app.events(&user.token, &conv, &rid, None).await;
+        if r.status().as_u16() == 200 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(freed, "the hung-up stream's place came back within 5 s");
+}

@@ -16,6 +16,7 @@ mod model_settings;
 mod observability;
 mod ops;
 mod retrieval;
+mod server;
 mod tenancy;
 mod usage;
 mod visibility_model;
