@@ -473,3 +473,85 @@ async fn an_embedder_failure_falls_back_to_full_text_and_the_answer_still_comes(
         "the embedder was tried"
     );
 }
+
+/// The question is embedded once per turn, shared by retrieval and memory, and not at all by
+/// an attempt that only waits for its model's cooldown (the re-queued attempt would repeat it).
+#[tokio::test]
+async fn a_turn_embeds_its_question_once_and_not_while_its_model_cools_down() {
+    let ctx = Ctx::new().await;
+    let (org, chat) = ctx.org().await;
+    let mut c = ctx.db.pool.acquire().await.unwrap();
+    let alice = fx::user(&mut c, org, Role::Member).await;
+    let project = fx::project(&mut c, org, alice, Visibility::Org, None).await;
+    let doc = fx::document(&mut c, org, project, "Plan").await;
+    let question = "When does the rollout start?";
+    fx::insert(
+        &mut c,
+        &[fx::project_chunk(
+            org,
+            project,
+            "document",
+            doc,
+            "Plan",
+            "The rollout starts on Monday.",
+            question,
+            &ctx.model(),
+            384,
+        )],
+    )
+    .await;
+    // an org memory entry: memory ranks by the question's embedding too
+    let mut tx = ctx.db.pool.begin().await.unwrap();
+    store::memory::insert(
+        &mut tx,
+        &store::memory::NewEntry {
+            owner: store::memory::Owner::org(org),
+            content: "The team prefers short answers.".into(),
+            source_conversation_id: None,
+            source_message_ids: vec![],
+            embedding: None,
+        },
+        50,
+        0.1,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    drop(c);
+
+    // the chat model cools down (another worker saw a 429) when the turn arrives
+    let redis = std::sync::Arc::new(jobs::RedisHandle::new(&ctx.settings.redis).unwrap());
+    workers::handlers::chat::policy::Cooldowns::new(redis)
+        .start(&via_litellm(&chat), Duration::from_millis(1500))
+        .await
+        .unwrap();
+    let conversation = ctx.conversation(org, alice, None).await;
+    let mut tx = ctx.db.pool.begin().await.unwrap();
+    let (message, response) = conv::start_turn(&mut tx, conversation, question)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    bus_for(&ctx.settings)
+        .enqueue(Chat {
+            conversation_id: conversation,
+            message_id: message.id,
+            response_id: response.id,
+            user_id: alice,
+            org_id: org,
+        })
+        .await
+        .unwrap();
+    let report = crate_drain(&ctx.db, &ctx.settings).await;
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+    assert!(report.retried >= 1, "the turn waited for the cooldown");
+    let embeds = FakeClient::shared().requests(&ctx.embed).await.unwrap();
+    assert_eq!(
+        embeds.len(),
+        1,
+        "one embedding call for the turn, none while it waited"
+    );
+    let calls = FakeClient::shared().requests(&chat).await.unwrap();
+    let prompt = calls[0].body["messages"].to_string();
+    assert!(prompt.contains("Monday"), "retrieval used it: {prompt}");
+    assert!(prompt.contains("short answers"), "memory used it: {prompt}");
+}

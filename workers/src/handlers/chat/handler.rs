@@ -118,7 +118,7 @@ impl ChatHandler {
                     .await
             }
         );
-        let Some(start) = start.map_err(db_error)? else {
+        let Some(mut start) = start.map_err(db_error)? else {
             return Err(JobError::permanent(
                 "the response does not exist (or is not this user's)",
             ));
@@ -139,6 +139,28 @@ impl ChatHandler {
                 "the user message of this turn is not in its conversation",
             ));
         }
+        let org = (start.org_model.take(), start.org_fallback_model.take());
+        let models = Models::choose(org, &self.inner.chat);
+        // the primary — unless an earlier attempt of this turn saw it fail before its first
+        // token and was re-queued by the fallback's rate limit: then straight to the fallback
+        let primary_failed_before = ctx.attempt > 1
+            && models.fallback.is_some()
+            && self
+                .inner
+                .primary_failures
+                .marked(response.id)
+                .await
+                .map_err(redis_error)?;
+        // The model this attempt calls first cooling down: wait (re-queue) before the turn's
+        // reads and its embedding call, which the re-queued attempt would only repeat.
+        let first = match (&models.fallback, primary_failed_before) {
+            (Some(fallback), true) => fallback.as_str(),
+            _ => models.primary.as_str(),
+        };
+        if let Some(left) = self.cooling_down(first).await? {
+            return self.wait_for_rate_limit(ctx, &response, first, left).await;
+        }
+
         // Retrieval, memory and this response's own tool exchange are independent reads; the
         // question is embedded once, and only if retrieval or memory has something to rank.
         let question = super::retrieval::Question::new(
@@ -172,21 +194,9 @@ impl ChatHandler {
             rounds_done: exchange.rounds,
             proposed: (!exchange.proposed.is_empty()).then(|| proposal_answer(&exchange.proposed)),
         };
-        let org = (start.org_model, start.org_fallback_model);
-        let models = Models::choose(org, &self.inner.chat);
         let fresh = response.status == "queued" && response.starts == 0;
         let mut turn = Turn::new(response.id, self.inner.call_limit, fresh);
 
-        // the primary — unless an earlier attempt of this turn saw it fail before its first
-        // token and was re-queued by the fallback's rate limit: then straight to the fallback
-        let primary_failed_before = ctx.attempt > 1
-            && models.fallback.is_some()
-            && self
-                .inner
-                .primary_failures
-                .marked(response.id)
-                .await
-                .map_err(redis_error)?;
         let primary_error = if primary_failed_before {
             tracing::info!(primary = %models.primary, "the primary failed in an earlier attempt of this turn; using the fallback");
             None
@@ -283,11 +293,7 @@ impl ChatHandler {
         (turn, tools): (&mut Turn, &mut ToolTurn),
         citations: &Value,
     ) -> Result<Result<llm::LlmError, HandlerResult>, JobError> {
-        if let Some(left) = self.cooling_down(&models.primary).await? {
-            return Ok(Err(self
-                .wait_for_rate_limit(ctx, response, &models.primary, left)
-                .await));
-        }
+        // (its cooldown was checked before the turn's reads)
         Ok(
             match self.call_with_tools(turn, &models.primary, tools).await? {
                 CallOutcome::Answered(a) => {
