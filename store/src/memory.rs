@@ -3,8 +3,10 @@
 //! Nothing here is reachable from a user-facing endpoint: the chat worker reads it into
 //! prompts, the memory jobs write it, operators manage it with `api memory`.
 //!
-//! - Summaries: [`lock_summary`] (row lock) → [`messages_to_fold`] → [`save_summary`], all in
-//!   one transaction, so two summarize runs never fold a message twice or lose one.
+//! - Summaries: [`claim_summary`] (a lease on the summary row, nothing locked) →
+//!   [`messages_to_fold`] → the model call, holding no connection → [`save_summary`], a
+//!   compare-and-set on `summarized_up_to` that also ends the lease; so two summarize runs
+//!   never fold a message twice or lose one, and only one calls the model at a time.
 //! - Entries: [`insert`] locks the owner (advisory transaction lock), refreshes a
 //!   near-duplicate or inserts, then trims the owner's entries to the tier's capacity — in the
 //!   caller's transaction, so concurrent inserts of one owner never leave more than capacity.
@@ -438,26 +440,78 @@ pub async fn summary(
     .await?)
 }
 
-/// The summary row of a conversation (created empty if missing), locked for the rest of the
-/// caller's transaction: a concurrent summarize run waits here, then sees this one's result.
-pub async fn lock_summary(
+/// What [`claim_summary`] found.
+#[derive(Debug)]
+pub enum SummaryClaim {
+    /// The summary, now leased to the caller.
+    Claimed(Summary),
+    /// Another job's run holds the lease.
+    Busy,
+    /// The conversation is gone.
+    Gone,
+}
+
+/// Claim the summary of a conversation for the summarize run of job `job_id`, for `lease`
+/// (the row is created empty if missing). Free when no lease is set, when it expired, or when
+/// it is this job's own (a redelivery after a crash). Two autocommitted statements; nothing
+/// stays locked.
+pub async fn claim_summary(
     conn: &mut PgConnection,
     conversation_id: Uuid,
-) -> Result<Summary, StoreError> {
+    job_id: Uuid,
+    lease: std::time::Duration,
+) -> Result<SummaryClaim, StoreError> {
+    // (a conversation that is gone gets no row: Gone below)
     sqlx::query(
-        "INSERT INTO conversation_summaries (conversation_id) VALUES ($1)
+        "INSERT INTO conversation_summaries (conversation_id)
+         SELECT id FROM conversations WHERE id = $1
          ON CONFLICT (conversation_id) DO NOTHING",
     )
     .bind(conversation_id)
     .execute(&mut *conn)
     .await?;
-    Ok(sqlx::query_as::<_, Summary>(
-        "SELECT summary, summarized_up_to FROM conversation_summaries
-         WHERE conversation_id = $1 FOR UPDATE",
+    let claimed: Option<(String, i64, bool)> = sqlx::query_as(
+        "WITH claimed AS (
+             UPDATE conversation_summaries
+                SET folding_until = clock_timestamp() + make_interval(secs => $3),
+                    folding_job = $2
+              WHERE conversation_id = $1
+                AND (folding_until IS NULL OR folding_until <= clock_timestamp()
+                     OR folding_job = $2)
+             RETURNING summary, summarized_up_to)
+         SELECT summary, summarized_up_to, true FROM claimed
+         UNION ALL
+         SELECT '', 0, false FROM conversation_summaries
+          WHERE conversation_id = $1 AND NOT EXISTS (SELECT 1 FROM claimed)",
     )
     .bind(conversation_id)
-    .fetch_one(&mut *conn)
-    .await?)
+    .bind(job_id)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match claimed {
+        Some((summary, summarized_up_to, true)) => SummaryClaim::Claimed(Summary {
+            summary,
+            summarized_up_to,
+        }),
+        Some((_, _, false)) => SummaryClaim::Busy,
+        None => SummaryClaim::Gone,
+    })
+}
+
+/// End a run's claim without writing (its model call failed): the next run may start at once.
+pub async fn release_summary(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE conversation_summaries SET folding_until = NULL, folding_job = NULL
+         WHERE conversation_id = $1",
+    )
+    .bind(conversation_id)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 const MESSAGE_COLS: &str = "m.id, m.conversation_id, m.seq, m.role, m.content, m.response_id, \
@@ -510,26 +564,30 @@ pub async fn unsummarized_beyond_window(
     .await?)
 }
 
-/// Store the new summary, folded up to message seq `up_to` (never backwards).
+/// Store the new summary, folded from message seq `from` (the claimed `summarized_up_to`) up
+/// to `up_to`, and end the claim; false (nothing written) when the summary moved on meanwhile
+/// (another run's lease after this one's expired).
 pub async fn save_summary(
     conn: &mut PgConnection,
     conversation_id: Uuid,
+    from: i64,
     summary: &str,
     up_to: i64,
     model: &str,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE conversation_summaries SET summary = $2, summarized_up_to = $3, model = $4,
-             updated_at = now()
-         WHERE conversation_id = $1 AND summarized_up_to < $3",
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE conversation_summaries SET summary = $3, summarized_up_to = $4, model = $5,
+             folding_until = NULL, folding_job = NULL, updated_at = now()
+         WHERE conversation_id = $1 AND summarized_up_to = $2 AND $4 > $2",
     )
     .bind(conversation_id)
+    .bind(from)
     .bind(summary)
     .bind(up_to)
     .bind(model)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// Record that the `remember` run for assistant message `message_id` stored `facts` facts;

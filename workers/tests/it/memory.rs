@@ -360,7 +360,7 @@ async fn concurrent_summarize_jobs_fold_each_message_once() {
         c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
             .await;
     }
-    // one slow answer: the other runs wait on the summary's row lock meanwhile
+    // one slow answer: the other runs find the summary claimed meanwhile and end
     FakeClient::shared()
         .script(
             &c.model,
@@ -787,4 +787,66 @@ async fn a_long_backlog_is_folded_over_several_runs() {
         (s.summary.as_str(), s.summarized_up_to),
         ("PART-2", c.seq_of(&last_long).await)
     );
+}
+
+/// A summarize run holds no database connection while the model writes: with a pool of one
+/// connection, another query gets it during the (slow) model call.
+#[tokio::test]
+async fn a_summarize_run_holds_no_connection_across_its_model_call() {
+    let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
+    let user = c.user(Role::Member).await;
+    let conversation = c.conversation(user).await;
+    for i in 1..=3 {
+        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
+            .await;
+    }
+    FakeClient::shared()
+        .script(
+            &c.model,
+            vec![Behaviour::Reply {
+                text: "S1".into(),
+                tokens: None,
+                first_token_delay_ms: 2000,
+                token_delay_ms: 0,
+            }],
+        )
+        .await
+        .unwrap();
+    let mut one = c.settings.database.clone();
+    one.max_connections = 1;
+    let pool = store::pool(&one).unwrap();
+    let redis = Arc::new(RedisHandle::new(&c.settings.redis).unwrap());
+    let mut registry = workers::handlers::registry(pool.clone());
+    workers::handlers::memory::MemoryHandlers::new(pool.clone(), redis, &c.settings)
+        .unwrap()
+        .register(&mut registry);
+    let mut opts = WorkerOptions::from_settings(&c.settings, vec![Queue::Memory]);
+    opts.read_block = Duration::from_millis(200);
+    let worker = Worker::new(bus_for(&c.settings), registry, opts);
+    bus_for(&c.settings)
+        .enqueue(Summarize {
+            conversation_id: conversation,
+        })
+        .await
+        .unwrap();
+    let run = tokio::spawn(async move { worker.drain_until_empty(Duration::from_secs(60)).await });
+    // wait until the model has the request, then ask the pool for its one connection
+    let mut asked = false;
+    for _ in 0..100 {
+        if !c.calls().await.is_empty() {
+            asked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(asked, "the summarizer called the model");
+    let conn = tokio::time::timeout(Duration::from_millis(1000), pool.acquire()).await;
+    assert!(
+        matches!(conn, Ok(Ok(_))),
+        "the pool's only connection is free during the model call"
+    );
+    drop(conn);
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+    assert_eq!(c.summary(conversation).await.summary, "S1");
 }

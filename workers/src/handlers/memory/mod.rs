@@ -25,7 +25,10 @@ pub const EXTRACTIONS: &str = "memory_extractions_total";
 pub const EMBED_FAILURES: &str = "memory_embedding_failures_total";
 
 fn describe() {
-    metrics::describe_counter!(SUMMARIES, "Summarize runs by outcome (folded, nothing_new)");
+    metrics::describe_counter!(
+        SUMMARIES,
+        "Summarize runs by outcome (folded, nothing_new, busy, superseded)"
+    );
     metrics::describe_counter!(
         FACTS,
         "Extracted facts by outcome (stored, refreshed, not_visible)"

@@ -1,12 +1,18 @@
 //! `summarize`: fold a conversation's messages older than the `RECENT_MESSAGES` window into
 //! its running summary.
 //!
-//! Race safety: the run locks the conversation's summary row (`SELECT ... FOR UPDATE`) for its
-//! whole transaction — model call included — and folds exactly the messages with seq in
-//! `(summarized_up_to, new_up_to]`. A concurrent run waits on the lock, then finds nothing new
-//! (or only what arrived since), so no message is folded twice or lost; a run that fails
-//! rolls back and leaves the summary as it was. One run folds a bounded batch; when more waits,
-//! it enqueues the next run after its commit.
+//! Race safety: the run claims the conversation's summary with a lease
+//! (`store::memory::claim_summary`; no row lock, and no connection held across the model call)
+//! and folds exactly the messages with seq in `(summarized_up_to, new_up_to]`, so one run at a
+//! time calls the model and no message is folded twice. A concurrent run finds the lease and
+//! ends; nothing it came for is lost, because the running one, after its write, counts what is
+//! still unsummarized beyond the window and enqueues the next run when that reaches
+//! `SUMMARIZE_THRESHOLD` (or when its own batch was cut short). The write is a compare-and-set
+//! on `summarized_up_to` that ends the lease; a run whose model call fails ends it without
+//! writing, leaving the summary as it was, and is retried. A run lost with its worker keeps the
+//! lease until it expires or the bus redelivers the same job, which takes its lease back.
+
+use std::time::Duration;
 
 use jobs::JobContext;
 use jobs::kinds::Summarize;
@@ -76,7 +82,21 @@ pub fn summarize_prompt(current: &str, messages: &[Message]) -> Option<Vec<llm::
     ])
 }
 
+/// End a run's claim after a failure, so that the retry (or another run) need not wait for the
+/// lease to expire; if even that fails, the lease expires by itself.
+async fn release(conn: &mut sqlx::PgConnection, conversation_id: uuid::Uuid) {
+    if let Err(e) = memory::release_summary(conn, conversation_id).await {
+        tracing::warn!(error = %e, "cannot end the summary's claim; it expires by itself");
+    }
+}
+
 impl MemoryHandlers {
+    /// How long a summarize run's claim lasts: past its longest model call (the primary and the
+    /// fallback, each bounded by the call limit), plus a margin for the reads and the write.
+    fn summary_lease(&self) -> Duration {
+        self.inner.call_limit * 2 + Duration::from_secs(30)
+    }
+
     #[tracing::instrument(
         name = "summarize",
         skip_all,
@@ -84,54 +104,100 @@ impl MemoryHandlers {
     )]
     pub async fn summarize(&self, ctx: JobContext, job: Summarize) -> HandlerResult {
         let inner = &self.inner;
-        let mut tx = inner.db.begin().await.map_err(db_error)?;
-        let Some(conversation) = store::conversations::get(&mut tx, job.conversation_id)
+        let mut conn = inner.db.acquire().await.map_err(db_error)?;
+        let Some(conversation) = store::conversations::get(&mut conn, job.conversation_id)
             .await
             .map_err(db_error)?
         else {
             tracing::info!("the conversation is gone; nothing to summarize");
             return Ok(());
         };
-        let state = memory::lock_summary(&mut tx, conversation.id)
+        let claim = memory::claim_summary(&mut conn, conversation.id, ctx.id, self.summary_lease())
             .await
             .map_err(db_error)?;
+        let state = match claim {
+            memory::SummaryClaim::Claimed(state) => state,
+            memory::SummaryClaim::Busy => {
+                // the running one re-checks the backlog after its write
+                metrics::counter!(SUMMARIES, "outcome" => "busy").increment(1);
+                tracing::info!("another summarize run folds this conversation now");
+                return Ok(());
+            }
+            memory::SummaryClaim::Gone => {
+                tracing::info!("the conversation is gone; nothing to summarize");
+                return Ok(());
+            }
+        };
         let batch = memory::messages_to_fold(
-            &mut tx,
+            &mut conn,
             conversation.id,
             state.summarized_up_to,
             i64::try_from(inner.chat.recent_messages).unwrap_or(i64::MAX),
             i64::try_from(inner.memory.summarize_batch).unwrap_or(i64::MAX),
         )
-        .await
-        .map_err(db_error)?;
-        let mut batch = batch;
+        .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                release(&mut conn, conversation.id).await;
+                return Err(db_error(e));
+            }
+        };
         let fetched = batch.len();
         batch.truncate(fold_count(&batch));
-        // more waits beyond this run's bounds: a follow-up run continues after the commit
+        // more waits beyond this run's bounds: a follow-up run continues after the write
         let more = batch.len() < fetched || fetched >= inner.memory.summarize_batch;
         let Some(up_to) = batch.last().map(|m| m.seq) else {
-            tx.commit().await.map_err(db_error)?;
+            release(&mut conn, conversation.id).await;
             metrics::counter!(SUMMARIES, "outcome" => "nothing_new").increment(1);
             tracing::info!("nothing new to summarize");
             return Ok(());
         };
         let (summary, model) = match summarize_prompt(&state.summary, &batch) {
             Some(prompt) => {
-                let (text, model) = self.complete_text(conversation.org_id, prompt).await?;
-                (
-                    truncate_chars(text.trim(), inner.memory.summary_max_chars).to_owned(),
-                    model,
-                )
+                // no connection held across the model call
+                drop(conn);
+                let answer = self.complete_text(conversation.org_id, prompt).await;
+                conn = inner.db.acquire().await.map_err(db_error)?;
+                match answer {
+                    Ok((text, model)) => (
+                        truncate_chars(text.trim(), inner.memory.summary_max_chars).to_owned(),
+                        model,
+                    ),
+                    Err(e) => {
+                        release(&mut conn, conversation.id).await;
+                        return Err(e);
+                    }
+                }
             }
             // only tool traffic: advance over it, the summary stays
             None => (state.summary.clone(), String::new()),
         };
-        memory::save_summary(&mut tx, conversation.id, &summary, up_to, &model)
+        let written = memory::save_summary(
+            &mut conn,
+            conversation.id,
+            state.summarized_up_to,
+            &summary,
+            up_to,
+            &model,
+        )
+        .await
+        .map_err(db_error)?;
+        if !written {
+            // this run's lease ran out and another run folded meanwhile: its summary stands
+            metrics::counter!(SUMMARIES, "outcome" => "superseded").increment(1);
+            tracing::warn!("the summary moved on during this run; its fold is dropped");
+            return Ok(());
+        }
+        metrics::counter!(SUMMARIES, "outcome" => "folded").increment(1);
+        // what arrived meanwhile (the turns of runs that found this one busy) counts too
+        let keep_recent = i64::try_from(inner.chat.recent_messages).unwrap_or(i64::MAX);
+        let threshold = i64::try_from(inner.memory.summarize_threshold).unwrap_or(i64::MAX);
+        let backlog = memory::unsummarized_beyond_window(&mut conn, conversation.id, keep_recent)
             .await
             .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        metrics::counter!(SUMMARIES, "outcome" => "folded").increment(1);
-        if more {
+        drop(conn);
+        if more || backlog >= threshold {
             // best effort: otherwise the next turn's count enqueues it again
             if let Err(e) = inner.bus.enqueue(job.clone()).await {
                 tracing::warn!(error = %e, "cannot enqueue the next summarize run");
