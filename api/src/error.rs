@@ -261,3 +261,42 @@ fn client_message(err: &poem::Error) -> String {
     }
     msg
 }
+
+/// A handler that panicked answers 500 in the contract's shape instead of a dropped
+/// connection (poem's `CatchPanic` around every route; the panic itself is reported by the
+/// panic hook). Handlers do not panic by design (`clippy::panic`, `unwrap_used` are denied);
+/// this is the net under a dependency that does.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PanicAsInternal;
+
+impl poem::middleware::PanicHandler for PanicAsInternal {
+    type Response = Response;
+
+    fn get_response(&self, _panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+        tracing::error!("a request handler panicked");
+        error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use poem::{Endpoint, EndpointExt};
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_in_the_contracts_shape() {
+        let ep = poem::endpoint::make_sync(|_| -> &'static str { panic!("boom") })
+            .with(poem::middleware::CatchPanic::new().with_handler(PanicAsInternal));
+        let resp = ep.get_response(poem::Request::default()).await;
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().into_vec().await.unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "internal");
+        assert!(!body.to_string().contains("boom"), "no panic text: {body}");
+    }
+}

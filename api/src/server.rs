@@ -11,9 +11,10 @@
 //! What it keeps of poem's server: TCP_NODELAY on every connection, graceful shutdown (stop
 //! accepting, let each connection finish its in-flight response, then close; after
 //! `drain` the remaining connections are dropped), the poem `Request` with local and remote
-//! addresses. What it adds: a header-read timeout (slow or idle clients are closed), a cap on
-//! the request head, and a pause after an accept error such as running out of file
-//! descriptors (poem retried at once, spinning). HTTP/2 is not served: the API is HTTP/1.1
+//! addresses. What it adds: a header-read timeout (slow clients are closed; hyper's timer also
+//! closes a keep-alive connection idle that long, hence a default above common proxy idle
+//! timeouts), a cap on the request head, and a growing pause after accept errors such as
+//! running out of file descriptors (poem retried at once, spinning). HTTP/2 is not served: the API is HTTP/1.1
 //! (API.md); a TLS-terminating proxy in front may speak HTTP/2 to clients.
 
 use std::convert::Infallible;
@@ -66,6 +67,7 @@ pub async fn serve(
     // Cancelled when the drain time is up: every connection still open is then dropped.
     let hard_stop = CancellationToken::new();
     let connections = TaskTracker::new();
+    let mut failing = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -73,9 +75,17 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
         };
         let (tcp, remote) = match accepted {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                failing.reset();
+                accepted
+            }
             Err(e) => {
-                accept_failed(&e).await;
+                if let Some(pause) = failing.record(&e) {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
                 continue;
             }
         };
@@ -165,19 +175,63 @@ async fn serve_connection<S>(
     }
 }
 
-/// After a failed `accept`: a connection reset before it was accepted is the client's
-/// business; anything else (out of file descriptors, out of memory) is logged and followed
-/// by a short pause so that the loop does not spin while it lasts.
-async fn accept_failed(e: &io::Error) {
-    if matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::Interrupted
-    ) {
-        return;
+/// Failed `accept`s in a row. A connection reset before it was accepted is the client's
+/// business (no pause). Anything else (out of file descriptors, out of memory) lasts until
+/// connections close: the loop pauses, 10 ms doubling to 1 s, so that it does not spin, and
+/// logs the first failure and then at most one line per 10 s with the count.
+#[derive(Default)]
+struct AcceptFailures {
+    in_a_row: u32,
+    pause: Duration,
+    logged: Option<std::time::Instant>,
+}
+
+impl AcceptFailures {
+    fn reset(&mut self) {
+        if self.in_a_row > 0 {
+            tracing::info!(failures = self.in_a_row, "accepting connections again");
+        }
+        *self = Self::default();
     }
-    tracing::warn!(error = %e, "accept failed; pausing 100 ms");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    /// How long to pause after `e` (`None`: retry at once).
+    fn record(&mut self, e: &io::Error) -> Option<Duration> {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::Interrupted
+        ) {
+            return None;
+        }
+        self.in_a_row += 1;
+        self.pause = (self.pause * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        if self
+            .logged
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(error = %e, failures = self.in_a_row, "accept failed; pausing");
+            self.logged = Some(std::time::Instant::now());
+        }
+        Some(self.pause)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_pause_10_ms_doubling_to_1_s_and_reset() {
+        let mut f = AcceptFailures::default();
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(f.record(&reset), None, "a client's reset: no pause");
+        let emfile = io::Error::from_raw_os_error(24);
+        let pauses: Vec<_> = (0..9).filter_map(|_| f.record(&emfile)).collect();
+        let ms: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        f.reset();
+        assert_eq!(f.record(&emfile), Some(Duration::from_millis(10)));
+    }
 }

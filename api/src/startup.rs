@@ -11,7 +11,7 @@ use poem_openapi::OpenApiService;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::error::normalize_error;
+use crate::error::{PanicAsInternal, normalize_error};
 use crate::middleware::{BodyLimit, RequestContext, RouteTable};
 use crate::models::ModelCatalog;
 use crate::routes::actions::ActionsApi;
@@ -170,6 +170,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .with(limits)
         .data(state)
         .catch_all_error(normalize_error)
+        .with(poem::middleware::CatchPanic::new().with_handler(PanicAsInternal))
         .with(RequestContext {
             routes: route_labels,
         })
