@@ -209,9 +209,8 @@ impl EventPublisher {
 }
 
 enum HubMsg {
-    /// Boxed behind an `Arc`: a channel slot is then one pointer (tokio allocates a listener's
-    /// slots in blocks of 32, per open stream), and fanning out to several listeners of the
-    /// same response does not copy the event.
+    /// Behind an `Arc`: fanning out to several listeners of the same response does not copy
+    /// the event, and a queued message stays small.
     Event(Arc<StoredEvent>),
     /// The hub reconnected: live events may have been missed; re-read the replay stream.
     Resync,
