@@ -13,9 +13,10 @@
 //! `drain` the remaining connections are dropped), the poem `Request` with local and remote
 //! addresses. What it adds: a header-read timeout (slow clients are closed; hyper's timer also
 //! closes a keep-alive connection idle that long, hence a default above common proxy idle
-//! timeouts), a cap on the request head, and a growing pause after accept errors such as
-//! running out of file descriptors (poem retried at once, spinning). HTTP/2 is not served: the API is HTTP/1.1
-//! (API.md); a TLS-terminating proxy in front may speak HTTP/2 to clients.
+//! timeouts), a cap on the request head, a growing pause after accept errors such as running
+//! out of file descriptors (poem retried at once, spinning), and a 500 for a panicking handler
+//! (`CatchPanic` in `startup::routes`). HTTP/2 is not served: the API is HTTP/1.1 (API.md); a
+//! TLS-terminating proxy in front may speak HTTP/2 to clients.
 
 use std::convert::Infallible;
 use std::io;
