@@ -110,6 +110,7 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<()>
     match command {
         Command::Serve => {
             let stop_signal = jobs::telemetry::shutdown_signal();
+            api::server::raise_open_files_limit();
             let app = api::Application::build(settings).await?;
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();

@@ -176,6 +176,31 @@ async fn serve_connection<S>(
     }
 }
 
+/// Each open connection (an SSE stream is one, held for minutes) is a file descriptor, and
+/// the usual soft limit (1,024) is far below what one API process holds (10,000 streams in
+/// `bench chat`). Raise the soft limit to the hard one, as servers commonly do at start, and
+/// say what it is; returns the limit now in force (`None` if it cannot be read).
+pub fn raise_open_files_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            if limit < 4096 {
+                tracing::warn!(
+                    open_files = limit,
+                    "low open-files limit: each connection (each SSE stream) takes one; raise \
+                     the hard limit (LimitNOFILE=, ulimit -Hn)"
+                );
+            } else {
+                tracing::info!(open_files = limit, "open-files limit");
+            }
+            Some(limit)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+            None
+        }
+    }
+}
+
 /// Failed `accept`s in a row. A connection reset before it was accepted is the client's
 /// business (no pause). Anything else (out of file descriptors, out of memory) lasts until
 /// connections close: the loop pauses, 10 ms doubling to 1 s, so that it does not spin, and
@@ -221,7 +246,20 @@ impl AcceptFailures {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+        let low = hard.min(256);
+        rlimit::setrlimit(rlimit::Resource::NOFILE, low, hard).unwrap();
+        assert_eq!(raise_open_files_limit(), Some(hard));
+        assert_eq!(
+            rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap(),
+            (hard, hard)
+        );
+    }
 
     #[test]
     fn accept_failures_pause_10_ms_doubling_to_1_s_and_reset() {
