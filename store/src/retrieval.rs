@@ -245,13 +245,15 @@ const FTS_RANKED: u32 = 500;
 ///
 /// A chat message is a question, not a search expression: a chunk rarely holds every word of a
 /// question, so its terms are ORed (see [`tsquery`]) and `ts_rank` prefers chunks holding more
-/// of them.
+/// of them. A phrase the user put in quotes ranks the chunks holding it, words in order, above
+/// those that only hold its words (`q.pq`; it adds 1 to the rank, which `ts_rank` keeps under
+/// 1). It does not widen the match: its words are among the ORed terms already.
 fn fts_sql(all_projects: bool, stopword_min_rows: u32) -> String {
     let filter = filter(all_projects);
     let tsquery = tsquery(stopword_min_rows);
     format!(
-        "SELECT m.id, ts_rank(m.tsv, m.tq) AS rank
-         FROM (SELECT e.id, e.tsv, q.tq
+        "SELECT m.id, ts_rank(m.tsv, m.tq) + (m.tsv @@ m.pq)::int::real AS rank
+         FROM (SELECT e.id, e.tsv, q.tq, q.pq
                FROM embeddings e, {tsquery}
                WHERE e.tsv @@ q.tq AND {filter}
                LIMIT {FTS_RANKED}) m
@@ -270,7 +272,9 @@ const COMMON_TERM_FREQ: f64 = 0.02;
 /// The full-text query of the user's words ($9), as `q.tq` (see [`fts_sql`]): their lexemes
 /// (`to_tsvector('english', ..)`) ORed, without the corpus stopwords ([`COMMON_TERM_FREQ`];
 /// before the first `ANALYZE` nothing is left out; `min_rows` 0: nothing ever is). All
-/// common: an empty query, which matches nothing.
+/// common: an empty query, which matches nothing. And `q.pq`: the phrases in straight or curly
+/// double quotes (up to 200 characters each, of two words or more), each as
+/// `phraseto_tsquery`, ORed; empty when there are none.
 fn tsquery(min_rows: u32) -> String {
     let common = if min_rows == 0 {
         String::new()
@@ -289,9 +293,13 @@ fn tsquery(min_rows: u32) -> String {
         )
     };
     format!(
-        "(SELECT coalesce(string_agg(quote_literal(l.lexeme), ' | '), '')::tsquery AS tq
-          FROM unnest(tsvector_to_array(to_tsvector('english', $9))) AS l(lexeme)
-          {common}) q"
+        "(SELECT (SELECT coalesce(string_agg(quote_literal(l.lexeme), ' | '), '')::tsquery
+                  FROM unnest(tsvector_to_array(to_tsvector('english', $9))) AS l(lexeme)
+                  {common}) AS tq,
+                 (SELECT coalesce(string_agg('(' || p.q::text || ')', ' | '), '')::tsquery
+                  FROM regexp_matches($9, '[\"“”]([^\"“”]{{1,200}})[\"“”]', 'g') AS m(g),
+                       LATERAL phraseto_tsquery('english', m.g[1]) AS p(q)
+                  WHERE numnode(p.q) > 1) AS pq) q"
     )
 }
 

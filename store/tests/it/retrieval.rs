@@ -715,3 +715,63 @@ async fn the_corpus_most_common_terms_are_left_out_of_the_full_text_query() {
     assert_eq!(search("widget", 10_000).await.len(), 6);
     assert_eq!(search("widget", 0).await.len(), 6);
 }
+
+/// A quoted phrase ranks the chunk holding it, words in order, above one that holds its words
+/// more often but apart; without the quotes, term frequency decides.
+#[tokio::test]
+async fn a_quoted_phrase_ranks_the_chunk_holding_it_first() {
+    let db = TestDb::new().await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = fx::org(&mut c).await;
+    let user = fx::user(&mut c, org, Role::Owner).await;
+    let p = fx::project(&mut c, org, user, Visibility::Private, None).await;
+    let apart =
+        "code review notes: launch moved to May; code freeze before every launch date; code owners";
+    let phrase = "the launch code is kept by the captain";
+    let chunks: Vec<_> = [apart, phrase]
+        .iter()
+        .map(|text| fx::project_chunk(org, p, "task", Uuid::now_v7(), "T", text, text, MODEL, DIM))
+        .collect();
+    fx::insert(&mut c, &chunks).await;
+    let conv = store::conversations::create(&mut c, org, user, "c", None)
+        .await
+        .unwrap()
+        .id;
+    let search = |text: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            let mut c = pool.acquire().await.unwrap();
+            let q = Query {
+                org_id: org,
+                user_id: user,
+                conversation_id: conv,
+                embedding: None,
+                text,
+                model: MODEL,
+                dim: DIM as u32,
+                k: 6,
+                exclude_message_ids: &[],
+            };
+            let got = retrieval::search(&mut c, &q, &Tuning::default())
+                .await
+                .unwrap();
+            got.into_iter().map(|c| c.content).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(search("where is the launch code").await, [apart, phrase]);
+    assert_eq!(
+        search("where is the \"launch code\"").await,
+        [phrase, apart]
+    );
+    assert_eq!(
+        search("where is the \u{201c}launch code\u{201d}").await,
+        [phrase, apart],
+        "curly quotes too"
+    );
+    // a one-word or stopword-only "phrase" changes nothing, and raises no error
+    assert_eq!(
+        search("where is the \"launch\" code").await,
+        [apart, phrase]
+    );
+    assert_eq!(search("\"the\" launch code").await, [apart, phrase]);
+}
