@@ -499,16 +499,19 @@ pub async fn claim_summary(
     })
 }
 
-/// End a run's claim without writing (its model call failed): the next run may start at once.
+/// End job `job_id`'s claim without writing (its model call failed): the next run may start at
+/// once. A lease that already passed to another job is left alone.
 pub async fn release_summary(
     conn: &mut PgConnection,
     conversation_id: Uuid,
+    job_id: Uuid,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE conversation_summaries SET folding_until = NULL, folding_job = NULL
-         WHERE conversation_id = $1",
+         WHERE conversation_id = $1 AND folding_job = $2",
     )
     .bind(conversation_id)
+    .bind(job_id)
     .execute(conn)
     .await?;
     Ok(())

@@ -84,8 +84,8 @@ pub fn summarize_prompt(current: &str, messages: &[Message]) -> Option<Vec<llm::
 
 /// End a run's claim after a failure, so that the retry (or another run) need not wait for the
 /// lease to expire; if even that fails, the lease expires by itself.
-async fn release(conn: &mut sqlx::PgConnection, conversation_id: uuid::Uuid) {
-    if let Err(e) = memory::release_summary(conn, conversation_id).await {
+async fn release(conn: &mut sqlx::PgConnection, conversation_id: uuid::Uuid, job_id: uuid::Uuid) {
+    if let Err(e) = memory::release_summary(conn, conversation_id, job_id).await {
         tracing::warn!(error = %e, "cannot end the summary's claim; it expires by itself");
     }
 }
@@ -139,7 +139,7 @@ impl MemoryHandlers {
         let mut batch = match batch {
             Ok(batch) => batch,
             Err(e) => {
-                release(&mut conn, conversation.id).await;
+                release(&mut conn, conversation.id, ctx.id).await;
                 return Err(db_error(e));
             }
         };
@@ -148,7 +148,7 @@ impl MemoryHandlers {
         // more waits beyond this run's bounds: a follow-up run continues after the write
         let more = batch.len() < fetched || fetched >= inner.memory.summarize_batch;
         let Some(up_to) = batch.last().map(|m| m.seq) else {
-            release(&mut conn, conversation.id).await;
+            release(&mut conn, conversation.id, ctx.id).await;
             metrics::counter!(SUMMARIES, "outcome" => "nothing_new").increment(1);
             tracing::info!("nothing new to summarize");
             return Ok(());
@@ -165,7 +165,7 @@ impl MemoryHandlers {
                         model,
                     ),
                     Err(e) => {
-                        release(&mut conn, conversation.id).await;
+                        release(&mut conn, conversation.id, ctx.id).await;
                         return Err(e);
                     }
                 }
