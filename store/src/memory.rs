@@ -567,23 +567,26 @@ pub async fn unsummarized_beyond_window(
     .await?)
 }
 
-/// Store the new summary, folded from message seq `from` (the claimed `summarized_up_to`) up
-/// to `up_to`, and end the claim; false (nothing written) when the summary moved on meanwhile
-/// (another run's lease after this one's expired).
+/// Store the new summary of job `job_id`'s run, folded from message seq `from` (the claimed
+/// `summarized_up_to`) up to `up_to`, and end its claim. Written only while the claim is still
+/// this job's (its lease may have expired, as long as no other job took it) and the summary
+/// still starts at `from`; false (nothing written) otherwise: another run took over.
 pub async fn save_summary(
     conn: &mut PgConnection,
     conversation_id: Uuid,
+    job_id: Uuid,
     from: i64,
     summary: &str,
     up_to: i64,
     model: &str,
 ) -> Result<bool, StoreError> {
     let done = sqlx::query(
-        "UPDATE conversation_summaries SET summary = $3, summarized_up_to = $4, model = $5,
+        "UPDATE conversation_summaries SET summary = $4, summarized_up_to = $5, model = $6,
              folding_until = NULL, folding_job = NULL, updated_at = now()
-         WHERE conversation_id = $1 AND summarized_up_to = $2 AND $4 > $2",
+         WHERE conversation_id = $1 AND folding_job = $2 AND summarized_up_to = $3 AND $5 > $3",
     )
     .bind(conversation_id)
+    .bind(job_id)
     .bind(from)
     .bind(summary)
     .bind(up_to)

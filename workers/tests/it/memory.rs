@@ -850,3 +850,62 @@ async fn a_summarize_run_holds_no_connection_across_its_model_call() {
     assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
     assert_eq!(c.summary(conversation).await.summary, "S1");
 }
+
+/// A run that finds the summary claimed ends at once; the running one counts the backlog again
+/// after its write and enqueues the next run, so the messages the ended run came for are
+/// folded too.
+#[tokio::test]
+async fn a_run_that_finds_the_summary_busy_is_taken_over_by_the_running_one() {
+    let c = ctx(&[("RECENT_MESSAGES", "2"), ("SUMMARIZE_THRESHOLD", "2")]).await;
+    let user = c.user(Role::Member).await;
+    let conversation = c.conversation(user).await;
+    for i in 1..=3 {
+        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
+            .await;
+    }
+    let slow = Behaviour::Reply {
+        text: "S1".into(),
+        tokens: None,
+        first_token_delay_ms: 1500,
+        token_delay_ms: 0,
+    };
+    FakeClient::shared()
+        .script(&c.model, vec![slow, Behaviour::reply("S2")])
+        .await
+        .unwrap();
+    let bus = bus_for(&c.settings);
+    let job = Summarize {
+        conversation_id: conversation,
+    };
+    bus.enqueue(job.clone()).await.unwrap();
+    let worker = c.worker(vec![Queue::Memory], 2);
+    let run = tokio::spawn(async move { worker.drain_until_empty(Duration::from_secs(60)).await });
+    let mut asked = false;
+    for _ in 0..250 {
+        if !c.calls().await.is_empty() {
+            asked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(asked, "the first run called the model");
+    // while it writes: two more turns, and their summarize job (which finds the claim taken)
+    for i in 4..=5 {
+        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
+            .await;
+    }
+    bus.enqueue(job).await.unwrap();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.dead, 0, "{report:?}");
+    assert_eq!(
+        c.calls().await.len(),
+        2,
+        "one model call per fold, none by the busy run"
+    );
+    let s = c.summary(conversation).await;
+    assert_eq!(
+        (s.summary.as_str(), s.summarized_up_to),
+        ("S2", c.seq_of("a4").await),
+        "the second fold covers what arrived during the first"
+    );
+}

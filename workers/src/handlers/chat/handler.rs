@@ -158,6 +158,10 @@ impl ChatHandler {
             _ => models.primary.as_str(),
         };
         if let Some(left) = self.cooling_down(first).await? {
+            if primary_failed_before {
+                // keep the mark for as long as this turn may still wait
+                self.remember_primary_failed(&response).await?;
+            }
             return self.wait_for_rate_limit(ctx, &response, first, left).await;
         }
 

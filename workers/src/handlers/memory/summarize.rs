@@ -97,6 +97,32 @@ impl MemoryHandlers {
         self.inner.call_limit * 2 + Duration::from_secs(30)
     }
 
+    /// After a run: enqueue the next one when `more` (its batch was cut short) or when what is
+    /// unsummarized beyond the window — counted now, so the turns of runs that found this one
+    /// busy count too — reaches `SUMMARIZE_THRESHOLD`. Best effort: otherwise the next turn's
+    /// count enqueues it again; a failed count enqueues anyway (a run with nothing to do is
+    /// cheap).
+    async fn follow_up(&self, conn: &mut sqlx::PgConnection, job: &Summarize, more: bool) {
+        let inner = &self.inner;
+        let again = more
+            || {
+                let keep_recent = i64::try_from(inner.chat.recent_messages).unwrap_or(i64::MAX);
+                let threshold = i64::try_from(inner.memory.summarize_threshold).unwrap_or(i64::MAX);
+                match memory::unsummarized_beyond_window(conn, job.conversation_id, keep_recent)
+                    .await
+                {
+                    Ok(backlog) => backlog >= threshold,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot count the summary's backlog; enqueueing the next run");
+                        true
+                    }
+                }
+            };
+        if again && let Err(e) = inner.bus.enqueue(job.clone()).await {
+            tracing::warn!(error = %e, "cannot enqueue the next summarize run");
+        }
+    }
+
     #[tracing::instrument(
         name = "summarize",
         skip_all,
@@ -151,6 +177,8 @@ impl MemoryHandlers {
             release(&mut conn, conversation.id, ctx.id).await;
             metrics::counter!(SUMMARIES, "outcome" => "nothing_new").increment(1);
             tracing::info!("nothing new to summarize");
+            // a run that found this one busy meanwhile may have come for new messages
+            self.follow_up(&mut conn, &job, false).await;
             return Ok(());
         };
         let (summary, model) = match summarize_prompt(&state.summary, &batch) {
@@ -176,6 +204,7 @@ impl MemoryHandlers {
         let written = memory::save_summary(
             &mut conn,
             conversation.id,
+            ctx.id,
             state.summarized_up_to,
             &summary,
             up_to,
@@ -184,25 +213,13 @@ impl MemoryHandlers {
         .await
         .map_err(db_error)?;
         if !written {
-            // this run's lease ran out and another run folded meanwhile: its summary stands
+            // this run's lease ran out and another job took the claim: that run's fold stands
             metrics::counter!(SUMMARIES, "outcome" => "superseded").increment(1);
             tracing::warn!("the summary moved on during this run; its fold is dropped");
             return Ok(());
         }
         metrics::counter!(SUMMARIES, "outcome" => "folded").increment(1);
-        // what arrived meanwhile (the turns of runs that found this one busy) counts too
-        let keep_recent = i64::try_from(inner.chat.recent_messages).unwrap_or(i64::MAX);
-        let threshold = i64::try_from(inner.memory.summarize_threshold).unwrap_or(i64::MAX);
-        let backlog = memory::unsummarized_beyond_window(&mut conn, conversation.id, keep_recent)
-            .await
-            .map_err(db_error)?;
-        drop(conn);
-        if more || backlog >= threshold {
-            // best effort: otherwise the next turn's count enqueues it again
-            if let Err(e) = inner.bus.enqueue(job.clone()).await {
-                tracing::warn!(error = %e, "cannot enqueue the next summarize run");
-            }
-        }
+        self.follow_up(&mut conn, &job, more).await;
         tracing::info!(
             folded = batch.len(),
             from = state.summarized_up_to,
