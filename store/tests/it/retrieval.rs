@@ -737,24 +737,11 @@ async fn a_quoted_phrase_ranks_the_chunk_holding_it_first() {
         .await
         .unwrap()
         .id;
+    // full text only (no embedding)
     let search = |text: &'static str| {
-        let pool = db.pool.clone();
+        let db = &db;
         async move {
-            let mut c = pool.acquire().await.unwrap();
-            let q = Query {
-                org_id: org,
-                user_id: user,
-                conversation_id: conv,
-                embedding: None,
-                text,
-                model: MODEL,
-                dim: DIM as u32,
-                k: 6,
-                exclude_message_ids: &[],
-            };
-            let got = retrieval::search(&mut c, &q, &Tuning::default())
-                .await
-                .unwrap();
+            let got = search_as(db, org, user, conv, text, None).await;
             got.into_iter().map(|c| c.content).collect::<Vec<_>>()
         }
     };

@@ -27,6 +27,16 @@ struct Ctx {
 }
 
 /// An org whose chat model is a fresh fake model; memory embeddings through a fake model too.
+/// A reply of `text` whose first token comes after `delay_ms`.
+fn slow_reply(text: &str, delay_ms: u64) -> Behaviour {
+    Behaviour::Reply {
+        text: text.into(),
+        tokens: None,
+        first_token_delay_ms: delay_ms,
+        token_delay_ms: 0,
+    }
+}
+
 async fn ctx(extra: &[(&str, &str)]) -> Ctx {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
@@ -171,6 +181,17 @@ impl Ctx {
             .into_iter()
             .filter(|r| r.path.ends_with("/chat/completions"))
             .collect()
+    }
+
+    /// Wait (up to 5 s) until the model has received a request: a run is in its model call.
+    async fn wait_for_model_call(&self) {
+        for _ in 0..250 {
+            if !self.calls().await.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the model was never called");
     }
 
     async fn summary(&self, conversation: Uuid) -> memory::Summary {
@@ -362,15 +383,7 @@ async fn concurrent_summarize_jobs_fold_each_message_once() {
     }
     // one slow answer: the other runs find the summary claimed meanwhile and end
     FakeClient::shared()
-        .script(
-            &c.model,
-            vec![Behaviour::Reply {
-                text: "S1".into(),
-                tokens: None,
-                first_token_delay_ms: 800,
-                token_delay_ms: 0,
-            }],
-        )
+        .script(&c.model, vec![slow_reply("S1", 800)])
         .await
         .unwrap();
     let bus = bus_for(&c.settings);
@@ -801,15 +814,7 @@ async fn a_summarize_run_holds_no_connection_across_its_model_call() {
             .await;
     }
     FakeClient::shared()
-        .script(
-            &c.model,
-            vec![Behaviour::Reply {
-                text: "S1".into(),
-                tokens: None,
-                first_token_delay_ms: 2000,
-                token_delay_ms: 0,
-            }],
-        )
+        .script(&c.model, vec![slow_reply("S1", 2000)])
         .await
         .unwrap();
     let mut one = c.settings.database.clone();
@@ -830,16 +835,8 @@ async fn a_summarize_run_holds_no_connection_across_its_model_call() {
         .await
         .unwrap();
     let run = tokio::spawn(async move { worker.drain_until_empty(Duration::from_secs(60)).await });
-    // wait until the model has the request, then ask the pool for its one connection
-    let mut asked = false;
-    for _ in 0..100 {
-        if !c.calls().await.is_empty() {
-            asked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(asked, "the summarizer called the model");
+    // once the model has the request, ask the pool for its one connection
+    c.wait_for_model_call().await;
     let conn = tokio::time::timeout(Duration::from_millis(1000), pool.acquire()).await;
     assert!(
         matches!(conn, Ok(Ok(_))),
@@ -863,14 +860,11 @@ async fn a_run_that_finds_the_summary_busy_is_taken_over_by_the_running_one() {
         c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
             .await;
     }
-    let slow = Behaviour::Reply {
-        text: "S1".into(),
-        tokens: None,
-        first_token_delay_ms: 1500,
-        token_delay_ms: 0,
-    };
     FakeClient::shared()
-        .script(&c.model, vec![slow, Behaviour::reply("S2")])
+        .script(
+            &c.model,
+            vec![slow_reply("S1", 1500), Behaviour::reply("S2")],
+        )
         .await
         .unwrap();
     let bus = bus_for(&c.settings);
@@ -880,15 +874,7 @@ async fn a_run_that_finds_the_summary_busy_is_taken_over_by_the_running_one() {
     bus.enqueue(job.clone()).await.unwrap();
     let worker = c.worker(vec![Queue::Memory], 2);
     let run = tokio::spawn(async move { worker.drain_until_empty(Duration::from_secs(60)).await });
-    let mut asked = false;
-    for _ in 0..250 {
-        if !c.calls().await.is_empty() {
-            asked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(asked, "the first run called the model");
+    c.wait_for_model_call().await;
     // while it writes: two more turns, and their summarize job (which finds the claim taken)
     for i in 4..=5 {
         c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
