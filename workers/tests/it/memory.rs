@@ -106,6 +106,17 @@ impl Ctx {
         }
     }
 
+    /// A member's conversation with `turns` finished turns (`q1`/`a1` ... `qN`/`aN`).
+    async fn chatted(&self, turns: usize) -> (Uuid, Uuid) {
+        let user = self.user(Role::Member).await;
+        let conversation = self.conversation(user).await;
+        for i in 1..=turns {
+            self.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
+                .await;
+        }
+        (user, conversation)
+    }
+
     /// A finished earlier turn; returns the stored answer's id.
     async fn past_turn(&self, user: Uuid, conversation: Uuid, q: &str, a: &str) -> Uuid {
         let job = self.turn(user, conversation, q).await;
@@ -275,12 +286,7 @@ fn pair(role: &str, content: &str) -> (String, String) {
 #[tokio::test]
 async fn prompts_hold_the_summary_and_exactly_the_last_n_messages_and_turns_enqueue_follow_ups() {
     let c = ctx(&[("RECENT_MESSAGES", "4"), ("SUMMARIZE_THRESHOLD", "2")]).await;
-    let user = c.user(Role::Member).await;
-    let conversation = c.conversation(user).await;
-    for i in 1..=6 {
-        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
-            .await;
-    }
+    let (user, conversation) = c.chatted(6).await;
     // the first summary: everything before the last 4 messages (q1..a4)
     FakeClient::shared()
         .script(&c.model, vec![Behaviour::reply("SUMMARY-ONE")])
@@ -375,12 +381,7 @@ async fn prompts_hold_the_summary_and_exactly_the_last_n_messages_and_turns_enqu
 #[tokio::test]
 async fn concurrent_summarize_jobs_fold_each_message_once() {
     let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
-    let user = c.user(Role::Member).await;
-    let conversation = c.conversation(user).await;
-    for i in 1..=5 {
-        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
-            .await;
-    }
+    let (user, conversation) = c.chatted(5).await;
     // one slow answer: the other runs find the summary claimed meanwhile and end
     FakeClient::shared()
         .script(&c.model, vec![slow_reply("S1", 800)])
@@ -735,12 +736,7 @@ async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_de
 #[tokio::test]
 async fn a_rate_limited_summarize_waits_and_then_folds() {
     let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
-    let user = c.user(Role::Member).await;
-    let conversation = c.conversation(user).await;
-    for i in 1..=3 {
-        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
-            .await;
-    }
+    let (_, conversation) = c.chatted(3).await;
     FakeClient::shared()
         .script(
             &c.model,
@@ -807,12 +803,7 @@ async fn a_long_backlog_is_folded_over_several_runs() {
 #[tokio::test]
 async fn a_summarize_run_holds_no_connection_across_its_model_call() {
     let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
-    let user = c.user(Role::Member).await;
-    let conversation = c.conversation(user).await;
-    for i in 1..=3 {
-        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
-            .await;
-    }
+    let (_, conversation) = c.chatted(3).await;
     FakeClient::shared()
         .script(&c.model, vec![slow_reply("S1", 2000)])
         .await
@@ -854,12 +845,7 @@ async fn a_summarize_run_holds_no_connection_across_its_model_call() {
 #[tokio::test]
 async fn a_run_that_finds_the_summary_busy_is_taken_over_by_the_running_one() {
     let c = ctx(&[("RECENT_MESSAGES", "2"), ("SUMMARIZE_THRESHOLD", "2")]).await;
-    let user = c.user(Role::Member).await;
-    let conversation = c.conversation(user).await;
-    for i in 1..=3 {
-        c.past_turn(user, conversation, &format!("q{i}"), &format!("a{i}"))
-            .await;
-    }
+    let (user, conversation) = c.chatted(3).await;
     FakeClient::shared()
         .script(
             &c.model,
