@@ -247,12 +247,17 @@ const FTS_RANKED: u32 = 500;
 /// question, so its terms are ORed (see [`tsquery`]) and `ts_rank` prefers chunks holding more
 /// of them. A phrase the user put in quotes ranks the chunks holding it, words in order, above
 /// those that only hold its words (`q.pq`; it adds 1 to the rank, which `ts_rank` keeps under
-/// 1). It does not widen the match: its words are among the ORed terms already.
+/// 1). It does not widen the match: its words are among the ORed terms already. Without a
+/// phrase the `@@` is not evaluated at all: each evaluation reads the match's toasted `tsv`
+/// again, which at 1M chunks added 2–6 ms to every search.
 fn fts_sql(all_projects: bool, stopword_min_rows: u32) -> String {
     let filter = filter(all_projects);
     let tsquery = tsquery(stopword_min_rows);
     format!(
-        "SELECT m.id, ts_rank(m.tsv, m.tq) + (m.tsv @@ m.pq)::int::real AS rank
+        "SELECT m.id,
+                ts_rank(m.tsv, m.tq)
+                    + CASE WHEN numnode(m.pq) = 0 THEN 0 WHEN m.tsv @@ m.pq THEN 1 ELSE 0 END
+                    AS rank
          FROM (SELECT e.id, e.tsv, q.tq, q.pq
                FROM embeddings e, {tsquery}
                WHERE e.tsv @@ q.tq AND {filter}
