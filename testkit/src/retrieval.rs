@@ -133,3 +133,23 @@ pub async fn insert(conn: &mut PgConnection, chunks: &[NewChunk]) {
         .await
         .unwrap();
 }
+
+/// A memory entry of `owner` without an embedding (tier capacity 50), committed.
+pub async fn memory(pool: &sqlx::PgPool, owner: store::memory::Owner, content: &str) {
+    let mut tx = pool.begin().await.unwrap();
+    store::memory::insert(
+        &mut tx,
+        &store::memory::NewEntry {
+            owner,
+            content: content.into(),
+            source_conversation_id: None,
+            source_message_ids: vec![],
+            embedding: None,
+        },
+        50,
+        0.1,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}

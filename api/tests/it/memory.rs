@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use jobs::{Bus, Queue, RedisHandle, Worker, WorkerOptions};
 use serde_json::json;
-use store::memory::{self, NewEntry, Owner};
+use store::memory::Owner;
 use testkit::{Behaviour, FakeClient, TestDb, TestRedis, unique_model, via_litellm};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -16,22 +16,7 @@ use crate::chat_helpers::SseReader;
 use crate::helpers::{TestApp, email, spawn_app_with};
 
 async fn add(app: &TestApp, owner: Owner, content: String) {
-    let mut tx = app.db.pool.begin().await.unwrap();
-    memory::insert(
-        &mut tx,
-        &NewEntry {
-            owner,
-            content,
-            source_conversation_id: None,
-            source_message_ids: vec![],
-            embedding: None,
-        },
-        50,
-        0.1,
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    testkit::retrieval::memory(&app.db.pool, owner, &content).await;
 }
 
 /// The real chat and memory handlers, consuming until cancelled.

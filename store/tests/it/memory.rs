@@ -180,12 +180,39 @@ async fn a_project_entry_must_name_a_project_of_its_org() {
     assert!(!memory::delete(&mut c, org, Uuid::now_v7()).await.unwrap());
 }
 
+/// `claim_summary` as `Ok(summarized_up_to)` when claimed, else `Err("busy" | "gone")`.
+async fn claim(
+    c: &mut sqlx::PgConnection,
+    conv: Uuid,
+    job: Uuid,
+    lease: std::time::Duration,
+) -> Result<i64, &'static str> {
+    match memory::claim_summary(c, conv, job, lease).await.unwrap() {
+        memory::SummaryClaim::Claimed(s) => Ok(s.summarized_up_to),
+        memory::SummaryClaim::Busy => Err("busy"),
+        memory::SummaryClaim::Gone => Err("gone"),
+    }
+}
+
+/// `save_summary` of `job` folding `from..up_to` into the summary `text`: whether it wrote.
+async fn save(
+    c: &mut sqlx::PgConnection,
+    conv: Uuid,
+    job: Uuid,
+    from: i64,
+    up_to: i64,
+    text: &str,
+) -> bool {
+    memory::save_summary(c, conv, job, from, text, up_to, "m")
+        .await
+        .unwrap()
+}
+
 /// A summary's claim (the summarize runs' lease) is one job's until that job writes, releases
 /// it or lets it expire; the same job (redelivered) takes its own claim back; a write of a job
 /// whose claim passed to another is refused.
 #[tokio::test]
 async fn a_summary_claim_is_one_jobs_until_written_released_or_expired() {
-    use memory::SummaryClaim::{Busy, Claimed, Gone};
     use std::time::Duration;
     let db = TestDb::new().await;
     let (org, user) = org_and_user(&db).await;
@@ -195,76 +222,30 @@ async fn a_summary_claim_is_one_jobs_until_written_released_or_expired() {
         .unwrap()
         .id;
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-    let long = Duration::from_secs(60);
-    let from = |claim: memory::SummaryClaim| match claim {
-        Claimed(s) => Some(s.summarized_up_to),
-        _ => None,
-    };
+    let (long, short) = (Duration::from_secs(60), Duration::from_millis(200));
 
-    assert_eq!(
-        from(memory::claim_summary(&mut c, conv, a, long).await.unwrap()),
-        Some(0)
-    );
-    assert!(matches!(
-        memory::claim_summary(&mut c, conv, b, long).await.unwrap(),
-        Busy
-    ));
+    assert_eq!(claim(&mut c, conv, a, long).await, Ok(0));
+    assert_eq!(claim(&mut c, conv, b, long).await, Err("busy"));
     // redelivered: the same job takes its claim back
-    assert_eq!(
-        from(memory::claim_summary(&mut c, conv, a, long).await.unwrap()),
-        Some(0)
-    );
+    assert_eq!(claim(&mut c, conv, a, long).await, Ok(0));
     // another job's release does nothing; the holder's frees the claim
     memory::release_summary(&mut c, conv, b).await.unwrap();
-    assert!(matches!(
-        memory::claim_summary(&mut c, conv, b, long).await.unwrap(),
-        Busy
-    ));
+    assert_eq!(claim(&mut c, conv, b, long).await, Err("busy"));
     memory::release_summary(&mut c, conv, a).await.unwrap();
 
     // b claims briefly; once that expires, a takes over
-    let short = Duration::from_millis(200);
-    assert_eq!(
-        from(memory::claim_summary(&mut c, conv, b, short).await.unwrap()),
-        Some(0)
-    );
-    assert!(matches!(
-        memory::claim_summary(&mut c, conv, a, long).await.unwrap(),
-        Busy
-    ));
+    assert_eq!(claim(&mut c, conv, b, short).await, Ok(0));
+    assert_eq!(claim(&mut c, conv, a, long).await, Err("busy"));
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        from(memory::claim_summary(&mut c, conv, a, long).await.unwrap()),
-        Some(0)
-    );
+    assert_eq!(claim(&mut c, conv, a, long).await, Ok(0));
     // b's late write is refused; a's is taken and ends the claim
-    assert!(
-        !memory::save_summary(&mut c, conv, b, 0, "B", 5, "m")
-            .await
-            .unwrap()
-    );
-    assert!(
-        memory::save_summary(&mut c, conv, a, 0, "A", 5, "m")
-            .await
-            .unwrap()
-    );
-    assert_eq!(
-        from(memory::claim_summary(&mut c, conv, b, long).await.unwrap()),
-        Some(5)
-    );
+    assert!(!save(&mut c, conv, b, 0, 5, "B").await);
+    assert!(save(&mut c, conv, a, 0, 5, "A").await);
+    assert_eq!(claim(&mut c, conv, b, long).await, Ok(5));
     // a write from a stale starting point is refused too
-    assert!(
-        !memory::save_summary(&mut c, conv, b, 0, "B", 9, "m")
-            .await
-            .unwrap()
-    );
+    assert!(!save(&mut c, conv, b, 0, 9, "B").await);
     let s = memory::summary(&mut c, conv).await.unwrap().unwrap();
     assert_eq!((s.summary.as_str(), s.summarized_up_to), ("A", 5));
 
-    assert!(matches!(
-        memory::claim_summary(&mut c, Uuid::now_v7(), a, long)
-            .await
-            .unwrap(),
-        Gone
-    ));
+    assert_eq!(claim(&mut c, Uuid::now_v7(), a, long).await, Err("gone"));
 }

@@ -52,6 +52,21 @@ async fn search_as(
     exact
 }
 
+/// A task chunk titled "T" whose text is also what it is embedded as.
+fn task_chunk(org: Uuid, project: Uuid, text: &str) -> store::embeddings::NewChunk {
+    fx::project_chunk(
+        org,
+        project,
+        "task",
+        Uuid::now_v7(),
+        "T",
+        text,
+        text,
+        MODEL,
+        DIM,
+    )
+}
+
 fn contents(chunks: &[Chunk]) -> Vec<&str> {
     chunks.iter().map(|c| c.content.as_str()).collect()
 }
@@ -405,17 +420,7 @@ impl Scene {
             .map(|i| {
                 let text = format!("chunk {i}");
                 let p = if is_mine(i) { mine } else { others };
-                fx::project_chunk(
-                    org,
-                    p,
-                    "task",
-                    Uuid::now_v7(),
-                    "T",
-                    &text,
-                    &text,
-                    MODEL,
-                    DIM,
-                )
+                task_chunk(org, p, &text)
             })
             .collect();
         fx::insert(&mut c, &chunks).await;
@@ -653,17 +658,7 @@ async fn the_corpus_most_common_terms_are_left_out_of_the_full_text_query() {
         } else {
             format!("widget number{i}")
         };
-        chunks.push(fx::project_chunk(
-            org,
-            p,
-            "task",
-            Uuid::now_v7(),
-            "T",
-            &text,
-            &text,
-            MODEL,
-            DIM,
-        ));
+        chunks.push(task_chunk(org, p, &text));
     }
     fx::insert(&mut c, &chunks).await;
     let conv = store::conversations::create(&mut c, org, user, "c", None)
@@ -730,7 +725,7 @@ async fn a_quoted_phrase_ranks_the_chunk_holding_it_first() {
     let phrase = "the launch code is kept by the captain";
     let chunks: Vec<_> = [apart, phrase]
         .iter()
-        .map(|text| fx::project_chunk(org, p, "task", Uuid::now_v7(), "T", text, text, MODEL, DIM))
+        .map(|text| task_chunk(org, p, text))
         .collect();
     fx::insert(&mut c, &chunks).await;
     let conv = store::conversations::create(&mut c, org, user, "c", None)

@@ -221,22 +221,7 @@ impl Ctx {
     }
 
     async fn add(&self, owner: Owner, content: &str) {
-        let mut tx = self.db.pool.begin().await.unwrap();
-        memory::insert(
-            &mut tx,
-            &NewEntry {
-                owner,
-                content: content.into(),
-                source_conversation_id: None,
-                source_message_ids: vec![],
-                embedding: None,
-            },
-            50,
-            0.1,
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
+        testkit::retrieval::memory(&self.db.pool, owner, content).await;
     }
 
     async fn seq_of(&self, content: &str) -> i64 {

@@ -501,22 +501,12 @@ async fn a_turn_embeds_its_question_once_and_not_while_its_model_cools_down() {
     )
     .await;
     // an org memory entry: memory ranks by the question's embedding too
-    let mut tx = ctx.db.pool.begin().await.unwrap();
-    store::memory::insert(
-        &mut tx,
-        &store::memory::NewEntry {
-            owner: store::memory::Owner::org(org),
-            content: "The team prefers short answers.".into(),
-            source_conversation_id: None,
-            source_message_ids: vec![],
-            embedding: None,
-        },
-        50,
-        0.1,
+    fx::memory(
+        &ctx.db.pool,
+        store::memory::Owner::org(org),
+        "The team prefers short answers.",
     )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    .await;
     drop(c);
 
     // the chat model cools down (another worker saw a 429) when the turn arrives
