@@ -14,7 +14,7 @@ SB_LOGS="$SB_CACHE/logs"
 
 SB_PG_PORT=${SB_PG_PORT:-5433}
 SB_PG_DB=${SB_PG_DB:-switchboard}
-SB_REDIS_PORT=${SB_REDIS_PORT:-6379}
+SB_REDIS_PORT=${SB_REDIS_PORT:-6380}   # our own Redis, with AOF (not the machine's at 6379)
 SB_LITELLM_PORT=${SB_LITELLM_PORT:-4000}
 SB_LLAMA_PORT=8081        # fixed in config/litellm.yaml
 SB_EMBED_PORT=8082        # fixed in config/litellm.yaml
@@ -40,6 +40,18 @@ state_secret() {
     (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$f")
   fi
   cat "$f"
+}
+
+# Run a daemon without the file descriptors this shell inherited beyond stdin/out/err (a
+# caller's lock, e.g. `flock /tmp/x scripts/test`, must not live on in a server it started).
+without_inherited_fds() {
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-"
+    done
+    if declare -F "$1" >/dev/null; then "$@"; else exec "$@"; fi
+  )
 }
 
 # Run a long command while printing a heartbeat, so a first install never looks hung.
@@ -168,14 +180,14 @@ EOF
     [ "$(id -u)" = 0 ] && chown postgres: "$data/switchboard.conf"
     if pg_ready; then
       log "PostgreSQL memory settings changed: restarting it"
-      pg_as "$home/bin/pg_ctl" -D "$data" -l "$SB_LOGS/postgres.log" -m fast -w -t 60 restart >/dev/null \
+      without_inherited_fds pg_as "$home/bin/pg_ctl" -D "$data" -l "$SB_LOGS/postgres.log" -m fast -w -t 60 restart >/dev/null \
         || { tail "$SB_LOGS/postgres.log" >&2; die "PostgreSQL did not restart"; }
     fi
   fi
   if ! pg_ready; then
     log "starting PostgreSQL 16 + pgvector on 127.0.0.1:$SB_PG_PORT"
     [ "$(id -u)" = 0 ] && touch "$SB_LOGS/postgres.log" && chown postgres: "$SB_LOGS/postgres.log"
-    pg_as "$home/bin/pg_ctl" -D "$data" -l "$SB_LOGS/postgres.log" -w -t 60 start >/dev/null \
+    without_inherited_fds pg_as "$home/bin/pg_ctl" -D "$data" -l "$SB_LOGS/postgres.log" -w -t 60 start >/dev/null \
       || { tail "$SB_LOGS/postgres.log" >&2; die "PostgreSQL did not start"; }
   fi
   local psql=("$home/bin/psql" -h 127.0.0.1 -p "$SB_PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qAt)
@@ -198,13 +210,24 @@ psql_sb() { "$(pg_home)/bin/psql" -h 127.0.0.1 -p "$SB_PG_PORT" -U postgres -v O
 # ---------------------------------------------------------------- Redis
 redis_ready() { command -v redis-cli >/dev/null && [ "$(redis-cli -h 127.0.0.1 -p "$SB_REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
 
+# Our own Redis, persisting the bus across restarts: AOF (appendonly, fsync every second) in
+# $SB_CACHE/redis. A Redis that restarts loads its jobs back; PostgreSQL's ledger covers the
+# last second and a Redis that lost everything (docs/OPERATIONS.md, "Failures").
 redis_up() {
-  redis_ready && return 0
+  if redis_ready; then
+    if [ "$(redis-cli -h 127.0.0.1 -p "$SB_REDIS_PORT" config get appendonly 2>/dev/null | tail -n 1)" != yes ]; then
+      log "warning: the Redis on port $SB_REDIS_PORT keeps nothing on disk (appendonly no): a restart loses queued jobs until the reconciler re-enqueues them"
+    fi
+    return 0
+  fi
   command -v redis-server >/dev/null || { log "installing redis-server (Debian)"; apt_install redis-server; }
-  log "starting Redis on 127.0.0.1:$SB_REDIS_PORT (in memory only)"
-  redis-server --daemonize yes --bind 127.0.0.1 --port "$SB_REDIS_PORT" --save "" --appendonly no \
-    --dir "$SB_RUN" --logfile "$SB_LOGS/redis.log" --pidfile "$SB_RUN/redis.pid"
-  for _ in $(seq 50); do redis_ready && return 0; sleep 0.1; done
+  mkdir -p "$SB_CACHE/redis"
+  log "starting Redis on 127.0.0.1:$SB_REDIS_PORT (AOF, fsync every second, in $SB_CACHE/redis)"
+  without_inherited_fds redis-server --daemonize yes --bind 127.0.0.1 --port "$SB_REDIS_PORT" \
+    --save "" --appendonly yes --appendfsync everysec --dir "$SB_CACHE/redis" \
+    --logfile "$SB_LOGS/redis.log" --pidfile "$SB_RUN/redis.pid"
+  # a large append-only file is replayed first: wait for it
+  for _ in $(seq 300); do redis_ready && return 0; sleep 0.1; done
   die "Redis did not start (see $SB_LOGS/redis.log)"
 }
 
@@ -251,7 +274,7 @@ litellm_up() {
   log "starting LiteLLM proxy on $(litellm_url)"
   litellm_env
   # shellcheck disable=SC2046
-  nohup $(litellm_cmd) >"$SB_LOGS/litellm.log" 2>&1 &
+  without_inherited_fds nohup $(litellm_cmd) >"$SB_LOGS/litellm.log" 2>&1 &
   echo $! > "$SB_RUN/litellm.pid"
   wait_http "$(litellm_url)/health/liveliness" 120 "$(cat "$SB_RUN/litellm.pid")" || { tail -n 30 "$SB_LOGS/litellm.log" >&2; die "LiteLLM did not start"; }
 }
