@@ -139,6 +139,19 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ("EVENTS_RETENTION_SECS", "events.retention_secs", Kind::Int),
     ("TOOL_MAX_ROUNDS", "tools.max_rounds", Kind::Int),
     ("ACTION_EXPIRY_SECS", "tools.action_expiry_secs", Kind::Int),
+    ("LEDGER_LEASE_SECS", "ledger.lease_secs", Kind::Int),
+    (
+        "RECONCILE_INTERVAL_MS",
+        "ledger.reconcile_interval_ms",
+        Kind::Int,
+    ),
+    ("RECONCILE_GRACE_SECS", "ledger.grace_secs", Kind::Int),
+    ("MAX_RECOVERIES", "ledger.max_recoveries", Kind::Int),
+    (
+        "IDEMPOTENCY_RETENTION_SECS",
+        "ledger.idempotency_retention_secs",
+        Kind::Int,
+    ),
     ("LOG_FORMAT", "log.format", Kind::Str),
     ("LOG_FILTER", "log.filter", Kind::Str),
 ];
@@ -191,6 +204,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub queues: QueuesSettings,
     pub tools: ToolsSettings,
+    pub ledger: LedgerSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -398,6 +412,25 @@ impl MemorySettings {
     }
 }
 
+/// PostgreSQL as the ledger of in-flight work (docs/ARCHITECTURE.md, "The ledger"): run leases
+/// and the scheduler's reconciler.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSettings {
+    /// A running response's lease; its run renews it every third of this. A run that stops
+    /// renewing (its worker died) is taken over after at most this long.
+    pub lease_secs: u64,
+    /// How often the reconciler (in the scheduler leader) looks for lost work.
+    pub reconcile_interval_ms: u64,
+    /// Work handed to a job this long ago whose job is not on the bus any more is re-enqueued
+    /// (the time an API process has between its commit and its enqueue).
+    pub grace_secs: u64,
+    /// Re-enqueues of one response (or action, or summary fold) before it fails for good.
+    pub max_recoveries: u32,
+    /// How long an `Idempotency-Key` of `POST .../messages` is kept (at least).
+    pub idempotency_retention_secs: u64,
+}
+
 /// Response events (SSE): the per-response replay stream behind `Last-Event-ID`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -588,6 +621,16 @@ impl Settings {
             "SSE_MAX_STREAMS_PER_USER",
         )?;
         positive(self.index.interval_secs, "INDEX_INTERVAL_SECS")?;
+        positive(self.ledger.lease_secs, "LEDGER_LEASE_SECS")?;
+        positive(self.ledger.reconcile_interval_ms, "RECONCILE_INTERVAL_MS")?;
+        positive(self.ledger.grace_secs, "RECONCILE_GRACE_SECS")?;
+        positive(u64::from(self.ledger.max_recoveries), "MAX_RECOVERIES")?;
+        if self.ledger.idempotency_retention_secs < 86_400 {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_RETENTION_SECS",
+                "must be at least 86400 (a day): clients retry with the same key for that long",
+            ));
+        }
         positive(self.index.chunk_tokens as u64, "INDEX_CHUNK_TOKENS")?;
         if self.index.chunk_overlap_tokens >= self.index.chunk_tokens {
             return Err(ConfigError::invalid(

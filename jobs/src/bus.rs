@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Value};
+use uuid::Uuid;
 
 use crate::RedisHandle;
 use crate::envelope::Envelope;
@@ -49,6 +50,9 @@ pub struct Delivery {
     pub body: String,
     /// 1 for a fresh read; more when reclaimed from another consumer.
     pub deliveries: u32,
+    /// The consumer name that owns the entry now: the process's own for a read, a name of
+    /// its own for each reclaim (so that a process never runs one entry twice under one name).
+    pub consumer: Arc<str>,
 }
 
 /// Counts for `worker queues`.
@@ -145,37 +149,72 @@ impl Bus {
 
     /// Enqueue a prepared envelope: on the stream when due, else in the delayed set.
     pub async fn enqueue_envelope(&self, env: &Envelope) -> Result<(), BusError> {
-        let q = env.job.queue();
-        let body = env.to_json()?;
-        let keys = self.keys(q);
-        let mut conn = self.conn().await?;
-        match env.not_before {
-            Some(nb) if nb > Utc::now() => {
-                let _: i64 = conn
-                    .zadd(&keys.delayed, body, nb.timestamp_millis())
-                    .await?;
-            }
-            _ => {
-                let _: String = conn.xadd(&keys.stream, "*", &[("j", body)]).await?;
-            }
-        }
-        metrics::enqueued(q, env.job.name(), 1);
-        Ok(())
+        self.enqueue_once(env).await.map(|_| ())
     }
 
-    /// Enqueue many due envelopes in one pipeline (bulk loads, tests, the benchmark).
+    /// Enqueue a prepared envelope with its marker, in one step — unless a job with its id is
+    /// still on the bus (its marker exists). Returns whether it was enqueued now.
+    pub async fn enqueue_once(&self, env: &Envelope) -> Result<bool, BusError> {
+        let q = env.job.queue();
+        let keys = self.keys(q);
+        let now = Utc::now().timestamp_millis();
+        let due = env
+            .not_before
+            .map(|nb| nb.timestamp_millis())
+            .filter(|d| *d > now)
+            .unwrap_or(0);
+        let mut conn = self.conn().await?;
+        let n: i64 = scripts::ENQUEUE
+            .key(&keys.stream)
+            .key(&keys.delayed)
+            .key(&keys.marks)
+            .arg(env.id.to_string())
+            .arg(now)
+            .arg(due)
+            .arg(env.to_json()?)
+            .invoke_async(&mut conn)
+            .await?;
+        if n == 1 {
+            metrics::enqueued(q, env.job.name(), 1);
+        }
+        Ok(n == 1)
+    }
+
+    /// Which of the jobs `ids` of queue `q` are still on the bus (their markers exist).
+    pub async fn markers(&self, q: Queue, ids: &[Uuid]) -> Result<Vec<bool>, BusError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        let fields: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let found: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&self.keys(q).marks)
+            .arg(&fields)
+            .query_async(&mut conn)
+            .await?;
+        Ok(found.into_iter().map(|f| f.is_some()).collect())
+    }
+
+    /// How many jobs of queue `q` are on the bus (waiting, delayed or being handled).
+    pub async fn jobs_on_bus(&self, q: Queue) -> Result<u64, BusError> {
+        let mut conn = self.conn().await?;
+        Ok(conn.hlen(&self.keys(q).marks).await?)
+    }
+
+    /// Enqueue many due envelopes in one pipeline (bulk loads, tests, the benchmark), each with
+    /// its marker.
     pub async fn enqueue_many(&self, envs: &[Envelope]) -> Result<(), BusError> {
         if envs.is_empty() {
             return Ok(());
         }
+        let now = Utc::now().timestamp_millis();
         let mut pipe = redis::pipe();
         for env in envs {
-            pipe.xadd(
-                &self.keys(env.job.queue()).stream,
-                "*",
-                &[("j", env.to_json()?)],
-            )
-            .ignore();
+            let keys = self.keys(env.job.queue());
+            pipe.hset(&keys.marks, env.id.to_string(), now)
+                .ignore()
+                .xadd(&keys.stream, "*", &[("j", env.to_json()?)])
+                .ignore();
         }
         let mut conn = self.conn().await?;
         let () = pipe.query_async(&mut conn).await?;
@@ -213,19 +252,27 @@ impl Bus {
                     entry_id: entry.id,
                     body,
                     deliveries: 1,
+                    consumer: Arc::from(consumer),
                 });
             }
         }
         Ok(out)
     }
 
-    /// Acknowledge handled entries (`XACK` + `XDEL`, atomically) that `consumer` still owns.
-    pub async fn ack(&self, q: Queue, consumer: &str, ids: &[&str]) -> Result<u64, BusError> {
+    /// Acknowledge handled entries (`XACK` + `XDEL` and the job's marker, atomically) that
+    /// `consumer` still owns: `(entry id, job id)` pairs.
+    pub async fn ack(
+        &self,
+        q: Queue,
+        consumer: &str,
+        entries: &[(&str, Uuid)],
+    ) -> Result<u64, BusError> {
+        let keys = self.keys(q);
         let mut conn = self.conn().await?;
-        let mut inv = scripts::ACK.key(&self.keys(q).stream);
-        inv.arg(GROUP).arg(consumer);
-        for id in ids {
-            inv.arg(*id);
+        let mut inv = scripts::ACK.key(&keys.stream);
+        inv.key(&keys.marks).arg(GROUP).arg(consumer);
+        for (entry, job) in entries {
+            inv.arg(*entry).arg(job.to_string());
         }
         Ok(inv.invoke_async(&mut conn).await?)
     }
@@ -270,8 +317,10 @@ impl Bus {
         Ok(n == 1)
     }
 
-    /// Move a delivered entry to the dead letters with its last error and acknowledge it,
-    /// atomically, if `consumer` still owns it.
+    /// Move a delivered entry to the dead letters with its last error and acknowledge it (and
+    /// clear the marker of its job, `job_id` when the envelope could be read), atomically, if
+    /// `consumer` still owns it.
+    #[allow(clippy::too_many_arguments)]
     pub async fn dead_letter(
         &self,
         q: Queue,
@@ -280,12 +329,14 @@ impl Bus {
         body: &str,
         error: &str,
         reason: DeadReason,
+        job_id: Option<Uuid>,
     ) -> Result<bool, BusError> {
         let keys = self.keys(q);
         let mut conn = self.conn().await?;
         let n: i64 = scripts::DEAD
             .key(&keys.stream)
             .key(&keys.dead)
+            .key(&keys.marks)
             .arg(GROUP)
             .arg(consumer)
             .arg(entry_id)
@@ -293,6 +344,7 @@ impl Bus {
             .arg(error)
             .arg(reason.as_str())
             .arg(Utc::now().timestamp_millis())
+            .arg(job_id.map(|j| j.to_string()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await?;
         Ok(n == 1)
@@ -343,6 +395,7 @@ impl Bus {
                 entry_id,
                 body,
                 deliveries,
+                consumer: Arc::from(consumer),
             })
             .collect();
         Ok((next, out))
@@ -528,21 +581,24 @@ impl Bus {
             return Ok(false);
         };
         let body = field(&entry.map, "j");
-        let fresh = match Envelope::from_json(&body) {
+        let (fresh, job_id) = match Envelope::from_json(&body) {
             Ok(mut env) => {
                 env.attempt = 1;
                 env.not_before = None;
                 env.enqueued_at = Utc::now();
-                env.to_json()?
+                (env.to_json()?, env.id.to_string())
             }
             // a malformed entry goes back as it was (a newer build may know it)
-            Err(_) => body,
+            Err(_) => (body, String::new()),
         };
         let n: i64 = scripts::REPLAY
             .key(&keys.stream)
             .key(&keys.dead)
+            .key(&keys.marks)
             .arg(dead_id)
             .arg(fresh)
+            .arg(job_id)
+            .arg(Utc::now().timestamp_millis())
             .invoke_async(&mut conn)
             .await?;
         Ok(n == 1)
@@ -581,9 +637,12 @@ impl Bus {
         let fired: i64 = scripts::TICK
             .key(keys.tick(name, n))
             .key(&keys.stream)
+            .key(&keys.marks)
             .arg(owner)
             .arg(u64::try_from(marker_ttl.as_millis()).unwrap_or(u64::MAX))
             .arg(env.to_json()?)
+            .arg(env.id.to_string())
+            .arg(Utc::now().timestamp_millis())
             .invoke_async(&mut conn)
             .await?;
         if fired == 1 {

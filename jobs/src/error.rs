@@ -17,6 +17,11 @@ pub enum JobError {
     /// Will never succeed (bad payload, a row that is gone): straight to the dead letters.
     #[error("{error}")]
     Permanent { error: String },
+    /// Not a failure: the job must wait (a model's rate limit or cooldown, another run still
+    /// holding the work) and comes back after `after`, without using up an attempt. The handler
+    /// bounds how long it waits (e.g. `RATE_LIMIT_MAX_WAIT_SECS`).
+    #[error("{reason}")]
+    Wait { reason: String, after: Duration },
 }
 
 impl JobError {
@@ -40,8 +45,21 @@ impl JobError {
         }
     }
 
+    pub fn wait(reason: impl Display, after: Duration) -> Self {
+        JobError::Wait {
+            reason: reason.to_string(),
+            after,
+        }
+    }
+
+    /// The job runs again later (a retry, or a wait).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, JobError::Retryable { .. })
+        matches!(self, JobError::Retryable { .. } | JobError::Wait { .. })
+    }
+
+    /// A wait: the next run keeps the attempt number.
+    pub fn is_wait(&self) -> bool {
+        matches!(self, JobError::Wait { .. })
     }
 }
 

@@ -8,6 +8,8 @@
 //! | `<prefix>:{q:chat}`          | stream     | jobs ready to run; consumer group `workers`  |
 //! | `<prefix>:{q:chat}:delayed`  | sorted set | envelopes waiting, score = due time (ms)     |
 //! | `<prefix>:{q:chat}:dead`     | stream     | dead letters: envelope + last error          |
+//! | `<prefix>:{q:chat}:jobs`     | hash       | job id → enqueued ms: every job not yet acked |
+//! |                              |            | or dead (the reconciler's "job exists" test) |
 //! | `<prefix>:{q:index}:tick:<n>`| string     | scheduler: interval `n` already fired        |
 
 use std::fmt;
@@ -77,6 +79,8 @@ pub struct QueueKeys {
     pub stream: String,
     pub delayed: String,
     pub dead: String,
+    /// The job markers: set by every enqueue (in the same step), cleared at ack or dead letter.
+    pub marks: String,
     tick_base: String,
 }
 
@@ -86,6 +90,7 @@ impl QueueKeys {
         Self {
             delayed: format!("{base}:delayed"),
             dead: format!("{base}:dead"),
+            marks: format!("{base}:jobs"),
             tick_base: format!("{base}:tick"),
             stream: base,
         }
@@ -107,6 +112,7 @@ mod tests {
         assert_eq!(k.stream, "sb:{q:chat}");
         assert_eq!(k.delayed, "sb:{q:chat}:delayed");
         assert_eq!(k.dead, "sb:{q:chat}:dead");
+        assert_eq!(k.marks, "sb:{q:chat}:jobs");
         assert_eq!(k.tick("index", 7), "sb:{q:chat}:tick:index:7");
     }
 

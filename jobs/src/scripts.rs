@@ -5,18 +5,41 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+/// Enqueue one job, once: its entry — on the stream when due, else in the delayed set — and its
+/// marker (on the queue's job hash), together. A job id that already has a marker is
+/// not enqueued again (the reconciler's re-enqueues use ids derived from what they recover).
+/// Returns 1 when enqueued, 0 when the job was there already.
+/// KEYS: stream, delayed, marks. ARGV: job id, now_ms, due_ms (0: now), envelope.
+pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 0 end
+if tonumber(ARGV[3]) > tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+else
+  redis.call('XADD', KEYS[1], '*', 'j', ARGV[4])
+end
+-- (last: a failed XADD leaves no marker behind)
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+return 1
+"#,
+    )
+});
+
 /// Acknowledge handled entries: `XACK` + `XDEL` of each entry this consumer still owns (an
-/// entry reclaimed by another worker meanwhile is left to its new owner). Returns how many.
-/// KEYS: stream. ARGV: group, consumer, id...
+/// entry reclaimed by another worker meanwhile is left to its new owner), and the job's
+/// marker with it. Returns how many.
+/// KEYS: stream, marks. ARGV: group, consumer, then pairs of entry id and job id.
 pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local n = 0
-for i = 3, #ARGV do
+for i = 3, #ARGV, 2 do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if #p > 0 and p[1][2] == ARGV[2] then
     n = n + redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
     redis.call('XDEL', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i + 1])
   end
 end
 return n
@@ -56,9 +79,10 @@ return 1
     )
 });
 
-/// Dead-letter a delivered entry: append it with its last error to the dead stream and
-/// acknowledge it, together, while this consumer owns it.
-/// KEYS: stream, dead. ARGV: group, consumer, id, envelope, error, reason, failed_at_ms.
+/// Dead-letter a delivered entry: append it with its last error to the dead stream, acknowledge
+/// it and clear its job's marker, together, while this consumer owns it.
+/// KEYS: stream, dead, marks. ARGV: group, consumer, id, envelope, error, reason, failed_at_ms,
+/// job id ('' when unknown).
 pub static DEAD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -68,6 +92,7 @@ redis.call('XADD', KEYS[2], '*', 'j', ARGV[4], 'error', ARGV[5], 'reason', ARGV[
   'failed_at', ARGV[7], 'source', ARGV[3])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
+if ARGV[8] ~= '' then redis.call('HDEL', KEYS[3], ARGV[8]) end
 return 1
 "#,
     )
@@ -94,12 +119,15 @@ return {#due, next_due}
 });
 
 /// Reclaim entries idle past the visibility timeout (`XAUTOCLAIM`) and report each one's
-/// delivery count (from `XPENDING`), which `XAUTOCLAIM` itself does not return.
+/// delivery count (from `XPENDING`), which `XAUTOCLAIM` itself does not return. Nothing is
+/// claimed (and no consumer name created) when no entry is idle that long.
 /// Returns `{next_cursor, {{id, envelope, deliveries}...}}`.
 /// KEYS: stream. ARGV: group, consumer, min_idle_ms, cursor, count.
 pub static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local idle = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', tonumber(ARGV[3]), '-', '+', 1)
+if #idle == 0 then return {'0-0', {}} end
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
   'COUNT', tonumber(ARGV[5]))
 local out = {}
@@ -121,26 +149,29 @@ return {r[1], out}
 });
 
 /// Put a dead letter back on its stream (with a fresh envelope built by the caller), once:
-/// only if the dead entry still exists; it is deleted in the same step.
-/// KEYS: stream, dead. ARGV: dead_id, envelope.
+/// only if the dead entry still exists; it is deleted and the job's marker set in the same step.
+/// KEYS: stream, dead, marks. ARGV: dead_id, envelope, job id ('' when unknown), now_ms.
 pub static REPLAY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if #redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1]) == 0 then return 0 end
 redis.call('XADD', KEYS[1], '*', 'j', ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[1])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[3], ARGV[4]) end
 return 1
 "#,
     )
 });
 
-/// Fire a scheduler tick once: mark interval `n` (`SET NX PX`) and enqueue its job, together.
-/// KEYS: tick marker, stream. ARGV: owner, ttl_ms, envelope.
+/// Fire a scheduler tick once: mark interval `n` (`SET NX PX`) and enqueue its job (with its
+/// marker), together.
+/// KEYS: tick marker, stream, marks. ARGV: owner, ttl_ms, envelope, job id, now_ms.
 pub static TICK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 redis.call('XADD', KEYS[2], '*', 'j', ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
 return 1
 "#,
     )

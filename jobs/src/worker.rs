@@ -61,9 +61,11 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Entries per acknowledgement call at most.
 const ACK_BATCH: usize = 256;
 
-/// A handled entry to acknowledge; `done` says whether the ack reached Redis.
+/// A handled entry to acknowledge (with its job, whose marker goes too); `done` says whether
+/// the ack reached Redis.
 struct AckRequest {
     entry_id: String,
+    job_id: Uuid,
     done: oneshot::Sender<bool>,
 }
 
@@ -88,7 +90,7 @@ pub struct JobContext {
 
 pub type HandlerResult = Result<(), JobError>;
 type BoxedHandler = Arc<dyn Fn(JobContext, Job) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
-type BoxedDeadHook = Arc<dyn Fn(Job, String) -> BoxFuture<'static, ()> + Send + Sync>;
+type BoxedDeadHook = Arc<dyn Fn(Uuid, Job, String) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// How long a dead-letter hook may take before the job is dead-lettered anyway.
 const DEAD_HOOK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,15 +153,15 @@ impl Registry {
     pub fn on_dead<J, F, Fut>(&mut self, hook: F) -> &mut Self
     where
         J: JobKind,
-        F: Fn(J, String) -> Fut + Send + Sync + 'static,
+        F: Fn(Uuid, J, String) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let hook = Arc::new(hook);
-        let boxed: BoxedDeadHook = Arc::new(move |job: Job, error: String| {
+        let boxed: BoxedDeadHook = Arc::new(move |id: Uuid, job: Job, error: String| {
             let hook = hook.clone();
             Box::pin(async move {
                 if let Some(j) = J::from_job(job) {
-                    hook(j, error).await;
+                    hook(id, j, error).await;
                 }
             })
         });
@@ -167,12 +169,15 @@ impl Registry {
         self
     }
 
-    /// Run the dead-letter hook of `job`'s kind, if any (bounded by `DEAD_HOOK_TIMEOUT`).
-    async fn run_dead_hook(&self, job: &Job, error: &str) {
-        if let Some(hook) = self.dead_hooks.get(job.name())
-            && tokio::time::timeout(DEAD_HOOK_TIMEOUT, hook(job.clone(), error.to_owned()))
-                .await
-                .is_err()
+    /// Run the dead-letter hook of the job's kind, if any (bounded by `DEAD_HOOK_TIMEOUT`).
+    async fn run_dead_hook(&self, env: &Envelope, error: &str) {
+        if let Some(hook) = self.dead_hooks.get(env.job.name())
+            && tokio::time::timeout(
+                DEAD_HOOK_TIMEOUT,
+                hook(env.id, env.job.clone(), error.to_owned()),
+            )
+            .await
+            .is_err()
         {
             tracing::warn!("the dead-letter hook timed out");
         }
@@ -242,6 +247,8 @@ impl RunReport {
 
 #[derive(Default)]
 struct Counters {
+    /// Reclaim calls made (names each one's consumer).
+    reclaims: AtomicU64,
     completed: AtomicU64,
     retried: AtomicU64,
     dead: AtomicU64,
@@ -610,9 +617,18 @@ async fn reclaim_loop(
             let Some(mut permits) = take_permits(&inner.semaphore, MAX_BATCH, &stop).await else {
                 return;
             };
+            // A name of its own per reclaim: an entry of this very process that went idle (a
+            // stalled handler) is then no longer owned by the name its first run acks under,
+            // so one entry never runs twice under one owner. (Nothing is claimed, and no name
+            // is created, when no entry is idle.)
+            let reclaimer = format!(
+                "{}~r{}",
+                inner.consumer,
+                inner.counters.reclaims.fetch_add(1, Ordering::Relaxed)
+            );
             let claimed = inner
                 .bus
-                .reclaim(q, &inner.consumer, visibility, &cursor, permits.len())
+                .reclaim(q, &reclaimer, visibility, &cursor, permits.len())
                 .await;
             match claimed {
                 Ok((next, deliveries)) => {
@@ -652,7 +668,7 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
         Err(e) => {
             let error = format!("not a valid job envelope: {e}");
             tracing::error!(queue = %q, entry = %d.entry_id, %error, "dead-lettering a malformed entry");
-            settle_dead(&inner, &d, "unknown", &error, DeadReason::Malformed).await;
+            settle_dead(&inner, &d, ("unknown", None), &error, DeadReason::Malformed).await;
             return;
         }
     };
@@ -675,8 +691,8 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
                 d.deliveries, settings.visibility_timeout_secs
             );
             tracing::error!(%error, "dead-lettering a job that keeps losing its worker");
-            inner.registry.run_dead_hook(&env.job, &error).await;
-            settle_dead(&inner, &d, kind, &error, DeadReason::Lost).await;
+            inner.registry.run_dead_hook(&env, &error).await;
+            settle_dead(&inner, &d, (kind, Some(env.id)), &error, DeadReason::Lost).await;
             return;
         }
         if d.deliveries == 1 {
@@ -691,7 +707,7 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
             enqueued_at: env.enqueued_at,
             due_at: env.due_at(),
             trace: env.trace.clone(),
-            consumer: inner.consumer.clone(),
+            consumer: d.consumer.clone(),
         };
         let hard_stop = inner
             .hard_stop
@@ -725,39 +741,20 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
         match result {
             Ok(()) => {
                 tracing::debug!(took_ms = took.as_millis() as u64, "job done");
-                settle_ack(&inner, &d, &acker).await;
+                settle_ack(&inner, &d, env.id, &acker).await;
                 inner.counters.completed.fetch_add(1, Ordering::Relaxed);
                 metrics::finished(q, kind, Outcome::Ok, took);
+            }
+            Err(JobError::Wait { reason, after }) => {
+                // not a failure: the same attempt again after the wait
+                tracing::info!(%reason, delay_ms = after.as_millis() as u64, "job waits; re-queued");
+                schedule_again(&inner, &d, &env, attempt, after.min(MAX_RETRY_DELAY), took).await;
             }
             Err(JobError::Retryable { error, retry_after }) if attempt < settings.max_attempts => {
                 let delay = backoff::delay(settings, attempt, retry_after, &mut rand::rng())
                     .min(MAX_RETRY_DELAY);
-                let now = Utc::now();
-                let due = chrono::Duration::from_std(delay)
-                    .ok()
-                    .and_then(|d| now.checked_add_signed(d))
-                    .unwrap_or(now);
-                let mut next = env.clone();
-                next.attempt = attempt + 1;
-                next.not_before = Some(due);
                 tracing::warn!(%error, delay_ms = delay.as_millis() as u64, "job failed; retrying later");
-                match inner
-                    .bus
-                    .retry(q, &inner.consumer, &d.entry_id, &next, due)
-                    .await
-                {
-                    Ok(true) => {
-                        inner.counters.retried.fetch_add(1, Ordering::Relaxed);
-                        metrics::finished(q, kind, Outcome::Retry, took);
-                        if let Some(n) = inner.movers.get(&q) {
-                            n.notify_one();
-                        }
-                    }
-                    Ok(false) => {
-                        tracing::warn!("the entry was reclaimed by another worker meanwhile; it decides")
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot schedule the retry; the job stays pending and will be reclaimed"),
-                }
+                schedule_again(&inner, &d, &env, attempt + 1, delay, took).await;
             }
             Err(e) => {
                 let reason = if e.is_retryable() {
@@ -768,13 +765,54 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
                 let error = e.to_string();
                 tracing::error!(%error, reason = reason.as_str(), "job failed for good; dead-lettering it");
                 metrics::finished(q, kind, Outcome::Dead, took);
-                inner.registry.run_dead_hook(&env.job, &error).await;
-                settle_dead(&inner, &d, kind, &error, reason).await;
+                inner.registry.run_dead_hook(&env, &error).await;
+                settle_dead(&inner, &d, (kind, Some(env.id)), &error, reason).await;
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// Put the job back for attempt `next_attempt` after `delay` (the delayed set) and ack the
+/// delivered entry, in one step. Should Redis fail here, the entry stays pending and is
+/// reclaimed (and the ledger's reconciler covers the work that waits on it).
+async fn schedule_again(
+    inner: &Inner,
+    d: &Delivery,
+    env: &Envelope,
+    next_attempt: u32,
+    delay: Duration,
+    took: Duration,
+) {
+    let q = d.queue;
+    let now = Utc::now();
+    let due = chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(now);
+    let mut next = env.clone();
+    next.attempt = next_attempt;
+    next.not_before = Some(due);
+    match inner
+        .bus
+        .retry(q, &d.consumer, &d.entry_id, &next, due)
+        .await
+    {
+        Ok(true) => {
+            inner.counters.retried.fetch_add(1, Ordering::Relaxed);
+            metrics::finished(q, env.job.name(), Outcome::Retry, took);
+            if let Some(n) = inner.movers.get(&q) {
+                n.notify_one();
+            }
+        }
+        Ok(false) => {
+            tracing::warn!("the entry was reclaimed by another worker meanwhile; it decides")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot schedule the retry; the job stays pending and will be reclaimed")
+        }
+    }
 }
 
 /// The heartbeat of a running handler: resets the entry's idle time every third of the
@@ -785,7 +823,7 @@ async fn keep_claimed(inner: &Inner, d: &Delivery, visibility: Duration) {
     let period = (visibility / 3).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(period).await;
-        match inner.bus.touch(d.queue, &inner.consumer, &d.entry_id).await {
+        match inner.bus.touch(d.queue, &d.consumer, &d.entry_id).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(entry = %d.entry_id, "the entry was reclaimed by another worker; dropping this run");
@@ -797,16 +835,23 @@ async fn keep_claimed(inner: &Inner, d: &Delivery, visibility: Duration) {
 }
 
 /// Acknowledge through the queue's acker (which batches the acks of jobs finishing together)
-/// and wait until it reached Redis.
-async fn settle_ack(inner: &Inner, d: &Delivery, acker: &Acker) {
-    let (done, reply) = oneshot::channel();
-    let req = AckRequest {
-        entry_id: d.entry_id.clone(),
-        done,
-    };
-    let acked = match acker.send(req) {
-        Ok(()) => reply.await.unwrap_or(false),
-        Err(_) => ack_with_retries(inner, d.queue, &[&d.entry_id]).await,
+/// and wait until it reached Redis. A reclaimed entry (owned by a reclaim's own name) is
+/// acknowledged on its own.
+async fn settle_ack(inner: &Inner, d: &Delivery, job_id: Uuid, acker: &Acker) {
+    let entry = [(d.entry_id.as_str(), job_id)];
+    let acked = if d.consumer != inner.consumer {
+        ack_with_retries(inner, d.queue, &d.consumer, &entry).await
+    } else {
+        let (done, reply) = oneshot::channel();
+        let req = AckRequest {
+            entry_id: d.entry_id.clone(),
+            job_id,
+            done,
+        };
+        match acker.send(req) {
+            Ok(()) => reply.await.unwrap_or(false),
+            Err(_) => ack_with_retries(inner, d.queue, &inner.consumer, &entry).await,
+        }
     };
     if !acked {
         tracing::error!(
@@ -816,13 +861,18 @@ async fn settle_ack(inner: &Inner, d: &Delivery, acker: &Acker) {
 }
 
 /// A few quick tries: an ack lost here means a (harmless, idempotent) redelivery later.
-async fn ack_with_retries(inner: &Inner, q: Queue, ids: &[&str]) -> bool {
+async fn ack_with_retries(
+    inner: &Inner,
+    q: Queue,
+    consumer: &str,
+    entries: &[(&str, Uuid)],
+) -> bool {
     for wait in [0u64, 50, 200] {
         if wait > 0 {
             // (a zero sleep would still wait for the next timer tick)
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
-        match inner.bus.ack(q, &inner.consumer, ids).await {
+        match inner.bus.ack(q, consumer, entries).await {
             Ok(_) => return true,
             Err(e) => tracing::warn!(queue = %q, error = %e, "ack failed"),
         }
@@ -842,8 +892,11 @@ async fn ack_loop(inner: Arc<Inner>, q: Queue, mut rx: mpsc::UnboundedReceiver<A
                 Err(_) => break,
             }
         }
-        let ids: Vec<&str> = batch.iter().map(|r| r.entry_id.as_str()).collect();
-        let ok = ack_with_retries(&inner, q, &ids).await;
+        let entries: Vec<(&str, Uuid)> = batch
+            .iter()
+            .map(|r| (r.entry_id.as_str(), r.job_id))
+            .collect();
+        let ok = ack_with_retries(&inner, q, &inner.consumer, &entries).await;
         for r in batch {
             let _ = r.done.send(ok);
         }
@@ -853,7 +906,7 @@ async fn ack_loop(inner: Arc<Inner>, q: Queue, mut rx: mpsc::UnboundedReceiver<A
 async fn settle_dead(
     inner: &Inner,
     d: &Delivery,
-    kind: &'static str,
+    (kind, job_id): (&'static str, Option<Uuid>),
     error: &str,
     reason: DeadReason,
 ) {
@@ -861,11 +914,12 @@ async fn settle_dead(
         .bus
         .dead_letter(
             d.queue,
-            &inner.consumer,
+            &d.consumer,
             &d.entry_id,
             &d.body,
             error,
             reason,
+            job_id,
         )
         .await
     {

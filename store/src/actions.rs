@@ -245,12 +245,14 @@ async fn insert_decision_call(
 
 /// Confirm the caller's pending proposal: `pending → confirmed` (one winner among concurrent
 /// confirms), and the continuation response that will answer once it ran, whose "user message"
-/// is the assistant call standing for the confirmed action. The caller owns the transaction
-/// and enqueues the execution after the commit.
+/// is the assistant call standing for the confirmed action. The execution is handed to job
+/// `job_id`, which the caller enqueues after the commit (the reconciler does, should that be
+/// lost). The caller owns the transaction.
 pub async fn confirm(
     conn: &mut PgConnection,
     user_id: Uuid,
     id: Uuid,
+    job_id: Uuid,
 ) -> Result<Decision<(Action, Response)>, StoreError> {
     let action = match decide(&mut *conn, user_id, id, "confirmed").await? {
         Decision::Done(a) => a,
@@ -264,7 +266,7 @@ pub async fn confirm(
         "INSERT INTO responses (id, conversation_id, user_message_id)
          VALUES ($1, $2, $3)
          RETURNING id, conversation_id, user_message_id, status, model, error_code,
-                   error_message, starts, created_at, completed_at",
+                   error_message, starts, run, job_id, fallback_only, created_at, completed_at",
     )
     .bind(response_id)
     .bind(action.conversation_id)
@@ -277,11 +279,12 @@ pub async fn confirm(
         .execute(&mut *conn)
         .await?;
     let action = sqlx::query_as::<_, Action>(sql(format!(
-        "UPDATE proposed_actions a SET continuation_response_id = $2 WHERE a.id = $1
+        "UPDATE proposed_actions a SET continuation_response_id = $2, job_id = $3 WHERE a.id = $1
          RETURNING {ACTION_COLS}"
     )))
     .bind(action.id)
     .bind(response_id)
+    .bind(job_id)
     .fetch_one(&mut *conn)
     .await?;
     Ok(Decision::Done((action, response)))
@@ -391,51 +394,53 @@ pub async fn expire_due(pool: &PgPool) -> Result<u64, StoreError> {
     .rows_affected())
 }
 
-/// Confirmed proposals whose execution has not happened `older_than` after the confirm (the
-/// execution job was lost before it reached the bus): the scheduler enqueues them again.
-pub async fn stale_confirmed(
-    pool: &PgPool,
-    older_than: std::time::Duration,
-) -> Result<Vec<Uuid>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM proposed_actions
-         WHERE status = 'confirmed' AND decided_at <= now() - make_interval(secs => $1)
-         ORDER BY decided_at LIMIT 100",
-    )
-    .bind(older_than.as_secs_f64())
-    .fetch_all(pool)
-    .await?)
-}
-
-/// A continuation that should have started: its action was decided (executed or failed)
-/// `older_than` ago and its response is still untouched (the `chat` job was lost before it
-/// reached the bus).
+/// A confirmed proposal not executed yet, as the reconciler sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct StaleContinuation {
-    pub conversation_id: Uuid,
-    pub message_id: Uuid,
-    pub response_id: Uuid,
-    pub user_id: Uuid,
-    pub org_id: Uuid,
+pub struct Confirmed {
+    pub id: Uuid,
+    /// The `execute_action` job that may run it (`None`: confirmed before the ledger).
+    pub job_id: Option<Uuid>,
+    pub recoveries: i32,
+    pub continuation_response_id: Option<Uuid>,
 }
 
-pub async fn stale_continuations(
+/// Proposals confirmed more than `grace` ago and not executed yet (whether their job still
+/// exists is Redis's to say), oldest first.
+pub async fn confirmed_waiting(
     pool: &PgPool,
-    older_than: std::time::Duration,
-) -> Result<Vec<StaleContinuation>, StoreError> {
-    Ok(sqlx::query_as::<_, StaleContinuation>(
-        "SELECT a.conversation_id, r.user_message_id AS message_id, r.id AS response_id,
-                a.user_id, a.org_id
-         FROM proposed_actions a
-         JOIN responses r ON r.id = a.continuation_response_id
-         WHERE a.status IN ('executed', 'failed')
-           AND a.executed_at <= now() - make_interval(secs => $1)
-           AND r.status = 'queued' AND r.starts = 0
-         ORDER BY a.executed_at LIMIT 100",
+    grace: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<Confirmed>, StoreError> {
+    Ok(sqlx::query_as::<_, Confirmed>(
+        "SELECT id, job_id, recoveries, continuation_response_id FROM proposed_actions
+         WHERE status = 'confirmed' AND decided_at < now() - make_interval(secs => $1)
+         ORDER BY decided_at LIMIT $2",
     )
-    .bind(older_than.as_secs_f64())
+    .bind(grace.as_secs_f64())
+    .bind(limit)
     .fetch_all(pool)
     .await?)
+}
+
+/// Hand a confirmed proposal whose job was lost to a new job (`old_job` → `new_job`), counting
+/// one recovery; `false` when it changed meanwhile (executed, or recovered by another pass).
+pub async fn recover(
+    pool: &PgPool,
+    id: Uuid,
+    old_job: Option<Uuid>,
+    new_job: Uuid,
+) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "UPDATE proposed_actions SET job_id = $3, recoveries = recoveries + 1
+         WHERE id = $1 AND status = 'confirmed' AND job_id IS NOT DISTINCT FROM $2",
+    )
+    .bind(id)
+    .bind(old_job)
+    .bind(new_job)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
 }
 
 /// Insert a message of the tool exchange (round `None`: not part of a turn's rounds).

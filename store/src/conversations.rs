@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::StoreError;
 use crate::projects::Cursor;
+use crate::types::ResponseStatus;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Conversation {
@@ -47,11 +48,18 @@ pub struct Response {
     pub id: Uuid,
     pub conversation_id: Uuid,
     pub user_message_id: Uuid,
-    pub status: String,
+    pub status: ResponseStatus,
     pub model: Option<String>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
+    /// How many runs started streaming it (> 1 after a restart).
     pub starts: i32,
+    /// The run that holds (or last held) it (`store::responses`).
+    pub run: i32,
+    /// The job that may run it (`None`: nothing due yet).
+    pub job_id: Option<Uuid>,
+    /// The primary failed in an earlier run: only the fallback is left.
+    pub fallback_only: bool,
     pub created_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
 }
@@ -64,11 +72,11 @@ fn sql(s: String) -> sqlx::AssertSqlSafe<String> {
 const CONVERSATION_COLS: &str = "id, org_id, user_id, title, scoped, created_at, updated_at";
 const MESSAGE_COLS: &str = "id, conversation_id, seq, role, content, response_id, model, prompt_tokens, \
      completion_tokens, latency_ms, tool_calls, tool_call_id, citations, created_at";
-const RESPONSE_COLS: &str = "id, conversation_id, user_message_id, status, model, error_code, \
-     error_message, starts, created_at, completed_at";
+pub(crate) const RESPONSE_COLS: &str = "id, conversation_id, user_message_id, status, model, \
+     error_code, error_message, starts, run, job_id, fallback_only, created_at, completed_at";
 
 /// [`RESPONSE_COLS`] qualified by a table alias (`r.id, r.conversation_id, ..`).
-fn response_cols_of(alias: &str) -> String {
+pub(crate) fn response_cols_of(alias: &str) -> String {
     RESPONSE_COLS
         .split(',')
         .map(|c| format!("{alias}.{}", c.trim()))
@@ -251,42 +259,110 @@ pub async fn start_turn(
     Ok((message, response))
 }
 
+/// The ids a new turn gets (chosen by the caller, so that it can read the turn back when it
+/// cannot tell whether its write committed), and what it was asked with.
+#[derive(Debug, Clone, Copy)]
+pub struct NewTurn<'a> {
+    pub user_id: Uuid,
+    pub conversation_id: Uuid,
+    pub content: &'a str,
+    pub message_id: Uuid,
+    pub response_id: Uuid,
+    /// The `chat` job that will run the response (enqueued after the commit).
+    pub job_id: Uuid,
+    /// The client's `Idempotency-Key` and the hash of the request it came with.
+    pub key: Option<TurnKey<'a>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TurnKey<'a> {
+    pub key: &'a str,
+    pub request_hash: &'a [u8],
+}
+
+/// What [`start_own_turn`] did.
+#[derive(Debug)]
+pub enum TurnStarted {
+    /// A new turn: its response (which names the user's message).
+    New(Response),
+    /// The idempotency key was used before for the same request: that turn's response.
+    Existing(Response),
+    /// The idempotency key was used before for another request.
+    KeyConflict,
+}
+
 /// [`start_turn`] for the caller's own conversation, in ONE autocommitted statement (the
 /// chat path's latency: no `BEGIN`/`COMMIT`, no separate ownership read): the conversation's
-/// `updated_at`, the user's message and the response, all or nothing. `None` when the
-/// conversation is not `user_id`'s (missing, another user's, another org's alike).
+/// `updated_at`, the user's message and the response (handed to `job_id`), and the
+/// idempotency key when there is one, all or nothing. `None` when the conversation is not the
+/// user's (missing, another user's, another org's alike). With a key already used: the turn
+/// it started, or a conflict when it came with another request.
 pub async fn start_own_turn(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    conversation_id: Uuid,
-    content: &str,
-) -> Result<Option<(Message, Response)>, StoreError> {
+    turn: &NewTurn<'_>,
+) -> Result<Option<TurnStarted>, StoreError> {
     use sqlx::{FromRow as _, Row as _};
+    if let Some(key) = turn.key
+        && let Some(found) = keyed_turn(&mut *conn, turn.user_id, key).await?
+    {
+        return Ok(Some(found));
+    }
+    // With a key, the key's row goes in first: a concurrent request with the same key finds
+    // it taken (ON CONFLICT) and writes nothing else.
+    let (key_cte, gate) = if turn.key.is_some() {
+        (
+            "k AS (
+                 INSERT INTO turn_requests (user_id, key, request_hash, conversation_id,
+                                            response_id)
+                 SELECT $2, $7, $8, c.id, $5 FROM c
+                 ON CONFLICT (user_id, key) DO NOTHING RETURNING conversation_id
+             ), ",
+            "k",
+        )
+    } else {
+        ("", "c")
+    };
     let row = sqlx::query(sql(format!(
         "WITH c AS (
              UPDATE conversations SET updated_at = now()
              WHERE id = $1 AND user_id = $2 RETURNING id
-         ), m AS (
+         ), {key_cte}m AS (
              INSERT INTO messages (id, conversation_id, role, content)
-             SELECT $3, c.id, 'user', $4 FROM c RETURNING {MESSAGE_COLS}
+             SELECT $3, g.conversation_id, 'user', $4
+             FROM (SELECT {gate_col} AS conversation_id FROM {gate}) g RETURNING {MESSAGE_COLS}
          ), r AS (
-             INSERT INTO responses (id, conversation_id, user_message_id)
-             SELECT $5, m.conversation_id, m.id FROM m RETURNING {RESPONSE_COLS}
+             INSERT INTO responses (id, conversation_id, user_message_id, job_id, enqueued_at)
+             SELECT $5, m.conversation_id, m.id, $6, now() FROM m RETURNING {RESPONSE_COLS}
          )
          SELECT m.*, r.id AS r_id, r.status AS r_status, r.model AS r_model,
                 r.error_code AS r_error_code, r.error_message AS r_error_message,
-                r.starts AS r_starts, r.created_at AS r_created_at,
+                r.starts AS r_starts, r.run AS r_run, r.job_id AS r_job_id,
+                r.fallback_only AS r_fallback_only, r.created_at AS r_created_at,
                 r.completed_at AS r_completed_at
-         FROM m, r"
+         FROM m, r",
+        gate_col = if turn.key.is_some() {
+            "conversation_id"
+        } else {
+            "id"
+        },
     )))
-    .bind(conversation_id)
-    .bind(user_id)
-    .bind(Uuid::now_v7())
-    .bind(content)
-    .bind(Uuid::now_v7())
+    .bind(turn.conversation_id)
+    .bind(turn.user_id)
+    .bind(turn.message_id)
+    .bind(turn.content)
+    .bind(turn.response_id)
+    .bind(turn.job_id);
+    let row = match turn.key {
+        Some(k) => row.bind(k.key).bind(k.request_hash),
+        None => row,
+    }
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
+        // Not the user's conversation — or the key was taken by a concurrent request.
+        if let Some(key) = turn.key {
+            return keyed_turn(&mut *conn, turn.user_id, key).await;
+        }
         return Ok(None);
     };
     let message = Message::from_row(&row)?;
@@ -299,10 +375,59 @@ pub async fn start_own_turn(
         error_code: row.try_get("r_error_code")?,
         error_message: row.try_get("r_error_message")?,
         starts: row.try_get("r_starts")?,
+        run: row.try_get("r_run")?,
+        job_id: row.try_get("r_job_id")?,
+        fallback_only: row.try_get("r_fallback_only")?,
         created_at: row.try_get("r_created_at")?,
         completed_at: row.try_get("r_completed_at")?,
     };
-    Ok(Some((message, response)))
+    Ok(Some(TurnStarted::New(response)))
+}
+
+/// The turn an idempotency key of the user's started (`Existing`), or `KeyConflict` when the
+/// key came with another request; `None` when the key is new.
+pub async fn keyed_turn(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    key: TurnKey<'_>,
+) -> Result<Option<TurnStarted>, StoreError> {
+    #[derive(sqlx::FromRow)]
+    struct Keyed {
+        request_hash: Vec<u8>,
+        #[sqlx(flatten)]
+        response: Response,
+    }
+    let found = sqlx::query_as::<_, Keyed>(sql(format!(
+        "SELECT k.request_hash, {} FROM turn_requests k
+         JOIN responses r ON r.id = k.response_id
+         WHERE k.user_id = $1 AND k.key = $2",
+        response_cols_of("r")
+    )))
+    .bind(user_id)
+    .bind(key.key)
+    .fetch_optional(conn)
+    .await?;
+    Ok(found.map(|k| {
+        if k.request_hash == key.request_hash {
+            TurnStarted::Existing(k.response)
+        } else {
+            TurnStarted::KeyConflict
+        }
+    }))
+}
+
+/// Forget idempotency keys older than `older_than` (the reconciler); how many.
+pub async fn purge_turn_keys(
+    pool: &PgPool,
+    older_than: std::time::Duration,
+) -> Result<u64, StoreError> {
+    Ok(sqlx::query(
+        "DELETE FROM turn_requests WHERE created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(older_than.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// Messages of a conversation in order, after `after_seq`.
@@ -367,58 +492,6 @@ pub async fn get_response_own(
     .await?)
 }
 
-/// What a chat run reads first, in one statement.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct TurnStart {
-    /// The response (of the user's own conversation).
-    #[sqlx(flatten)]
-    pub response: Response,
-    /// The org's chat models (`None`: the system default).
-    pub org_model: Option<String>,
-    pub org_fallback_model: Option<String>,
-    /// The org has chunks embedded with the given model (else retrieval is skipped).
-    pub has_index: bool,
-    /// The response has a stored tool exchange (assistant tool calls, tool results).
-    pub has_exchange: bool,
-    /// The response has proposed actions.
-    pub has_proposals: bool,
-}
-
-/// [`TurnStart`] of `response_id` in `user_id`'s own conversation `conversation_id`, org
-/// `org_id`; `None` when there is no such response of that user's.
-pub async fn turn_start(
-    conn: &mut PgConnection,
-    user_id: Uuid,
-    conversation_id: Uuid,
-    response_id: Uuid,
-    org_id: Uuid,
-    embedding_model: &str,
-) -> Result<Option<TurnStart>, StoreError> {
-    Ok(sqlx::query_as::<_, TurnStart>(sql(format!(
-        "SELECT {},
-                o.model AS org_model, o.fallback_model AS org_fallback_model,
-                EXISTS (SELECT 1 FROM embeddings e
-                        WHERE e.org_id = $4 AND e.model = $5) AS has_index,
-                EXISTS (SELECT 1 FROM messages m
-                        WHERE m.response_id = r.id
-                          AND (m.tool_calls IS NOT NULL OR m.role = 'tool')) AS has_exchange,
-                EXISTS (SELECT 1 FROM proposed_actions a
-                        WHERE a.response_id = r.id) AS has_proposals
-         FROM responses r
-         JOIN conversations c ON c.id = r.conversation_id
-         LEFT JOIN organizations o ON o.id = $4
-         WHERE r.id = $1 AND r.conversation_id = $2 AND c.user_id = $3",
-        response_cols_of("r")
-    )))
-    .bind(response_id)
-    .bind(conversation_id)
-    .bind(user_id)
-    .bind(org_id)
-    .bind(embedding_model)
-    .fetch_optional(conn)
-    .await?)
-}
-
 /// A response by id, locked for the rest of the caller's transaction (workers).
 pub async fn lock_response(
     conn: &mut PgConnection,
@@ -432,21 +505,6 @@ pub async fn lock_response(
     .await?)
 }
 
-/// Record that a worker starts streaming the response; returns how many starts there were
-/// before this one (> 0 means a restart after a lost worker).
-pub async fn mark_streaming(conn: &mut PgConnection, response_id: Uuid) -> Result<i32, StoreError> {
-    let before: i32 = sqlx::query_scalar(
-        "UPDATE responses SET status = 'streaming', starts = starts + 1
-         WHERE id = $1 AND status IN ('queued', 'streaming')
-         RETURNING starts - 1",
-    )
-    .bind(response_id)
-    .fetch_optional(conn)
-    .await?
-    .unwrap_or(-1);
-    Ok(before)
-}
-
 /// The final answer of a response.
 pub struct Answer<'a> {
     pub content: &'a str,
@@ -457,16 +515,42 @@ pub struct Answer<'a> {
     pub citations: Value,
 }
 
-/// Store the final assistant message and complete the response, once: a second call for the
-/// same response (a redelivered job) changes nothing and returns the message stored first.
-/// The flag says whether this call stored it (`false`: an earlier call had), so that effects
-/// that must happen once per answer (usage) commit with it in the caller's transaction; the
-/// message's indexing outbox row is written here when this call stored it.
+/// What [`complete`] did.
+#[derive(Debug)]
+pub enum Completion {
+    /// The answer is stored, by this call (`stored`) or by an earlier one of the same run (a
+    /// commit whose acknowledgement was lost).
+    Done { message: Box<Message>, stored: bool },
+    /// The run no longer holds the response (taken over, or failed meanwhile): nothing written.
+    NotHeld,
+}
+
+/// Inside the caller's transaction: store run `run`'s final assistant message and complete
+/// the response — only while that run holds it (the response row is locked first). One answer
+/// per response: an answer already stored is returned instead (`stored: false`), so that
+/// effects that must happen once per answer (usage) commit with it in the caller's
+/// transaction; the message's indexing outbox row is written here when this call stored it.
 pub async fn complete(
     conn: &mut PgConnection,
-    response: &Response,
+    response_id: Uuid,
+    run: i32,
     answer: &Answer<'_>,
-) -> Result<(Message, bool), StoreError> {
+) -> Result<Completion, StoreError> {
+    let Some(locked) = lock_response(&mut *conn, response_id).await? else {
+        return Ok(Completion::NotHeld);
+    };
+    if locked.status == ResponseStatus::Completed {
+        return Ok(match answer_of(&mut *conn, response_id).await? {
+            Some(message) => Completion::Done {
+                message: Box::new(message),
+                stored: false,
+            },
+            None => Completion::NotHeld,
+        });
+    }
+    if locked.status != ResponseStatus::Running || locked.run != run {
+        return Ok(Completion::NotHeld);
+    }
     let inserted = sqlx::query_as::<_, Message>(sql(format!(
         "INSERT INTO messages (id, conversation_id, role, content, response_id, model,
                                prompt_tokens, completion_tokens, latency_ms, citations)
@@ -475,9 +559,9 @@ pub async fn complete(
          RETURNING {MESSAGE_COLS}"
     )))
     .bind(Uuid::now_v7())
-    .bind(response.conversation_id)
+    .bind(locked.conversation_id)
     .bind(answer.content)
-    .bind(response.id)
+    .bind(response_id)
     .bind(answer.model)
     .bind(answer.prompt_tokens)
     .bind(answer.completion_tokens)
@@ -491,7 +575,7 @@ pub async fn complete(
             (m, true)
         }
         None => (
-            answer_of(&mut *conn, response.id)
+            answer_of(&mut *conn, response_id)
                 .await?
                 .ok_or(StoreError::Conflict {
                     message: "the response's answer disappeared",
@@ -500,15 +584,19 @@ pub async fn complete(
         ),
     };
     sqlx::query(
-        "UPDATE responses SET status = 'completed', model = $2, completed_at = coalesce(completed_at, now()),
+        "UPDATE responses SET status = 'completed', model = $2, leased_until = NULL,
+                              completed_at = coalesce(completed_at, now()),
                               error_code = NULL, error_message = NULL
-         WHERE id = $1 AND status <> 'failed'",
+         WHERE id = $1",
     )
-    .bind(response.id)
+    .bind(response_id)
     .bind(&message.model)
     .execute(&mut *conn)
     .await?;
-    Ok((message, stored))
+    Ok(Completion::Done {
+        message: Box::new(message),
+        stored,
+    })
 }
 
 /// The final assistant message of a response, if stored.
@@ -523,25 +611,6 @@ pub async fn answer_of(
     .bind(response_id)
     .fetch_optional(conn)
     .await?)
-}
-
-/// Mark a response failed (unless it already completed).
-pub async fn fail(
-    conn: &mut PgConnection,
-    response_id: Uuid,
-    code: &str,
-    message: &str,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE responses SET status = 'failed', error_code = $2, error_message = $3, completed_at = now()
-         WHERE id = $1 AND status <> 'completed'",
-    )
-    .bind(response_id)
-    .bind(code)
-    .bind(message)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// An organization's chat models (`None` until the org sets them).

@@ -168,3 +168,19 @@ pub async fn delete(conn: &mut PgConnection, doc: &Document) -> Result<bool, Sto
     crate::outbox::record(conn, doc.org_id, SourceKind::Document, doc.id).await?;
     Ok(true)
 }
+
+/// Whether a document has waited in `queued` for more than `grace` (the reconciler asks for an
+/// index run when no index job is on the bus).
+pub async fn any_queued_since(
+    pool: &sqlx::PgPool,
+    grace: std::time::Duration,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM documents
+                        WHERE status = 'queued' AND deleted_at IS NULL
+                          AND updated_at < now() - make_interval(secs => $1))",
+    )
+    .bind(grace.as_secs_f64())
+    .fetch_one(pool)
+    .await?)
+}

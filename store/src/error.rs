@@ -25,15 +25,20 @@ impl StoreError {
     /// True when the failure is about reaching the database rather than the statement: worth
     /// retrying a job, or answering 503.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             StoreError::Database(
                 sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Tls(_)
-            )
-        )
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_),
+            ) => true,
+            // the server going down or refusing connections: connection exceptions (08xxx),
+            // shutdown and restart (57P01-57P03), too many connections (53300)
+            StoreError::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
+                c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+            }),
+            _ => false,
+        }
     }
 
     /// The name of the constraint a failed statement violated, if that is what happened.

@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod probe;
 pub mod projects;
 pub mod public;
+pub mod responses;
 pub mod retrieval;
 pub mod tasks;
 pub mod tenancy;
@@ -28,7 +29,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub use error::StoreError;
-pub use types::{Role, TaskStatus, UnknownValue, Visibility};
+pub use types::{ResponseStatus, Role, TaskStatus, UnknownValue, Visibility};
 
 /// The schema migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

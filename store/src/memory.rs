@@ -13,7 +13,7 @@
 //! - Prompt reads: [`for_prompt`] filters by the user's visibility in SQL at query time.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::StoreError;
@@ -567,6 +567,51 @@ pub async fn unsummarized_beyond_window(
     .await?)
 }
 
+/// A summary fold whose run died with the claim (its lease expired, not released).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ExpiredFold {
+    pub conversation_id: Uuid,
+    pub folding_job: Uuid,
+    pub fold_recoveries: i32,
+}
+
+/// Summary claims whose lease expired without being released (their run died), oldest first.
+pub async fn expired_folds(pool: &PgPool, limit: i64) -> Result<Vec<ExpiredFold>, StoreError> {
+    Ok(sqlx::query_as::<_, ExpiredFold>(
+        "SELECT conversation_id, folding_job, fold_recoveries FROM conversation_summaries
+         WHERE folding_until < clock_timestamp() AND folding_job IS NOT NULL
+         ORDER BY folding_until LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Hand an expired claim to a new job (`old_job` → `new_job`: it takes the claim over when it
+/// runs), counting one recovery; or, with `new_job` = `None`, drop the claim (the next turn's
+/// backlog count enqueues a fold again). `false` when the claim changed meanwhile.
+pub async fn recover_fold(
+    pool: &PgPool,
+    conversation_id: Uuid,
+    old_job: Uuid,
+    new_job: Option<Uuid>,
+) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "UPDATE conversation_summaries
+            SET folding_job = $3,
+                folding_until = CASE WHEN $3::uuid IS NULL THEN NULL ELSE folding_until END,
+                fold_recoveries = CASE WHEN $3::uuid IS NULL THEN 0 ELSE fold_recoveries + 1 END
+          WHERE conversation_id = $1 AND folding_job = $2 AND folding_until < clock_timestamp()",
+    )
+    .bind(conversation_id)
+    .bind(old_job)
+    .bind(new_job)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
 /// Store the new summary of job `job_id`'s run, folded from message seq `from` (the claimed
 /// `summarized_up_to`) up to `up_to`, and end its claim. Written only while the claim is still
 /// this job's (its lease may have expired, as long as no other job took it) and the summary
@@ -582,7 +627,7 @@ pub async fn save_summary(
 ) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE conversation_summaries SET summary = $4, summarized_up_to = $5, model = $6,
-             folding_until = NULL, folding_job = NULL, updated_at = now()
+             folding_until = NULL, folding_job = NULL, fold_recoveries = 0, updated_at = now()
          WHERE conversation_id = $1 AND folding_job = $2 AND summarized_up_to = $3 AND $5 > $3",
     )
     .bind(conversation_id)

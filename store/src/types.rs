@@ -112,3 +112,27 @@ text_enum! {
         Done => "done",
     }
 }
+
+text_enum! {
+    /// Where a response (the answer to one user message, or a continuation after a confirmed
+    /// action) stands: `Queued → Running(run) → Completed | Failed`. The transitions are the
+    /// compare-and-set statements of `store::responses`; a run's number fences its writes.
+    ResponseStatus {
+        /// Waiting for a job to take it (first time, or released by a run that waits on a
+        /// rate limit).
+        Queued => "queued",
+        /// A run holds it under a lease (`responses.run`, `responses.leased_until`).
+        Running => "running",
+        /// The answer is stored.
+        Completed => "completed",
+        /// It ended with an error (`error_code`, `error_message`).
+        Failed => "failed",
+    }
+}
+
+impl ResponseStatus {
+    /// Completed or failed: nothing runs it any more.
+    pub fn is_finished(self) -> bool {
+        matches!(self, ResponseStatus::Completed | ResponseStatus::Failed)
+    }
+}

@@ -5,6 +5,7 @@
 //! - [`fake_upstream`]: a scripted OpenAI-compatible upstream, in-process or shared behind the
 //!   real LiteLLM proxy.
 //! - [`retrieval`]: tenants, projects and indexed chunks for retrieval tests and benches.
+//! - [`turns`]: answers stored the way a chat run stores them.
 //! - [`test_settings`]: `config::Settings` pointing at all of the above.
 //!
 //! The services come from the environment that scripts/test sets up (`scripts/services env`);
@@ -16,6 +17,7 @@ pub mod env;
 pub mod fake_upstream;
 pub mod redis_prefix;
 pub mod retrieval;
+pub mod turns;
 
 pub use db::TestDb;
 pub use fake_upstream::{Behaviour, FakeClient, FakeUpstream};

@@ -3,13 +3,14 @@
 //! - [`handlers`]: the job handlers (one module per kind: `probe`, `chat`) and the registry;
 //! - [`ops`]: the operator commands of `worker` (queues, dead letters, probes);
 //! - [`scheduler`]: the periodic jobs under a leader lease;
-//! - [`action_sweep`]: expiry (and lost-execution recovery) of proposed actions;
+//! - [`reconciler`]: the ledger's reconciler (lost work re-enqueued from PostgreSQL, proposals
+//!   expired), run by the scheduler's leader;
 //! - [`metrics_server`]: the `/metrics` listener of worker and scheduler processes.
 
-pub mod action_sweep;
 pub mod handlers;
 pub mod metrics_server;
 pub mod ops;
+pub mod reconciler;
 pub mod scheduler;
 
 use std::sync::Arc;

@@ -7,6 +7,11 @@
 //! `<prefix>:{q:index}:tick:index:<n>` is `SET NX` in the same Lua step that enqueues the job — so
 //! a leader change mid-interval (or two processes both believing they lead) cannot fire `n`
 //! twice.
+//!
+//! The leader also runs the ledger's reconciler ([`crate::reconciler`]) every
+//! `RECONCILE_INTERVAL_MS`: it re-enqueues the work PostgreSQL records as unfinished whose job
+//! the bus lost. (Its steps are compare-and-sets, so a second process that still believes it
+//! leads does no harm.)
 
 use std::time::Duration;
 
@@ -14,12 +19,15 @@ use chrono::Utc;
 use jobs::kinds::{Index, IndexReason};
 use jobs::lease::Lease;
 use jobs::{Bus, BusError};
+
+use crate::reconciler::Reconciler;
 use tokio_util::sync::CancellationToken;
 
 pub struct SchedulerOptions {
     pub owner: String,
     pub lease_ttl: Duration,
     pub index_interval: Duration,
+    pub reconcile_interval: Duration,
 }
 
 impl SchedulerOptions {
@@ -28,14 +36,16 @@ impl SchedulerOptions {
             owner: jobs::worker::consumer_name(),
             lease_ttl: Duration::from_secs(settings.scheduler.lease_secs),
             index_interval: Duration::from_secs(settings.index.interval_secs),
+            reconcile_interval: Duration::from_millis(settings.ledger.reconcile_interval_ms),
         }
     }
 }
 
-/// Run until `shutdown`; then give the lease up.
+/// Run until `shutdown`; then give the lease up. The leader runs `reconciler`'s passes.
 pub async fn run(
     bus: &Bus,
     opts: &SchedulerOptions,
+    reconciler: &Reconciler,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
     let lease = Lease::new(bus.redis(), "scheduler", opts.owner.clone(), opts.lease_ttl);
@@ -47,6 +57,7 @@ pub async fn run(
     let mut leader = false;
     let mut next_renew = tokio::time::Instant::now();
     let mut last_fired: Option<u64> = None;
+    let mut next_reconcile = tokio::time::Instant::now();
     loop {
         let mut failed = false;
         if tokio::time::Instant::now() >= next_renew {
@@ -91,15 +102,24 @@ pub async fn run(
                 }
             }
         }
+        if leader && tokio::time::Instant::now() >= next_reconcile {
+            reconciler.pass().await;
+            next_reconcile = tokio::time::Instant::now() + opts.reconcile_interval;
+        }
         let to_boundary = if failed {
             Duration::from_millis(500)
         } else {
             Duration::from_millis((n + 1) * interval_ms - now_ms + 1)
         };
-        let to_renew = next_renew.saturating_duration_since(tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        let to_renew = next_renew.saturating_duration_since(now);
+        let mut wait = to_boundary.min(to_renew);
+        if leader {
+            wait = wait.min(next_reconcile.saturating_duration_since(now));
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(to_boundary.min(to_renew)) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     if leader {

@@ -146,9 +146,15 @@ impl ActionsApi {
     ) -> Result<ConfirmResponse, ApiError> {
         let caller = auth.0;
         let state = &self.state;
+        let traceparent = req
+            .extensions()
+            .get::<crate::middleware::TraceContext>()
+            .map(|t| t.traceparent.clone());
+        let envelope = jobs::Envelope::new(jobs::kinds::ExecuteAction { action_id: id.0 })
+            .with_trace(traceparent);
         let mut tx = state.db.begin().await?;
         let (action, response) =
-            match store::actions::confirm(&mut tx, caller.user_id, id.0).await? {
+            match store::actions::confirm(&mut tx, caller.user_id, id.0, envelope.id).await? {
                 Decision::Done(done) => done,
                 Decision::NotFound => return Err(ApiError::NotFound),
                 Decision::NotPending(status) => return Err(not_pending(&status)),
@@ -161,17 +167,9 @@ impl ActionsApi {
         if let Err(e) = state.publisher.publish(response.id, &created).await {
             tracing::warn!(error = %e, response_id = %response.id, "cannot publish message.created");
         }
-        let traceparent = req
-            .extensions()
-            .get::<crate::middleware::TraceContext>()
-            .map(|t| t.traceparent.clone());
-        let envelope = jobs::Envelope::new(jobs::kinds::ExecuteAction {
-            action_id: action.id,
-        })
-        .with_trace(traceparent);
         if let Err(e) = state.bus.enqueue_envelope(&envelope).await {
-            // Confirmed is recorded; the scheduler's sweep enqueues lost executions again.
-            tracing::error!(error = %e, action_id = %action.id, "cannot enqueue the execution; the sweep will");
+            // Confirmed is recorded with its job; the reconciler enqueues a lost one again.
+            tracing::error!(error = %e, action_id = %action.id, "cannot enqueue the execution; the reconciler will");
         }
         Ok(ConfirmResponse::Accepted(Json(ActionConfirmed {
             response_id: response.id,

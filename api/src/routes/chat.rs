@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use jobs::events::{EventId, ResponseEvent};
+use futures::{Stream, StreamExt};
+use jobs::events::{EventId, EventsError, ResponseEvent, StoredEvent};
 use poem::Request;
 use poem_openapi::param::{Header, Path};
 use poem_openapi::payload::Json;
@@ -14,6 +14,8 @@ use poem_openapi::{ApiResponse, Object, OpenApi, ResponseContent};
 use serde::Deserialize;
 use serde::de::Error as _;
 use serde_json::Value;
+use store::ResponseStatus;
+use store::conversations::{NewTurn, Response, TurnKey, TurnStarted};
 use uuid::Uuid;
 
 use super::Tag;
@@ -114,11 +116,39 @@ pub struct TurnAnswer {
     actions: Vec<ActionView>,
 }
 
-/// JSON mode: the answer takes longer than `JSON_WAIT_SECS`; follow it on
-/// `GET /v1/conversations/{id}/responses/{response_id}/events`.
+/// JSON mode: the answer takes longer than `JSON_WAIT_SECS` (or could not be followed right
+/// now); follow it on `GET /v1/conversations/{id}/responses/{response_id}/events`.
 #[derive(Object)]
 pub struct TurnAccepted {
     response_id: Uuid,
+    /// The user's message of this turn.
+    message_id: Uuid,
+}
+
+/// Longest `Idempotency-Key` accepted, in characters.
+pub const IDEMPOTENCY_KEY_MAX: usize = 255;
+
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(raw: Option<&str>) -> Result<Option<&str>, ApiError> {
+    let Some(key) = raw else { return Ok(None) };
+    if key.is_empty()
+        || key.len() > IDEMPOTENCY_KEY_MAX
+        || !key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(ApiError::invalid(format!(
+            "Idempotency-Key: 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters"
+        )));
+    }
+    Ok(Some(key))
+}
+
+/// What an idempotency key stands for: the conversation and the content it was sent with.
+fn request_hash(conversation_id: Uuid, content: &str) -> Vec<u8> {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(conversation_id.as_bytes());
+    h.update(content.as_bytes());
+    h.finalize().to_vec()
 }
 
 #[derive(ResponseContent)]
@@ -171,7 +201,8 @@ fn wants_sse(req: &Request, stream: Option<bool>) -> bool {
 impl ChatApi {
     /// Post a message and get the assistant's answer: streamed as Server-Sent Events
     /// (`stream: true` or `Accept: text/event-stream`), or as one JSON body (200 once complete,
-    /// 202 `{response_id}` when it takes longer than the wait, 502 when the models failed).
+    /// 202 `{response_id, message_id}` when it takes longer than the wait, 502 when the models
+    /// failed). With an `Idempotency-Key`, a retry answers with the same turn.
     #[oai(path = "/conversations/:id/messages", method = "post")]
     async fn post_message(
         &self,
@@ -179,10 +210,16 @@ impl ChatApi {
         auth: BearerAuth,
         id: Path<Uuid>,
         body: JsonBody<NewMessage>,
+        /// Makes a retry safe: the same key (per user, kept at least a day) answers with the
+        /// same turn — its answer, or its events from the start — instead of starting another;
+        /// the same key with another conversation or content is a 409.
+        #[oai(name = "Idempotency-Key")]
+        idempotency: Header<Option<String>>,
     ) -> Result<TurnResponse, ApiError> {
         let caller = auth.0;
         let body = body.0;
         let content = validate::text("content", &body.content, CONTENT_MAX)?;
+        let key = idempotency_key(idempotency.0.as_deref())?;
         let sse_mode = wants_sse(req, body.stream);
         let state = &self.state;
 
@@ -193,35 +230,71 @@ impl ChatApi {
         } else {
             None
         };
+        let hash = request_hash(id.0, &content);
+        let turn_key = key.map(|key| TurnKey {
+            key,
+            request_hash: &hash,
+        });
+        // A retry of a keyed request answers with its turn, and is not counted again.
+        if let Some(k) = turn_key {
+            let found = {
+                let mut conn = state.db.acquire().await?;
+                store::conversations::keyed_turn(&mut conn, caller.user_id, k).await?
+            };
+            if let Some(found) = found {
+                return self.started_before(found, permit).await;
+            }
+        }
         // The per-user limit (Redis), then the turn in ONE autocommitted statement that also
         // checks ownership (404: nothing written). Nothing holds a pooled database connection
         // while Redis answers. (A post to a conversation that is not the caller's counts
         // against the caller's own limit; it reveals nothing about the conversation.)
         ratelimit::message_posted(state, caller.user_id).await?;
-        let (message, response) = {
-            let mut conn = state.db.acquire().await?;
-            store::conversations::start_own_turn(&mut conn, caller.user_id, id.0, &content)
-                .await?
-                .ok_or(ApiError::NotFound)?
+        let turn = NewTurn {
+            user_id: caller.user_id,
+            conversation_id: id.0,
+            content: &content,
+            message_id: Uuid::now_v7(),
+            response_id: Uuid::now_v7(),
+            job_id: Uuid::now_v7(),
+            key: turn_key,
         };
-        let conversation_id = response.conversation_id;
-        let response_id = response.id;
+        let response = match self.start(&turn).await? {
+            TurnStarted::New(response) => response,
+            found => return self.started_before(found, permit).await,
+        };
+        let (conversation_id, response_id, message_id) = (
+            response.conversation_id,
+            response.id,
+            response.user_message_id,
+        );
 
+        // From here on the turn is committed: PostgreSQL records it with its job, so a failure
+        // below (Redis unreachable, this process killed) delays the answer but never loses it
+        // — the scheduler's reconciler enqueues a job the bus does not have.
+        //
         // `message.created` names the user's message (the assistant's does not exist yet); it
         // is the first event of the replay stream, so resuming clients see it too.
         let created = ResponseEvent::MessageCreated {
-            message_id: message.id,
+            message_id,
             response_id,
         };
         if let Err(e) = state.publisher.publish(response_id, &created).await {
-            tracing::error!(error = %e, %response_id, "cannot publish message.created");
-            return Err(abandon(state, response_id).await);
+            tracing::error!(error = %e, %response_id, "cannot publish message.created; the turn goes on");
+            if sse_mode {
+                return Err(ApiError::Unavailable(
+                    "the answer cannot be streamed right now; it was accepted: retry with the \
+                     same Idempotency-Key to follow it"
+                        .into(),
+                ));
+            }
+            return Ok(accepted(response_id, message_id));
         }
         // Listen before the job exists, so that no event can slip past.
         let events = state.hub.events(response_id, None);
         let job = jobs::kinds::Chat {
             conversation_id,
-            message_id: message.id,
+            message_id,
             response_id,
             user_id: caller.user_id,
             org_id: caller.org_id,
@@ -230,17 +303,10 @@ impl ChatApi {
             .extensions()
             .get::<crate::middleware::TraceContext>()
             .map(|t| t.traceparent.clone());
-        let envelope = jobs::Envelope::new(job).with_trace(traceparent);
+        let mut envelope = jobs::Envelope::new(job).with_trace(traceparent);
+        envelope.id = turn.job_id;
         if let Err(e) = state.bus.enqueue_envelope(&envelope).await {
-            tracing::error!(error = %e, %response_id, "cannot enqueue the chat job");
-            let failed = ResponseEvent::Error {
-                code: "unavailable".into(),
-                message: "the answer could not be started; please try again".into(),
-            };
-            if let Err(e) = state.publisher.publish(response_id, &failed).await {
-                tracing::warn!(error = %e, %response_id, "cannot publish the error event");
-            }
-            return Err(abandon(state, response_id).await);
+            tracing::error!(error = %e, %response_id, "cannot enqueue the chat job; the reconciler will");
         }
 
         if let Some(permit) = permit {
@@ -251,57 +317,7 @@ impl ChatApi {
                 events,
             ))));
         }
-
-        let wait = Duration::from_secs(state.settings.api.json_wait_secs);
-        let shutdown = state.shutdown.clone();
-        let terminal = async move {
-            let mut events = std::pin::pin!(events);
-            while let Some(item) = events.next().await {
-                match item {
-                    Ok(ev) if ev.event.is_terminal() => return Some(ev.event),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "response events unavailable during a JSON wait");
-                        return None;
-                    }
-                }
-            }
-            None
-        };
-        let outcome = tokio::select! {
-            r = tokio::time::timeout(wait, terminal) => r.ok().flatten(),
-            () = shutdown.cancelled() => None,
-        };
-        match outcome {
-            Some(ResponseEvent::MessageCompleted { .. }) => {
-                let mut conn = state.db.acquire().await?;
-                match store::conversations::answer_of(&mut conn, response_id).await? {
-                    Some(m) => {
-                        let actions =
-                            store::actions::list_for_response(&mut conn, response_id).await?;
-                        Ok(TurnResponse::Ok(TurnContent::Answer(Json(TurnAnswer {
-                            message: m.into(),
-                            actions: actions.into_iter().map(Into::into).collect(),
-                        }))))
-                    }
-                    // announced but not readable yet: the client fetches it later
-                    None => Ok(TurnResponse::Accepted(Json(TurnAccepted { response_id }))),
-                }
-            }
-            Some(ResponseEvent::Error { code, message }) => {
-                // The model side failed → 502; our own side (database, Redis) → 503.
-                let ours = matches!(code.as_str(), "internal_error" | "unavailable");
-                let body = Json(ErrorBody {
-                    error: ErrorBodyDetail { code, message },
-                });
-                Ok(if ours {
-                    TurnResponse::Unavailable(body)
-                } else {
-                    TurnResponse::BadGateway(body)
-                })
-            }
-            _ => Ok(TurnResponse::Accepted(Json(TurnAccepted { response_id }))),
-        }
+        self.await_answer(response_id, message_id, events).await
     }
 
     /// The events of a response, as Server-Sent Events: resumed after `Last-Event-ID` when
@@ -329,68 +345,195 @@ impl ChatApi {
                 ApiError::invalid("Last-Event-ID: not an event id of this stream")
             })?),
         };
-        let mut conn = state.db.acquire().await?;
-        let response =
+        let response = {
+            let mut conn = state.db.acquire().await?;
             store::conversations::get_response_own(&mut conn, caller.user_id, id.0, response_id.0)
                 .await?
-                .ok_or(ApiError::NotFound)?;
+                .ok_or(ApiError::NotFound)?
+        };
         let permit = state.streams.acquire(caller.user_id)?;
-        let events = state.hub.events(response.id, after);
-        let replayable = state.hub.exists(response.id).await.map_err(|e| {
-            tracing::error!(error = %e, "redis unavailable for response events");
-            ApiError::Unavailable("response events are temporarily unavailable".into())
-        })?;
-        let finished = matches!(response.status.as_str(), "completed" | "failed");
-        if replayable && finished {
-            // A finished response: its recorded events are all there is. Sent from the replay
-            // stream alone, so that a client resuming after the last event gets an empty stream
-            // that ends, not one that waits forever. (Finished in Postgres but the terminal
-            // event not yet published: follow it live below.)
-            let all = state.hub.replay(response.id, None).await.map_err(|e| {
-                tracing::error!(error = %e, "redis unavailable for response events");
-                ApiError::Unavailable("response events are temporarily unavailable".into())
-            })?;
-            if all.iter().any(|e| e.event.is_terminal()) {
-                drop(events);
-                let rest = all
-                    .into_iter()
-                    .filter(|e| after.is_none_or(|a| e.id > a))
-                    .map(|e| SseEvent::new(e.id, &e.event))
-                    .collect();
-                return Ok(EventsResponse::Events(sse::respond(
-                    state,
-                    permit,
-                    rest,
-                    futures::stream::empty(),
-                )));
+        Ok(EventsResponse::Events(
+            self.stream_of(permit, &response, after).await?,
+        ))
+    }
+}
+
+fn accepted(response_id: Uuid, message_id: Uuid) -> TurnResponse {
+    TurnResponse::Accepted(Json(TurnAccepted {
+        response_id,
+        message_id,
+    }))
+}
+
+fn redis_unavailable(e: jobs::events::EventsError) -> ApiError {
+    tracing::error!(error = %e, "redis unavailable for response events");
+    ApiError::Unavailable("response events are temporarily unavailable".into())
+}
+
+impl ChatApi {
+    /// Start the turn. When the database drops the statement and it cannot be told whether it
+    /// committed, the turn is read back by its ids (chosen here, before the write): found, it
+    /// is answered like a retry; not found (or the database still unreachable), 503 — and a
+    /// retry with the same `Idempotency-Key` is safe either way.
+    async fn start(&self, turn: &NewTurn<'_>) -> Result<TurnStarted, ApiError> {
+        let state = &self.state;
+        let written = async {
+            let mut conn = state.db.acquire().await?;
+            store::conversations::start_own_turn(&mut conn, turn).await
+        };
+        let e = match written.await {
+            Ok(Some(started)) => return Ok(started),
+            Ok(None) => return Err(ApiError::NotFound),
+            Err(e) if e.is_unavailable() => e,
+            Err(e) => return Err(e.into()),
+        };
+        tracing::warn!(error = ?e, response_id = %turn.response_id, "the turn's write may or may not have committed; reading it back");
+        for wait_ms in [0u64, 250, 500, 1000] {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            let read = async {
+                let mut conn = state.db.acquire().await?;
+                store::conversations::get_response_own(
+                    &mut conn,
+                    turn.user_id,
+                    turn.conversation_id,
+                    turn.response_id,
+                )
+                .await
+            };
+            match read.await {
+                Ok(Some(response)) => {
+                    tracing::info!(response_id = %response.id, "the turn had committed");
+                    return Ok(TurnStarted::Existing(response));
+                }
+                Ok(None) => break,
+                Err(_) => continue,
             }
         }
-        if replayable || !finished {
-            return Ok(EventsResponse::Events(sse::respond(
-                state,
-                permit,
-                Vec::new(),
-                events,
-            )));
-        }
-        drop(events);
-        // Past the retention window: the outcome, rebuilt from Postgres.
-        let at = response.completed_at.unwrap_or(response.created_at);
-        let id = EventId {
-            ms: u64::try_from(at.timestamp_millis()).unwrap_or(0),
-            seq: 0,
+        Err(ApiError::Unavailable(
+            "the database is unavailable; please try again (with the same Idempotency-Key)".into(),
+        ))
+    }
+
+    /// The answer to a turn that was started before: by an earlier request with the same
+    /// `Idempotency-Key` (or this one, when its write's outcome had to be read back). SSE: the
+    /// response's events from the start, with their original ids; JSON: its answer, or 202
+    /// with its ids while it runs.
+    async fn started_before(
+        &self,
+        found: TurnStarted,
+        permit: Option<sse::StreamPermit>,
+    ) -> Result<TurnResponse, ApiError> {
+        let response = match found {
+            TurnStarted::Existing(r) | TurnStarted::New(r) => r,
+            TurnStarted::KeyConflict => {
+                return Err(ApiError::Conflict(
+                    "Idempotency-Key: already used for another request".into(),
+                ));
+            }
         };
-        // Only a client that already has this very event gets nothing: any earlier id (even one
-        // stamped later by another clock) still needs the outcome.
-        if after == Some(id) {
-            return Ok(EventsResponse::Events(sse::respond(
-                state,
-                permit,
-                Vec::new(),
-                futures::stream::empty(),
+        tracing::info!(response_id = %response.id, "a retried turn: answering with the turn it started");
+        if let Some(permit) = permit {
+            return Ok(TurnResponse::Ok(TurnContent::Events(
+                self.stream_of(permit, &response, None).await?,
             )));
         }
-        let event = if response.status == "completed" {
+        if response.status.is_finished() {
+            let outcome = self.outcome_of(&response).await?;
+            return Ok(self
+                .answer_body(response.id, outcome)
+                .await?
+                .unwrap_or_else(|| accepted(response.id, response.user_message_id)));
+        }
+        let events = self.state.hub.events(response.id, None);
+        self.await_answer(response.id, response.user_message_id, events)
+            .await
+    }
+
+    /// JSON mode: wait for the terminal event up to `JSON_WAIT_SECS`, then answer with it (or
+    /// 202 with the turn's ids).
+    async fn await_answer(
+        &self,
+        response_id: Uuid,
+        message_id: Uuid,
+        events: impl Stream<Item = Result<StoredEvent, EventsError>> + Send + 'static,
+    ) -> Result<TurnResponse, ApiError> {
+        let state = &self.state;
+        let wait = Duration::from_secs(state.settings.api.json_wait_secs);
+        let shutdown = state.shutdown.clone();
+        let terminal = async move {
+            let mut events = std::pin::pin!(events);
+            while let Some(item) = events.next().await {
+                match item {
+                    Ok(ev) if ev.event.is_terminal() => return Some(ev.event),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "response events unavailable during a JSON wait");
+                        return None;
+                    }
+                }
+            }
+            None
+        };
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(wait, terminal) => r.ok().flatten(),
+            () = shutdown.cancelled() => None,
+        };
+        let Some(outcome) = outcome else {
+            return Ok(accepted(response_id, message_id));
+        };
+        // The turn is finished: whatever fails now (the database unreachable), the client is
+        // told the turn's ids (202), never an error it would retry into a second turn.
+        match self.answer_body(response_id, outcome).await {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Ok(accepted(response_id, message_id)),
+            Err(e) => {
+                tracing::warn!(error = %e, %response_id, "cannot read the stored answer back; answering 202");
+                Ok(accepted(response_id, message_id))
+            }
+        }
+    }
+
+    /// The JSON answer for a response's terminal event (`None`: the answer is not readable
+    /// yet).
+    async fn answer_body(
+        &self,
+        response_id: Uuid,
+        outcome: ResponseEvent,
+    ) -> Result<Option<TurnResponse>, ApiError> {
+        match outcome {
+            ResponseEvent::MessageCompleted { .. } => {
+                let mut conn = self.state.db.acquire().await?;
+                let Some(m) = store::conversations::answer_of(&mut conn, response_id).await? else {
+                    return Ok(None);
+                };
+                let actions = store::actions::list_for_response(&mut conn, response_id).await?;
+                Ok(Some(TurnResponse::Ok(TurnContent::Answer(Json(
+                    TurnAnswer {
+                        message: m.into(),
+                        actions: actions.into_iter().map(Into::into).collect(),
+                    },
+                )))))
+            }
+            ResponseEvent::Error { code, message } => {
+                // The model side failed → 502; our own side (database, Redis) → 503.
+                let ours = matches!(code.as_str(), "internal_error" | "unavailable");
+                let body = Json(ErrorBody {
+                    error: ErrorBodyDetail { code, message },
+                });
+                Ok(Some(if ours {
+                    TurnResponse::Unavailable(body)
+                } else {
+                    TurnResponse::BadGateway(body)
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The terminal event of a finished response, rebuilt from what is stored.
+    async fn outcome_of(&self, response: &Response) -> Result<ResponseEvent, ApiError> {
+        Ok(if response.status == ResponseStatus::Completed {
+            let mut conn = self.state.db.acquire().await?;
             match store::conversations::answer_of(&mut conn, response.id).await? {
                 Some(m) => {
                     let c = store::public::PublicMessage::from(m).completed();
@@ -406,18 +549,79 @@ impl ChatApi {
             ResponseEvent::Error {
                 code: response
                     .error_code
+                    .clone()
                     .unwrap_or_else(|| "model_unavailable".into()),
                 message: response
                     .error_message
+                    .clone()
                     .unwrap_or_else(|| "the answer failed".into()),
             }
+        })
+    }
+
+    /// The events of `response` after `after`, as an SSE stream: from its replay stream, then
+    /// live; a finished response from its replay stream alone (a client resuming after the
+    /// last event gets an empty stream that ends); past the retention window, its outcome
+    /// rebuilt from PostgreSQL as one event.
+    async fn stream_of(
+        &self,
+        permit: sse::StreamPermit,
+        response: &Response,
+        after: Option<EventId>,
+    ) -> Result<SseStream, ApiError> {
+        let state = &self.state;
+        let events = state.hub.events(response.id, after);
+        let replayable = state
+            .hub
+            .exists(response.id)
+            .await
+            .map_err(redis_unavailable)?;
+        let finished = response.status.is_finished();
+        if replayable && finished {
+            // (Finished in PostgreSQL but the terminal event not yet published: follow it
+            // live below.)
+            let all = state
+                .hub
+                .replay(response.id, None)
+                .await
+                .map_err(redis_unavailable)?;
+            if all.iter().any(|e| e.event.is_terminal()) {
+                drop(events);
+                let rest = all
+                    .into_iter()
+                    .filter(|e| after.is_none_or(|a| e.id > a))
+                    .map(|e| SseEvent::new(e.id, &e.event))
+                    .collect();
+                return Ok(sse::respond(state, permit, rest, futures::stream::empty()));
+            }
+        }
+        if replayable || !finished {
+            return Ok(sse::respond(state, permit, Vec::new(), events));
+        }
+        drop(events);
+        // Past the retention window: the outcome, rebuilt from Postgres.
+        let at = response.completed_at.unwrap_or(response.created_at);
+        let id = EventId {
+            ms: u64::try_from(at.timestamp_millis()).unwrap_or(0),
+            seq: 0,
         };
-        Ok(EventsResponse::Events(sse::respond(
+        // Only a client that already has this very event gets nothing: any earlier id (even one
+        // stamped later by another clock) still needs the outcome.
+        if after == Some(id) {
+            return Ok(sse::respond(
+                state,
+                permit,
+                Vec::new(),
+                futures::stream::empty(),
+            ));
+        }
+        let event = self.outcome_of(response).await?;
+        Ok(sse::respond(
             state,
             permit,
             vec![SseEvent::new(id, &event)],
             futures::stream::empty(),
-        )))
+        ))
     }
 }
 
@@ -426,24 +630,6 @@ fn expired_error() -> ResponseEvent {
         code: "events_expired".into(),
         message: "the events of this response are no longer available".into(),
     }
-}
-
-/// The turn could not be started: fail the response (nothing is left pending) and answer 503.
-async fn abandon(state: &AppState, response_id: Uuid) -> ApiError {
-    let failed = async {
-        let mut conn = state.db.acquire().await?;
-        store::conversations::fail(
-            &mut conn,
-            response_id,
-            "unavailable",
-            "the answer could not be started",
-        )
-        .await
-    };
-    if let Err(e) = failed.await {
-        tracing::error!(error = ?e, %response_id, "cannot mark the abandoned response failed");
-    }
-    ApiError::Unavailable("the assistant is temporarily unavailable; please try again".into())
 }
 
 #[cfg(test)]

@@ -484,13 +484,13 @@ async fn the_openapi_document_describes_the_chat_endpoints() {
 }
 
 #[tokio::test]
-async fn a_turn_that_cannot_be_enqueued_fails_cleanly_with_503() {
-    let app = spawn_app().await;
+async fn a_turn_that_cannot_be_enqueued_is_kept_and_enqueued_by_the_reconciler() {
+    let app = spawn_app_with(&[("JSON_WAIT_SECS", "1")]).await;
     let user = app.register(&email("u"), "Org").await;
     let conv = app.conversation(&user.token).await;
     // break the chat queue: its stream key holds a string, so XADD fails
     let redis = std::sync::Arc::new(jobs::RedisHandle::new(&app.settings.redis).unwrap());
-    let bus = jobs::Bus::new(redis, &app.settings.queues);
+    let bus = jobs::Bus::new(redis.clone(), &app.settings.queues);
     let stream_key = bus.keys(jobs::Queue::Chat).stream.clone();
     let client = redis::Client::open(app.redis.url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -501,6 +501,7 @@ async fn a_turn_that_cannot_be_enqueued_fails_cleanly_with_503() {
         .await
         .unwrap();
 
+    // the turn is committed with its job: accepted (202 with its ids), never lost
     let r = app
         .post(
             &format!("/v1/conversations/{conv}/messages"),
@@ -508,22 +509,53 @@ async fn a_turn_that_cannot_be_enqueued_fails_cleanly_with_503() {
             json!({"content": "hi"}),
         )
         .await;
-    assert_eq!(r.status, 503, "{}", r.body);
-    assert_eq!(r.body["error"]["code"], "unavailable");
-    let status: String = sqlx::query_scalar("SELECT status FROM responses")
-        .fetch_one(&app.db.pool)
+    assert_eq!(r.status, 202, "{}", r.body);
+    let rid: uuid::Uuid = r.body["response_id"].as_str().unwrap().parse().unwrap();
+    assert!(r.body["message_id"].is_string(), "{}", r.body);
+    let (status, job): (String, Option<uuid::Uuid>) =
+        sqlx::query_as("SELECT status, job_id FROM responses WHERE id = $1")
+            .bind(rid)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "queued");
+    assert!(job.is_some());
+
+    // Redis is fine again; the scheduler's reconciler finds the turn's job missing from the
+    // bus (past the grace period) and enqueues it, once
+    let _: i64 = redis::cmd("DEL")
+        .arg(&stream_key)
+        .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(status, "failed");
-    let rid: uuid::Uuid = sqlx::query_scalar("SELECT id FROM responses")
-        .fetch_one(&app.db.pool)
+    sqlx::query("UPDATE responses SET enqueued_at = now() - interval '1 minute'")
+        .execute(&app.db.pool)
         .await
         .unwrap();
-    // followers see the turn end with an error, not wait forever
+    let reconciler = workers::reconciler::Reconciler::new(
+        app.db.pool.clone(),
+        bus.clone(),
+        redis,
+        &app.settings,
+        "test".into(),
+    );
+    assert_eq!(reconciler.pass().await.responses, 1);
+    assert_eq!(
+        reconciler.pass().await.responses,
+        0,
+        "its job is on the bus"
+    );
+    let mut worker = FakeWorker::new(&app).await;
+    let job = worker.next_job().await;
+    assert_eq!(job.response_id, rid);
+    worker.answer(&job, &["recovered"]).await;
     let frames = SseReader::new(app.events(&user.token, &conv, &rid.to_string(), None).await)
         .rest()
         .await;
-    assert_eq!(names(&frames), ["message.created", "error"]);
+    assert_eq!(
+        names(&frames),
+        ["message.created", "token", "message.completed"]
+    );
 }
 
 #[tokio::test]

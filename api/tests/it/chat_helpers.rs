@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use jobs::events::{EventId, EventPublisher, ResponseEvent};
+use jobs::events::{EventId, EventPublisher, Published, ResponseEvent};
 use jobs::{Bus, Envelope, Job, Queue, RedisHandle};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -43,11 +43,12 @@ impl FakeWorker {
             .await
             .unwrap();
         let d = got.into_iter().next()?;
+        let env = Envelope::from_json(&d.body).unwrap();
         self.bus
-            .ack(Queue::Chat, "fake-worker", &[&d.entry_id])
+            .ack(Queue::Chat, "fake-worker", &[(&d.entry_id, env.id)])
             .await
             .unwrap();
-        match Envelope::from_json(&d.body).unwrap().job {
+        match env.job {
             Job::Chat(c) => Some(c),
             other => panic!("unexpected job {other:?}"),
         }
@@ -60,7 +61,10 @@ impl FakeWorker {
     }
 
     pub async fn publish(&self, response_id: Uuid, event: ResponseEvent) -> EventId {
-        self.publisher.publish(response_id, &event).await.unwrap()
+        match self.publisher.publish(response_id, &event).await.unwrap() {
+            Published::Sent(id) | Published::AlreadyFinished(id) => id,
+            other => panic!("not published: {other:?}"),
+        }
     }
 
     pub async fn tokens(&self, response_id: Uuid, tokens: &[&str]) {
@@ -78,16 +82,9 @@ impl FakeWorker {
     /// Store the answer (commit first), then publish `message.completed`.
     pub async fn complete(&self, job: &jobs::kinds::Chat, content: &str) {
         let mut tx = self.pool.begin().await.unwrap();
-        store::conversations::mark_streaming(&mut tx, job.response_id)
-            .await
-            .unwrap();
-        let response = store::conversations::lock_response(&mut tx, job.response_id)
-            .await
-            .unwrap()
-            .unwrap();
-        let (m, _) = store::conversations::complete(
+        let (m, _) = testkit::turns::answer(
             &mut tx,
-            &response,
+            job.response_id,
             &store::conversations::Answer {
                 content,
                 model: "local-chat",
@@ -97,8 +94,7 @@ impl FakeWorker {
                 citations: json!([]),
             },
         )
-        .await
-        .unwrap();
+        .await;
         tx.commit().await.unwrap();
         // as the worker does: the one public shape of a message
         let c = store::public::PublicMessage::from(m).completed();
@@ -123,9 +119,15 @@ impl FakeWorker {
     /// Fail the response with `code`, as a worker does.
     pub async fn fail(&self, job: &jobs::kinds::Chat, code: &str) {
         let mut conn = self.pool.acquire().await.unwrap();
-        store::conversations::fail(&mut conn, job.response_id, code, "both models failed")
-            .await
-            .unwrap();
+        store::responses::fail_unfinished(
+            &mut conn,
+            job.response_id,
+            None,
+            code,
+            "both models failed",
+        )
+        .await
+        .unwrap();
         self.publish(
             job.response_id,
             ResponseEvent::Error {

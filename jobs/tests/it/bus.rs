@@ -38,9 +38,17 @@ async fn retry_is_atomic_and_only_the_current_owner_may_settle() {
     // the stalled "a" may no longer settle it
     assert!(!bus.retry(q, "a", &entry, &next, due).await.unwrap());
     assert!(
-        !bus.dead_letter(q, "a", &entry, &claimed[0].body, "x", DeadReason::Permanent)
-            .await
-            .unwrap()
+        !bus.dead_letter(
+            q,
+            "a",
+            &entry,
+            &claimed[0].body,
+            "x",
+            DeadReason::Permanent,
+            Some(env.id)
+        )
+        .await
+        .unwrap()
     );
     let s = bus.stats(q).await.unwrap();
     assert_eq!((s.length, s.pending, s.delayed, s.dead), (1, 1, 0, 0));
@@ -73,7 +81,8 @@ async fn dead_letters_keep_the_error_and_replay_once() {
             &d.entry_id,
             &d.body,
             "boom: it broke",
-            DeadReason::Permanent
+            DeadReason::Permanent,
+            Some(env.id)
         )
         .await
         .unwrap()
@@ -348,13 +357,14 @@ async fn a_stale_owner_cannot_acknowledge_a_reclaimed_entry() {
         .unwrap();
     assert_eq!(got.len(), 1);
     let id = got[0].entry_id.clone();
+    let job = Envelope::from_json(&got[0].body).unwrap().id;
     let (_, taken) = bus
         .reclaim(Queue::Actions, "new", Duration::ZERO, "0-0", 10)
         .await
         .unwrap();
     assert_eq!(taken.len(), 1);
     assert_eq!(
-        bus.ack(Queue::Actions, "old", &[&id]).await.unwrap(),
+        bus.ack(Queue::Actions, "old", &[(&id, job)]).await.unwrap(),
         0,
         "the stale owner's ack is refused"
     );
@@ -364,7 +374,10 @@ async fn a_stale_owner_cannot_acknowledge_a_reclaimed_entry() {
         (1, 1),
         "still there for the new owner"
     );
-    assert_eq!(bus.ack(Queue::Actions, "new", &[&id]).await.unwrap(), 1);
+    assert_eq!(
+        bus.ack(Queue::Actions, "new", &[(&id, job)]).await.unwrap(),
+        1
+    );
     let stats = bus.stats(Queue::Actions).await.unwrap();
     assert_eq!((stats.length, stats.pending), (0, 0));
 }
@@ -382,7 +395,7 @@ async fn a_dead_letter_hook_runs_before_a_job_is_dead_lettered() {
     });
     {
         let seen = seen.clone();
-        registry.on_dead::<Probe, _, _>(move |job, error| {
+        registry.on_dead::<Probe, _, _>(move |_id, job, error| {
             let seen = seen.clone();
             async move { seen.lock().unwrap().push(format!("{}: {error}", job.key)) }
         });

@@ -77,9 +77,23 @@ async fn events_replay_in_order_and_end_after_the_terminal_event() {
     let rid = Uuid::now_v7();
     let mut ids = Vec::new();
     for i in 0..3 {
-        ids.push(s.publisher.publish(rid, &token(i)).await.unwrap());
+        ids.push(
+            s.publisher
+                .publish(rid, &token(i))
+                .await
+                .unwrap()
+                .id()
+                .unwrap(),
+        );
     }
-    ids.push(s.publisher.publish(rid, &completed()).await.unwrap());
+    ids.push(
+        s.publisher
+            .publish(rid, &completed())
+            .await
+            .unwrap()
+            .id()
+            .unwrap(),
+    );
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
 
     let all = collect(s.hub.events(rid, None)).await;
@@ -120,12 +134,26 @@ async fn attaching_while_publishing_loses_and_repeats_nothing() {
     let producer = tokio::spawn(async move {
         let mut ids = Vec::new();
         for i in 0..300 {
-            ids.push(publisher.publish(rid, &token(i)).await.unwrap());
+            ids.push(
+                publisher
+                    .publish(rid, &token(i))
+                    .await
+                    .unwrap()
+                    .id()
+                    .unwrap(),
+            );
             if i % 10 == 0 {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
-        ids.push(publisher.publish(rid, &completed()).await.unwrap());
+        ids.push(
+            publisher
+                .publish(rid, &completed())
+                .await
+                .unwrap()
+                .id()
+                .unwrap(),
+        );
         ids
     });
     // Readers attach at different moments, some resuming from an id they "already have".

@@ -1,9 +1,10 @@
 //! Conversations: owner-only reads, live narrowing to visible projects, and an idempotent
 //! completion (one answer per response, whatever the redeliveries).
 
-use store::conversations::{self, Answer};
+use store::conversations::{self, Answer, Completion, NewTurn, TurnStarted};
 use store::projects::NewProject;
-use store::{Role, StoreError, Visibility};
+use store::responses;
+use store::{ResponseStatus, Role, StoreError, Visibility};
 use testkit::TestDb;
 use uuid::Uuid;
 
@@ -204,28 +205,140 @@ async fn recent_messages_are_the_last_n_in_order() {
     assert_eq!(texts, vec!["m6", "m7", "m8", "m9"]);
 }
 
+/// `start_own_turn` with fresh ids and no idempotency key.
+async fn own_turn(
+    c: &mut sqlx::PgConnection,
+    user: Uuid,
+    conversation: Uuid,
+    content: &str,
+) -> Option<TurnStarted> {
+    let turn = NewTurn {
+        user_id: user,
+        conversation_id: conversation,
+        content,
+        message_id: Uuid::now_v7(),
+        response_id: Uuid::now_v7(),
+        job_id: Uuid::now_v7(),
+        key: None,
+    };
+    conversations::start_own_turn(c, &turn).await.unwrap()
+}
+
+/// Take `response` for job `job` (a lease of 30 s).
+async fn take(
+    c: &mut sqlx::PgConnection,
+    w: &World,
+    conv: Uuid,
+    response: Uuid,
+    job: Uuid,
+) -> (responses::Take, responses::TurnStart) {
+    let start = responses::take(
+        c,
+        &responses::JobTurn {
+            job_id: job,
+            user_id: w.alice,
+            org_id: w.org,
+            conversation_id: conv,
+            response_id: response,
+        },
+        "m",
+        std::time::Duration::from_secs(30),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    (start.take(job), start)
+}
+
 #[tokio::test]
-async fn a_response_completes_once() {
+async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_runs() {
     let w = world().await;
     let mut c = w.db.pool.acquire().await.unwrap();
     let conv = conversations::create(&mut c, w.org, w.alice, "t", None)
         .await
         .unwrap();
-    let (_, response) = conversations::start_turn(&mut c, conv.id, "hi")
+    let job = Uuid::now_v7();
+    let turn = NewTurn {
+        user_id: w.alice,
+        conversation_id: conv.id,
+        content: "hi",
+        message_id: Uuid::now_v7(),
+        response_id: Uuid::now_v7(),
+        job_id: job,
+        key: None,
+    };
+    let Some(TurnStarted::New(response)) =
+        conversations::start_own_turn(&mut c, &turn).await.unwrap()
+    else {
+        panic!("a new turn");
+    };
+    assert_eq!(
+        (response.status, response.run, response.job_id),
+        (ResponseStatus::Queued, 0, Some(job))
+    );
+    // another job than the response's is stale; the response's own takes run 1
+    let (stale, _) = take(&mut c, &w, conv.id, response.id, Uuid::now_v7()).await;
+    assert_eq!(stale, responses::Take::Stale);
+    let (taken, start) = take(&mut c, &w, conv.id, response.id, job).await;
+    assert_eq!(taken, responses::Take::Taken { run: 1 });
+    assert_eq!(
+        start.response.status,
+        ResponseStatus::Queued,
+        "as read before the take"
+    );
+    // a duplicate of the job while run 1 lives: held, for about the lease
+    let (held, _) = take(&mut c, &w, conv.id, response.id, job).await;
+    let responses::Take::Held { for_ } = held else {
+        panic!("{held:?}");
+    };
+    assert!(for_ > std::time::Duration::from_secs(20), "{for_:?}");
+    assert_eq!(
+        responses::mark_streaming(&mut c, response.id, 1)
+            .await
+            .unwrap(),
+        Some(0)
+    );
+    // run 1's lease expires (its worker died): run 2 takes over and is told of the restart
+    sqlx::query("UPDATE responses SET leased_until = now() - interval '1 second' WHERE id = $1")
+        .bind(response.id)
+        .execute(&mut *c)
         .await
         .unwrap();
+    let (taken, _) = take(&mut c, &w, conv.id, response.id, job).await;
+    assert_eq!(taken, responses::Take::Taken { run: 2 });
     assert_eq!(
-        conversations::mark_streaming(&mut c, response.id)
+        responses::mark_streaming(&mut c, response.id, 2)
             .await
             .unwrap(),
-        0
-    );
-    assert_eq!(
-        conversations::mark_streaming(&mut c, response.id)
-            .await
-            .unwrap(),
-        1,
+        Some(1),
         "a restart is counted"
+    );
+    // run 1 is superseded: none of its writes land
+    assert_eq!(
+        responses::mark_streaming(&mut c, response.id, 1)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        responses::renew(
+            &w.db.pool,
+            &[(response.id, 1)],
+            std::time::Duration::from_secs(5)
+        )
+        .await
+        .unwrap()
+        .is_empty()
+    );
+    assert!(
+        !responses::release(&mut c, response.id, 1, false)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !responses::fail_run(&mut c, response.id, 1, "x", "y")
+            .await
+            .unwrap()
     );
     let answer = |text: &'static str| Answer {
         content: text,
@@ -235,13 +348,41 @@ async fn a_response_completes_once() {
         latency_ms: 5,
         citations: serde_json::json!([]),
     };
-    let (first, stored) = conversations::complete(&mut c, &response, &answer("first"))
+    assert!(matches!(
+        conversations::complete(&mut c, response.id, 1, &answer("stale"))
+            .await
+            .unwrap(),
+        Completion::NotHeld
+    ));
+    assert_eq!(
+        responses::renew(
+            &w.db.pool,
+            &[(response.id, 2)],
+            std::time::Duration::from_secs(5)
+        )
         .await
-        .unwrap();
+        .unwrap(),
+        vec![response.id]
+    );
+    let Completion::Done {
+        message: first,
+        stored,
+    } = conversations::complete(&mut c, response.id, 2, &answer("first"))
+        .await
+        .unwrap()
+    else {
+        panic!("run 2 holds it");
+    };
     assert!(stored, "the first call stores the answer");
-    let (second, stored) = conversations::complete(&mut c, &response, &answer("second"))
+    let Completion::Done {
+        message: second,
+        stored,
+    } = conversations::complete(&mut c, response.id, 2, &answer("second"))
         .await
-        .unwrap();
+        .unwrap()
+    else {
+        panic!("completed: the stored answer comes back");
+    };
     assert!(!stored, "a second call stores nothing");
     assert_eq!(first.id, second.id);
     assert_eq!(second.content, "first");
@@ -254,29 +395,21 @@ async fn a_response_completes_once() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(r.status, "completed");
+    assert_eq!((r.status, r.starts), (ResponseStatus::Completed, 2));
     assert_eq!(r.model.as_deref(), Some("m1"));
-    // failing after completion changes nothing
-    conversations::fail(&mut c, response.id, "x", "y")
-        .await
-        .unwrap();
-    let r = conversations::get_response_own(&mut c, w.alice, conv.id, response.id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(r.status, "completed");
+    // finished: failing changes nothing, nothing takes it
+    assert!(
+        !responses::fail_unfinished(&mut c, response.id, None, "x", "y")
+            .await
+            .unwrap()
+    );
+    let (finished, _) = take(&mut c, &w, conv.id, response.id, job).await;
+    assert_eq!(finished, responses::Take::Finished);
     assert!(
         conversations::get_response_own(&mut c, w.bob, conv.id, response.id)
             .await
             .unwrap()
             .is_none()
-    );
-    assert_eq!(
-        conversations::mark_streaming(&mut c, response.id)
-            .await
-            .unwrap(),
-        -1,
-        "no restart after completion"
     );
 }
 
@@ -287,14 +420,17 @@ async fn start_own_turn_writes_all_for_the_owner_and_nothing_for_anyone_else() {
     let conv = conversations::create(&mut c, w.org, w.alice, "t", None)
         .await
         .unwrap();
-    let (m, r) = conversations::start_own_turn(&mut c, w.alice, conv.id, "hello")
+    let Some(TurnStarted::New(r)) = own_turn(&mut c, w.alice, conv.id, "hello").await else {
+        panic!("alice's conversation");
+    };
+    let m = conversations::recent_messages(&mut c, conv.id, r.user_message_id, 1)
         .await
         .unwrap()
-        .expect("alice's conversation");
+        .remove(0);
     assert_eq!((m.role.as_str(), m.content.as_str()), ("user", "hello"));
     assert_eq!(m.conversation_id, conv.id);
     assert_eq!((r.user_message_id, r.conversation_id), (m.id, conv.id));
-    assert_eq!((r.status.as_str(), r.starts), ("queued", 0));
+    assert_eq!((r.status, r.starts), (ResponseStatus::Queued, 0));
     // what was returned is what is stored
     let stored = conversations::get_response_own(&mut c, w.alice, conv.id, r.id)
         .await
@@ -326,16 +462,10 @@ async fn start_own_turn_writes_all_for_the_owner_and_nothing_for_anyone_else() {
         }
     };
     let (msgs, resps) = (count("messages").await, count("responses").await);
+    assert!(own_turn(&mut c, w.bob, conv.id, "sneaky").await.is_none());
     assert!(
-        conversations::start_own_turn(&mut c, w.bob, conv.id, "sneaky")
+        own_turn(&mut c, w.alice, uuid::Uuid::now_v7(), "lost")
             .await
-            .unwrap()
-            .is_none()
-    );
-    assert!(
-        conversations::start_own_turn(&mut c, w.alice, uuid::Uuid::now_v7(), "lost")
-            .await
-            .unwrap()
             .is_none()
     );
     assert_eq!(

@@ -1,4 +1,5 @@
-//! `scheduler` — enqueues periodic jobs (the batched re-index) under a leader lease.
+//! `scheduler` — under a leader lease: enqueues periodic jobs (the batched re-index) and runs
+//! the ledger's reconciler (lost work re-enqueued, proposals expired).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -51,19 +52,19 @@ async fn main() -> ExitCode {
             () = done.cancelled() => {}
         }
     };
+    let reconciler = workers::reconciler::Reconciler::new(
+        rt.db.clone(),
+        rt.bus.clone(),
+        rt.redis.clone(),
+        &rt.settings,
+        opts.owner.clone(),
+    );
     let work = async {
-        let r = workers::scheduler::run(&rt.bus, &opts, shutdown.clone()).await;
+        let r = workers::scheduler::run(&rt.bus, &opts, &reconciler, shutdown.clone()).await;
         done.cancel();
         r
     };
-    // Proposed actions: expiry and lost executions (idempotent; every scheduler sweeps).
-    let sweeps = workers::action_sweep::run(
-        rt.db.clone(),
-        rt.bus.clone(),
-        rt.settings.tools.clone(),
-        done.clone(),
-    );
-    let ((), result, ()) = tokio::join!(signal, work, sweeps);
+    let ((), result) = tokio::join!(signal, work);
     metrics_stop.cancel();
     let _ = metrics_task.await;
     rt.db.close().await;

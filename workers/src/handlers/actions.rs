@@ -5,10 +5,12 @@
 //! project within the conversation's scope; the assignee rule of the task API), write the task,
 //! move `confirmed → executed` with the result, write the audit record, and store the result as
 //! the `tool` message answering the decided call. If the permission is gone: `failed` with a
-//! reason and nothing written. After the commit, the continuation response's `chat` job is
-//! enqueued. A redelivered job finds the proposal decided and only makes sure the continuation
-//! was enqueued (when its response has not started yet).
+//! reason and nothing written. The same transaction hands the continuation response to a new
+//! `chat` job (`responses.job_id`), which is enqueued after the commit; should that enqueue be
+//! lost, the scheduler's reconciler enqueues it again (the response names a job the bus does
+//! not have). A redelivered job finds the proposal decided and does nothing.
 
+use crate::handlers::db_error;
 use jobs::kinds::{Chat, ExecuteAction};
 use jobs::worker::HandlerResult;
 use jobs::{Bus, JobContext, JobError, Registry};
@@ -18,10 +20,6 @@ use store::actions::{self, Action, Audit};
 use store::tasks::{NewTask, TaskPatch};
 use store::{StoreError, TaskStatus};
 use uuid::Uuid;
-
-fn db_error(e: impl std::fmt::Display) -> JobError {
-    JobError::retryable(format!("database: {e}"))
-}
 
 #[derive(Clone)]
 pub struct ActionsHandler {
@@ -86,8 +84,8 @@ impl ActionsHandler {
         match action.status.as_str() {
             "confirmed" => {}
             "executed" | "failed" => {
-                // A redelivery: the run that decided it enqueued the continuation (or, had that
-                // failed, the scheduler's sweep does).
+                // A redelivery: the run that decided it handed the continuation to its job
+                // (which the reconciler enqueues again should the bus have lost it).
                 tracing::info!(status = %action.status, "already decided (redelivery)");
                 return Ok(());
             }
@@ -142,6 +140,18 @@ impl ActionsHandler {
         )
         .await
         .map_err(db_error)?;
+        let continuation = match action.continuation_response_id {
+            Some(response_id) => {
+                let job = continuation_job(&mut tx, &action, response_id).await?;
+                if let Some(env) = &job {
+                    store::responses::assign_job(&mut tx, response_id, env.id)
+                        .await
+                        .map_err(db_error)?;
+                }
+                job
+            }
+            None => None,
+        };
         tx.commit().await.map_err(db_error)?;
         use crate::handlers::chat::tools::metrics as m;
         match &outcome {
@@ -154,40 +164,45 @@ impl ActionsHandler {
                 tracing::info!(reason, "action failed; nothing written")
             }
         }
-        self.continue_conversation(&action).await
-    }
-
-    /// Enqueue the continuation's `chat` job. A failure is logged, not retried: the decision is
-    /// committed, and the scheduler's sweep enqueues continuations that never started.
-    async fn continue_conversation(&self, action: &Action) -> HandlerResult {
-        let Some(response_id) = action.continuation_response_id else {
-            return Ok(());
-        };
-        let mut conn = self.db.acquire().await.map_err(db_error)?;
-        let Some(response) = store::conversations::get_response_own(
-            &mut conn,
-            action.user_id,
-            action.conversation_id,
-            response_id,
-        )
-        .await
-        .map_err(db_error)?
-        else {
-            return Ok(());
-        };
-        drop(conn);
-        let job = Chat {
-            conversation_id: action.conversation_id,
-            message_id: response.user_message_id,
-            response_id,
-            user_id: action.user_id,
-            org_id: action.org_id,
-        };
-        if let Err(e) = self.bus.enqueue(job).await {
-            tracing::error!(error = %e, %response_id, "cannot enqueue the continuation; the sweep will");
+        // The continuation goes on: its job is recorded with the decision, so a failure here
+        // is only logged (the reconciler enqueues a job the bus does not have).
+        if let Some(env) = continuation
+            && let Err(e) = self.bus.enqueue_envelope(&env).await
+        {
+            tracing::error!(error = %e, job_id = %env.id, "cannot enqueue the continuation; the reconciler will");
         }
         Ok(())
     }
+}
+
+/// The `chat` job of the continuation response `response_id` of `action`, unless that response
+/// is gone or already handed to a job.
+async fn continuation_job(
+    conn: &mut PgConnection,
+    action: &Action,
+    response_id: Uuid,
+) -> Result<Option<jobs::Envelope>, JobError> {
+    let Some(response) = store::conversations::get_response_own(
+        conn,
+        action.user_id,
+        action.conversation_id,
+        response_id,
+    )
+    .await
+    .map_err(db_error)?
+    else {
+        return Ok(None);
+    };
+    if response.job_id.is_some() {
+        return Ok(None);
+    }
+    Ok(Some(jobs::Envelope::new(Chat {
+        conversation_id: action.conversation_id,
+        message_id: response.user_message_id,
+        response_id,
+        user_id: action.user_id,
+        org_id: action.org_id,
+    })))
 }
 
 /// Re-check and write, inside the caller's transaction.

@@ -6,6 +6,7 @@
 //! job id, `ON CONFLICT DO NOTHING`) commit in one transaction, so a redelivered job — after a
 //! crash, a lost ack or a reclaim — never takes effect twice.
 
+use crate::handlers::db_error;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -13,10 +14,6 @@ use jobs::kinds::Probe;
 use jobs::worker::HandlerResult;
 use jobs::{JobContext, JobError};
 use store::probe::{ProbeRun, record_effect, record_run, runs_of};
-
-fn db_error(e: impl std::fmt::Display) -> JobError {
-    JobError::retryable(format!("database: {e}"))
-}
 
 #[tracing::instrument(skip_all, fields(job_id = %ctx.id, key = %job.key))]
 pub async fn run(db: sqlx::PgPool, ctx: JobContext, job: Probe) -> HandlerResult {

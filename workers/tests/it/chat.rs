@@ -73,13 +73,9 @@ async fn turn(db: &TestDb, s: &Setup, content: &str) -> Chat {
 async fn past_turn(db: &TestDb, s: &Setup, question: &str, answer: &str) {
     let job = turn(db, s, question).await;
     let mut tx = db.pool.begin().await.unwrap();
-    let r = conv::lock_response(&mut tx, job.response_id)
-        .await
-        .unwrap()
-        .unwrap();
-    conv::complete(
+    testkit::turns::answer(
         &mut tx,
-        &r,
+        job.response_id,
         &Answer {
             content: answer,
             model: "earlier",
@@ -89,8 +85,7 @@ async fn past_turn(db: &TestDb, s: &Setup, question: &str, answer: &str) {
             citations: json!([]),
         },
     )
-    .await
-    .unwrap();
+    .await;
     tx.commit().await.unwrap();
 }
 
@@ -683,12 +678,14 @@ async fn a_redelivered_job_neither_calls_the_model_again_nor_stores_twice() {
     assert_eq!(calls(&primary).await.len(), 1);
     assert_eq!(answers(&db, job.response_id).await.len(), 1);
 
-    // a run that crashed between its commit and its publish: the redelivery publishes
+    // a run that crashed between its commit and its publish (nothing of the terminal event in
+    // Redis: neither its entry nor its mark on the fence): the redelivery publishes
     // message.completed from what is stored, still without calling the model
     let hub_keys = jobs::events::EventKeys::new(&settings.redis.prefix);
     let mut conn = redis_handle(&settings).conn().await.unwrap();
     let _: i64 = redis::cmd("DEL")
         .arg(hub_keys.replay(job.response_id))
+        .arg(hub_keys.fence(job.response_id))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -768,14 +765,25 @@ async fn a_completed_turn_records_its_usage_once_even_when_redelivered() {
     assert_eq!(calls(&primary).await.len(), 1);
     assert_eq!(usage_rows(&db, s.org).await, once);
 
-    // a run that stalled past the visibility timeout and finishes after the answer was stored
-    // (simulated: the response looks unfinished to it): it calls the model, but its answer is
-    // not stored and its usage not counted
-    sqlx::query("UPDATE responses SET status = 'streaming' WHERE id = $1")
-        .bind(job.response_id)
-        .execute(&db.pool)
+    // a run that finds the answer stored only when it completes (simulated: the response looks
+    // unfinished, its run's lease expired, when the job is delivered again): it calls the model,
+    // but its answer is not stored and its usage not counted
+    let keys = jobs::events::EventKeys::new(&settings.redis.prefix);
+    let mut conn = redis_handle(&settings).conn().await.unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(keys.replay(job.response_id))
+        .arg(keys.fence(job.response_id))
+        .query_async(&mut conn)
         .await
         .unwrap();
+    sqlx::query(
+        "UPDATE responses SET status = 'running', leased_until = now() - interval '1 second'
+         WHERE id = $1",
+    )
+    .bind(job.response_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
     bus.enqueue_envelope(&envelope).await.unwrap();
     let report = drain(&db, &settings).await;
     assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
@@ -956,12 +964,10 @@ async fn no_fallback_call_when_the_fallback_is_the_primary() {
 }
 
 #[tokio::test]
-async fn a_first_token_published_while_another_run_started_the_response_is_sent_again_after_a_restart()
- {
-    // A fresh response's first token is published while its start is recorded. Should
-    // another run of the same turn have started streaming in between (simulated here by
-    // recording a start while this run waits for its first token), the client is told to
-    // restart and this run's text goes out again: the text after the restart is whole.
+async fn a_superseded_run_publishes_and_stores_nothing_more() {
+    // A run streams slowly; meanwhile another run takes the response over (as after its lease
+    // expired: the run number moves on and the fence with it). The first run's next token is
+    // refused, it stops without storing an answer or failing the response, and its job ends.
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let upstream = FakeUpstream::start().await.unwrap();
@@ -971,16 +977,16 @@ async fn a_first_token_published_while_another_run_started_the_response_is_sent_
     conv::set_org_models(&db.pool, s.org, &primary, &fallback)
         .await
         .unwrap();
-    let words = ["alpha ", "beta ", "gamma"];
+    let words: Vec<String> = (1..=10).map(|i| format!("w{i} ")).collect();
     upstream
         .client()
         .script(
             &primary,
             vec![Behaviour::Reply {
                 text: words.concat(),
-                tokens: Some(words.iter().map(|w| (*w).to_owned()).collect()),
-                first_token_delay_ms: 1500,
-                token_delay_ms: 0,
+                tokens: Some(words.clone()),
+                first_token_delay_ms: 0,
+                token_delay_ms: 300,
             }],
         )
         .await
@@ -988,42 +994,156 @@ async fn a_first_token_published_while_another_run_started_the_response_is_sent_
     let job = turn(&db, &s, "hello").await;
     bus_for(&settings).enqueue(job.clone()).await.unwrap();
     let worker = chat_worker(&db, &settings);
-    let run = tokio::spawn(async move { worker.drain_until_empty(Duration::from_secs(90)).await });
-    // the run has read its (queued) response and waits for the model's first token
-    eventually("the model was called", Duration::from_secs(20), || async {
-        !upstream
-            .client()
-            .requests(&primary)
-            .await
-            .unwrap()
-            .is_empty()
-    })
+    let run = tokio::spawn(async move { worker.drain_until_empty(Duration::from_secs(60)).await });
+    let hub = EventHub::new(redis_handle(&settings));
+    eventually(
+        "the run streamed two tokens",
+        Duration::from_secs(20),
+        || async { tokens(&replayed(&hub, job.response_id).await).len() >= "w1 w2 ".len() },
+    )
     .await;
-    let mut c = db.pool.acquire().await.unwrap();
-    assert_eq!(
-        conv::mark_streaming(&mut c, job.response_id).await.unwrap(),
-        0,
-        "the other run's start is the first"
-    );
-    drop(c);
-    let report = run.await.unwrap().expect("the chat queue empties");
-    assert_eq!((report.completed, report.dead), (1, 0));
+    // the takeover: run 2 holds the response (and its fence) now
+    let run_no: i32 = sqlx::query_scalar(
+        "UPDATE responses SET run = run + 1, leased_until = now() + interval '1 minute'
+         WHERE id = $1 RETURNING run",
+    )
+    .bind(job.response_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(run_no, 2);
+    let publisher = jobs::events::EventPublisher::new(redis_handle(&settings), &settings.events);
+    assert_eq!(publisher.fence(job.response_id, 2).await.unwrap(), 2);
+    let seen = tokens(&replayed(&hub, job.response_id).await);
 
-    let evs = events(&settings, job.response_id).await;
-    let restart = evs
-        .iter()
-        .position(|e| matches!(e, ResponseEvent::ResponseRestarted { .. }))
-        .unwrap_or_else(|| panic!("no response.restarted: {evs:?}"));
+    let report = run.await.unwrap().expect("the chat queue empties");
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+    let after = replayed(&hub, job.response_id).await;
     assert!(
-        evs[..restart]
-            .iter()
-            .any(|e| matches!(e, ResponseEvent::Token { .. })),
-        "the first token went out while the start was recorded: {evs:?}"
+        tokens(&after).len() <= seen.len() + "w10 ".len(),
+        "at most the publish in flight at the takeover went out: {seen:?} then {after:?}"
     );
-    assert_eq!(tokens(&evs[restart..]), words.concat(), "{evs:?}");
-    let stored = answers(&db, job.response_id).await;
+    assert!(tokens(&after).len() < words.concat().len(), "{after:?}");
+    assert!(
+        !after.iter().any(ResponseEvent::is_terminal),
+        "the superseded run ended nothing: {after:?}"
+    );
+    assert!(
+        answers(&db, job.response_id).await.is_empty(),
+        "no answer stored"
+    );
+    let (status, code, _) = response(&db, job.response_id).await;
+    assert_eq!((status.as_str(), code), ("running", None), "still run 2's");
+    assert_eq!(calls_of(&upstream, &primary).await, 1);
+}
+
+/// The replay stream of a response as it is now.
+async fn replayed(hub: &EventHub, response_id: Uuid) -> Vec<ResponseEvent> {
+    hub.replay(response_id, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect()
+}
+
+async fn calls_of(upstream: &FakeUpstream, model: &str) -> usize {
+    upstream.client().requests(model).await.unwrap().len()
+}
+
+#[tokio::test]
+async fn rate_limit_waits_use_up_no_attempt() {
+    // More 429s than the chat queue has attempts, all within the maximum wait: the turn waits
+    // them out and answers (waiting is not failing).
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let mut settings = settings(&db, &redis, &[]);
+    settings.queues.chat.max_attempts = 2;
+    let s = setup(&db).await;
+    let (primary, fallback) = org_models(&db, &s).await;
+    FakeClient::shared()
+        .script(
+            &primary,
+            vec![
+                Behaviour::rate_limited(1),
+                Behaviour::rate_limited(1),
+                Behaviour::rate_limited(1),
+                Behaviour::reply("patience"),
+            ],
+        )
+        .await
+        .unwrap();
+    let job = turn(&db, &s, "hello").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(tokens(&evs), "patience", "{evs:?}");
+    assert_eq!(calls(&primary).await.len(), 4);
+    assert!(calls(&fallback).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_response_whose_job_vanished_from_redis_completes_after_the_reconciler_interval() {
+    // A committed turn whose job Redis lost (a restart without persistence, an API process
+    // killed between its commit and its enqueue): the scheduler's reconciler, in the real
+    // scheduler process, enqueues it again and a worker answers it.
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[]);
+    let s = setup(&db).await;
+    let (primary, _) = org_models(&db, &s).await;
+    FakeClient::shared()
+        .script(&primary, vec![Behaviour::reply("found again")])
+        .await
+        .unwrap();
+    let mut c = db.pool.acquire().await.unwrap();
+    let turn = conv::NewTurn {
+        user_id: s.user,
+        conversation_id: s.conversation,
+        content: "hello",
+        message_id: Uuid::now_v7(),
+        response_id: Uuid::now_v7(),
+        job_id: Uuid::now_v7(),
+        key: None,
+    };
+    let Some(conv::TurnStarted::New(response)) = conv::start_own_turn(&mut c, &turn).await.unwrap()
+    else {
+        panic!("a new turn");
+    };
+    drop(c);
+    // (its job never reached the bus)
+    let worker = chat_worker(&db, &settings);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    let mut scheduler = crate::process::command(env!("CARGO_BIN_EXE_scheduler"), &db, &redis)
+        .env("RECONCILE_INTERVAL_MS", "200")
+        .env("RECONCILE_GRACE_SECS", "1")
+        .spawn()
+        .unwrap();
+    let logs = lines(&mut scheduler);
+    wait_for(&logs, "scheduler ready", Duration::from_secs(20));
+    eventually(
+        "the lost turn is answered",
+        Duration::from_secs(30),
+        || async { !answers(&db, response.id).await.is_empty() },
+    )
+    .await;
+    scheduler.kill().ok();
+    scheduler.wait().ok();
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    let stored = answers(&db, response.id).await;
     assert_eq!(stored.len(), 1);
-    assert_eq!(stored[0].content, words.concat());
-    let (status, _, starts) = response(&db, job.response_id).await;
-    assert_eq!((status.as_str(), starts), ("completed", 2));
+    assert_eq!(stored[0].content, "found again");
+    let recoveries: i32 = sqlx::query_scalar("SELECT recoveries FROM responses WHERE id = $1")
+        .bind(response.id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(recoveries, 1, "re-enqueued once");
+    assert_eq!(calls(&primary).await.len(), 1);
 }

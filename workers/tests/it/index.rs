@@ -164,9 +164,7 @@ async fn user_and_assistant_messages_are_indexed_for_their_owner_only() {
         latency_ms: 1,
         citations: serde_json::json!([]),
     };
-    let (reply, stored) = store::conversations::complete(&mut tx, &response, &answer)
-        .await
-        .unwrap();
+    let (reply, stored) = testkit::turns::answer(&mut tx, response.id, &answer).await;
     assert!(stored);
     tx.commit().await.unwrap();
 
@@ -192,9 +190,7 @@ async fn user_and_assistant_messages_are_indexed_for_their_owner_only() {
     assert_eq!(rows[1].4, "launch is on friday");
     // a redelivered completion stores nothing new and queues nothing
     let mut tx = db.pool.begin().await.unwrap();
-    let (_, stored) = store::conversations::complete(&mut tx, &response, &answer)
-        .await
-        .unwrap();
+    let (_, stored) = testkit::turns::answer(&mut tx, response.id, &answer).await;
     tx.commit().await.unwrap();
     assert!(!stored);
     let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM index_outbox")

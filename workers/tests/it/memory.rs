@@ -121,13 +121,9 @@ impl Ctx {
     async fn past_turn(&self, user: Uuid, conversation: Uuid, q: &str, a: &str) -> Uuid {
         let job = self.turn(user, conversation, q).await;
         let mut tx = self.db.pool.begin().await.unwrap();
-        let r = conv::lock_response(&mut tx, job.response_id)
-            .await
-            .unwrap()
-            .unwrap();
-        let (m, _) = conv::complete(
+        let (m, _) = testkit::turns::answer(
             &mut tx,
-            &r,
+            job.response_id,
             &Answer {
                 content: a,
                 model: "earlier",
@@ -137,8 +133,7 @@ impl Ctx {
                 citations: json!([]),
             },
         )
-        .await
-        .unwrap();
+        .await;
         tx.commit().await.unwrap();
         m.id
     }

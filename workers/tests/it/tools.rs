@@ -433,7 +433,10 @@ async fn propose_create(db: &TestDb, settings: &config::Settings, w: &World) -> 
 
 async fn confirm(db: &TestDb, w: &World, action: Uuid) -> (actions::Action, conv::Response) {
     let mut tx = db.pool.begin().await.unwrap();
-    let Decision::Done(done) = actions::confirm(&mut tx, w.user, action).await.unwrap() else {
+    let Decision::Done(done) = actions::confirm(&mut tx, w.user, action, Uuid::now_v7())
+        .await
+        .unwrap()
+    else {
         panic!("not confirmed");
     };
     tx.commit().await.unwrap();
@@ -490,7 +493,7 @@ async fn a_write_proposal_creates_nothing_until_confirmed_then_runs_exactly_once
     assert_eq!(action.status, "confirmed");
     let mut tx = db.pool.begin().await.unwrap();
     assert!(matches!(
-        actions::confirm(&mut tx, w.user, action_id).await.unwrap(),
+        actions::confirm(&mut tx, w.user, action_id, Uuid::now_v7()).await.unwrap(),
         Decision::NotPending(s) if s == "confirmed"
     ));
     drop(tx);
@@ -555,7 +558,9 @@ async fn concurrent_confirms_have_one_winner_and_execute_once() {
         let user = w.user;
         async move {
             let mut tx = pool.begin().await.unwrap();
-            let d = actions::confirm(&mut tx, user, action_id).await.unwrap();
+            let d = actions::confirm(&mut tx, user, action_id, Uuid::now_v7())
+                .await
+                .unwrap();
             tx.commit().await.unwrap();
             matches!(d, Decision::Done(_))
         }
@@ -686,7 +691,7 @@ async fn reject_and_expiry_write_nothing() {
     assert_eq!(rejected.status, "rejected");
     let mut tx = db.pool.begin().await.unwrap();
     assert!(matches!(
-        actions::confirm(&mut tx, w.user, first).await.unwrap(),
+        actions::confirm(&mut tx, w.user, first, Uuid::now_v7()).await.unwrap(),
         Decision::NotPending(s) if s == "rejected"
     ));
     drop(tx);
@@ -711,19 +716,15 @@ async fn reject_and_expiry_write_nothing() {
     drop(c);
     let mut tx = db.pool.begin().await.unwrap();
     assert!(matches!(
-        actions::confirm(&mut tx, w.user, second).await.unwrap(),
+        actions::confirm(&mut tx, w.user, second, Uuid::now_v7()).await.unwrap(),
         Decision::NotPending(s) if s == "expired"
     ));
     drop(tx);
-    let bus = bus_for(&settings);
-    let report = workers::action_sweep::sweep_once(&db.pool, &bus, &settings.tools)
-        .await
-        .unwrap();
+    let report = reconciler(&db, &settings).pass().await;
     assert_eq!(report.expired, 1);
-    let again = workers::action_sweep::sweep_once(&db.pool, &bus, &settings.tools)
-        .await
-        .unwrap();
+    let again = reconciler(&db, &settings).pass().await;
     assert_eq!(again.expired, 0, "idempotent");
+    let bus = bus_for(&settings);
     assert_eq!(status_of(&db, second).await.0, "expired");
 
     // an execution job for either (say, a forged or stale one) writes nothing
@@ -767,12 +768,30 @@ async fn a_restarted_turn_neither_repeats_a_round_nor_proposes_twice() {
     .execute(&db.pool)
     .await
     .unwrap();
-    sqlx::query("UPDATE responses SET status = 'queued', completed_at = NULL WHERE id = $1")
-        .bind(job.response_id)
-        .execute(&db.pool)
+    // (so no terminal event went out either) ...
+    let keys = jobs::events::EventKeys::new(&settings.redis.prefix);
+    let mut conn = RedisHandle::new(&settings.redis)
+        .unwrap()
+        .conn()
         .await
         .unwrap();
-    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(keys.replay(job.response_id))
+        .arg(keys.fence(job.response_id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // ... and its response was handed to a new job (as the reconciler does)
+    let env = Envelope::new(job.clone());
+    sqlx::query(
+        "UPDATE responses SET status = 'queued', completed_at = NULL, job_id = $2 WHERE id = $1",
+    )
+    .bind(job.response_id)
+    .bind(env.id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    bus_for(&settings).enqueue_envelope(&env).await.unwrap();
     let report = drain(&db, &settings).await;
     assert_eq!((report.completed, report.dead), (1, 0));
     assert_eq!(requests(&w).await.len(), 1, "the model is not called again");
@@ -824,8 +843,20 @@ async fn tool_rounds_are_bounded_and_the_last_call_offers_no_tools() {
     );
 }
 
+/// The scheduler's reconciler over the test's database and Redis prefix.
+fn reconciler(db: &TestDb, settings: &config::Settings) -> workers::reconciler::Reconciler {
+    let redis = Arc::new(RedisHandle::new(&settings.redis).unwrap());
+    workers::reconciler::Reconciler::new(
+        db.pool.clone(),
+        bus_for(settings),
+        redis,
+        settings,
+        "test".into(),
+    )
+}
+
 #[tokio::test]
-async fn the_sweep_recovers_a_lost_execution_and_a_lost_continuation() {
+async fn the_reconciler_recovers_a_lost_execution_and_a_lost_continuation() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let settings = test_settings(&db, &redis, &[]);
@@ -834,20 +865,21 @@ async fn the_sweep_recovers_a_lost_execution_and_a_lost_continuation() {
     // confirmed, but the execution job never reached the bus
     let (_, continuation) = confirm(&db, &w, action_id).await;
     let bus = bus_for(&settings);
-    let fresh = workers::action_sweep::sweep_once(&db.pool, &bus, &settings.tools)
-        .await
-        .unwrap();
-    assert_eq!(fresh.requeued, 0, "not before the grace period");
+    let fresh = reconciler(&db, &settings).pass().await;
+    assert_eq!(fresh.actions, 0, "not before the grace period");
     sqlx::query("UPDATE proposed_actions SET decided_at = now() - interval '10 minutes'")
         .execute(&db.pool)
         .await
         .unwrap();
-    let swept = workers::action_sweep::sweep_once(&db.pool, &bus, &settings.tools)
-        .await
-        .unwrap();
-    assert_eq!((swept.requeued, swept.continued), (1, 0));
-    // the execution runs; its continuation job is "lost" (removed from the bus before a worker
-    // takes it: the actions queue alone is drained)
+    let passed = reconciler(&db, &settings).pass().await;
+    assert_eq!((passed.actions, passed.responses), (1, 0));
+    assert_eq!(
+        reconciler(&db, &settings).pass().await.actions,
+        0,
+        "its job is on the bus now"
+    );
+    // the execution runs; its continuation job is lost with Redis's data (the chat queue's
+    // stream and job markers wiped before a worker takes it: the actions queue alone is drained)
     let mut registry = jobs::Registry::new();
     workers::handlers::actions::ActionsHandler::new(db.pool.clone(), bus.clone())
         .register(&mut registry);
@@ -859,17 +891,16 @@ async fn the_sweep_recovers_a_lost_execution_and_a_lost_continuation() {
         .unwrap();
     assert_eq!(status_of(&db, action_id).await.0, "executed");
     let mut conn = bus.redis().conn().await.unwrap();
-    let _: i64 = redis::AsyncCommands::del(&mut conn, &bus.keys(Queue::Chat).stream)
+    let keys = bus.keys(Queue::Chat);
+    let _: i64 = redis::AsyncCommands::del(&mut conn, &[&keys.stream, &keys.marks])
         .await
         .unwrap();
-    sqlx::query("UPDATE proposed_actions SET executed_at = now() - interval '10 minutes'")
+    sqlx::query("UPDATE responses SET enqueued_at = now() - interval '10 minutes'")
         .execute(&db.pool)
         .await
         .unwrap();
-    let swept = workers::action_sweep::sweep_once(&db.pool, &bus, &settings.tools)
-        .await
-        .unwrap();
-    assert_eq!((swept.requeued, swept.continued), (0, 1));
+    let passed = reconciler(&db, &settings).pass().await;
+    assert_eq!((passed.actions, passed.responses), (0, 1));
     script(&w, vec![Behaviour::reply("Recovered.")]).await;
     drain(&db, &settings).await;
     assert_eq!(
@@ -877,10 +908,8 @@ async fn the_sweep_recovers_a_lost_execution_and_a_lost_continuation() {
         "Recovered."
     );
     assert_eq!(count(&db, "SELECT count(*) FROM tasks").await, 3);
-    let after = workers::action_sweep::sweep_once(&db.pool, &bus, &settings.tools)
-        .await
-        .unwrap();
-    assert_eq!(after, workers::action_sweep::SweepReport::default());
+    let after = reconciler(&db, &settings).pass().await;
+    assert_eq!(after, workers::reconciler::Report::default());
 }
 
 #[tokio::test]
@@ -1185,5 +1214,100 @@ async fn search_knowledge_finds_indexed_documents_the_user_may_see_and_nothing_e
             .iter()
             .any(|r| r.body.to_string().contains("flight procedure")),
         "the search_knowledge query went to the embedder"
+    );
+}
+
+#[tokio::test]
+async fn a_continuation_waiting_out_a_long_cooldown_runs_once() {
+    // The continuation of a confirmed action waits out a 90 s cooldown of its model (in the
+    // delayed set, its job marker on the bus). However long it waits, the reconciler leaves it
+    // alone: when the model is back, the continuation calls it once and answers once.
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = test_settings(&db, &redis, &[]);
+    let w = world(&db).await;
+    let (_, action_id) = propose_create(&db, &settings, &w).await;
+    let calls_before = requests(&w).await.len();
+    let exec = Envelope::new(ExecuteAction { action_id });
+    let mut tx = db.pool.begin().await.unwrap();
+    let Decision::Done((_, continuation)) = actions::confirm(&mut tx, w.user, action_id, exec.id)
+        .await
+        .unwrap()
+    else {
+        panic!("not confirmed");
+    };
+    tx.commit().await.unwrap();
+    let bus = bus_for(&settings);
+    bus.enqueue_envelope(&exec).await.unwrap();
+    let handle = Arc::new(RedisHandle::new(&settings.redis).unwrap());
+    let cooldowns = workers::handlers::chat::policy::Cooldowns::new(handle.clone());
+    cooldowns
+        .start(&via_litellm(&w.model), Duration::from_secs(90))
+        .await
+        .unwrap();
+    // the action runs; its continuation waits on the cooldown (the worker gives up draining)
+    let waited = worker(&db, &settings)
+        .drain_until_empty(Duration::from_secs(4))
+        .await;
+    assert!(waited.is_err(), "the continuation is still waiting");
+    assert_eq!(status_of(&db, action_id).await.0, "executed");
+    assert_eq!(bus.stats(Queue::Chat).await.unwrap().delayed, 1);
+    // ... for what looks like ten minutes: the reconciler re-enqueues nothing
+    for sql in [
+        "UPDATE proposed_actions SET decided_at = now() - interval '10 minutes',
+                                     executed_at = now() - interval '10 minutes'",
+        "UPDATE responses SET enqueued_at = now() - interval '10 minutes'",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    let passed = reconciler(&db, &settings).pass().await;
+    assert_eq!(passed, workers::reconciler::Report::default());
+    assert_eq!(bus.stats(Queue::Chat).await.unwrap().delayed, 1);
+    // the cooldown ends (and the wait with it)
+    let mut conn = handle.conn().await.unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(cooldowns.key(&via_litellm(&w.model)))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let delayed = &bus.keys(Queue::Chat).delayed;
+    let waiting: Vec<String> = redis::cmd("ZRANGE")
+        .arg(delayed)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for m in waiting {
+        let _: i64 = redis::cmd("ZADD")
+            .arg(delayed)
+            .arg(0)
+            .arg(m)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    script(&w, vec![Behaviour::reply("Created, once.")]).await;
+    drain(&db, &settings).await;
+    assert_eq!(
+        answer(&events(&settings, continuation.id).await),
+        "Created, once."
+    );
+    assert_eq!(
+        requests(&w).await.len(),
+        calls_before + 1,
+        "the continuation called the model once"
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM messages WHERE response_id = '{}'
+                 AND role = 'assistant' AND tool_calls IS NULL",
+                continuation.id
+            )
+        )
+        .await,
+        1
     );
 }

@@ -1,5 +1,5 @@
-//! One chat turn: redelivery and restart handling, the primary → fallback policy, rate limits,
-//! completion (commit, then publish) and failures (mark failed, then publish).
+//! One chat turn: taking the response (the ledger's lease), the primary → fallback policy, rate
+//! limits, completion (commit, then publish) and failures (mark failed, then publish).
 
 use std::time::Duration;
 
@@ -9,22 +9,18 @@ use jobs::kinds::Chat;
 use jobs::worker::HandlerResult;
 use jobs::{JobContext, JobError};
 use serde_json::Value;
-use store::conversations::{self as conv, Answer, Message, Response};
+use store::ResponseStatus;
+use store::conversations::{self as conv, Answer, Completion, Message, Response};
+use store::responses::{self, Take};
+use uuid::Uuid;
 
 use super::policy::{DEFAULT_COOLDOWN, Models, RateLimitDecision, rate_limit_decision};
 use super::prompt::PromptBuilder;
 use super::rounds::{ToolTurn, proposal_answer, with_exchange};
-use super::stream::{Answered, CallOutcome, Turn};
+use super::stream::{Answered, CallOutcome, Fence, Turn};
 use super::tools::ToolCtx;
 use super::{ChatHandler, codes, metrics};
-
-fn db_error(e: impl std::fmt::Display) -> JobError {
-    JobError::retryable(format!("database: {e}"))
-}
-
-fn redis_error(e: impl std::fmt::Display) -> JobError {
-    JobError::retryable(format!("redis: {e}"))
-}
+use crate::handlers::{db_error, redis_error};
 
 const UNAVAILABLE_MESSAGE: &str =
     "The assistant is unavailable right now. Please try again in a few minutes.";
@@ -57,35 +53,38 @@ impl ChatHandler {
     #[tracing::instrument(
         name = "chat",
         skip_all,
-        fields(job_id = %ctx.id, response_id = %job.response_id, conversation_id = %job.conversation_id, attempt = ctx.attempt)
+        fields(job_id = %ctx.id, response_id = %job.response_id, conversation_id = %job.conversation_id, attempt = ctx.attempt, run)
     )]
     pub async fn run(&self, ctx: JobContext, job: Chat) -> HandlerResult {
         let result = self.turn(&ctx, &job).await;
         if let Err(e) = &result
+            && !e.is_wait()
             && (!e.is_retryable() || ctx.attempt >= self.inner.queue.max_attempts)
         {
             // The bus dead-letters it now; the client must not wait for an answer forever.
             tracing::error!(error = %e, "the job failed for good; ending the turn with an error");
-            self.give_up(&job).await;
+            self.give_up(ctx.id, &job).await;
         }
         result
     }
 
-    /// Best effort after the last attempt: mark the response failed (unless it completed) and
-    /// publish its terminal event from what is stored.
-    pub(super) async fn give_up(&self, job: &Chat) {
+    /// Best effort after the last attempt (or from the dead-letter hook): fail the response if
+    /// it is unfinished and still this job's, and publish its terminal event from what is
+    /// stored.
+    pub(super) async fn give_up(&self, job_id: Uuid, job: &Chat) {
         let attempt = async {
             let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-            conv::fail(
+            responses::fail_unfinished(
                 &mut conn,
                 job.response_id,
+                Some(job_id),
                 codes::INTERNAL_ERROR,
                 INTERNAL_MESSAGE,
             )
             .await
             .map_err(db_error)?;
             drop(conn);
-            self.already_finished(job).await
+            self.finished(job).await
         };
         if let Err(e) = attempt.await {
             tracing::error!(error = %e, "cannot end the turn with an error either");
@@ -94,21 +93,26 @@ impl ChatHandler {
 
     async fn turn(&self, ctx: &JobContext, job: &Chat) -> HandlerResult {
         let db = &self.inner.db;
-        // Two independent reads at once, each on its own pooled connection (neither holds one
-        // while waiting for another): the response with everything else a run needs to know
-        // first (org models, whether there is an index, a tool exchange, proposals), and the
-        // recent window.
+        // Two independent reads at once, each on its own pooled connection: the take of the
+        // response (the ledger's compare-and-set) with everything else a run needs to know first
+        // (org models, whether there is an index, a tool exchange, proposals), and the recent
+        // window.
         let recent_n = i64::try_from(self.inner.chat.recent_messages).unwrap_or(i64::MAX);
+        let lease = self.inner.lease;
         let (start, recent) = tokio::join!(
             async {
                 let mut conn = db.acquire().await?;
-                conv::turn_start(
+                responses::take(
                     &mut conn,
-                    job.user_id,
-                    job.conversation_id,
-                    job.response_id,
-                    job.org_id,
+                    &responses::JobTurn {
+                        job_id: ctx.id,
+                        user_id: job.user_id,
+                        org_id: job.org_id,
+                        conversation_id: job.conversation_id,
+                        response_id: job.response_id,
+                    },
                     &self.inner.embedding.model,
+                    lease,
                 )
                 .await
             },
@@ -118,51 +122,153 @@ impl ChatHandler {
                     .await
             }
         );
-        let Some(mut start) = start.map_err(db_error)? else {
+        let Some(start) = start.map_err(db_error)? else {
             return Err(JobError::permanent(
                 "the response does not exist (or is not this user's)",
             ));
         };
-        let response = start.response.clone();
-        if response.user_message_id != job.message_id {
+        if start.response.user_message_id != job.message_id {
             return Err(JobError::permanent(
                 "the job names another message than the one its response answers",
             ));
         }
-        if matches!(response.status.as_str(), "completed" | "failed") {
-            tracing::info!(status = %response.status, "the response is already finished (redelivery)");
-            return self.ensure_terminal_published(&response).await;
+        let run = match start.take(ctx.id) {
+            Take::Taken { run } => run,
+            Take::Finished => {
+                tracing::info!(status = %start.response.status, "the response is already finished (redelivery)");
+                return self.publish_terminal(&start.response).await;
+            }
+            Take::Stale => {
+                tracing::info!("the response was handed to another job; this one is stale");
+                return Ok(());
+            }
+            Take::Held { for_ } => {
+                // A duplicate of this job runs it still (e.g. an entry reclaimed from a worker
+                // that stalled); come back when its lease ends, should it have died.
+                return Err(JobError::wait(
+                    "another run of this job holds the response",
+                    for_ + Duration::from_millis(200),
+                ));
+            }
+        };
+        tracing::Span::current().record("run", run);
+        let fence = Fence::new(job.response_id, run);
+        // From here on only this run may publish this response's events.
+        let fenced = self
+            .inner
+            .events
+            .fence(job.response_id, run)
+            .await
+            .map_err(redis_error);
+        let result = match fenced {
+            Ok(r) if r > run => {
+                tracing::info!(newer = r, "a later run holds the fence; this one stops");
+                return Ok(());
+            }
+            Ok(_) => {
+                tokio::select! {
+                    r = self.run_taken(ctx, job, start, recent, &fence) => r,
+                    () = self.keep_lease(&fence) => Ok(()),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if fence.lost.is_cancelled() {
+            tracing::info!("another run took the response over; this run stopped without effect");
+            return Ok(());
         }
+        if let Err(e) = &result
+            && !e.is_wait()
+        {
+            // Give the response back so the job's retry can take it at once (best effort: a
+            // lease that cannot be released here simply expires).
+            self.release(&fence, false).await;
+        }
+        result
+    }
+
+    /// Renew this run's lease every third of its length until it is lost (another run took the
+    /// response over, or it finished elsewhere): then `fence.lost` is cancelled and this
+    /// resolves. A failed renewal (PostgreSQL unreachable) is tried again; the run goes on,
+    /// its writes being fenced anyway.
+    async fn keep_lease(&self, fence: &Fence) {
+        let every = (self.inner.lease / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                () = fence.lost.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            match responses::renew(
+                &self.inner.db,
+                &[(fence.response_id, fence.run)],
+                self.inner.lease,
+            )
+            .await
+            {
+                Ok(held) if held.is_empty() => {
+                    tracing::warn!("the run's lease was lost");
+                    fence.lost.cancel();
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot renew the run's lease; trying again"),
+            }
+        }
+    }
+
+    /// Give the response back (`running → queued`): the run waits (rate limit) or failed in a
+    /// way its job retries. `fallback_only`: only the fallback is left for later runs.
+    async fn release(&self, fence: &Fence, fallback_only: bool) -> bool {
+        let released = async {
+            let mut conn = self.inner.db.acquire().await?;
+            responses::release(&mut conn, fence.response_id, fence.run, fallback_only).await
+        };
+        match released.await {
+            Ok(true) => true,
+            Ok(false) => {
+                fence.lost.cancel();
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot release the response; its lease will expire");
+                false
+            }
+        }
+    }
+
+    /// The turn, once this run holds the response.
+    async fn run_taken(
+        &self,
+        ctx: &JobContext,
+        job: &Chat,
+        start: responses::TurnStart,
+        recent: Result<Vec<Message>, store::StoreError>,
+        fence: &Fence,
+    ) -> HandlerResult {
+        let response = start.response.clone();
         let recent = recent.map_err(db_error)?;
         if recent.last().map(|m| m.id) != Some(job.message_id) {
             return Err(JobError::permanent(
                 "the user message of this turn is not in its conversation",
             ));
         }
-        let org = (start.org_model.take(), start.org_fallback_model.take());
-        let models = Models::choose(org, &self.inner.chat);
-        // the primary — unless an earlier attempt of this turn saw it fail before its first
-        // token and was re-queued by the fallback's rate limit: then straight to the fallback
-        let primary_failed_before = ctx.attempt > 1
-            && models.fallback.is_some()
-            && self
-                .inner
-                .primary_failures
-                .marked(response.id)
-                .await
-                .map_err(redis_error)?;
-        // The model this attempt calls first cooling down: wait (re-queue) before the turn's
-        // reads and its embedding call, which the re-queued attempt would only repeat.
-        let first = match (&models.fallback, primary_failed_before) {
+        let models = Models::choose(
+            (start.org_model.clone(), start.org_fallback_model.clone()),
+            &self.inner.chat,
+        );
+        // the primary — unless an earlier run of this turn saw it fail before its first token
+        // and waited on the fallback's rate limit: then straight to the fallback
+        let fallback_only = response.fallback_only && models.fallback.is_some();
+        // The model this run calls first cooling down: wait (re-queue) before the turn's reads
+        // and its embedding call, which the re-queued run would only repeat.
+        let first = match (&models.fallback, fallback_only) {
             (Some(fallback), true) => fallback.as_str(),
             _ => models.primary.as_str(),
         };
         if let Some(left) = self.cooling_down(first).await? {
-            if primary_failed_before {
-                // keep the mark for as long as this turn may still wait
-                self.remember_primary_failed(&response).await?;
-            }
-            return self.wait_for_rate_limit(ctx, &response, first, left).await;
+            return self
+                .wait_for_rate_limit(ctx, &response, fence, first, left, fallback_only)
+                .await;
         }
 
         // Retrieval, memory and this response's own tool exchange are independent reads; the
@@ -198,42 +304,41 @@ impl ChatHandler {
             rounds_done: exchange.rounds,
             proposed: (!exchange.proposed.is_empty()).then(|| proposal_answer(&exchange.proposed)),
         };
-        let fresh = response.status == "queued" && response.starts == 0;
-        let mut turn = Turn::new(response.id, self.inner.call_limit, fresh);
+        let mut turn = Turn::new(fence.clone(), self.inner.call_limit);
 
-        let primary_error = if primary_failed_before {
-            tracing::info!(primary = %models.primary, "the primary failed in an earlier attempt of this turn; using the fallback");
+        let primary_error = if fallback_only {
+            tracing::info!(primary = %models.primary, "the primary failed in an earlier run of this turn; using the fallback");
             None
         } else {
-            Some(
-                self.call_primary(
-                    ctx,
-                    job,
-                    &response,
-                    &models,
-                    (&mut turn, &mut tools),
-                    &citations,
-                )
-                .await?,
-            )
-        };
-        let primary_error = match primary_error {
-            Some(Ok(e)) => Some(e),
-            Some(Err(done)) => return done,
-            None => None,
+            match self
+                .call_with_tools(&mut turn, &models.primary, &mut tools)
+                .await?
+            {
+                CallOutcome::Answered(a) => return self.complete(&turn, a, citations).await,
+                CallOutcome::RateLimited(after) => {
+                    return self
+                        .on_rate_limited(ctx, &response, fence, &models.primary, after, false)
+                        .await;
+                }
+                CallOutcome::FailedAfterTokens => {
+                    return self
+                        .fail(fence, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
+                        .await;
+                }
+                CallOutcome::FailedBeforeTokens(e) => Some(e),
+            }
         };
 
         // the fallback, once
         let Some(fallback) = models.fallback.as_deref() else {
             tracing::warn!(primary = %models.primary, kind = primary_error.as_ref().map(llm::LlmError::kind), "no fallback model; giving up");
             return self
-                .fail(&response, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
+                .fail(fence, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
                 .await;
         };
         if let Some(left) = self.cooling_down(fallback).await? {
-            self.remember_primary_failed(&response).await?;
             return self
-                .wait_for_rate_limit(ctx, &response, fallback, left)
+                .wait_for_rate_limit(ctx, &response, fence, fallback, left, true)
                 .await;
         }
         if let Some(e) = &primary_error {
@@ -244,18 +349,17 @@ impl ChatHandler {
             .call_with_tools(&mut turn, fallback, &mut tools)
             .await?
         {
-            CallOutcome::Answered(a) => self.complete(&response, a, citations).await,
-            CallOutcome::AlreadyFinished => self.already_finished(job).await,
+            CallOutcome::Answered(a) => self.complete(&turn, a, citations).await,
             CallOutcome::RateLimited(after) => {
-                self.remember_primary_failed(&response).await?;
-                self.on_rate_limited(ctx, &response, fallback, after).await
+                self.on_rate_limited(ctx, &response, fence, fallback, after, true)
+                    .await
             }
             CallOutcome::FailedAfterTokens => {
-                self.fail(&response, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
+                self.fail(fence, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
                     .await
             }
             CallOutcome::FailedBeforeTokens(_) => {
-                self.fail(&response, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
+                self.fail(fence, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
                     .await
             }
         }
@@ -264,7 +368,7 @@ impl ChatHandler {
     /// What this response already stored of its tool exchange (the rounds of a restarted
     /// turn, the decided proposal of a continuation) and its proposals; no query when the turn
     /// start saw none.
-    async fn own_exchange(&self, start: &conv::TurnStart) -> Result<OwnExchange, JobError> {
+    async fn own_exchange(&self, start: &responses::TurnStart) -> Result<OwnExchange, JobError> {
         let mut own = OwnExchange::default();
         if !start.has_exchange && !start.has_proposals {
             return Ok(own);
@@ -286,48 +390,6 @@ impl ChatHandler {
         Ok(own)
     }
 
-    /// The primary's call: `Ok(Ok(error))` when it failed before its first token (fallback
-    /// eligible), `Ok(Err(result))` when the turn ends (or waits) with `result`.
-    async fn call_primary(
-        &self,
-        ctx: &JobContext,
-        job: &Chat,
-        response: &Response,
-        models: &Models,
-        (turn, tools): (&mut Turn, &mut ToolTurn),
-        citations: &Value,
-    ) -> Result<Result<llm::LlmError, HandlerResult>, JobError> {
-        // (its cooldown was checked before the turn's reads)
-        Ok(
-            match self.call_with_tools(turn, &models.primary, tools).await? {
-                CallOutcome::Answered(a) => {
-                    Err(self.complete(response, a, citations.clone()).await)
-                }
-                CallOutcome::AlreadyFinished => Err(self.already_finished(job).await),
-                CallOutcome::RateLimited(after) => Err(self
-                    .on_rate_limited(ctx, response, &models.primary, after)
-                    .await),
-                CallOutcome::FailedAfterTokens => Err(self
-                    .fail(response, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
-                    .await),
-                CallOutcome::FailedBeforeTokens(e) => Ok(e),
-            },
-        )
-    }
-
-    /// The fallback is rate limited after the primary failed: the re-queued job must not call
-    /// the primary again (kept past the longest wait of the turn).
-    async fn remember_primary_failed(&self, response: &Response) -> Result<(), JobError> {
-        let ttl = Duration::from_secs(self.inner.chat.rate_limit_max_wait_secs)
-            + self.inner.call_limit
-            + Duration::from_secs(60);
-        self.inner
-            .primary_failures
-            .mark(response.id, ttl)
-            .await
-            .map_err(redis_error)
-    }
-
     async fn cooling_down(&self, model: &str) -> Result<Option<Duration>, JobError> {
         self.inner
             .cooldowns
@@ -341,8 +403,10 @@ impl ChatHandler {
         &self,
         ctx: &JobContext,
         response: &Response,
+        fence: &Fence,
         model: &str,
         retry_after: Option<Duration>,
+        fallback_only: bool,
     ) -> HandlerResult {
         let cooldown = retry_after.unwrap_or(DEFAULT_COOLDOWN);
         self.inner
@@ -350,19 +414,22 @@ impl ChatHandler {
             .start(model, cooldown)
             .await
             .map_err(redis_error)?;
-        self.wait_for_rate_limit(ctx, response, model, cooldown)
+        self.wait_for_rate_limit(ctx, response, fence, model, cooldown, fallback_only)
             .await
     }
 
-    /// Re-queue the job until `model`'s cooldown is over (plus jitter), or give up: fail the
-    /// turn with `rate_limited` (the job succeeds; it must not die silently while the client
-    /// waits).
+    /// Wait until `model`'s cooldown is over (plus jitter) — the response goes back to `queued`
+    /// and the job comes back later without using up an attempt — or give up: fail the turn
+    /// with `rate_limited` once the wait would end past `RATE_LIMIT_MAX_WAIT_SECS` from the
+    /// turn's start (the job succeeds; it must not die silently while the client waits).
     async fn wait_for_rate_limit(
         &self,
         ctx: &JobContext,
         response: &Response,
+        fence: &Fence,
         model: &str,
         cooldown: Duration,
+        fallback_only: bool,
     ) -> HandlerResult {
         let jitter = jobs::backoff::delay(&self.inner.queue, ctx.attempt, None, &mut rand::rng());
         let decision = rate_limit_decision(
@@ -371,50 +438,42 @@ impl ChatHandler {
             response.created_at,
             Utc::now(),
             Duration::from_secs(self.inner.chat.rate_limit_max_wait_secs),
-            ctx.attempt,
-            self.inner.queue.max_attempts,
         );
         match decision {
             RateLimitDecision::Wait(delay) => {
                 metrics::rate_limit_wait(model);
+                if !self.release(fence, fallback_only).await && fence.lost.is_cancelled() {
+                    return Ok(());
+                }
                 tracing::info!(
                     model,
                     delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                    "rate limited; re-queued"
+                    "rate limited; waiting"
                 );
-                Err(JobError::retry_after(
+                Err(JobError::wait(
                     format!("model {model} is rate limited"),
                     delay,
                 ))
             }
             RateLimitDecision::GiveUp => {
                 tracing::warn!(model, "rate limited past the maximum wait; giving up");
-                self.fail(response, codes::RATE_LIMITED, RATE_LIMITED_MESSAGE)
+                self.fail(fence, codes::RATE_LIMITED, RATE_LIMITED_MESSAGE)
                     .await
             }
         }
     }
 
-    /// Store the answer with its `citations` (once per response) and, when it was new, count
-    /// its usage for the conversation's org; commit; then publish `message.completed`.
-    async fn complete(&self, response: &Response, a: Answered, citations: Value) -> HandlerResult {
+    /// Store the answer with its `citations` (once per response, only while this run holds it)
+    /// and, when it was new, count its usage for the conversation's org; commit; then publish
+    /// `message.completed`.
+    async fn complete(&self, turn: &Turn, a: Answered, citations: Value) -> HandlerResult {
+        let fence = &turn.fence;
         let mut tx = self.inner.db.begin().await.map_err(db_error)?;
-        let Some(locked) = conv::lock_response(&mut tx, response.id)
-            .await
-            .map_err(db_error)?
-        else {
-            return Err(JobError::permanent("the response disappeared"));
-        };
-        if locked.status == "failed" {
-            // Failed meanwhile (the client was told so with an `error` event): do not turn it
-            // into a success the client never sees.
-            tracing::warn!("the response failed meanwhile; dropping this answer");
-            return Ok(());
-        }
         let to_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
-        let (message, stored) = conv::complete(
+        let completion = conv::complete(
             &mut tx,
-            &locked,
+            fence.response_id,
+            fence.run,
             &Answer {
                 content: &a.text,
                 model: &a.model,
@@ -426,11 +485,18 @@ impl ChatHandler {
         )
         .await
         .map_err(db_error)?;
+        let Completion::Done { message, stored } = completion else {
+            // Taken over, or failed meanwhile (the client was told so with an `error` event):
+            // do not turn it into a success the client never sees.
+            tracing::warn!("the run no longer holds the response; dropping this answer");
+            fence.lost.cancel();
+            return Ok(());
+        };
         let mut follow_up = None;
         if stored {
             // The org of the conversation (not the job's payload) pays. A call whose answer was
             // not stored (a failed attempt, or a stalled run that lost the race) is not counted.
-            let conversation = conv::get(&mut tx, locked.conversation_id)
+            let conversation = conv::get(&mut tx, message.conversation_id)
                 .await
                 .map_err(db_error)?
                 .ok_or_else(|| JobError::permanent("the conversation disappeared"))?;
@@ -449,10 +515,10 @@ impl ChatHandler {
             .map_err(db_error)?;
             follow_up = Some((conversation.id, conversation.user_id, conversation.org_id));
         } else {
-            tracing::info!("the answer was already stored by another run; usage not counted again");
+            tracing::info!("the answer was already stored; usage not counted again");
         }
         tx.commit().await.map_err(db_error)?;
-        self.publish(response.id, &completed_event(&message))
+        self.publish_once(fence.response_id, &completed_event(&message))
             .await?;
         tracing::info!(model = %a.model, "answered");
         if let Some((conversation_id, user_id, org_id)) = follow_up {
@@ -462,16 +528,21 @@ impl ChatHandler {
         Ok(())
     }
 
-    /// Mark the response failed, then publish the `error` event. The job itself succeeded:
-    /// the user has their answer (an error), nothing is retried.
-    async fn fail(&self, response: &Response, code: &str, message: &str) -> HandlerResult {
+    /// Mark the response failed (only while this run holds it), then publish the `error`
+    /// event. The job itself succeeded: the user has their answer (an error), nothing is
+    /// retried.
+    async fn fail(&self, fence: &Fence, code: &str, message: &str) -> HandlerResult {
         let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-        conv::fail(&mut conn, response.id, code, message)
+        let failed = responses::fail_run(&mut conn, fence.response_id, fence.run, code, message)
             .await
             .map_err(db_error)?;
         drop(conn);
-        self.publish(
-            response.id,
+        if !failed {
+            fence.lost.cancel();
+            return Ok(());
+        }
+        self.publish_once(
+            fence.response_id,
             &ResponseEvent::Error {
                 code: code.to_owned(),
                 message: message.to_owned(),
@@ -482,7 +553,8 @@ impl ChatHandler {
         Ok(())
     }
 
-    async fn already_finished(&self, job: &Chat) -> HandlerResult {
+    /// The response of `job` as stored now, with its terminal event published if it finished.
+    async fn finished(&self, job: &Chat) -> HandlerResult {
         let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
         let response =
             conv::get_response_own(&mut conn, job.user_id, job.conversation_id, job.response_id)
@@ -490,35 +562,27 @@ impl ChatHandler {
                 .map_err(db_error)?
                 .ok_or_else(|| JobError::permanent("the response disappeared"))?;
         drop(conn);
-        tracing::info!(status = %response.status, "another run finished the response meanwhile");
-        self.ensure_terminal_published(&response).await
+        self.publish_terminal(&response).await
     }
 
-    /// A finished response whose terminal event may be missing (a run that crashed between its
-    /// commit and its publish): publish it from what is stored, unless it went out.
-    async fn ensure_terminal_published(&self, response: &Response) -> HandlerResult {
-        let events = self
-            .inner
-            .hub
-            .replay(response.id, None)
-            .await
-            .map_err(redis_error)?;
-        if events.iter().any(|e| e.event.is_terminal()) {
-            return Ok(());
-        }
-        let event = if response.status == "completed" {
-            let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-            let Some(m) = conv::answer_of(&mut conn, response.id)
-                .await
-                .map_err(db_error)?
-            else {
-                return Err(JobError::permanent(
-                    "a completed response without an answer",
-                ));
-            };
-            completed_event(&m)
-        } else {
-            ResponseEvent::Error {
+    /// The terminal event of a finished response, from what is stored — once per response (a
+    /// run that crashed between its commit and its publish left it missing; if it went out,
+    /// this publishes nothing).
+    async fn publish_terminal(&self, response: &Response) -> HandlerResult {
+        let event = match response.status {
+            ResponseStatus::Completed => {
+                let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+                let Some(m) = conv::answer_of(&mut conn, response.id)
+                    .await
+                    .map_err(db_error)?
+                else {
+                    return Err(JobError::permanent(
+                        "a completed response without an answer",
+                    ));
+                };
+                completed_event(&m)
+            }
+            ResponseStatus::Failed => ResponseEvent::Error {
                 code: response
                     .error_code
                     .clone()
@@ -527,21 +591,22 @@ impl ChatHandler {
                     .error_message
                     .clone()
                     .unwrap_or_else(|| UNAVAILABLE_MESSAGE.to_owned()),
-            }
+            },
+            ResponseStatus::Queued | ResponseStatus::Running => return Ok(()),
         };
-        tracing::info!(
-            event = event.name(),
-            "publishing the missing terminal event"
-        );
-        self.publish(response.id, &event).await
+        self.publish_once(response.id, &event).await
     }
 
-    async fn publish(&self, response_id: uuid::Uuid, event: &ResponseEvent) -> HandlerResult {
-        self.inner
-            .events
-            .publish(response_id, event)
-            .await
-            .map(|_| ())
-            .map_err(|e| JobError::retryable(format!("publishing {}: {e}", event.name())))
+    /// Publish a terminal event outside the run's fence (the stored outcome speaks, whichever
+    /// run stored it); the events publisher sends one terminal event per response.
+    async fn publish_once(&self, response_id: Uuid, event: &ResponseEvent) -> HandlerResult {
+        match self.inner.events.publish(response_id, event).await {
+            Ok(jobs::events::Published::AlreadyFinished(_)) => {
+                tracing::debug!("the terminal event went out before");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(redis_error(e)),
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! user's own. Relevance: the user's message is embedded (`EMBEDDING_MODEL`) and entries are
 //! ranked by cosine distance; when embedding fails they are ranked by recency.
 
+use crate::handlers::db_error;
 use jobs::JobError;
 use jobs::kinds::{Chat, Remember, Summarize};
 use uuid::Uuid;
@@ -43,10 +44,6 @@ pub fn fit_budget(entries: Vec<String>, budget: usize) -> Vec<String> {
         out.push(e);
     }
     out
-}
-
-fn db_error(e: impl std::fmt::Display) -> JobError {
-    JobError::retryable(format!("database: {e}"))
 }
 
 impl ChatHandler {

@@ -24,7 +24,7 @@ pub mod tools;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobs::events::{EventHub, EventPublisher};
+use jobs::events::EventPublisher;
 use jobs::kinds::Chat;
 use jobs::{RedisHandle, Registry};
 
@@ -52,11 +52,8 @@ pub struct ChatHandler {
 struct Inner {
     db: sqlx::PgPool,
     events: EventPublisher,
-    /// Only to read a response's replay stream (did a terminal event go out?).
-    hub: EventHub,
     llm: llm::LlmClient,
     cooldowns: policy::Cooldowns,
-    primary_failures: policy::PrimaryFailures,
     chat: config::ChatSettings,
     retrieval: config::RetrievalSettings,
     embedding: config::EmbeddingSettings,
@@ -68,6 +65,8 @@ struct Inner {
     /// Upper bound of the model calls of one run (primary and fallback together):
     /// `litellm.request_timeout_secs`. (The bus's heartbeat keeps the job claimed meanwhile.)
     call_limit: Duration,
+    /// A run's lease on its response (`LEDGER_LEASE_SECS`), renewed every third of it.
+    lease: Duration,
 }
 
 impl ChatHandler {
@@ -83,10 +82,8 @@ impl ChatHandler {
             inner: Arc::new(Inner {
                 db,
                 events: EventPublisher::new(redis.clone(), &settings.events),
-                hub: EventHub::new(redis.clone()),
                 llm: llm::LlmClient::new(&settings.litellm)?,
                 cooldowns: policy::Cooldowns::new(redis.clone()),
-                primary_failures: policy::PrimaryFailures::new(redis.clone()),
                 chat: settings.chat.clone(),
                 retrieval: settings.retrieval.clone(),
                 embedding: settings.embedding.clone(),
@@ -95,6 +92,7 @@ impl ChatHandler {
                 bus: jobs::Bus::new(redis.clone(), &settings.queues),
                 tools: settings.tools.clone(),
                 call_limit: Duration::from_secs(settings.litellm.request_timeout_secs),
+                lease: Duration::from_secs(settings.ledger.lease_secs),
             }),
         })
     }
@@ -108,9 +106,9 @@ impl ChatHandler {
         });
         // A turn whose job dies without its handler ending it (it kept losing its worker, or a
         // handler failure) still ends for the client, with an `error` event.
-        registry.on_dead::<Chat, _, _>(move |job, _error| {
+        registry.on_dead::<Chat, _, _>(move |job_id, job, _error| {
             let h = dead.clone();
-            async move { h.give_up(&job).await }
+            async move { h.give_up(job_id, &job).await }
         });
     }
 }

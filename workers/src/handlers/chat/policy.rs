@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use jobs::RedisHandle;
-use uuid::Uuid;
 
 /// Cooldown after a 429 that named no `Retry-After`.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(2);
@@ -84,73 +83,30 @@ impl Cooldowns {
     }
 }
 
-/// Turns whose primary already failed before its first token and whose job was re-queued
-/// because the fallback was rate limited (`<prefix>:chat:primary-failed:<response_id>`, a key
-/// with a TTL). A later attempt of such a turn goes straight to the fallback: the fallback is
-/// tried "once" per turn, the primary is not called again.
-#[derive(Clone)]
-pub struct PrimaryFailures {
-    redis: Arc<RedisHandle>,
-}
-
-impl PrimaryFailures {
-    pub fn new(redis: Arc<RedisHandle>) -> Self {
-        Self { redis }
-    }
-
-    pub fn key(&self, response_id: Uuid) -> String {
-        format!("{}:chat:primary-failed:{response_id}", self.redis.prefix())
-    }
-
-    /// Remember for `ttl` that this turn's primary failed.
-    pub async fn mark(&self, response_id: Uuid, ttl: Duration) -> Result<(), redis::RedisError> {
-        let mut conn = self.redis.conn().await?;
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let _: () = redis::cmd("SET")
-            .arg(self.key(response_id))
-            .arg("1")
-            .arg("PX")
-            .arg(ms)
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
-    }
-
-    /// Whether an earlier attempt of this turn saw its primary fail.
-    pub async fn marked(&self, response_id: Uuid) -> Result<bool, redis::RedisError> {
-        let mut conn = self.redis.conn().await?;
-        redis::cmd("EXISTS")
-            .arg(self.key(response_id))
-            .query_async(&mut conn)
-            .await
-    }
-}
-
 /// What to do about a rate limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RateLimitDecision {
     /// Re-queue the job to run after this delay.
     Wait(Duration),
-    /// The turn has waited long enough (or has no attempts left): tell the user.
+    /// The turn has waited long enough: tell the user.
     GiveUp,
 }
 
 /// Decide how a turn rate-limited for `cooldown` goes on. The delay is the cooldown plus a
-/// full-jitter exponential backoff (`jitter`, from the queue's settings), so the jobs waiting
-/// for the same model do not all come back at the same instant. Gives up when that delay
-/// would end past `max_wait` from the turn's start, or when this is the queue's last attempt.
+/// full-jitter backoff (`jitter`, from the queue's settings), so the jobs waiting for the same
+/// model do not all come back at the same instant. Waiting is not failing: it uses up no
+/// attempt of the job, only time — it gives up when that delay would end past `max_wait` from
+/// the turn's start.
 pub fn rate_limit_decision(
     cooldown: Duration,
     jitter: Duration,
     turn_started: DateTime<Utc>,
     now: DateTime<Utc>,
     max_wait: Duration,
-    attempt: u32,
-    max_attempts: u32,
 ) -> RateLimitDecision {
     let delay = cooldown + jitter;
     let waited = (now - turn_started).to_std().unwrap_or_default();
-    if attempt >= max_attempts || waited + delay > max_wait {
+    if waited + delay > max_wait {
         RateLimitDecision::GiveUp
     } else {
         RateLimitDecision::Wait(delay)
@@ -203,21 +159,16 @@ mod tests {
         let s = Duration::from_secs;
         let at = |secs: i64| start + chrono::Duration::seconds(secs);
         assert_eq!(
-            rate_limit_decision(s(1), s(1), start, at(0), s(120), 1, 5),
+            rate_limit_decision(s(1), s(1), start, at(0), s(120)),
             RateLimitDecision::Wait(s(2))
         );
         assert_eq!(
-            rate_limit_decision(s(1), s(0), start, at(119), s(120), 2, 5),
+            rate_limit_decision(s(1), s(0), start, at(119), s(120)),
             RateLimitDecision::Wait(s(1))
         );
         assert_eq!(
-            rate_limit_decision(s(2), s(0), start, at(119), s(120), 2, 5),
+            rate_limit_decision(s(2), s(0), start, at(119), s(120)),
             RateLimitDecision::GiveUp
-        );
-        assert_eq!(
-            rate_limit_decision(s(1), s(0), start, at(0), s(120), 5, 5),
-            RateLimitDecision::GiveUp,
-            "no attempt left"
         );
     }
 }

@@ -14,6 +14,7 @@
 //! Text a model streams along with tool calls goes out as `token`s like any other text and is
 //! kept on the round's assistant message; the final message holds the last call's text only.
 
+use crate::handlers::db_error;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -25,15 +26,11 @@ use store::conversations::Message as StoredMessage;
 use uuid::Uuid;
 
 use super::ChatHandler;
-use super::stream::{Answered, CallOutcome, Turn};
+use super::stream::{Answered, CallOutcome, Fence, Turn};
 use super::tools::{self, ToolCtx, ToolKind};
 
 /// The answer when the model still calls tools after the last round.
 pub const ROUND_LIMIT_MESSAGE: &str = "I could not finish looking this up within the allowed number of steps. Please narrow the question down.";
-
-fn db_error(e: impl std::fmt::Display) -> JobError {
-    JobError::retryable(format!("database: {e}"))
-}
 
 /// The tool state of one run of a turn.
 pub(super) struct ToolTurn {
@@ -146,9 +143,7 @@ impl ChatHandler {
         tt: &mut ToolTurn,
     ) -> Result<CallOutcome, JobError> {
         if let Some(text) = tt.proposed.take() {
-            if !self.stream_text(turn, &text).await? {
-                return Ok(CallOutcome::AlreadyFinished);
-            }
+            self.stream_text(turn, &text).await?;
             return Ok(CallOutcome::Answered(Answered {
                 model: model.to_owned(),
                 text,
@@ -178,17 +173,13 @@ impl ChatHandler {
                 );
                 if a.text.trim().is_empty() {
                     a.text = ROUND_LIMIT_MESSAGE.to_owned();
-                    if !self.stream_text(turn, &a.text).await? {
-                        return Ok(CallOutcome::AlreadyFinished);
-                    }
+                    self.stream_text(turn, &a.text).await?;
                 }
                 a.tool_calls.clear();
                 return Ok(CallOutcome::Answered(a));
             }
-            if let Some(text) = self.run_round(tt, &a).await? {
-                if !self.stream_text(turn, &text).await? {
-                    return Ok(CallOutcome::AlreadyFinished);
-                }
+            if let Some(text) = self.run_round(&turn.fence, tt, &a).await? {
+                self.stream_text(turn, &text).await?;
                 a.text = text;
                 a.tool_calls.clear();
                 return Ok(CallOutcome::Answered(a));
@@ -197,26 +188,26 @@ impl ChatHandler {
     }
 
     /// Publish an answer the turn writes itself (not the model) as one `token`, so that clients
-    /// that render tokens show it too. `false`: another run finished the response meanwhile.
-    async fn stream_text(&self, turn: &mut Turn, text: &str) -> Result<bool, JobError> {
-        if !self.begin_streaming(turn).await? {
-            return Ok(false);
-        }
-        self.inner
-            .events
-            .publish(
-                turn.response_id,
-                &ResponseEvent::Token {
-                    text: text.to_owned(),
-                },
-            )
-            .await
-            .map_err(|e| JobError::retryable(format!("publishing a token: {e}")))?;
-        Ok(true)
+    /// that render tokens show it too.
+    async fn stream_text(&self, turn: &mut Turn, text: &str) -> Result<(), JobError> {
+        self.begin_streaming(turn).await?;
+        self.emit(
+            &turn.fence,
+            &ResponseEvent::Token {
+                text: text.to_owned(),
+            },
+        )
+        .await
     }
 
-    /// Run one round of calls and store it; `Some(answer)` when it proposed something.
-    async fn run_round(&self, tt: &mut ToolTurn, a: &Answered) -> Result<Option<String>, JobError> {
+    /// Run one round of calls and store it (only while this run holds the response);
+    /// `Some(answer)` when it proposed something.
+    async fn run_round(
+        &self,
+        fence: &Fence,
+        tt: &mut ToolTurn,
+        a: &Answered,
+    ) -> Result<Option<String>, JobError> {
         let round = tt.rounds_done + 1;
         let round_i32 = i32::try_from(round).unwrap_or(i32::MAX);
         let ctx = tt.ctx;
@@ -235,6 +226,15 @@ impl ChatHandler {
         }
         let tuning = super::retrieval::tuning(&self.inner.retrieval);
         let mut tx = self.inner.db.begin().await.map_err(db_error)?;
+        // the round and its proposals are this run's writes: refused once another run holds
+        // the response (which waits for this transaction)
+        if !store::responses::hold(&mut tx, fence.response_id, fence.run)
+            .await
+            .map_err(db_error)?
+        {
+            fence.lost.cancel();
+            return Err(JobError::retryable("another run holds the response now"));
+        }
         let mut calls = Vec::with_capacity(a.tool_calls.len());
         let mut results: Vec<(String, String)> = Vec::with_capacity(a.tool_calls.len());
         let mut proposals: Vec<Action> = Vec::new();
@@ -351,11 +351,7 @@ impl ChatHandler {
         tx.commit().await.map_err(db_error)?;
         tools::metrics::action("proposed", proposals.len() as u64);
         for p in &proposals {
-            self.inner
-                .events
-                .publish(tt.response_id, &proposed_event(p))
-                .await
-                .map_err(|e| JobError::retryable(format!("publishing action.proposed: {e}")))?;
+            self.emit(fence, &proposed_event(p)).await?;
         }
         tracing::info!(
             round,

@@ -5,11 +5,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use jobs::JobError;
-use jobs::events::{EventId, EventPublisher, EventsError, ResponseEvent};
+use jobs::events::{Published, ResponseEvent};
 use llm::{ChatEvent, ChatRequest, Completion, GenerationParams, LlmError, Timeouts};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{ChatHandler, metrics};
+use crate::handlers::{db_error, redis_error};
 
 /// How one model call ended.
 pub(super) enum CallOutcome {
@@ -20,8 +22,6 @@ pub(super) enum CallOutcome {
     FailedBeforeTokens(LlmError),
     /// Failure after tokens reached the client: no fallback, no retry.
     FailedAfterTokens,
-    /// Another run of this job finished the response meanwhile; this one stopped.
-    AlreadyFinished,
 }
 
 pub(super) struct Answered {
@@ -33,88 +33,126 @@ pub(super) struct Answered {
     pub tool_calls: Vec<llm::ToolCall>,
 }
 
+/// A run's identity for everything it writes or publishes: the response, the run's number,
+/// and the token cancelled when the run learns it no longer holds the response (its writes
+/// and publishes were refused, or its lease was not renewed): the handler then stops without
+/// effect.
+#[derive(Clone)]
+pub(super) struct Fence {
+    pub response_id: Uuid,
+    pub run: i32,
+    pub lost: CancellationToken,
+}
+
+impl Fence {
+    pub fn new(response_id: Uuid, run: i32) -> Self {
+        Self {
+            response_id,
+            run,
+            lost: CancellationToken::new(),
+        }
+    }
+
+    /// The error a run returns when it finds itself superseded (the handler turns it into a
+    /// quiet stop, `lost` being cancelled).
+    fn superseded(&self) -> JobError {
+        self.lost.cancel();
+        JobError::retryable("another run holds the response now")
+    }
+}
+
 /// The streaming state of one run of a turn, shared by the primary and fallback calls.
 pub(super) struct Turn {
-    pub response_id: Uuid,
-    /// `mark_streaming` happened in this run (at the first token).
+    pub fence: Fence,
+    /// `mark_streaming` happened in this run (before its first token).
     marked: bool,
-    /// The response had never started streaming when this run read it (`queued`, no start):
-    /// the first token is then published while the start is recorded, not after.
-    fresh: bool,
     /// All model calls of this run end by then (`litellm.request_timeout_secs` from the start
-    /// of the first): the bus keeps no heartbeat, so a handler must finish within the chat
-    /// queue's visibility timeout, which configuration checks is longer than this.
+    /// of the first).
     deadline: tokio::time::Instant,
 }
 
 impl Turn {
-    pub fn new(response_id: Uuid, limit: Duration, fresh: bool) -> Self {
+    pub fn new(fence: Fence, limit: Duration) -> Self {
         Self {
-            response_id,
+            fence,
             marked: false,
-            fresh,
             deadline: tokio::time::Instant::now() + limit,
         }
     }
 }
 
-fn db_error(e: impl std::fmt::Display) -> JobError {
-    JobError::retryable(format!("database: {e}"))
-}
-
-fn events_error(e: impl std::fmt::Display) -> JobError {
-    JobError::retryable(format!("publishing an event: {e}"))
-}
-
 impl ChatHandler {
-    /// Before the first token of this run goes out: record the start; if a previous run had
-    /// started streaming (a lost worker), tell the client to discard its partial text.
-    /// `false`: the response is already finished (another run completed it).
-    pub(super) async fn begin_streaming(&self, turn: &mut Turn) -> Result<bool, JobError> {
+    /// Before the first token of this run goes out: commit that this run starts streaming;
+    /// if an earlier run had started (its worker was lost, it may have published tokens),
+    /// tell the client to discard its partial text first (`response.restarted`, once per
+    /// run). A run that no longer holds the response stops here.
+    pub(super) async fn begin_streaming(&self, turn: &mut Turn) -> Result<(), JobError> {
         if turn.marked {
-            return Ok(true);
+            return Ok(());
         }
-        let before = self.mark_streaming(turn).await?;
-        if before < 0 {
-            return Ok(false);
-        }
+        let fence = &turn.fence;
+        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+        let before = store::responses::mark_streaming(&mut conn, fence.response_id, fence.run)
+            .await
+            .map_err(db_error)?;
+        drop(conn);
+        let Some(before) = before else {
+            return Err(fence.superseded());
+        };
+        turn.marked = true;
         if before > 0 {
             tracing::info!(
                 starts = before,
                 "restarting a response whose worker was lost"
             );
-            self.publish_restarted(turn).await?;
-        }
-        Ok(true)
-    }
-
-    /// `mark_streaming`: how many runs had started before this one (-1: already finished).
-    async fn mark_streaming(&self, turn: &mut Turn) -> Result<i32, JobError> {
-        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-        let before = store::conversations::mark_streaming(&mut conn, turn.response_id)
-            .await
-            .map_err(db_error)?;
-        turn.marked = before >= 0;
-        Ok(before)
-    }
-
-    /// `response.restarted`: the client discards what it got of this response so far.
-    async fn publish_restarted(&self, turn: &Turn) -> Result<(), JobError> {
-        self.inner
-            .events
-            .publish(
-                turn.response_id,
+            self.emit(
+                fence,
                 &ResponseEvent::ResponseRestarted {
                     reason: "worker_lost".into(),
                 },
             )
-            .await
-            .map_err(events_error)?;
+            .await?;
+        }
         Ok(())
     }
 
+    /// Publish an event of this run: refused (the run stops) unless the response's fence names
+    /// this run. A fence Redis lost (a restart without persistence) is set again once this run
+    /// has confirmed its lease in PostgreSQL.
+    pub(super) async fn emit(&self, fence: &Fence, event: &ResponseEvent) -> Result<(), JobError> {
+        let events = &self.inner.events;
+        for _ in 0..2 {
+            match events
+                .publish_as(fence.response_id, fence.run, event)
+                .await
+                .map_err(redis_error)?
+            {
+                Published::Sent(_) | Published::AlreadyFinished(_) => return Ok(()),
+                Published::Fenced => return Err(fence.superseded()),
+                Published::NoFence => {
+                    let held = store::responses::renew(
+                        &self.inner.db,
+                        &[(fence.response_id, fence.run)],
+                        self.inner.lease,
+                    )
+                    .await
+                    .map_err(db_error)?;
+                    if held.is_empty() {
+                        return Err(fence.superseded());
+                    }
+                    tracing::warn!("the response's fence was gone from Redis; set again");
+                    events
+                        .fence(fence.response_id, fence.run)
+                        .await
+                        .map_err(redis_error)?;
+                }
+            }
+        }
+        Err(fence.superseded())
+    }
+
     /// Call `model` with `messages` (offering `tools`), publishing tokens. `Err` only for our
-    /// own infrastructure (database, Redis): the bus retries the job.
+    /// own infrastructure (database, Redis), or when the run lost the response.
     pub(super) async fn call_model(
         &self,
         turn: &mut Turn,
@@ -146,12 +184,12 @@ impl ChatHandler {
         };
         let mut completion = Completion::default();
         let mut published = false;
-        let mut tokens = TokenPublisher::new(self.inner.events.clone(), turn.response_id);
+        let mut tokens = TokenPublisher::new(self.clone(), turn.fence.clone());
         loop {
             let next = tokio::select! {
                 // a publish finished: send what arrived meanwhile, as one event
                 r = tokens.in_flight() => {
-                    r.map_err(events_error)?;
+                    r?;
                     continue;
                 }
                 next = tokio::time::timeout_at(deadline, stream.next()) => {
@@ -162,7 +200,7 @@ impl ChatHandler {
                 None => break,
                 Some(Err(e)) => {
                     // what the client was sent so far goes out before the turn's end event
-                    tokens.flush().await.map_err(events_error)?;
+                    tokens.flush().await?;
                     return Ok(failed(model, e, published));
                 }
                 Some(Ok(event)) => {
@@ -170,34 +208,8 @@ impl ChatHandler {
                         if !published {
                             metrics::first_token(model, started.elapsed());
                             published = true;
-                            if turn.fresh && !turn.marked {
-                                // publish and record the start at once (one round trip off
-                                // the first token); should another run have started in
-                                // between, the client is told to restart and this run's
-                                // text so far goes out again after that
-                                tokens.push(text);
-                                let (sent, before) =
-                                    tokio::join!(tokens.in_flight(), self.mark_streaming(turn));
-                                sent.map_err(events_error)?;
-                                let before = before?;
-                                if before < 0 {
-                                    return Ok(CallOutcome::AlreadyFinished);
-                                }
-                                if before > 0 {
-                                    tracing::info!(
-                                        starts = before,
-                                        "another run started this response meanwhile; restarting it"
-                                    );
-                                    tokens.flush().await.map_err(events_error)?;
-                                    self.publish_restarted(turn).await?;
-                                    tokens.push(text);
-                                }
-                                completion.apply(&event);
-                                continue;
-                            }
-                            if !self.begin_streaming(turn).await? {
-                                return Ok(CallOutcome::AlreadyFinished);
-                            }
+                            // the start is committed before the first token goes out
+                            self.begin_streaming(turn).await?;
                         }
                         tokens.push(text);
                     }
@@ -205,7 +217,7 @@ impl ChatHandler {
                 }
             }
         }
-        tokens.flush().await.map_err(events_error)?;
+        tokens.flush().await?;
         if completion.text.is_empty() && completion.tool_calls.is_empty() {
             return Ok(failed(model, LlmError::Empty, published));
         }
@@ -222,36 +234,35 @@ impl ChatHandler {
     }
 }
 
-type PublishFuture = BoxFuture<'static, Result<EventId, EventsError>>;
+type PublishFuture = BoxFuture<'static, Result<(), JobError>>;
 
 /// Publishes a call's tokens without waiting on each: the first token goes out at once; the
 /// tokens that arrive while a publish is in flight are joined into ONE `token` event (their
 /// concatenation, one id), sent when it completes. No added latency for the first token, and
 /// under load one Redis call, pub/sub message and SSE write per batch instead of per token.
+/// Every publish is the run's ([`ChatHandler::emit`]): fenced.
 struct TokenPublisher {
-    events: EventPublisher,
-    response_id: Uuid,
+    handler: ChatHandler,
+    fence: Fence,
     pending: String,
     in_flight: Option<PublishFuture>,
 }
 
 impl TokenPublisher {
-    fn new(events: EventPublisher, response_id: Uuid) -> Self {
+    fn new(handler: ChatHandler, fence: Fence) -> Self {
         Self {
-            events,
-            response_id,
+            handler,
+            fence,
             pending: String::new(),
             in_flight: None,
         }
     }
 
     fn start(&mut self, text: String) {
-        let events = self.events.clone();
-        let response_id = self.response_id;
+        let handler = self.handler.clone();
+        let fence = self.fence.clone();
         self.in_flight = Some(Box::pin(async move {
-            events
-                .publish(response_id, &ResponseEvent::Token { text })
-                .await
+            handler.emit(&fence, &ResponseEvent::Token { text }).await
         }));
     }
 
@@ -269,7 +280,7 @@ impl TokenPublisher {
 
     /// Completes when the publish in flight does (pending forever when none is), then starts
     /// the next batch if tokens are waiting.
-    async fn in_flight(&mut self) -> Result<(), EventsError> {
+    async fn in_flight(&mut self) -> Result<(), JobError> {
         let Some(publish) = self.in_flight.as_mut() else {
             return std::future::pending().await;
         };
@@ -284,7 +295,7 @@ impl TokenPublisher {
     }
 
     /// Wait until everything pushed so far is published.
-    async fn flush(&mut self) -> Result<(), EventsError> {
+    async fn flush(&mut self) -> Result<(), JobError> {
         while self.in_flight.is_some() {
             self.in_flight().await?;
         }
@@ -312,15 +323,11 @@ mod tests {
     use std::sync::Arc;
 
     use jobs::RedisHandle;
-    use jobs::events::EventHub;
+    use jobs::events::{EventHub, EventPublisher};
 
     use super::*;
 
-    /// Tokens pushed while a publish is in flight go out as ONE event, after it; nothing is
-    /// lost or reordered (against the real Redis).
-    #[tokio::test]
-    async fn tokens_arriving_during_a_publish_are_joined_into_one_event() {
-        let redis = testkit::TestRedis::new();
+    fn handler(redis: &testkit::TestRedis) -> (ChatHandler, Arc<RedisHandle>, config::Settings) {
         let settings = config::Settings::load_from(None, |k| match k {
             "REDIS_URL" => Some(redis.url.clone()),
             "REDIS_PREFIX" => Some(redis.prefix.clone()),
@@ -328,11 +335,37 @@ mod tests {
         })
         .unwrap();
         let handle = Arc::new(RedisHandle::new(&settings.redis).unwrap());
+        // (the pool connects lazily: these tests never reach PostgreSQL)
+        let db = store::pool(&settings.database).unwrap();
+        let h = ChatHandler::new(db, handle.clone(), &settings).unwrap();
+        (h, handle, settings)
+    }
+
+    async fn texts(handle: Arc<RedisHandle>, response_id: Uuid) -> Vec<String> {
+        EventHub::new(handle)
+            .replay(response_id, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| match e.event {
+                ResponseEvent::Token { text } => text,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// Tokens pushed while a publish is in flight go out as ONE event, after it; nothing is
+    /// lost or reordered (against the real Redis).
+    #[tokio::test]
+    async fn tokens_arriving_during_a_publish_are_joined_into_one_event() {
+        let redis = testkit::TestRedis::new();
+        let (h, handle, settings) = handler(&redis);
         let response_id = Uuid::now_v7();
-        let mut tokens = TokenPublisher::new(
-            EventPublisher::new(handle.clone(), &settings.events),
-            response_id,
-        );
+        EventPublisher::new(handle.clone(), &settings.events)
+            .fence(response_id, 1)
+            .await
+            .unwrap();
+        let mut tokens = TokenPublisher::new(h, Fence::new(response_id, 1));
         tokens.push("Hel"); // published at once
         tokens.push("lo"); // these three wait for it, then go together
         tokens.push("");
@@ -341,18 +374,28 @@ mod tests {
         tokens.flush().await.unwrap();
         tokens.push("!"); // nothing in flight: published at once
         tokens.flush().await.unwrap();
+        assert_eq!(texts(handle, response_id).await, ["Hel", "lo, world", "!"]);
+    }
 
-        let events = EventHub::new(handle)
-            .replay(response_id, None)
-            .await
-            .unwrap();
-        let texts: Vec<String> = events
-            .into_iter()
-            .map(|e| match e.event {
-                ResponseEvent::Token { text } => text,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(texts, ["Hel", "lo, world", "!"]);
+    /// A run whose response was taken over (the fence names a later run) publishes nothing
+    /// more and learns that it lost the response.
+    #[tokio::test]
+    async fn a_superseded_run_publishes_nothing() {
+        let redis = testkit::TestRedis::new();
+        let (h, handle, settings) = handler(&redis);
+        let publisher = EventPublisher::new(handle.clone(), &settings.events);
+        let response_id = Uuid::now_v7();
+        publisher.fence(response_id, 1).await.unwrap();
+        let old = Fence::new(response_id, 1);
+        let mut tokens = TokenPublisher::new(h, old.clone());
+        tokens.push("mine");
+        tokens.flush().await.unwrap();
+        // run 2 takes over; run 1 can no longer publish, and a stale fence never comes back
+        assert_eq!(publisher.fence(response_id, 2).await.unwrap(), 2);
+        assert_eq!(publisher.fence(response_id, 1).await.unwrap(), 2);
+        tokens.push("stale");
+        assert!(tokens.flush().await.is_err());
+        assert!(old.lost.is_cancelled());
+        assert_eq!(texts(handle, response_id).await, ["mine"]);
     }
 }

@@ -11,6 +11,7 @@
 pub mod remember;
 pub mod summarize;
 
+use crate::handlers::db_error;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,10 +42,6 @@ fn describe() {
         EMBED_FAILURES,
         "Memory embeddings that failed (the entry is kept, ranked by recency)"
     );
-}
-
-pub(crate) fn db_error(e: impl std::fmt::Display) -> JobError {
-    JobError::retryable(format!("database: {e}"))
 }
 
 /// The `summarize` and `remember` handlers; cheap to clone.

@@ -229,6 +229,12 @@ impl ToolError {
 #[error("database: {0}")]
 pub struct Internal(#[from] pub store::StoreError);
 
+impl From<Internal> for store::StoreError {
+    fn from(e: Internal) -> Self {
+        e.0
+    }
+}
+
 /// Parse and validate a call's arguments against its tool's schema.
 pub fn parse_call(name: &str, arguments: &str) -> Result<(&'static ToolDef, Value), ToolError> {
     let Some(def) = find(name) else {
