@@ -9,11 +9,14 @@
 //! - `bench retrieval`: filtered hybrid search on a generated index (latency, recall@10
 //!   against exact filtered search, for users who see 1 %, 10 % and 100 %); see [`retrieval`].
 //! - `bench memory`: memory at full capacity — prompt reads and inserts; see [`memory`].
+//! - `bench chaos`: the real binaries broken mid-load (worker kill -9, Redis and PostgreSQL
+//!   restarts, a 429 storm), counting lost and duplicated turns; see [`chaos`].
 //!
 //! Every run uses its own Redis key prefix (and, for `chat`, its own scratch database), deleted
 //! at the end, and stops by itself.
 
 mod bus;
+mod chaos;
 mod chat;
 mod index;
 mod memory;
@@ -68,6 +71,9 @@ enum Cmd {
     Retrieval(retrieval::RetrievalArgs),
     /// Memory at full capacity: prompt reads (visibility + exact ranking) and inserts.
     Memory(memory::MemoryArgs),
+    /// Chaos: the real binaries with their own Redis and PostgreSQL, broken mid-load (worker
+    /// kill -9, Redis and PostgreSQL restarts, a 429 storm); lost / duplicated turns counted.
+    Chaos(chaos::ChaosArgs),
 }
 
 #[tokio::main]
@@ -98,6 +104,7 @@ async fn main() -> ExitCode {
         Cmd::Index { chunks } => index::bench_index(settings, chunks).await,
         Cmd::Retrieval(args) => retrieval::bench_retrieval(settings, args).await,
         Cmd::Memory(args) => memory::bench_memory(settings, args).await,
+        Cmd::Chaos(args) => chaos::bench_chaos(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

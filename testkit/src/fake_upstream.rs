@@ -38,6 +38,14 @@ pub enum Behaviour {
         #[serde(default)]
         token_delay_ms: u64,
     },
+    /// Answer `echo: <the last user message>`, streamed word by word like `Reply` (chaos runs:
+    /// every turn's answer differs, so a mixed-up or repeated stream shows).
+    Echo {
+        #[serde(default)]
+        first_token_delay_ms: u64,
+        #[serde(default)]
+        token_delay_ms: u64,
+    },
     /// Answer with tool calls (`arguments` is the JSON text the model "wrote").
     ToolCalls { calls: Vec<ToolCall> },
     /// Answer with an HTTP error status (429 with `Retry-After`, 500, ...).
@@ -317,8 +325,20 @@ async fn chat(state: Data<&Shared>, Json(body): Json<Value>) -> Response {
     let model = record(state.0, "/v1/chat/completions", &body);
     let streaming = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let prompt_tokens = body.to_string().len() / 4;
-    let behaviour = next_behaviour(state.0, &model)
-        .unwrap_or_else(|| Behaviour::reply(format!("echo: {}", last_user_text(&body))));
+    let echo = |first_token_delay_ms, token_delay_ms| Behaviour::Reply {
+        text: format!("echo: {}", last_user_text(&body)),
+        tokens: None,
+        first_token_delay_ms,
+        token_delay_ms,
+    };
+    let behaviour = match next_behaviour(state.0, &model) {
+        None => echo(0, 0),
+        Some(Behaviour::Echo {
+            first_token_delay_ms,
+            token_delay_ms,
+        }) => echo(first_token_delay_ms, token_delay_ms),
+        Some(b) => b,
+    };
     match behaviour {
         Behaviour::Status {
             code,
@@ -412,6 +432,8 @@ async fn chat(state: Data<&Shared>, Json(body): Json<Value>) -> Response {
         Behaviour::Empty => sse_response(futures::stream::iter(vec![Ok(Bytes::from_static(
             b"data: [DONE]\n\n",
         ))])),
+        // (turned into a Reply above)
+        Behaviour::Echo { .. } => error_status(500, None, None),
     }
 }
 
