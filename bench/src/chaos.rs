@@ -167,13 +167,14 @@ async fn kill(args: &ChaosArgs) -> anyhow::Result<Outcome> {
     }
     let results = load.finish(deadline).await;
     let mut o = stack.verify("kill", &results).await?;
-    // interrupted turns: taken over by another run; from the last kill before they completed
+    // interrupted turns (taken over by another run): from the first kill while they ran to
+    // their completion
     let mut waits: Vec<f64> = results
         .iter()
         .filter(|r| r.run > 1)
         .filter_map(|r| {
             let done = r.finished?;
-            let k = kills.iter().rev().find(|k| **k < done)?;
+            let k = kills.iter().find(|k| **k > r.started && **k < done)?;
             Some((done - *k).as_secs_f64())
         })
         .collect();
@@ -265,11 +266,16 @@ async fn storm(args: &ChaosArgs) -> anyhow::Result<Outcome> {
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     let results = load.finish(deadline).await;
     let mut o = stack.verify("storm", &results).await?;
-    o.recovery_s = results
+    let after: Vec<f64> = results
         .iter()
         .filter_map(|r| r.finished)
         .map(|f| f.saturating_duration_since(storm_end).as_secs_f64())
-        .fold(0.0, f64::max);
+        .collect();
+    o.recovery_s = after.iter().copied().fold(0.0, f64::max);
+    o.extra.push((
+        "after_storm_p50_s".into(),
+        format!("{:.1}", crate::stats::Samples::new(after).p50()),
+    ));
     let secs = (end_ms - start_ms) as f64 / 1000.0;
     for model in [PRIMARY, FALLBACK] {
         let calls: Vec<u64> = fake
@@ -762,9 +768,12 @@ impl PgServer {
             "--locale=C.UTF-8",
         ]);
         self.run(c, "initdb")?;
+        // A commit is durable once acknowledged (synchronous_commit on, as in production:
+        // with it off, an immediate shutdown loses the last commits — turns the API had
+        // already accepted). fsync stays off: a process restart keeps the OS page cache.
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
-             max_connections = 300\nfsync = off\nsynchronous_commit = off\n\
+             max_connections = 300\nfsync = off\nsynchronous_commit = on\n\
              full_page_writes = off\nshared_buffers = 128MB\n",
             self.port,
             self.data().display()

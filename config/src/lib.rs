@@ -340,9 +340,6 @@ pub struct ToolsSettings {
     pub max_rounds: u32,
     /// A pending proposal expires this long after it was made.
     pub action_expiry_secs: u64,
-    /// A confirmed proposal not executed this long after the confirm is enqueued again by the
-    /// scheduler (its execution job was lost).
-    pub stale_confirmed_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -694,10 +691,6 @@ impl Settings {
         positive(self.events.replay_max_len, "events.replay_max_len")?;
         positive(u64::from(self.tools.max_rounds), "TOOL_MAX_ROUNDS")?;
         positive(self.tools.action_expiry_secs, "ACTION_EXPIRY_SECS")?;
-        positive(
-            self.tools.stale_confirmed_secs,
-            "tools.stale_confirmed_secs",
-        )?;
         positive(
             u64::from(self.auth.login_max_failures),
             "LOGIN_MAX_FAILURES",

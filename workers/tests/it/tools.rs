@@ -1240,7 +1240,8 @@ async fn a_continuation_waiting_out_a_long_cooldown_runs_once() {
     let bus = bus_for(&settings);
     bus.enqueue_envelope(&exec).await.unwrap();
     let handle = Arc::new(RedisHandle::new(&settings.redis).unwrap());
-    let cooldowns = workers::handlers::chat::policy::Cooldowns::new(handle.clone());
+    let cooldowns =
+        workers::handlers::chat::policy::Cooldowns::new(handle.clone(), Duration::from_secs(30));
     cooldowns
         .start(&via_litellm(&w.model), Duration::from_secs(90))
         .await

@@ -14,7 +14,7 @@ use store::conversations::{self as conv, Answer, Completion, Message, Response};
 use store::responses::{self, Take};
 use uuid::Uuid;
 
-use super::policy::{DEFAULT_COOLDOWN, Models, RateLimitDecision, rate_limit_decision};
+use super::policy::{Admission, DEFAULT_COOLDOWN, Models, RateLimitDecision, rate_limit_decision};
 use super::prompt::PromptBuilder;
 use super::rounds::{ToolTurn, proposal_answer, with_exchange};
 use super::stream::{Answered, CallOutcome, Fence, Turn};
@@ -218,7 +218,7 @@ impl ChatHandler {
 
     /// Give the response back (`running → queued`): the run waits (rate limit) or failed in a
     /// way its job retries. `fallback_only`: only the fallback is left for later runs.
-    async fn release(&self, fence: &Fence, fallback_only: bool) -> bool {
+    pub(super) async fn release(&self, fence: &Fence, fallback_only: bool) -> bool {
         let released = async {
             let mut conn = self.inner.db.acquire().await?;
             responses::release(&mut conn, fence.response_id, fence.run, fallback_only).await
@@ -265,11 +265,14 @@ impl ChatHandler {
             (Some(fallback), true) => fallback.as_str(),
             _ => models.primary.as_str(),
         };
-        if let Some(left) = self.cooling_down(first).await? {
-            return self
-                .wait_for_rate_limit(ctx, &response, fence, first, left, fallback_only)
-                .await;
-        }
+        let first_probe = match self.admit(first).await? {
+            Admission::Call { probe } => probe,
+            Admission::Wait(left) => {
+                return self
+                    .wait_for_rate_limit(ctx, &response, fence, first, left, fallback_only)
+                    .await;
+            }
+        };
 
         // Retrieval, memory and this response's own tool exchange are independent reads; the
         // question is embedded once, and only if retrieval or memory has something to rank.
@@ -310,10 +313,12 @@ impl ChatHandler {
             tracing::info!(primary = %models.primary, "the primary failed in an earlier run of this turn; using the fallback");
             None
         } else {
-            match self
+            let outcome = self
                 .call_with_tools(&mut turn, &models.primary, &mut tools)
-                .await?
-            {
+                .await?;
+            self.probe_done(&models.primary, first_probe, &outcome)
+                .await;
+            match outcome {
                 CallOutcome::Answered(a) => return self.complete(&turn, a, citations).await,
                 CallOutcome::RateLimited(after) => {
                     return self
@@ -336,19 +341,28 @@ impl ChatHandler {
                 .fail(fence, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
                 .await;
         };
-        if let Some(left) = self.cooling_down(fallback).await? {
-            return self
-                .wait_for_rate_limit(ctx, &response, fence, fallback, left, true)
-                .await;
-        }
+        // (admitted already when it is the model this run called first)
+        let probe = if fallback_only {
+            first_probe
+        } else {
+            match self.admit(fallback).await? {
+                Admission::Call { probe } => probe,
+                Admission::Wait(left) => {
+                    return self
+                        .wait_for_rate_limit(ctx, &response, fence, fallback, left, true)
+                        .await;
+                }
+            }
+        };
         if let Some(e) = &primary_error {
             tracing::info!(primary = %models.primary, fallback, kind = e.kind(), "falling back");
             metrics::fallback(&models.primary, fallback);
         }
-        match self
+        let outcome = self
             .call_with_tools(&mut turn, fallback, &mut tools)
-            .await?
-        {
+            .await?;
+        self.probe_done(fallback, probe, &outcome).await;
+        match outcome {
             CallOutcome::Answered(a) => self.complete(&turn, a, citations).await,
             CallOutcome::RateLimited(after) => {
                 self.on_rate_limited(ctx, &response, fence, fallback, after, true)
@@ -390,12 +404,20 @@ impl ChatHandler {
         Ok(own)
     }
 
-    async fn cooling_down(&self, model: &str) -> Result<Option<Duration>, JobError> {
-        self.inner
-            .cooldowns
-            .remaining(model)
-            .await
-            .map_err(redis_error)
+    /// Whether this run may call `model` now (its cooldown, or another job's probe after one).
+    async fn admit(&self, model: &str) -> Result<Admission, JobError> {
+        self.inner.cooldowns.admit(model).await.map_err(redis_error)
+    }
+
+    /// A probe's call ended: anything but a 429 (which restarts the cooldown) lets every job
+    /// call the model again. Best effort: a probe that cannot report expires by itself.
+    async fn probe_done(&self, model: &str, probe: bool, outcome: &CallOutcome) {
+        if !probe || matches!(outcome, CallOutcome::RateLimited(_)) {
+            return;
+        }
+        if let Err(e) = self.inner.cooldowns.recovered(model).await {
+            tracing::warn!(model, error = %e, "cannot end the model's probation; it expires");
+        }
     }
 
     /// A 429: start the model's cooldown, then wait (re-queue) or give up.

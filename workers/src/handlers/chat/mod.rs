@@ -83,7 +83,10 @@ impl ChatHandler {
                 db,
                 events: EventPublisher::new(redis.clone(), &settings.events),
                 llm: llm::LlmClient::new(&settings.litellm)?,
-                cooldowns: policy::Cooldowns::new(redis.clone()),
+                cooldowns: policy::Cooldowns::new(
+                    redis.clone(),
+                    Duration::from_secs(settings.chat.model_timeout_secs),
+                ),
                 chat: settings.chat.clone(),
                 retrieval: settings.retrieval.clone(),
                 embedding: settings.embedding.clone(),

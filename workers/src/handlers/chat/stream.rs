@@ -117,38 +117,27 @@ impl ChatHandler {
     }
 
     /// Publish an event of this run: refused (the run stops) unless the response's fence names
-    /// this run. A fence Redis lost (a restart without persistence) is set again once this run
-    /// has confirmed its lease in PostgreSQL.
+    /// this run. A fence Redis lost (a restart without persistence: the events this run
+    /// published may be gone with it) also stops the run, after it gave the response back: the
+    /// reconciler hands it to a new run, which tells the clients to restart.
     pub(super) async fn emit(&self, fence: &Fence, event: &ResponseEvent) -> Result<(), JobError> {
-        let events = &self.inner.events;
-        for _ in 0..2 {
-            match events
-                .publish_as(fence.response_id, fence.run, event)
-                .await
-                .map_err(redis_error)?
-            {
-                Published::Sent(_) | Published::AlreadyFinished(_) => return Ok(()),
-                Published::Fenced => return Err(fence.superseded()),
-                Published::NoFence => {
-                    let held = store::responses::renew(
-                        &self.inner.db,
-                        &[(fence.response_id, fence.run)],
-                        self.inner.lease,
-                    )
-                    .await
-                    .map_err(db_error)?;
-                    if held.is_empty() {
-                        return Err(fence.superseded());
-                    }
-                    tracing::warn!("the response's fence was gone from Redis; set again");
-                    events
-                        .fence(fence.response_id, fence.run)
-                        .await
-                        .map_err(redis_error)?;
-                }
+        match self
+            .inner
+            .events
+            .publish_as(fence.response_id, fence.run, event)
+            .await
+            .map_err(redis_error)?
+        {
+            Published::Sent(_) | Published::AlreadyFinished(_) => Ok(()),
+            Published::Fenced => Err(fence.superseded()),
+            Published::NoFence => {
+                tracing::warn!(
+                    "the response's fence is gone from Redis (its events may be too); giving the response back"
+                );
+                self.release(fence, false).await;
+                Err(fence.superseded())
             }
         }
-        Err(fence.superseded())
     }
 
     /// Call `model` with `messages` (offering `tools`), publishing tokens. `Err` only for our

@@ -11,14 +11,14 @@
 pub mod remember;
 pub mod summarize;
 
-use crate::handlers::db_error;
+use crate::handlers::{db_error, redis_error};
 use std::sync::Arc;
 use std::time::Duration;
 
 use jobs::kinds::{Remember, Summarize};
 use jobs::{JobError, RedisHandle, Registry};
 
-use super::chat::policy::{Cooldowns, DEFAULT_COOLDOWN, Models};
+use super::chat::policy::{Admission, Cooldowns, DEFAULT_COOLDOWN, Models};
 
 pub const SUMMARIES: &str = "memory_summaries_total";
 pub const FACTS: &str = "memory_facts_total";
@@ -73,7 +73,10 @@ impl MemoryHandlers {
             inner: Arc::new(Inner {
                 db,
                 llm: llm::LlmClient::new(&settings.litellm)?,
-                cooldowns: Cooldowns::new(redis.clone()),
+                cooldowns: Cooldowns::new(
+                    redis.clone(),
+                    std::time::Duration::from_secs(settings.chat.model_timeout_secs),
+                ),
                 bus: jobs::Bus::new(redis, &settings.queues),
                 chat: settings.chat.clone(),
                 memory: settings.memory.clone(),
@@ -110,17 +113,15 @@ impl MemoryHandlers {
         let models = Models::choose(org, &inner.chat);
         let mut last = String::new();
         for model in std::iter::once(models.primary).chain(models.fallback) {
-            if let Some(left) = inner
-                .cooldowns
-                .remaining(&model)
-                .await
-                .map_err(|e| JobError::retryable(format!("redis: {e}")))?
-            {
-                return Err(JobError::retry_after(
-                    format!("model {model} is cooling down"),
-                    left,
-                ));
-            }
+            let probe = match inner.cooldowns.admit(&model).await.map_err(redis_error)? {
+                Admission::Call { probe } => probe,
+                Admission::Wait(left) => {
+                    return Err(JobError::wait(
+                        format!("model {model} is cooling down"),
+                        left,
+                    ));
+                }
+            };
             let req = llm::ChatRequest {
                 model: model.clone(),
                 messages: messages.clone(),
@@ -140,6 +141,12 @@ impl MemoryHandlers {
                     "the model call took too long".into(),
                 )),
             };
+            if probe
+                && !matches!(&outcome, Err(e) if e.is_rate_limited())
+                && let Err(e) = inner.cooldowns.recovered(&model).await
+            {
+                tracing::warn!(model, error = %e, "cannot end the model's probation; it expires");
+            }
             match outcome {
                 Ok(c) if !c.text.trim().is_empty() => return Ok((c.text, model)),
                 Ok(_) => last = format!("{model}: empty answer"),
@@ -149,8 +156,8 @@ impl MemoryHandlers {
                         .cooldowns
                         .start(&model, wait)
                         .await
-                        .map_err(|e| JobError::retryable(format!("redis: {e}")))?;
-                    return Err(JobError::retry_after(
+                        .map_err(redis_error)?;
+                    return Err(JobError::wait(
                         format!("model {model} is rate limited"),
                         wait,
                     ));
