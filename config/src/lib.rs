@@ -302,6 +302,10 @@ pub struct IndexSettings {
     pub batch_sources: usize,
     /// Inputs per embedding request.
     pub embed_batch: usize,
+    /// Attempts at indexing one source before its outbox rows are dead-lettered.
+    pub source_max_attempts: u32,
+    /// Seconds a source that failed waits before its next attempt (doubling per attempt).
+    pub source_retry_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -595,6 +599,17 @@ impl Settings {
                 "must be smaller than INDEX_CHUNK_TOKENS",
             ));
         }
+        if self.index.chunk_tokens > MAX_CHUNK_TOKENS {
+            // a chunk's text feeds the `embeddings.tsv` column (PostgreSQL: 1 MB at most)
+            return Err(ConfigError::invalid(
+                "INDEX_CHUNK_TOKENS",
+                format!("must be at most {MAX_CHUNK_TOKENS}"),
+            ));
+        }
+        positive(
+            u64::from(self.index.source_max_attempts),
+            "index.source_max_attempts",
+        )?;
         positive(self.index.batch_sources as u64, "INDEX_BATCH_SOURCES")?;
         positive(self.index.embed_batch as u64, "INDEX_EMBED_BATCH")?;
         positive(self.worker.read_block_ms, "worker.read_block_ms")?;
@@ -811,6 +826,9 @@ fn parse_addr(raw: &str, name: &str) -> Result<SocketAddr, ConfigError> {
     raw.parse::<SocketAddr>()
         .map_err(|_| ConfigError::invalid(name, format!("expected host:port, got {raw:?}")))
 }
+
+/// Bound on `INDEX_CHUNK_TOKENS` (32 KiB of text per chunk).
+pub const MAX_CHUNK_TOKENS: usize = 8192;
 
 fn positive(v: u64, name: &str) -> Result<(), ConfigError> {
     if v == 0 {
