@@ -53,6 +53,8 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(settings.api_addr()).await?;
         let addr = listener.local_addr()?;
         let streams = Arc::new(crate::sse::StreamLimits::new(&settings.api));
+        let hasher = Arc::new(crate::password::Hasher::from_settings(&settings.auth));
+        let trusted_proxies = Arc::new(settings.api.trusted_proxy_nets());
         let state = AppState {
             settings: Arc::new(settings),
             db,
@@ -60,6 +62,8 @@ impl Application {
             metrics: jobs::telemetry::prometheus(),
             jwt: Arc::new(jwt),
             dummy_hash: Arc::new(dummy_hash),
+            hasher,
+            trusted_proxies,
             bus,
             hub,
             publisher,

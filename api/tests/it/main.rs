@@ -11,6 +11,7 @@ mod conversations;
 mod documents;
 mod e2e;
 mod helpers;
+mod hostile_auth;
 mod hostile_index;
 mod memory;
 mod model_settings;
