@@ -172,22 +172,12 @@ impl poem::error::ResponseError for ApiError {
     }
 }
 
-/// Lets handlers return `Result<T, ApiError>`; documents the error body in the OpenAPI spec.
+/// Lets handlers return `Result<T, ApiError>` and registers the error body's schema. Which
+/// error statuses each operation answers is written into the OpenAPI document by
+/// `crate::openapi::finish`, per status (it knows the operation's shape; this type does not).
 impl poem_openapi::ApiResponse for ApiError {
     fn meta() -> poem_openapi::registry::MetaResponses {
-        use poem_openapi::types::Type as _;
-        poem_openapi::registry::MetaResponses {
-            responses: vec![poem_openapi::registry::MetaResponse {
-                description: "An error: `{\"error\": {\"code\", \"message\"}}`",
-                status: None,
-                status_range: Some("4XX".into()),
-                content: vec![poem_openapi::registry::MetaMediaType {
-                    content_type: "application/json; charset=utf-8",
-                    schema: ErrorBody::schema_ref(),
-                }],
-                headers: vec![],
-            }],
-        }
+        poem_openapi::registry::MetaResponses { responses: vec![] }
     }
 
     fn register(registry: &mut poem_openapi::registry::Registry) {

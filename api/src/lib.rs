@@ -12,6 +12,7 @@ pub mod extract;
 pub mod memory_cli;
 pub mod middleware;
 pub mod models;
+pub mod openapi;
 pub mod pagination;
 pub mod password;
 pub mod ratelimit;

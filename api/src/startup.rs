@@ -159,8 +159,17 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         "Switchboard API",
         env!("CARGO_PKG_VERSION"),
     );
-    let route_labels = Arc::new(route_table(&api.spec()));
-    let spec = api.spec_endpoint();
+    let raw_spec = api.spec();
+    let route_labels = Arc::new(route_table(&raw_spec));
+    let document = crate::openapi::finish(&raw_spec).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot finish the OpenAPI document; serving it as generated");
+        raw_spec
+    });
+    let spec = poem::endpoint::make_sync(move |_| {
+        poem::Response::builder()
+            .content_type("application/json; charset=utf-8")
+            .body(document.clone())
+    });
     let docs = api.swagger_ui();
     let limits = BodyLimit {
         default_limit: state.settings.api.max_body_bytes,

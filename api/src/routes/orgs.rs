@@ -52,6 +52,7 @@ pub struct NewTeam {
 pub struct MemberPage {
     items: Vec<MemberView>,
     /// Pass as `?cursor=` for the next page; null on the last page.
+    #[oai(nullable)]
     next_cursor: Option<String>,
 }
 
@@ -59,6 +60,7 @@ pub struct MemberPage {
 pub struct TeamPage {
     items: Vec<TeamView>,
     /// Pass as `?cursor=` for the next page; null on the last page.
+    #[oai(nullable)]
     next_cursor: Option<String>,
 }
 

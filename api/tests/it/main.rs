@@ -16,6 +16,7 @@ mod hostile_index;
 mod memory;
 mod model_settings;
 mod observability;
+mod openapi_conformance;
 mod ops;
 mod retrieval;
 mod server;
