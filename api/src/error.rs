@@ -48,6 +48,9 @@ pub enum ApiError {
     /// 503: a dependency is down.
     #[error("{0}")]
     Unavailable(String),
+    /// 503: this process is at capacity for expensive work (password hashing); retry shortly.
+    #[error("too many sign-ins in progress; retry after {retry_after_secs} s")]
+    Busy { retry_after_secs: u64 },
     /// 500: logged with its cause, answered generically.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -77,7 +80,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } | ApiError::TooManyStreams { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,7 +98,7 @@ impl ApiError {
             ApiError::Unprocessable { code, .. } => code,
             ApiError::TooManyRequests { .. } => "rate_limited",
             ApiError::TooManyStreams { .. } => "too_many_streams",
-            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Unavailable(_) | ApiError::Busy { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -159,7 +162,8 @@ impl poem::error::ResponseError for ApiError {
         if let ApiError::TooManyRequests { retry_after_secs }
         | ApiError::TooManyStreams {
             retry_after_secs, ..
-        } = self
+        }
+        | ApiError::Busy { retry_after_secs } = self
             && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
@@ -168,22 +172,12 @@ impl poem::error::ResponseError for ApiError {
     }
 }
 
-/// Lets handlers return `Result<T, ApiError>`; documents the error body in the OpenAPI spec.
+/// Lets handlers return `Result<T, ApiError>` and registers the error body's schema. Which
+/// error statuses each operation answers is written into the OpenAPI document by
+/// `crate::openapi::finish`, per status (it knows the operation's shape; this type does not).
 impl poem_openapi::ApiResponse for ApiError {
     fn meta() -> poem_openapi::registry::MetaResponses {
-        use poem_openapi::types::Type as _;
-        poem_openapi::registry::MetaResponses {
-            responses: vec![poem_openapi::registry::MetaResponse {
-                description: "An error: `{\"error\": {\"code\", \"message\"}}`",
-                status: None,
-                status_range: Some("4XX".into()),
-                content: vec![poem_openapi::registry::MetaMediaType {
-                    content_type: "application/json; charset=utf-8",
-                    schema: ErrorBody::schema_ref(),
-                }],
-                headers: vec![],
-            }],
-        }
+        poem_openapi::registry::MetaResponses { responses: vec![] }
     }
 
     fn register(registry: &mut poem_openapi::registry::Registry) {

@@ -6,11 +6,13 @@
 
 pub mod auth;
 pub mod body;
+pub mod client_ip;
 pub mod error;
 pub mod extract;
 pub mod memory_cli;
 pub mod middleware;
 pub mod models;
+pub mod openapi;
 pub mod pagination;
 pub mod password;
 pub mod ratelimit;

@@ -19,9 +19,9 @@ use futures::{Stream, StreamExt};
 use jobs::events::{EventId, EventsError, ResponseEvent, StoredEvent};
 use poem::web::sse::Event;
 use poem::{Body, IntoResponse, Response};
+use poem_openapi::ApiResponse;
 use poem_openapi::payload::{EventStream, Payload};
 use poem_openapi::registry::{MetaResponses, MetaSchemaRef, Registry};
-use poem_openapi::{ApiResponse, Object};
 
 use uuid::Uuid;
 
@@ -30,8 +30,9 @@ use crate::state::AppState;
 
 pub const OPEN_STREAMS: &str = "sse_open_streams";
 
-/// One SSE event (for the OpenAPI document: `id`, `event` and `data` are the SSE fields).
-#[derive(Object, Debug, Clone)]
+/// One SSE event as written (`id`, `event` and `data` are the SSE fields; documented as
+/// `doc::Event`).
+#[derive(Debug, Clone)]
 pub struct SseEvent {
     /// The event id (`<ms>-<seq>`); send it back as `Last-Event-ID` to resume after it.
     pub id: String,
@@ -61,7 +62,144 @@ pub struct SseStream {
     keep_alive: Duration,
 }
 
-type Documented = EventStream<BoxStream<'static, SseEvent>>;
+type Documented = EventStream<BoxStream<'static, doc::Event>>;
+
+/// The events of a response and the schema of each one's `data` (JSON): the OpenAPI document
+/// describes a `text/event-stream` answer as one of these events each (`crate::openapi`).
+pub const EVENT_SCHEMAS: &[(&str, &str)] = &[
+    ("message.created", "SseMessageCreated"),
+    ("token", "SseToken"),
+    ("action.proposed", "SseActionProposed"),
+    ("message.completed", "SseMessageCompleted"),
+    ("queued", "SseQueued"),
+    ("response.restarted", "SseResponseRestarted"),
+    ("error", "SseError"),
+];
+
+/// The events of a response as the OpenAPI document describes them: `data` is one of the
+/// payloads below, by `event` name (the JSON the worker and the API publish,
+/// `jobs::events::ResponseEvent`); `crate::openapi` rewrites `SseEvent` into one schema per
+/// event, `data` a JSON string whose content is the payload (`contentSchema`).
+mod doc {
+    use chrono::{DateTime, Utc};
+    use poem_openapi::{Enum, Object, Union};
+    use uuid::Uuid;
+
+    use crate::views::{MessageView, UsageView};
+
+    /// One Server-Sent Event: the SSE fields `id`, `event` and `data` (JSON).
+    #[derive(Object)]
+    #[oai(rename = "SseEvent")]
+    pub struct Event {
+        /// The event id (`<ms>-<seq>`); send it back as `Last-Event-ID` to resume after it.
+        pub id: String,
+        pub event: EventName,
+        pub data: EventData,
+    }
+
+    #[derive(Enum)]
+    #[oai(rename = "SseEventName")]
+    pub enum EventName {
+        #[oai(rename = "message.created")]
+        MessageCreated,
+        #[oai(rename = "token")]
+        Token,
+        #[oai(rename = "action.proposed")]
+        ActionProposed,
+        #[oai(rename = "message.completed")]
+        MessageCompleted,
+        #[oai(rename = "queued")]
+        Queued,
+        #[oai(rename = "response.restarted")]
+        ResponseRestarted,
+        #[oai(rename = "error")]
+        Error,
+    }
+
+    /// The payload of an event, by its name.
+    #[derive(Union)]
+    #[oai(rename = "SseEventData")]
+    pub enum EventData {
+        MessageCreated(MessageCreated),
+        Token(Token),
+        ActionProposed(ActionProposed),
+        MessageCompleted(MessageCompleted),
+        Queued(Queued),
+        ResponseRestarted(ResponseRestarted),
+        Error(ErrorEvent),
+    }
+
+    /// `message.created`: the user's message is stored and the response started.
+    #[derive(Object)]
+    #[oai(rename = "SseMessageCreated")]
+    pub struct MessageCreated {
+        /// The user's message.
+        pub message_id: Uuid,
+        pub response_id: Uuid,
+    }
+
+    /// `token`: a fragment of the answer, of any length; the concatenation is the answer.
+    #[derive(Object)]
+    #[oai(rename = "SseToken")]
+    pub struct Token {
+        pub text: String,
+    }
+
+    /// `action.proposed`: a write the assistant proposes (confirm or reject it).
+    #[derive(Object)]
+    #[oai(rename = "SseActionProposed")]
+    pub struct ActionProposed {
+        pub action: ProposedAction,
+    }
+
+    #[derive(Object)]
+    #[oai(rename = "SseProposedAction")]
+    pub struct ProposedAction {
+        pub id: Uuid,
+        /// `create_task` or `update_task`.
+        pub tool: String,
+        pub arguments: serde_json::Value,
+        pub summary: String,
+    }
+
+    /// `message.completed`: the stored answer (as in the messages list), the model that
+    /// answered and its token usage (null fields when the model reported none).
+    #[derive(Object)]
+    #[oai(rename = "SseMessageCompleted")]
+    pub struct MessageCompleted {
+        pub message: MessageView,
+        pub model: String,
+        #[oai(nullable)]
+        pub usage: Option<UsageView>,
+    }
+
+    /// `queued`: the turn waits (behind a backlog, or for a rate limit until `retry_at`).
+    #[derive(Object)]
+    #[oai(rename = "SseQueued")]
+    pub struct Queued {
+        pub position: i64,
+        /// `backlog` or `rate_limited`.
+        pub reason: String,
+        #[oai(nullable)]
+        pub retry_at: Option<DateTime<Utc>>,
+    }
+
+    /// `response.restarted`: the worker was lost mid-answer; discard this response's text so
+    /// far, the tokens that follow replace it.
+    #[derive(Object)]
+    #[oai(rename = "SseResponseRestarted")]
+    pub struct ResponseRestarted {
+        pub reason: String,
+    }
+
+    /// `error`: the turn ended without an answer.
+    #[derive(Object)]
+    #[oai(rename = "SseError")]
+    pub struct ErrorEvent {
+        pub code: String,
+        pub message: String,
+    }
+}
 
 impl Payload for SseStream {
     const CONTENT_TYPE: &'static str = "text/event-stream";

@@ -53,6 +53,8 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(settings.api_addr()).await?;
         let addr = listener.local_addr()?;
         let streams = Arc::new(crate::sse::StreamLimits::new(&settings.api));
+        let hasher = Arc::new(crate::password::Hasher::from_settings(&settings.auth));
+        let trusted_proxies = Arc::new(settings.api.trusted_proxy_nets());
         let state = AppState {
             settings: Arc::new(settings),
             db,
@@ -60,6 +62,8 @@ impl Application {
             metrics: jobs::telemetry::prometheus(),
             jwt: Arc::new(jwt),
             dummy_hash: Arc::new(dummy_hash),
+            hasher,
+            trusted_proxies,
             bus,
             hub,
             publisher,
@@ -155,8 +159,17 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         "Switchboard API",
         env!("CARGO_PKG_VERSION"),
     );
-    let route_labels = Arc::new(route_table(&api.spec()));
-    let spec = api.spec_endpoint();
+    let raw_spec = api.spec();
+    let route_labels = Arc::new(route_table(&raw_spec));
+    let document = crate::openapi::finish(&raw_spec).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot finish the OpenAPI document; serving it as generated");
+        raw_spec
+    });
+    let spec = poem::endpoint::make_sync(move |_| {
+        poem::Response::builder()
+            .content_type("application/json; charset=utf-8")
+            .body(document.clone())
+    });
     let docs = api.swagger_ui();
     let limits = BodyLimit {
         default_limit: state.settings.api.max_body_bytes,

@@ -19,6 +19,10 @@ pub struct AppState {
     pub jwt: Arc<JwtKeys>,
     /// argon2 hash of a random password, verified against for unknown emails at login.
     pub dummy_hash: Arc<String>,
+    /// Password hashing, bounded (`auth.password_hash_concurrency` / `_queue`).
+    pub hasher: Arc<crate::password::Hasher>,
+    /// `TRUSTED_PROXIES`, parsed: peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Arc<Vec<config::IpNet>>,
     /// The job bus (chat turns are enqueued here).
     pub bus: jobs::Bus,
     /// The one event hub of this process (SSE relay, JSON-mode waits).

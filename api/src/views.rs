@@ -122,8 +122,10 @@ pub struct OrgView {
     pub id: Uuid,
     pub name: String,
     /// The org's model (null: the system default applies).
+    #[oai(nullable)]
     pub model: Option<String>,
     /// The org's fallback model (null: the system default applies).
+    #[oai(nullable)]
     pub fallback_model: Option<String>,
     pub created_at: DateTime<Utc>,
 }
@@ -177,7 +179,9 @@ pub struct ProjectView {
     pub name: String,
     pub description: String,
     pub visibility: VisibilityName,
+    #[oai(nullable)]
     pub team_id: Option<Uuid>,
+    #[oai(nullable)]
     pub created_by: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -206,7 +210,9 @@ pub struct TaskView {
     pub title: String,
     pub description: String,
     pub status: StatusName,
+    #[oai(nullable)]
     pub assignee_id: Option<Uuid>,
+    #[oai(nullable)]
     pub created_by: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -248,6 +254,7 @@ pub struct ConversationView {
     pub id: Uuid,
     pub title: String,
     /// The projects it is narrowed to; null when it draws on every project the caller can see.
+    #[oai(nullable)]
     pub project_ids: Option<Vec<Uuid>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -268,8 +275,11 @@ impl ConversationView {
 /// Token counts of an assistant message.
 #[derive(Object, Clone, Serialize)]
 pub struct UsageView {
+    #[oai(nullable)]
     pub prompt_tokens: Option<i32>,
+    #[oai(nullable)]
     pub completion_tokens: Option<i32>,
+    #[oai(nullable)]
     pub total_tokens: Option<i32>,
 }
 
@@ -294,10 +304,13 @@ pub struct MessageView {
     pub role: String,
     pub content: String,
     /// The model that wrote it (assistant messages).
+    #[oai(nullable)]
     pub model: Option<String>,
     pub created_at: DateTime<Utc>,
     /// The response it answers (assistant messages).
+    #[oai(nullable)]
     pub response_id: Option<Uuid>,
+    #[oai(nullable)]
     pub usage: Option<UsageView>,
     /// The sources of the workspace data the answer was given (assistant messages; else empty).
     pub citations: Vec<CitationView>,

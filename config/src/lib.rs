@@ -48,6 +48,19 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
         Kind::Int,
     ),
     ("LOGIN_WINDOW_SECS", "auth.login_window_secs", Kind::Int),
+    ("REGISTER_IP_MAX", "auth.register_ip_max", Kind::Int),
+    (
+        "REGISTER_WINDOW_SECS",
+        "auth.register_window_secs",
+        Kind::Int,
+    ),
+    (
+        "PASSWORD_HASH_CONCURRENCY",
+        "auth.password_hash_concurrency",
+        Kind::Int,
+    ),
+    ("PASSWORD_HASH_QUEUE", "auth.password_hash_queue", Kind::Int),
+    ("TRUSTED_PROXIES", "api.trusted_proxies", Kind::Str),
     ("API_ADDR", "api.addr", Kind::Str),
     ("MAX_BODY_BYTES", "api.max_body_bytes", Kind::Int),
     ("MAX_UPLOAD_BYTES", "api.max_upload_bytes", Kind::Int),
@@ -256,6 +269,79 @@ pub struct AuthSettings {
     pub login_ip_max_failures: u32,
     /// Length of the login-throttling window, in seconds.
     pub login_window_secs: u64,
+    /// Registrations allowed per client IP within `register_window_secs` before 429.
+    pub register_ip_max: u32,
+    /// Length of the registration-throttling window, in seconds.
+    pub register_window_secs: u64,
+    /// Password hashes (argon2) computed at once; 0: one per CPU core.
+    pub password_hash_concurrency: usize,
+    /// Requests that may wait for a hashing slot; past that, 503 with `Retry-After`.
+    pub password_hash_queue: usize,
+}
+
+impl AuthSettings {
+    /// [`AuthSettings::password_hash_concurrency`], with 0 resolved to the machine's cores.
+    pub fn hash_slots(&self) -> usize {
+        match self.password_hash_concurrency {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// An IP network (`10.0.0.0/8`, `::1/128`; a bare address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(s: &str) -> Option<Self> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a.trim(), Some(p.trim())),
+            None => (s.trim(), None),
+        };
+        let addr: std::net::IpAddr = addr.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(Self { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Parse a comma-separated list of IP networks (`TRUSTED_PROXIES`).
+pub fn parse_ip_nets(list: &str) -> Result<Vec<IpNet>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| IpNet::parse(s).ok_or_else(|| format!("{s:?} is not an IP address or network")))
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +369,18 @@ pub struct ApiSettings {
     pub sse_max_streams_per_user: usize,
     /// How long the proxy's model list is cached for model-settings checks.
     pub models_cache_secs: u64,
+    /// Peers (IP addresses or networks, comma-separated) whose `X-Forwarded-For` is believed:
+    /// a request from one of them is attributed to the client that header names (per-IP
+    /// throttles). Empty: the socket's peer is the client.
+    #[serde(default)]
+    pub trusted_proxies: String,
+}
+
+impl ApiSettings {
+    /// [`ApiSettings::trusted_proxies`], parsed (validated at load).
+    pub fn trusted_proxy_nets(&self) -> Vec<IpNet> {
+        parse_ip_nets(&self.trusted_proxies).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -316,6 +414,10 @@ pub struct IndexSettings {
     pub batch_sources: usize,
     /// Inputs per embedding request.
     pub embed_batch: usize,
+    /// Attempts at indexing one source before its outbox rows are dead-lettered.
+    pub source_max_attempts: u32,
+    /// Seconds a source that failed waits before its next attempt (doubling per attempt).
+    pub source_retry_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -635,6 +737,17 @@ impl Settings {
                 "must be smaller than INDEX_CHUNK_TOKENS",
             ));
         }
+        if self.index.chunk_tokens > MAX_CHUNK_TOKENS {
+            // a chunk's text feeds the `embeddings.tsv` column (PostgreSQL: 1 MB at most)
+            return Err(ConfigError::invalid(
+                "INDEX_CHUNK_TOKENS",
+                format!("must be at most {MAX_CHUNK_TOKENS}"),
+            ));
+        }
+        positive(
+            u64::from(self.index.source_max_attempts),
+            "index.source_max_attempts",
+        )?;
         positive(self.index.batch_sources as u64, "INDEX_BATCH_SOURCES")?;
         positive(self.index.embed_batch as u64, "INDEX_EMBED_BATCH")?;
         positive(self.worker.read_block_ms, "worker.read_block_ms")?;
@@ -700,6 +813,10 @@ impl Settings {
             "LOGIN_IP_MAX_FAILURES",
         )?;
         positive(self.auth.login_window_secs, "LOGIN_WINDOW_SECS")?;
+        positive(u64::from(self.auth.register_ip_max), "REGISTER_IP_MAX")?;
+        positive(self.auth.register_window_secs, "REGISTER_WINDOW_SECS")?;
+        parse_ip_nets(&self.api.trusted_proxies)
+            .map_err(|e| ConfigError::invalid("TRUSTED_PROXIES", e))?;
         positive(u64::from(self.retrieval.candidates), "retrieval.candidates")?;
         positive(
             u64::from(self.retrieval.token_budget),
@@ -847,6 +964,9 @@ fn parse_addr(raw: &str, name: &str) -> Result<SocketAddr, ConfigError> {
     raw.parse::<SocketAddr>()
         .map_err(|_| ConfigError::invalid(name, format!("expected host:port, got {raw:?}")))
 }
+
+/// Bound on `INDEX_CHUNK_TOKENS` (32 KiB of text per chunk).
+pub const MAX_CHUNK_TOKENS: usize = 8192;
 
 fn positive(v: u64, name: &str) -> Result<(), ConfigError> {
     if v == 0 {

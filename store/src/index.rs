@@ -244,15 +244,16 @@ const WRITE_CHUNK_ROWS: usize = 512;
 /// [`crate::embeddings::upsert_chunks`], which writes one row per statement): rows are grouped
 /// by their allowed-user/team lists (the array columns that cannot travel inside an `unnest`),
 /// then written `WRITE_CHUNK_ROWS` at a time. No two chunks may share a key.
-pub async fn write_chunks(
+pub async fn write_chunks<C: std::borrow::Borrow<crate::embeddings::NewChunk> + Sync>(
     conn: &mut PgConnection,
-    chunks: &[crate::embeddings::NewChunk],
+    chunks: &[C],
 ) -> Result<(), StoreError> {
     let mut groups: std::collections::BTreeMap<
         (&[Uuid], &[Uuid]),
         Vec<&crate::embeddings::NewChunk>,
     > = std::collections::BTreeMap::new();
     for c in chunks {
+        let c = c.borrow();
         groups
             .entry((c.allowed_user_ids.as_slice(), c.allowed_team_ids.as_slice()))
             .or_default()

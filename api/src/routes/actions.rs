@@ -36,21 +36,28 @@ pub struct ActionView {
     /// What it does, in words.
     pub summary: String,
     /// Updates: the changed fields before (as proposed).
+    #[oai(nullable)]
     pub before: Option<Value>,
     /// The fields after.
+    #[oai(nullable)]
     pub after: Option<Value>,
     /// `pending` | `confirmed` | `executed` | `rejected` | `expired` | `failed`.
     pub status: String,
     /// Executed: what was written.
+    #[oai(nullable)]
     pub result: Option<Value>,
     /// Failed: why nothing was written.
+    #[oai(nullable)]
     pub failure_reason: Option<String>,
     /// Confirmed: the response that continues the conversation.
+    #[oai(nullable)]
     pub continuation_response_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     /// A pending proposal expires then.
     pub expires_at: DateTime<Utc>,
+    #[oai(nullable)]
     pub decided_at: Option<DateTime<Utc>>,
+    #[oai(nullable)]
     pub executed_at: Option<DateTime<Utc>>,
 }
 

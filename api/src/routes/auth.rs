@@ -9,11 +9,12 @@ use serde::Deserialize;
 use super::Tag;
 use crate::auth::BearerAuth;
 use crate::body::JsonBody;
+use crate::client_ip::client_ip;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::throttle::LoginThrottle;
+use crate::throttle::{self, LoginThrottle};
+use crate::validate;
 use crate::views::{OrgView, RoleName, UserView};
-use crate::{password, validate};
 
 pub struct AuthApi {
     pub state: AppState,
@@ -73,14 +74,17 @@ impl AuthApi {
     #[oai(path = "/auth/register", method = "post")]
     async fn register(
         &self,
+        req: &Request,
         body: JsonBody<RegisterRequest>,
     ) -> Result<RegisterResponse, ApiError> {
+        let ip = client_ip(req, &self.state.trusted_proxies);
         let req = body.0;
         let email = validate::email("email", &req.email)?;
         validate::password("password", &req.password)?;
         let name = validate::text("name", &req.name, 200)?;
         let org_name = validate::text("org_name", &req.org_name, 200)?;
-        let hash = password::hash(req.password).await?;
+        throttle::registration(&self.state, ip).await?;
+        let hash = self.state.hasher.hash(req.password).await?;
         let mut tx = self.state.db.begin().await?;
         let org = store::tenancy::insert_org(&mut tx, &org_name).await?;
         let user = store::tenancy::insert_user(&mut tx, &email, &name, &hash).await?;
@@ -119,25 +123,23 @@ impl AuthApi {
                 validate::PASSWORD_MAX_CHARS
             )));
         }
-        let ip = req.remote_addr().as_socket_addr().map(|a| a.ip());
+        let ip = client_ip(req, &self.state.trusted_proxies);
         let throttle = LoginThrottle::new(&self.state, &body.email, ip);
-        throttle.check().await?;
+        // counted before the check: concurrent guesses cannot all slip under the limit
+        throttle.attempt().await?;
         let record = store::tenancy::find_login(&self.state.db, body.email.trim()).await?;
         let stored = match &record {
             Some(r) => r.password_hash.clone(),
             None => self.state.dummy_hash.as_ref().clone(),
         };
-        let ok = password::verify(body.password, stored).await?;
+        let ok = self.state.hasher.verify(body.password, stored).await?;
         match record {
             Some(r) if ok => {
-                throttle.clear().await?;
+                throttle.succeeded().await?;
                 let (token, expires_at) = self.state.jwt.issue(r.user_id, r.org_id)?;
                 Ok(Json(TokenView { token, expires_at }))
             }
-            _ => {
-                throttle.record_failure().await?;
-                Err(ApiError::InvalidCredentials)
-            }
+            _ => Err(ApiError::InvalidCredentials),
         }
     }
 

@@ -73,6 +73,7 @@ pub struct NewMessage {
     /// The message text (at most 32768 characters).
     content: String,
     /// `true`: answer with `text/event-stream` (also chosen by `Accept: text/event-stream`).
+    #[oai(nullable)]
     stream: Option<bool>,
 }
 

@@ -25,10 +25,12 @@ pub struct ConversationsApi {
 #[serde(deny_unknown_fields)]
 pub struct NewConversation {
     #[serde(default)]
+    #[oai(nullable)]
     title: Option<String>,
     /// Narrow the conversation to these projects (each must be visible to the caller);
     /// absent or empty (`[]`): not narrowed — every project the caller can see.
     #[serde(default)]
+    #[oai(nullable)]
     project_ids: Option<Vec<Uuid>>,
 }
 
@@ -42,6 +44,7 @@ pub enum ConversationCreated {
 pub struct ConversationPage {
     items: Vec<ConversationView>,
     /// Pass as `?cursor=` for the next page; null on the last page.
+    #[oai(nullable)]
     next_cursor: Option<String>,
 }
 
@@ -49,6 +52,7 @@ pub struct ConversationPage {
 pub struct MessagePage {
     items: Vec<MessageView>,
     /// Pass as `?cursor=` for the next page; null on the last page.
+    #[oai(nullable)]
     next_cursor: Option<String>,
 }
 

@@ -48,9 +48,11 @@ pub struct NewDocumentJson {
     content_type: String,
     /// Restrict the document to these users (members of the project's org) ...
     #[serde(default)]
+    #[oai(nullable)]
     visible_to_user_ids: Option<Vec<Uuid>>,
     /// ... and/or to the members of these teams (of the project's org).
     #[serde(default)]
+    #[oai(nullable)]
     visible_to_team_ids: Option<Vec<Uuid>>,
 }
 
@@ -111,15 +113,18 @@ pub struct DocumentView {
     content_type: String,
     /// Size of what was uploaded.
     byte_size: i64,
+    #[oai(nullable)]
     uploaded_by: Option<Uuid>,
     visible_to_user_ids: Vec<Uuid>,
     visible_to_team_ids: Vec<Uuid>,
     /// `queued` | `indexed` | `failed`
     status: String,
     /// Why indexing failed (only when `failed`).
+    #[oai(nullable)]
     failure_reason: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    #[oai(nullable)]
     indexed_at: Option<DateTime<Utc>>,
 }
 

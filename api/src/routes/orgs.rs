@@ -15,8 +15,8 @@ use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::pagination::PageRequest;
 use crate::state::AppState;
+use crate::validate;
 use crate::views::{MemberView, RoleName, TeamView};
-use crate::{password, validate};
 
 pub struct OrgsApi {
     pub state: AppState,
@@ -52,6 +52,7 @@ pub struct NewTeam {
 pub struct MemberPage {
     items: Vec<MemberView>,
     /// Pass as `?cursor=` for the next page; null on the last page.
+    #[oai(nullable)]
     next_cursor: Option<String>,
 }
 
@@ -59,6 +60,7 @@ pub struct MemberPage {
 pub struct TeamPage {
     items: Vec<TeamView>,
     /// Pass as `?cursor=` for the next page; null on the last page.
+    #[oai(nullable)]
     next_cursor: Option<String>,
 }
 
@@ -120,7 +122,7 @@ impl OrgsApi {
         let name = validate::text("name", &req.name, 200)?;
         let role: Role = req.role.into();
         check_role_power(&caller, role)?;
-        let hash = password::hash(req.password).await?;
+        let hash = self.state.hasher.hash(req.password).await?;
         let mut tx = self.state.db.begin().await?;
         let user = store::tenancy::insert_user(&mut tx, &email, &name, &hash).await?;
         store::tenancy::insert_membership(&mut tx, caller.org_id, user.id, role).await?;

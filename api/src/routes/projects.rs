@@ -27,10 +27,12 @@ pub struct ProjectsApi {
 pub struct NewProject {
     name: String,
     #[serde(default)]
+    #[oai(nullable)]
     description: Option<String>,
     visibility: VisibilityName,
     /// Required with visibility `team` (a team of the caller's org), not allowed otherwise.
     #[serde(default)]
+    #[oai(nullable)]
     team_id: Option<Uuid>,
 }
 
@@ -46,6 +48,7 @@ pub struct AddProjectMember {
 pub struct ProjectPage {
     items: Vec<ProjectView>,
     /// Pass as `?cursor=` for the next page; null on the last page.
+    #[oai(nullable)]
     next_cursor: Option<String>,
 }
 

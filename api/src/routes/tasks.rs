@@ -27,12 +27,15 @@ pub struct TasksApi {
 pub struct NewTask {
     title: String,
     #[serde(default)]
+    #[oai(nullable)]
     description: Option<String>,
     /// Default `todo`.
     #[serde(default)]
+    #[oai(nullable)]
     status: Option<StatusName>,
     /// A member of the org who can see the project.
     #[serde(default)]
+    #[oai(nullable)]
     assignee_id: Option<Uuid>,
 }
 
@@ -48,7 +51,9 @@ pub struct TaskChanges {
     description: MaybeUndefined<String>,
     #[serde(default)]
     status: MaybeUndefined<StatusName>,
+    /// `null` unassigns.
     #[serde(default)]
+    #[oai(nullable)]
     assignee_id: MaybeUndefined<Uuid>,
 }
 
@@ -65,6 +70,7 @@ fn not_null<T>(field: &str, v: MaybeUndefined<T>) -> Result<Option<T>, ApiError>
 pub struct TaskPage {
     items: Vec<TaskView>,
     /// Pass as `?cursor=` for the next page; null on the last page.
+    #[oai(nullable)]
     next_cursor: Option<String>,
 }
 

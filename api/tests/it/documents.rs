@@ -860,7 +860,13 @@ async fn content_the_embedder_rejects_fails_its_document_without_failing_the_run
     );
     assert!(chunks_of(&app, &doc).await.is_empty());
     assert_eq!(chunks_of(&app, &pid).await.len(), 1);
-    assert_eq!(app.count("index_outbox").await, 0);
+    // the document's row is dead-lettered (kept for operators), nothing else is left
+    let left: Vec<(String, bool)> =
+        sqlx::query_as("SELECT source_kind, dead_at IS NOT NULL FROM index_outbox")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, [("document".to_owned(), true)]);
 }
 
 #[tokio::test]

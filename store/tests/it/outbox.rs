@@ -102,7 +102,7 @@ async fn claims_coalesce_a_source_and_skip_rows_held_elsewhere() {
     }
     // the first claim takes the oldest row (a) and every other row of a
     let mut t1 = db.pool.begin().await.unwrap();
-    let got = outbox::claim(&mut t1, 1).await.unwrap();
+    let got = outbox::claim(&mut t1, 1, Uuid::nil()).await.unwrap();
     assert_eq!(got.len(), 3);
     assert!(got.iter().all(|r| r.source_id == a));
     assert!(
@@ -112,7 +112,7 @@ async fn claims_coalesce_a_source_and_skip_rows_held_elsewhere() {
     );
     // a second transaction skips them and gets b; it cannot take a's source lock
     let mut t2 = db.pool.begin().await.unwrap();
-    let got2 = outbox::claim(&mut t2, 10).await.unwrap();
+    let got2 = outbox::claim(&mut t2, 10, Uuid::nil()).await.unwrap();
     assert_eq!(got2.len(), 1);
     assert_eq!(got2[0].source_id, b);
     assert!(
@@ -121,10 +121,109 @@ async fn claims_coalesce_a_source_and_skip_rows_held_elsewhere() {
             .unwrap()
     );
     let ids: Vec<i64> = got.iter().map(|r| r.id).collect();
-    assert_eq!(outbox::delete(&mut t1, &ids).await.unwrap(), 3);
+    assert_eq!(outbox::delete(&mut t1, &ids, &[]).await.unwrap(), 3);
     t1.commit().await.unwrap();
     t2.rollback().await.unwrap();
     assert_eq!(outbox_rows(&db).await, [("task".to_owned(), b)]);
+}
+
+#[tokio::test]
+async fn claims_take_the_orgs_in_turn_and_skip_waiting_and_dead_rows() {
+    let db = TestDb::new().await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let busy = store::tenancy::insert_org(&mut c, "busy").await.unwrap().id;
+    let quiet = store::tenancy::insert_org(&mut c, "quiet")
+        .await
+        .unwrap()
+        .id;
+    // the busy org's backlog is older than the quiet org's one change
+    for _ in 0..50 {
+        outbox::record(&mut c, busy, SourceKind::Task, Uuid::new_v4())
+            .await
+            .unwrap();
+    }
+    let late = Uuid::new_v4();
+    outbox::record(&mut c, quiet, SourceKind::Task, late)
+        .await
+        .unwrap();
+    for turn in [Uuid::nil(), Uuid::max(), busy, quiet] {
+        let mut t = db.pool.begin().await.unwrap();
+        let got = outbox::claim(&mut t, 4, turn).await.unwrap();
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(got.iter().any(|r| r.source_id == late), "{turn}: {got:?}");
+        t.rollback().await.unwrap();
+    }
+
+    // a failed attempt waits; at the last attempt (or a permanent failure) the rows are dead
+    let mut t = db.pool.begin().await.unwrap();
+    let got = outbox::claim(&mut t, 100, quiet).await.unwrap();
+    let row = got.iter().find(|r| r.source_id == late).unwrap().id;
+    let out = outbox::fail(&mut t, &[row], "boom", 3600, 3, false)
+        .await
+        .unwrap();
+    assert_eq!(out, outbox::FailOutcome::Retry);
+    t.commit().await.unwrap();
+    let mut t = db.pool.begin().await.unwrap();
+    let got = outbox::claim(&mut t, 100, quiet).await.unwrap();
+    assert_eq!(got.len(), 50, "the waiting row is not claimed");
+    t.rollback().await.unwrap();
+    sqlx::query("UPDATE index_outbox SET retry_at = now() - interval '1 s' WHERE id = $1")
+        .bind(row)
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    let mut t = db.pool.begin().await.unwrap();
+    let got = outbox::claim(&mut t, 100, quiet).await.unwrap();
+    let back = got.iter().find(|r| r.id == row).unwrap();
+    assert_eq!(back.attempts, 1);
+    assert_eq!(
+        outbox::fail(&mut t, &[row], "boom", 0, 2, false)
+            .await
+            .unwrap(),
+        outbox::FailOutcome::Dead
+    );
+    t.commit().await.unwrap();
+    assert_eq!(outbox::dead_count(&mut c).await.unwrap(), 1);
+    assert_eq!(outbox::depth(&mut c).await.unwrap(), 50);
+    let dead = outbox::dead(&mut c, 10).await.unwrap();
+    assert_eq!(
+        (dead[0].attempts, dead[0].last_error.as_deref()),
+        (2, Some("boom"))
+    );
+    // dead rows are not claimed, not even with a new row of their source; indexing that one
+    // removes them
+    outbox::record(&mut c, quiet, SourceKind::Task, late)
+        .await
+        .unwrap();
+    let mut t = db.pool.begin().await.unwrap();
+    let got = outbox::claim(&mut t, 100, quiet).await.unwrap();
+    let mine: Vec<i64> = got
+        .iter()
+        .filter(|r| r.source_id == late)
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(mine.len(), 1);
+    assert_ne!(mine[0], row);
+    assert_eq!(
+        outbox::delete(&mut t, &mine, &[(SourceKind::Task, late)])
+            .await
+            .unwrap(),
+        2
+    );
+    t.commit().await.unwrap();
+    assert_eq!(outbox::dead_count(&mut c).await.unwrap(), 0);
+    // a permanent failure is dead at once; operators may revive dead rows
+    let mut t = db.pool.begin().await.unwrap();
+    let got = outbox::claim(&mut t, 1, Uuid::nil()).await.unwrap();
+    assert_eq!(
+        outbox::fail(&mut t, &[got[0].id], "refused", 0, 5, true)
+            .await
+            .unwrap(),
+        outbox::FailOutcome::Dead
+    );
+    t.commit().await.unwrap();
+    assert_eq!(outbox::revive_dead(&mut c).await.unwrap(), 1);
+    assert_eq!(outbox::depth(&mut c).await.unwrap(), 50);
 }
 
 #[tokio::test]

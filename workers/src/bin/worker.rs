@@ -84,6 +84,13 @@ struct IndexArgs {
     /// after changing EMBEDDING_MODEL; unchanged chunks cost no embedding call.
     #[arg(long)]
     all: bool,
+    /// List the dead-lettered outbox rows (sources that could not be indexed) with their last
+    /// error, instead of indexing.
+    #[arg(long, conflicts_with_all = ["now", "all"])]
+    dead: bool,
+    /// With --dead: give those rows a fresh start (after fixing what made them fail).
+    #[arg(long, requires = "dead")]
+    revive: bool,
 }
 
 #[derive(Subcommand)]
@@ -117,8 +124,60 @@ async fn main() -> ExitCode {
     };
     match cli.cmd {
         None => run(settings, cli.run).await,
-        Some(Cmd::Index(IndexArgs { now: true, all })) => index_now(settings, all).await,
+        Some(Cmd::Index(IndexArgs {
+            dead: true, revive, ..
+        })) => index_dead(settings, revive).await,
+        Some(Cmd::Index(IndexArgs { now: true, all, .. })) => index_now(settings, all).await,
         Some(cmd) => operate(settings, cmd).await,
+    }
+}
+
+/// `worker index --dead [--revive]`: the dead-lettered outbox rows, tab-separated on stdout.
+#[allow(clippy::print_stdout)]
+async fn index_dead(settings: config::Settings, revive: bool) -> ExitCode {
+    let rt = match workers::Runtime::connect(settings, Duration::from_secs(30)).await {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "cannot connect");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listed = async {
+        let mut conn = rt.db.acquire().await?;
+        let rows = store::outbox::dead(&mut conn, 1000).await?;
+        let revived = if revive {
+            Some(store::outbox::revive_dead(&mut conn).await?)
+        } else {
+            None
+        };
+        Ok::<_, store::StoreError>((rows, revived))
+    };
+    match listed.await {
+        Ok((rows, revived)) => {
+            for r in &rows {
+                println!(
+                    "{}\torg={}\t{}\t{}\tattempts={}\t{}\t{}",
+                    r.id,
+                    r.org_id,
+                    r.source_kind,
+                    r.source_id,
+                    r.attempts,
+                    r.dead_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    r.last_error.as_deref().unwrap_or("").replace('\n', " ")
+                );
+            }
+            if rows.is_empty() {
+                println!("index: no dead outbox rows");
+            }
+            if let Some(n) = revived {
+                println!("index: revived {n} dead outbox rows");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the dead outbox rows");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -171,7 +230,7 @@ async fn index_now(settings: config::Settings, all: bool) -> ExitCode {
             let secs = took.as_secs_f64().max(1e-9);
             println!(
                 "index: batches={} sources={} outbox_rows={} chunks_embedded={} chunks_skipped={} \
-                 chunks_deleted={} documents_failed={} embed_requests={} ms={} chunks_per_s={:.0}",
+                 chunks_deleted={} documents_failed={} sources_failed={} sources_dead={} embed_requests={} ms={} chunks_per_s={:.0}",
                 r.batches,
                 r.sources,
                 r.outbox_rows,
@@ -179,6 +238,8 @@ async fn index_now(settings: config::Settings, all: bool) -> ExitCode {
                 r.chunks_skipped,
                 r.chunks_deleted,
                 r.documents_failed,
+                r.sources_failed,
+                r.sources_dead,
                 r.embed_requests,
                 took.as_millis(),
                 r.chunks_embedded as f64 / secs

@@ -8,10 +8,35 @@
 //! - A section longer than the budget is cut at word boundaries into windows of at most
 //!   `budget` tokens; consecutive windows of a section overlap by about `overlap` tokens. A
 //!   single word longer than the budget is cut at a character boundary.
+//! - Titles are bounded: one heading contributes at most `MAX_HEADING_CHARS` to a path (a
+//!   longer heading's whole text also goes into its section's body, so no word is lost), and a
+//!   chunk's title is at most `MAX_TITLE_CHARS`. A chunk's title and content feed the
+//!   `embeddings.tsv` generated column and the embedder's input, so both stay bounded whatever
+//!   was uploaded (PostgreSQL refuses a tsvector over 1 MB).
 
 use sha2::{Digest, Sha256};
 
 pub const CHARS_PER_TOKEN: usize = 4;
+/// Characters one heading contributes to a heading path.
+pub const MAX_HEADING_CHARS: usize = 120;
+/// Characters of a chunk's title (heading path or source title).
+pub const MAX_TITLE_CHARS: usize = 300;
+
+/// `s` cut to at most `max` characters (the last one an ellipsis when cut).
+pub fn bounded(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_owned(),
+        Some(_) => {
+            let keep = s
+                .char_indices()
+                .nth(max.saturating_sub(1))
+                .map_or(0, |(i, _)| i);
+            let mut out = s[..keep].trim_end().to_owned();
+            out.push('…');
+            out
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct ChunkParams {
@@ -64,9 +89,10 @@ pub fn chunk_text(title: &str, text: &str, markdown: bool, params: ChunkParams) 
     };
     let mut out = Vec::new();
     for (section_title, body) in sections {
+        let title = bounded(&section_title, MAX_TITLE_CHARS);
         for content in windows(&body, params) {
             out.push(Chunk {
-                title: section_title.clone(),
+                title: title.clone(),
                 content,
             });
         }
@@ -108,7 +134,13 @@ fn markdown_sections(doc_title: &str, text: &str) -> Vec<(String, String)> {
                 std::mem::take(&mut body),
             ));
             path.retain(|(l, _)| *l < level);
-            path.push((level, heading));
+            let short = bounded(&heading, MAX_HEADING_CHARS);
+            if short != heading {
+                // the title keeps the start; the body keeps every word
+                body.push_str(&heading);
+                body.push('\n');
+            }
+            path.push((level, short));
             current_title = path
                 .iter()
                 .map(|(_, h)| h.as_str())
@@ -287,6 +319,35 @@ mod tests {
     }
 
     #[test]
+    fn a_megabyte_heading_gives_a_bounded_title_and_keeps_its_words_in_the_body() {
+        let words = "lorem ipsum dolor ".repeat(60_000); // ~1 MB
+        let md = format!("# {words}\nthe body\n## Sub {words}\nmore");
+        let c = chunk_text("Doc", &md, true, P);
+        assert!(!c.is_empty());
+        for ch in &c {
+            assert!(
+                ch.title.chars().count() <= MAX_TITLE_CHARS,
+                "{}",
+                ch.title.len()
+            );
+            assert!(ch.content.len() <= 40);
+        }
+        assert!(c[0].title.starts_with("lorem ipsum") && c[0].title.ends_with('…'));
+        assert!(c.iter().any(|ch| ch.content.contains("the body")));
+        assert!(c.iter().any(|ch| ch.title.contains(" > Sub lorem")));
+        assert!(
+            chunk_text(&"t".repeat(5000), "x", false, P)[0]
+                .title
+                .chars()
+                .count()
+                <= MAX_TITLE_CHARS
+        );
+        assert_eq!(bounded("abc", 3), "abc");
+        assert_eq!(bounded("abcd", 3), "ab…");
+        assert_eq!(bounded("日本語です", 2), "日…");
+    }
+
+    #[test]
     fn the_hash_covers_model_title_and_content() {
         let h = content_hash("m", "t", "c");
         assert_eq!(h, content_hash("m", "t", "c"));
@@ -294,5 +355,79 @@ mod tests {
         assert_ne!(h, content_hash("m", "t2", "c"));
         assert_ne!(h, content_hash("m", "t", "c2"));
         assert_ne!(content_hash("m", "ab", "c"), content_hash("m", "a", "bc"));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Markdown-ish text: headings, fences, long words, whitespace kinds, multi-byte text.
+        fn markdownish() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                Just("# ".to_owned()),
+                Just("###### ".to_owned()),
+                Just("####### ".to_owned()),
+                Just("   ## ".to_owned()),
+                Just("```".to_owned()),
+                Just("~~~".to_owned()),
+                Just("\n".to_owned()),
+                Just("\r\n".to_owned()),
+                Just("\t".to_owned()),
+                Just(" ".to_owned()),
+                Just("\u{a0}".to_owned()),
+                Just("é".to_owned()),
+                Just("日本語".to_owned()),
+                Just("#".repeat(300)),
+                Just("x".repeat(700)),
+                "[a-z]{1,12}",
+                any::<String>(),
+            ];
+            prop::collection::vec(piece, 0..200).prop_map(|v| v.concat())
+        }
+
+        fn params() -> impl Strategy<Value = ChunkParams> {
+            (1usize..64).prop_flat_map(|budget| {
+                (Just(budget), 0..budget).prop_map(|(budget_tokens, overlap_tokens)| ChunkParams {
+                    budget_tokens,
+                    overlap_tokens,
+                })
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn chunks_are_bounded_whatever_the_input(
+                title in any::<String>(),
+                text in markdownish(),
+                markdown in any::<bool>(),
+                p in params(),
+            ) {
+                let chunks = chunk_text(&title, &text, markdown, p);
+                let budget = p.budget_tokens * CHARS_PER_TOKEN;
+                let overlap = p.overlap_tokens * CHARS_PER_TOKEN;
+                // at most the input (plus over-long headings copied into the body) again, plus
+                // one overlap per chunk
+                let body = text.len() * 2;
+                prop_assert!(chunks.len() <= body + 1);
+                let total: usize = chunks.iter().map(|c| c.content.len()).sum();
+                prop_assert!(total <= body + chunks.len() * overlap, "{total}");
+                for c in &chunks {
+                    prop_assert!(c.content.len() <= budget, "{} > {budget}", c.content.len());
+                    prop_assert!(!c.content.trim().is_empty());
+                    prop_assert!(c.title.chars().count() <= MAX_TITLE_CHARS);
+                }
+            }
+
+            #[test]
+            fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..4096), p in params()) {
+                let text = String::from_utf8_lossy(&bytes);
+                for markdown in [false, true] {
+                    let chunks = chunk_text("t", &text, markdown, p);
+                    prop_assert!(chunks.len() <= text.len() * 2 + 1);
+                }
+            }
+        }
     }
 }

@@ -2,22 +2,32 @@
 //! remove stale — in batches, each batch one transaction with the deletion of its outbox rows,
 //! so a crash never loses an outbox row nor half-writes a source.
 //!
-//! A batch claims up to `INDEX_BATCH_SOURCES` of the oldest outbox rows with `FOR UPDATE SKIP
-//! LOCKED` (plus the other rows of the same sources: duplicates are coalesced), then takes a
-//! per-source advisory lock, so two index runs never process the same rows or the same source
-//! at once. For each source it loads the current content (gone or deleted → its chunks are
-//! removed), chunks it ([`chunk`]), compares each chunk's hash (model + title + content) with
-//! the stored one at the same index, embeds only the changed chunks through LiteLLM (requests
-//! of `INDEX_EMBED_BATCH` inputs), upserts them, deletes chunks past the new count and marks
-//! documents `indexed`.
+//! A batch claims up to `INDEX_BATCH_SOURCES` outbox rows with `FOR UPDATE SKIP LOCKED`, the
+//! orgs in turn (`store::outbox::claim`: one org's backlog never starves another's), plus the
+//! other rows of the same sources (duplicates are coalesced), then takes a per-source advisory
+//! lock, so two index runs never process the same rows or the same source at once. For each
+//! source it loads the current content (gone or deleted → its chunks are removed), chunks it
+//! ([`chunk`]: titles and chunk text bounded), compares each chunk's hash (model + title +
+//! content) with the stored one at the same index, embeds only the changed chunks through
+//! LiteLLM (requests of `INDEX_EMBED_BATCH` inputs), upserts them, deletes chunks past the new
+//! count and marks documents `indexed`.
 //!
-//! Failures: a database error, or an embedder failure worth retrying (429, 5xx, timeout,
-//! connection), rolls the batch back and fails the job with a retryable error — the bus
+//! **A source that cannot be indexed fails alone.** Its writes run in a savepoint (all
+//! sources' writes together first; if the database refuses them, source by source), so a row
+//! the database refuses (a value too long, a constraint) rolls back that source only. An
+//! embedding request that fails with an upstream error while other requests of the batch
+//! succeed is retried source by source, and only the sources still failing are charged. A
+//! failed source's outbox rows count the attempt and wait (`index.source_retry_secs`,
+//! doubling); after `index.source_max_attempts` — at once when retrying cannot help (the
+//! database refused the content, the embedder rejected it) — they are dead-lettered
+//! (`store::outbox::fail`) and a document becomes `failed` with a reason its user can act on.
+//! The rest of the batch commits.
+//!
+//! When the embedder itself is unavailable (timeouts, connection errors, rate limits, or no
+//! request of the batch succeeding), the batch rolls back and the job fails retryably — the bus
 //! retries it with backoff. On the job's last attempt such a failure instead marks the
 //! documents it hit `failed` (their outbox rows are consumed) and ends the pass, leaving the
-//! other sources' rows for the next run. An embedder that rejects an input for good (a 4xx
-//! other than 429) is asked again source by source; a source it still rejects is `failed`
-//! (documents) or skipped with a warning (project data, messages).
+//! other sources' rows for the next run.
 
 pub mod chunk;
 
@@ -73,6 +83,10 @@ pub struct PassReport {
     /// Chunks removed (sources gone, or shorter than before).
     pub chunks_deleted: u64,
     pub documents_failed: u64,
+    /// Sources that could not be indexed in this pass (their rows wait or are dead).
+    pub sources_failed: u64,
+    /// Of those, the sources whose outbox rows were dead-lettered.
+    pub sources_dead: u64,
     /// Embedding requests made.
     pub embed_requests: u64,
     /// Milliseconds spent waiting for the embedder, and writing chunks.
@@ -89,6 +103,8 @@ impl PassReport {
         self.chunks_skipped += b.chunks_skipped;
         self.chunks_deleted += b.chunks_deleted;
         self.documents_failed += b.documents_failed;
+        self.sources_failed += b.sources_failed;
+        self.sources_dead += b.sources_dead;
         self.embed_requests += b.embed_requests;
         self.embed_ms += b.embed_ms;
         self.write_ms += b.write_ms;
@@ -105,6 +121,8 @@ pub struct Indexer {
     batch_sources: i64,
     embed_batch: usize,
     max_attempts: u32,
+    source_max_attempts: u32,
+    source_retry_secs: u64,
 }
 
 /// One source of a batch and what to write for it.
@@ -114,7 +132,64 @@ struct Plan {
     outbox_ids: Vec<i64>,
     content: Option<store::index::SourceContent>,
     count: i32,
-    failed: bool,
+    /// Failed attempts before this one (the highest among its outbox rows).
+    attempts: i32,
+    failure: Option<Failure>,
+}
+
+/// Why one source could not be indexed in this batch.
+#[derive(Debug, Clone)]
+enum Failure {
+    /// The embedder rejects its content (a 4xx): retrying cannot help.
+    Rejected,
+    /// The database refuses its rows (data exception, constraint, program limit): retrying
+    /// cannot help.
+    Refused(String),
+    /// Anything else that hit this source alone; it is tried again later.
+    Transient(String),
+}
+
+impl Failure {
+    fn permanent(&self) -> bool {
+        !matches!(self, Failure::Transient(_))
+    }
+
+    /// For operators (`index_outbox.last_error`): never shown to users.
+    fn detail(&self) -> String {
+        match self {
+            Failure::Rejected => "the embedder rejected the content".to_owned(),
+            Failure::Refused(e) => format!("the database refused the rows: {e}"),
+            Failure::Transient(e) => e.clone(),
+        }
+    }
+
+    /// What a document's `failure_reason` says: shown to users, so no provider or database text.
+    fn reason(&self, attempts: u32) -> String {
+        match self {
+            Failure::Rejected => FAILED_REJECTED.to_owned(),
+            Failure::Refused(_) => FAILED_REFUSED.to_owned(),
+            Failure::Transient(_) => format!(
+                "indexing this document failed {attempts} times; upload it again later, or split it into smaller documents"
+            ),
+        }
+    }
+}
+
+/// The failure of one source's statements, or `None` when the connection itself failed (the
+/// whole batch is lost then).
+fn db_failure(e: &StoreError) -> Option<Failure> {
+    let StoreError::Database(sqlx::Error::Database(db)) = e else {
+        return None;
+    };
+    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+    let text = format!("{code}: {}", db.message());
+    // SQLSTATE classes 22 (data exception), 23 (integrity constraint), 54 (program limit
+    // exceeded, e.g. a tsvector over 1 MB): the same rows would be refused again
+    if ["22", "23", "54"].iter().any(|c| code.starts_with(c)) {
+        Some(Failure::Refused(text))
+    } else {
+        Some(Failure::Transient(text))
+    }
 }
 
 /// A chunk that needs a (new) embedding.
@@ -127,6 +202,7 @@ struct Pending {
 }
 
 const FAILED_REJECTED: &str = "the embedding model rejected this document's content";
+const FAILED_REFUSED: &str = "the search index cannot store this document's text; remove unusual content (very long lines or headings, binary data) or split it into smaller documents, then upload it again";
 const FAILED_UNAVAILABLE: &str =
     "the embedding model was unavailable on every attempt; upload the document again later";
 
@@ -135,6 +211,15 @@ const FAILED_UNAVAILABLE: &str =
 fn is_permanent(e: &LlmError) -> bool {
     matches!(e, LlmError::Upstream { status, .. }
         if (400..500).contains(status) && *status != 408 && *status != 429)
+}
+
+/// A failure that says the embedder is unavailable, whatever the input: rate limits,
+/// timeouts, connection errors. (Inputs are bounded, so a timeout is not the input's fault.)
+fn is_unavailable(e: &LlmError) -> bool {
+    matches!(
+        e,
+        LlmError::RateLimited { .. } | LlmError::Timeout(_) | LlmError::Connection(_)
+    )
 }
 
 impl Indexer {
@@ -148,6 +233,8 @@ impl Indexer {
             batch_sources: i64::try_from(settings.index.batch_sources).unwrap_or(i64::MAX),
             embed_batch: settings.index.embed_batch.max(1),
             max_attempts: settings.queues.index.max_attempts,
+            source_max_attempts: settings.index.source_max_attempts,
+            source_retry_secs: settings.index.source_retry_secs,
         })
     }
 
@@ -221,7 +308,8 @@ impl Indexer {
             };
             total.add(&report);
             on_batch(&report);
-            if stop || report.outbox_rows == 0 {
+            // no source processed (all locked by another run): stop rather than spin
+            if stop || (report.outbox_rows == 0 && report.sources == 0) {
                 break;
             }
         }
@@ -234,6 +322,9 @@ impl Indexer {
             && let Ok(n) = store::outbox::depth(&mut conn).await
         {
             metrics::gauge!("index_outbox_depth").set(n as f64);
+            if let Ok(n) = store::outbox::dead_count(&mut conn).await {
+                metrics::gauge!("index_outbox_dead").set(n as f64);
+            }
         }
     }
 
@@ -245,7 +336,7 @@ impl Indexer {
     ) -> Result<Option<(PassReport, bool)>, IndexError> {
         let started = Instant::now();
         let mut tx = self.db.begin().await?;
-        let rows = store::outbox::claim(&mut tx, self.batch_sources).await?;
+        let rows = store::outbox::claim(&mut tx, self.batch_sources, Uuid::new_v4()).await?;
         if rows.is_empty() {
             return Ok(None);
         }
@@ -253,17 +344,21 @@ impl Indexer {
             batches: 1,
             ..PassReport::default()
         };
-        let mut groups: BTreeMap<(SourceKind, Uuid), Vec<i64>> = BTreeMap::new();
+        let mut groups: BTreeMap<(SourceKind, Uuid), (Vec<i64>, i32)> = BTreeMap::new();
         let mut junk: Vec<i64> = Vec::new();
         for r in &rows {
             match SourceKind::parse(&r.source_kind) {
-                Some(k) => groups.entry((k, r.source_id)).or_default().push(r.id),
+                Some(k) => {
+                    let g = groups.entry((k, r.source_id)).or_default();
+                    g.0.push(r.id);
+                    g.1 = g.1.max(r.attempts);
+                }
                 None => junk.push(r.id),
             }
         }
         let mut plans: Vec<Plan> = Vec::new();
         let mut pending: Vec<Pending> = Vec::new();
-        for ((kind, id), outbox_ids) in groups {
+        for ((kind, id), (outbox_ids, attempts)) in groups {
             if !store::outbox::try_lock_source(&mut tx, kind, id).await? {
                 // another run is on this source right now; its rows wait for the next batch
                 continue;
@@ -300,53 +395,23 @@ impl Indexer {
                 outbox_ids,
                 content,
                 count,
-                failed: false,
+                attempts,
+                failure: None,
             });
         }
 
-        // Embed what changed, `embed_batch` inputs per request.
+        // Embed what changed.
         let embed_started = Instant::now();
-        let mut stop = false;
-        let mut unavailable: Vec<usize> = Vec::new();
-        let mut start = 0;
-        while start < pending.len() {
-            let end = (start + self.embed_batch).min(pending.len());
-            let inputs: Vec<String> = pending[start..end]
-                .iter()
-                .map(|p| chunk::embedding_input(&p.chunk))
-                .collect();
-            report.embed_requests += 1;
-            match self.llm.embed(&self.model, &inputs).await {
-                Ok(vectors) => {
-                    for (p, v) in pending[start..end].iter_mut().zip(vectors) {
-                        p.vector = Some(v);
-                    }
-                }
-                Err(e) if is_permanent(&e) => {
-                    tracing::warn!(error = %e, "the embedder rejected a request; retrying source by source");
-                    self.embed_one_by_one(&mut pending[start..end], &mut plans, &mut report)
-                        .await?;
-                }
-                Err(e) if last_attempt => {
-                    tracing::warn!(error = %e, "the embedder failed on the last attempt");
-                    unavailable.extend(pending[start..end].iter().map(|p| p.plan));
-                    unavailable.extend(pending[end..].iter().map(|p| p.plan));
-                    stop = true;
-                    break;
-                }
-                Err(e) => return Err(IndexError::Embed(e)),
-            }
-            start = end;
-        }
-        unavailable.sort_unstable();
-        unavailable.dedup();
+        let unavailable = self
+            .embed_pending(&mut pending, &mut plans, &mut report, last_attempt)
+            .await?;
+        let stop = !unavailable.is_empty();
         report.embed_ms = embed_started.elapsed().as_millis() as u64;
         let write_started = Instant::now();
 
         // Write: chunks, stale chunks, document status, outbox rows.
         let mut done_ids = junk;
         let mut chunks_by_plan: HashMap<usize, Vec<NewChunk>> = HashMap::new();
-        let mut to_write: Vec<NewChunk> = Vec::new();
         for p in pending {
             let (Some(vector), Some(src)) = (p.vector, plans[p.plan].content.as_ref()) else {
                 continue;
@@ -368,53 +433,109 @@ impl Indexer {
                 embedding: pgvector::Vector::from(vector),
             });
         }
+        let mut live: Vec<usize> = Vec::new();
         for (i, plan) in plans.iter().enumerate() {
-            let gave_up = unavailable.binary_search(&i).is_ok();
-            if gave_up && plan.kind != SourceKind::Document {
+            if unavailable.binary_search(&i).is_ok() {
+                if plan.kind == SourceKind::Document {
+                    report.sources += 1;
+                    done_ids.extend(&plan.outbox_ids);
+                    store::index::mark_document_failed(&mut tx, plan.id, FAILED_UNAVAILABLE)
+                        .await?;
+                    report.documents_failed += 1;
+                }
                 // project data and messages wait in the outbox for the next run
                 continue;
             }
-            report.sources += 1;
-            done_ids.extend(&plan.outbox_ids);
-            if gave_up || plan.failed {
-                if plan.kind == SourceKind::Document {
-                    let reason = if gave_up {
-                        FAILED_UNAVAILABLE
-                    } else {
-                        FAILED_REJECTED
-                    };
-                    store::index::mark_document_failed(&mut tx, plan.id, reason).await?;
-                    report.documents_failed += 1;
-                } else {
-                    tracing::warn!(kind = plan.kind.as_str(), source_id = %plan.id,
-                        "the embedder rejected this source; it stays out of the index until it changes");
-                }
-                continue;
-            }
-            if plan.content.is_none() {
-                report.chunks_deleted +=
-                    store::index::delete_source_chunks(&mut tx, plan.kind, plan.id).await?;
-                continue;
-            }
-            if let Some(chunks) = chunks_by_plan.remove(&i) {
-                report.chunks_embedded += chunks.len() as u64;
-                to_write.extend(chunks);
-            }
-            report.chunks_deleted += store::index::delete_stale_chunks(
-                &mut tx,
-                plan.kind,
-                plan.id,
-                &self.model,
-                plan.count,
-            )
-            .await?;
-            if plan.kind == SourceKind::Document {
-                store::index::mark_document_indexed(&mut tx, plan.id).await?;
+            if plan.failure.is_none() {
+                live.push(i);
             }
         }
-        store::index::write_chunks(&mut tx, &to_write).await?;
+        // Every source's writes in one savepoint; if the database refuses them, one savepoint
+        // per source, so that only the sources it refuses fail.
+        let mut sp = sqlx::Acquire::begin(&mut *tx).await?;
+        match self
+            .write_sources(&mut sp, &plans, &live, &chunks_by_plan)
+            .await
+        {
+            Ok(r) => {
+                sp.commit().await?;
+                report.chunks_embedded += r.chunks_embedded;
+                report.chunks_deleted += r.chunks_deleted;
+            }
+            Err(e) => {
+                let Some(first) = db_failure(&e) else {
+                    return Err(e.into());
+                };
+                sp.rollback().await?;
+                tracing::warn!(error = %first.detail(), "the database refused a batch's writes; writing source by source");
+                for i in std::mem::take(&mut live) {
+                    let mut sp = sqlx::Acquire::begin(&mut *tx).await?;
+                    match self
+                        .write_sources(&mut sp, &plans, &[i], &chunks_by_plan)
+                        .await
+                    {
+                        Ok(r) => {
+                            sp.commit().await?;
+                            report.chunks_embedded += r.chunks_embedded;
+                            report.chunks_deleted += r.chunks_deleted;
+                            live.push(i);
+                        }
+                        Err(e) => {
+                            let Some(failure) = db_failure(&e) else {
+                                return Err(e.into());
+                            };
+                            sp.rollback().await?;
+                            plans[i].failure = Some(failure);
+                        }
+                    }
+                }
+            }
+        }
+        // Failed sources: their rows count the attempt, wait, or are dead-lettered.
+        for plan in plans.iter().filter(|p| p.failure.is_some()) {
+            let Some(failure) = &plan.failure else {
+                continue;
+            };
+            report.sources += 1;
+            report.sources_failed += 1;
+            let attempts = u32::try_from(plan.attempts).unwrap_or(0) + 1;
+            let wait = self
+                .source_retry_secs
+                .saturating_mul(1 << (attempts - 1).min(16));
+            let outcome = store::outbox::fail(
+                &mut tx,
+                &plan.outbox_ids,
+                &failure.detail(),
+                wait,
+                self.source_max_attempts,
+                failure.permanent(),
+            )
+            .await?;
+            tracing::warn!(
+                kind = plan.kind.as_str(),
+                source_id = %plan.id,
+                attempts,
+                dead = outcome == store::outbox::FailOutcome::Dead,
+                error = %failure.detail(),
+                "a source could not be indexed"
+            );
+            if outcome == store::outbox::FailOutcome::Dead {
+                report.sources_dead += 1;
+                if plan.kind == SourceKind::Document {
+                    store::index::mark_document_failed(&mut tx, plan.id, &failure.reason(attempts))
+                        .await?;
+                    report.documents_failed += 1;
+                }
+            }
+        }
+        let mut indexed: Vec<(SourceKind, Uuid)> = Vec::with_capacity(live.len());
+        for i in live {
+            report.sources += 1;
+            done_ids.extend(&plans[i].outbox_ids);
+            indexed.push((plans[i].kind, plans[i].id));
+        }
         report.outbox_rows = done_ids.len() as u64;
-        store::outbox::delete(&mut tx, &done_ids).await?;
+        store::outbox::delete(&mut tx, &done_ids, &indexed).await?;
         tx.commit().await?;
         report.write_ms = write_started.elapsed().as_millis() as u64;
         metrics::counter!("index_chunks_total", "outcome" => "embedded")
@@ -424,12 +545,18 @@ impl Indexer {
         metrics::counter!("index_chunks_total", "outcome" => "deleted")
             .increment(report.chunks_deleted);
         metrics::counter!("index_sources_total").increment(report.sources);
+        metrics::counter!("index_source_failures_total", "outcome" => "retry")
+            .increment(report.sources_failed - report.sources_dead);
+        metrics::counter!("index_source_failures_total", "outcome" => "dead")
+            .increment(report.sources_dead);
         tracing::info!(
             sources = report.sources,
             outbox_rows = report.outbox_rows,
             embedded = report.chunks_embedded,
             skipped = report.chunks_skipped,
             deleted = report.chunks_deleted,
+            failed = report.sources_failed,
+            dead = report.sources_dead,
             documents_failed = report.documents_failed,
             ms = started.elapsed().as_millis() as u64,
             "index batch committed"
@@ -437,19 +564,149 @@ impl Indexer {
         Ok(Some((report, stop)))
     }
 
-    /// After a permanent rejection of a request: embed its inputs source by source, marking
-    /// the sources the embedder still rejects as failed.
+    /// Write the sources `which` of `plans`: their new chunks (one bulk statement), stale
+    /// chunks, document status. Returns chunks embedded and deleted.
+    async fn write_sources(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        plans: &[Plan],
+        which: &[usize],
+        chunks_by_plan: &HashMap<usize, Vec<NewChunk>>,
+    ) -> Result<PassReport, StoreError> {
+        let mut r = PassReport::default();
+        let mut to_write: Vec<&NewChunk> = Vec::new();
+        for &i in which {
+            let plan = &plans[i];
+            if plan.content.is_none() {
+                r.chunks_deleted +=
+                    store::index::delete_source_chunks(&mut *conn, plan.kind, plan.id).await?;
+                continue;
+            }
+            if let Some(chunks) = chunks_by_plan.get(&i) {
+                r.chunks_embedded += chunks.len() as u64;
+                to_write.extend(chunks);
+            }
+            r.chunks_deleted += store::index::delete_stale_chunks(
+                &mut *conn,
+                plan.kind,
+                plan.id,
+                &self.model,
+                plan.count,
+            )
+            .await?;
+            if plan.kind == SourceKind::Document {
+                store::index::mark_document_indexed(&mut *conn, plan.id).await?;
+            }
+        }
+        store::index::write_chunks(&mut *conn, &to_write).await?;
+        Ok(r)
+    }
+
+    /// Embed the pending chunks, `embed_batch` inputs per request. A request the embedder
+    /// rejects (4xx) is retried source by source; one that fails otherwise while the embedder
+    /// works for other requests too. Sources that still fail get their `failure`. Returns the
+    /// plans given up on because the embedder is unavailable on the job's last attempt (sorted;
+    /// empty otherwise — before the last attempt that is an error).
+    async fn embed_pending(
+        &self,
+        pending: &mut [Pending],
+        plans: &mut [Plan],
+        report: &mut PassReport,
+        last_attempt: bool,
+    ) -> Result<Vec<usize>, IndexError> {
+        let mut worked = false;
+        let mut failed: Vec<(std::ops::Range<usize>, LlmError)> = Vec::new();
+        let mut unavailable: Option<(usize, LlmError)> = None;
+        let mut start = 0;
+        while start < pending.len() {
+            let end = (start + self.embed_batch).min(pending.len());
+            let inputs: Vec<String> = pending[start..end]
+                .iter()
+                .map(|p| chunk::embedding_input(&p.chunk))
+                .collect();
+            report.embed_requests += 1;
+            match self.llm.embed(&self.model, &inputs).await {
+                Ok(vectors) => {
+                    worked = true;
+                    for (p, v) in pending[start..end].iter_mut().zip(vectors) {
+                        p.vector = Some(v);
+                    }
+                }
+                Err(e) if is_unavailable(&e) => {
+                    unavailable = Some((start, e));
+                    break;
+                }
+                Err(e) => failed.push((start..end, e)),
+            }
+            start = end;
+        }
+        let mut transient: Vec<(usize, LlmError)> = Vec::new();
+        if unavailable.is_none() {
+            for (range, e) in failed {
+                tracing::warn!(error = %e, "an embedding request failed; retrying source by source");
+                match self
+                    .embed_one_by_one(&mut pending[range.clone()], plans, report)
+                    .await
+                {
+                    Ok((any, failures)) => {
+                        worked |= any;
+                        transient.extend(failures);
+                    }
+                    Err(e) => {
+                        unavailable = Some((range.start, e));
+                        break;
+                    }
+                }
+            }
+        }
+        if unavailable.is_none() && !transient.is_empty() {
+            if worked {
+                // the embedder works: these sources fail on their own
+                for (plan, e) in transient {
+                    plans[plan].failure = Some(Failure::Transient(format!("embedding: {e}")));
+                }
+            } else if let Some((_, e)) = transient.into_iter().next() {
+                // nothing got through: the embedder, not the inputs
+                unavailable = Some((0, e));
+            }
+        }
+        let Some((from, e)) = unavailable else {
+            return Ok(Vec::new());
+        };
+        if !last_attempt {
+            return Err(IndexError::Embed(e));
+        }
+        tracing::warn!(error = %e, "the embedder failed on the last attempt");
+        let mut gave_up: Vec<usize> = pending[from..]
+            .iter()
+            .filter(|p| p.vector.is_none())
+            .map(|p| p.plan)
+            .collect();
+        gave_up.sort_unstable();
+        gave_up.dedup();
+        Ok(gave_up)
+    }
+
+    /// After a failed request: embed its inputs source by source. A source the embedder
+    /// rejects (4xx) gets its `failure`; other failures are returned with their plan (the
+    /// caller decides whether they are the source's or the embedder's); an unavailable
+    /// embedder is an error. Also returns whether any source got through.
     async fn embed_one_by_one(
         &self,
         pending: &mut [Pending],
         plans: &mut [Plan],
         report: &mut PassReport,
-    ) -> Result<(), IndexError> {
+    ) -> Result<(bool, Vec<(usize, LlmError)>), LlmError> {
         let mut by_plan: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, p) in pending.iter().enumerate() {
             by_plan.entry(p.plan).or_default().push(i);
         }
+        let mut worked = false;
+        let mut failures = Vec::new();
         for (plan, idx) in by_plan {
+            if plans[plan].failure.is_some() {
+                continue;
+            }
             let inputs: Vec<String> = idx
                 .iter()
                 .map(|i| chunk::embedding_input(&pending[*i].chunk))
@@ -457,15 +714,17 @@ impl Indexer {
             report.embed_requests += 1;
             match self.llm.embed(&self.model, &inputs).await {
                 Ok(vectors) => {
+                    worked = true;
                     for (i, v) in idx.iter().zip(vectors) {
                         pending[*i].vector = Some(v);
                     }
                 }
-                Err(e) if is_permanent(&e) => plans[plan].failed = true,
-                Err(e) => return Err(IndexError::Embed(e)),
+                Err(e) if is_permanent(&e) => plans[plan].failure = Some(Failure::Rejected),
+                Err(e) if is_unavailable(&e) => return Err(e),
+                Err(e) => failures.push((plan, e)),
             }
         }
-        Ok(())
+        Ok((worked, failures))
     }
 }
 
@@ -475,6 +734,14 @@ fn describe_metrics() {
         "Chunks handled by the index job, by outcome (embedded, skipped unchanged, deleted)"
     );
     metrics::describe_counter!("index_sources_total", "Sources re-indexed by the index job");
+    metrics::describe_counter!(
+        "index_source_failures_total",
+        "Sources that could not be indexed, by outcome (retry later, dead-lettered)"
+    );
+    metrics::describe_gauge!(
+        "index_outbox_dead",
+        "Dead-lettered outbox rows (sources that could not be indexed)"
+    );
     metrics::describe_gauge!(
         "index_outbox_depth",
         "Outbox rows waiting for the index job (after its last pass)"
