@@ -25,6 +25,16 @@ ALTER TABLE responses
     -- The primary failed before its first token in an earlier run: only the fallback is left.
     ADD COLUMN fallback_only boolean NOT NULL DEFAULT false;
 
+-- Unfinished rows from before the ledger: each handed to a job of its own (any job still on
+-- the bus for them is stale from now on; the reconciler enqueues the new one after its grace),
+-- a `running` one with an expired lease. A continuation waiting for its confirmed action to
+-- run keeps no job: the execution hands it to one.
+UPDATE responses r SET job_id = gen_random_uuid(), enqueued_at = now(),
+                       leased_until = CASE WHEN r.status = 'running' THEN now() END
+ WHERE r.status IN ('queued', 'running')
+   AND NOT EXISTS (SELECT 1 FROM proposed_actions a
+                   WHERE a.continuation_response_id = r.id AND a.status = 'confirmed');
+
 -- What the reconciler scans: the few responses not finished yet.
 CREATE INDEX responses_unfinished_idx ON responses (enqueued_at)
     WHERE status IN ('queued', 'running');
@@ -39,6 +49,12 @@ CREATE INDEX proposed_actions_confirmed_idx ON proposed_actions (decided_at)
 -- Summary folds whose run died with the claim: re-enqueued a bounded number of times.
 ALTER TABLE conversation_summaries
     ADD COLUMN fold_recoveries integer NOT NULL DEFAULT 0;
+CREATE INDEX conversation_summaries_claimed_idx ON conversation_summaries (folding_until)
+    WHERE folding_job IS NOT NULL;
+
+-- Documents waiting to be indexed (the reconciler asks for an index run when none is queued).
+CREATE INDEX documents_queued_idx ON documents (updated_at)
+    WHERE status = 'queued' AND deleted_at IS NULL;
 
 -- `Idempotency-Key` of `POST /v1/conversations/{id}/messages`, per user: the same key answers
 -- with the same turn. `request_hash` is the SHA-256 of what the key was first used for (the

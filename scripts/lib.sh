@@ -143,6 +143,9 @@ pg_memory_conf() {
   echo "shared_buffers = ${SB_PG_SHARED_BUFFERS:-${mb}MB}"
   echo "effective_cache_size = $(( kb / 1024 * 3 / 4 ))MB"
   echo "maintenance_work_mem = 512MB"
+  # An acknowledged commit survives a PostgreSQL crash or immediate shutdown: the ledger of the
+  # work in flight depends on it (fsync stays off in dev: a process restart keeps the OS cache).
+  echo "synchronous_commit = on"
 }
 
 pg_ready() { "$(pg_home)/bin/pg_isready" -q -h 127.0.0.1 -p "$SB_PG_PORT" 2>/dev/null; }

@@ -69,7 +69,8 @@ pub const HANDLER_ERRORS: &[(&str, &str, &[u16])] = &[
     ("get", "/v1/conversations/{id}", &[]),
     ("get", "/v1/conversations/{id}/messages", &[]),
     // 429: MESSAGE_RATE_LIMIT, or too many open streams (SSE_MAX_STREAMS_PER_USER)
-    ("post", "/v1/conversations/{id}/messages", &[429]),
+    // 409: an Idempotency-Key used before for another request
+    ("post", "/v1/conversations/{id}/messages", &[409, 429]),
     (
         "get",
         "/v1/conversations/{id}/responses/{response_id}/events",
@@ -321,7 +322,7 @@ mod tests {
         assert_eq!(codes(&item["get"]), ["200", "401", "404", "503"]);
         assert_eq!(
             codes(&item["post"]),
-            ["200", "400", "401", "404", "413", "415", "429", "503"]
+            ["200", "400", "401", "404", "409", "413", "415", "429", "503"]
         );
         assert!(item["post"]["responses"]["429"]["headers"]["Retry-After"]["required"] == true);
         assert_eq!(codes(&doc["paths"]["/healthz"]["get"]), ["200"]);

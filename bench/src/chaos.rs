@@ -589,9 +589,11 @@ impl Stack {
     }
 }
 
-/// Whether a run's events follow a later run's in the response's replay stream (each event
-/// records the run that published it; the API's `message.created` and terminal events from the
-/// stored outcome record none).
+/// Whether two runs published into one response's replay stream out of turn: a run's events
+/// after a later run's, or a later run's tokens without its `response.restarted` first when an
+/// earlier run had published tokens (the client would show both). Each event records the run
+/// that published it; the API's `message.created` and terminal events sent from the stored
+/// outcome record none.
 async fn interleaved_runs(
     redis: &mut redis::aio::MultiplexedConnection,
     response_id: Uuid,
@@ -599,15 +601,30 @@ async fn interleaved_runs(
     let key = format!("chaos:{{resp:{response_id}}}:events");
     let reply: redis::streams::StreamRangeReply =
         redis::AsyncCommands::xrange_all(redis, &key).await?;
-    let mut latest = 0i64;
+    let (mut latest, mut tokens_before, mut announced) = (0i64, false, true);
     for entry in reply.ids {
         let Some(run) = entry.get::<String>("r").and_then(|r| r.parse::<i64>().ok()) else {
             continue;
         };
+        let event = entry.get::<String>("e").unwrap_or_default();
+        let name = serde_json::from_str::<Value>(&event)
+            .ok()
+            .and_then(|v| v["event"].as_str().map(str::to_owned))
+            .unwrap_or_default();
         if run < latest {
             return Ok(true);
         }
-        latest = run;
+        if run > latest {
+            // a new run: when tokens went out before, it must announce its restart first
+            announced = !tokens_before;
+            latest = run;
+        }
+        match name.as_str() {
+            "response.restarted" => announced = true,
+            "token" if !announced => return Ok(true),
+            "token" => tokens_before = true,
+            _ => {}
+        }
     }
     Ok(false)
 }

@@ -209,6 +209,8 @@ impl Bus {
         }
         let now = Utc::now().timestamp_millis();
         let mut pipe = redis::pipe();
+        // MULTI/EXEC: a marker never stands without its entry
+        pipe.atomic();
         for env in envs {
             let keys = self.keys(env.job.queue());
             pipe.hset(&keys.marks, env.id.to_string(), now)

@@ -163,8 +163,8 @@ impl EventKeys {
 }
 
 /// Append one event to the replay stream, refresh the retention, and publish it live, in one
-/// step. A run's events (ARGV[5] = its number) go out only while the fence names that run and
-/// no terminal event went out; a terminal event goes out once per response (`done`).
+/// step. A run's events (ARGV[5] = its number) go out only while no later run holds the fence
+/// (a fence left behind a run is moved forward to it) and no terminal event went out; a terminal event goes out once per response (`done`).
 /// KEYS: replay, fence. ARGV: max_len, payload, retention_ms, channel, run ('' = unfenced),
 /// terminal ('1' or '0'). Returns `{1, id}` (sent), `{2, id}` (the terminal event was sent
 /// before, as `id`), `{0, 'nofence'|'fenced'|'finished'}` (refused).
@@ -172,7 +172,9 @@ const PUBLISH_LUA: &str = r#"
 if ARGV[5] ~= '' then
   local run = redis.call('HGET', KEYS[2], 'run')
   if not run then return {0, 'nofence'} end
-  if run ~= ARGV[5] then return {0, 'fenced'} end
+  if tonumber(run) > tonumber(ARGV[5]) then return {0, 'fenced'} end
+  -- (lower: the fence's own write was lost, e.g. the last second of an AOF): forward again
+  if tonumber(run) < tonumber(ARGV[5]) then redis.call('HSET', KEYS[2], 'run', ARGV[5]) end
 end
 local done = redis.call('HGET', KEYS[2], 'done')
 if done then

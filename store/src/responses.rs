@@ -113,7 +113,8 @@ pub async fn take(
               WHERE r.id = cur.id
                 AND (r.job_id IS NULL OR r.job_id = $6)
                 AND (r.status = 'queued'
-                     OR (r.status = 'running' AND r.leased_until < clock_timestamp()))
+                     OR (r.status = 'running'
+                         AND (r.leased_until IS NULL OR r.leased_until < clock_timestamp())))
              RETURNING r.run
          )
          SELECT {},
@@ -167,6 +168,16 @@ pub async fn renew(
     .bind(secs(lease))
     .fetch_all(pool)
     .await?)
+}
+
+/// The run that holds (or last held) the response.
+pub async fn current_run(pool: &PgPool, response_id: Uuid) -> Result<Option<i32>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT run FROM responses WHERE id = $1")
+            .bind(response_id)
+            .fetch_optional(pool)
+            .await?,
+    )
 }
 
 /// Run `run` gives the response back without finishing it (it waits out a rate limit; its job
@@ -311,34 +322,75 @@ pub struct Unfinished {
     pub recoveries: i32,
     /// `running` with its lease expired: its run died.
     pub expired: bool,
+    pub enqueued_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// Responses the reconciler must look at: every `running` one whose lease expired, and the
-/// `queued` ones handed to a job more than `grace` ago (whether their job still exists is
-/// Redis's to say). Oldest first, at most `limit`.
-pub async fn unfinished(
-    pool: &PgPool,
-    grace: Duration,
-    limit: i64,
-) -> Result<Vec<Unfinished>, StoreError> {
-    Ok(sqlx::query_as::<_, Unfinished>(
-        "SELECT r.id, r.conversation_id, r.user_message_id, c.user_id, c.org_id, r.status,
-                r.job_id, r.recoveries,
-                (r.status = 'running' AND r.leased_until < clock_timestamp()) AS expired
-         FROM responses r
-         JOIN conversations c ON c.id = r.conversation_id
-         WHERE r.status IN ('queued', 'running')
-           AND r.job_id IS NOT NULL
-           AND ((r.status = 'running' AND r.leased_until < clock_timestamp())
-                OR (r.status = 'queued'
-                    AND r.enqueued_at < clock_timestamp() - make_interval(secs => $1)))
-         ORDER BY r.enqueued_at
-         LIMIT $2",
-    )
-    .bind(secs(grace))
+const UNFINISHED_COLS: &str = "r.id, r.conversation_id, r.user_message_id, c.user_id, c.org_id, \
+     r.status, r.job_id, r.recoveries, \
+     (r.status = 'running' AND r.leased_until < clock_timestamp()) AS expired, r.enqueued_at";
+
+/// Responses `running` under an expired lease (their run died), oldest first.
+pub async fn expired(pool: &PgPool, limit: i64) -> Result<Vec<Unfinished>, StoreError> {
+    Ok(sqlx::query_as::<_, Unfinished>(sql(format!(
+        "SELECT {UNFINISHED_COLS}
+         FROM responses r JOIN conversations c ON c.id = r.conversation_id
+         WHERE r.status = 'running' AND r.job_id IS NOT NULL
+           AND r.leased_until < clock_timestamp()
+         ORDER BY r.leased_until LIMIT $1"
+    )))
     .bind(limit)
     .fetch_all(pool)
     .await?)
+}
+
+/// Responses `queued` that were handed to a job more than `grace` ago (whether their job still
+/// exists is Redis's to say), in `(enqueued_at, id)` order after `after`: the reconciler pages
+/// through them across passes, so a long backlog of healthy ones never hides a lost one.
+pub async fn queued(
+    pool: &PgPool,
+    grace: Duration,
+    after: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<Unfinished>, StoreError> {
+    Ok(sqlx::query_as::<_, Unfinished>(sql(format!(
+        "SELECT {UNFINISHED_COLS}
+         FROM responses r JOIN conversations c ON c.id = r.conversation_id
+         WHERE r.status = 'queued' AND r.job_id IS NOT NULL
+           AND r.enqueued_at < clock_timestamp() - make_interval(secs => $1)
+           AND ($2::timestamptz IS NULL OR (r.enqueued_at, r.id) > ($2, $3))
+         ORDER BY r.enqueued_at, r.id LIMIT $4"
+    )))
+    .bind(secs(grace))
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Give up on a response that lost its job `job` too often: fail it — only while it is still
+/// that job's and no live run holds it. `false`: nothing changed.
+pub async fn give_up(
+    pool: &PgPool,
+    response_id: Uuid,
+    job: Uuid,
+    code: &str,
+    message: &str,
+) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "UPDATE responses SET status = 'failed', error_code = $3, error_message = $4,
+                              completed_at = now(), leased_until = NULL
+         WHERE id = $1 AND job_id = $2
+           AND (status = 'queued' OR (status = 'running' AND leased_until < clock_timestamp()))",
+    )
+    .bind(response_id)
+    .bind(job)
+    .bind(code)
+    .bind(message)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
 }
 
 /// Give a lost response a new job (`old_job` → `new_job`), counting one recovery: only while

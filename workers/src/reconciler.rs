@@ -25,7 +25,6 @@ use std::time::Duration;
 use jobs::events::{EventPublisher, ResponseEvent};
 use jobs::kinds::{Chat, ExecuteAction, Index, IndexReason, Summarize};
 use jobs::{Bus, Envelope, Job, Queue};
-use store::responses::Unfinished;
 use uuid::Uuid;
 
 /// Scanned per pass and kind at most (the oldest first; the rest wait for the next pass).
@@ -78,6 +77,8 @@ pub struct Reconciler {
     events: EventPublisher,
     ledger: config::LedgerSettings,
     owner: String,
+    /// Where the last pass stopped in the queued responses (`None`: from the start).
+    cursor: std::sync::Mutex<Option<(chrono::DateTime<chrono::Utc>, Uuid)>>,
 }
 
 impl Reconciler {
@@ -94,6 +95,7 @@ impl Reconciler {
             bus,
             ledger: settings.ledger.clone(),
             owner,
+            cursor: std::sync::Mutex::new(None),
         }
     }
 
@@ -139,16 +141,24 @@ impl Reconciler {
         r
     }
 
-    /// Responses whose run died (expired lease) or whose job is gone.
+    /// Responses whose run died (expired lease) or whose job is gone. The queued ones are paged
+    /// across passes (a cursor over `(enqueued_at, id)`), so a long healthy backlog — turns
+    /// waiting out a rate limit with their jobs on the bus — never hides a lost one.
     async fn responses(&self, r: &mut Report) -> anyhow::Result<()> {
-        let rows = store::responses::unfinished(&self.db, self.grace(), BATCH).await?;
-        // A `queued` response is lost only when its job's marker is gone; a `running` one
-        // whose lease expired is taken over whatever the bus still holds (the dead worker's
-        // entry is stale once the response names another job).
-        let queued: Vec<&Unfinished> = rows.iter().filter(|u| !u.expired).collect();
+        // a `running` response whose lease expired is taken over whatever the bus still holds
+        // (the dead worker's entry is stale once the response names another job)
+        let mut lost = store::responses::expired(&self.db, BATCH).await?;
+        let after = *self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let queued = store::responses::queued(&self.db, self.grace(), after, BATCH).await?;
+        let next = if queued.len() < usize::try_from(BATCH).unwrap_or(usize::MAX) {
+            None
+        } else {
+            queued.last().and_then(|u| Some((u.enqueued_at?, u.id)))
+        };
+        *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        // a `queued` one is lost only when its job's marker is gone
         let ids: Vec<Uuid> = queued.iter().filter_map(|u| u.job_id).collect();
         let on_bus = self.bus.markers(Queue::Chat, &ids).await?;
-        let mut lost: Vec<&Unfinished> = rows.iter().filter(|u| u.expired).collect();
         lost.extend(
             queued
                 .into_iter()
@@ -156,11 +166,14 @@ impl Reconciler {
                 .filter(|(_, present)| !present)
                 .map(|(u, _)| u),
         );
-        for u in lost {
+        for u in &lost {
             let Some(old) = u.job_id else { continue };
             if u.recoveries >= self.max_recoveries() {
-                self.give_up_response(u.id, Some(old)).await?;
-                r.responses_failed += 1;
+                if store::responses::give_up(&self.db, u.id, old, LOST_CODE, LOST_MESSAGE).await? {
+                    tracing::error!(response_id = %u.id, "a response lost its job too often; failed");
+                    self.tell_failed(u.id).await?;
+                    r.responses_failed += 1;
+                }
                 continue;
             }
             let new = recovery_job_id("chat", u.id, i64::from(u.recoveries) + 1);
@@ -188,26 +201,17 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Fail a response that kept losing its job (`job`, when it names one), and tell its
-    /// client.
-    async fn give_up_response(&self, response_id: Uuid, job: Option<Uuid>) -> anyhow::Result<()> {
-        let mut conn = self.db.acquire().await?;
-        let failed =
-            store::responses::fail_unfinished(&mut conn, response_id, job, LOST_CODE, LOST_MESSAGE)
-                .await?;
-        drop(conn);
-        if failed {
-            tracing::error!(%response_id, "a response lost its job too often; failed");
-            self.events
-                .publish(
-                    response_id,
-                    &ResponseEvent::Error {
-                        code: LOST_CODE.into(),
-                        message: LOST_MESSAGE.into(),
-                    },
-                )
-                .await?;
-        }
+    /// The `error` event of a response the reconciler failed.
+    async fn tell_failed(&self, response_id: Uuid) -> anyhow::Result<()> {
+        self.events
+            .publish(
+                response_id,
+                &ResponseEvent::Error {
+                    code: LOST_CODE.into(),
+                    message: LOST_MESSAGE.into(),
+                },
+            )
+            .await?;
         Ok(())
     }
 
@@ -222,14 +226,9 @@ impl Reconciler {
                 continue;
             }
             if a.recoveries >= self.max_recoveries() {
-                let mut conn = self.db.acquire().await?;
-                let failed =
-                    store::actions::mark_failed(&mut conn, a.id, ACTION_LOST_REASON).await?;
-                drop(conn);
-                if failed && let Some(response_id) = a.continuation_response_id {
-                    self.give_up_response(response_id, None).await?;
+                if self.give_up_action(a.id).await? {
+                    r.actions_failed += 1;
                 }
-                r.actions_failed += 1;
                 continue;
             }
             let new = recovery_job_id("execute_action", a.id, i64::from(a.recoveries) + 1);
@@ -243,6 +242,59 @@ impl Reconciler {
             r.actions += 1;
         }
         Ok(())
+    }
+
+    /// Fail a confirmed action that kept losing its execution job, as an execution refused
+    /// for a reason would: `failed`, the decided call answered with that, and the
+    /// continuation handed to its `chat` job, so the assistant tells the user nothing changed.
+    async fn give_up_action(&self, action_id: Uuid) -> anyhow::Result<bool> {
+        let mut tx = self.db.begin().await?;
+        let Some(action) = store::actions::lock(&mut tx, action_id).await? else {
+            return Ok(false);
+        };
+        if !store::actions::mark_failed(&mut tx, action_id, ACTION_LOST_REASON).await? {
+            return Ok(false);
+        }
+        let result = serde_json::json!({"status": "failed", "action_id": action_id,
+            "reason": ACTION_LOST_REASON, "message": "Nothing was changed."});
+        store::actions::insert_message(
+            &mut tx,
+            action.conversation_id,
+            action.continuation_response_id,
+            "tool",
+            &result.to_string(),
+            None,
+            Some(&store::actions::decision_call_id(action_id)),
+        )
+        .await?;
+        let mut continuation = None;
+        if let Some(response_id) = action.continuation_response_id
+            && let Some(response) = store::conversations::get_response_own(
+                &mut tx,
+                action.user_id,
+                action.conversation_id,
+                response_id,
+            )
+            .await?
+            && response.job_id.is_none()
+        {
+            let env = Envelope::new(Chat {
+                conversation_id: action.conversation_id,
+                message_id: response.user_message_id,
+                response_id,
+                user_id: action.user_id,
+                org_id: action.org_id,
+            });
+            store::responses::assign_job(&mut tx, response_id, env.id).await?;
+            continuation = Some(env);
+        }
+        tx.commit().await?;
+        tracing::error!(%action_id, "a confirmed action lost its execution job too often; failed");
+        if let Some(env) = continuation {
+            // (lost again, the reconciler enqueues it: the response names its job)
+            self.bus.enqueue_once(&env).await?;
+        }
+        Ok(true)
     }
 
     /// Summary folds whose run died holding the claim, and whose job is gone.
@@ -263,11 +315,8 @@ impl Reconciler {
                 }
                 continue;
             }
-            let new = recovery_job_id(
-                "summarize",
-                f.conversation_id,
-                i64::from(f.fold_recoveries) + 1,
-            );
+            // (derived from the job it replaces: the count restarts at each saved fold)
+            let new = recovery_job_id("summarize", f.folding_job, 1);
             if !store::memory::recover_fold(&self.db, f.conversation_id, f.folding_job, Some(new))
                 .await?
             {

@@ -236,7 +236,12 @@ impl ChatApi {
             key,
             request_hash: &hash,
         });
-        // A retry of a keyed request answers with its turn, and is not counted again.
+        // The per-user limit (Redis) first — retries count too — then, for a keyed request, the
+        // turn the key started, then the new turn in ONE autocommitted statement that also
+        // checks ownership (404: nothing written). Nothing holds a pooled database connection
+        // while Redis answers. (A post to a conversation that is not the caller's counts
+        // against the caller's own limit; it reveals nothing about the conversation.)
+        ratelimit::message_posted(state, caller.user_id).await?;
         if let Some(k) = turn_key {
             let found = {
                 let mut conn = state.db.acquire().await?;
@@ -246,11 +251,6 @@ impl ChatApi {
                 return self.started_before(found, permit).await;
             }
         }
-        // The per-user limit (Redis), then the turn in ONE autocommitted statement that also
-        // checks ownership (404: nothing written). Nothing holds a pooled database connection
-        // while Redis answers. (A post to a conversation that is not the caller's counts
-        // against the caller's own limit; it reveals nothing about the conversation.)
-        ratelimit::message_posted(state, caller.user_id).await?;
         let turn = NewTurn {
             user_id: caller.user_id,
             conversation_id: id.0,
@@ -261,7 +261,9 @@ impl ChatApi {
             key: turn_key,
         };
         let response = match self.start(&turn).await? {
+            // (read back after an unknown commit: this request's own turn, which goes on)
             TurnStarted::New(response) => response,
+            TurnStarted::Existing(r) if r.id == turn.response_id => r,
             found => return self.started_before(found, permit).await,
         };
         let (conversation_id, response_id, message_id) = (
@@ -280,19 +282,6 @@ impl ChatApi {
             message_id,
             response_id,
         };
-        if let Err(e) = state.publisher.publish(response_id, &created).await {
-            tracing::error!(error = %e, %response_id, "cannot publish message.created; the turn goes on");
-            if sse_mode {
-                return Err(ApiError::Unavailable(
-                    "the answer cannot be streamed right now; it was accepted: retry with the \
-                     same Idempotency-Key to follow it"
-                        .into(),
-                ));
-            }
-            return Ok(accepted(response_id, message_id));
-        }
-        // Listen before the job exists, so that no event can slip past.
-        let events = state.hub.events(response_id, None);
         let job = jobs::kinds::Chat {
             conversation_id,
             message_id,
@@ -306,6 +295,22 @@ impl ChatApi {
             .map(|t| t.traceparent.clone());
         let mut envelope = jobs::Envelope::new(job).with_trace(traceparent);
         envelope.id = turn.job_id;
+        if let Err(e) = state.publisher.publish(response_id, &created).await {
+            tracing::error!(error = %e, %response_id, "cannot publish message.created; the turn goes on");
+            // (Redis may be back already: the job goes out now if it can, else the
+            // reconciler sends it)
+            let _ = state.bus.enqueue_envelope(&envelope).await;
+            if sse_mode {
+                return Err(ApiError::Unavailable(
+                    "the answer cannot be streamed right now; it was accepted: retry with the \
+                     same Idempotency-Key to follow it"
+                        .into(),
+                ));
+            }
+            return Ok(accepted(response_id, message_id));
+        }
+        // Listen before the job exists, so that no event can slip past.
+        let events = state.hub.events(response_id, None);
         if let Err(e) = state.bus.enqueue_envelope(&envelope).await {
             tracing::error!(error = %e, %response_id, "cannot enqueue the chat job; the reconciler will");
         }
@@ -373,9 +378,10 @@ fn redis_unavailable(e: jobs::events::EventsError) -> ApiError {
 
 impl ChatApi {
     /// Start the turn. When the database drops the statement and it cannot be told whether it
-    /// committed, the turn is read back by its ids (chosen here, before the write): found, it
-    /// is answered like a retry; not found (or the database still unreachable), 503 — and a
-    /// retry with the same `Idempotency-Key` is safe either way.
+    /// committed, the turn is read back by its ids (chosen here, before the write), for about
+    /// two seconds (a statement cut off may still be finishing): found, it goes on; not found
+    /// (or the database still unreachable), 503 — and a retry with the same `Idempotency-Key`
+    /// is safe either way. A statement that never left (no pooled connection) is a plain 503.
     async fn start(&self, turn: &NewTurn<'_>) -> Result<TurnStarted, ApiError> {
         let state = &self.state;
         let written = async {
@@ -385,13 +391,18 @@ impl ChatApi {
         let e = match written.await {
             Ok(Some(started)) => return Ok(started),
             Ok(None) => return Err(ApiError::NotFound),
+            Err(store::StoreError::Database(sqlx::Error::PoolTimedOut)) => {
+                return Err(ApiError::Unavailable(
+                    "the database is busy; please try again".into(),
+                ));
+            }
             Err(e) if e.is_unavailable() => e,
             Err(e) => return Err(e.into()),
         };
         tracing::warn!(error = ?e, response_id = %turn.response_id, "the turn's write may or may not have committed; reading it back");
         for wait_ms in [0u64, 250, 500, 1000] {
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-            let read = async {
+            let read = tokio::time::timeout(Duration::from_millis(500), async {
                 let mut conn = state.db.acquire().await?;
                 store::conversations::get_response_own(
                     &mut conn,
@@ -400,14 +411,10 @@ impl ChatApi {
                     turn.response_id,
                 )
                 .await
-            };
-            match read.await {
-                Ok(Some(response)) => {
-                    tracing::info!(response_id = %response.id, "the turn had committed");
-                    return Ok(TurnStarted::Existing(response));
-                }
-                Ok(None) => break,
-                Err(_) => continue,
+            });
+            if let Ok(Ok(Some(response))) = read.await {
+                tracing::info!(response_id = %response.id, "the turn had committed");
+                return Ok(TurnStarted::Existing(response));
             }
         }
         Err(ApiError::Unavailable(
@@ -597,6 +604,15 @@ impl ChatApi {
             }
         }
         if replayable || !finished {
+            if finished {
+                // Finished in PostgreSQL but its terminal event never went out (the run died
+                // between its commit and its publish): send it from what is stored — once per
+                // response, whoever gets there first (the worker's redelivery, or this).
+                let outcome = self.outcome_of(response).await?;
+                if let Err(e) = state.publisher.publish(response.id, &outcome).await {
+                    return Err(redis_unavailable(e));
+                }
+            }
             return Ok(sse::respond(state, permit, Vec::new(), events));
         }
         drop(events);

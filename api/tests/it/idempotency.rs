@@ -170,3 +170,46 @@ async fn idempotency_keys_are_per_user_and_validated() {
     }
     assert_eq!(app.count("responses").await, 2);
 }
+
+#[tokio::test]
+async fn a_finished_turn_whose_terminal_event_was_lost_still_ends_for_its_follower() {
+    // The worker committed the answer and died before publishing `message.completed`: a client
+    // following the response gets it, sent from what is stored, not a stream that never ends.
+    let app = spawn_app_with(&[("JSON_WAIT_SECS", "1")]).await;
+    let user = app.register(&email("u"), "Org").await;
+    let conv = app.conversation(&user.token).await;
+    let mut worker = FakeWorker::new(&app).await;
+    let r = post_keyed(&app, &user.token, &conv, "k", json!({"content": "q"})).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let rid = r.body["response_id"].as_str().unwrap().to_owned();
+    let job = worker.next_job().await;
+    let mut tx = app.db.pool.begin().await.unwrap();
+    testkit::turns::answer(
+        &mut tx,
+        job.response_id,
+        &store::conversations::Answer {
+            content: "stored only",
+            model: "m",
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency_ms: 1,
+            citations: json!([]),
+        },
+    )
+    .await;
+    tx.commit().await.unwrap();
+    let frames = SseReader::new(app.events(&user.token, &conv, &rid, None).await)
+        .rest()
+        .await;
+    let names: Vec<&str> = frames.iter().map(|f| f.name()).collect();
+    assert_eq!(names, ["message.created", "message.completed"]);
+    assert_eq!(frames[1].data()["message"]["content"], "stored only");
+    // and once only: a second follower gets the same events
+    let again = SseReader::new(app.events(&user.token, &conv, &rid, None).await)
+        .rest()
+        .await;
+    assert_eq!(
+        again.iter().map(|f| f.id().to_owned()).collect::<Vec<_>>(),
+        frames.iter().map(|f| f.id().to_owned()).collect::<Vec<_>>()
+    );
+}

@@ -1150,3 +1150,47 @@ async fn a_response_whose_job_vanished_from_redis_completes_after_the_reconciler
     assert_eq!(recoveries, 1, "re-enqueued once");
     assert_eq!(calls(&primary).await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_response_that_keeps_losing_its_job_fails_once_with_an_error_event() {
+    // Past MAX_RECOVERIES re-enqueues the reconciler gives up: the response fails with
+    // internal_error and its client is told, once.
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = settings(&db, &redis, &[("MAX_RECOVERIES", "2")]);
+    let s = setup(&db).await;
+    let job = turn(&db, &s, "hello").await;
+    // its run died (an expired lease), after two recoveries already
+    sqlx::query(
+        "UPDATE responses SET status = 'running', run = 3, recoveries = 2, job_id = $2,
+                              leased_until = now() - interval '1 second'
+         WHERE id = $1",
+    )
+    .bind(job.response_id)
+    .bind(Uuid::now_v7())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let reconciler = workers::reconciler::Reconciler::new(
+        db.pool.clone(),
+        bus_for(&settings),
+        redis_handle(&settings),
+        &settings,
+        "test".into(),
+    );
+    let first = reconciler.pass().await;
+    assert_eq!(
+        (first.responses, first.responses_failed),
+        (0, 1),
+        "{first:?}"
+    );
+    assert_eq!(reconciler.pass().await.responses_failed, 0, "once");
+    let (status, code, _) = response(&db, job.response_id).await;
+    assert_eq!(
+        (status.as_str(), code.as_deref()),
+        ("failed", Some("internal_error"))
+    );
+    let evs = events(&settings, job.response_id).await;
+    assert_eq!(evs.iter().filter(|e| e.is_terminal()).count(), 1, "{evs:?}");
+    assert_eq!(error_code(&evs), Some("internal_error"));
+}

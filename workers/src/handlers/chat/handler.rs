@@ -1,6 +1,7 @@
 //! One chat turn: taking the response (the ledger's lease), the primary → fallback policy, rate
 //! limits, completion (commit, then publish) and failures (mark failed, then publish).
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -177,41 +178,53 @@ impl ChatHandler {
             tracing::info!("another run took the response over; this run stopped without effect");
             return Ok(());
         }
-        if let Err(e) = &result
-            && !e.is_wait()
-        {
-            // Give the response back so the job's retry can take it at once (best effort: a
-            // lease that cannot be released here simply expires).
+        if result.is_err() && !fence.released.load(Ordering::Acquire) {
+            // Give the response back so the job's retry (or wait) can take it at once (best
+            // effort: a lease that cannot be released here simply expires).
             self.release(&fence, false).await;
         }
         result
     }
 
-    /// Renew this run's lease every third of its length until it is lost (another run took the
-    /// response over, or it finished elsewhere): then `fence.lost` is cancelled and this
-    /// resolves. A failed renewal (PostgreSQL unreachable) is tried again; the run goes on,
-    /// its writes being fenced anyway.
+    /// Renew this run's lease every quarter of its length (each try bounded by that, so a
+    /// slow pool never costs more than one) until another run takes the response over: then
+    /// `fence.lost` is cancelled and this resolves, ending the run. A response this very run
+    /// finished or gave back just stops being renewed (this never resolves then: the run ends
+    /// by itself). A failed renewal is tried again; the run goes on, its writes being fenced.
     async fn keep_lease(&self, fence: &Fence) {
-        let every = (self.inner.lease / 3).max(Duration::from_millis(100));
+        let every = (self.inner.lease / 4).max(Duration::from_millis(100));
         loop {
             tokio::select! {
                 () = fence.lost.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
             }
-            match responses::renew(
-                &self.inner.db,
-                &[(fence.response_id, fence.run)],
-                self.inner.lease,
+            let renewed = tokio::time::timeout(
+                every,
+                responses::renew(
+                    &self.inner.db,
+                    &[(fence.response_id, fence.run)],
+                    self.inner.lease,
+                ),
             )
-            .await
-            {
-                Ok(held) if held.is_empty() => {
-                    tracing::warn!("the run's lease was lost");
-                    fence.lost.cancel();
-                    return;
+            .await;
+            match renewed {
+                Ok(Ok(held)) if held.is_empty() => {
+                    match responses::current_run(&self.inner.db, fence.response_id).await {
+                        Ok(Some(r)) if r > fence.run => {
+                            tracing::warn!(newer = r, "the run's lease was lost");
+                            fence.lost.cancel();
+                            return;
+                        }
+                        // finished or given back by this run: nothing left to renew
+                        Ok(_) => return std::future::pending().await,
+                        Err(e) => tracing::warn!(error = %e, "cannot read the response's run"),
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot renew the run's lease; trying again"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot renew the run's lease; trying again")
+                }
+                Err(_) => tracing::warn!("renewing the run's lease timed out; trying again"),
             }
         }
     }
@@ -224,7 +237,10 @@ impl ChatHandler {
             responses::release(&mut conn, fence.response_id, fence.run, fallback_only).await
         };
         match released.await {
-            Ok(true) => true,
+            Ok(true) => {
+                fence.released.store(true, Ordering::Release);
+                true
+            }
             Ok(false) => {
                 fence.lost.cancel();
                 false

@@ -144,7 +144,13 @@ impl Cooldowns {
         Ok(match verdict {
             1 => Admission::Call { probe: false },
             2 => Admission::Call { probe: true },
-            _ => Admission::Wait(Duration::from_millis(u64::try_from(wait).unwrap_or(1))),
+            // (jittered: the jobs waiting for a probe do not all look again at once)
+            _ => Admission::Wait(Duration::from_millis(
+                u64::try_from(wait)
+                    .unwrap_or(1)
+                    .max(1)
+                    .saturating_add(rand::random_range(0..=PROBE_POLL.as_millis() as u64 / 2)),
+            )),
         })
     }
 
@@ -269,7 +275,7 @@ mod tests {
         let Admission::Wait(poll) = c.admit(model).await.unwrap() else {
             panic!("a second job must wait for the probe");
         };
-        assert!(poll <= PROBE_POLL, "{poll:?}");
+        assert!(poll <= PROBE_POLL * 3 / 2, "{poll:?}");
         // the probe is rate limited again: a new cooldown, and a new probe after it
         c.start(model, Duration::from_millis(100)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;

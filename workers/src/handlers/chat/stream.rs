@@ -1,5 +1,7 @@
 //! One model call: stream it, publishing each token as it arrives, and say how it ended.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -42,6 +44,8 @@ pub(super) struct Fence {
     pub response_id: Uuid,
     pub run: i32,
     pub lost: CancellationToken,
+    /// The run gave the response back (`running → queued`).
+    pub released: Arc<AtomicBool>,
 }
 
 impl Fence {
@@ -50,6 +54,7 @@ impl Fence {
             response_id,
             run,
             lost: CancellationToken::new(),
+            released: Arc::default(),
         }
     }
 

@@ -115,8 +115,10 @@ impl MemoryHandlers {
         for model in std::iter::once(models.primary).chain(models.fallback) {
             let probe = match inner.cooldowns.admit(&model).await.map_err(redis_error)? {
                 Admission::Call { probe } => probe,
+                // (background work: its waits count as attempts, so a model that stays rate
+                // limited ends in the dead letters instead of waiting forever)
                 Admission::Wait(left) => {
-                    return Err(JobError::wait(
+                    return Err(JobError::retry_after(
                         format!("model {model} is cooling down"),
                         left,
                     ));
@@ -157,7 +159,7 @@ impl MemoryHandlers {
                         .start(&model, wait)
                         .await
                         .map_err(redis_error)?;
-                    return Err(JobError::wait(
+                    return Err(JobError::retry_after(
                         format!("model {model} is rate limited"),
                         wait,
                     ));
