@@ -322,7 +322,9 @@ mod tests {
         assert_eq!(codes(&item["get"]), ["200", "401", "404", "503"]);
         assert_eq!(
             codes(&item["post"]),
-            ["200", "400", "401", "404", "409", "413", "415", "429", "503"]
+            [
+                "200", "400", "401", "404", "409", "413", "415", "429", "503"
+            ]
         );
         assert!(item["post"]["responses"]["429"]["headers"]["Retry-After"]["required"] == true);
         assert_eq!(codes(&doc["paths"]["/healthz"]["get"]), ["200"]);
