@@ -382,6 +382,57 @@ async fn a_stale_owner_cannot_acknowledge_a_reclaimed_entry() {
     assert_eq!((stats.length, stats.pending), (0, 0));
 }
 
+/// One ack call settles a batch: only the entries the caller still owns (not those reclaimed
+/// by another consumer), with their markers — also when the caller holds more entries in the
+/// batch's id range than the range scan reads (the rest are checked one by one).
+#[tokio::test]
+async fn a_batched_ack_settles_only_owned_entries_past_the_scan_cap() {
+    let redis = TestRedis::new();
+    let bus = crate::bus(&redis, &crate::queues(|_| {}));
+    let q = Queue::Actions;
+    bus.ensure_group(q).await.unwrap();
+    let envs: Vec<Envelope> = (0..700)
+        .map(|i| Envelope::new(Probe::new(format!("batch {i}"))))
+        .collect();
+    bus.enqueue_many(&envs).await.unwrap();
+    let mut conn = bus.redis().blocking_conn().await.unwrap();
+    let got = bus.read(&mut conn, q, "a", 700, None).await.unwrap();
+    assert_eq!(got.len(), 700);
+    // "b" takes the first ten
+    let (_, taken) = bus
+        .reclaim(q, "b", Duration::ZERO, "0-0", 10)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 10);
+    let pick = |i: usize| {
+        let job = Envelope::from_json(&got[i].body).unwrap().id;
+        (got[i].entry_id.as_str(), job)
+    };
+    // out of order, with b's entries, the same entry twice, and the top of the range beyond
+    // the scan (700 of a's entries in range > 6 + the slack)
+    let batch = [
+        pick(699),
+        pick(0),
+        pick(20),
+        pick(1),
+        pick(350),
+        pick(698),
+        pick(20),
+    ];
+    assert_eq!(bus.ack(q, "a", &batch).await.unwrap(), 4);
+    let s = bus.stats(q).await.unwrap();
+    assert_eq!((s.length, s.pending), (696, 696));
+    assert_eq!(bus.jobs_on_bus(q).await.unwrap(), 696);
+    let ids: Vec<_> = batch.iter().map(|(_, j)| *j).collect();
+    assert_eq!(
+        bus.markers(q, &ids).await.unwrap(),
+        vec![false, true, false, true, false, false, false]
+    );
+    // b's entries are still b's to settle
+    assert_eq!(bus.ack(q, "b", &[pick(0), pick(1)]).await.unwrap(), 2);
+    assert_eq!(bus.jobs_on_bus(q).await.unwrap(), 694);
+}
+
 /// A job that fails for good runs its kind's dead-letter hook (once) before it is dead-lettered.
 #[tokio::test]
 async fn a_dead_letter_hook_runs_before_a_job_is_dead_lettered() {
