@@ -193,9 +193,7 @@ async fn recent_messages_are_the_last_n_in_order() {
         .unwrap();
     let mut last = None;
     for i in 0..10 {
-        let (m, _) = conversations::start_turn(&mut c, conv.id, &format!("m{i}"))
-            .await
-            .unwrap();
+        let (m, _) = testkit::turns::start(&mut c, conv.id, &format!("m{i}")).await;
         last = Some(m.id);
     }
     let recent = conversations::recent_messages(&mut c, conv.id, last.unwrap(), 4)
@@ -347,6 +345,7 @@ async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_run
         completion_tokens: Some(2),
         latency_ms: 5,
         citations: serde_json::json!([]),
+        sources: Default::default(),
     };
     assert!(matches!(
         conversations::complete(&mut c, response.id, 1, &answer("stale"))

@@ -30,6 +30,8 @@ fn entry(owner: Owner, content: &str, embedding: Option<Vec<f32>>) -> NewEntry {
         content: content.into(),
         source_conversation_id: None,
         source_message_ids: vec![],
+        author_user_id: None,
+        provenance: Default::default(),
         embedding: embedding.map(|v| ("m".to_owned(), v)),
     }
 }

@@ -93,9 +93,7 @@ impl Ctx {
     /// A user turn as the API makes it; returns the job that answers it.
     async fn turn(&self, user: Uuid, conversation: Uuid, content: &str) -> Chat {
         let mut tx = self.db.pool.begin().await.unwrap();
-        let (message, response) = conv::start_turn(&mut tx, conversation, content)
-            .await
-            .unwrap();
+        let (message, response) = testkit::turns::start(&mut tx, conversation, content).await;
         tx.commit().await.unwrap();
         Chat {
             conversation_id: conversation,
@@ -131,6 +129,7 @@ impl Ctx {
                 completion_tokens: None,
                 latency_ms: 1,
                 citations: json!([]),
+                sources: Default::default(),
             },
         )
         .await;
@@ -577,6 +576,8 @@ async fn the_most_relevant_memories_fill_the_token_budget() {
                 content: content.into(),
                 source_conversation_id: None,
                 source_message_ids: vec![],
+                author_user_id: None,
+                provenance: Default::default(),
                 embedding: Some((c.settings.embedding.model.clone(), v)),
             },
             50,
