@@ -20,7 +20,7 @@ async fn add(app: &TestApp, owner: Owner, content: String) {
 }
 
 /// The real chat and memory handlers, consuming until cancelled.
-fn spawn_worker(app: &TestApp) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+pub(crate) fn spawn_worker(app: &TestApp) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let redis = Arc::new(RedisHandle::new(&app.settings.redis).unwrap());
     let mut registry = workers::handlers::registry(app.db.pool.clone());
     workers::handlers::chat::ChatHandler::new(app.db.pool.clone(), redis.clone(), &app.settings)

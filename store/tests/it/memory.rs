@@ -251,3 +251,128 @@ async fn a_summary_claim_is_one_jobs_until_written_released_or_expired() {
 
     assert_eq!(claim(&mut c, Uuid::now_v7(), a, long).await, Err("gone"));
 }
+
+async fn member(db: &TestDb, org: Uuid) -> Uuid {
+    let mut c = db.pool.acquire().await.unwrap();
+    let user = store::tenancy::insert_user(
+        &mut c,
+        &format!("m-{}@x.io", Uuid::new_v4().simple()),
+        "M",
+        "x",
+    )
+    .await
+    .unwrap()
+    .id;
+    store::tenancy::insert_membership(&mut c, org, user, Role::Member)
+        .await
+        .unwrap();
+    user
+}
+
+/// A project fact by `author`, with `embedding`.
+fn authored(owner: Owner, author: Uuid, content: &str, embedding: Option<Vec<f32>>) -> NewEntry {
+    NewEntry {
+        author_user_id: Some(author),
+        ..entry(owner, content, embedding)
+    }
+}
+
+async fn insert_authored(db: &TestDb, e: &NewEntry, capacity: u32, share: u32) -> Inserted {
+    let mut tx = db.pool.begin().await.unwrap();
+    let r = memory::insert_with(&mut tx, e, capacity, Some(share), 0.1)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    r
+}
+
+async fn authors(db: &TestDb, project: Uuid) -> Vec<(Uuid, String)> {
+    sqlx::query_as(
+        "SELECT author_user_id, content FROM conversation_memories
+         WHERE tier = 'project' AND project_id = $1 ORDER BY updated_at, id",
+    )
+    .bind(project)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn one_author_cannot_fill_a_project_or_refresh_anothers_facts() {
+    let db = TestDb::new().await;
+    let (org, alice) = org_and_user(&db).await;
+    let bob = member(&db, org).await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let project = store::projects::insert_project(
+        &mut c,
+        &store::projects::NewProject {
+            org_id: org,
+            created_by: alice,
+            name: "Apollo",
+            description: "",
+            visibility: store::Visibility::Org,
+            team_id: None,
+        },
+    )
+    .await
+    .unwrap()
+    .id;
+    drop(c);
+    let owner = Owner::project(org, project);
+
+    // bob's two facts, then alice tries to fill the project (capacity 5, 2 per author)
+    for i in 0..2 {
+        insert_authored(&db, &authored(owner, bob, &format!("bob {i}"), None), 5, 2).await;
+    }
+    for i in 0..6 {
+        insert_authored(
+            &db,
+            &authored(owner, alice, &format!("alice {i}"), None),
+            5,
+            2,
+        )
+        .await;
+    }
+    let kept = authors(&db, project).await;
+    assert_eq!(
+        kept,
+        vec![
+            (bob, "bob 0".to_owned()),
+            (bob, "bob 1".to_owned()),
+            (alice, "alice 4".to_owned()),
+            (alice, "alice 5".to_owned()),
+        ],
+        "alice's oldest went, bob's stayed"
+    );
+
+    // a near-duplicate of bob's fact by alice is a fact of her own: bob's is not refreshed
+    let v = vec![1.0_f32, 0.0, 0.0];
+    let first = insert_authored(
+        &db,
+        &authored(owner, bob, "ships friday", Some(v.clone())),
+        5,
+        2,
+    )
+    .await;
+    let again = insert_authored(
+        &db,
+        &authored(owner, alice, "ships on friday", Some(v.clone())),
+        5,
+        2,
+    )
+    .await;
+    assert!(matches!(first, Inserted::New { .. }));
+    assert!(matches!(again, Inserted::New { .. }), "{again:?}");
+    // the same author's near-duplicate refreshes
+    let third = insert_authored(&db, &authored(owner, bob, "ships fridays", Some(v)), 5, 2).await;
+    match (first, third) {
+        (Inserted::New { id, .. }, Inserted::Refreshed { id: refreshed }) => {
+            assert_eq!(id, refreshed)
+        }
+        other => panic!("{other:?}"),
+    }
+    let kept = authors(&db, project).await;
+    assert_eq!(kept.iter().filter(|(a, _)| *a == bob).count(), 2);
+    assert_eq!(kept.iter().filter(|(a, _)| *a == alice).count(), 2);
+    assert!(kept.len() <= 5);
+}
