@@ -9,7 +9,7 @@
 --   source_document_ids  the documents it drew on (deleting one deletes or resets what drew on
 --                        it; one its reader can no longer see hides it);
 --   narrow               it drew on something narrower than its projects: a restricted
---                        document, a user's own memory, another narrow item. Such an item never
+--                        document, or another narrow item. Such an item never
 --                        becomes project knowledge (code decides the tier, not the model).
 -- Empty arrays and `narrow = false`: drawn on nothing but the user's own words.
 

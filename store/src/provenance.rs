@@ -6,8 +6,8 @@
 //! The columns (`source_project_ids`, `source_document_ids`, `narrow`) are the same on
 //! `messages`, `embeddings`, `conversation_memories` and `conversation_summaries` (migration
 //! `20261204100001_provenance.sql`). `narrow` means "drew on something narrower than its
-//! projects" (a restricted document, a user's own memory, another narrow item): such an item
-//! never becomes project knowledge.
+//! projects" (a restricted document, or another narrow item): such an item never becomes
+//! project knowledge.
 //!
 //! The read rules live in SQL next to the rest of each read's visibility filter
 //! ([`visible_sql`]); the tier rule of a learnt fact is [`Provenance::project_fact_allowed`].
@@ -33,8 +33,8 @@ impl Provenance {
 
     /// May a fact from an exchange with this provenance become project knowledge of
     /// `project`? Only when everything the exchange drew on (besides the user's own message)
-    /// is visible to every member of that project: nothing narrow (restricted documents, a
-    /// user's own memories) and no other project.
+    /// is visible to every member of that project: nothing narrow (restricted documents) and no
+    /// other project.
     pub fn project_fact_allowed(&self, project: Uuid) -> bool {
         !self.narrow && self.source_project_ids.iter().all(|p| *p == project)
     }
@@ -86,18 +86,15 @@ impl TurnSources {
         }));
     }
 
-    /// A memory entry given to the prompt: a user's own entry is narrow; a project entry is
-    /// its project's content; every entry brings its own sources.
+    /// A memory entry given to the prompt: every entry brings its own sources (a user's own
+    /// entry is the user's own words unless its provenance says otherwise); a project entry is
+    /// also its project's content.
     pub fn memory(&mut self, m: &crate::memory::PromptEntry) {
         self.inherit(&m.provenance);
-        match m.tier.as_str() {
-            "user" => self.narrow = true,
-            "project" => {
-                if let Some(p) = m.project_id {
-                    self.projects.insert(p);
-                }
-            }
-            _ => {}
+        if m.tier == "project"
+            && let Some(p) = m.project_id
+        {
+            self.projects.insert(p);
         }
         self.given
             .push(json!({"kind": "memory", "id": m.id, "tier": m.tier}));

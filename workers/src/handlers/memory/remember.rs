@@ -12,7 +12,8 @@
 //! proposed project fact is stored at project tier only for a project the conversation may
 //! draw on for its user at insert time (`conversation_projects_visible`), and only when nothing
 //! the exchange drew on besides the user's own message is narrower than that project — no
-//! restricted document, no other project, no user's own memory; otherwise it is demoted to the
+//! restricted document (directly or through something derived from one), no other project;
+//! otherwise it is demoted to the
 //! user's own tier (`memory_facts_total{outcome="demoted"}`). Nothing a user says ever becomes
 //! an org fact or another user's. A near-duplicate refreshes an entry of the same owner (and,
 //! at project tier, the same author); each tier keeps at most its capacity per owner, and each
@@ -166,7 +167,7 @@ pub enum Decided {
     /// Project knowledge: the exchange drew on nothing narrower than the project.
     Project(Provenance),
     /// The user's own: the exchange drew on something narrower (a restricted document, another
-    /// project, a user's own memory). It remembers the project it was about, so it goes when
+    /// project). It remembers the project it was about, so it goes when
     /// the user loses that project.
     Demoted(Provenance),
 }
