@@ -236,6 +236,10 @@ async fn no_user_endpoint_returns_memory_or_summary_text() {
         ("/v1/orgs/{org_id}/teams", format!("/v1/orgs/{org}/teams")),
         ("/v1/documents/{id}", format!("/v1/documents/{document_id}")),
         (
+            "/v1/projects/{id}/documents",
+            format!("/v1/projects/{project_id}/documents"),
+        ),
+        (
             "/v1/conversations/{id}/actions",
             format!("/v1/conversations/{conversation}/actions"),
         ),
