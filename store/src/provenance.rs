@@ -147,6 +147,26 @@ pub fn visible_sql(alias: &str, user: &str, projects: &str) -> String {
     )
 }
 
+/// [`visible_sql`] for the retrieval filter, evaluated per candidate chunk: the same rule
+/// written against the arrays the search already computed — `<projects>` (the conversation's
+/// visible projects) and `<teams>` (the user's teams) — so each document the chunk drew on costs
+/// one primary-key lookup instead of a `can_see_document` call (which evaluates the user's
+/// whole visibility again). A document's project must be in the visible set too (it is among
+/// the chunk's projects anyway).
+pub fn chunk_visible_sql(alias: &str, user: &str, projects: &str, teams: &str) -> String {
+    format!(
+        "({alias}.source_project_ids <@ {projects}
+          AND ({alias}.source_document_ids = '{{}}' OR NOT EXISTS (
+              SELECT 1 FROM unnest({alias}.source_document_ids) AS sd(id)
+              WHERE NOT EXISTS (
+                  SELECT 1 FROM documents d
+                  WHERE d.id = sd.id AND d.deleted_at IS NULL AND d.project_id = ANY({projects})
+                    AND ((d.visible_to_user_ids = '{{}}' AND d.visible_to_team_ids = '{{}}')
+                         OR {user} = ANY(d.visible_to_user_ids) OR d.uploaded_by = {user}
+                         OR d.visible_to_team_ids && {teams})))))"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

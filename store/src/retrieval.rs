@@ -170,7 +170,7 @@ fn filter(all_projects: bool) -> String {
     } else {
         "e.project_id = ANY($3)"
     };
-    let provenance = crate::provenance::visible_sql("e", "$2", "$3");
+    let provenance = crate::provenance::chunk_visible_sql("e", "$2", "$3", "$4");
     format!(
         "
     e.org_id = $1 AND e.model = $6
