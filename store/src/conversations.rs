@@ -503,8 +503,9 @@ pub struct AnswerSources<'a> {
 }
 
 /// The provenance an answer inherits from the messages of its prompt's window and from the
-/// tool results of its response (projects and documents they named, earlier messages a search
-/// found), and the record of those tool results. In the caller's transaction.
+/// tool results it was given — its response's, and those of earlier rounds in the window
+/// (projects and documents they named, earlier messages a search found) — and the record of
+/// those tool results. In the caller's transaction.
 async fn inherited(
     conn: &mut PgConnection,
     conversation_id: Uuid,
@@ -516,7 +517,14 @@ async fn inherited(
             "WITH ctx AS (
                  SELECT m.source_project_ids, m.source_document_ids, m.narrow FROM messages m
                  WHERE m.conversation_id = $1 AND m.id = ANY($3)),
-             tools AS (SELECT kind, id FROM tool_result_sources($2)),
+             tools AS (
+                 SELECT DISTINCT t.kind, t.id
+                 FROM (SELECT $2::uuid AS response_id
+                       UNION
+                       SELECT m.response_id FROM messages m
+                       WHERE m.conversation_id = $1 AND m.id = ANY($3) AND m.role = 'tool'
+                         AND m.response_id IS NOT NULL) r,
+                      tool_result_sources(r.response_id) t),
              found AS (
                  SELECT m.source_project_ids, m.source_document_ids, m.narrow
                  FROM messages m JOIN conversations c ON c.id = m.conversation_id
