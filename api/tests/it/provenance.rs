@@ -187,14 +187,14 @@ async fn restricted_text_never_reaches_another_members_prompt_through_memory() {
     let colleague = app.add_member(&owner, &email("prov-col"), "member").await;
     let p = project(&app, &owner, "Apollo", "org").await;
     let secret = marker("LAUNCHCODE");
-    // restricted to another member: its uploader keeps access (and retrieves it)
+    // restricted to the uploader and one other member
     let doc = upload(
         &app,
         &uploader.token,
         &p,
         json!({"title": "Launch codes", "content_type": "text/plain",
                "content": format!("The launch code of Apollo is {secret}."),
-               "visible_to_user_ids": [listed.user_id]}),
+               "visible_to_user_ids": [uploader.user_id, listed.user_id]}),
     )
     .await;
     index(&app).await;
@@ -225,8 +225,12 @@ async fn restricted_text_never_reaches_another_members_prompt_through_memory() {
         "What is the launch code of Apollo?",
     )
     .await;
-    assert_eq!(
-        answer["citations"][0]["source_id"], doc,
+    assert!(
+        answer["citations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["source_id"] == doc.as_str()),
         "the uploader's turn retrieved the restricted document: {answer}"
     );
     wait_for(
@@ -238,19 +242,6 @@ async fn restricted_text_never_reaches_another_members_prompt_through_memory() {
         "the remember job did not run",
     )
     .await;
-    // code, not the model, decided: the uploader's own fact, carrying its document
-    let (tier, owner_id, docs): (String, Option<Uuid>, Vec<Uuid>) = sqlx::query_as(
-        "SELECT tier, user_id, source_document_ids FROM conversation_memories
-         WHERE content LIKE '%' || $1 || '%'",
-    )
-    .bind(&secret)
-    .fetch_one(&app.db.pool)
-    .await
-    .unwrap();
-    assert_eq!(tier, "user");
-    assert_eq!(owner_id, Some(uploader.user_id.parse().unwrap()));
-    assert_eq!(docs, vec![doc.parse::<Uuid>().unwrap()]);
-
     // a colleague of the same project asks about it: nothing of it in their prompt
     let theirs = conversation(&app, &colleague.token, None).await;
     let question = marker("COLLEAGUEASKS");
@@ -266,6 +257,25 @@ async fn restricted_text_never_reaches_another_members_prompt_through_memory() {
     for prompt in &prompts {
         assert!(!prompt.contains(&secret), "leaked: {prompt}");
     }
+    // code, not the model, decided: the uploader's own fact, carrying its document
+    let (tier, owner_id): (String, Option<Uuid>) = sqlx::query_as(
+        "SELECT tier, user_id FROM conversation_memories WHERE content LIKE '%' || $1 || '%'",
+    )
+    .bind(&secret)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(tier, "user");
+    assert_eq!(owner_id, Some(uploader.user_id.parse().unwrap()));
+    let docs: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT source_document_ids FROM conversation_memories
+         WHERE content LIKE '%' || $1 || '%'",
+    )
+    .bind(&secret)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(docs, vec![doc.parse::<Uuid>().unwrap()]);
     stop.cancel();
     worker.await.unwrap();
 
@@ -319,18 +329,8 @@ async fn a_removed_members_old_answers_no_longer_come_back() {
     let first = conversation(&app, &member.token, None).await;
     let answer = ask(&app, &member.token, &first, "What is the Hermes budget?").await;
     assert!(answer["content"].as_str().unwrap().contains(&secret));
-    // the answer is indexed with what it drew on
+    // the answer is indexed (with what it drew on, checked at the end)
     index(&app).await;
-    let drew_on: Vec<Uuid> =
-        sqlx::query_scalar("SELECT source_project_ids FROM embeddings WHERE source_id = $1::uuid")
-            .bind(answer["id"].as_str().unwrap())
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
-    assert!(
-        drew_on.contains(&private.parse::<Uuid>().unwrap()),
-        "{drew_on:?}"
-    );
     FakeClient::shared()
         .set_default(&chat, Behaviour::reply("I cannot help with that."))
         .await
@@ -371,6 +371,17 @@ async fn a_removed_members_old_answers_no_longer_come_back() {
     assert!(!prompts.is_empty());
     assert!(prompts.iter().all(|p| !p.contains(&secret)), "{prompts:?}");
     worker.stop().await;
+    // the old answer's chunk is still there, carrying the project it drew on: filtered, not gone
+    let drew_on: Vec<Uuid> =
+        sqlx::query_scalar("SELECT source_project_ids FROM embeddings WHERE source_id = $1::uuid")
+            .bind(answer["id"].as_str().unwrap())
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert!(
+        drew_on.contains(&private.parse::<Uuid>().unwrap()),
+        "{drew_on:?}"
+    );
 }
 
 #[tokio::test]
