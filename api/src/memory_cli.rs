@@ -89,6 +89,8 @@ pub async fn add(
             content: content.to_owned(),
             source_conversation_id: None,
             source_message_ids: Vec::new(),
+            author_user_id: None,
+            provenance: Default::default(),
             embedding,
         },
         settings.memory.capacity(owner.tier.as_str()),

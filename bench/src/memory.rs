@@ -41,6 +41,8 @@ fn entry(owner: Owner, i: usize, model: &str, dim: usize) -> NewEntry {
         content: format!("remembered fact number {i} about the work of this owner"),
         source_conversation_id: None,
         source_message_ids: Vec::new(),
+        author_user_id: None,
+        provenance: Default::default(),
         embedding: Some((model.to_owned(), random_unit(dim))),
     }
 }

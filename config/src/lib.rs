@@ -125,6 +125,11 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
         Kind::Int,
     ),
     ("MEMORY_CAPACITY_USER", "memory.capacity_user", Kind::Int),
+    (
+        "MEMORY_CAPACITY_PROJECT_PER_AUTHOR",
+        "memory.capacity_project_per_author",
+        Kind::Int,
+    ),
     ("EMBEDDING_MODEL", "embedding.model", Kind::Str),
     ("EMBEDDING_DIM", "embedding.dim", Kind::Int),
     ("RETRIEVAL_TOP_K", "retrieval.top_k", Kind::Int),
@@ -493,6 +498,10 @@ pub struct MemorySettings {
     pub capacity_org: u32,
     pub capacity_project: u32,
     pub capacity_user: u32,
+    /// Project entries one author may hold in one project; their oldest go beyond, so one
+    /// member cannot fill a project's capacity and evict the others' facts
+    /// (`MEMORY_CAPACITY_PROJECT_PER_AUTHOR`).
+    pub capacity_project_per_author: u32,
     /// A new fact closer than this cosine distance to an entry of the same owner refreshes
     /// that entry instead of adding one.
     pub dedup_distance: f64,
@@ -792,6 +801,10 @@ impl Settings {
             ("MEMORY_CAPACITY_ORG", self.memory.capacity_org),
             ("MEMORY_CAPACITY_PROJECT", self.memory.capacity_project),
             ("MEMORY_CAPACITY_USER", self.memory.capacity_user),
+            (
+                "MEMORY_CAPACITY_PROJECT_PER_AUTHOR",
+                self.memory.capacity_project_per_author,
+            ),
         ] {
             positive(u64::from(v), name)?;
         }
@@ -1144,6 +1157,7 @@ mod tests {
         let s = load(&[]).unwrap();
         assert_eq!(s.memory.summarize_threshold, 6);
         assert_eq!(s.memory.capacity("user"), 50);
+        assert_eq!(s.memory.capacity_project_per_author, 20);
         assert!((s.memory.dedup_distance - 0.1).abs() < 1e-9);
         let s = load(&[
             ("SUMMARIZE_THRESHOLD", "3"),
@@ -1151,8 +1165,10 @@ mod tests {
             ("MEMORY_CAPACITY_ORG", "7"),
             ("MEMORY_CAPACITY_PROJECT", "8"),
             ("MEMORY_CAPACITY_USER", "9"),
+            ("MEMORY_CAPACITY_PROJECT_PER_AUTHOR", "4"),
         ])
         .unwrap();
+        assert_eq!(s.memory.capacity_project_per_author, 4);
         assert_eq!(s.memory.summarize_threshold, 3);
         assert_eq!(s.memory.token_budget, 100);
         assert_eq!(
@@ -1163,7 +1179,11 @@ mod tests {
             ),
             (7, 8, 9)
         );
-        for name in ["SUMMARIZE_THRESHOLD", "MEMORY_CAPACITY_USER"] {
+        for name in [
+            "SUMMARIZE_THRESHOLD",
+            "MEMORY_CAPACITY_USER",
+            "MEMORY_CAPACITY_PROJECT_PER_AUTHOR",
+        ] {
             let e = load(&[(name, "0")]).unwrap_err().to_string();
             assert!(e.contains(name), "{e}");
         }

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::StoreError;
 use crate::projects::Cursor;
+use crate::provenance::Provenance;
 use crate::types::ResponseStatus;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -226,39 +227,6 @@ pub async fn usable_projects(
     .await?)
 }
 
-/// A user turn: the user's message and the response that will answer it, in one transaction
-/// owned by the caller (with the message's indexing outbox row).
-pub async fn start_turn(
-    conn: &mut PgConnection,
-    conversation_id: Uuid,
-    content: &str,
-) -> Result<(Message, Response), StoreError> {
-    let message = sqlx::query_as::<_, Message>(sql(format!(
-        "INSERT INTO messages (id, conversation_id, role, content)
-         VALUES ($1, $2, 'user', $3) RETURNING {MESSAGE_COLS}"
-    )))
-    .bind(Uuid::now_v7())
-    .bind(conversation_id)
-    .bind(content)
-    .fetch_one(&mut *conn)
-    .await?;
-    let response = sqlx::query_as::<_, Response>(sql(format!(
-        "INSERT INTO responses (id, conversation_id, user_message_id)
-         VALUES ($1, $2, $3) RETURNING {RESPONSE_COLS}"
-    )))
-    .bind(Uuid::now_v7())
-    .bind(conversation_id)
-    .bind(message.id)
-    .fetch_one(&mut *conn)
-    .await?;
-    sqlx::query("UPDATE conversations SET updated_at = now() WHERE id = $1")
-        .bind(conversation_id)
-        .execute(&mut *conn)
-        .await?;
-    crate::outbox::record_message(&mut *conn, conversation_id, message.id).await?;
-    Ok((message, response))
-}
-
 /// The ids a new turn gets (chosen by the caller, so that it can read the turn back when it
 /// cannot tell whether its write committed), and what it was asked with.
 #[derive(Debug, Clone, Copy)]
@@ -291,10 +259,12 @@ pub enum TurnStarted {
     KeyConflict,
 }
 
-/// [`start_turn`] for the caller's own conversation, in ONE autocommitted statement (the
-/// chat path's latency: no `BEGIN`/`COMMIT`, no separate ownership read): the conversation's
-/// `updated_at`, the user's message and the response (handed to `job_id`), and the
-/// idempotency key when there is one, all or nothing. `None` when the conversation is not the
+/// A user turn in the caller's own conversation, in ONE autocommitted statement (the chat
+/// path's latency: no `BEGIN`/`COMMIT`, no separate ownership read): the conversation's
+/// `updated_at`, the user's message with its indexing outbox row (so past conversations are
+/// searchable by what the user said, not only by the answers), the response (handed to
+/// `job_id`), and the idempotency key when there is one, all or nothing. The only way a turn
+/// starts — the API's and the tests' (`testkit::turns::start`). `None` when the conversation is not the
 /// user's (missing, another user's, another org's alike). With a key already used: the turn
 /// it started, or a conflict when it came with another request.
 pub async fn start_own_turn(
@@ -325,11 +295,14 @@ pub async fn start_own_turn(
     let row = sqlx::query(sql(format!(
         "WITH c AS (
              UPDATE conversations SET updated_at = now()
-             WHERE id = $1 AND user_id = $2 RETURNING id
+             WHERE id = $1 AND user_id = $2 RETURNING id, org_id
          ), {key_cte}m AS (
              INSERT INTO messages (id, conversation_id, role, content)
              SELECT $3, g.conversation_id, 'user', $4
              FROM (SELECT {gate_col} AS conversation_id FROM {gate}) g RETURNING {MESSAGE_COLS}
+         ), o AS (
+             INSERT INTO index_outbox (org_id, source_kind, source_id)
+             SELECT c.org_id, 'message', m.id FROM m, c
          ), r AS (
              INSERT INTO responses (id, conversation_id, user_message_id, job_id, enqueued_at)
              SELECT $5, m.conversation_id, m.id, $6, now() FROM m RETURNING {RESPONSE_COLS}
@@ -513,6 +486,110 @@ pub struct Answer<'a> {
     pub completion_tokens: Option<i32>,
     pub latency_ms: i32,
     pub citations: Value,
+    /// What the turn drew on besides its tool results (added by [`complete`]).
+    pub sources: AnswerSources<'a>,
+}
+
+/// The provenance of an answer as the worker knows it: what retrieval, memory and the summary
+/// gave the model, and the messages of the prompt's window (whose own provenance the answer
+/// inherits). The tool results of the response are read by [`complete`] itself.
+#[derive(Debug, Clone, Default)]
+pub struct AnswerSources<'a> {
+    pub provenance: Provenance,
+    /// `messages.sources`: what was given (a JSON array; `Null` counts as empty).
+    pub given: Value,
+    /// The prompt's recent window.
+    pub context_message_ids: &'a [Uuid],
+}
+
+/// The provenance an answer inherits from the messages of its prompt's window and from the
+/// tool results it was given — its response's, and those of earlier rounds in the window
+/// (projects and documents they named, earlier messages a search found) — and the record of
+/// those tool results. In the caller's transaction.
+async fn inherited(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+    response_id: Uuid,
+    context: &[Uuid],
+) -> Result<(Provenance, Value), StoreError> {
+    let (projects, documents, narrow, tools): (Vec<Uuid>, Vec<Uuid>, bool, Value) =
+        sqlx::query_as(
+            "WITH ctx AS (
+                 SELECT m.source_project_ids, m.source_document_ids, m.narrow FROM messages m
+                 WHERE m.conversation_id = $1 AND m.id = ANY($3)),
+             tools AS (
+                 SELECT DISTINCT t.kind, t.id
+                 FROM (SELECT $2::uuid AS response_id
+                       UNION
+                       SELECT m.response_id FROM messages m
+                       WHERE m.conversation_id = $1 AND m.id = ANY($3) AND m.role = 'tool'
+                         AND m.response_id IS NOT NULL) r,
+                      tool_result_sources(r.response_id) t),
+             found AS (
+                 SELECT m.source_project_ids, m.source_document_ids, m.narrow
+                 FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                 JOIN conversations mine ON mine.id = $1 AND mine.user_id = c.user_id
+                 JOIN tools t ON t.kind = 'message' AND t.id = m.id),
+             docs AS (
+                 SELECT d.id, d.project_id,
+                        (d.visible_to_user_ids <> '{}' OR d.visible_to_team_ids <> '{}') AS restricted
+                 FROM documents d JOIN tools t ON t.kind = 'document' AND t.id = d.id),
+             projects AS (
+                 SELECT x FROM ctx, unnest(ctx.source_project_ids) x
+                 UNION SELECT x FROM found, unnest(found.source_project_ids) x
+                 UNION SELECT id FROM tools WHERE kind = 'project'
+                 UNION SELECT project_id FROM docs),
+             documents AS (
+                 SELECT x FROM ctx, unnest(ctx.source_document_ids) x
+                 UNION SELECT x FROM found, unnest(found.source_document_ids) x
+                 UNION SELECT id FROM docs)
+             SELECT coalesce((SELECT array_agg(x ORDER BY x) FROM projects), '{}'),
+                    coalesce((SELECT array_agg(x ORDER BY x) FROM documents), '{}'),
+                    coalesce((SELECT bool_or(narrow) FROM ctx), false)
+                      OR coalesce((SELECT bool_or(narrow) FROM found), false)
+                      OR coalesce((SELECT bool_or(restricted) FROM docs), false),
+                    coalesce((SELECT jsonb_agg(jsonb_build_object(
+                                  'kind', 'tool_result', 'source_kind', kind, 'id', id)
+                                  ORDER BY kind, id) FROM tools), '[]')",
+        )
+        .bind(conversation_id)
+        .bind(response_id)
+        .bind(context)
+        .fetch_one(conn)
+        .await?;
+    Ok((
+        Provenance {
+            source_project_ids: projects,
+            source_document_ids: documents,
+            narrow,
+        },
+        tools,
+    ))
+}
+
+/// Two provenances together.
+fn union(a: &Provenance, b: &Provenance) -> Provenance {
+    let mut projects: Vec<Uuid> = a
+        .source_project_ids
+        .iter()
+        .chain(&b.source_project_ids)
+        .copied()
+        .collect();
+    projects.sort();
+    projects.dedup();
+    let mut documents: Vec<Uuid> = a
+        .source_document_ids
+        .iter()
+        .chain(&b.source_document_ids)
+        .copied()
+        .collect();
+    documents.sort();
+    documents.dedup();
+    Provenance {
+        source_project_ids: projects,
+        source_document_ids: documents,
+        narrow: a.narrow || b.narrow,
+    }
 }
 
 /// What [`complete`] did.
@@ -551,10 +628,26 @@ pub async fn complete(
     if locked.status != ResponseStatus::Running || locked.run != run {
         return Ok(Completion::NotHeld);
     }
+    let (from_context, tools) = inherited(
+        &mut *conn,
+        locked.conversation_id,
+        response_id,
+        answer.sources.context_message_ids,
+    )
+    .await?;
+    let provenance = union(&answer.sources.provenance, &from_context);
+    let mut given = match &answer.sources.given {
+        Value::Array(items) => items.clone(),
+        _ => Vec::new(),
+    };
+    if let Value::Array(items) = tools {
+        given.extend(items);
+    }
     let inserted = sqlx::query_as::<_, Message>(sql(format!(
         "INSERT INTO messages (id, conversation_id, role, content, response_id, model,
-                               prompt_tokens, completion_tokens, latency_ms, citations)
-         VALUES ($1, $2, 'assistant', $3, $4, $5, $6, $7, $8, $9)
+                               prompt_tokens, completion_tokens, latency_ms, citations,
+                               source_project_ids, source_document_ids, narrow, sources)
+         VALUES ($1, $2, 'assistant', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          ON CONFLICT (response_id) WHERE role = 'assistant' AND tool_calls IS NULL DO NOTHING
          RETURNING {MESSAGE_COLS}"
     )))
@@ -567,6 +660,10 @@ pub async fn complete(
     .bind(answer.completion_tokens)
     .bind(answer.latency_ms)
     .bind(&answer.citations)
+    .bind(&provenance.source_project_ids)
+    .bind(&provenance.source_document_ids)
+    .bind(provenance.narrow)
+    .bind(Value::Array(given))
     .fetch_optional(&mut *conn)
     .await?;
     let (message, stored) = match inserted {

@@ -1,7 +1,10 @@
 //! Uploaded documents (SPEC §4). A document belongs to a project and may be restricted inside
-//! it to listed users and/or members of listed teams. Reads filter in SQL: the caller must see
-//! the project (`can_see_project`) and, when the document is restricted, be listed or belong to
-//! a listed team. Missing, deleted, other-org and hidden documents all answer `None`.
+//! it to listed users and/or members of listed teams. Reads filter in SQL with
+//! `can_see_document(user, document)`: the caller must see the project (`can_see_project`)
+//! and, when the document is restricted, be listed, belong to a listed team, or have uploaded
+//! it. Org owners and admins may also *manage* every document of their org (list, metadata,
+//! delete) without its content reaching their prompts. Missing, deleted, other-org and hidden
+//! documents all answer `None`.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -37,14 +40,31 @@ fn sql(s: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(s)
 }
 
-/// The SQL predicate "user `$1` may see document `d`": the project rule, then the restriction.
-const VISIBLE_TO_CALLER: &str = "can_see_project($1, d.project_id)
-    AND (
-        (cardinality(d.visible_to_user_ids) = 0 AND cardinality(d.visible_to_team_ids) = 0)
-        OR $1 = ANY(d.visible_to_user_ids)
-        OR EXISTS (SELECT 1 FROM team_members tm
-                   WHERE tm.user_id = $1 AND tm.team_id = ANY(d.visible_to_team_ids))
-    )";
+/// The SQL predicate "user `$1` may see document `d`'s content": the project rule, then the
+/// restriction (the uploader counts as listed).
+const VISIBLE_TO_CALLER: &str = "can_see_document($1, d.id)";
+
+/// The SQL predicate "user `$1` is an owner or admin of document `d`'s org".
+const ADMIN_OF_DOCUMENT: &str = "EXISTS (SELECT 1 FROM org_memberships om
+    WHERE om.user_id = $1 AND om.org_id = d.org_id AND om.role IN ('owner', 'admin'))";
+
+/// A document as one user may handle it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DocumentAccess {
+    #[sqlx(flatten)]
+    pub document: Document,
+    /// The user may see its content (and so it may enter their prompts).
+    pub can_read: bool,
+    /// The user is an owner or admin of its org.
+    pub org_admin: bool,
+}
+
+impl DocumentAccess {
+    /// Delete it: an org owner/admin, or its uploader while they can see it.
+    pub fn may_delete(&self, user_id: Uuid) -> bool {
+        self.org_admin || (self.can_read && self.document.uploaded_by == Some(user_id))
+    }
+}
 
 pub struct NewDocument<'a> {
     pub org_id: Uuid,
@@ -150,9 +170,57 @@ pub async fn get_visible(
     Ok(row)
 }
 
-/// Delete a document: tombstone it, drop its chunks (it stops being retrievable at commit) and
-/// write its outbox row — in the caller's transaction, which should have locked the row with
-/// [`get_visible`]. False when it was already deleted.
+/// The document if `user_id` may see it or manage it (an org owner/admin), with what they may
+/// do; with `lock`, locked for update. `None` for anyone else (and for deleted documents).
+pub async fn get_accessible(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    id: Uuid,
+    lock: bool,
+) -> Result<Option<DocumentAccess>, StoreError> {
+    let lock = if lock { "FOR UPDATE OF d" } else { "" };
+    Ok(sqlx::query_as::<_, DocumentAccess>(sql(format!(
+        "SELECT {DOCUMENT_COLS}, {VISIBLE_TO_CALLER} AS can_read, {ADMIN_OF_DOCUMENT} AS org_admin
+         FROM documents d
+         WHERE d.id = $2 AND d.deleted_at IS NULL
+           AND ({VISIBLE_TO_CALLER} OR {ADMIN_OF_DOCUMENT}) {lock}"
+    )))
+    .bind(user_id)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// The documents of `project_id` that `user_id` may see or manage, oldest first, after
+/// `after` (metadata only; the caller checked the project is visible).
+pub async fn list_accessible(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    project_id: Uuid,
+    after: Option<crate::projects::Cursor>,
+    limit: i64,
+) -> Result<Vec<Document>, StoreError> {
+    Ok(sqlx::query_as::<_, Document>(sql(format!(
+        "SELECT {DOCUMENT_COLS} FROM documents d
+         WHERE d.project_id = $2 AND d.deleted_at IS NULL
+           AND ($3::timestamptz IS NULL OR (d.created_at, d.id) > ($3, $4))
+           AND ({VISIBLE_TO_CALLER} OR {ADMIN_OF_DOCUMENT})
+         ORDER BY d.created_at, d.id LIMIT $5"
+    )))
+    .bind(user_id)
+    .bind(project_id)
+    .bind(after.map(|c| c.0))
+    .bind(after.map(|c| c.1))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Delete a document: tombstone it, drop its chunks (it stops being retrievable at commit),
+/// drop what was derived from it — memory facts and message chunks whose provenance names it
+/// go, summaries that drew on it start over (rebuilt without it) — and write its outbox row,
+/// all in the caller's transaction, which should have locked the row with
+/// [`get_accessible`]. False when it was already deleted.
 pub async fn delete(conn: &mut PgConnection, doc: &Document) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE documents SET deleted_at = now(), updated_at = now()
@@ -165,6 +233,23 @@ pub async fn delete(conn: &mut PgConnection, doc: &Document) -> Result<bool, Sto
         return Ok(false);
     }
     crate::index::delete_source_chunks(&mut *conn, SourceKind::Document, doc.id).await?;
+    sqlx::query("DELETE FROM conversation_memories WHERE source_document_ids @> ARRAY[$1::uuid]")
+        .bind(doc.id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM embeddings WHERE source_document_ids @> ARRAY[$1::uuid]")
+        .bind(doc.id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "UPDATE conversation_summaries
+            SET summary = '', summarized_up_to = 0, source_project_ids = '{}',
+                source_document_ids = '{}', narrow = false, updated_at = now()
+          WHERE source_document_ids @> ARRAY[$1::uuid]",
+    )
+    .bind(doc.id)
+    .execute(&mut *conn)
+    .await?;
     crate::outbox::record(conn, doc.org_id, SourceKind::Document, doc.id).await?;
     Ok(true)
 }

@@ -46,6 +46,8 @@ pub struct NewChunk {
     pub content_hash: Vec<u8>,
     pub model: String,
     pub embedding: pgvector::Vector,
+    /// What a message chunk drew on (its message's provenance; empty for project content).
+    pub provenance: crate::provenance::Provenance,
 }
 
 /// Insert or replace chunks (keyed by source, model and chunk index), in the caller's
@@ -59,14 +61,18 @@ pub async fn upsert_chunks(
         sqlx::query(
             "INSERT INTO embeddings (id, org_id, source_kind, source_id, chunk_index, project_id,
                  owner_user_id, allowed_user_ids, allowed_team_ids, title, content, content_hash,
-                 model, dim, embedding)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                 model, dim, embedding, source_project_ids, source_document_ids, narrow)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                     $17, $18)
              ON CONFLICT (source_kind, source_id, model, chunk_index) DO UPDATE SET
                  project_id = EXCLUDED.project_id, owner_user_id = EXCLUDED.owner_user_id,
                  allowed_user_ids = EXCLUDED.allowed_user_ids,
                  allowed_team_ids = EXCLUDED.allowed_team_ids, title = EXCLUDED.title,
                  content = EXCLUDED.content, content_hash = EXCLUDED.content_hash,
-                 dim = EXCLUDED.dim, embedding = EXCLUDED.embedding, updated_at = now()",
+                 dim = EXCLUDED.dim, embedding = EXCLUDED.embedding,
+                 source_project_ids = EXCLUDED.source_project_ids,
+                 source_document_ids = EXCLUDED.source_document_ids,
+                 narrow = EXCLUDED.narrow, updated_at = now()",
         )
         .bind(uuid::Uuid::now_v7())
         .bind(c.org_id)
@@ -83,6 +89,9 @@ pub async fn upsert_chunks(
         .bind(&c.model)
         .bind(dim)
         .bind(&c.embedding)
+        .bind(&c.provenance.source_project_ids)
+        .bind(&c.provenance.source_document_ids)
+        .bind(c.provenance.narrow)
         .execute(&mut *conn)
         .await?;
     }

@@ -21,6 +21,8 @@ pub struct SourceContent {
     /// `text/markdown` is chunked by headings; everything else as plain text.
     pub markdown: bool,
     pub text: String,
+    /// What a message drew on (its chunks carry it; empty for project content).
+    pub provenance: crate::provenance::Provenance,
 }
 
 #[derive(sqlx::FromRow)]
@@ -32,6 +34,7 @@ struct DocumentRow {
     content: String,
     visible_to_user_ids: Vec<Uuid>,
     visible_to_team_ids: Vec<Uuid>,
+    uploaded_by: Option<Uuid>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -57,6 +60,8 @@ struct MessageRow {
     title: String,
     role: String,
     content: String,
+    #[sqlx(flatten)]
+    provenance: crate::provenance::Provenance,
 }
 
 /// Load the current content of a source; `None` when it is gone (deleted, or a kind of row
@@ -69,21 +74,31 @@ pub async fn load_source(
     Ok(match kind {
         SourceKind::Document => sqlx::query_as::<_, DocumentRow>(
             "SELECT org_id, project_id, title, content_type, content, visible_to_user_ids,
-                    visible_to_team_ids
+                    visible_to_team_ids, uploaded_by
              FROM documents WHERE id = $1 AND deleted_at IS NULL",
         )
         .bind(id)
         .fetch_optional(conn)
         .await?
-        .map(|d| SourceContent {
-            org_id: d.org_id,
-            project_id: Some(d.project_id),
-            owner_user_id: None,
-            allowed_user_ids: d.visible_to_user_ids,
-            allowed_team_ids: d.visible_to_team_ids,
-            title: d.title,
-            markdown: d.content_type == "text/markdown",
-            text: d.content,
+        .map(|d| {
+            // A restricted document's uploader keeps access as if listed.
+            let mut users = d.visible_to_user_ids;
+            let restricted = !users.is_empty() || !d.visible_to_team_ids.is_empty();
+            if let Some(uploader) = d.uploaded_by.filter(|u| restricted && !users.contains(u)) {
+                users.push(uploader);
+                users.sort();
+            }
+            SourceContent {
+                org_id: d.org_id,
+                project_id: Some(d.project_id),
+                owner_user_id: None,
+                allowed_user_ids: users,
+                allowed_team_ids: d.visible_to_team_ids,
+                title: d.title,
+                markdown: d.content_type == "text/markdown",
+                text: d.content,
+                provenance: Default::default(),
+            }
         }),
         SourceKind::Project => sqlx::query_as::<_, ProjectRow>(
             "SELECT org_id, name, description FROM projects WHERE id = $1",
@@ -104,6 +119,7 @@ pub async fn load_source(
             },
             title: p.name,
             markdown: false,
+            provenance: Default::default(),
         }),
         SourceKind::Task => sqlx::query_as::<_, TaskRow>(
             "SELECT org_id, project_id, title, description, status::text AS status
@@ -125,11 +141,18 @@ pub async fn load_source(
             },
             title: t.title,
             markdown: false,
+            provenance: Default::default(),
         }),
         SourceKind::Message => sqlx::query_as::<_, MessageRow>(
-            "SELECT c.org_id, c.user_id, c.title, m.role, m.content
+            // (a message that drew on a deleted document is not indexed again: what was
+            // derived from a deleted source goes with it)
+            "SELECT c.org_id, c.user_id, c.title, m.role, m.content, m.source_project_ids,
+                    m.source_document_ids, m.narrow
              FROM messages m JOIN conversations c ON c.id = m.conversation_id
-             WHERE m.id = $1 AND m.role IN ('user', 'assistant') AND m.tool_calls IS NULL",
+             WHERE m.id = $1 AND m.role IN ('user', 'assistant') AND m.tool_calls IS NULL
+               AND NOT EXISTS (SELECT 1 FROM documents d
+                               WHERE d.id = ANY(m.source_document_ids)
+                                 AND d.deleted_at IS NOT NULL)",
         )
         .bind(id)
         .fetch_optional(conn)
@@ -147,6 +170,7 @@ pub async fn load_source(
             },
             markdown: false,
             text: m.content,
+            provenance: m.provenance,
         }),
     })
 }
@@ -242,24 +266,30 @@ const WRITE_CHUNK_ROWS: usize = 512;
 
 /// Insert or replace many chunks with few statements (the semantics of
 /// [`crate::embeddings::upsert_chunks`], which writes one row per statement): rows are grouped
-/// by their allowed-user/team lists (the array columns that cannot travel inside an `unnest`),
-/// then written `WRITE_CHUNK_ROWS` at a time. No two chunks may share a key.
+/// by their allowed-user/team lists and their provenance (the array columns that cannot travel
+/// inside an `unnest`), then written `WRITE_CHUNK_ROWS` at a time. No two chunks may share a
+/// key.
 pub async fn write_chunks<C: std::borrow::Borrow<crate::embeddings::NewChunk> + Sync>(
     conn: &mut PgConnection,
     chunks: &[C],
 ) -> Result<(), StoreError> {
-    let mut groups: std::collections::BTreeMap<
-        (&[Uuid], &[Uuid]),
-        Vec<&crate::embeddings::NewChunk>,
-    > = std::collections::BTreeMap::new();
+    type Key<'k> = (&'k [Uuid], &'k [Uuid], &'k [Uuid], &'k [Uuid], bool);
+    let mut groups: std::collections::BTreeMap<Key<'_>, Vec<&crate::embeddings::NewChunk>> =
+        std::collections::BTreeMap::new();
     for c in chunks {
         let c = c.borrow();
         groups
-            .entry((c.allowed_user_ids.as_slice(), c.allowed_team_ids.as_slice()))
+            .entry((
+                c.allowed_user_ids.as_slice(),
+                c.allowed_team_ids.as_slice(),
+                c.provenance.source_project_ids.as_slice(),
+                c.provenance.source_document_ids.as_slice(),
+                c.provenance.narrow,
+            ))
             .or_default()
             .push(c);
     }
-    for ((users, teams), rows) in groups {
+    for ((users, teams, source_projects, source_documents, narrow), rows) in groups {
         for part in rows.chunks(WRITE_CHUNK_ROWS) {
             let ids: Vec<Uuid> = part.iter().map(|_| Uuid::now_v7()).collect();
             let orgs: Vec<Uuid> = part.iter().map(|c| c.org_id).collect();
@@ -280,10 +310,10 @@ pub async fn write_chunks<C: std::borrow::Borrow<crate::embeddings::NewChunk> + 
             sqlx::query(
                 "INSERT INTO embeddings (id, org_id, source_kind, source_id, chunk_index, project_id,
                      owner_user_id, allowed_user_ids, allowed_team_ids, title, content, content_hash,
-                     model, dim, embedding)
+                     model, dim, embedding, source_project_ids, source_document_ids, narrow)
                  SELECT u.id, u.org_id, u.kind, u.source_id, u.chunk_index, u.project_id,
                         u.owner_user_id, $14, $15, u.title, u.content, u.hash, u.model, u.dim,
-                        u.embedding
+                        u.embedding, $16, $17, $18
                  FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::int4[],
                              $6::uuid[], $7::uuid[], $8::text[], $9::text[], $10::bytea[],
                              $11::text[], $12::int4[], $13::vector[])
@@ -294,7 +324,10 @@ pub async fn write_chunks<C: std::borrow::Borrow<crate::embeddings::NewChunk> + 
                      allowed_user_ids = EXCLUDED.allowed_user_ids,
                      allowed_team_ids = EXCLUDED.allowed_team_ids, title = EXCLUDED.title,
                      content = EXCLUDED.content, content_hash = EXCLUDED.content_hash,
-                     dim = EXCLUDED.dim, embedding = EXCLUDED.embedding, updated_at = now()",
+                     dim = EXCLUDED.dim, embedding = EXCLUDED.embedding,
+                     source_project_ids = EXCLUDED.source_project_ids,
+                     source_document_ids = EXCLUDED.source_document_ids,
+                     narrow = EXCLUDED.narrow, updated_at = now()",
             )
             .bind(&ids)
             .bind(&orgs)
@@ -311,6 +344,9 @@ pub async fn write_chunks<C: std::borrow::Borrow<crate::embeddings::NewChunk> + 
             .bind(&vectors)
             .bind(users)
             .bind(teams)
+            .bind(source_projects)
+            .bind(source_documents)
+            .bind(narrow)
             .execute(&mut *conn)
             .await?;
         }

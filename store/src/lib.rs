@@ -14,6 +14,7 @@ pub mod memory;
 pub mod outbox;
 pub mod probe;
 pub mod projects;
+pub mod provenance;
 pub mod public;
 pub mod responses;
 pub mod retrieval;

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::StoreError;
 use crate::conversations::Message;
 use crate::error::OnConstraint;
+use crate::provenance::{Provenance, visible_sql};
 
 /// The tier of a memory entry: whose it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -116,13 +117,18 @@ pub struct Entry {
     pub content: String,
     pub source_conversation_id: Option<Uuid>,
     pub source_message_ids: Vec<Uuid>,
+    /// Whose exchange it was learnt from (`None`: an operator's entry).
+    pub author_user_id: Option<Uuid>,
+    #[sqlx(flatten)]
+    pub provenance: Provenance,
     pub model: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 const ENTRY_COLS: &str = "id, org_id, tier, project_id, user_id, content, source_conversation_id, \
-     source_message_ids, model, created_at, updated_at";
+     source_message_ids, author_user_id, source_project_ids, source_document_ids, narrow, model, \
+     created_at, updated_at";
 
 /// The longest entry content (the table's check).
 pub const MAX_CONTENT_CHARS: usize = 2000;
@@ -134,6 +140,12 @@ pub struct NewEntry {
     pub content: String,
     pub source_conversation_id: Option<Uuid>,
     pub source_message_ids: Vec<Uuid>,
+    /// Whose words or exchange it came from (`None`: an operator's entry). A project entry
+    /// refreshes only entries of the same author, and each author's share of a project is
+    /// capped ([`insert_with`]).
+    pub author_user_id: Option<Uuid>,
+    /// What it was derived from (read filters and source deletions use it).
+    pub provenance: Provenance,
     /// The embedding of `content` and the model that made it (`None` when embedding failed:
     /// the entry is kept, ranked by recency, and not de-duplicated).
     pub embedding: Option<(String, Vec<f32>)>,
@@ -161,7 +173,23 @@ pub async fn insert(
     capacity: u32,
     dedup_distance: f64,
 ) -> Result<Inserted, StoreError> {
+    insert_with(conn, entry, capacity, None, dedup_distance).await
+}
+
+/// [`insert`], with a per-author share of a project's capacity: a project entry with an
+/// author first trims that author's entries of the project to `per_author` (the oldest go),
+/// then the project's to `capacity` — so one member cannot fill the tier and evict the
+/// others'. A near-duplicate refreshes only an entry of the same author (project tier), and
+/// the refreshed entry keeps the union of both entries' sources.
+pub async fn insert_with(
+    conn: &mut PgConnection,
+    entry: &NewEntry,
+    capacity: u32,
+    per_author: Option<u32>,
+    dedup_distance: f64,
+) -> Result<Inserted, StoreError> {
     let o = &entry.owner;
+    let p = &entry.provenance;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(o.lock_key())
         .execute(&mut *conn)
@@ -181,6 +209,7 @@ pub async fn insert(
                  FROM conversation_memories
                  WHERE org_id = $1 AND tier = $2
                    AND project_id IS NOT DISTINCT FROM $3 AND user_id IS NOT DISTINCT FROM $4
+                   AND (tier <> 'project' OR author_user_id IS NOT DISTINCT FROM $9)
                    AND embedding IS NOT NULL) c
              WHERE d < $8 ORDER BY d LIMIT 1",
         )
@@ -192,6 +221,7 @@ pub async fn insert(
         .bind(model)
         .bind(vector)
         .bind(dedup_distance)
+        .bind(entry.author_user_id)
         .fetch_optional(&mut *conn)
         .await?;
         if let Some(id) = near {
@@ -200,7 +230,10 @@ pub async fn insert(
                      model = $5, updated_at = clock_timestamp(),
                      source_conversation_id = coalesce($6, source_conversation_id),
                      source_message_ids = CASE WHEN cardinality($7::uuid[]) > 0 THEN $7
-                                               ELSE source_message_ids END
+                                               ELSE source_message_ids END,
+                     source_project_ids = uuid_union(source_project_ids, $8),
+                     source_document_ids = uuid_union(source_document_ids, $9),
+                     narrow = narrow OR $10
                  WHERE id = $1",
             )
             .bind(id)
@@ -210,6 +243,9 @@ pub async fn insert(
             .bind(model)
             .bind(entry.source_conversation_id)
             .bind(&entry.source_message_ids)
+            .bind(&p.source_project_ids)
+            .bind(&p.source_document_ids)
+            .bind(p.narrow)
             .execute(&mut *conn)
             .await?;
             return Ok(Inserted::Refreshed { id });
@@ -218,8 +254,9 @@ pub async fn insert(
     let id = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO conversation_memories (id, org_id, tier, project_id, user_id, content,
-             source_conversation_id, source_message_ids, model, dim, embedding)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             source_conversation_id, source_message_ids, model, dim, embedding,
+             author_user_id, source_project_ids, source_document_ids, narrow)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(id)
     .bind(o.org_id)
@@ -232,6 +269,10 @@ pub async fn insert(
     .bind(model)
     .bind(dim)
     .bind(vector)
+    .bind(entry.author_user_id)
+    .bind(&p.source_project_ids)
+    .bind(&p.source_document_ids)
+    .bind(p.narrow)
     .execute(&mut *conn)
     .await
     .on_constraint(
@@ -255,7 +296,23 @@ pub async fn insert(
             message: "must be 1 to 2000 characters",
         },
     )?;
-    let removed = sqlx::query(
+    let mut removed = 0;
+    if let (Tier::Project, Some(author), Some(share)) = (o.tier, entry.author_user_id, per_author) {
+        removed += sqlx::query(
+            "DELETE FROM conversation_memories WHERE id IN (
+                 SELECT id FROM conversation_memories
+                 WHERE tier = 'project' AND project_id = $1 AND author_user_id = $2
+                 ORDER BY updated_at DESC, id DESC
+                 OFFSET $3)",
+        )
+        .bind(o.project_id)
+        .bind(author)
+        .bind(i64::from(share))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    }
+    removed += sqlx::query(
         "DELETE FROM conversation_memories WHERE id IN (
              SELECT id FROM conversation_memories
              WHERE org_id = $1 AND tier = $2
@@ -346,7 +403,10 @@ pub async fn project_usable(
 pub struct PromptEntry {
     pub id: Uuid,
     pub tier: String,
+    pub project_id: Option<Uuid>,
     pub content: String,
+    #[sqlx(flatten)]
+    pub provenance: Provenance,
     /// Cosine distance to the query (`None` without a query vector or a comparable embedding).
     pub distance: Option<f64>,
 }
@@ -354,30 +414,99 @@ pub struct PromptEntry {
 /// The visibility rule of prompt reads, for user `$1` in conversation `$2`: the entries of the
 /// conversation's org (the conversation must be the user's), of the projects the conversation
 /// may draw on for the user right now, and the user's own. Nothing of another user, nor of a
-/// project the user cannot see (live memberships).
-const VISIBLE_TO: &str =
-    "m.org_id = (SELECT c.org_id FROM conversations c WHERE c.id = $2 AND c.user_id = $1)
+/// project the user cannot see (live memberships). And, for every entry, its provenance: every
+/// project it drew on is in the conversation's visible set and every document it drew on is
+/// visible to the user now; a project entry whose document was restricted since is its
+/// author's alone.
+fn visible_to() -> String {
+    let provenance = visible_sql(
+        "m",
+        "$1",
+        "ARRAY(SELECT project_id FROM conversation_projects_visible($1, $2))",
+    );
+    format!(
+        "m.org_id = (SELECT c.org_id FROM conversations c WHERE c.id = $2 AND c.user_id = $1)
        AND (m.tier = 'org'
             OR (m.tier = 'project'
-                AND m.project_id IN (SELECT project_id FROM conversation_projects_visible($1, $2)))
-            OR (m.tier = 'user' AND m.user_id = $1))";
+                AND m.project_id IN (SELECT project_id FROM conversation_projects_visible($1, $2))
+                AND (m.author_user_id = $1 OR NOT any_document_narrowed(m.source_document_ids)))
+            OR (m.tier = 'user' AND m.user_id = $1))
+       AND {provenance}"
+    )
+}
 
-/// What a prompt starts from, in one round trip: the conversation's summary (if any) and
-/// whether the user has any memory entry a prompt of this conversation could carry (a cheap
-/// check that spares the embedding call when there is none).
+/// What a prompt starts from ([`prompt_start`]).
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct PromptStart {
+    /// The conversation's summary, when there is one the user may still be given.
+    pub summary: Option<String>,
+    /// What the summary drew on.
+    #[sqlx(flatten)]
+    pub provenance: Provenance,
+    /// A summary exists but drew on a source the user can no longer see (or outside the
+    /// conversation's narrowing): it is withheld, and should be rebuilt without it.
+    pub summary_hidden: bool,
+    /// Whether the user has any memory entry a prompt of this conversation could carry (a
+    /// cheap check that spares the embedding call when there is none).
+    pub any_entry: bool,
+}
+
+/// What a prompt starts from, in one round trip: the conversation's summary (only while
+/// everything it drew on is visible, see [`PromptStart`]) and whether any entry is visible.
 pub async fn prompt_start(
     conn: &mut PgConnection,
     user_id: Uuid,
     conversation_id: Uuid,
-) -> Result<(Option<String>, bool), StoreError> {
+) -> Result<PromptStart, StoreError> {
+    let visible = visible_sql(
+        "s",
+        "$1",
+        "ARRAY(SELECT project_id FROM conversation_projects_visible($1, $2))",
+    );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT (SELECT s.summary FROM conversation_summaries s WHERE s.conversation_id = $2),
-                EXISTS (SELECT 1 FROM conversation_memories m WHERE {VISIBLE_TO})"
+        "SELECT CASE WHEN v.visible THEN v.summary END AS summary,
+                coalesce(v.source_project_ids, '{{}}') AS source_project_ids,
+                coalesce(v.source_document_ids, '{{}}') AS source_document_ids,
+                coalesce(v.narrow, false) AS narrow,
+                coalesce(NOT v.visible, false) AS summary_hidden,
+                EXISTS (SELECT 1 FROM conversation_memories m WHERE {}) AS any_entry
+         FROM (SELECT 1) one
+         LEFT JOIN (SELECT s.summary, s.source_project_ids, s.source_document_ids, s.narrow,
+                           {visible} AS visible
+                    FROM conversation_summaries s WHERE s.conversation_id = $2) v ON true",
+        visible_to()
     )))
     .bind(user_id)
     .bind(conversation_id)
     .fetch_one(conn)
     .await?)
+}
+
+/// Forget a summary that drew on a source its user can no longer see (still true now): it
+/// starts over from the first message, and the next fold rebuilds it without what the user may
+/// no longer be given ([`messages_to_fold`]). A fold in flight finds its compare-and-set
+/// refused. True when it was reset.
+pub async fn reset_hidden_summary(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    conversation_id: Uuid,
+) -> Result<bool, StoreError> {
+    let visible = visible_sql(
+        "s",
+        "$1",
+        "ARRAY(SELECT project_id FROM conversation_projects_visible($1, $2))",
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE conversation_summaries s
+            SET summary = '', summarized_up_to = 0, source_project_ids = '{{}}',
+                source_document_ids = '{{}}', narrow = false, updated_at = now()
+          WHERE s.conversation_id = $2 AND NOT {visible}"
+    )))
+    .bind(user_id)
+    .bind(conversation_id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// The entries a prompt for `user_id` in `conversation_id` may carry, most relevant first:
@@ -400,13 +529,15 @@ pub async fn for_prompt(
     };
     Ok(
         sqlx::query_as::<_, PromptEntry>(sqlx::AssertSqlSafe(format!(
-            "SELECT m.id, m.tier, m.content,
+            "SELECT m.id, m.tier, m.project_id, m.content, m.source_project_ids,
+                m.source_document_ids, m.narrow,
                 CASE WHEN $3::vector IS NOT NULL AND m.dim = $4 AND m.model = $5
                      THEN m.embedding <=> $3 END AS distance
          FROM conversation_memories m
-         WHERE {VISIBLE_TO}
+         WHERE {}
          ORDER BY distance ASC NULLS LAST, m.updated_at DESC, m.id DESC
-         LIMIT $6"
+         LIMIT $6",
+            visible_to()
         )))
         .bind(user_id)
         .bind(conversation_id)
@@ -517,12 +648,16 @@ pub async fn release_summary(
     Ok(())
 }
 
-const MESSAGE_COLS: &str = "m.id, m.conversation_id, m.seq, m.role, m.content, m.response_id, \
-     m.model, m.prompt_tokens, m.completion_tokens, m.latency_ms, m.tool_calls, m.tool_call_id, \
-     m.citations, m.created_at";
+/// The conversation `$1`'s owner and the projects it may draw on for them now, as `cv`.
+const CONVERSATION_VIEW: &str = "cv AS (
+    SELECT c.user_id,
+           ARRAY(SELECT project_id FROM conversation_projects_visible(c.user_id, c.id)) AS projects
+    FROM conversations c WHERE c.id = $1)";
 
 /// Messages after `after_seq` that are older than the conversation's last `keep_recent`
-/// (the prompt's window), oldest first, at most `limit`: what a summarize run folds.
+/// (the prompt's window), oldest first, at most `limit`: what a summarize run folds. A message
+/// that drew on a source its user can no longer see (or outside the conversation's narrowing)
+/// comes with empty content: the fold goes past it without its text.
 pub async fn messages_to_fold(
     conn: &mut PgConnection,
     conversation_id: Uuid,
@@ -530,8 +665,14 @@ pub async fn messages_to_fold(
     keep_recent: i64,
     limit: i64,
 ) -> Result<Vec<Message>, StoreError> {
+    let visible = visible_sql("m", "cv.user_id", "cv.projects");
     Ok(sqlx::query_as::<_, Message>(sqlx::AssertSqlSafe(format!(
-        "SELECT {MESSAGE_COLS} FROM messages m
+        "WITH {CONVERSATION_VIEW}
+         SELECT m.id, m.conversation_id, m.seq, m.role,
+                CASE WHEN {visible} THEN m.content ELSE '' END AS content, m.response_id,
+                m.model, m.prompt_tokens, m.completion_tokens, m.latency_ms, m.tool_calls,
+                m.tool_call_id, m.citations, m.created_at
+         FROM messages m, cv
          WHERE m.conversation_id = $1 AND m.seq > $2
            AND m.seq < coalesce((SELECT min(seq) FROM (
                    SELECT seq FROM messages WHERE conversation_id = $1
@@ -613,7 +754,8 @@ pub async fn recover_fold(
 }
 
 /// Store the new summary of job `job_id`'s run, folded from message seq `from` (the claimed
-/// `summarized_up_to`) up to `up_to`, and end its claim. Written only while the claim is still
+/// `summarized_up_to`) up to `up_to`, and end its claim. The summary's provenance grows by
+/// that of the folded messages whose text it was given (see [`messages_to_fold`]). Written only while the claim is still
 /// this job's (its lease may have expired, as long as no other job took it) and the summary
 /// still starts at `from`; false (nothing written) otherwise: another run took over.
 pub async fn save_summary(
@@ -625,11 +767,27 @@ pub async fn save_summary(
     up_to: i64,
     model: &str,
 ) -> Result<bool, StoreError> {
-    let done = sqlx::query(
-        "UPDATE conversation_summaries SET summary = $4, summarized_up_to = $5, model = $6,
-             folding_until = NULL, folding_job = NULL, fold_recoveries = 0, updated_at = now()
-         WHERE conversation_id = $1 AND folding_job = $2 AND summarized_up_to = $3 AND $5 > $3",
-    )
+    let visible = visible_sql("m", "cv.user_id", "cv.projects");
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "WITH {CONVERSATION_VIEW},
+         folded AS (
+             SELECT m.source_project_ids, m.source_document_ids, m.narrow FROM messages m, cv
+             WHERE m.conversation_id = $1 AND m.seq > $3 AND m.seq <= $5 AND {visible}),
+         p AS (
+             SELECT coalesce((SELECT array_agg(DISTINCT x) FROM folded,
+                                     unnest(folded.source_project_ids) x), '{{}}') AS projects,
+                    coalesce((SELECT array_agg(DISTINCT x) FROM folded,
+                                     unnest(folded.source_document_ids) x), '{{}}') AS documents,
+                    coalesce((SELECT bool_or(narrow) FROM folded), false) AS narrow)
+         UPDATE conversation_summaries s SET summary = $4, summarized_up_to = $5, model = $6,
+             folding_until = NULL, folding_job = NULL, fold_recoveries = 0, updated_at = now(),
+             source_project_ids = uuid_union(s.source_project_ids, p.projects),
+             source_document_ids = uuid_union(s.source_document_ids, p.documents),
+             narrow = s.narrow OR p.narrow
+         FROM p
+         WHERE s.conversation_id = $1 AND s.folding_job = $2 AND s.summarized_up_to = $3
+           AND $5 > $3"
+    )))
     .bind(conversation_id)
     .bind(job_id)
     .bind(from)

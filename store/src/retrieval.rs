@@ -21,7 +21,10 @@
 //!
 //! The filter, evaluated per chunk: same org, and either project content whose project is in
 //! the visible set and that is unrestricted or lists the user or one of the user's teams, or a
-//! conversation message chunk owned by the user (who must still be a member of the org);
+//! conversation message chunk owned by the user (who must still be a member of the org) whose
+//! provenance is still within reach: every project it drew on in the visible set (live
+//! membership and the conversation's narrowing), every document it drew on visible to the user
+//! (`can_see_document`); a chunk that drew on no project stays visible to its owner;
 //! documents additionally must not be deleted (belt and braces: deleting a document also
 //! removes its rows). Nothing is cached: a revoked membership, a narrowed conversation or a
 //! deleted document takes effect on the next call, before any re-index.
@@ -107,6 +110,11 @@ pub struct Chunk {
     pub vector_rank: Option<i64>,
     /// 1-based rank in the full-text list, if it was there.
     pub text_rank: Option<i64>,
+    /// Project content restricted to listed users/teams (narrower than its project).
+    pub restricted: bool,
+    /// What a message chunk drew on (empty for project content, whose source is itself).
+    #[sqlx(flatten)]
+    pub provenance: crate::provenance::Provenance,
 }
 
 /// The visible set, from the live tables.
@@ -162,6 +170,7 @@ fn filter(all_projects: bool) -> String {
     } else {
         "e.project_id = ANY($3)"
     };
+    let provenance = crate::provenance::chunk_visible_sql("e", "$2", "$3", "$4");
     format!(
         "
     e.org_id = $1 AND e.model = $6
@@ -170,7 +179,8 @@ fn filter(all_projects: bool) -> String {
          AND ((e.allowed_user_ids = '{{}}' AND e.allowed_team_ids = '{{}}')
               OR $2 = ANY(e.allowed_user_ids)
               OR e.allowed_team_ids && $4))
-     OR (e.owner_user_id = $2 AND e.source_kind = 'message' AND NOT (e.source_id = ANY($5)))
+     OR (e.owner_user_id = $2 AND e.source_kind = 'message' AND NOT (e.source_id = ANY($5))
+         AND {provenance})
     )
     AND (e.source_kind <> 'document' OR NOT EXISTS (
         SELECT 1 FROM documents d WHERE d.id = e.source_id AND d.deleted_at IS NOT NULL))"
@@ -340,7 +350,9 @@ fn search_sql(
          top AS (
              SELECT * FROM fused ORDER BY score DESC, vector_rank NULLS LAST, id LIMIT $10)
          SELECT e.id, e.source_kind, e.source_id, e.chunk_index, e.project_id, e.title,
-                e.content, top.score::float8 AS score, top.vector_rank, top.text_rank
+                e.content, top.score::float8 AS score, top.vector_rank, top.text_rank,
+                (e.allowed_user_ids <> '{{}}' OR e.allowed_team_ids <> '{{}}') AS restricted,
+                e.source_project_ids, e.source_document_ids, e.narrow
          FROM top JOIN embeddings e ON e.id = top.id
          ORDER BY top.score DESC, top.vector_rank NULLS LAST, e.id",
         rrf = RRF_K,

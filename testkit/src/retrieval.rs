@@ -98,6 +98,7 @@ pub fn project_chunk(
         content_hash: content.as_bytes().to_vec(),
         model: model.into(),
         embedding: pgvector::Vector::from(fake_embedding(embed_text, dim)),
+        provenance: Default::default(),
     }
 }
 
@@ -124,6 +125,7 @@ pub fn message_chunk(
         content_hash: content.as_bytes().to_vec(),
         model: model.into(),
         embedding: pgvector::Vector::from(fake_embedding(content, dim)),
+        provenance: Default::default(),
     }
 }
 
@@ -144,6 +146,8 @@ pub async fn memory(pool: &sqlx::PgPool, owner: store::memory::Owner, content: &
             content: content.into(),
             source_conversation_id: None,
             source_message_ids: vec![],
+            author_user_id: None,
+            provenance: Default::default(),
             embedding: None,
         },
         50,

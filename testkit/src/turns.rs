@@ -1,8 +1,57 @@
-//! Turns as tests need them: an answer stored the way a chat run stores it.
+//! Turns as tests need them: a turn started the way the API starts one, and an answer stored
+//! the way a chat run stores it.
 
 use sqlx::PgConnection;
-use store::conversations::{Answer, Completion, Message};
+use store::conversations::{Answer, Completion, Message, NewTurn, Response, TurnStarted};
 use uuid::Uuid;
+
+/// Start a turn in `conversation_id` as its owner, through the very function the API uses
+/// (`store::conversations::start_own_turn`: the user's message with its indexing outbox row,
+/// the queued response), inside the caller's transaction. Returns the user's message and the
+/// response.
+pub async fn start(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+    content: &str,
+) -> (Message, Response) {
+    let user_id: Uuid = sqlx::query_scalar("SELECT user_id FROM conversations WHERE id = $1")
+        .bind(conversation_id)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    let turn = NewTurn {
+        user_id,
+        conversation_id,
+        content,
+        message_id: Uuid::now_v7(),
+        response_id: Uuid::now_v7(),
+        job_id: Uuid::now_v7(),
+        key: None,
+    };
+    let response = match store::conversations::start_own_turn(&mut *conn, &turn)
+        .await
+        .unwrap()
+    {
+        Some(TurnStarted::New(r)) => r,
+        other => panic!("the turn did not start: {other:?}"),
+    };
+    let response = sqlx::query_as::<_, Response>(
+        "UPDATE responses SET job_id = NULL, enqueued_at = NULL WHERE id = $1
+         RETURNING id, conversation_id, user_message_id, status, model, error_code,
+                   error_message, starts, run, job_id, fallback_only, created_at, completed_at",
+    )
+    .bind(response.id)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    let message =
+        store::conversations::recent_messages(&mut *conn, conversation_id, turn.message_id, 1)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+    (message, response)
+}
 
 /// Store `answer` as the answer of `response_id`, inside the caller's transaction, as a run of
 /// the chat handler does: take the response (a new run), then complete it. Returns the stored

@@ -6,15 +6,21 @@
 //!   `MAX_UPLOAD_BYTES` before it is read (413); the text is extracted here and the document
 //!   is queued for indexing (its outbox row commits with it); an `index` job is requested so
 //!   it does not wait for the scheduled run (at most one request per 10 s for all uploads).
-//! - Read: only users who can see the project *and*, for a restricted document, are listed in
-//!   `visible_to_user_ids` or belong to a team of `visible_to_team_ids`; anyone else gets 404.
-//! - Delete: the uploader, or an owner/admin of the org; another user who can see the document
-//!   gets 403. The tombstone, the removal of its chunks and the outbox row commit together,
-//!   so the content stops being retrievable at once; the document then answers 404.
+//! - Read (`GET /v1/documents/{id}`, `GET /v1/projects/{id}/documents`): users who may see
+//!   the document's content — who can see the project *and*, for a restricted document, are
+//!   listed in `visible_to_user_ids`, belong to a team of `visible_to_team_ids`, or uploaded it
+//!   (`can_see_document`) — and the org's owners and admins, who may manage (list, read the
+//!   metadata of, delete) every document of their org without its content entering their
+//!   prompts unless they may see it. Anyone else gets 404, another org's user too.
+//! - Delete: the uploader (while they can see it), or an owner/admin of the org; another user
+//!   who can see the document gets 403. The tombstone, the removal of its chunks, of what was
+//!   derived from it (memory facts, message chunks; summaries start over) and the outbox row
+//!   commit together, so the content stops being retrievable at once; the document then
+//!   answers 404.
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::types::multipart::Upload;
 use poem_openapi::{ApiRequest, ApiResponse, Multipart, Object, OpenApi};
@@ -26,6 +32,7 @@ use crate::auth::BearerAuth;
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::extract;
+use crate::pagination::PageRequest;
 use crate::state::AppState;
 use crate::validate;
 
@@ -150,6 +157,15 @@ impl From<store::documents::Document> for DocumentView {
             indexed_at: d.indexed_at,
         }
     }
+}
+
+/// A page of documents.
+#[derive(Object)]
+pub struct DocumentPage {
+    items: Vec<DocumentView>,
+    /// Pass as `?cursor=` for the next page; null on the last page.
+    #[oai(nullable)]
+    next_cursor: Option<String>,
 }
 
 /// What an upload boils down to, whichever its form.
@@ -342,15 +358,49 @@ impl DocumentsApi {
         })))
     }
 
-    /// A document's metadata and indexing status.
+    /// The documents of a project the caller can see that the caller may see (or, as an org
+    /// owner/admin, manage), oldest first: metadata only.
+    #[oai(path = "/projects/:id/documents", method = "get")]
+    async fn list(
+        &self,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+        /// Page size, 1 to 200 (default 50).
+        limit: Query<Option<i64>>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+    ) -> Result<Json<DocumentPage>, ApiError> {
+        let caller = auth.0;
+        let page = PageRequest::parse(limit.0, cursor.0.as_deref())?;
+        let mut conn = self.state.db.acquire().await?;
+        if !store::projects::can_see(&mut conn, caller.user_id, id.0).await? {
+            return Err(ApiError::NotFound);
+        }
+        let rows = store::documents::list_accessible(
+            &mut conn,
+            caller.user_id,
+            id.0,
+            page.after,
+            page.fetch(),
+        )
+        .await?;
+        let (rows, next_cursor) = page.finish(rows, |d| (d.created_at, d.id));
+        Ok(Json(DocumentPage {
+            items: rows.into_iter().map(Into::into).collect(),
+            next_cursor,
+        }))
+    }
+
+    /// A document's metadata and indexing status (for whoever may see it, and the org's
+    /// owners and admins).
     #[oai(path = "/documents/:id", method = "get")]
     async fn get(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<DocumentView>, ApiError> {
         let caller = auth.0;
         let mut conn = self.state.db.acquire().await?;
-        let doc = store::documents::get_visible(&mut conn, caller.user_id, id.0, false)
+        let access = store::documents::get_accessible(&mut conn, caller.user_id, id.0, false)
             .await?
             .ok_or(ApiError::NotFound)?;
-        Ok(Json(doc.into()))
+        Ok(Json(access.document.into()))
     }
 
     /// Delete a document (its uploader, or an org owner/admin): it stops being retrievable at
@@ -359,16 +409,15 @@ impl DocumentsApi {
     async fn delete(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<DocumentDeleted, ApiError> {
         let caller = auth.0;
         let mut tx = self.state.db.begin().await?;
-        let doc = store::documents::get_visible(&mut tx, caller.user_id, id.0, true)
+        let access = store::documents::get_accessible(&mut tx, caller.user_id, id.0, true)
             .await?
             .ok_or(ApiError::NotFound)?;
-        let admin_here = caller.is_admin() && caller.org_id == doc.org_id;
-        if doc.uploaded_by != Some(caller.user_id) && !admin_here {
+        if !access.may_delete(caller.user_id) {
             return Err(ApiError::Forbidden(
                 "only the uploader or an organization admin may delete a document".into(),
             ));
         }
-        if !store::documents::delete(&mut tx, &doc).await? {
+        if !store::documents::delete(&mut tx, &access.document).await? {
             return Err(ApiError::NotFound);
         }
         tx.commit().await?;

@@ -59,9 +59,8 @@ async fn proposal(app: &TestApp, s: &Setup, response: Option<Uuid>, title: &str)
     let response_id = match response {
         Some(r) => r,
         None => {
-            store::conversations::start_turn(&mut tx, uuid(&s.conversation), "add a task")
+            testkit::turns::start(&mut tx, uuid(&s.conversation), "add a task")
                 .await
-                .unwrap()
                 .1
                 .id
         }

@@ -92,6 +92,7 @@ impl FakeWorker {
                 completion_tokens: Some(3),
                 latency_ms: 12,
                 citations: json!([]),
+                sources: Default::default(),
             },
         )
         .await;

@@ -574,11 +574,19 @@ async fn uploads_and_reads_follow_visibility_and_restrictions() {
     let path = format!("/v1/documents/{doc}");
     assert_eq!(app.get(&path, &listed.token).await.status, 200);
     assert_eq!(app.get(&path, &teammate.token).await.status, 200);
-    // the uploader is not listed: the restriction applies to them as well
-    assert_eq!(app.get(&path, &member.token).await.status, 404);
+    // the uploader keeps access as if listed; the org's owner may read the metadata
+    assert_eq!(app.get(&path, &member.token).await.status, 200);
     assert_eq!(app.get(&path, &stranger.token).await.status, 404);
     let r = app.get(&path, &owner.token).await;
-    assert_eq!(r.status, 404, "an org owner is not listed either");
+    assert_eq!(
+        r.status, 200,
+        "an org owner manages every document: {}",
+        r.body
+    );
+    let other = app
+        .add_member(&owner, &email("docs-unlisted"), "member")
+        .await;
+    assert_eq!(app.get(&path, &other.token).await.status, 404);
     assert_eq!(
         app.get(
             &format!("/v1/documents/{}", uuid::Uuid::new_v4()),

@@ -194,6 +194,7 @@ async fn a_finished_turn_whose_terminal_event_was_lost_still_ends_for_its_follow
             completion_tokens: None,
             latency_ms: 1,
             citations: json!([]),
+            sources: Default::default(),
         },
     )
     .await;

@@ -19,6 +19,7 @@ mod model_settings;
 mod observability;
 mod openapi_conformance;
 mod ops;
+mod provenance;
 mod retrieval;
 mod server;
 mod tenancy;

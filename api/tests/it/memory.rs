@@ -20,7 +20,7 @@ async fn add(app: &TestApp, owner: Owner, content: String) {
 }
 
 /// The real chat and memory handlers, consuming until cancelled.
-fn spawn_worker(app: &TestApp) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+pub(crate) fn spawn_worker(app: &TestApp) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let redis = Arc::new(RedisHandle::new(&app.settings.redis).unwrap());
     let mut registry = workers::handlers::registry(app.db.pool.clone());
     workers::handlers::chat::ChatHandler::new(app.db.pool.clone(), redis.clone(), &app.settings)
@@ -235,6 +235,10 @@ async fn no_user_endpoint_returns_memory_or_summary_text() {
         ),
         ("/v1/orgs/{org_id}/teams", format!("/v1/orgs/{org}/teams")),
         ("/v1/documents/{id}", format!("/v1/documents/{document_id}")),
+        (
+            "/v1/projects/{id}/documents",
+            format!("/v1/projects/{project_id}/documents"),
+        ),
         (
             "/v1/conversations/{id}/actions",
             format!("/v1/conversations/{conversation}/actions"),

@@ -193,9 +193,7 @@ async fn recent_messages_are_the_last_n_in_order() {
         .unwrap();
     let mut last = None;
     for i in 0..10 {
-        let (m, _) = conversations::start_turn(&mut c, conv.id, &format!("m{i}"))
-            .await
-            .unwrap();
+        let (m, _) = testkit::turns::start(&mut c, conv.id, &format!("m{i}")).await;
         last = Some(m.id);
     }
     let recent = conversations::recent_messages(&mut c, conv.id, last.unwrap(), 4)
@@ -347,6 +345,7 @@ async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_run
         completion_tokens: Some(2),
         latency_ms: 5,
         citations: serde_json::json!([]),
+        sources: Default::default(),
     };
     assert!(matches!(
         conversations::complete(&mut c, response.id, 1, &answer("stale"))
@@ -471,5 +470,114 @@ async fn start_own_turn_writes_all_for_the_owner_and_nothing_for_anyone_else() {
     assert_eq!(
         (count("messages").await, count("responses").await),
         (msgs, resps)
+    );
+}
+
+#[tokio::test]
+async fn an_answer_records_what_it_drew_on_including_its_tool_results_and_window() {
+    use store::provenance::Provenance;
+    let w = world().await;
+    let mut c = w.db.pool.acquire().await.unwrap();
+    let conv = conversations::create(&mut c, w.org, w.alice, "t", None)
+        .await
+        .unwrap();
+    // an earlier answer that drew on a restricted document stays in the window
+    let doc = testkit::retrieval::document(&mut c, w.org, w.private_p, "Plan").await;
+    sqlx::query("UPDATE documents SET visible_to_user_ids = $2 WHERE id = $1")
+        .bind(doc)
+        .bind(vec![w.alice])
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    let (_, earlier) = testkit::turns::start(&mut c, conv.id, "first").await;
+    let (before, _) = testkit::turns::answer(
+        &mut c,
+        earlier.id,
+        &Answer {
+            content: "from the plan",
+            model: "m",
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency_ms: 1,
+            citations: serde_json::json!([]),
+            sources: conversations::AnswerSources {
+                provenance: Provenance {
+                    source_project_ids: vec![w.private_p],
+                    source_document_ids: vec![doc],
+                    narrow: true,
+                },
+                given: serde_json::json!([{"kind": "chunk", "source_id": doc}]),
+                context_message_ids: &[],
+            },
+        },
+    )
+    .await;
+    // this turn: a tool round that read a task of the open project
+    let (question, response) = testkit::turns::start(&mut c, conv.id, "and the tasks?").await;
+    let calls = serde_json::json!([{"id": "call_1", "type": "function",
+        "function": {"name": "get_task", "arguments": "{}"}}]);
+    let task_result = serde_json::json!({"task": {"id": Uuid::now_v7(), "project_id": w.open_p}});
+    store::actions::insert_round(
+        &mut c,
+        &store::actions::Round {
+            conversation_id: conv.id,
+            response_id: response.id,
+            round: 1,
+            content: "",
+            model: "m",
+            tool_calls: &calls,
+            results: &[("call_1".to_owned(), task_result.to_string())],
+        },
+    )
+    .await
+    .unwrap();
+    let window = [before.id, question.id];
+    let (answer, _) = testkit::turns::answer(
+        &mut c,
+        response.id,
+        &Answer {
+            content: "done",
+            model: "m",
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency_ms: 1,
+            citations: serde_json::json!([]),
+            sources: conversations::AnswerSources {
+                context_message_ids: &window,
+                ..Default::default()
+            },
+        },
+    )
+    .await;
+    let mut projects = vec![w.private_p, w.open_p];
+    projects.sort();
+    let got = store::provenance::of_message(&mut c, answer.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got,
+        Provenance {
+            source_project_ids: projects,
+            source_document_ids: vec![doc],
+            narrow: true,
+        }
+    );
+    let sources: serde_json::Value =
+        sqlx::query_scalar("SELECT sources FROM messages WHERE id = $1")
+            .bind(answer.id)
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+    assert_eq!(
+        sources,
+        serde_json::json!([{"kind": "tool_result", "source_kind": "project", "id": w.open_p}])
+    );
+    // the user's own message drew on nothing
+    assert_eq!(
+        store::provenance::of_message(&mut c, question.id)
+            .await
+            .unwrap(),
+        Some(Provenance::default())
     );
 }

@@ -23,6 +23,7 @@ fn chunk(org_id: Uuid, project_id: Uuid, source_id: Uuid, i: i32, text: &str, v:
         content_hash: text.as_bytes().to_vec(),
         model: "m".into(),
         embedding: pgvector::Vector::from(e),
+        provenance: Default::default(),
     }
 }
 

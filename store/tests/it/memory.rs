@@ -30,6 +30,8 @@ fn entry(owner: Owner, content: &str, embedding: Option<Vec<f32>>) -> NewEntry {
         content: content.into(),
         source_conversation_id: None,
         source_message_ids: vec![],
+        author_user_id: None,
+        provenance: Default::default(),
         embedding: embedding.map(|v| ("m".to_owned(), v)),
     }
 }
@@ -248,4 +250,279 @@ async fn a_summary_claim_is_one_jobs_until_written_released_or_expired() {
     assert_eq!((s.summary.as_str(), s.summarized_up_to), ("A", 5));
 
     assert_eq!(claim(&mut c, Uuid::now_v7(), a, long).await, Err("gone"));
+}
+
+async fn member(db: &TestDb, org: Uuid) -> Uuid {
+    let mut c = db.pool.acquire().await.unwrap();
+    let user = store::tenancy::insert_user(
+        &mut c,
+        &format!("m-{}@x.io", Uuid::new_v4().simple()),
+        "M",
+        "x",
+    )
+    .await
+    .unwrap()
+    .id;
+    store::tenancy::insert_membership(&mut c, org, user, Role::Member)
+        .await
+        .unwrap();
+    user
+}
+
+/// A project fact by `author`, with `embedding`.
+fn authored(owner: Owner, author: Uuid, content: &str, embedding: Option<Vec<f32>>) -> NewEntry {
+    NewEntry {
+        author_user_id: Some(author),
+        ..entry(owner, content, embedding)
+    }
+}
+
+async fn insert_authored(db: &TestDb, e: &NewEntry, capacity: u32, share: u32) -> Inserted {
+    let mut tx = db.pool.begin().await.unwrap();
+    let r = memory::insert_with(&mut tx, e, capacity, Some(share), 0.1)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    r
+}
+
+async fn authors(db: &TestDb, project: Uuid) -> Vec<(Uuid, String)> {
+    sqlx::query_as(
+        "SELECT author_user_id, content FROM conversation_memories
+         WHERE tier = 'project' AND project_id = $1 ORDER BY updated_at, id",
+    )
+    .bind(project)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn one_author_cannot_fill_a_project_or_refresh_anothers_facts() {
+    let db = TestDb::new().await;
+    let (org, alice) = org_and_user(&db).await;
+    let bob = member(&db, org).await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let project = store::projects::insert_project(
+        &mut c,
+        &store::projects::NewProject {
+            org_id: org,
+            created_by: alice,
+            name: "Apollo",
+            description: "",
+            visibility: store::Visibility::Org,
+            team_id: None,
+        },
+    )
+    .await
+    .unwrap()
+    .id;
+    drop(c);
+    let owner = Owner::project(org, project);
+
+    // bob's two facts, then alice tries to fill the project (capacity 5, 2 per author)
+    for i in 0..2 {
+        insert_authored(&db, &authored(owner, bob, &format!("bob {i}"), None), 5, 2).await;
+    }
+    for i in 0..6 {
+        insert_authored(
+            &db,
+            &authored(owner, alice, &format!("alice {i}"), None),
+            5,
+            2,
+        )
+        .await;
+    }
+    let kept = authors(&db, project).await;
+    assert_eq!(
+        kept,
+        vec![
+            (bob, "bob 0".to_owned()),
+            (bob, "bob 1".to_owned()),
+            (alice, "alice 4".to_owned()),
+            (alice, "alice 5".to_owned()),
+        ],
+        "alice's oldest went, bob's stayed"
+    );
+
+    // a near-duplicate of bob's fact by alice is a fact of her own: bob's is not refreshed
+    let v = vec![1.0_f32, 0.0, 0.0];
+    let first = insert_authored(
+        &db,
+        &authored(owner, bob, "ships friday", Some(v.clone())),
+        5,
+        2,
+    )
+    .await;
+    let again = insert_authored(
+        &db,
+        &authored(owner, alice, "ships on friday", Some(v.clone())),
+        5,
+        2,
+    )
+    .await;
+    assert!(matches!(first, Inserted::New { .. }));
+    assert!(matches!(again, Inserted::New { .. }), "{again:?}");
+    // the same author's near-duplicate refreshes
+    let third = insert_authored(&db, &authored(owner, bob, "ships fridays", Some(v)), 5, 2).await;
+    match (first, third) {
+        (Inserted::New { id, .. }, Inserted::Refreshed { id: refreshed }) => {
+            assert_eq!(id, refreshed)
+        }
+        other => panic!("{other:?}"),
+    }
+    let kept = authors(&db, project).await;
+    assert_eq!(kept.iter().filter(|(a, _)| *a == bob).count(), 2);
+    assert_eq!(kept.iter().filter(|(a, _)| *a == alice).count(), 2);
+    assert!(kept.len() <= 5);
+}
+
+/// A private project of `org` created by `creator` (its first member).
+async fn private_project(db: &TestDb, org: Uuid, creator: Uuid, name: &str) -> Uuid {
+    let mut c = db.pool.acquire().await.unwrap();
+    store::projects::insert_project(
+        &mut c,
+        &store::projects::NewProject {
+            org_id: org,
+            created_by: creator,
+            name,
+            description: "",
+            visibility: store::Visibility::Private,
+            team_id: None,
+        },
+    )
+    .await
+    .unwrap()
+    .id
+}
+
+async fn prompt_contents(db: &TestDb, user: Uuid, conversation: Uuid) -> Vec<String> {
+    let mut c = db.pool.acquire().await.unwrap();
+    let mut v: Vec<String> = memory::for_prompt(&mut c, user, conversation, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.content)
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn derived_memory_and_summaries_follow_their_sources_live() {
+    use store::provenance::Provenance;
+    let db = TestDb::new().await;
+    let (org, author) = org_and_user(&db).await;
+    let other = member(&db, org).await;
+    let p = private_project(&db, org, author, "Apollo").await;
+    store::projects::add_member(&mut db.pool.acquire().await.unwrap(), org, p, other)
+        .await
+        .unwrap();
+    // an unrestricted document of the project, and the facts derived from it
+    let mut c = db.pool.acquire().await.unwrap();
+    let doc = testkit::retrieval::document(&mut c, org, p, "Plan").await;
+    drop(c);
+    let from_doc = Provenance {
+        source_project_ids: vec![p],
+        source_document_ids: vec![doc],
+        narrow: false,
+    };
+    let mut mine = authored(Owner::project(org, p), author, "project fact", None);
+    mine.provenance = from_doc.clone();
+    insert_authored(&db, &mine, 10, 10).await;
+    let mut own = entry(Owner::user(org, other), "other's own fact", None);
+    own.author_user_id = Some(other);
+    own.provenance = from_doc.clone();
+    insert(&db, &own, 10).await.unwrap();
+
+    let mut c = db.pool.acquire().await.unwrap();
+    let conv_author = store::conversations::create(&mut c, org, author, "a", None)
+        .await
+        .unwrap()
+        .id;
+    let conv_other = store::conversations::create(&mut c, org, other, "o", None)
+        .await
+        .unwrap()
+        .id;
+    drop(c);
+    assert_eq!(
+        prompt_contents(&db, author, conv_author).await,
+        ["project fact"]
+    );
+    assert_eq!(
+        prompt_contents(&db, other, conv_other).await,
+        ["other's own fact", "project fact"]
+    );
+
+    // the document restricted to its author since: the project fact is the author's alone
+    sqlx::query("UPDATE documents SET visible_to_user_ids = $2 WHERE id = $1")
+        .bind(doc)
+        .bind(vec![author])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        prompt_contents(&db, author, conv_author).await,
+        ["project fact"]
+    );
+    assert!(prompt_contents(&db, other, conv_other).await.is_empty());
+    sqlx::query("UPDATE documents SET visible_to_user_ids = '{}' WHERE id = $1")
+        .bind(doc)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // a summary that drew on the project: withheld once the member leaves it, then reset
+    sqlx::query(
+        "INSERT INTO conversation_summaries (conversation_id, summary, summarized_up_to,
+                                             source_project_ids)
+         VALUES ($1, 'the plan', 3, $2)",
+    )
+    .bind(conv_other)
+    .bind(vec![p])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut c = db.pool.acquire().await.unwrap();
+    let start = memory::prompt_start(&mut c, other, conv_other)
+        .await
+        .unwrap();
+    assert_eq!(start.summary.as_deref(), Some("the plan"));
+    assert!(!start.summary_hidden && start.any_entry);
+    store::projects::remove_member(&mut c, p, other)
+        .await
+        .unwrap();
+    let start = memory::prompt_start(&mut c, other, conv_other)
+        .await
+        .unwrap();
+    assert_eq!(start.summary, None);
+    assert!(start.summary_hidden);
+    assert!(
+        !start.any_entry,
+        "the facts drawn from the project are gone with it"
+    );
+    assert!(
+        memory::reset_hidden_summary(&mut c, other, conv_other)
+            .await
+            .unwrap()
+    );
+    let s = memory::summary(&mut c, conv_other).await.unwrap().unwrap();
+    assert_eq!((s.summary.as_str(), s.summarized_up_to), ("", 0));
+    let start = memory::prompt_start(&mut c, other, conv_other)
+        .await
+        .unwrap();
+    assert!(!start.summary_hidden);
+
+    // deleting the document deletes what was derived from it
+    let d = store::documents::get_accessible(&mut c, author, doc, true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(d.can_read && !d.org_admin);
+    assert!(store::documents::delete(&mut c, &d.document).await.unwrap());
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM conversation_memories")
+        .fetch_one(&mut *c)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
 }

@@ -61,9 +61,7 @@ async fn changes(c: &mut sqlx::PgConnection) -> (Uuid, Uuid, Uuid) {
     let conv = store::conversations::create(&mut *c, org, user, "c", None)
         .await
         .unwrap();
-    let (message, _) = store::conversations::start_turn(&mut *c, conv.id, "hello")
-        .await
-        .unwrap();
+    let (message, _) = testkit::turns::start(&mut *c, conv.id, "hello").await;
     (project.id, task.id, message.id)
 }
 
@@ -256,6 +254,7 @@ async fn bulk_chunk_writes_keep_each_rows_visibility_facts_and_replace_by_key() 
             content_hash: text.as_bytes().to_vec(),
             model: "m".into(),
             embedding: pgvector::Vector::from(v),
+            provenance: Default::default(),
         }
     };
     store::index::write_chunks(

@@ -757,3 +757,84 @@ async fn a_quoted_phrase_ranks_the_chunk_holding_it_first() {
     );
     assert_eq!(search("\"the\" launch code").await, [apart, phrase]);
 }
+
+#[tokio::test]
+async fn a_message_chunk_is_found_only_while_what_it_drew_on_is_visible() {
+    use store::provenance::Provenance;
+    let db = TestDb::new().await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = fx::org(&mut c).await;
+    let alice = fx::user(&mut c, org, Role::Member).await;
+    let bob = fx::user(&mut c, org, Role::Member).await;
+    let open = fx::project(&mut c, org, alice, Visibility::Org, None).await;
+    let private = fx::project(&mut c, org, bob, Visibility::Private, None).await;
+    store::projects::add_member(&mut c, org, private, alice)
+        .await
+        .unwrap();
+    let doc = fx::document(&mut c, org, open, "Plan").await;
+    let chunk = |text: &str, p: Provenance| {
+        let mut ch = fx::message_chunk(org, alice, Uuid::now_v7(), text, MODEL, DIM);
+        ch.provenance = p;
+        ch
+    };
+    fx::insert(
+        &mut c,
+        &[
+            chunk("zebra from nothing", Provenance::default()),
+            chunk(
+                "zebra from the private project",
+                Provenance {
+                    source_project_ids: vec![private],
+                    ..Default::default()
+                },
+            ),
+            chunk(
+                "zebra from the plan",
+                Provenance {
+                    source_project_ids: vec![open],
+                    source_document_ids: vec![doc],
+                    narrow: false,
+                },
+            ),
+        ],
+    )
+    .await;
+    let conv = store::conversations::create(&mut c, org, alice, "c", None)
+        .await
+        .unwrap()
+        .id;
+    let narrowed = store::conversations::create(&mut c, org, alice, "n", Some(&[open]))
+        .await
+        .unwrap()
+        .id;
+    let found = |chunks: Vec<Chunk>| {
+        let mut v: Vec<String> = chunks.into_iter().map(|c| c.content).collect();
+        v.sort();
+        v
+    };
+    let all = found(search_as(&db, org, alice, conv, "zebra", Some("zebra")).await);
+    assert_eq!(
+        all,
+        [
+            "zebra from nothing",
+            "zebra from the plan",
+            "zebra from the private project"
+        ]
+    );
+    // the conversation's narrowing applies to what a chunk drew on
+    let n = found(search_as(&db, org, alice, narrowed, "zebra", Some("zebra")).await);
+    assert_eq!(n, ["zebra from nothing", "zebra from the plan"]);
+    // the document restricted to someone else since: what drew on it is hidden
+    sqlx::query("UPDATE documents SET visible_to_user_ids = $2 WHERE id = $1")
+        .bind(doc)
+        .bind(vec![bob])
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    // removed from the private project
+    store::projects::remove_member(&mut c, private, alice)
+        .await
+        .unwrap();
+    let left = found(search_as(&db, org, alice, conv, "zebra", Some("zebra")).await);
+    assert_eq!(left, ["zebra from nothing"]);
+}

@@ -56,9 +56,7 @@ async fn setup(db: &TestDb) -> Setup {
 /// A user turn as the API makes it; returns the job that answers it.
 async fn turn(db: &TestDb, s: &Setup, content: &str) -> Chat {
     let mut tx = db.pool.begin().await.unwrap();
-    let (message, response) = conv::start_turn(&mut tx, s.conversation, content)
-        .await
-        .unwrap();
+    let (message, response) = testkit::turns::start(&mut tx, s.conversation, content).await;
     tx.commit().await.unwrap();
     Chat {
         conversation_id: s.conversation,
@@ -83,6 +81,7 @@ async fn past_turn(db: &TestDb, s: &Setup, question: &str, answer: &str) {
             completion_tokens: None,
             latency_ms: 1,
             citations: json!([]),
+            sources: Default::default(),
         },
     )
     .await;

@@ -152,10 +152,7 @@ async fn user_and_assistant_messages_are_indexed_for_their_owner_only() {
     let conv = store::conversations::create(&mut tx, org, user, "Launch talk", None)
         .await
         .unwrap();
-    let (question, response) =
-        store::conversations::start_turn(&mut tx, conv.id, "when is launch?")
-            .await
-            .unwrap();
+    let (question, response) = testkit::turns::start(&mut tx, conv.id, "when is launch?").await;
     let answer = store::conversations::Answer {
         content: "launch is on friday",
         model: "m",
@@ -163,6 +160,7 @@ async fn user_and_assistant_messages_are_indexed_for_their_owner_only() {
         completion_tokens: None,
         latency_ms: 1,
         citations: serde_json::json!([]),
+        sources: Default::default(),
     };
     let (reply, stored) = testkit::turns::answer(&mut tx, response.id, &answer).await;
     assert!(stored);

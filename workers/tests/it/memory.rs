@@ -93,9 +93,7 @@ impl Ctx {
     /// A user turn as the API makes it; returns the job that answers it.
     async fn turn(&self, user: Uuid, conversation: Uuid, content: &str) -> Chat {
         let mut tx = self.db.pool.begin().await.unwrap();
-        let (message, response) = conv::start_turn(&mut tx, conversation, content)
-            .await
-            .unwrap();
+        let (message, response) = testkit::turns::start(&mut tx, conversation, content).await;
         tx.commit().await.unwrap();
         Chat {
             conversation_id: conversation,
@@ -131,6 +129,7 @@ impl Ctx {
                 completion_tokens: None,
                 latency_ms: 1,
                 citations: json!([]),
+                sources: Default::default(),
             },
         )
         .await;
@@ -577,6 +576,8 @@ async fn the_most_relevant_memories_fill_the_token_budget() {
                 content: content.into(),
                 source_conversation_id: None,
                 source_message_ids: vec![],
+                author_user_id: None,
+                provenance: Default::default(),
                 embedding: Some((c.settings.embedding.model.clone(), v)),
             },
             50,
@@ -860,4 +861,113 @@ async fn a_run_that_finds_the_summary_busy_is_taken_over_by_the_running_one() {
         ("S2", c.seq_of("a4").await),
         "the second fold covers what arrived during the first"
     );
+}
+
+#[tokio::test]
+async fn a_summary_that_drew_on_a_lost_project_is_withheld_and_rebuilt_without_it() {
+    let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
+    let (owner, u) = (c.user(Role::Owner).await, c.user(Role::Member).await);
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    let p = store::projects::insert_project(
+        &mut conn,
+        &store::projects::NewProject {
+            org_id: c.org,
+            created_by: owner,
+            name: "Apollo",
+            description: "",
+            visibility: store::Visibility::Private,
+            team_id: None,
+        },
+    )
+    .await
+    .unwrap()
+    .id;
+    store::projects::add_member(&mut conn, c.org, p, u)
+        .await
+        .unwrap();
+    drop(conn);
+    let conversation = c.conversation(u).await;
+    // an earlier answer that drew on the project, then two more turns
+    let job = c.turn(u, conversation, "what is the plan?").await;
+    let mut tx = c.db.pool.begin().await.unwrap();
+    let (a1, _) = testkit::turns::answer(
+        &mut tx,
+        job.response_id,
+        &Answer {
+            content: "The plan is PLANX.",
+            model: "earlier",
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency_ms: 1,
+            citations: json!([]),
+            sources: conv::AnswerSources {
+                provenance: store::provenance::Provenance {
+                    source_project_ids: vec![p],
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        },
+    )
+    .await;
+    tx.commit().await.unwrap();
+    c.past_turn(u, conversation, "q2", "a2").await;
+    c.past_turn(u, conversation, "q3", "a3").await;
+    sqlx::query(
+        "INSERT INTO conversation_summaries (conversation_id, summary, summarized_up_to,
+                                             source_project_ids)
+         VALUES ($1, 'The user asked for the plan: PLANX.', $2, $3)",
+    )
+    .bind(conversation)
+    .bind(a1.seq)
+    .bind(vec![p])
+    .execute(&c.db.pool)
+    .await
+    .unwrap();
+
+    // while the user is a member, the summary is in the prompt
+    let job = c.turn(u, conversation, "and then?").await;
+    let sent_before = c.chat(job, "ok").await;
+    assert!(sent_before.iter().any(|(_, t)| t.contains("PLANX")));
+
+    // removed from the project: withheld, reset, and rebuilt without the answer that drew on it
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    store::projects::remove_member(&mut conn, p, u)
+        .await
+        .unwrap();
+    drop(conn);
+    let job = c.turn(u, conversation, "what now?").await;
+    let sent_after = c.chat(job, "ok").await;
+    assert!(
+        sent_after.iter().all(|(_, t)| !t.contains("PLANX")),
+        "{sent_after:?}"
+    );
+    let (summary, up_to): (String, i64) = sqlx::query_as(
+        "SELECT summary, summarized_up_to FROM conversation_summaries WHERE conversation_id = $1",
+    )
+    .bind(conversation)
+    .fetch_one(&c.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((summary.as_str(), up_to), ("", 0));
+    FakeClient::shared()
+        .set_default(&c.model, Behaviour::reply("rebuilt summary"))
+        .await
+        .unwrap();
+    let before = c.calls().await.len();
+    c.drain(Queue::Memory, 1).await;
+    let folds: Vec<String> = c.calls().await[before..]
+        .iter()
+        .map(|r| r.body.to_string())
+        .filter(|b| b.contains("Current summary"))
+        .collect();
+    assert!(!folds.is_empty(), "the summary was rebuilt");
+    assert!(folds.iter().all(|f| !f.contains("PLANX")), "{folds:?}");
+    let summary: String =
+        sqlx::query_scalar("SELECT summary FROM conversation_summaries WHERE conversation_id = $1")
+            .bind(conversation)
+            .fetch_one(&c.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(summary, "rebuilt summary");
 }

@@ -89,9 +89,7 @@ impl Ctx {
         question: &str,
     ) -> (String, Value) {
         let mut tx = self.db.pool.begin().await.unwrap();
-        let (message, response) = conv::start_turn(&mut tx, conversation, question)
-            .await
-            .unwrap();
+        let (message, response) = testkit::turns::start(&mut tx, conversation, question).await;
         tx.commit().await.unwrap();
         let job = Chat {
             conversation_id: conversation,
@@ -517,9 +515,7 @@ async fn a_turn_embeds_its_question_once_and_not_while_its_model_cools_down() {
         .unwrap();
     let conversation = ctx.conversation(org, alice, None).await;
     let mut tx = ctx.db.pool.begin().await.unwrap();
-    let (message, response) = conv::start_turn(&mut tx, conversation, question)
-        .await
-        .unwrap();
+    let (message, response) = testkit::turns::start(&mut tx, conversation, question).await;
     tx.commit().await.unwrap();
     bus_for(&ctx.settings)
         .enqueue(Chat {

@@ -127,9 +127,7 @@ async fn user_admin(c: &mut sqlx::PgConnection, org: Uuid) -> Uuid {
 
 async fn turn(db: &TestDb, w: &World, content: &str) -> Chat {
     let mut tx = db.pool.begin().await.unwrap();
-    let (message, response) = conv::start_turn(&mut tx, w.conversation, content)
-        .await
-        .unwrap();
+    let (message, response) = testkit::turns::start(&mut tx, w.conversation, content).await;
     tx.commit().await.unwrap();
     Chat {
         conversation_id: w.conversation,

@@ -42,6 +42,16 @@ fn completed_event(m: &Message) -> ResponseEvent {
     }
 }
 
+/// What an answer records besides its text: the citations of the chunks it was given and its
+/// provenance (docs/ARCHITECTURE.md, "Provenance").
+struct TurnRecord {
+    citations: Value,
+    provenance: store::provenance::Provenance,
+    given: Value,
+    /// The recent window (the answer inherits its messages' provenance).
+    context: Vec<Uuid>,
+}
+
 /// A response's stored tool exchange, its rounds and its proposals.
 #[derive(Default)]
 struct OwnExchange {
@@ -304,7 +314,24 @@ impl ChatHandler {
             self.own_exchange(&start)
         );
         let (retrieved, memory, exchange) = (retrieved?, memory?, exchange?);
-        let citations = retrieved.citations();
+        // Provenance: what this turn gives the model besides its recent window (whose own
+        // provenance, and that of the tool results, `conv::complete` adds).
+        let mut sources = store::provenance::TurnSources::new();
+        for c in &retrieved.chunks {
+            sources.chunk(c);
+        }
+        for m in &memory.entries {
+            sources.memory(m);
+        }
+        if memory.summary.is_some() {
+            sources.summary(&memory.summary_provenance);
+        }
+        let record = TurnRecord {
+            citations: retrieved.citations(),
+            provenance: sources.provenance(),
+            given: sources.given(),
+            context: recent.iter().map(|m| m.id).collect(),
+        };
         let recent = with_exchange(recent, exchange.messages);
         let messages = PromptBuilder::new()
             .memories(memory.memories)
@@ -335,7 +362,7 @@ impl ChatHandler {
             self.probe_done(&models.primary, first_probe, &outcome)
                 .await;
             match outcome {
-                CallOutcome::Answered(a) => return self.complete(&turn, a, citations).await,
+                CallOutcome::Answered(a) => return self.complete(&turn, a, &record).await,
                 CallOutcome::RateLimited(after) => {
                     return self
                         .on_rate_limited(ctx, &response, fence, &models.primary, after, false)
@@ -379,7 +406,7 @@ impl ChatHandler {
             .await?;
         self.probe_done(fallback, probe, &outcome).await;
         match outcome {
-            CallOutcome::Answered(a) => self.complete(&turn, a, citations).await,
+            CallOutcome::Answered(a) => self.complete(&turn, a, &record).await,
             CallOutcome::RateLimited(after) => {
                 self.on_rate_limited(ctx, &response, fence, fallback, after, true)
                     .await
@@ -501,10 +528,10 @@ impl ChatHandler {
         }
     }
 
-    /// Store the answer with its `citations` (once per response, only while this run holds it)
-    /// and, when it was new, count its usage for the conversation's org; commit; then publish
-    /// `message.completed`.
-    async fn complete(&self, turn: &Turn, a: Answered, citations: Value) -> HandlerResult {
+    /// Store the answer with its `citations` and provenance (once per response, only while this
+    /// run holds it) and, when it was new, count its usage for the conversation's org; commit;
+    /// then publish `message.completed`.
+    async fn complete(&self, turn: &Turn, a: Answered, record: &TurnRecord) -> HandlerResult {
         let fence = &turn.fence;
         let mut tx = self.inner.db.begin().await.map_err(db_error)?;
         let to_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
@@ -518,7 +545,12 @@ impl ChatHandler {
                 prompt_tokens: a.usage.map(|u| to_i32(u.prompt_tokens)),
                 completion_tokens: a.usage.map(|u| to_i32(u.completion_tokens)),
                 latency_ms: i32::try_from(a.latency.as_millis()).unwrap_or(i32::MAX),
-                citations,
+                citations: record.citations.clone(),
+                sources: conv::AnswerSources {
+                    provenance: record.provenance.clone(),
+                    given: record.given.clone(),
+                    context_message_ids: &record.context,
+                },
             },
         )
         .await

@@ -23,7 +23,11 @@ const CANDIDATES: i64 = 200;
 #[derive(Debug, Default)]
 pub struct MemoryContext {
     pub summary: Option<String>,
+    /// What the summary drew on (the answer inherits it).
+    pub summary_provenance: store::provenance::Provenance,
     pub memories: Vec<String>,
+    /// The entries behind `memories` (the answer inherits their provenance).
+    pub entries: Vec<store::memory::PromptEntry>,
 }
 
 /// Estimated tokens of a text (characters / 4, at least 1).
@@ -56,15 +60,21 @@ impl ChatHandler {
     ) -> Result<MemoryContext, JobError> {
         let inner = &self.inner;
         let mut conn = inner.db.acquire().await.map_err(db_error)?;
-        let (summary, any) =
-            store::memory::prompt_start(&mut conn, job.user_id, job.conversation_id)
-                .await
-                .map_err(db_error)?;
-        let summary = summary.filter(|s| !s.trim().is_empty());
-        if inner.memory.token_budget == 0 || !any {
+        let start = store::memory::prompt_start(&mut conn, job.user_id, job.conversation_id)
+            .await
+            .map_err(db_error)?;
+        if start.summary_hidden {
+            // It drew on a source the user can no longer see (or outside the conversation's
+            // narrowing): withheld, and rebuilt without it.
+            self.rebuild_summary(&mut conn, job).await;
+        }
+        let summary = start.summary.filter(|s| !s.trim().is_empty());
+        let summary_provenance = start.provenance;
+        if inner.memory.token_budget == 0 || !start.any_entry {
             return Ok(MemoryContext {
                 summary,
-                memories: Vec::new(),
+                summary_provenance,
+                ..Default::default()
             });
         }
         drop(conn);
@@ -80,13 +90,41 @@ impl ChatHandler {
         )
         .await
         .map_err(db_error)?;
+        let mut entries = entries;
+        let memories = fit_budget(
+            entries.iter().map(|e| e.content.clone()).collect(),
+            inner.memory.token_budget,
+        );
+        entries.truncate(memories.len());
         Ok(MemoryContext {
             summary,
-            memories: fit_budget(
-                entries.into_iter().map(|e| e.content).collect(),
-                inner.memory.token_budget,
-            ),
+            summary_provenance,
+            memories,
+            entries,
         })
+    }
+
+    /// Reset a summary that drew on a source its user can no longer see and enqueue a fold
+    /// that rebuilds it without that source. Best effort (logged): until it is rebuilt the
+    /// prompt simply has no summary.
+    async fn rebuild_summary(&self, conn: &mut sqlx::PgConnection, job: &Chat) {
+        match store::memory::reset_hidden_summary(conn, job.user_id, job.conversation_id).await {
+            Ok(true) => {
+                metrics::counter!(crate::handlers::memory::SUMMARIES, "outcome" => "reset")
+                    .increment(1);
+                let again = Summarize {
+                    conversation_id: job.conversation_id,
+                };
+                if let Err(e) = self.inner.bus.enqueue(again).await {
+                    metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "summarize").increment(1);
+                    tracing::warn!(error = %e, "cannot enqueue the summary's rebuild");
+                } else {
+                    tracing::info!("the summary drew on a source no longer visible; rebuilding it");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot reset the summary"),
+        }
     }
 
     /// After a new answer was committed: `remember` (fact extraction) and, when enough

@@ -295,6 +295,8 @@ mod tests {
             score: 0.0,
             vector_rank: None,
             text_rank: None,
+            restricted: false,
+            provenance: Default::default(),
         }
     }
 

@@ -431,6 +431,7 @@ impl Indexer {
                 content_hash: p.hash,
                 model: self.model.clone(),
                 embedding: pgvector::Vector::from(vector),
+                provenance: src.provenance.clone(),
             });
         }
         let mut live: Vec<usize> = Vec::new();

@@ -28,11 +28,11 @@ pub const EMBED_FAILURES: &str = "memory_embedding_failures_total";
 fn describe() {
     metrics::describe_counter!(
         SUMMARIES,
-        "Summarize runs by outcome (folded, nothing_new, busy, superseded)"
+        "Summarize runs by outcome (folded, nothing_new, busy, superseded, reset)"
     );
     metrics::describe_counter!(
         FACTS,
-        "Extracted facts by outcome (stored, refreshed, not_visible)"
+        "Extracted facts by outcome (stored, refreshed, not_visible, demoted)"
     );
     metrics::describe_counter!(
         EXTRACTIONS,

@@ -4,10 +4,20 @@
 //! The model is asked for strict JSON `{"facts": [{"tier": "user"|"project", "project_id":
 //! ..., "content": ...}]}`. The whole answer is validated with serde before anything is
 //! stored: malformed output (not JSON, unknown fields, a bad tier, a project fact without a
-//! project, too many or too long facts) stores nothing and is counted. User-tier is the
-//! default; a project-tier fact is stored only for a project the conversation may draw on for
-//! its user at insert time (`conversation_projects_visible`). A near-duplicate of an entry of
-//! the same owner refreshes it; each tier keeps at most its capacity per owner.
+//! project, too many or too long facts) stores nothing and is counted.
+//!
+//! The model proposes; code decides the tier (docs/ARCHITECTURE.md, "Provenance"). Every fact
+//! carries the provenance of the answer it came from (what the turn drew on: chunks, memories,
+//! summary, tool results, the recent window) and its author (the conversation's user). A
+//! proposed project fact is stored at project tier only for a project the conversation may
+//! draw on for its user at insert time (`conversation_projects_visible`), and only when nothing
+//! the exchange drew on besides the user's own message is narrower than that project — no
+//! restricted document (directly or through something derived from one), no other project;
+//! otherwise it is demoted to the
+//! user's own tier (`memory_facts_total{outcome="demoted"}`). Nothing a user says ever becomes
+//! an org fact or another user's. A near-duplicate refreshes an entry of the same owner (and,
+//! at project tier, the same author); each tier keeps at most its capacity per owner, and each
+//! author at most `MEMORY_CAPACITY_PROJECT_PER_AUTHOR` of a project's.
 //!
 //! Idempotent by the assistant message: the facts and a `memory_extractions` row commit
 //! together, and a run that finds the row stores nothing.
@@ -17,6 +27,7 @@ use jobs::worker::HandlerResult;
 use jobs::{JobContext, JobError};
 use serde::Deserialize;
 use store::memory::{self, Inserted, NewEntry, Owner};
+use store::provenance::Provenance;
 use uuid::Uuid;
 
 use super::{EXTRACTIONS, FACTS, MemoryHandlers, db_error, truncate_chars};
@@ -150,6 +161,32 @@ pub fn remember_prompt(
     ]
 }
 
+/// Where a proposed project fact goes, with the provenance it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decided {
+    /// Project knowledge: the exchange drew on nothing narrower than the project.
+    Project(Provenance),
+    /// The user's own: the exchange drew on something narrower (a restricted document, another
+    /// project). It remembers the project it was about, so it goes when
+    /// the user loses that project.
+    Demoted(Provenance),
+}
+
+/// The tier rule (code's, not the model's) for a fact the model filed under `project`, from an
+/// exchange whose answer has `provenance` (the user's own message draws on nothing).
+pub fn tier_of_project_fact(provenance: &Provenance, project: Uuid) -> Decided {
+    if provenance.project_fact_allowed(project) {
+        Decided::Project(provenance.clone())
+    } else {
+        let mut p = provenance.clone();
+        if !p.source_project_ids.contains(&project) {
+            p.source_project_ids.push(project);
+            p.source_project_ids.sort();
+        }
+        Decided::Demoted(p)
+    }
+}
+
 impl MemoryHandlers {
     #[tracing::instrument(
         name = "remember",
@@ -194,6 +231,14 @@ impl MemoryHandlers {
             memory::usable_project_names(&mut conn, conversation.user_id, conversation.id)
                 .await
                 .map_err(db_error)?;
+        // What the answer drew on (unknown: treated as narrow).
+        let provenance = store::provenance::of_message(&mut conn, job.message_id)
+            .await
+            .map_err(db_error)?
+            .unwrap_or(Provenance {
+                narrow: true,
+                ..Provenance::default()
+            });
         drop(conn);
 
         let (text, _model) = self
@@ -225,8 +270,9 @@ impl MemoryHandlers {
             return Ok(());
         }
         for (i, fact) in facts.iter().enumerate() {
-            let owner = match fact {
-                Fact::User(_) => Owner::user(conversation.org_id, conversation.user_id),
+            let user_tier = Owner::user(conversation.org_id, conversation.user_id);
+            let (owner, provenance) = match fact {
+                Fact::User(_) => (user_tier, provenance.clone()),
                 Fact::Project(p, _) => {
                     if !memory::project_usable(&mut tx, conversation.user_id, conversation.id, *p)
                         .await
@@ -238,7 +284,17 @@ impl MemoryHandlers {
                         );
                         continue;
                     }
-                    Owner::project(conversation.org_id, *p)
+                    match tier_of_project_fact(&provenance, *p) {
+                        Decided::Project(prov) => (Owner::project(conversation.org_id, *p), prov),
+                        Decided::Demoted(prov) => {
+                            metrics::counter!(FACTS, "outcome" => "demoted").increment(1);
+                            tracing::info!(
+                                "the exchange drew on sources narrower than the project; \
+                                 the fact is the user's own"
+                            );
+                            (user_tier, prov)
+                        }
+                    }
                 }
             };
             let entry = NewEntry {
@@ -246,15 +302,18 @@ impl MemoryHandlers {
                 content: fact.content().to_owned(),
                 source_conversation_id: Some(conversation.id),
                 source_message_ids: exchange.iter().map(|m| m.id).collect(),
+                author_user_id: Some(conversation.user_id),
+                provenance,
                 embedding: vectors
                     .as_ref()
                     .and_then(|v| v.get(i))
                     .map(|v| (inner.embedding.model.clone(), v.clone())),
             };
-            let done = memory::insert(
+            let done = memory::insert_with(
                 &mut tx,
                 &entry,
                 inner.memory.capacity(owner.tier.as_str()),
+                Some(inner.memory.capacity_project_per_author),
                 inner.memory.dedup_distance,
             )
             .await
@@ -293,6 +352,36 @@ mod tests {
         assert_eq!(parse_facts(r#"{"facts": []}"#).unwrap(), vec![]);
         let fenced = "```json\n{\"facts\":[{\"tier\":\"user\",\"content\":\"x\"}]}\n```";
         assert_eq!(parse_facts(fenced).unwrap(), vec![Fact::User("x".into())]);
+    }
+
+    #[test]
+    fn code_decides_the_tier_of_a_project_fact() {
+        let p = Uuid::now_v7();
+        let q = Uuid::now_v7();
+        let plain = Provenance::default();
+        assert_eq!(
+            tier_of_project_fact(&plain, p),
+            Decided::Project(plain.clone())
+        );
+        let restricted = Provenance {
+            source_project_ids: vec![p],
+            source_document_ids: vec![Uuid::now_v7()],
+            narrow: true,
+        };
+        assert!(matches!(
+            tier_of_project_fact(&restricted, p),
+            Decided::Demoted(_)
+        ));
+        let other = Provenance {
+            source_project_ids: vec![q],
+            ..Provenance::default()
+        };
+        match tier_of_project_fact(&other, p) {
+            Decided::Demoted(d) => {
+                assert!(d.source_project_ids.contains(&p) && d.source_project_ids.contains(&q))
+            }
+            d => panic!("{d:?}"),
+        }
     }
 
     #[test]
