@@ -775,8 +775,9 @@ async fn process(inner: Arc<Inner>, d: Delivery, permit: OwnedSemaphorePermit, a
 }
 
 /// Put the job back for attempt `next_attempt` after `delay` (the delayed set) and ack the
-/// delivered entry, in one step. Should Redis fail here, the entry stays pending and is
-/// reclaimed (and the ledger's reconciler covers the work that waits on it).
+/// delivered entry, in one step. Should Redis stay unreachable here for half the visibility
+/// timeout, the entry stays pending and is reclaimed (and the ledger's reconciler covers the
+/// work that waits on it).
 async fn schedule_again(
     inner: &Inner,
     d: &Delivery,
@@ -794,23 +795,39 @@ async fn schedule_again(
     let mut next = env.clone();
     next.attempt = next_attempt;
     next.not_before = Some(due);
-    match inner
-        .bus
-        .retry(q, &d.consumer, &d.entry_id, &next, due)
-        .await
-    {
-        Ok(true) => {
-            inner.counters.retried.fetch_add(1, Ordering::Relaxed);
-            metrics::finished(q, env.job.name(), Outcome::Retry, took);
-            if let Some(n) = inner.movers.get(&q) {
-                n.notify_one();
+    // Redis down for a moment (a restart, a failover) is the usual reason this fails: keep
+    // trying for up to half the visibility timeout — the entry stays ours meanwhile — rather
+    // than leave the job to a reclaim a whole visibility timeout later.
+    let visibility = Duration::from_secs(inner.bus.settings(q).visibility_timeout_secs);
+    let give_up = Instant::now() + visibility / 2;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match inner
+            .bus
+            .retry(q, &d.consumer, &d.entry_id, &next, due)
+            .await
+        {
+            Ok(true) => {
+                inner.counters.retried.fetch_add(1, Ordering::Relaxed);
+                metrics::finished(q, env.job.name(), Outcome::Retry, took);
+                if let Some(n) = inner.movers.get(&q) {
+                    n.notify_one();
+                }
+                return;
             }
-        }
-        Ok(false) => {
-            tracing::warn!("the entry was reclaimed by another worker meanwhile; it decides")
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot schedule the retry; the job stays pending and will be reclaimed")
+            Ok(false) => {
+                tracing::warn!("the entry was reclaimed by another worker meanwhile; it decides");
+                return;
+            }
+            Err(e) if Instant::now() + pause < give_up => {
+                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "cannot schedule the retry yet; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot schedule the retry; the job stays pending and will be reclaimed");
+                return;
+            }
         }
     }
 }
@@ -860,14 +877,15 @@ async fn settle_ack(inner: &Inner, d: &Delivery, job_id: Uuid, acker: &Acker) {
     }
 }
 
-/// A few quick tries: an ack lost here means a (harmless, idempotent) redelivery later.
+/// Tries for ~10 s (a Redis restart or failover takes a few): an ack lost here means a
+/// (harmless, idempotent) redelivery a visibility timeout later.
 async fn ack_with_retries(
     inner: &Inner,
     q: Queue,
     consumer: &str,
     entries: &[(&str, Uuid)],
 ) -> bool {
-    for wait in [0u64, 50, 200] {
+    for wait in [0u64, 50, 200, 500, 1000, 1000, 2000, 2000, 3000] {
         if wait > 0 {
             // (a zero sleep would still wait for the next timer tick)
             tokio::time::sleep(Duration::from_millis(wait)).await;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use jobs::kinds::Probe;
-use jobs::{DeadReason, Envelope, JobError, Queue, Registry, Worker, WorkerOptions};
+use jobs::{Bus, DeadReason, Envelope, JobError, Queue, Registry, Worker, WorkerOptions};
 use testkit::TestRedis;
 
 #[tokio::test]
@@ -479,4 +479,118 @@ fn actions_worker(
         read_block: Duration::from_millis(read_block_ms),
         shutdown_grace: Duration::from_secs(grace_secs),
     }
+}
+
+/// A TCP relay to Redis that can be cut: while cut, its connections are dropped and new ones
+/// closed at once — a Redis restart as a client sees it.
+struct Relay {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    async fn start(redis_url: &str) -> Relay {
+        let upstream = redis_url
+            .trim_start_matches("redis://")
+            .rsplit('@')
+            .next()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *rx.borrow() {
+                    continue; // dropped: closed at once
+                }
+                let upstream = upstream.clone();
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = rx.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Relay { addr, cut }
+    }
+}
+
+/// Redis gone for a moment just as a handler asks to run again later: the worker keeps trying
+/// to schedule the next run (the entry stays its own meanwhile) instead of leaving the job to
+/// a reclaim a whole visibility timeout later.
+#[tokio::test]
+async fn a_retry_that_meets_redis_restarting_is_scheduled_once_redis_is_back() {
+    let redis = TestRedis::new();
+    let relay = Relay::start(&redis.url).await;
+    let queues = crate::queues(|q| q.actions.visibility_timeout_secs = 8);
+    let mut settings = redis.settings();
+    settings.url = format!("redis://{}", relay.addr).into();
+    let bus = Bus::new(
+        Arc::new(jobs::RedisHandle::new(&settings).unwrap()),
+        &queues,
+    );
+    bus.ensure_group(Queue::Actions).await.unwrap();
+    bus.enqueue(Probe::new("across a restart")).await.unwrap();
+
+    let runs = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let cut = Arc::new(relay.cut);
+    let mut registry = Registry::new();
+    {
+        let (runs, done, cut) = (runs.clone(), done.clone(), cut.clone());
+        registry.register::<Probe, _, _>(move |ctx, _job| {
+            let n = {
+                let mut r = runs.lock().unwrap();
+                r.push(ctx.attempt);
+                r.len()
+            };
+            let (done, cut) = (done.clone(), cut.clone());
+            async move {
+                if n > 1 {
+                    done.notify_one();
+                    return Ok(());
+                }
+                // Redis "restarts" for 1.5 s as this run ends with a wait
+                cut.send_replace(true);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    cut.send_replace(false);
+                });
+                Err(JobError::Wait {
+                    reason: "rate limited".into(),
+                    after: Duration::from_millis(100),
+                })
+            }
+        });
+    }
+    let worker = Worker::new(bus.clone(), registry, actions_worker("w", 2, 200, 5));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    tokio::time::timeout(Duration::from_secs(60), done.notified())
+        .await
+        .expect("the job ran again");
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(
+        *runs.lock().unwrap(),
+        vec![1, 1],
+        "a wait keeps the attempt"
+    );
+    assert_eq!(
+        (report.retried, report.reclaimed),
+        (1, 0),
+        "scheduled by its worker once Redis was back, not reclaimed"
+    );
 }
