@@ -153,8 +153,8 @@ impl Bus {
     }
 
     /// Enqueue a prepared envelope: on the stream when due, else in the delayed set, with its
-    /// marker (`XADD`/`ZADD` + `HSET` in one `MULTI`/`EXEC`, so neither stands without the
-    /// other). No check for an existing marker: a job id enqueued twice this way runs twice
+    /// marker (`XADD`/`ZADD` + `HSET` in one `MULTI`/`EXEC`; should it fail, the marker is
+    /// cleared, so a marker never stands without its entry). No check for an existing marker: a job id enqueued twice this way runs twice
     /// (handlers are idempotent); the reconciler's re-enqueues use `enqueue_once`.
     /// (A transaction costs Redis about half of what the `ENQUEUE` script does: `bench bus`.)
     pub async fn enqueue_envelope(&self, env: &Envelope) -> Result<(), BusError> {
@@ -168,9 +168,22 @@ impl Bus {
             Some(due) if due > now => pipe.zadd(&keys.delayed, body, due).ignore(),
             _ => pipe.xadd(&keys.stream, "*", &[("j", body)]).ignore(),
         };
-        pipe.hset(&keys.marks, env.id.to_string(), now).ignore();
+        let id = env.id.to_string();
+        pipe.hset(&keys.marks, &id, now).ignore();
         let mut conn = self.conn().await?;
-        let () = pipe.query_async(&mut conn).await?;
+        let r: Result<(), redis::RedisError> = pipe.query_async(&mut conn).await;
+        if let Err(e) = r {
+            // A transaction does not roll back: an `XADD` that failed inside it (the key holds
+            // another type, say) leaves the marker standing without its entry, and a job the
+            // bus claims to hold is never re-enqueued. So the marker goes, in doubt too (a
+            // lost reply): an entry without its marker costs at most a duplicate run, which
+            // the job's lease fences.
+            let cleared: Result<i64, _> = conn.hdel(&keys.marks, &id).await;
+            if let Err(e2) = cleared {
+                tracing::warn!(job_id = %id, error = %e2, "cannot clear the marker of a failed enqueue");
+            }
+            return Err(e.into());
+        }
         metrics::enqueued(q, env.job.name(), 1);
         Ok(())
     }
