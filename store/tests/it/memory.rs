@@ -205,7 +205,7 @@ async fn save(
     up_to: i64,
     text: &str,
 ) -> bool {
-    memory::save_summary(c, conv, job, from, text, up_to, "m")
+    memory::save_summary(c, conv, job, from, text, up_to, "m", &[])
         .await
         .unwrap()
 }
