@@ -177,9 +177,10 @@ pub async fn insert(
 }
 
 /// [`insert`], with a per-author share of a project's capacity: a project entry with an
-/// author first trims that author's entries of the project to `per_author` (the oldest go),
-/// then the project's to `capacity` — so one member cannot fill the tier and evict the
-/// others'. A near-duplicate refreshes only an entry of the same author (project tier), and
+/// author first trims that author's entries of the project to `per_author` (the oldest go);
+/// then, when the project holds more than `capacity`, the author's own oldest entries go
+/// first, and only an author holding nothing else displaces one entry — the oldest of whoever
+/// holds the most — so one member cannot fill the tier and evict the others'. A near-duplicate refreshes only an entry of the same author (project tier), and
 /// the refreshed entry keeps the union of both entries' sources.
 pub async fn insert_with(
     conn: &mut PgConnection,
@@ -311,6 +312,43 @@ pub async fn insert_with(
         .execute(&mut *conn)
         .await?
         .rows_affected();
+    }
+    if let (Tier::Project, Some(author)) = (o.tier, entry.author_user_id) {
+        // Over the project's capacity: the inserting author's own oldest entries go first; if
+        // the author holds nothing else, the oldest entry of whoever holds the most (deepest in
+        // their own list) goes. So an author can displace at most one entry of the others.
+        removed += sqlx::query(
+            "DELETE FROM conversation_memories WHERE id IN (
+                 SELECT id FROM conversation_memories
+                 WHERE tier = 'project' AND project_id = $1 AND author_user_id = $2 AND id <> $3
+                 ORDER BY updated_at ASC, id ASC
+                 LIMIT greatest((SELECT count(*) FROM conversation_memories
+                                 WHERE tier = 'project' AND project_id = $1) - $4, 0))",
+        )
+        .bind(o.project_id)
+        .bind(author)
+        .bind(id)
+        .bind(i64::from(capacity))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        removed += sqlx::query(
+            "DELETE FROM conversation_memories WHERE id IN (
+                 SELECT id FROM (
+                     SELECT id, updated_at, row_number() OVER (
+                                PARTITION BY author_user_id ORDER BY updated_at DESC, id DESC) AS r
+                     FROM conversation_memories
+                     WHERE tier = 'project' AND project_id = $1) ranked
+                 ORDER BY (id = $2) DESC, r ASC, updated_at DESC, id DESC
+                 OFFSET $3)",
+        )
+        .bind(o.project_id)
+        .bind(id)
+        .bind(i64::from(capacity))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        return Ok(Inserted::New { id, removed });
     }
     removed += sqlx::query(
         "DELETE FROM conversation_memories WHERE id IN (

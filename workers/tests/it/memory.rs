@@ -1061,3 +1061,67 @@ async fn a_fold_whose_source_is_lost_during_the_model_call_is_withheld_afterward
     let s = c.summary(conversation).await;
     assert_eq!((s.summary.as_str(), s.summarized_up_to), ("", 0));
 }
+
+/// A project's capacity is shared: when it is full, an author's new facts displace their own
+/// oldest, and one who holds nothing else displaces a single fact of the others (the oldest of
+/// whoever holds the most) — so filling the project evicts (almost) nothing of the others'.
+#[tokio::test]
+async fn a_member_filling_a_full_project_evicts_their_own_facts() {
+    let c = ctx(&[
+        ("MEMORY_CAPACITY_PROJECT", "5"),
+        ("MEMORY_CAPACITY_PROJECT_PER_AUTHOR", "3"),
+    ])
+    .await;
+    let owner = c.user(Role::Owner).await;
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    let p = store::projects::insert_project(
+        &mut conn,
+        &store::projects::NewProject {
+            org_id: c.org,
+            created_by: owner,
+            name: "Apollo",
+            description: "",
+            visibility: store::Visibility::Org,
+            team_id: None,
+        },
+    )
+    .await
+    .unwrap()
+    .id;
+    drop(conn);
+    let facts = |names: &[&str]| {
+        let facts: Vec<Value> = names
+            .iter()
+            .map(|n| json!({"tier": "project", "project_id": p, "content": n}))
+            .collect();
+        json!({ "facts": facts }).to_string()
+    };
+    let learn = async |names: &[&str]| {
+        let (user, conversation) = c.chatted(0).await;
+        let answer = c.past_turn(user, conversation, "note", "noted").await;
+        remember(&c, user, conversation, answer, &facts(names)).await;
+        user
+    };
+    let bob = learn(&["bob 1", "bob 2", "bob 3"]).await;
+    let carol = learn(&["carol 1", "carol 2"]).await;
+    let alice = learn(&["alice 1", "alice 2", "alice 3"]).await;
+    let kept: Vec<(Option<Uuid>, String)> = sqlx::query_as(
+        "SELECT author_user_id, content FROM conversation_memories
+         WHERE tier = 'project' AND project_id = $1 ORDER BY content",
+    )
+    .bind(p)
+    .fetch_all(&c.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        kept,
+        [
+            (Some(alice), "alice 3".to_owned()),
+            (Some(bob), "bob 2".to_owned()),
+            (Some(bob), "bob 3".to_owned()),
+            (Some(carol), "carol 1".to_owned()),
+            (Some(carol), "carol 2".to_owned()),
+        ],
+        "alice displaced one fact of the largest holder, then her own"
+    );
+}
