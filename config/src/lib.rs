@@ -808,6 +808,15 @@ impl Settings {
         ] {
             positive(u64::from(v), name)?;
         }
+        if self.memory.capacity_project_per_author > self.memory.capacity_project {
+            return Err(ConfigError::invalid(
+                "MEMORY_CAPACITY_PROJECT_PER_AUTHOR",
+                format!(
+                    "must be at most MEMORY_CAPACITY_PROJECT ({}), got {}",
+                    self.memory.capacity_project, self.memory.capacity_project_per_author
+                ),
+            ));
+        }
         if !(0.0..=2.0).contains(&self.memory.dedup_distance) {
             return Err(ConfigError::invalid(
                 "memory.dedup_distance",
@@ -1187,6 +1196,16 @@ mod tests {
             let e = load(&[(name, "0")]).unwrap_err().to_string();
             assert!(e.contains(name), "{e}");
         }
+        let e = load(&[
+            ("MEMORY_CAPACITY_PROJECT", "10"),
+            ("MEMORY_CAPACITY_PROJECT_PER_AUTHOR", "11"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("MEMORY_CAPACITY_PROJECT_PER_AUTHOR") && e.contains("at most"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -177,9 +177,10 @@ pub async fn insert(
 }
 
 /// [`insert`], with a per-author share of a project's capacity: a project entry with an
-/// author first trims that author's entries of the project to `per_author` (the oldest go),
-/// then the project's to `capacity` — so one member cannot fill the tier and evict the
-/// others'. A near-duplicate refreshes only an entry of the same author (project tier), and
+/// author first trims that author's entries of the project to `per_author` (the oldest go);
+/// then, when the project holds more than `capacity`, the author's own oldest entries go
+/// first, and only an author holding nothing else displaces one entry — the oldest of whoever
+/// holds the most — so one member cannot fill the tier and evict the others'. A near-duplicate refreshes only an entry of the same author (project tier), and
 /// the refreshed entry keeps the union of both entries' sources.
 pub async fn insert_with(
     conn: &mut PgConnection,
@@ -311,6 +312,43 @@ pub async fn insert_with(
         .execute(&mut *conn)
         .await?
         .rows_affected();
+    }
+    if let (Tier::Project, Some(author)) = (o.tier, entry.author_user_id) {
+        // Over the project's capacity: the inserting author's own oldest entries go first; if
+        // the author holds nothing else, the oldest entry of whoever holds the most (deepest in
+        // their own list) goes. So an author can displace at most one entry of the others.
+        removed += sqlx::query(
+            "DELETE FROM conversation_memories WHERE id IN (
+                 SELECT id FROM conversation_memories
+                 WHERE tier = 'project' AND project_id = $1 AND author_user_id = $2 AND id <> $3
+                 ORDER BY updated_at ASC, id ASC
+                 LIMIT greatest((SELECT count(*) FROM conversation_memories
+                                 WHERE tier = 'project' AND project_id = $1) - $4, 0))",
+        )
+        .bind(o.project_id)
+        .bind(author)
+        .bind(id)
+        .bind(i64::from(capacity))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        removed += sqlx::query(
+            "DELETE FROM conversation_memories WHERE id IN (
+                 SELECT id FROM (
+                     SELECT id, updated_at, row_number() OVER (
+                                PARTITION BY author_user_id ORDER BY updated_at DESC, id DESC) AS r
+                     FROM conversation_memories
+                     WHERE tier = 'project' AND project_id = $1) ranked
+                 ORDER BY (id = $2) DESC, r ASC, updated_at DESC, id DESC
+                 OFFSET $3)",
+        )
+        .bind(o.project_id)
+        .bind(id)
+        .bind(i64::from(capacity))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        return Ok(Inserted::New { id, removed });
     }
     removed += sqlx::query(
         "DELETE FROM conversation_memories WHERE id IN (
@@ -654,37 +692,51 @@ const CONVERSATION_VIEW: &str = "cv AS (
            ARRAY(SELECT project_id FROM conversation_projects_visible(c.user_id, c.id)) AS projects
     FROM conversations c WHERE c.id = $1)";
 
+/// A message a summarize run folds, and whether its text is given to the model.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FoldMessage {
+    #[sqlx(flatten)]
+    pub message: Message,
+    /// False when the message drew on a source its user can no longer see (or outside the
+    /// conversation's narrowing): its `content` is then empty, the fold goes past it without
+    /// its text.
+    pub given: bool,
+}
+
 /// Messages after `after_seq` that are older than the conversation's last `keep_recent`
 /// (the prompt's window), oldest first, at most `limit`: what a summarize run folds. A message
 /// that drew on a source its user can no longer see (or outside the conversation's narrowing)
-/// comes with empty content: the fold goes past it without its text.
+/// comes with empty content and `given = false`. The ids of the messages given go to
+/// [`save_summary`], which records their sources whatever happened meanwhile.
 pub async fn messages_to_fold(
     conn: &mut PgConnection,
     conversation_id: Uuid,
     after_seq: i64,
     keep_recent: i64,
     limit: i64,
-) -> Result<Vec<Message>, StoreError> {
+) -> Result<Vec<FoldMessage>, StoreError> {
     let visible = visible_sql("m", "cv.user_id", "cv.projects");
-    Ok(sqlx::query_as::<_, Message>(sqlx::AssertSqlSafe(format!(
-        "WITH {CONVERSATION_VIEW}
+    Ok(
+        sqlx::query_as::<_, FoldMessage>(sqlx::AssertSqlSafe(format!(
+            "WITH {CONVERSATION_VIEW}
          SELECT m.id, m.conversation_id, m.seq, m.role,
-                CASE WHEN {visible} THEN m.content ELSE '' END AS content, m.response_id,
+                CASE WHEN v.given THEN m.content ELSE '' END AS content, m.response_id,
                 m.model, m.prompt_tokens, m.completion_tokens, m.latency_ms, m.tool_calls,
-                m.tool_call_id, m.citations, m.created_at
-         FROM messages m, cv
+                m.tool_call_id, m.citations, m.created_at, v.given
+         FROM messages m, cv, LATERAL (SELECT {visible} AS given) v
          WHERE m.conversation_id = $1 AND m.seq > $2
            AND m.seq < coalesce((SELECT min(seq) FROM (
                    SELECT seq FROM messages WHERE conversation_id = $1
                    ORDER BY seq DESC LIMIT $3) w), 0)
          ORDER BY m.seq LIMIT $4"
-    )))
-    .bind(conversation_id)
-    .bind(after_seq)
-    .bind(keep_recent)
-    .bind(limit)
-    .fetch_all(conn)
-    .await?)
+        )))
+        .bind(conversation_id)
+        .bind(after_seq)
+        .bind(keep_recent)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?,
+    )
 }
 
 /// How many messages are older than the last `keep_recent` and not summarized yet.
@@ -755,9 +807,14 @@ pub async fn recover_fold(
 
 /// Store the new summary of job `job_id`'s run, folded from message seq `from` (the claimed
 /// `summarized_up_to`) up to `up_to`, and end its claim. The summary's provenance grows by
-/// that of the folded messages whose text it was given (see [`messages_to_fold`]). Written only while the claim is still
-/// this job's (its lease may have expired, as long as no other job took it) and the summary
-/// still starts at `from`; false (nothing written) otherwise: another run took over.
+/// that of `given`, the folded messages whose text the model was given
+/// ([`FoldMessage::given`]) — unconditionally: their text is in the summary now, so a source
+/// that turned invisible during the model call (a document deleted, a membership revoked)
+/// must be recorded, and the read filter then withholds and resets the summary. Written only
+/// while the claim is still this job's (its lease may have expired, as long as no other job
+/// took it) and the summary still starts at `from`; false (nothing written) otherwise:
+/// another run took over.
+#[allow(clippy::too_many_arguments)]
 pub async fn save_summary(
     conn: &mut PgConnection,
     conversation_id: Uuid,
@@ -766,18 +823,17 @@ pub async fn save_summary(
     summary: &str,
     up_to: i64,
     model: &str,
+    given: &[Uuid],
 ) -> Result<bool, StoreError> {
-    let visible = visible_sql("m", "cv.user_id", "cv.projects");
-    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "WITH {CONVERSATION_VIEW},
-         folded AS (
-             SELECT m.source_project_ids, m.source_document_ids, m.narrow FROM messages m, cv
-             WHERE m.conversation_id = $1 AND m.seq > $3 AND m.seq <= $5 AND {visible}),
+    let done = sqlx::query(
+        "WITH folded AS (
+             SELECT m.source_project_ids, m.source_document_ids, m.narrow FROM messages m
+             WHERE m.conversation_id = $1 AND m.id = ANY($7)),
          p AS (
              SELECT coalesce((SELECT array_agg(DISTINCT x) FROM folded,
-                                     unnest(folded.source_project_ids) x), '{{}}') AS projects,
+                                     unnest(folded.source_project_ids) x), '{}') AS projects,
                     coalesce((SELECT array_agg(DISTINCT x) FROM folded,
-                                     unnest(folded.source_document_ids) x), '{{}}') AS documents,
+                                     unnest(folded.source_document_ids) x), '{}') AS documents,
                     coalesce((SELECT bool_or(narrow) FROM folded), false) AS narrow)
          UPDATE conversation_summaries s SET summary = $4, summarized_up_to = $5, model = $6,
              folding_until = NULL, folding_job = NULL, fold_recoveries = 0, updated_at = now(),
@@ -786,14 +842,15 @@ pub async fn save_summary(
              narrow = s.narrow OR p.narrow
          FROM p
          WHERE s.conversation_id = $1 AND s.folding_job = $2 AND s.summarized_up_to = $3
-           AND $5 > $3"
-    )))
+           AND $5 > $3",
+    )
     .bind(conversation_id)
     .bind(job_id)
     .bind(from)
     .bind(summary)
     .bind(up_to)
     .bind(model)
+    .bind(given)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)

@@ -138,21 +138,26 @@ pub async fn of_message(
 /// The SQL predicate "derived item `<alias>` may be read by user `<user>` in a conversation
 /// whose visible projects are the array `<projects>`": every project it drew on is in that
 /// set, and every document it drew on is visible to the user now. Alias, user and projects
-/// are SQL expressions written by the caller (never input).
+/// are SQL expressions written by the caller (never input). Set-based, like the retrieval
+/// filter ([`chunk_visible_sql`]): the user's teams are one uncorrelated array (evaluated once
+/// per statement when `<user>` is a parameter), and each document costs one primary-key lookup
+/// instead of a `can_see_document` call, which evaluated the user's whole visibility again for
+/// every row.
 pub fn visible_sql(alias: &str, user: &str, projects: &str) -> String {
-    format!(
-        "({alias}.source_project_ids <@ {projects}
-          AND ({alias}.source_document_ids = '{{}}'
-               OR can_see_documents({user}, {alias}.source_document_ids)))"
+    chunk_visible_sql(
+        alias,
+        user,
+        projects,
+        &format!("ARRAY(SELECT tm.team_id FROM team_members tm WHERE tm.user_id = {user})"),
     )
 }
 
-/// [`visible_sql`] for the retrieval filter, evaluated per candidate chunk: the same rule
-/// written against the arrays the search already computed — `<projects>` (the conversation's
-/// visible projects) and `<teams>` (the user's teams) — so each document the chunk drew on costs
-/// one primary-key lookup instead of a `can_see_document` call (which evaluates the user's
-/// whole visibility again). A document's project must be in the visible set too (it is among
-/// the chunk's projects anyway).
+/// [`visible_sql`] with the user's teams given as an array expression `<teams>`: the
+/// `can_see_document` rule written against the arrays a read already computed — `<projects>`
+/// (the conversation's visible projects) and `<teams>` — so each document the item drew on
+/// costs one primary-key lookup. A document's project must be in the visible set too (it is
+/// among the item's projects anyway; the set is narrower than the user's visible projects, so
+/// this errs on the narrow side). Retrieval evaluates it per candidate chunk.
 pub fn chunk_visible_sql(alias: &str, user: &str, projects: &str, teams: &str) -> String {
     format!(
         "({alias}.source_project_ids <@ {projects}

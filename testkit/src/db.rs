@@ -44,13 +44,28 @@ fn template_name() -> String {
 impl TestDb {
     /// A new, migrated, empty database for one test.
     pub async fn new() -> Self {
+        Self::create(true).await
+    }
+
+    /// A new database with no migration applied (migration tests run them themselves, e.g.
+    /// `store::MIGRATOR.run_to(..)`, put rows of the old shape in, then run the rest).
+    pub async fn unmigrated() -> Self {
+        Self::create(false).await
+    }
+
+    async fn create(migrated: bool) -> Self {
         let base = crate::env::require("DATABASE_URL");
         let admin_url = with_database(&base, "postgres");
-        let template = template_name();
         let mut admin = PgConnection::connect(&admin_url)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at DATABASE_URL: {e}"));
-        ensure_template(&mut admin, &admin_url, &template).await;
+        let template = if migrated {
+            let template = template_name();
+            ensure_template(&mut admin, &admin_url, &template).await;
+            template
+        } else {
+            "template0".to_owned()
+        };
         let name = format!(
             "sbt_{}_{}_{}",
             std::process::id(),

@@ -5,6 +5,7 @@
 mod conversations;
 mod embeddings;
 mod memory;
+mod migration;
 mod outbox;
 mod retrieval;
 mod tenancy;

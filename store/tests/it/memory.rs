@@ -205,7 +205,7 @@ async fn save(
     up_to: i64,
     text: &str,
 ) -> bool {
-    memory::save_summary(c, conv, job, from, text, up_to, "m")
+    memory::save_summary(c, conv, job, from, text, up_to, "m", &[])
         .await
         .unwrap()
 }
@@ -525,4 +525,51 @@ async fn derived_memory_and_summaries_follow_their_sources_live() {
         .await
         .unwrap();
     assert_eq!(left, 0);
+}
+
+/// The set-based provenance rule of memory reads (`provenance::visible_sql`) keeps
+/// `can_see_document`'s meaning for a document restricted to a team: a user's own fact drawn
+/// from it is in their prompt while they are in the team, and out once they leave it.
+#[tokio::test]
+async fn a_fact_from_a_team_restricted_document_follows_the_team() {
+    use store::provenance::Provenance;
+    let db = TestDb::new().await;
+    let (org, user) = org_and_user(&db).await;
+    let p = private_project(&db, org, user, "Apollo").await;
+    let mut c = db.pool.acquire().await.unwrap();
+    let team = store::tenancy::insert_team(&mut c, org, "core")
+        .await
+        .unwrap()
+        .id;
+    store::tenancy::add_team_member(&db.pool, org, team, user)
+        .await
+        .unwrap();
+    let doc = testkit::retrieval::document(&mut c, org, p, "Plan").await;
+    sqlx::query("UPDATE documents SET visible_to_team_ids = $2 WHERE id = $1")
+        .bind(doc)
+        .bind(vec![team])
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    let conv = store::conversations::create(&mut c, org, user, "c", None)
+        .await
+        .unwrap()
+        .id;
+    drop(c);
+    let mut own = entry(Owner::user(org, user), "from the team's plan", None);
+    own.author_user_id = Some(user);
+    own.provenance = Provenance {
+        source_project_ids: vec![p],
+        source_document_ids: vec![doc],
+        narrow: true,
+    };
+    insert(&db, &own, 10).await.unwrap();
+    assert_eq!(
+        prompt_contents(&db, user, conv).await,
+        ["from the team's plan"]
+    );
+    store::tenancy::remove_team_member(&db.pool, org, team, user)
+        .await
+        .unwrap();
+    assert!(prompt_contents(&db, user, conv).await.is_empty());
 }

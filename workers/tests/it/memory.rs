@@ -971,3 +971,157 @@ async fn a_summary_that_drew_on_a_lost_project_is_withheld_and_rebuilt_without_i
             .unwrap();
     assert_eq!(summary, "rebuilt summary");
 }
+
+/// The fold race: the model gets a message's text while the project it drew on is visible;
+/// the user loses the project during the model call. The summary now holds that text, so it
+/// must carry the project (recorded for the messages given, not re-checked at the write) and
+/// be withheld and reset at the next turn.
+#[tokio::test]
+async fn a_fold_whose_source_is_lost_during_the_model_call_is_withheld_afterwards() {
+    let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
+    let (owner, u) = (c.user(Role::Owner).await, c.user(Role::Member).await);
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    let p = store::projects::insert_project(
+        &mut conn,
+        &store::projects::NewProject {
+            org_id: c.org,
+            created_by: owner,
+            name: "Apollo",
+            description: "",
+            visibility: store::Visibility::Private,
+            team_id: None,
+        },
+    )
+    .await
+    .unwrap()
+    .id;
+    store::projects::add_member(&mut conn, c.org, p, u)
+        .await
+        .unwrap();
+    drop(conn);
+    let conversation = c.conversation(u).await;
+    let job = c.turn(u, conversation, "what is the plan?").await;
+    let mut tx = c.db.pool.begin().await.unwrap();
+    testkit::turns::answer(
+        &mut tx,
+        job.response_id,
+        &Answer {
+            content: "The plan is PLANX.",
+            model: "earlier",
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency_ms: 1,
+            citations: json!([]),
+            sources: conv::AnswerSources {
+                provenance: store::provenance::Provenance {
+                    source_project_ids: vec![p],
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        },
+    )
+    .await;
+    tx.commit().await.unwrap();
+    c.past_turn(u, conversation, "q2", "a2").await;
+    c.past_turn(u, conversation, "q3", "a3").await;
+
+    // the fold reads the answer while the project is visible; the model is slow
+    FakeClient::shared()
+        .script(
+            &c.model,
+            vec![slow_reply("The user asked for the plan: PLANX.", 1500)],
+        )
+        .await
+        .unwrap();
+    bus_for(&c.settings)
+        .enqueue(Summarize {
+            conversation_id: conversation,
+        })
+        .await
+        .unwrap();
+    let worker = c.worker(vec![Queue::Memory], 1);
+    let run = tokio::spawn(async move { worker.drain_until_empty(Duration::from_secs(60)).await });
+    c.wait_for_model_call().await;
+    assert!(c.calls().await[0].body.to_string().contains("PLANX"));
+    // meanwhile the user leaves the project
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    store::projects::remove_member(&mut conn, p, u)
+        .await
+        .unwrap();
+    drop(conn);
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+    assert!(c.summary(conversation).await.summary.contains("PLANX"));
+
+    // the summary carries the project: the next prompt does not get it, and it is reset
+    let job = c.turn(u, conversation, "what now?").await;
+    let sent = c.chat(job, "ok").await;
+    assert!(sent.iter().all(|(_, t)| !t.contains("PLANX")), "{sent:?}");
+    let s = c.summary(conversation).await;
+    assert_eq!((s.summary.as_str(), s.summarized_up_to), ("", 0));
+}
+
+/// A project's capacity is shared: when it is full, an author's new facts displace their own
+/// oldest, and one who holds nothing else displaces a single fact of the others (the oldest of
+/// whoever holds the most) — so filling the project evicts (almost) nothing of the others'.
+#[tokio::test]
+async fn a_member_filling_a_full_project_evicts_their_own_facts() {
+    let c = ctx(&[
+        ("MEMORY_CAPACITY_PROJECT", "5"),
+        ("MEMORY_CAPACITY_PROJECT_PER_AUTHOR", "3"),
+    ])
+    .await;
+    let owner = c.user(Role::Owner).await;
+    let mut conn = c.db.pool.acquire().await.unwrap();
+    let p = store::projects::insert_project(
+        &mut conn,
+        &store::projects::NewProject {
+            org_id: c.org,
+            created_by: owner,
+            name: "Apollo",
+            description: "",
+            visibility: store::Visibility::Org,
+            team_id: None,
+        },
+    )
+    .await
+    .unwrap()
+    .id;
+    drop(conn);
+    let facts = |names: &[&str]| {
+        let facts: Vec<Value> = names
+            .iter()
+            .map(|n| json!({"tier": "project", "project_id": p, "content": n}))
+            .collect();
+        json!({ "facts": facts }).to_string()
+    };
+    let learn = async |names: &[&str]| {
+        let (user, conversation) = c.chatted(0).await;
+        let answer = c.past_turn(user, conversation, "note", "noted").await;
+        remember(&c, user, conversation, answer, &facts(names)).await;
+        user
+    };
+    let bob = learn(&["bob 1", "bob 2", "bob 3"]).await;
+    let carol = learn(&["carol 1", "carol 2"]).await;
+    let alice = learn(&["alice 1", "alice 2", "alice 3"]).await;
+    let kept: Vec<(Option<Uuid>, String)> = sqlx::query_as(
+        "SELECT author_user_id, content FROM conversation_memories
+         WHERE tier = 'project' AND project_id = $1 ORDER BY content",
+    )
+    .bind(p)
+    .fetch_all(&c.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        kept,
+        [
+            (Some(alice), "alice 3".to_owned()),
+            (Some(bob), "bob 2".to_owned()),
+            (Some(bob), "bob 3".to_owned()),
+            (Some(carol), "carol 1".to_owned()),
+            (Some(carol), "carol 2".to_owned()),
+        ],
+        "alice displaced one fact of the largest holder, then her own"
+    );
+}

@@ -1310,3 +1310,53 @@ async fn a_continuation_waiting_out_a_long_cooldown_runs_once() {
         1
     );
 }
+
+/// A proposal's result names the project of the task it would change (its summary quotes the
+/// task), so the turn's answer — which repeats that summary — records the project in its
+/// provenance and drops out with it.
+#[tokio::test]
+async fn a_proposal_names_its_project_in_the_answers_provenance() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let settings = test_settings(&db, &redis, &[]);
+    let w = world(&db).await;
+    let mut c = db.pool.acquire().await.unwrap();
+    store::projects::add_member(&mut c, w.org, w.hidden, w.user)
+        .await
+        .unwrap();
+    drop(c);
+    script(
+        &w,
+        vec![Behaviour::ToolCalls {
+            calls: vec![call(
+                "u1",
+                "update_task",
+                json!({"task_id": w.hidden_task, "status": "done"}),
+            )],
+        }],
+    )
+    .await;
+    let job = turn(&db, &w, "the beta checklist is done").await;
+    bus_for(&settings).enqueue(job.clone()).await.unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+    let result: String =
+        sqlx::query_scalar("SELECT content FROM messages WHERE response_id = $1 AND role = 'tool'")
+            .bind(job.response_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let result: Value = serde_json::from_str(&result).unwrap();
+    assert_eq!(result["status"], "pending_confirmation");
+    assert_eq!(result["project_id"], json!(w.hidden));
+    let (content, projects): (String, Vec<Uuid>) = sqlx::query_as(
+        "SELECT content, source_project_ids FROM messages
+         WHERE response_id = $1 AND role = 'assistant' AND tool_calls IS NULL",
+    )
+    .bind(job.response_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(content.contains("Hidden beta checklist"), "{content}");
+    assert_eq!(projects, vec![w.hidden]);
+}

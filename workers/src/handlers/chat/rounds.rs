@@ -315,6 +315,7 @@ impl ChatHandler {
                                 let c = json!({
                                     "status": "pending_confirmation",
                                     "action_id": action.id,
+                                    "project_id": p.project_id,
                                     "summary": action.summary,
                                     "message": "Proposed to the user; nothing changes unless they confirm.",
                                 });

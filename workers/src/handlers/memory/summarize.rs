@@ -162,8 +162,8 @@ impl MemoryHandlers {
             i64::try_from(inner.memory.summarize_batch).unwrap_or(i64::MAX),
         )
         .await;
-        let mut batch = match batch {
-            Ok(batch) => batch,
+        let (mut batch, mut given): (Vec<Message>, Vec<bool>) = match batch {
+            Ok(batch) => batch.into_iter().map(|f| (f.message, f.given)).unzip(),
             Err(e) => {
                 release(&mut conn, conversation.id, ctx.id).await;
                 return Err(db_error(e));
@@ -171,6 +171,15 @@ impl MemoryHandlers {
         };
         let fetched = batch.len();
         batch.truncate(fold_count(&batch));
+        given.truncate(batch.len());
+        // the messages whose text the model gets: their sources go into the summary's
+        // provenance even if one turns invisible during the model call
+        let given: Vec<uuid::Uuid> = batch
+            .iter()
+            .zip(&given)
+            .filter(|(_, given)| **given)
+            .map(|(m, _)| m.id)
+            .collect();
         // more waits beyond this run's bounds: a follow-up run continues after the write
         let more = batch.len() < fetched || fetched >= inner.memory.summarize_batch;
         let Some(up_to) = batch.last().map(|m| m.seq) else {
@@ -209,6 +218,7 @@ impl MemoryHandlers {
             &summary,
             up_to,
             &model,
+            &given,
         )
         .await
         .map_err(db_error)?;

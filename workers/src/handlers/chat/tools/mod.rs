@@ -335,6 +335,9 @@ pub async fn run_read(
 /// A write call turned into a proposal, not yet stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Proposal {
+    /// The project whose content it names (its result carries it, so the answer's provenance
+    /// records the project: `tool_result_sources`).
+    pub project_id: Uuid,
     /// The normalised arguments (what execution uses).
     pub arguments: Value,
     pub summary: String,
@@ -406,6 +409,7 @@ pub async fn propose(
             }
             summary.push(')');
             Ok(Ok(Proposal {
+                project_id: project.id,
                 arguments: after.clone(),
                 summary,
                 before: None,
@@ -467,6 +471,7 @@ pub async fn propose(
             let mut arguments = after.clone();
             arguments.insert("task_id".into(), json!(task.id));
             Ok(Ok(Proposal {
+                project_id: task.project_id,
                 arguments: Value::Object(arguments),
                 summary: format!("Update task \"{}\": {}", task.title, changes.join(", ")),
                 before: Some(Value::Object(before)),
