@@ -654,10 +654,20 @@ fn spawn(
         .spawn()?)
 }
 
+/// A port free now, below Linux's ephemeral range (32768–60999): a port the kernel handed out
+/// (`bind :0`) may be taken by any outgoing connection before the child process binds it
+/// ("Address already in use" under a busy test run); ports below the range are only ever
+/// taken by listeners.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in 20000..32000")
 }
 
 /// A `redis-server` of the scenario's own.
