@@ -154,6 +154,8 @@ async fn kill(args: &ChaosArgs) -> anyhow::Result<Outcome> {
     let load = Load::start(&stack, turns, args.concurrency).await?;
     let every = Duration::from_secs(args.kill_every_secs.max(1));
     let mut kills: Vec<Instant> = Vec::new();
+    // the same moments on the wall clock, to compare with the replay streams' entry ids
+    let mut kills_ms: Vec<u64> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     while !load.done() && Instant::now() < deadline {
         tokio::time::sleep(every).await;
@@ -163,21 +165,34 @@ async fn kill(args: &ChaosArgs) -> anyhow::Result<Outcome> {
         let i = rand::random_range(0..stack.workers.len());
         stack.workers[i].kill();
         kills.push(Instant::now());
+        kills_ms.push(now_ms());
         stack.workers[i] = stack.spawn_worker()?;
     }
     let results = load.finish(deadline).await;
     let mut o = stack.verify("kill", &results).await?;
-    // interrupted turns (taken over by another run): from the first kill while they ran to
-    // their completion
-    let mut waits: Vec<f64> = results
-        .iter()
-        .filter(|r| r.run > 1)
-        .filter_map(|r| {
-            let done = r.finished?;
-            let k = kills.iter().find(|k| **k > r.started && **k < done)?;
-            Some((done - *k).as_secs_f64())
-        })
-        .collect();
+    // interrupted turns (taken over by another run): from the kill that interrupted them to
+    // their completion. The interrupting kill is the first one after the replaced run's last
+    // event (it was alive then); a run that published nothing counts from the first kill
+    // while the turn ran (an overestimate when that kill hit another worker).
+    let mut redis = redis::Client::open(format!("redis://127.0.0.1:{}", stack.redis.port))?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut waits: Vec<f64> = Vec::new();
+    for r in results.iter().filter(|r| r.run > 1) {
+        let Some(done) = r.finished else { continue };
+        let alive_ms = match r.response_id {
+            Some(id) => last_event_before_run(&mut redis, id, r.run).await?,
+            None => None,
+        };
+        let k = kills
+            .iter()
+            .zip(&kills_ms)
+            .find(|(k, ms)| **k > r.started && **k < done && alive_ms.is_none_or(|a| **ms > a))
+            .map(|(k, _)| *k);
+        if let Some(k) = k {
+            waits.push((done - k).as_secs_f64());
+        }
+    }
     waits.sort_by(f64::total_cmp);
     let samples = crate::stats::Samples::new(waits.clone());
     o.recovery_s = if waits.is_empty() {
@@ -627,6 +642,28 @@ async fn interleaved_runs(
         }
     }
     Ok(false)
+}
+
+/// When (ms since the epoch, from the entry id) the last event of a run before `run` went into
+/// the response's replay stream, if any did.
+async fn last_event_before_run(
+    redis: &mut redis::aio::MultiplexedConnection,
+    response_id: Uuid,
+    run: i64,
+) -> anyhow::Result<Option<u64>> {
+    let key = format!("chaos:{{resp:{response_id}}}:events");
+    let reply: redis::streams::StreamRangeReply =
+        redis::AsyncCommands::xrange_all(redis, &key).await?;
+    Ok(reply
+        .ids
+        .iter()
+        .filter(|e| {
+            e.get::<String>("r")
+                .and_then(|r| r.parse::<i64>().ok())
+                .is_some_and(|r| r < run)
+        })
+        .filter_map(|e| e.id.split('-').next()?.parse::<u64>().ok())
+        .max())
 }
 
 fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
