@@ -286,12 +286,20 @@ litellm_up() {
 litellm_down() {
   if [ -f "$SB_RUN/litellm.pid" ]; then
     local pid; pid=$(cat "$SB_RUN/litellm.pid")
-    if kill -0 "$pid" 2>/dev/null; then log "stopping LiteLLM"; kill "$pid" 2>/dev/null || true; fi
+    # LiteLLM serves from a child process of the one we started: signal the whole group when
+    # the started process leads one (else the child lives on, holding the port).
+    local target=$pid
+    [ "$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$pid" ] && target=-$pid
+    if kill -0 "$pid" 2>/dev/null; then log "stopping LiteLLM"; kill -- "$target" 2>/dev/null || true; fi
     for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
-    for _ in $(seq 50); do litellm_ready || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -9 -- "$target" 2>/dev/null
     rm -f "$SB_RUN/litellm.pid"
   fi
+  # A LiteLLM of ours whose starter is gone (an older run's child) still holds the port.
+  for pid in $(ss -ltnpH "sport = :$SB_LITELLM_PORT" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do
+    if grep -q litellm "/proc/$pid/cmdline" 2>/dev/null; then kill "$pid" 2>/dev/null || true; fi
+  done
+  for _ in $(seq 50); do litellm_ready || break; sleep 0.1; done
 }
 
 # ---------------------------------------------------------------- env for our processes
