@@ -218,6 +218,59 @@ impl Ctx {
         testkit::retrieval::memory(&self.db.pool, owner, content).await;
     }
 
+    /// Member `u`'s conversation in which an answer ("The plan is PLANX.") drew on a private
+    /// project of `owner`'s that `u` belongs to, followed by two more turns. Returns the
+    /// project, the conversation and the answer's sequence number.
+    async fn conversation_drawing_on_a_project(&self, owner: Uuid, u: Uuid) -> (Uuid, Uuid, i64) {
+        let mut conn = self.db.pool.acquire().await.unwrap();
+        let p = store::projects::insert_project(
+            &mut conn,
+            &store::projects::NewProject {
+                org_id: self.org,
+                created_by: owner,
+                name: "Apollo",
+                description: "",
+                visibility: store::Visibility::Private,
+                team_id: None,
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+        store::projects::add_member(&mut conn, self.org, p, u)
+            .await
+            .unwrap();
+        drop(conn);
+        let conversation = self.conversation(u).await;
+        // an earlier answer that drew on the project, then two more turns
+        let job = self.turn(u, conversation, "what is the plan?").await;
+        let mut tx = self.db.pool.begin().await.unwrap();
+        let (a1, _) = testkit::turns::answer(
+            &mut tx,
+            job.response_id,
+            &Answer {
+                content: "The plan is PLANX.",
+                model: "earlier",
+                prompt_tokens: None,
+                completion_tokens: None,
+                latency_ms: 1,
+                citations: json!([]),
+                sources: conv::AnswerSources {
+                    provenance: store::provenance::Provenance {
+                        source_project_ids: vec![p],
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            },
+        )
+        .await;
+        tx.commit().await.unwrap();
+        self.past_turn(u, conversation, "q2", "a2").await;
+        self.past_turn(u, conversation, "q3", "a3").await;
+        (p, conversation, a1.seq)
+    }
+
     async fn seq_of(&self, content: &str) -> i64 {
         sqlx::query_scalar("SELECT seq FROM messages WHERE content = $1")
             .bind(content)
@@ -867,59 +920,14 @@ async fn a_run_that_finds_the_summary_busy_is_taken_over_by_the_running_one() {
 async fn a_summary_that_drew_on_a_lost_project_is_withheld_and_rebuilt_without_it() {
     let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
     let (owner, u) = (c.user(Role::Owner).await, c.user(Role::Member).await);
-    let mut conn = c.db.pool.acquire().await.unwrap();
-    let p = store::projects::insert_project(
-        &mut conn,
-        &store::projects::NewProject {
-            org_id: c.org,
-            created_by: owner,
-            name: "Apollo",
-            description: "",
-            visibility: store::Visibility::Private,
-            team_id: None,
-        },
-    )
-    .await
-    .unwrap()
-    .id;
-    store::projects::add_member(&mut conn, c.org, p, u)
-        .await
-        .unwrap();
-    drop(conn);
-    let conversation = c.conversation(u).await;
-    // an earlier answer that drew on the project, then two more turns
-    let job = c.turn(u, conversation, "what is the plan?").await;
-    let mut tx = c.db.pool.begin().await.unwrap();
-    let (a1, _) = testkit::turns::answer(
-        &mut tx,
-        job.response_id,
-        &Answer {
-            content: "The plan is PLANX.",
-            model: "earlier",
-            prompt_tokens: None,
-            completion_tokens: None,
-            latency_ms: 1,
-            citations: json!([]),
-            sources: conv::AnswerSources {
-                provenance: store::provenance::Provenance {
-                    source_project_ids: vec![p],
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        },
-    )
-    .await;
-    tx.commit().await.unwrap();
-    c.past_turn(u, conversation, "q2", "a2").await;
-    c.past_turn(u, conversation, "q3", "a3").await;
+    let (p, conversation, a1_seq) = c.conversation_drawing_on_a_project(owner, u).await;
     sqlx::query(
         "INSERT INTO conversation_summaries (conversation_id, summary, summarized_up_to,
                                              source_project_ids)
          VALUES ($1, 'The user asked for the plan: PLANX.', $2, $3)",
     )
     .bind(conversation)
-    .bind(a1.seq)
+    .bind(a1_seq)
     .bind(vec![p])
     .execute(&c.db.pool)
     .await
@@ -980,51 +988,7 @@ async fn a_summary_that_drew_on_a_lost_project_is_withheld_and_rebuilt_without_i
 async fn a_fold_whose_source_is_lost_during_the_model_call_is_withheld_afterwards() {
     let c = ctx(&[("RECENT_MESSAGES", "2")]).await;
     let (owner, u) = (c.user(Role::Owner).await, c.user(Role::Member).await);
-    let mut conn = c.db.pool.acquire().await.unwrap();
-    let p = store::projects::insert_project(
-        &mut conn,
-        &store::projects::NewProject {
-            org_id: c.org,
-            created_by: owner,
-            name: "Apollo",
-            description: "",
-            visibility: store::Visibility::Private,
-            team_id: None,
-        },
-    )
-    .await
-    .unwrap()
-    .id;
-    store::projects::add_member(&mut conn, c.org, p, u)
-        .await
-        .unwrap();
-    drop(conn);
-    let conversation = c.conversation(u).await;
-    let job = c.turn(u, conversation, "what is the plan?").await;
-    let mut tx = c.db.pool.begin().await.unwrap();
-    testkit::turns::answer(
-        &mut tx,
-        job.response_id,
-        &Answer {
-            content: "The plan is PLANX.",
-            model: "earlier",
-            prompt_tokens: None,
-            completion_tokens: None,
-            latency_ms: 1,
-            citations: json!([]),
-            sources: conv::AnswerSources {
-                provenance: store::provenance::Provenance {
-                    source_project_ids: vec![p],
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        },
-    )
-    .await;
-    tx.commit().await.unwrap();
-    c.past_turn(u, conversation, "q2", "a2").await;
-    c.past_turn(u, conversation, "q3", "a3").await;
+    let (p, conversation, _) = c.conversation_drawing_on_a_project(owner, u).await;
 
     // the fold reads the answer while the project is visible; the model is slow
     FakeClient::shared()
