@@ -30,17 +30,13 @@ pub struct MemoryContext {
     pub entries: Vec<store::memory::PromptEntry>,
 }
 
-/// Estimated tokens of a text (characters / 4, at least 1).
-pub fn estimate_tokens(s: &str) -> usize {
-    s.chars().count().div_ceil(4).max(1)
-}
-
 /// The longest prefix of `entries` (already most relevant first) that fits `budget` tokens.
 pub fn fit_budget(entries: Vec<String>, budget: usize) -> Vec<String> {
     let mut used = 0usize;
     let mut out = Vec::new();
     for e in entries {
-        let t = estimate_tokens(&e);
+        // (an entry costs at least one token)
+        let t = llm::estimate_tokens(&e).max(1);
         if used + t > budget {
             break;
         }

@@ -10,6 +10,8 @@
 
 use std::time::{Duration, Instant};
 
+use llm::estimate_tokens;
+
 use jobs::JobError;
 use jobs::kinds::Chat;
 use serde_json::{Value, json};
@@ -87,11 +89,6 @@ impl Retrieved {
                 .collect(),
         )
     }
-}
-
-/// Tokens, estimated as one per 4 characters (rounded up).
-fn estimate_tokens(text: &str) -> usize {
-    text.chars().count().div_ceil(4)
 }
 
 fn label(n: usize, c: &Chunk) -> String {
@@ -235,34 +232,27 @@ impl ChatHandler {
     }
 
     pub(super) async fn embed_query(&self, model: &str, text: &str) -> Option<pgvector::Vector> {
-        let limit = Duration::from_millis(self.inner.retrieval.embed_timeout_ms);
-        let input = [text.to_owned()];
-        let outcome = tokio::time::timeout(limit, self.inner.llm.embed(model, &input)).await;
-        let failure = match outcome {
-            Ok(Ok(mut vectors)) => match vectors.pop() {
-                Some(v)
-                    if u32::try_from(v.len()).ok() == Some(self.inner.embedding.dim)
-                        && vectors.is_empty() =>
-                {
-                    return Some(pgvector::Vector::from(v));
-                }
-                Some(v) => format!(
-                    "{} dimensions, expected {}",
-                    v.len(),
-                    self.inner.embedding.dim
-                ),
-                None => "no embedding".to_owned(),
-            },
-            Ok(Err(e)) => e.kind().to_owned(),
-            Err(_) => "timeout".to_owned(),
+        let expect = llm::Expect {
+            dim: Some(self.inner.embedding.dim),
+            within: Some(Duration::from_millis(self.inner.retrieval.embed_timeout_ms)),
         };
-        tracing::warn!(
-            model,
-            failure,
-            "the query embedding failed; retrieval by full text only, memories by recency"
-        );
-        metrics::counter!(EMBED_FAILURES).increment(1);
-        None
+        match self
+            .inner
+            .llm
+            .embed_or_fail(model, &[text.to_owned()], expect)
+            .await
+        {
+            Ok(mut vectors) => vectors.pop().map(pgvector::Vector::from),
+            Err(failure) => {
+                tracing::warn!(
+                    model,
+                    %failure,
+                    "the query embedding failed; retrieval by full text only, memories by recency"
+                );
+                metrics::counter!(EMBED_FAILURES).increment(1);
+                None
+            }
+        }
     }
 }
 

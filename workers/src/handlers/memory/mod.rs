@@ -173,14 +173,18 @@ impl MemoryHandlers {
         Err(JobError::retryable(format!("model call failed ({last})")))
     }
 
-    /// Embed texts with `EMBEDDING_MODEL`; `None` (counted) when that fails.
+    /// Embed texts with `EMBEDDING_MODEL`; `None` (logged, counted) when that fails.
     async fn embed(&self, texts: &[String]) -> Option<Vec<Vec<f32>>> {
         let inner = &self.inner;
-        match inner.llm.embed(&inner.embedding.model, texts).await {
-            Ok(v) if v.len() == texts.len() => Some(v),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!(kind = e.kind(), "embedding memory entries failed");
+        let expect = llm::Expect::default();
+        match inner
+            .llm
+            .embed_or_fail(&inner.embedding.model, texts, expect)
+            .await
+        {
+            Ok(v) => Some(v),
+            Err(failure) => {
+                tracing::warn!(%failure, "embedding memory entries failed");
                 metrics::counter!(EMBED_FAILURES).increment(1);
                 None
             }
