@@ -10,7 +10,6 @@ use jobs::kinds::Chat;
 use jobs::worker::HandlerResult;
 use jobs::{JobContext, JobError};
 use serde_json::Value;
-use store::ResponseStatus;
 use store::conversations::{self as conv, Answer, Completion, Message, Response};
 use store::responses::{self, Take};
 use uuid::Uuid;
@@ -23,8 +22,7 @@ use super::tools::ToolCtx;
 use super::{ChatHandler, codes, metrics};
 use crate::handlers::{db_error, redis_error};
 
-const UNAVAILABLE_MESSAGE: &str =
-    "The assistant is unavailable right now. Please try again in a few minutes.";
+const UNAVAILABLE_MESSAGE: &str = store::public::UNAVAILABLE_MESSAGE;
 const STREAM_FAILED_MESSAGE: &str =
     "The answer was interrupted by a model error. Please ask again.";
 const INTERNAL_MESSAGE: &str = "The answer failed because of an internal error. Please ask again.";
@@ -35,11 +33,7 @@ const RATE_LIMITED_MESSAGE: &str =
 /// (`store::public`): the same as the messages listing and the JSON-mode answer.
 fn completed_event(m: &Message) -> ResponseEvent {
     let c = store::public::PublicMessage::from(m.clone()).completed();
-    ResponseEvent::MessageCompleted {
-        message: c.message,
-        model: c.model,
-        usage: c.usage,
-    }
+    ResponseEvent::completed(c.message, c.model, c.usage)
 }
 
 /// What an answer records besides its text: the citations of the chunks it was given and its
@@ -635,34 +629,23 @@ impl ChatHandler {
         self.publish_terminal(&response).await
     }
 
-    /// The terminal event of a finished response, from what is stored — once per response (a
+    /// The terminal event of a finished response, from what is stored
+    /// (`store::public::Outcome`, the builder the API's replay uses too) — once per response (a
     /// run that crashed between its commit and its publish left it missing; if it went out,
     /// this publishes nothing).
     async fn publish_terminal(&self, response: &Response) -> HandlerResult {
-        let event = match response.status {
-            ResponseStatus::Completed => {
-                let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-                let Some(m) = conv::answer_of(&mut conn, response.id)
-                    .await
-                    .map_err(db_error)?
-                else {
-                    return Err(JobError::permanent(
-                        "a completed response without an answer",
-                    ));
-                };
-                completed_event(&m)
-            }
-            ResponseStatus::Failed => ResponseEvent::Error {
-                code: response
-                    .error_code
-                    .clone()
-                    .unwrap_or_else(|| codes::MODEL_UNAVAILABLE.to_owned()),
-                message: response
-                    .error_message
-                    .clone()
-                    .unwrap_or_else(|| UNAVAILABLE_MESSAGE.to_owned()),
-            },
-            ResponseStatus::Queued | ResponseStatus::Running => return Ok(()),
+        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
+        let outcome = store::public::Outcome::of(&mut conn, response)
+            .await
+            .map_err(db_error)?;
+        drop(conn);
+        let Some(outcome) = outcome else {
+            return Ok(());
+        };
+        let Some(event) = outcome.event(ResponseEvent::completed, ResponseEvent::error) else {
+            return Err(JobError::permanent(
+                "a completed response without an answer",
+            ));
         };
         self.publish_once(response.id, &event).await
     }
