@@ -238,13 +238,6 @@ impl Indexer {
         })
     }
 
-    /// The same indexer with another LiteLLM base URL (the benchmark talks to the fake
-    /// upstream directly as well as through the proxy).
-    pub fn with_llm(mut self, llm: LlmClient) -> Self {
-        self.llm = llm;
-        self
-    }
-
     pub fn model(&self) -> &str {
         &self.model
     }
