@@ -2,7 +2,7 @@
 //! hierarchical memory entries.
 //!
 //! Nothing here is reachable from a user-facing endpoint: the chat worker reads it into
-//! prompts, the memory jobs write it, operators manage it with `api memory`.
+//! prompts, the memory jobs write it, operators manage it with `worker memory`.
 //!
 //! - Summaries: [`claim_summary`] (a lease on the summary row, nothing locked) →
 //!   [`messages_to_fold`] → the model call, holding no connection → [`save_summary`], a
