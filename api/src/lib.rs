@@ -9,7 +9,6 @@ pub mod body;
 pub mod client_ip;
 pub mod error;
 pub mod extract;
-pub mod memory_cli;
 pub mod middleware;
 pub mod models;
 pub mod openapi;

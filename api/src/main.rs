@@ -1,5 +1,6 @@
 //! `api serve` | `api migrate` | `api token --user-email E` | `api usage [--org ID] [--since DAY]`
-//! | `api memory list|add|delete` — the Switchboard HTTP API process and its operator commands.
+//! — the Switchboard HTTP API process and its operator commands. (Conversation memory is
+//! managed with `worker memory ...`: adding an entry embeds it, and the API never calls a model.)
 
 use std::process::ExitCode;
 
@@ -33,50 +34,6 @@ enum Command {
         /// The first day (UTC) to include (default: 30 days ago).
         #[arg(long, value_name = "YYYY-MM-DD", value_parser = api::usage_report::parse_day)]
         since: Option<chrono::NaiveDate>,
-    },
-    /// Conversation memory (operators only; users never see it): list, add, delete entries.
-    Memory {
-        #[command(subcommand)]
-        command: MemoryCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum MemoryCommand {
-    /// An organization's memory entries, newest first (tab-separated).
-    List {
-        #[arg(long, value_name = "ORG_ID")]
-        org: uuid::Uuid,
-        /// Only this tier: org, project or user.
-        #[arg(long, value_parser = api::memory_cli::parse_tier)]
-        tier: Option<store::memory::Tier>,
-        #[arg(long, value_name = "PROJECT_ID")]
-        project: Option<uuid::Uuid>,
-        #[arg(long, value_name = "USER_ID")]
-        user: Option<uuid::Uuid>,
-        #[arg(long, default_value_t = 100)]
-        limit: i64,
-    },
-    /// Add an entry (org-tier entries are added only this way); prints its id.
-    Add {
-        #[arg(long, value_name = "ORG_ID")]
-        org: uuid::Uuid,
-        /// org, project (with --project) or user (with --user).
-        #[arg(long, value_parser = api::memory_cli::parse_tier)]
-        tier: store::memory::Tier,
-        #[arg(long, value_name = "PROJECT_ID")]
-        project: Option<uuid::Uuid>,
-        #[arg(long, value_name = "USER_ID")]
-        user: Option<uuid::Uuid>,
-        #[arg(long)]
-        content: String,
-    },
-    /// Delete an entry of the organization.
-    Delete {
-        #[arg(long, value_name = "ORG_ID")]
-        org: uuid::Uuid,
-        #[arg(long, value_name = "ENTRY_ID")]
-        id: uuid::Uuid,
     },
 }
 
@@ -154,7 +111,6 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<()>
             out.flush()?;
             Ok(())
         }
-        Command::Memory { command } => memory(command, &settings).await,
         Command::Migrate => {
             let pool = store::pool(&settings.database)?;
             store::migrate_with_vector_index(&pool, settings.embedding.dim).await?;
@@ -162,56 +118,4 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<()>
             Ok(())
         }
     }
-}
-
-async fn memory(command: MemoryCommand, settings: &config::Settings) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let pool = store::pool(&settings.database)?;
-    let text = match command {
-        MemoryCommand::List {
-            org,
-            tier,
-            project,
-            user,
-            limit,
-        } => {
-            let mut conn = pool.acquire().await?;
-            let entries =
-                store::memory::list(&mut conn, org, tier, project, user, limit.clamp(1, 10_000))
-                    .await?;
-            api::memory_cli::render(&entries)
-        }
-        MemoryCommand::Add {
-            org,
-            tier,
-            project,
-            user,
-            content,
-        } => {
-            let owner =
-                api::memory_cli::owner(org, tier, project, user).map_err(anyhow::Error::msg)?;
-            match api::memory_cli::add(settings, &pool, owner, &content).await? {
-                store::memory::Inserted::New { id, removed } => {
-                    tracing::info!(%id, removed, "memory entry added");
-                    format!("{id}\n")
-                }
-                store::memory::Inserted::Refreshed { id } => {
-                    tracing::info!(%id, "a near-duplicate entry was refreshed instead");
-                    format!("{id}\n")
-                }
-            }
-        }
-        MemoryCommand::Delete { org, id } => {
-            let mut conn = pool.acquire().await?;
-            if !store::memory::delete(&mut conn, org, id).await? {
-                anyhow::bail!("--id: no memory entry {id} in organization {org}");
-            }
-            tracing::info!(%id, "memory entry deleted");
-            String::new()
-        }
-    };
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
-    Ok(())
 }

@@ -546,19 +546,3 @@ pub async fn response_exchange(
     .await?;
     Ok((messages, rounds))
 }
-
-/// Whether the `tool` result of a call is stored (for a decided proposal's continuation).
-pub async fn has_result(
-    conn: &mut PgConnection,
-    conversation_id: Uuid,
-    tool_call_id: &str,
-) -> Result<bool, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM messages
-                        WHERE conversation_id = $1 AND role = 'tool' AND tool_call_id = $2)",
-    )
-    .bind(conversation_id)
-    .bind(tool_call_id)
-    .fetch_one(conn)
-    .await?)
-}

@@ -176,18 +176,3 @@ pub async fn remove_member(
         .await?;
     Ok(done.rows_affected() == 1)
 }
-
-pub async fn is_member(
-    conn: &mut PgConnection,
-    project_id: Uuid,
-    user_id: Uuid,
-) -> Result<bool, StoreError> {
-    let yes = sqlx::query_scalar::<_, bool>(
-        "SELECT EXISTS (SELECT 1 FROM project_members WHERE project_id = $1 AND user_id = $2)",
-    )
-    .bind(project_id)
-    .bind(user_id)
-    .fetch_one(conn)
-    .await?;
-    Ok(yes)
-}

@@ -1,4 +1,8 @@
-//! Operator commands of the `worker` binary: they need Redis only, and return the text to print.
+//! Operator commands of the `worker` binary, returning the text to print: the bus's (Redis
+//! only; here) and conversation memory's ([`memory`]: PostgreSQL, and the model proxy to embed
+//! an entry).
+
+pub mod memory;
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -1,6 +1,6 @@
-//! Memory is hidden from users (SPEC §3): after a real turn whose prompt carried memory
-//! entries and a summary, no user endpoint returns any of it. Operators manage it with
-//! `api memory list|add|delete` (run here as the real binary).
+//! Memory is hidden from users (docs/ARCHITECTURE.md, "Memory"): after a real turn whose prompt
+//! carried memory entries and a summary, no user endpoint returns any of it. (Operators manage
+//! it with `worker memory list|add|delete`: workers/tests/it/ops.rs.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use jobs::{Bus, Queue, RedisHandle, Worker, WorkerOptions};
 use serde_json::json;
 use store::memory::Owner;
-use testkit::{Behaviour, FakeClient, TestDb, TestRedis, unique_model, via_litellm};
+use testkit::{Behaviour, FakeClient, unique_model, via_litellm};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -309,176 +309,4 @@ async fn no_user_endpoint_returns_memory_or_summary_text() {
         assert!(!body.contains(&marker), "{path} leaks memory: {body}");
         assert!(!body.contains("MEMMARK"), "{path} leaks memory: {body}");
     }
-}
-
-async fn api_memory(db: &TestDb, redis: &TestRedis, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_api"))
-        .arg("memory")
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("REDIS_URL", &redis.url)
-        .env("REDIS_PREFIX", &redis.prefix)
-        .env("JWT_SECRET", testkit::TEST_JWT_SECRET)
-        .env("LOG_FILTER", "warn")
-        // no proxy here: entries are stored without a vector
-        .env("LITELLM_BASE_URL", "http://127.0.0.1:9")
-        .env_remove("JWT_ALGORITHM")
-        .env_remove("SWITCHBOARD_CONFIG")
-        .current_dir(std::env::temp_dir())
-        .output()
-        .await
-        .unwrap()
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "api memory failed ({:?}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-#[tokio::test]
-async fn operators_list_add_and_delete_memory_with_the_cli() {
-    let db = TestDb::new().await;
-    let redis = TestRedis::new();
-    let mut c = db.pool.acquire().await.unwrap();
-    let org = store::tenancy::insert_org(&mut c, "acme").await.unwrap().id;
-    let other = store::tenancy::insert_org(&mut c, "other")
-        .await
-        .unwrap()
-        .id;
-    let user = store::tenancy::insert_user(&mut c, &email("op"), "U", "x")
-        .await
-        .unwrap()
-        .id;
-    store::tenancy::insert_membership(&mut c, org, user, store::Role::Member)
-        .await
-        .unwrap();
-    drop(c);
-    let (org_s, user_s, other_s) = (org.to_string(), user.to_string(), other.to_string());
-
-    let id = ok(&api_memory(
-        &db,
-        &redis,
-        &[
-            "add",
-            "--org",
-            &org_s,
-            "--tier",
-            "org",
-            "--content",
-            "We bill in EUR",
-        ],
-    )
-    .await)
-    .trim()
-    .to_owned();
-    let id: Uuid = id.parse().unwrap();
-    ok(&api_memory(
-        &db,
-        &redis,
-        &[
-            "add",
-            "--org",
-            &org_s,
-            "--tier",
-            "user",
-            "--user",
-            &user_s,
-            "--content",
-            "Likes tea",
-        ],
-    )
-    .await);
-
-    let all = ok(&api_memory(&db, &redis, &["list", "--org", &org_s]).await);
-    assert_eq!(all.lines().count(), 3, "{all}");
-    assert!(
-        all.lines().any(|l| l.starts_with(&id.to_string())
-            && l.contains("\torg\t")
-            && l.ends_with("We bill in EUR")),
-        "{all}"
-    );
-    let users = ok(&api_memory(&db, &redis, &["list", "--org", &org_s, "--tier", "user"]).await);
-    assert_eq!(users.lines().count(), 2, "{users}");
-    assert!(
-        users.contains(&user_s) && users.contains("Likes tea"),
-        "{users}"
-    );
-
-    // errors name the flag; nothing is stored
-    for (args, flag) in [
-        (
-            vec![
-                "add",
-                "--org",
-                &org_s,
-                "--tier",
-                "project",
-                "--content",
-                "x",
-            ],
-            "--project",
-        ),
-        (
-            vec![
-                "add",
-                "--org",
-                &org_s,
-                "--tier",
-                "user",
-                "--user",
-                &other_s,
-                "--content",
-                "x",
-            ],
-            "--user",
-        ),
-        (
-            vec![
-                "add",
-                "--org",
-                &org_s,
-                "--tier",
-                "project",
-                "--project",
-                &other_s,
-                "--content",
-                "x",
-            ],
-            "--project",
-        ),
-        (
-            vec!["add", "--org", &org_s, "--tier", "org", "--content", " "],
-            "--content",
-        ),
-        (
-            vec!["delete", "--org", &other_s, "--id", &id.to_string()],
-            "--id",
-        ),
-    ] {
-        let out = api_memory(&db, &redis, &args).await;
-        assert!(!out.status.success(), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(flag), "{args:?}: {err}");
-    }
-    assert_eq!(
-        ok(&api_memory(&db, &redis, &["list", "--org", &org_s]).await)
-            .lines()
-            .count(),
-        3
-    );
-
-    ok(&api_memory(
-        &db,
-        &redis,
-        &["delete", "--org", &org_s, "--id", &id.to_string()],
-    )
-    .await);
-    let left = ok(&api_memory(&db, &redis, &["list", "--org", &org_s]).await);
-    assert_eq!(left.lines().count(), 2, "{left}");
-    assert!(!left.contains("We bill in EUR"));
 }

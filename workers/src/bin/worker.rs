@@ -9,6 +9,7 @@
 //! worker index [--now [--all]]                   enqueue an index job, or (--now) run one
 //!                                                index pass inline and print its figures
 //!                                                (--all: queue every source first)
+//! worker memory list|add|delete ...              conversation memory entries (operators)
 //! ```
 
 use std::process::ExitCode;
@@ -17,7 +18,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use jobs::kinds::Probe;
 use jobs::{Queue, Worker, WorkerOptions};
+use store::memory::Tier;
 use tokio_util::sync::CancellationToken;
+use workers::ops::memory::parse_tier;
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +73,50 @@ enum Cmd {
         /// The queue to exercise (default actions).
         #[arg(long)]
         queue: Option<Queue>,
+    },
+    /// Conversation memory (operators only; users never see it): list, add, delete entries.
+    Memory {
+        #[command(subcommand)]
+        command: MemoryCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemoryCommand {
+    /// An organization's memory entries, newest first (tab-separated).
+    List {
+        #[arg(long, value_name = "ORG_ID")]
+        org: uuid::Uuid,
+        /// Only this tier: org, project or user.
+        #[arg(long, value_parser = parse_tier)]
+        tier: Option<Tier>,
+        #[arg(long, value_name = "PROJECT_ID")]
+        project: Option<uuid::Uuid>,
+        #[arg(long, value_name = "USER_ID")]
+        user: Option<uuid::Uuid>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Add an entry (org-tier entries are added only this way); prints its id.
+    Add {
+        #[arg(long, value_name = "ORG_ID")]
+        org: uuid::Uuid,
+        /// org, project (with --project) or user (with --user).
+        #[arg(long, value_parser = parse_tier)]
+        tier: Tier,
+        #[arg(long, value_name = "PROJECT_ID")]
+        project: Option<uuid::Uuid>,
+        #[arg(long, value_name = "USER_ID")]
+        user: Option<uuid::Uuid>,
+        #[arg(long)]
+        content: String,
+    },
+    /// Delete an entry of the organization.
+    Delete {
+        #[arg(long, value_name = "ORG_ID")]
+        org: uuid::Uuid,
+        #[arg(long, value_name = "ENTRY_ID")]
+        id: uuid::Uuid,
     },
 }
 
@@ -253,6 +300,60 @@ async fn index_now(settings: config::Settings, all: bool) -> ExitCode {
     }
 }
 
+/// `worker memory list|add|delete`: PostgreSQL only, but for `add`'s embedding call to the
+/// model proxy (skipped, with a warning, when the proxy does not answer).
+async fn memory(settings: &config::Settings, command: MemoryCommand) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use workers::ops::memory;
+    let pool = store::pool(&settings.database)?;
+    let text = match command {
+        MemoryCommand::List {
+            org,
+            tier,
+            project,
+            user,
+            limit,
+        } => {
+            let mut conn = pool.acquire().await?;
+            let entries =
+                store::memory::list(&mut conn, org, tier, project, user, limit.clamp(1, 10_000))
+                    .await?;
+            memory::render(&entries)
+        }
+        MemoryCommand::Add {
+            org,
+            tier,
+            project,
+            user,
+            content,
+        } => {
+            let owner = memory::owner(org, tier, project, user).map_err(anyhow::Error::msg)?;
+            match memory::add(settings, &pool, owner, &content).await? {
+                store::memory::Inserted::New { id, removed } => {
+                    tracing::info!(%id, removed, "memory entry added");
+                    format!("{id}\n")
+                }
+                store::memory::Inserted::Refreshed { id } => {
+                    tracing::info!(%id, "a near-duplicate entry was refreshed instead");
+                    format!("{id}\n")
+                }
+            }
+        }
+        MemoryCommand::Delete { org, id } => {
+            let mut conn = pool.acquire().await?;
+            if !store::memory::delete(&mut conn, org, id).await? {
+                anyhow::bail!("--id: no memory entry {id} in organization {org}");
+            }
+            tracing::info!(%id, "memory entry deleted");
+            String::new()
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
 async fn run(settings: config::Settings, args: RunArgs) -> ExitCode {
     let rt = match workers::Runtime::connect(settings, Duration::from_secs(30)).await {
         Ok(rt) => rt,
@@ -355,6 +456,16 @@ async fn operate(settings: config::Settings, cmd: Cmd) -> ExitCode {
         }
     };
     let result = match cmd {
+        // the database only (and the model proxy for `add`): the bus above is not used
+        Cmd::Memory { command } => {
+            return match memory(&settings, command).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "memory command failed");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Cmd::Queues => workers::ops::queues_table(&bus)
             .await
             .map(|t| print!("{t}")),

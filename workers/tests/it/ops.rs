@@ -1,4 +1,5 @@
-//! The operator commands of the `worker` binary, and its run-until-empty mode.
+//! The operator commands of the `worker` binary (the bus's, conversation memory's), and its
+//! run-until-empty mode.
 
 use std::process::{Output, Stdio};
 use std::time::Duration;
@@ -6,6 +7,7 @@ use std::time::Duration;
 use jobs::Queue;
 use jobs::kinds::Probe;
 use testkit::{TestDb, TestRedis, test_settings};
+use uuid::Uuid;
 
 use crate::bus::bus_for;
 use crate::process::command;
@@ -87,4 +89,170 @@ async fn operators_enqueue_inspect_drain_and_replay() {
             .await
             .unwrap();
     assert_eq!(effects, 4);
+}
+
+fn worker_memory(db: &TestDb, redis: &TestRedis, args: &[&str]) -> Output {
+    command(env!("CARGO_BIN_EXE_worker"), db, redis)
+        .arg("memory")
+        .args(args)
+        .env("LOG_FILTER", "warn")
+        // no proxy here: entries are stored without a vector
+        .env("LITELLM_BASE_URL", "http://127.0.0.1:9")
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "worker memory failed ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[tokio::test]
+async fn operators_list_add_and_delete_memory_with_the_cli() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let mut c = db.pool.acquire().await.unwrap();
+    let org = store::tenancy::insert_org(&mut c, "acme").await.unwrap().id;
+    let other = store::tenancy::insert_org(&mut c, "other")
+        .await
+        .unwrap()
+        .id;
+    let user = store::tenancy::insert_user(&mut c, "op@x.io", "U", "x")
+        .await
+        .unwrap()
+        .id;
+    store::tenancy::insert_membership(&mut c, org, user, store::Role::Member)
+        .await
+        .unwrap();
+    drop(c);
+    let (org_s, user_s, other_s) = (org.to_string(), user.to_string(), other.to_string());
+
+    let id = ok(&worker_memory(
+        &db,
+        &redis,
+        &[
+            "add",
+            "--org",
+            &org_s,
+            "--tier",
+            "org",
+            "--content",
+            "We bill in EUR",
+        ],
+    ))
+    .trim()
+    .to_owned();
+    let id: Uuid = id.parse().unwrap();
+    ok(&worker_memory(
+        &db,
+        &redis,
+        &[
+            "add",
+            "--org",
+            &org_s,
+            "--tier",
+            "user",
+            "--user",
+            &user_s,
+            "--content",
+            "Likes tea",
+        ],
+    ));
+
+    let all = ok(&worker_memory(&db, &redis, &["list", "--org", &org_s]));
+    assert_eq!(all.lines().count(), 3, "{all}");
+    assert!(
+        all.lines().any(|l| l.starts_with(&id.to_string())
+            && l.contains("\torg\t")
+            && l.ends_with("We bill in EUR")),
+        "{all}"
+    );
+    let users = ok(&worker_memory(
+        &db,
+        &redis,
+        &["list", "--org", &org_s, "--tier", "user"],
+    ));
+    assert_eq!(users.lines().count(), 2, "{users}");
+    assert!(
+        users.contains(&user_s) && users.contains("Likes tea"),
+        "{users}"
+    );
+
+    // errors name the flag; nothing is stored
+    for (args, flag) in [
+        (
+            vec![
+                "add",
+                "--org",
+                &org_s,
+                "--tier",
+                "project",
+                "--content",
+                "x",
+            ],
+            "--project",
+        ),
+        (
+            vec![
+                "add",
+                "--org",
+                &org_s,
+                "--tier",
+                "user",
+                "--user",
+                &other_s,
+                "--content",
+                "x",
+            ],
+            "--user",
+        ),
+        (
+            vec![
+                "add",
+                "--org",
+                &org_s,
+                "--tier",
+                "project",
+                "--project",
+                &other_s,
+                "--content",
+                "x",
+            ],
+            "--project",
+        ),
+        (
+            vec!["add", "--org", &org_s, "--tier", "org", "--content", " "],
+            "--content",
+        ),
+        (
+            vec!["delete", "--org", &other_s, "--id", &id.to_string()],
+            "--id",
+        ),
+    ] {
+        let out = worker_memory(&db, &redis, &args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{args:?}: {err}");
+    }
+    assert_eq!(
+        ok(&worker_memory(&db, &redis, &["list", "--org", &org_s]))
+            .lines()
+            .count(),
+        3
+    );
+
+    ok(&worker_memory(
+        &db,
+        &redis,
+        &["delete", "--org", &org_s, "--id", &id.to_string()],
+    ));
+    let left = ok(&worker_memory(&db, &redis, &["list", "--org", &org_s]));
+    assert_eq!(left.lines().count(), 2, "{left}");
+    assert!(!left.contains("We bill in EUR"));
 }

@@ -1,6 +1,7 @@
-//! `index`: drain the indexing outbox (SPEC §4) — chunk → skip unchanged → embed → upsert →
-//! remove stale — in batches, each batch one transaction with the deletion of its outbox rows,
-//! so a crash never loses an outbox row nor half-writes a source.
+//! `index`: drain the indexing outbox (docs/ARCHITECTURE.md, "Documents and indexing") —
+//! chunk → skip unchanged → embed → upsert → remove stale — in batches, each batch one
+//! transaction with the deletion of its outbox rows, so a crash never loses an outbox row nor
+//! half-writes a source.
 //!
 //! A batch claims up to `INDEX_BATCH_SOURCES` outbox rows with `FOR UPDATE SKIP LOCKED`, the
 //! orgs in turn (`store::outbox::claim`: one org's backlog never starves another's), plus the
@@ -30,6 +31,10 @@
 //! other sources' rows for the next run.
 
 pub mod chunk;
+mod embed;
+mod failure;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -43,6 +48,7 @@ use store::outbox::SourceKind;
 use uuid::Uuid;
 
 use chunk::{Chunk, ChunkParams};
+use failure::{FAILED_UNAVAILABLE, Failure, db_failure};
 
 /// Why an index run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -137,61 +143,6 @@ struct Plan {
     failure: Option<Failure>,
 }
 
-/// Why one source could not be indexed in this batch.
-#[derive(Debug, Clone)]
-enum Failure {
-    /// The embedder rejects its content (a 4xx): retrying cannot help.
-    Rejected,
-    /// The database refuses its rows (data exception, constraint, program limit): retrying
-    /// cannot help.
-    Refused(String),
-    /// Anything else that hit this source alone; it is tried again later.
-    Transient(String),
-}
-
-impl Failure {
-    fn permanent(&self) -> bool {
-        !matches!(self, Failure::Transient(_))
-    }
-
-    /// For operators (`index_outbox.last_error`): never shown to users.
-    fn detail(&self) -> String {
-        match self {
-            Failure::Rejected => "the embedder rejected the content".to_owned(),
-            Failure::Refused(e) => format!("the database refused the rows: {e}"),
-            Failure::Transient(e) => e.clone(),
-        }
-    }
-
-    /// What a document's `failure_reason` says: shown to users, so no provider or database text.
-    fn reason(&self, attempts: u32) -> String {
-        match self {
-            Failure::Rejected => FAILED_REJECTED.to_owned(),
-            Failure::Refused(_) => FAILED_REFUSED.to_owned(),
-            Failure::Transient(_) => format!(
-                "indexing this document failed {attempts} times; upload it again later, or split it into smaller documents"
-            ),
-        }
-    }
-}
-
-/// The failure of one source's statements, or `None` when the connection itself failed (the
-/// whole batch is lost then).
-fn db_failure(e: &StoreError) -> Option<Failure> {
-    let StoreError::Database(sqlx::Error::Database(db)) = e else {
-        return None;
-    };
-    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-    let text = format!("{code}: {}", db.message());
-    // SQLSTATE classes 22 (data exception), 23 (integrity constraint), 54 (program limit
-    // exceeded, e.g. a tsvector over 1 MB): the same rows would be refused again
-    if ["22", "23", "54"].iter().any(|c| code.starts_with(c)) {
-        Some(Failure::Refused(text))
-    } else {
-        Some(Failure::Transient(text))
-    }
-}
-
 /// A chunk that needs a (new) embedding.
 struct Pending {
     plan: usize,
@@ -199,27 +150,6 @@ struct Pending {
     chunk: Chunk,
     hash: Vec<u8>,
     vector: Option<Vec<f32>>,
-}
-
-const FAILED_REJECTED: &str = "the embedding model rejected this document's content";
-const FAILED_REFUSED: &str = "the search index cannot store this document's text; remove unusual content (very long lines or headings, binary data) or split it into smaller documents, then upload it again";
-const FAILED_UNAVAILABLE: &str =
-    "the embedding model was unavailable on every attempt; upload the document again later";
-
-/// A failure the embedder will repeat for the same input (not a rate limit, a timeout or a
-/// server error).
-fn is_permanent(e: &LlmError) -> bool {
-    matches!(e, LlmError::Upstream { status, .. }
-        if (400..500).contains(status) && *status != 408 && *status != 429)
-}
-
-/// A failure that says the embedder is unavailable, whatever the input: rate limits,
-/// timeouts, connection errors. (Inputs are bounded, so a timeout is not the input's fault.)
-fn is_unavailable(e: &LlmError) -> bool {
-    matches!(
-        e,
-        LlmError::RateLimited { .. } | LlmError::Timeout(_) | LlmError::Connection(_)
-    )
 }
 
 impl Indexer {
@@ -236,13 +166,6 @@ impl Indexer {
             source_max_attempts: settings.index.source_max_attempts,
             source_retry_secs: settings.index.source_retry_secs,
         })
-    }
-
-    /// The same indexer with another LiteLLM base URL (the benchmark talks to the fake
-    /// upstream directly as well as through the proxy).
-    pub fn with_llm(mut self, llm: LlmClient) -> Self {
-        self.llm = llm;
-        self
     }
 
     pub fn model(&self) -> &str {
@@ -602,131 +525,6 @@ impl Indexer {
         store::index::write_chunks(&mut *conn, &to_write).await?;
         Ok(r)
     }
-
-    /// Embed the pending chunks, `embed_batch` inputs per request. A request the embedder
-    /// rejects (4xx) is retried source by source; one that fails otherwise while the embedder
-    /// works for other requests too. Sources that still fail get their `failure`. Returns the
-    /// plans given up on because the embedder is unavailable on the job's last attempt (sorted;
-    /// empty otherwise — before the last attempt that is an error).
-    async fn embed_pending(
-        &self,
-        pending: &mut [Pending],
-        plans: &mut [Plan],
-        report: &mut PassReport,
-        last_attempt: bool,
-    ) -> Result<Vec<usize>, IndexError> {
-        let mut worked = false;
-        let mut failed: Vec<(std::ops::Range<usize>, LlmError)> = Vec::new();
-        let mut unavailable: Option<(usize, LlmError)> = None;
-        let mut start = 0;
-        while start < pending.len() {
-            let end = (start + self.embed_batch).min(pending.len());
-            let inputs: Vec<String> = pending[start..end]
-                .iter()
-                .map(|p| chunk::embedding_input(&p.chunk))
-                .collect();
-            report.embed_requests += 1;
-            match self.llm.embed(&self.model, &inputs).await {
-                Ok(vectors) => {
-                    worked = true;
-                    for (p, v) in pending[start..end].iter_mut().zip(vectors) {
-                        p.vector = Some(v);
-                    }
-                }
-                Err(e) if is_unavailable(&e) => {
-                    unavailable = Some((start, e));
-                    break;
-                }
-                Err(e) => failed.push((start..end, e)),
-            }
-            start = end;
-        }
-        let mut transient: Vec<(usize, LlmError)> = Vec::new();
-        if unavailable.is_none() {
-            for (range, e) in failed {
-                tracing::warn!(error = %e, "an embedding request failed; retrying source by source");
-                match self
-                    .embed_one_by_one(&mut pending[range.clone()], plans, report)
-                    .await
-                {
-                    Ok((any, failures)) => {
-                        worked |= any;
-                        transient.extend(failures);
-                    }
-                    Err(e) => {
-                        unavailable = Some((range.start, e));
-                        break;
-                    }
-                }
-            }
-        }
-        if unavailable.is_none() && !transient.is_empty() {
-            if worked {
-                // the embedder works: these sources fail on their own
-                for (plan, e) in transient {
-                    plans[plan].failure = Some(Failure::Transient(format!("embedding: {e}")));
-                }
-            } else if let Some((_, e)) = transient.into_iter().next() {
-                // nothing got through: the embedder, not the inputs
-                unavailable = Some((0, e));
-            }
-        }
-        let Some((from, e)) = unavailable else {
-            return Ok(Vec::new());
-        };
-        if !last_attempt {
-            return Err(IndexError::Embed(e));
-        }
-        tracing::warn!(error = %e, "the embedder failed on the last attempt");
-        let mut gave_up: Vec<usize> = pending[from..]
-            .iter()
-            .filter(|p| p.vector.is_none())
-            .map(|p| p.plan)
-            .collect();
-        gave_up.sort_unstable();
-        gave_up.dedup();
-        Ok(gave_up)
-    }
-
-    /// After a failed request: embed its inputs source by source. A source the embedder
-    /// rejects (4xx) gets its `failure`; other failures are returned with their plan (the
-    /// caller decides whether they are the source's or the embedder's); an unavailable
-    /// embedder is an error. Also returns whether any source got through.
-    async fn embed_one_by_one(
-        &self,
-        pending: &mut [Pending],
-        plans: &mut [Plan],
-        report: &mut PassReport,
-    ) -> Result<(bool, Vec<(usize, LlmError)>), LlmError> {
-        let mut by_plan: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (i, p) in pending.iter().enumerate() {
-            by_plan.entry(p.plan).or_default().push(i);
-        }
-        let mut worked = false;
-        let mut failures = Vec::new();
-        for (plan, idx) in by_plan {
-            if plans[plan].failure.is_some() {
-                continue;
-            }
-            let inputs: Vec<String> = idx
-                .iter()
-                .map(|i| chunk::embedding_input(&pending[*i].chunk))
-                .collect();
-            report.embed_requests += 1;
-            match self.llm.embed(&self.model, &inputs).await {
-                Ok(vectors) => {
-                    worked = true;
-                    for (i, v) in idx.iter().zip(vectors) {
-                        pending[*i].vector = Some(v);
-                    }
-                }
-                Err(e) if is_permanent(&e) => plans[plan].failure = Some(Failure::Rejected),
-                Err(e) if is_unavailable(&e) => return Err(e),
-                Err(e) => failures.push((plan, e)),
-            }
-        }
-        Ok((worked, failures))
-    }
 }
 
 fn describe_metrics() {
@@ -757,37 +555,4 @@ pub async fn run_now(
     let started = Instant::now();
     let r = indexer.run_pass_with(false, on_batch).await?;
     Ok((r, started.elapsed()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn embedder_failures_are_classified() {
-        let upstream = |status| LlmError::Upstream {
-            status,
-            message: String::new(),
-        };
-        assert!(is_permanent(&upstream(400)));
-        assert!(is_permanent(&upstream(422)));
-        assert!(!is_permanent(&upstream(429)));
-        assert!(!is_permanent(&upstream(408)));
-        assert!(!is_permanent(&upstream(500)));
-        assert!(!is_permanent(&LlmError::Timeout("t".into())));
-        // a rate limit's Retry-After replaces the queue's backoff
-        let e = IndexError::Embed(LlmError::RateLimited {
-            retry_after: Some(Duration::from_secs(7)),
-        })
-        .into_job_error();
-        assert!(matches!(
-            e,
-            JobError::Retryable { retry_after: Some(d), .. } if d == Duration::from_secs(7)
-        ));
-        assert!(
-            IndexError::Embed(upstream(503))
-                .into_job_error()
-                .is_retryable()
-        );
-    }
 }

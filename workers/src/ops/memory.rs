@@ -1,5 +1,7 @@
-//! `api memory list|add|delete`: the operators' path to conversation memory (SPEC §3 — users
-//! never see it; no HTTP endpoint reads it). Org-tier entries are added this way.
+//! `worker memory list|add|delete`: the operators' path to conversation memory
+//! (docs/ARCHITECTURE.md, "Memory" — users never see it; no HTTP endpoint reads it). Org-tier
+//! entries are added this way. Here rather than in `api`, which never calls a model: `add`
+//! embeds the entry through the model proxy.
 
 use std::fmt::Write as _;
 

@@ -1,0 +1,120 @@
+//! How the processes run: worker and scheduler, the bus's queues, the ledger's leases, response
+//! events and logging.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    pub concurrency: usize,
+    pub shutdown_grace_secs: u64,
+    pub metrics_addr: String,
+    /// How long one blocking `XREADGROUP` waits for a job; also bounds how long a stopping
+    /// worker waits for a read already sent to Redis.
+    pub read_block_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSettings {
+    pub metrics_addr: String,
+    /// Time to live of the leader lease; the leader renews it every third of this.
+    pub lease_secs: u64,
+}
+
+/// PostgreSQL as the ledger of in-flight work (docs/ARCHITECTURE.md, "The ledger"): run leases
+/// and the scheduler's reconciler.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSettings {
+    /// A running response's lease; its run renews it every third of this. A run that stops
+    /// renewing (its worker died) is taken over after at most this long.
+    pub lease_secs: u64,
+    /// How often the reconciler (in the scheduler leader) looks for lost work.
+    pub reconcile_interval_ms: u64,
+    /// Work handed to a job this long ago whose job is not on the bus any more is re-enqueued
+    /// (the time an API process has between its commit and its enqueue).
+    pub grace_secs: u64,
+    /// Re-enqueues of one response (or action, or summary fold) before it fails for good.
+    pub max_recoveries: u32,
+    /// How long an `Idempotency-Key` of `POST .../messages` is kept (at least).
+    pub idempotency_retention_secs: u64,
+}
+
+/// Response events (SSE): the per-response replay stream behind `Last-Event-ID`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    /// How long a response's events stay replayable after its last event.
+    pub retention_secs: u64,
+    /// Cap of one response's replay stream (entries, approximate).
+    pub replay_max_len: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+/// The bus's per-queue knobs (`[queues.<name>]`): retries and crash recovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueuesSettings {
+    pub chat: QueueSettings,
+    pub memory: QueueSettings,
+    pub index: QueueSettings,
+    pub actions: QueueSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    /// Attempts in all (first delivery included) before a job goes to the dead letters.
+    pub max_attempts: u32,
+    /// Backoff before retry n (n >= 1): up to `min(cap, base * 2^(n-1))`.
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    pub jitter: Jitter,
+    /// A delivered job not acknowledged for this long is reclaimed by another consumer.
+    pub visibility_timeout_secs: u64,
+}
+
+/// How a backoff delay is randomised: `full` = uniform in `[0, delay]` (the default), `none` =
+/// exactly `delay` (deterministic; for tests and diagnosis).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Jitter {
+    Full,
+    None,
+}
+
+impl QueuesSettings {
+    /// The settings of a queue by its name (`chat`, `memory`, `index`, `actions`).
+    pub fn get(&self, name: &str) -> Option<&QueueSettings> {
+        match name {
+            "chat" => Some(&self.chat),
+            "memory" => Some(&self.memory),
+            "index" => Some(&self.index),
+            "actions" => Some(&self.actions),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn all(&self) -> [(&'static str, &QueueSettings); 4] {
+        [
+            ("chat", &self.chat),
+            ("memory", &self.memory),
+            ("index", &self.index),
+            ("actions", &self.actions),
+        ]
+    }
+}

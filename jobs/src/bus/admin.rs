@@ -1,0 +1,261 @@
+//! The operator views: queue counts, consumers, dead letters and their replay.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::streams::StreamRangeReply;
+use redis::{AsyncCommands, Value};
+
+use super::{Bus, field, kv};
+use crate::envelope::Envelope;
+use crate::error::BusError;
+use crate::queue::{GROUP, Queue};
+use crate::scripts;
+
+/// Counts for `worker queues`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Entries in the stream: waiting plus being handled (acknowledged ones are deleted).
+    pub length: u64,
+    /// Delivered and not yet acknowledged.
+    pub pending: u64,
+    /// Waiting in the delayed set for their due time.
+    pub delayed: u64,
+    pub dead: u64,
+    /// Consumers registered in the group.
+    pub consumers: u64,
+}
+
+/// One dead letter.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub queue: Queue,
+    /// The id of the dead-stream entry (what `worker dead replay` takes).
+    pub id: String,
+    pub envelope: Option<Envelope>,
+    pub body: String,
+    pub error: String,
+    pub reason: String,
+    pub failed_at: Option<DateTime<Utc>>,
+}
+
+impl Bus {
+    /// Length, pending, delayed and dead counts of a queue.
+    pub async fn stats(&self, q: Queue) -> Result<QueueStats, BusError> {
+        let keys = self.keys(q);
+        let mut conn = self.conn().await?;
+        let (length, delayed, dead): (u64, u64, u64) = redis::pipe()
+            .xlen(&keys.stream)
+            .zcard(&keys.delayed)
+            .xlen(&keys.dead)
+            .query_async(&mut conn)
+            .await?;
+        let groups: Result<Value, redis::RedisError> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&keys.stream)
+            .query_async(&mut conn)
+            .await;
+        let (mut pending, mut consumers) = (0, 0);
+        if let Ok(Value::Array(groups)) = groups {
+            for g in groups {
+                let info = kv(&g);
+                if info.get("name").map(String::as_str) == Some(GROUP) {
+                    pending = info
+                        .get("pending")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    consumers = info
+                        .get("consumers")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+        Ok(QueueStats {
+            length,
+            pending,
+            delayed,
+            dead,
+            consumers,
+        })
+    }
+
+    /// True when none of `queues` has work left: nothing in a stream (acknowledged entries are
+    /// deleted, so this covers pending ones too) and nothing delayed. Dead letters do not count.
+    pub async fn is_empty(&self, queues: &[Queue]) -> Result<bool, BusError> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for q in queues {
+            let keys = self.keys(*q);
+            pipe.xlen(&keys.stream).zcard(&keys.delayed);
+        }
+        let counts: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(counts.iter().all(|n| *n == 0))
+    }
+
+    /// The pending entries `consumer` holds in `q`.
+    pub async fn pending_of(&self, q: Queue, consumer: &str) -> Result<u64, BusError> {
+        let mut conn = self.conn().await?;
+        let reply: Result<Value, redis::RedisError> = redis::cmd("XPENDING")
+            .arg(&self.keys(q).stream)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(1000)
+            .arg(consumer)
+            .query_async(&mut conn)
+            .await;
+        match reply {
+            Ok(Value::Array(v)) => Ok(v.len() as u64),
+            Ok(_) => Ok(0),
+            Err(e) if e.code() == Some("NOGROUP") => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Remove `consumer` from the group when it holds nothing (a stopped worker tidies up;
+    /// `XGROUP DELCONSUMER` would drop pending entries, so it is never used on a busy one).
+    pub async fn remove_consumer_if_idle(
+        &self,
+        q: Queue,
+        consumer: &str,
+    ) -> Result<bool, BusError> {
+        if self.pending_of(q, consumer).await? > 0 {
+            return Ok(false);
+        }
+        let mut conn = self.conn().await?;
+        let _: i64 = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(&self.keys(q).stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .query_async(&mut conn)
+            .await?;
+        Ok(true)
+    }
+
+    /// Remove consumers (other than `me`) that hold nothing and were not seen for `idle_over`:
+    /// the names of workers that died, once their entries were reclaimed. Harmless for a live
+    /// one (a consumer is recreated by its next read). Returns how many were removed.
+    pub async fn prune_consumers(
+        &self,
+        q: Queue,
+        me: &str,
+        idle_over: Duration,
+    ) -> Result<u64, BusError> {
+        let stream = &self.keys(q).stream;
+        let mut conn = self.conn().await?;
+        let reply: Result<Value, redis::RedisError> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream)
+            .arg(GROUP)
+            .query_async(&mut conn)
+            .await;
+        let Ok(Value::Array(consumers)) = reply else {
+            return Ok(0);
+        };
+        let idle_ms = u64::try_from(idle_over.as_millis()).unwrap_or(u64::MAX);
+        let mut removed = 0;
+        for c in consumers {
+            let info = kv(&c);
+            let name = info.get("name").cloned().unwrap_or_default();
+            let pending: u64 = info
+                .get("pending")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            let idle: u64 = info.get("idle").and_then(|v| v.parse().ok()).unwrap_or(0);
+            if name.is_empty() || name == me || pending > 0 || idle < idle_ms {
+                continue;
+            }
+            let n: i64 = redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(stream)
+                .arg(GROUP)
+                .arg(&name)
+                .query_async(&mut conn)
+                .await?;
+            // DELCONSUMER answers the pending count it dropped: 0 by the check above
+            if n == 0 {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The oldest `limit` dead letters of a queue.
+    pub async fn dead_list(&self, q: Queue, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+        let mut conn = self.conn().await?;
+        let reply: StreamRangeReply = conn
+            .xrange_count(&self.keys(q).dead, "-", "+", limit)
+            .await?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|e| {
+                let body = field(&e.map, "j");
+                DeadLetter {
+                    queue: q,
+                    envelope: Envelope::from_json(&body).ok(),
+                    error: field(&e.map, "error"),
+                    reason: field(&e.map, "reason"),
+                    failed_at: field(&e.map, "failed_at")
+                        .parse::<i64>()
+                        .ok()
+                        .and_then(DateTime::from_timestamp_millis),
+                    id: e.id,
+                    body,
+                }
+            })
+            .collect())
+    }
+
+    /// Put one dead letter back on its stream: same job id (handlers stay idempotent), attempt 1,
+    /// due now. Returns false when no such dead letter exists (already replayed).
+    pub async fn replay(&self, q: Queue, dead_id: &str) -> Result<bool, BusError> {
+        let keys = self.keys(q);
+        let mut conn = self.conn().await?;
+        let reply: StreamRangeReply = conn.xrange(&keys.dead, dead_id, dead_id).await?;
+        let Some(entry) = reply.ids.into_iter().next() else {
+            return Ok(false);
+        };
+        let body = field(&entry.map, "j");
+        let (fresh, job_id) = match Envelope::from_json(&body) {
+            Ok(mut env) => {
+                env.attempt = 1;
+                env.not_before = None;
+                env.enqueued_at = Utc::now();
+                (env.to_json()?, env.id.to_string())
+            }
+            // a malformed entry goes back as it was (a newer build may know it)
+            Err(_) => (body, String::new()),
+        };
+        let n: i64 = scripts::REPLAY
+            .key(&keys.stream)
+            .key(&keys.dead)
+            .key(&keys.marks)
+            .arg(dead_id)
+            .arg(fresh)
+            .arg(job_id)
+            .arg(Utc::now().timestamp_millis())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Replay every dead letter of a queue. Returns how many went back.
+    pub async fn replay_all(&self, q: Queue) -> Result<u64, BusError> {
+        let mut total = 0;
+        loop {
+            let batch = self.dead_list(q, 500).await?;
+            if batch.is_empty() {
+                return Ok(total);
+            }
+            for d in batch {
+                if self.replay(q, &d.id).await? {
+                    total += 1;
+                }
+            }
+        }
+    }
+}

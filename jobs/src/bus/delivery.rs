@@ -1,0 +1,205 @@
+//! The consuming side's atomic steps: read, ack, retry, dead-letter, move due entries back,
+//! reclaim from lost consumers. The loop that drives them is in [`crate::worker`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::AsyncCommands;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use uuid::Uuid;
+
+use super::{Bus, DeadReason, Delivery, field};
+use crate::envelope::Envelope;
+use crate::error::BusError;
+use crate::metrics;
+use crate::queue::{GROUP, Queue};
+use crate::scripts;
+
+/// How many more of its own pending entries than the batch holds an ack's range scan reads
+/// before checking the rest one by one (`scripts::ACK`): a consumer's in-flight entries
+/// between a batch's lowest and highest id are at most its concurrency.
+const ACK_SCAN_SLACK: usize = 512;
+
+impl Bus {
+    /// Read new entries for `consumer` on a dedicated connection: `XREADGROUP COUNT n
+    /// [BLOCK ms]`. `block` = `None` returns at once.
+    pub async fn read(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        q: Queue,
+        consumer: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<Delivery>, BusError> {
+        let mut opts = StreamReadOptions::default()
+            .group(GROUP, consumer)
+            .count(count);
+        if let Some(b) = block {
+            opts = opts.block(usize::try_from(b.as_millis()).unwrap_or(usize::MAX));
+        }
+        let reply: Option<StreamReadReply> = conn
+            .xread_options(&[&self.keys(q).stream], &[">"], &opts)
+            .await?;
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                let body = field(&entry.map, "j");
+                out.push(Delivery {
+                    queue: q,
+                    entry_id: entry.id,
+                    body,
+                    deliveries: 1,
+                    consumer: Arc::from(consumer),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Acknowledge handled entries (`XACK` + `XDEL` and the job's marker, atomically) that
+    /// `consumer` still owns: `(entry id, job id)` pairs.
+    pub async fn ack(
+        &self,
+        q: Queue,
+        consumer: &str,
+        entries: &[(&str, Uuid)],
+    ) -> Result<u64, BusError> {
+        let keys = self.keys(q);
+        let mut conn = self.conn().await?;
+        let mut inv = scripts::ACK.key(&keys.stream);
+        // the scan cap: this batch plus what else the consumer may hold in its range
+        inv.key(&keys.marks)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(entries.len() + ACK_SCAN_SLACK);
+        for (entry, job) in entries {
+            inv.arg(*entry).arg(job.to_string());
+        }
+        Ok(inv.invoke_async(&mut conn).await?)
+    }
+
+    /// Schedule `next` (the following attempt) at `due` and acknowledge `entry_id`, atomically,
+    /// if `consumer` still owns the entry. Returns false when it no longer does.
+    pub async fn retry(
+        &self,
+        q: Queue,
+        consumer: &str,
+        entry_id: &str,
+        next: &Envelope,
+        due: DateTime<Utc>,
+    ) -> Result<bool, BusError> {
+        let keys = self.keys(q);
+        let mut conn = self.conn().await?;
+        let n: i64 = scripts::RETRY
+            .key(&keys.stream)
+            .key(&keys.delayed)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(entry_id)
+            .arg(due.timestamp_millis())
+            .arg(next.to_json()?)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Reset the idle time of an entry `consumer` is still handling, so that reclaimers leave
+    /// it alone (the heartbeat of long handlers). Returns false when `consumer` no longer owns it.
+    pub async fn touch(&self, q: Queue, consumer: &str, entry_id: &str) -> Result<bool, BusError> {
+        let keys = self.keys(q);
+        let mut conn = self.conn().await?;
+        let n: i64 = scripts::TOUCH
+            .key(&keys.stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(entry_id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Move a delivered entry to the dead letters with its last error and acknowledge it (and
+    /// clear the marker of its job, `job_id` when the envelope could be read), atomically, if
+    /// `consumer` still owns it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn dead_letter(
+        &self,
+        q: Queue,
+        consumer: &str,
+        entry_id: &str,
+        body: &str,
+        error: &str,
+        reason: DeadReason,
+        job_id: Option<Uuid>,
+    ) -> Result<bool, BusError> {
+        let keys = self.keys(q);
+        let mut conn = self.conn().await?;
+        let n: i64 = scripts::DEAD
+            .key(&keys.stream)
+            .key(&keys.dead)
+            .key(&keys.marks)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(entry_id)
+            .arg(body)
+            .arg(error)
+            .arg(reason.as_str())
+            .arg(Utc::now().timestamp_millis())
+            .arg(job_id.map(|j| j.to_string()).unwrap_or_default())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Move up to `limit` due delayed envelopes to the stream. Returns how many moved and when
+    /// the next one is due (ms since the epoch), if any.
+    pub async fn move_due(&self, q: Queue, limit: usize) -> Result<(u64, Option<i64>), BusError> {
+        let keys = self.keys(q);
+        let mut conn = self.conn().await?;
+        let (moved, next): (u64, i64) = scripts::MOVE_DUE
+            .key(&keys.stream)
+            .key(&keys.delayed)
+            .arg(Utc::now().timestamp_millis())
+            .arg(limit)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((moved, (next >= 0).then_some(next)))
+    }
+
+    /// Claim for `consumer` up to `count` entries idle longer than `min_idle` (`XAUTOCLAIM`
+    /// from `cursor`). Returns the next cursor and the claimed deliveries with their counts.
+    pub async fn reclaim(
+        &self,
+        q: Queue,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: &str,
+        count: usize,
+    ) -> Result<(String, Vec<Delivery>), BusError> {
+        let mut conn = self.conn().await?;
+        let (next, claimed): (String, Vec<(String, String, u32)>) = scripts::RECLAIM
+            .key(&self.keys(q).stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX))
+            .arg(cursor)
+            .arg(count)
+            .invoke_async(&mut conn)
+            .await?;
+        if !claimed.is_empty() {
+            metrics::reclaimed(q, claimed.len() as u64);
+        }
+        let out = claimed
+            .into_iter()
+            .map(|(entry_id, body, deliveries)| Delivery {
+                queue: q,
+                entry_id,
+                body,
+                deliveries,
+                consumer: Arc::from(consumer),
+            })
+            .collect();
+        Ok((next, out))
+    }
+}
