@@ -181,11 +181,11 @@ impl Reconciler {
                 continue;
             }
             let mut env = Envelope::new(Chat {
-                conversation_id: u.conversation_id,
-                message_id: u.user_message_id,
-                response_id: u.id,
-                user_id: u.user_id,
-                org_id: u.org_id,
+                conversation_id: u.conversation_id.into(),
+                message_id: u.user_message_id.into(),
+                response_id: u.id.into(),
+                user_id: u.user_id.into(),
+                org_id: u.org_id.into(),
             });
             env.id = new;
             self.bus.enqueue_once(&env).await?;
@@ -235,7 +235,9 @@ impl Reconciler {
             if !store::actions::recover(&self.db, a.id, a.job_id, new).await? {
                 continue;
             }
-            let mut env = Envelope::new(ExecuteAction { action_id: a.id });
+            let mut env = Envelope::new(ExecuteAction {
+                action_id: a.id.into(),
+            });
             env.id = new;
             self.bus.enqueue_once(&env).await?;
             tracing::info!(action_id = %a.id, job_id = %new, "re-enqueued a confirmed action whose job was lost");
@@ -279,11 +281,11 @@ impl Reconciler {
             && response.job_id.is_none()
         {
             let env = Envelope::new(Chat {
-                conversation_id: action.conversation_id,
-                message_id: response.user_message_id,
-                response_id,
-                user_id: action.user_id,
-                org_id: action.org_id,
+                conversation_id: action.conversation_id.into(),
+                message_id: response.user_message_id.into(),
+                response_id: response_id.into(),
+                user_id: action.user_id.into(),
+                org_id: action.org_id.into(),
             });
             store::responses::assign_job(&mut tx, response_id, env.id).await?;
             continuation = Some(env);
@@ -323,7 +325,7 @@ impl Reconciler {
                 continue;
             }
             let mut env = Envelope::new(Summarize {
-                conversation_id: f.conversation_id,
+                conversation_id: f.conversation_id.into(),
             });
             env.id = new;
             self.bus.enqueue_once(&env).await?;

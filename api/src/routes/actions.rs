@@ -157,8 +157,10 @@ impl ActionsApi {
             .extensions()
             .get::<crate::middleware::TraceContext>()
             .map(|t| t.traceparent.clone());
-        let envelope = jobs::Envelope::new(jobs::kinds::ExecuteAction { action_id: id.0 })
-            .with_trace(traceparent);
+        let envelope = jobs::Envelope::new(jobs::kinds::ExecuteAction {
+            action_id: id.0.into(),
+        })
+        .with_trace(traceparent);
         let mut tx = state.db.begin().await?;
         let (action, response) =
             match store::actions::confirm(&mut tx, caller.user_id, id.0, envelope.id).await? {

@@ -283,11 +283,11 @@ impl ChatApi {
             response_id,
         };
         let job = jobs::kinds::Chat {
-            conversation_id,
-            message_id,
-            response_id,
-            user_id: caller.user_id,
-            org_id: caller.org_id,
+            conversation_id: conversation_id.into(),
+            message_id: message_id.into(),
+            response_id: response_id.into(),
+            user_id: caller.user_id.into(),
+            org_id: caller.org_id.into(),
         };
         let traceparent = req
             .extensions()

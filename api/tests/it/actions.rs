@@ -104,7 +104,7 @@ async fn execution_jobs(app: &TestApp) -> Vec<Uuid> {
         .filter_map(|e| {
             let body: String = e.get("j")?;
             match Envelope::from_json(&body).ok()?.job {
-                Job::ExecuteAction(j) => Some(j.action_id),
+                Job::ExecuteAction(j) => Some(j.action_id.into_uuid()),
                 _ => None,
             }
         })
@@ -299,7 +299,7 @@ async fn json_mode_lists_the_proposals_of_the_turn() {
                 org_id: uuid(&member_org),
                 conversation_id: uuid(&conversation),
                 user_id: uuid(&member_user),
-                response_id: job.response_id,
+                response_id: job.response_id.into(),
                 tool_call_id: "c1",
                 tool: "create_task",
                 arguments: &args,

@@ -75,7 +75,7 @@ impl ActionsHandler {
     #[tracing::instrument(name = "execute_action", skip_all, fields(job_id = %ctx.id, action_id = %job.action_id))]
     pub async fn run(&self, ctx: JobContext, job: ExecuteAction) -> HandlerResult {
         let mut tx = self.db.begin().await.map_err(db_error)?;
-        let Some(action) = actions::lock(&mut tx, job.action_id)
+        let Some(action) = actions::lock(&mut tx, job.action_id.into())
             .await
             .map_err(db_error)?
         else {
@@ -197,11 +197,11 @@ async fn continuation_job(
         return Ok(None);
     }
     Ok(Some(jobs::Envelope::new(Chat {
-        conversation_id: action.conversation_id,
-        message_id: response.user_message_id,
-        response_id,
-        user_id: action.user_id,
-        org_id: action.org_id,
+        conversation_id: action.conversation_id.into(),
+        message_id: response.user_message_id.into(),
+        response_id: response_id.into(),
+        user_id: action.user_id.into(),
+        org_id: action.org_id.into(),
     })))
 }
 

@@ -96,11 +96,11 @@ impl Ctx {
         let (message, response) = testkit::turns::start(&mut tx, conversation, content).await;
         tx.commit().await.unwrap();
         Chat {
-            conversation_id: conversation,
-            message_id: message.id,
-            response_id: response.id,
-            user_id: user,
-            org_id: self.org,
+            conversation_id: conversation.into(),
+            message_id: message.id.into(),
+            response_id: response.id.into(),
+            user_id: user.into(),
+            org_id: self.org.into(),
         }
     }
 
@@ -121,7 +121,7 @@ impl Ctx {
         let mut tx = self.db.pool.begin().await.unwrap();
         let (m, _) = testkit::turns::answer(
             &mut tx,
-            job.response_id,
+            job.response_id.into(),
             &Answer {
                 content: a,
                 model: "earlier",
@@ -247,7 +247,7 @@ impl Ctx {
         let mut tx = self.db.pool.begin().await.unwrap();
         let (a1, _) = testkit::turns::answer(
             &mut tx,
-            job.response_id,
+            job.response_id.into(),
             &Answer {
                 content: "The plan is PLANX.",
                 model: "earlier",
@@ -326,7 +326,7 @@ async fn prompts_hold_the_summary_and_exactly_the_last_n_messages_and_turns_enqu
         .unwrap();
     bus_for(&c.settings)
         .enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -422,7 +422,7 @@ async fn concurrent_summarize_jobs_fold_each_message_once() {
     let bus = bus_for(&c.settings);
     for _ in 0..3 {
         bus.enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -474,7 +474,7 @@ async fn concurrent_summarize_jobs_fold_each_message_once() {
         .unwrap();
     for _ in 0..2 {
         bus.enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -655,10 +655,10 @@ async fn remember(c: &Ctx, user: Uuid, conversation: Uuid, answer: Uuid, reply: 
         .unwrap();
     bus_for(&c.settings)
         .enqueue(Remember {
-            conversation_id: conversation,
-            message_id: answer,
-            user_id: user,
-            org_id: c.org,
+            conversation_id: conversation.into(),
+            message_id: answer.into(),
+            user_id: user.into(),
+            org_id: c.org.into(),
         })
         .await
         .unwrap();
@@ -737,10 +737,10 @@ async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_de
     let before = c.calls().await.len();
     bus_for(&c.settings)
         .enqueue(Remember {
-            conversation_id: conversation,
-            message_id: a1,
-            user_id: u,
-            org_id: c.org,
+            conversation_id: conversation.into(),
+            message_id: a1.into(),
+            user_id: u.into(),
+            org_id: c.org.into(),
         })
         .await
         .unwrap();
@@ -780,7 +780,7 @@ async fn a_rate_limited_summarize_waits_and_then_folds() {
         .unwrap();
     bus_for(&c.settings)
         .enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -815,7 +815,7 @@ async fn a_long_backlog_is_folded_over_several_runs() {
         .unwrap();
     bus_for(&c.settings)
         .enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -855,7 +855,7 @@ async fn a_summarize_run_holds_no_connection_across_its_model_call() {
     let worker = Worker::new(bus_for(&c.settings), registry, opts);
     bus_for(&c.settings)
         .enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -889,7 +889,7 @@ async fn a_run_that_finds_the_summary_busy_is_taken_over_by_the_running_one() {
         .unwrap();
     let bus = bus_for(&c.settings);
     let job = Summarize {
-        conversation_id: conversation,
+        conversation_id: conversation.into(),
     };
     bus.enqueue(job.clone()).await.unwrap();
     let worker = c.worker(vec![Queue::Memory], 2);
@@ -1000,7 +1000,7 @@ async fn a_fold_whose_source_is_lost_during_the_model_call_is_withheld_afterward
         .unwrap();
     bus_for(&c.settings)
         .enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();

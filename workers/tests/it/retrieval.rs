@@ -92,11 +92,11 @@ impl Ctx {
         let (message, response) = testkit::turns::start(&mut tx, conversation, question).await;
         tx.commit().await.unwrap();
         let job = Chat {
-            conversation_id: conversation,
-            message_id: message.id,
-            response_id: response.id,
-            user_id: user,
-            org_id: org.0,
+            conversation_id: conversation.into(),
+            message_id: message.id.into(),
+            response_id: response.id.into(),
+            user_id: user.into(),
+            org_id: org.0.into(),
         };
         let before = FakeClient::shared().requests(org.1).await.unwrap().len();
         bus_for(&self.settings).enqueue(job.clone()).await.unwrap();
@@ -519,11 +519,11 @@ async fn a_turn_embeds_its_question_once_and_not_while_its_model_cools_down() {
     tx.commit().await.unwrap();
     bus_for(&ctx.settings)
         .enqueue(Chat {
-            conversation_id: conversation,
-            message_id: message.id,
-            response_id: response.id,
-            user_id: alice,
-            org_id: org,
+            conversation_id: conversation.into(),
+            message_id: message.id.into(),
+            response_id: response.id.into(),
+            user_id: alice.into(),
+            org_id: org.into(),
         })
         .await
         .unwrap();

@@ -130,11 +130,11 @@ async fn turn(db: &TestDb, w: &World, content: &str) -> Chat {
     let (message, response) = testkit::turns::start(&mut tx, w.conversation, content).await;
     tx.commit().await.unwrap();
     Chat {
-        conversation_id: w.conversation,
-        message_id: message.id,
-        response_id: response.id,
-        user_id: w.user,
-        org_id: w.org,
+        conversation_id: w.conversation.into(),
+        message_id: message.id.into(),
+        response_id: response.id.into(),
+        user_id: w.user.into(),
+        org_id: w.org.into(),
     }
 }
 
@@ -308,7 +308,7 @@ async fn read_tool_results_reach_the_next_model_call_with_only_visible_data() {
     assert_eq!(roles[..3], ["system", "user", "assistant"]);
     assert!(roles[3..].iter().all(|r| *r == "tool"));
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(answer(&evs), "You have one visible checklist.");
     assert!(
         !evs.iter()
@@ -399,7 +399,7 @@ async fn invalid_tool_arguments_go_back_to_the_model_and_are_never_executed() {
         .unwrap();
     assert_eq!(title, "Visible alpha checklist");
     assert_eq!(
-        answer(&events(&settings, job.response_id).await),
+        answer(&events(&settings, job.response_id.into()).await),
         "Sorry, I could not do that."
     );
 }
@@ -450,7 +450,7 @@ async fn a_write_proposal_creates_nothing_until_confirmed_then_runs_exactly_once
     let (job, action_id) = propose_create(&db, &settings, &w).await;
 
     // proposed: announced, asked for, nothing written
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     let proposed: Vec<&Value> = evs
         .iter()
         .filter_map(|e| match e {
@@ -496,7 +496,9 @@ async fn a_write_proposal_creates_nothing_until_confirmed_then_runs_exactly_once
     ));
     drop(tx);
     script(&w, vec![Behaviour::reply("Done: the task is created.")]).await;
-    let env = Envelope::new(ExecuteAction { action_id });
+    let env = Envelope::new(ExecuteAction {
+        action_id: action_id.into(),
+    });
     let bus = bus_for(&settings);
     bus.enqueue_envelope(&env).await.unwrap();
     bus.enqueue_envelope(&env).await.unwrap();
@@ -577,7 +579,11 @@ async fn concurrent_confirms_have_one_winner_and_execute_once() {
     script(&w, vec![Behaviour::reply("ok")]).await;
     let bus = bus_for(&settings);
     for _ in 0..3 {
-        bus.enqueue(ExecuteAction { action_id }).await.unwrap();
+        bus.enqueue(ExecuteAction {
+            action_id: action_id.into(),
+        })
+        .await
+        .unwrap();
     }
     drain(&db, &settings).await;
     assert_eq!(count(&db, "SELECT count(*) FROM tasks").await, 3);
@@ -642,7 +648,9 @@ async fn a_proposal_confirmed_after_the_user_lost_access_fails_and_writes_nothin
     drop(c);
     script(&w, vec![Behaviour::reply("That change could not be made.")]).await;
     bus_for(&settings)
-        .enqueue(ExecuteAction { action_id })
+        .enqueue(ExecuteAction {
+            action_id: action_id.into(),
+        })
         .await
         .unwrap();
     let report = drain(&db, &settings).await;
@@ -727,7 +735,11 @@ async fn reject_and_expiry_write_nothing() {
 
     // an execution job for either (say, a forged or stale one) writes nothing
     for action_id in [first, second] {
-        bus.enqueue(ExecuteAction { action_id }).await.unwrap();
+        bus.enqueue(ExecuteAction {
+            action_id: action_id.into(),
+        })
+        .await
+        .unwrap();
     }
     drain(&db, &settings).await;
     assert_eq!(count(&db, "SELECT count(*) FROM tasks").await, 2);
@@ -774,8 +786,8 @@ async fn a_restarted_turn_neither_repeats_a_round_nor_proposes_twice() {
         .await
         .unwrap();
     let _: i64 = redis::cmd("DEL")
-        .arg(keys.replay(job.response_id))
-        .arg(keys.fence(job.response_id))
+        .arg(keys.replay(job.response_id.into()))
+        .arg(keys.fence(job.response_id.into()))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -803,7 +815,7 @@ async fn a_restarted_turn_neither_repeats_a_round_nor_proposes_twice() {
         2
     );
     let mut c = db.pool.acquire().await.unwrap();
-    let m = conv::answer_of(&mut c, job.response_id)
+    let m = conv::answer_of(&mut c, job.response_id.into())
         .await
         .unwrap()
         .unwrap();
@@ -832,7 +844,7 @@ async fn tool_rounds_are_bounded_and_the_last_call_offers_no_tools() {
         "no tools after the last round"
     );
     assert_eq!(
-        answer(&events(&settings, job.response_id).await),
+        answer(&events(&settings, job.response_id.into()).await),
         workers::handlers::chat::rounds::ROUND_LIMIT_MESSAGE
     );
     assert_eq!(
@@ -956,7 +968,9 @@ async fn a_confirmed_update_changes_the_task_once_and_is_audited_with_before_and
 
     confirm(&db, &w, action_id).await;
     script(&w, vec![Behaviour::reply("It is yours now.")]).await;
-    let env = Envelope::new(ExecuteAction { action_id });
+    let env = Envelope::new(ExecuteAction {
+        action_id: action_id.into(),
+    });
     let bus = bus_for(&settings);
     bus.enqueue_envelope(&env).await.unwrap();
     drain(&db, &settings).await;
@@ -1049,7 +1063,7 @@ async fn a_round_is_stored_once_per_response_even_by_two_runs() {
     let results = vec![("c1".to_owned(), "{}".to_owned())];
     let round = actions::Round {
         conversation_id: w.conversation,
-        response_id: job.response_id,
+        response_id: job.response_id.into(),
         round: 1,
         content: "",
         model: "m",
@@ -1066,7 +1080,7 @@ async fn a_round_is_stored_once_per_response_even_by_two_runs() {
     );
     b.commit().await.unwrap();
     let mut c = db.pool.acquire().await.unwrap();
-    let (exchange, rounds) = actions::response_exchange(&mut c, job.response_id)
+    let (exchange, rounds) = actions::response_exchange(&mut c, job.response_id.into())
         .await
         .unwrap();
     assert_eq!((exchange.len(), rounds), (2, 1));
@@ -1090,7 +1104,7 @@ async fn the_scheduler_process_expires_pending_proposals() {
             org_id: w.org,
             conversation_id: w.conversation,
             user_id: w.user,
-            response_id: job.response_id,
+            response_id: job.response_id.into(),
             tool_call_id: "c1",
             tool: "create_task",
             arguments: &args,
@@ -1226,7 +1240,9 @@ async fn a_continuation_waiting_out_a_long_cooldown_runs_once() {
     let w = world(&db).await;
     let (_, action_id) = propose_create(&db, &settings, &w).await;
     let calls_before = requests(&w).await.len();
-    let exec = Envelope::new(ExecuteAction { action_id });
+    let exec = Envelope::new(ExecuteAction {
+        action_id: action_id.into(),
+    });
     let mut tx = db.pool.begin().await.unwrap();
     let Decision::Done((_, continuation)) = actions::confirm(&mut tx, w.user, action_id, exec.id)
         .await

@@ -87,7 +87,7 @@ impl ChatHandler {
             let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
             responses::fail_unfinished(
                 &mut conn,
-                job.response_id,
+                job.response_id.into(),
                 Some(job_id),
                 codes::INTERNAL_ERROR,
                 INTERNAL_MESSAGE,
@@ -117,10 +117,10 @@ impl ChatHandler {
                     &mut conn,
                     &responses::JobTurn {
                         job_id: ctx.id,
-                        user_id: job.user_id,
-                        org_id: job.org_id,
-                        conversation_id: job.conversation_id,
-                        response_id: job.response_id,
+                        user_id: job.user_id.into(),
+                        org_id: job.org_id.into(),
+                        conversation_id: job.conversation_id.into(),
+                        response_id: job.response_id.into(),
                     },
                     &self.inner.embedding.model,
                     lease,
@@ -129,8 +129,13 @@ impl ChatHandler {
             },
             async {
                 let mut conn = db.acquire().await?;
-                conv::recent_messages(&mut conn, job.conversation_id, job.message_id, recent_n)
-                    .await
+                conv::recent_messages(
+                    &mut conn,
+                    job.conversation_id.into(),
+                    job.message_id.into(),
+                    recent_n,
+                )
+                .await
             }
         );
         let Some(start) = start.map_err(db_error)? else {
@@ -138,7 +143,7 @@ impl ChatHandler {
                 "the response does not exist (or is not this user's)",
             ));
         };
-        if start.response.user_message_id != job.message_id {
+        if start.response.user_message_id != job.message_id.into_uuid() {
             return Err(JobError::permanent(
                 "the job names another message than the one its response answers",
             ));
@@ -163,12 +168,12 @@ impl ChatHandler {
             }
         };
         tracing::Span::current().record("run", run);
-        let fence = Fence::new(job.response_id, run);
+        let fence = Fence::new(job.response_id.into(), run);
         // From here on only this run may publish this response's events.
         let fenced = self
             .inner
             .events
-            .fence(job.response_id, run)
+            .fence(job.response_id.into(), run)
             .await
             .map_err(redis_error);
         let result = match fenced {
@@ -273,7 +278,7 @@ impl ChatHandler {
     ) -> HandlerResult {
         let response = start.response.clone();
         let recent = recent.map_err(db_error)?;
-        if recent.last().map(|m| m.id) != Some(job.message_id) {
+        if recent.last().map(|m| m.id) != Some(job.message_id.into()) {
             return Err(JobError::permanent(
                 "the user message of this turn is not in its conversation",
             ));
@@ -341,9 +346,9 @@ impl ChatHandler {
             .build();
         let mut tools = ToolTurn {
             ctx: ToolCtx {
-                user_id: job.user_id,
-                org_id: job.org_id,
-                conversation_id: job.conversation_id,
+                user_id: job.user_id.into(),
+                org_id: job.org_id.into(),
+                conversation_id: job.conversation_id.into(),
             },
             response_id: response.id,
             messages,
@@ -626,11 +631,15 @@ impl ChatHandler {
     /// The response of `job` as stored now, with its terminal event published if it finished.
     async fn finished(&self, job: &Chat) -> HandlerResult {
         let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-        let response =
-            conv::get_response_own(&mut conn, job.user_id, job.conversation_id, job.response_id)
-                .await
-                .map_err(db_error)?
-                .ok_or_else(|| JobError::permanent("the response disappeared"))?;
+        let response = conv::get_response_own(
+            &mut conn,
+            job.user_id.into(),
+            job.conversation_id.into(),
+            job.response_id.into(),
+        )
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| JobError::permanent("the response disappeared"))?;
         drop(conn);
         self.publish_terminal(&response).await
     }

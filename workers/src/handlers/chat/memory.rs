@@ -60,9 +60,10 @@ impl ChatHandler {
     ) -> Result<MemoryContext, JobError> {
         let inner = &self.inner;
         let mut conn = inner.db.acquire().await.map_err(db_error)?;
-        let start = store::memory::prompt_start(&mut conn, job.user_id, job.conversation_id)
-            .await
-            .map_err(db_error)?;
+        let start =
+            store::memory::prompt_start(&mut conn, job.user_id.into(), job.conversation_id.into())
+                .await
+                .map_err(db_error)?;
         if start.summary_hidden {
             // It drew on a source the user can no longer see (or outside the conversation's
             // narrowing): withheld, and rebuilt without it.
@@ -83,8 +84,8 @@ impl ChatHandler {
         let mut conn = inner.db.acquire().await.map_err(db_error)?;
         let entries = store::memory::for_prompt(
             &mut conn,
-            job.user_id,
-            job.conversation_id,
+            job.user_id.into(),
+            job.conversation_id.into(),
             query.map(|v| (model, v.as_slice())),
             CANDIDATES,
         )
@@ -108,7 +109,13 @@ impl ChatHandler {
     /// that rebuilds it without that source. Best effort (logged): until it is rebuilt the
     /// prompt simply has no summary.
     async fn rebuild_summary(&self, conn: &mut sqlx::PgConnection, job: &Chat) {
-        match store::memory::reset_hidden_summary(conn, job.user_id, job.conversation_id).await {
+        match store::memory::reset_hidden_summary(
+            conn,
+            job.user_id.into(),
+            job.conversation_id.into(),
+        )
+        .await
+        {
             Ok(true) => {
                 metrics::counter!(crate::handlers::memory::SUMMARIES, "outcome" => "reset")
                     .increment(1);
@@ -140,10 +147,10 @@ impl ChatHandler {
         let inner = &self.inner;
         if inner.memory.remember {
             let job = Remember {
-                conversation_id,
-                message_id: answer_id,
-                user_id,
-                org_id,
+                conversation_id: conversation_id.into(),
+                message_id: answer_id.into(),
+                user_id: user_id.into(),
+                org_id: org_id.into(),
             };
             if let Err(e) = inner.bus.enqueue(job).await {
                 metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "remember").increment(1);
@@ -161,7 +168,13 @@ impl ChatHandler {
         };
         match pending.await {
             Ok(n) if n >= i64::try_from(inner.memory.summarize_threshold).unwrap_or(i64::MAX) => {
-                if let Err(e) = inner.bus.enqueue(Summarize { conversation_id }).await {
+                if let Err(e) = inner
+                    .bus
+                    .enqueue(Summarize {
+                        conversation_id: conversation_id.into(),
+                    })
+                    .await
+                {
                     metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "summarize").increment(1);
                     tracing::warn!(error = %e, "cannot enqueue summarize");
                 } else {

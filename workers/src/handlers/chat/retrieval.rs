@@ -189,9 +189,9 @@ impl ChatHandler {
         let chunks = retrieval::search(
             &mut conn,
             &Query {
-                org_id: job.org_id,
-                user_id: job.user_id,
-                conversation_id: job.conversation_id,
+                org_id: job.org_id.into(),
+                user_id: job.user_id.into(),
+                conversation_id: job.conversation_id.into(),
                 embedding,
                 text,
                 model,

@@ -196,31 +196,37 @@ impl MemoryHandlers {
     pub async fn remember(&self, ctx: JobContext, job: Remember) -> HandlerResult {
         let inner = &self.inner;
         let mut conn = inner.db.acquire().await.map_err(db_error)?;
-        let Some(conversation) = store::conversations::get(&mut conn, job.conversation_id)
+        let Some(conversation) = store::conversations::get(&mut conn, job.conversation_id.into())
             .await
             .map_err(db_error)?
         else {
             tracing::info!("the conversation is gone; nothing to remember");
             return Ok(());
         };
-        if conversation.user_id != job.user_id || conversation.org_id != job.org_id {
+        if conversation.user_id != job.user_id.into_uuid()
+            || conversation.org_id != job.org_id.into_uuid()
+        {
             return Err(JobError::permanent(
                 "the job names another user or org than the conversation's",
             ));
         }
-        if memory::extracted(&mut conn, job.message_id)
+        if memory::extracted(&mut conn, job.message_id.into())
             .await
             .map_err(db_error)?
         {
             metrics::counter!(EXTRACTIONS, "outcome" => "already_done").increment(1);
             return Ok(());
         }
-        let exchange =
-            store::conversations::recent_messages(&mut conn, conversation.id, job.message_id, 2)
-                .await
-                .map_err(db_error)?;
+        let exchange = store::conversations::recent_messages(
+            &mut conn,
+            conversation.id,
+            job.message_id.into(),
+            2,
+        )
+        .await
+        .map_err(db_error)?;
         match exchange.last() {
-            Some(m) if m.id == job.message_id && m.role == "assistant" => {}
+            Some(m) if m.id == job.message_id.into_uuid() && m.role == "assistant" => {}
             _ => {
                 return Err(JobError::permanent(
                     "the message to learn from is not an answer of this conversation",
@@ -232,7 +238,7 @@ impl MemoryHandlers {
                 .await
                 .map_err(db_error)?;
         // What the answer drew on (unknown: treated as narrow).
-        let provenance = store::provenance::of_message(&mut conn, job.message_id)
+        let provenance = store::provenance::of_message(&mut conn, job.message_id.into())
             .await
             .map_err(db_error)?
             .unwrap_or(Provenance {
@@ -262,7 +268,7 @@ impl MemoryHandlers {
 
         let mut tx = inner.db.begin().await.map_err(db_error)?;
         let count = i32::try_from(facts.len()).unwrap_or(i32::MAX);
-        if !memory::record_extraction(&mut tx, job.message_id, count)
+        if !memory::record_extraction(&mut tx, job.message_id.into(), count)
             .await
             .map_err(db_error)?
         {
