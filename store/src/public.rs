@@ -10,6 +10,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::conversations::Message;
+use crate::types::{MessageId, ResponseId};
 
 /// Token counts of an assistant message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +35,7 @@ pub struct PublicCitation {
 /// internal).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PublicMessage {
-    pub id: Uuid,
+    pub id: MessageId,
     pub role: String,
     pub content: String,
     /// The model that wrote it (assistant messages).
@@ -44,7 +45,7 @@ pub struct PublicMessage {
     #[serde(serialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
     /// The response it answers (assistant messages).
-    pub response_id: Option<Uuid>,
+    pub response_id: Option<ResponseId>,
     pub usage: Option<PublicUsage>,
     /// The sources of the workspace data the answer was given (assistant messages; else empty).
     pub citations: Vec<PublicCitation>,
@@ -66,12 +67,12 @@ impl From<Message> for PublicMessage {
                 },
             });
         Self {
-            id: m.id,
+            id: m.id.into(),
             role: m.role,
             content: m.content,
             model: m.model,
             created_at: m.created_at,
-            response_id: m.response_id,
+            response_id: m.response_id.map(ResponseId::from),
             usage,
             citations: serde_json::from_value(m.citations).unwrap_or_default(),
         }
@@ -103,12 +104,12 @@ mod tests {
 
     fn message(prompt: Option<i32>, completion: Option<i32>) -> Message {
         Message {
-            id: Uuid::now_v7(),
-            conversation_id: Uuid::now_v7(),
+            id: MessageId::new_v7().into(),
+            conversation_id: crate::ConversationId::new_v7().into(),
             seq: 2,
             role: "assistant".into(),
             content: "hi".into(),
-            response_id: Some(Uuid::now_v7()),
+            response_id: Some(ResponseId::new_v7().into()),
             model: Some("m".into()),
             prompt_tokens: prompt,
             completion_tokens: completion,

@@ -514,7 +514,8 @@ impl ChatApi {
                 let Some(m) = store::conversations::answer_of(&mut conn, response_id).await? else {
                     return Ok(None);
                 };
-                let actions = store::actions::list_for_response(&mut conn, response_id).await?;
+                let actions =
+                    store::actions::list_for_response(&mut conn, response_id.into()).await?;
                 Ok(Some(TurnResponse::Ok(TurnContent::Answer(Json(
                     TurnAnswer {
                         message: m.into(),

@@ -70,10 +70,10 @@ async fn proposal(app: &TestApp, s: &Setup, response: Option<Uuid>, title: &str)
     let (action, inserted) = store::actions::insert_proposal(
         &mut tx,
         &store::actions::NewProposal {
-            org_id: uuid(&s.member.org_id),
-            conversation_id: uuid(&s.conversation),
-            user_id: uuid(&s.member.user_id),
-            response_id,
+            org_id: uuid(&s.member.org_id).into(),
+            conversation_id: uuid(&s.conversation).into(),
+            user_id: uuid(&s.member.user_id).into(),
+            response_id: response_id.into(),
             tool_call_id: &format!("call-{title}"),
             tool: "create_task",
             arguments: &args,
@@ -296,10 +296,10 @@ async fn json_mode_lists_the_proposals_of_the_turn() {
         store::actions::insert_proposal(
             &mut tx,
             &store::actions::NewProposal {
-                org_id: uuid(&member_org),
-                conversation_id: uuid(&conversation),
-                user_id: uuid(&member_user),
-                response_id: job.response_id.into(),
+                org_id: uuid(&member_org).into(),
+                conversation_id: uuid(&conversation).into(),
+                user_id: uuid(&member_user).into(),
+                response_id: job.response_id,
                 tool_call_id: "c1",
                 tool: "create_task",
                 arguments: &args,

@@ -122,7 +122,7 @@ impl FakeWorker {
         let mut conn = self.pool.acquire().await.unwrap();
         store::responses::fail_unfinished(
             &mut conn,
-            job.response_id.into(),
+            job.response_id,
             None,
             code,
             "both models failed",

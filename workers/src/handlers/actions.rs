@@ -75,7 +75,7 @@ impl ActionsHandler {
     #[tracing::instrument(name = "execute_action", skip_all, fields(job_id = %ctx.id, action_id = %job.action_id))]
     pub async fn run(&self, ctx: JobContext, job: ExecuteAction) -> HandlerResult {
         let mut tx = self.db.begin().await.map_err(db_error)?;
-        let Some(action) = actions::lock(&mut tx, job.action_id.into())
+        let Some(action) = actions::lock(&mut tx, job.action_id)
             .await
             .map_err(db_error)?
         else {
@@ -112,7 +112,7 @@ impl ActionsHandler {
                     &mut tx,
                     &Audit {
                         action: &action,
-                        task_id: *task_id,
+                        task_id: (*task_id).into(),
                         before: before.as_ref(),
                         after,
                     },
@@ -142,9 +142,9 @@ impl ActionsHandler {
         .map_err(db_error)?;
         let continuation = match action.continuation_response_id {
             Some(response_id) => {
-                let job = continuation_job(&mut tx, &action, response_id).await?;
+                let job = continuation_job(&mut tx, &action, response_id.into()).await?;
                 if let Some(env) = &job {
-                    store::responses::assign_job(&mut tx, response_id, env.id)
+                    store::responses::assign_job(&mut tx, response_id, env.id.into())
                         .await
                         .map_err(db_error)?;
                 }
@@ -184,8 +184,8 @@ async fn continuation_job(
 ) -> Result<Option<jobs::Envelope>, JobError> {
     let Some(response) = store::conversations::get_response_own(
         conn,
-        action.user_id,
-        action.conversation_id,
+        action.user_id.into(),
+        action.conversation_id.into(),
         response_id,
     )
     .await
@@ -197,11 +197,11 @@ async fn continuation_job(
         return Ok(None);
     }
     Ok(Some(jobs::Envelope::new(Chat {
-        conversation_id: action.conversation_id.into(),
+        conversation_id: action.conversation_id,
         message_id: response.user_message_id.into(),
         response_id: response_id.into(),
-        user_id: action.user_id.into(),
-        org_id: action.org_id.into(),
+        user_id: action.user_id,
+        org_id: action.org_id,
     })))
 }
 
@@ -215,13 +215,13 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
                 return Ok(Outcome::Refused("the proposal names no project".into()));
             };
             let Some((project, org)) =
-                store::assistant::project(&mut *conn, user, conv, project_id).await?
+                store::assistant::project(&mut *conn, user, conv, project_id.into()).await?
             else {
                 return Ok(Outcome::Refused(NO_ACCESS.into()));
             };
             let assignee = uuid_arg(args, "assignee_id");
             if let Some(a) = assignee
-                && store::assistant::assignable(&mut *conn, org, project.id, a)
+                && store::assistant::assignable(&mut *conn, org, project.id, a.into())
                     .await?
                     .is_none()
             {
@@ -243,13 +243,13 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
                     title,
                     description,
                     status: status_arg(args).unwrap_or(TaskStatus::Todo),
-                    assignee_id: assignee,
+                    assignee_id: assignee.map(Into::into),
                 },
             )
             .await?;
             let t = task_json(&task);
             Ok(Outcome::Executed {
-                task_id: task.id,
+                task_id: task.id.into(),
                 before: None,
                 after: t.clone(),
                 task: t,
@@ -261,11 +261,12 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
             };
             // lock the task first (its `before` is what this transaction overwrites), then the
             // conversation's narrowing
-            let Some(current) = store::tasks::get_visible(&mut *conn, user, task_id, true).await?
+            let Some(current) =
+                store::tasks::get_visible(&mut *conn, user, task_id.into(), true).await?
             else {
                 return Ok(Outcome::Refused(NO_ACCESS.into()));
             };
-            if store::assistant::task(&mut *conn, user, conv, task_id)
+            if store::assistant::task(&mut *conn, user, conv, task_id.into())
                 .await?
                 .is_none()
             {
@@ -276,7 +277,7 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
                 .map(|_| uuid_arg(args, "assignee_id"));
             if let Some(Some(a)) = assignee {
                 let org = action.org_id;
-                if store::assistant::assignable(&mut *conn, org, current.project_id, a)
+                if store::assistant::assignable(&mut *conn, org, current.project_id, a.into())
                     .await?
                     .is_none()
                 {
@@ -292,17 +293,17 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
                     .and_then(Value::as_str)
                     .map(str::to_owned),
                 status: status_arg(args),
-                assignee_id: assignee,
+                assignee_id: assignee.map(|a| a.map(Into::into)),
             };
             let before = task_json(&current);
             let Some(task) =
-                store::tasks::update_visible(&mut *conn, user, task_id, &patch).await?
+                store::tasks::update_visible(&mut *conn, user, task_id.into(), &patch).await?
             else {
                 return Ok(Outcome::Refused(NO_ACCESS.into()));
             };
             let t = task_json(&task);
             Ok(Outcome::Executed {
-                task_id: task.id,
+                task_id: task.id.into(),
                 before: Some(before),
                 after: t.clone(),
                 task: t,

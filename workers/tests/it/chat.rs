@@ -42,13 +42,13 @@ async fn setup(db: &TestDb) -> Setup {
     store::tenancy::insert_membership(&mut c, org, user, Role::Member)
         .await
         .unwrap();
-    let conversation = conv::create(&mut c, org, user, "plans", None)
+    let conversation = conv::create(&mut c, org.into(), user.into(), "plans", None)
         .await
         .unwrap()
         .id;
     Setup {
-        org,
-        user,
+        org: org.into(),
+        user: user.into(),
         conversation,
     }
 }
@@ -707,7 +707,7 @@ async fn a_redelivered_job_neither_calls_the_model_again_nor_stores_twice() {
 /// The org's usage rows from yesterday on (a test may straddle midnight UTC).
 async fn usage_rows(db: &TestDb, org: Uuid) -> Vec<store::usage::Row> {
     let since = chrono::Utc::now().date_naive() - chrono::Days::new(1);
-    store::usage::report(&db.pool, Some(org), since)
+    store::usage::report(&db.pool, Some(org.into()), since)
         .await
         .unwrap()
 }
@@ -747,7 +747,7 @@ async fn a_completed_turn_records_its_usage_once_even_when_redelivered() {
     assert_eq!(completion, 2);
     let once = usage_rows(&db, s.org).await;
     assert_eq!(once.len(), 1, "{once:?}");
-    assert_eq!(once[0].org_id, s.org);
+    assert_eq!(once[0].org_id, s.org.into());
     assert_eq!(
         once[0].model,
         via_litellm(&primary),

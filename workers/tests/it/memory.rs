@@ -52,14 +52,19 @@ async fn ctx(extra: &[(&str, &str)]) -> Ctx {
     let org = store::tenancy::insert_org(&mut c, "acme").await.unwrap().id;
     drop(c);
     let model = unique_model("mem");
-    conv::set_org_models(&db.pool, org, &via_litellm(&model), &via_litellm(&model))
-        .await
-        .unwrap();
+    conv::set_org_models(
+        &db.pool,
+        org.into(),
+        &via_litellm(&model),
+        &via_litellm(&model),
+    )
+    .await
+    .unwrap();
     Ctx {
         db,
         _redis: redis,
         settings,
-        org,
+        org: org.into(),
         model,
     }
 }
@@ -76,10 +81,10 @@ impl Ctx {
         .await
         .unwrap()
         .id;
-        store::tenancy::insert_membership(&mut c, self.org, user, role)
+        store::tenancy::insert_membership(&mut c, self.org.into(), user, role)
             .await
             .unwrap();
-        user
+        user.into()
     }
 
     async fn conversation(&self, user: Uuid) -> Uuid {
@@ -226,8 +231,8 @@ impl Ctx {
         let p = store::projects::insert_project(
             &mut conn,
             &store::projects::NewProject {
-                org_id: self.org,
-                created_by: owner,
+                org_id: self.org.into(),
+                created_by: owner.into(),
                 name: "Apollo",
                 description: "",
                 visibility: store::Visibility::Private,
@@ -237,7 +242,7 @@ impl Ctx {
         .await
         .unwrap()
         .id;
-        store::projects::add_member(&mut conn, self.org, p, u)
+        store::projects::add_member(&mut conn, self.org.into(), p, u.into())
             .await
             .unwrap();
         drop(conn);
@@ -268,7 +273,7 @@ impl Ctx {
         tx.commit().await.unwrap();
         self.past_turn(u, conversation, "q2", "a2").await;
         self.past_turn(u, conversation, "q3", "a3").await;
-        (p, conversation, a1.seq)
+        (p.into(), conversation, a1.seq)
     }
 
     async fn seq_of(&self, content: &str) -> i64 {
@@ -518,7 +523,7 @@ async fn a_users_memories_never_reach_another_users_prompt() {
         .unwrap()
         .id;
     drop(conn);
-    c.add(Owner::org(other), &format!("OTHER-ORG-{marker}"))
+    c.add(Owner::org(other.into()), &format!("OTHER-ORG-{marker}"))
         .await;
 
     let cv = c.conversation(v).await;
@@ -545,8 +550,8 @@ async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_projec
     let project = store::projects::insert_project(
         &mut conn,
         &store::projects::NewProject {
-            org_id: c.org,
-            created_by: owner,
+            org_id: c.org.into(),
+            created_by: owner.into(),
             name: "Apollo",
             description: "",
             visibility: store::Visibility::Private,
@@ -556,13 +561,16 @@ async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_projec
     .await
     .unwrap()
     .id;
-    store::projects::add_member(&mut conn, c.org, project, u)
+    store::projects::add_member(&mut conn, c.org.into(), project, u.into())
         .await
         .unwrap();
     drop(conn);
     let marker = Uuid::new_v4().simple().to_string();
-    c.add(Owner::project(c.org, project), &format!("APOLLO-{marker}"))
-        .await;
+    c.add(
+        Owner::project(c.org, project.into()),
+        &format!("APOLLO-{marker}"),
+    )
+    .await;
     let conversation = c.conversation(u).await;
 
     let job = c.turn(u, conversation, "status?").await;
@@ -574,8 +582,8 @@ async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_projec
     let other = store::projects::insert_project(
         &mut conn,
         &store::projects::NewProject {
-            org_id: c.org,
-            created_by: owner,
+            org_id: c.org.into(),
+            created_by: owner.into(),
             name: "Gemini",
             description: "",
             visibility: store::Visibility::Org,
@@ -585,7 +593,7 @@ async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_projec
     .await
     .unwrap()
     .id;
-    let narrowed = conv::create(&mut conn, c.org, u, "gemini only", Some(&[other]))
+    let narrowed = conv::create(&mut conn, c.org, u, "gemini only", Some(&[other.into()]))
         .await
         .unwrap()
         .id;
@@ -596,7 +604,7 @@ async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_projec
 
     let mut conn = c.db.pool.acquire().await.unwrap();
     assert!(
-        store::projects::remove_member(&mut conn, project, u)
+        store::projects::remove_member(&mut conn, project, u.into())
             .await
             .unwrap()
     );
@@ -672,8 +680,8 @@ async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_de
     let (owner, u) = (c.user(Role::Owner).await, c.user(Role::Member).await);
     let mut conn = c.db.pool.acquire().await.unwrap();
     let project = |name: &'static str| store::projects::NewProject {
-        org_id: c.org,
-        created_by: owner,
+        org_id: c.org.into(),
+        created_by: owner.into(),
         name,
         description: "",
         visibility: store::Visibility::Private,
@@ -687,7 +695,7 @@ async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_de
         .await
         .unwrap()
         .id;
-    store::projects::add_member(&mut conn, c.org, visible, u)
+    store::projects::add_member(&mut conn, c.org.into(), visible, u.into())
         .await
         .unwrap();
     drop(conn);
@@ -726,7 +734,7 @@ async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_de
         [
             (
                 "project".into(),
-                Some(visible),
+                Some(visible.into()),
                 None,
                 "Seen ships weekly".into()
             ),
@@ -940,7 +948,7 @@ async fn a_summary_that_drew_on_a_lost_project_is_withheld_and_rebuilt_without_i
 
     // removed from the project: withheld, reset, and rebuilt without the answer that drew on it
     let mut conn = c.db.pool.acquire().await.unwrap();
-    store::projects::remove_member(&mut conn, p, u)
+    store::projects::remove_member(&mut conn, p.into(), u.into())
         .await
         .unwrap();
     drop(conn);
@@ -1010,7 +1018,7 @@ async fn a_fold_whose_source_is_lost_during_the_model_call_is_withheld_afterward
     assert!(c.calls().await[0].body.to_string().contains("PLANX"));
     // meanwhile the user leaves the project
     let mut conn = c.db.pool.acquire().await.unwrap();
-    store::projects::remove_member(&mut conn, p, u)
+    store::projects::remove_member(&mut conn, p.into(), u.into())
         .await
         .unwrap();
     drop(conn);
@@ -1041,8 +1049,8 @@ async fn a_member_filling_a_full_project_evicts_their_own_facts() {
     let p = store::projects::insert_project(
         &mut conn,
         &store::projects::NewProject {
-            org_id: c.org,
-            created_by: owner,
+            org_id: c.org.into(),
+            created_by: owner.into(),
             name: "Apollo",
             description: "",
             visibility: store::Visibility::Org,

@@ -44,10 +44,10 @@ async fn user(c: &mut sqlx::PgConnection, org: Uuid, name: &str, role: Role) -> 
     .await
     .unwrap()
     .id;
-    store::tenancy::insert_membership(c, org, id, role)
+    store::tenancy::insert_membership(c, org.into(), id, role)
         .await
         .unwrap();
-    id
+    id.into()
 }
 
 async fn project(
@@ -60,8 +60,8 @@ async fn project(
     store::projects::insert_project(
         c,
         &store::projects::NewProject {
-            org_id: org,
-            created_by: by,
+            org_id: org.into(),
+            created_by: by.into(),
             name,
             description: "",
             visibility,
@@ -71,15 +71,16 @@ async fn project(
     .await
     .unwrap()
     .id
+    .into()
 }
 
 async fn task(c: &mut sqlx::PgConnection, org: Uuid, project: Uuid, by: Uuid, title: &str) -> Uuid {
     store::tasks::insert_task(
         c,
         &store::tasks::NewTask {
-            org_id: org,
-            project_id: project,
-            created_by: by,
+            org_id: org.into(),
+            project_id: project.into(),
+            created_by: by.into(),
             title,
             description: "",
             status: TaskStatus::Todo,
@@ -89,27 +90,40 @@ async fn task(c: &mut sqlx::PgConnection, org: Uuid, project: Uuid, by: Uuid, ti
     .await
     .unwrap()
     .id
+    .into()
 }
 
 async fn world(db: &TestDb) -> World {
     let mut c = db.pool.acquire().await.unwrap();
     let org = store::tenancy::insert_org(&mut c, "acme").await.unwrap().id;
-    let user = user(&mut c, org, "Uma", Role::Member).await;
-    let admin = user_admin(&mut c, org).await;
-    let open = project(&mut c, org, admin, "Apollo launch", Visibility::Org).await;
-    let hidden = project(&mut c, org, admin, "Zeus secret", Visibility::Private).await;
-    let open_task = task(&mut c, org, open, admin, "Visible alpha checklist").await;
-    let hidden_task = task(&mut c, org, hidden, admin, "Hidden beta checklist").await;
-    let conversation = conv::create(&mut c, org, user, "work", None)
+    let user = user(&mut c, org.into(), "Uma", Role::Member).await;
+    let admin = user_admin(&mut c, org.into()).await;
+    let open = project(&mut c, org.into(), admin, "Apollo launch", Visibility::Org).await;
+    let hidden = project(
+        &mut c,
+        org.into(),
+        admin,
+        "Zeus secret",
+        Visibility::Private,
+    )
+    .await;
+    let open_task = task(&mut c, org.into(), open, admin, "Visible alpha checklist").await;
+    let hidden_task = task(&mut c, org.into(), hidden, admin, "Hidden beta checklist").await;
+    let conversation = conv::create(&mut c, org.into(), user, "work", None)
         .await
         .unwrap()
         .id;
     let model = unique_model("tools");
-    conv::set_org_models(&db.pool, org, &via_litellm(&model), &via_litellm(&model))
-        .await
-        .unwrap();
+    conv::set_org_models(
+        &db.pool,
+        org.into(),
+        &via_litellm(&model),
+        &via_litellm(&model),
+    )
+    .await
+    .unwrap();
     World {
-        org,
+        org: org.into(),
         user,
         admin,
         conversation,
@@ -431,9 +445,10 @@ async fn propose_create(db: &TestDb, settings: &config::Settings, w: &World) -> 
 
 async fn confirm(db: &TestDb, w: &World, action: Uuid) -> (actions::Action, conv::Response) {
     let mut tx = db.pool.begin().await.unwrap();
-    let Decision::Done(done) = actions::confirm(&mut tx, w.user, action, Uuid::now_v7())
-        .await
-        .unwrap()
+    let Decision::Done(done) =
+        actions::confirm(&mut tx, w.user.into(), action.into(), Uuid::now_v7().into())
+            .await
+            .unwrap()
     else {
         panic!("not confirmed");
     };
@@ -491,7 +506,7 @@ async fn a_write_proposal_creates_nothing_until_confirmed_then_runs_exactly_once
     assert_eq!(action.status, "confirmed");
     let mut tx = db.pool.begin().await.unwrap();
     assert!(matches!(
-        actions::confirm(&mut tx, w.user, action_id, Uuid::now_v7()).await.unwrap(),
+        actions::confirm(&mut tx, w.user.into(), action_id.into(), Uuid::now_v7().into()).await.unwrap(),
         Decision::NotPending(s) if s == "confirmed"
     ));
     drop(tx);
@@ -536,7 +551,7 @@ async fn a_write_proposal_creates_nothing_until_confirmed_then_runs_exactly_once
     let reqs = requests(&w).await;
     assert_eq!(reqs.len(), 2, "one continuation call");
     let results = tool_results(&reqs[1]);
-    let decided = &results[&actions::decision_call_id(action_id)];
+    let decided = &results[&actions::decision_call_id(action_id.into())];
     assert_eq!(decided["status"], "executed");
     assert_eq!(decided["task"]["title"], "Write the launch docs");
     assert_eq!(results["w1"]["status"], "pending_confirmation");
@@ -558,9 +573,14 @@ async fn concurrent_confirms_have_one_winner_and_execute_once() {
         let user = w.user;
         async move {
             let mut tx = pool.begin().await.unwrap();
-            let d = actions::confirm(&mut tx, user, action_id, Uuid::now_v7())
-                .await
-                .unwrap();
+            let d = actions::confirm(
+                &mut tx,
+                user.into(),
+                action_id.into(),
+                Uuid::now_v7().into(),
+            )
+            .await
+            .unwrap();
             tx.commit().await.unwrap();
             matches!(d, Decision::Done(_))
         }
@@ -606,7 +626,7 @@ async fn a_proposal_confirmed_after_the_user_lost_access_fails_and_writes_nothin
     let w = world(&db).await;
     // the user may see the private project for now
     let mut c = db.pool.acquire().await.unwrap();
-    store::projects::add_member(&mut c, w.org, w.hidden, w.user)
+    store::projects::add_member(&mut c, w.org.into(), w.hidden.into(), w.user.into())
         .await
         .unwrap();
     drop(c);
@@ -642,7 +662,7 @@ async fn a_proposal_confirmed_after_the_user_lost_access_fails_and_writes_nothin
 
     let (_, continuation) = confirm(&db, &w, action_id).await;
     let mut c = db.pool.acquire().await.unwrap();
-    store::projects::remove_member(&mut c, w.hidden, w.user)
+    store::projects::remove_member(&mut c, w.hidden.into(), w.user.into())
         .await
         .unwrap();
     drop(c);
@@ -675,7 +695,7 @@ async fn a_proposal_confirmed_after_the_user_lost_access_fails_and_writes_nothin
         "That change could not be made."
     );
     let reqs = requests(&w).await;
-    let decided = &tool_results(reqs.last().unwrap())[&actions::decision_call_id(action_id)];
+    let decided = &tool_results(reqs.last().unwrap())[&actions::decision_call_id(action_id.into())];
     assert_eq!(decided["status"], "failed");
 }
 
@@ -690,14 +710,17 @@ async fn reject_and_expiry_write_nothing() {
 
     // rejected: the model will be told, nothing else happens
     let mut tx = db.pool.begin().await.unwrap();
-    let Decision::Done(rejected) = actions::reject(&mut tx, w.user, first).await.unwrap() else {
+    let Decision::Done(rejected) = actions::reject(&mut tx, w.user.into(), first.into())
+        .await
+        .unwrap()
+    else {
         panic!("not rejected");
     };
     tx.commit().await.unwrap();
     assert_eq!(rejected.status, "rejected");
     let mut tx = db.pool.begin().await.unwrap();
     assert!(matches!(
-        actions::confirm(&mut tx, w.user, first, Uuid::now_v7()).await.unwrap(),
+        actions::confirm(&mut tx, w.user.into(), first.into(), Uuid::now_v7().into()).await.unwrap(),
         Decision::NotPending(s) if s == "rejected"
     ));
     drop(tx);
@@ -712,7 +735,7 @@ async fn reject_and_expiry_write_nothing() {
     .unwrap();
     let mut c = db.pool.acquire().await.unwrap();
     assert_eq!(
-        actions::get_own(&mut c, w.user, second)
+        actions::get_own(&mut c, w.user.into(), second.into())
             .await
             .unwrap()
             .unwrap()
@@ -722,7 +745,7 @@ async fn reject_and_expiry_write_nothing() {
     drop(c);
     let mut tx = db.pool.begin().await.unwrap();
     assert!(matches!(
-        actions::confirm(&mut tx, w.user, second, Uuid::now_v7()).await.unwrap(),
+        actions::confirm(&mut tx, w.user.into(), second.into(), Uuid::now_v7().into()).await.unwrap(),
         Decision::NotPending(s) if s == "expired"
     ));
     drop(tx);
@@ -758,7 +781,7 @@ async fn reject_and_expiry_write_nothing() {
     let reqs = requests(&w).await;
     let results = tool_results(reqs.last().unwrap());
     assert_eq!(
-        results[&actions::decision_call_id(first)]["status"],
+        results[&actions::decision_call_id(first.into())]["status"],
         "rejected"
     );
 }
@@ -1062,8 +1085,8 @@ async fn a_round_is_stored_once_per_response_even_by_two_runs() {
     let calls = json!([{"id": "c1", "type": "function", "function": {"name": "list_projects", "arguments": "{}"}}]);
     let results = vec![("c1".to_owned(), "{}".to_owned())];
     let round = actions::Round {
-        conversation_id: w.conversation,
-        response_id: job.response_id.into(),
+        conversation_id: w.conversation.into(),
+        response_id: job.response_id,
         round: 1,
         content: "",
         model: "m",
@@ -1080,7 +1103,7 @@ async fn a_round_is_stored_once_per_response_even_by_two_runs() {
     );
     b.commit().await.unwrap();
     let mut c = db.pool.acquire().await.unwrap();
-    let (exchange, rounds) = actions::response_exchange(&mut c, job.response_id.into())
+    let (exchange, rounds) = actions::response_exchange(&mut c, job.response_id)
         .await
         .unwrap();
     assert_eq!((exchange.len(), rounds), (2, 1));
@@ -1101,10 +1124,10 @@ async fn the_scheduler_process_expires_pending_proposals() {
     let (action, _) = actions::insert_proposal(
         &mut tx,
         &actions::NewProposal {
-            org_id: w.org,
-            conversation_id: w.conversation,
-            user_id: w.user,
-            response_id: job.response_id.into(),
+            org_id: w.org.into(),
+            conversation_id: w.conversation.into(),
+            user_id: w.user.into(),
+            response_id: job.response_id,
             tool_call_id: "c1",
             tool: "create_task",
             arguments: &args,
@@ -1244,9 +1267,10 @@ async fn a_continuation_waiting_out_a_long_cooldown_runs_once() {
         action_id: action_id.into(),
     });
     let mut tx = db.pool.begin().await.unwrap();
-    let Decision::Done((_, continuation)) = actions::confirm(&mut tx, w.user, action_id, exec.id)
-        .await
-        .unwrap()
+    let Decision::Done((_, continuation)) =
+        actions::confirm(&mut tx, w.user.into(), action_id.into(), exec.id.into())
+            .await
+            .unwrap()
     else {
         panic!("not confirmed");
     };
@@ -1337,7 +1361,7 @@ async fn a_proposal_names_its_project_in_the_answers_provenance() {
     let settings = test_settings(&db, &redis, &[]);
     let w = world(&db).await;
     let mut c = db.pool.acquire().await.unwrap();
-    store::projects::add_member(&mut c, w.org, w.hidden, w.user)
+    store::projects::add_member(&mut c, w.org.into(), w.hidden.into(), w.user.into())
         .await
         .unwrap();
     drop(c);

@@ -87,8 +87,8 @@ impl ChatHandler {
             let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
             responses::fail_unfinished(
                 &mut conn,
-                job.response_id.into(),
-                Some(job_id),
+                job.response_id,
+                Some(job_id.into()),
                 codes::INTERNAL_ERROR,
                 INTERNAL_MESSAGE,
             )
@@ -116,11 +116,11 @@ impl ChatHandler {
                 responses::take(
                     &mut conn,
                     &responses::JobTurn {
-                        job_id: ctx.id,
-                        user_id: job.user_id.into(),
-                        org_id: job.org_id.into(),
-                        conversation_id: job.conversation_id.into(),
-                        response_id: job.response_id.into(),
+                        job_id: ctx.id.into(),
+                        user_id: job.user_id,
+                        org_id: job.org_id,
+                        conversation_id: job.conversation_id,
+                        response_id: job.response_id,
                     },
                     &self.inner.embedding.model,
                     lease,
@@ -148,7 +148,7 @@ impl ChatHandler {
                 "the job names another message than the one its response answers",
             ));
         }
-        let run = match start.take(ctx.id) {
+        let run = match start.take(ctx.id.into()) {
             Take::Taken { run } => run,
             Take::Finished => {
                 tracing::info!(status = %start.response.status, "the response is already finished (redelivery)");
@@ -217,14 +217,14 @@ impl ChatHandler {
                 every,
                 responses::renew(
                     &self.inner.db,
-                    &[(fence.response_id, fence.run)],
+                    &[(fence.response_id.into(), fence.run)],
                     self.inner.lease,
                 ),
             )
             .await;
             match renewed {
                 Ok(Ok(held)) if held.is_empty() => {
-                    match responses::current_run(&self.inner.db, fence.response_id).await {
+                    match responses::current_run(&self.inner.db, fence.response_id.into()).await {
                         Ok(Some(r)) if r > fence.run => {
                             tracing::warn!(newer = r, "the run's lease was lost");
                             fence.lost.cancel();
@@ -249,7 +249,13 @@ impl ChatHandler {
     pub(super) async fn release(&self, fence: &Fence, fallback_only: bool) -> bool {
         let released = async {
             let mut conn = self.inner.db.acquire().await?;
-            responses::release(&mut conn, fence.response_id, fence.run, fallback_only).await
+            responses::release(
+                &mut conn,
+                fence.response_id.into(),
+                fence.run,
+                fallback_only,
+            )
+            .await
         };
         match released.await {
             Ok(true) => {
@@ -438,14 +444,14 @@ impl ChatHandler {
         let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
         if start.has_exchange {
             let (messages, rounds) =
-                store::actions::response_exchange(&mut conn, start.response.id)
+                store::actions::response_exchange(&mut conn, start.response.id.into())
                     .await
                     .map_err(db_error)?;
             own.messages = messages;
             own.rounds = u32::try_from(rounds).unwrap_or(0);
         }
         if start.has_proposals {
-            own.proposed = store::actions::list_for_response(&mut conn, start.response.id)
+            own.proposed = store::actions::list_for_response(&mut conn, start.response.id.into())
                 .await
                 .map_err(db_error)?;
         }
@@ -580,7 +586,7 @@ impl ChatHandler {
             });
             store::usage::record(
                 &mut tx,
-                conversation.org_id,
+                conversation.org_id.into(),
                 &a.model,
                 prompt,
                 completion,
@@ -608,9 +614,15 @@ impl ChatHandler {
     /// retried.
     async fn fail(&self, fence: &Fence, code: &str, message: &str) -> HandlerResult {
         let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-        let failed = responses::fail_run(&mut conn, fence.response_id, fence.run, code, message)
-            .await
-            .map_err(db_error)?;
+        let failed = responses::fail_run(
+            &mut conn,
+            fence.response_id.into(),
+            fence.run,
+            code,
+            message,
+        )
+        .await
+        .map_err(db_error)?;
         drop(conn);
         if !failed {
             fence.lost.cancel();

@@ -181,7 +181,7 @@ impl ChatHandler {
         let db = &self.inner.db;
         let text = question.text();
         let embedding = self.question_embedding(question).await;
-        let exclude: Vec<uuid::Uuid> = recent.iter().map(|m| m.id).collect();
+        let exclude: Vec<store::MessageId> = recent.iter().map(|m| m.id.into()).collect();
         let mut conn = db
             .acquire()
             .await
@@ -189,9 +189,9 @@ impl ChatHandler {
         let chunks = retrieval::search(
             &mut conn,
             &Query {
-                org_id: job.org_id.into(),
-                user_id: job.user_id.into(),
-                conversation_id: job.conversation_id.into(),
+                org_id: job.org_id,
+                user_id: job.user_id,
+                conversation_id: job.conversation_id,
                 embedding,
                 text,
                 model,

@@ -228,7 +228,7 @@ impl ChatHandler {
         let mut tx = self.inner.db.begin().await.map_err(db_error)?;
         // the round and its proposals are this run's writes: refused once another run holds
         // the response (which waits for this transaction)
-        if !store::responses::hold(&mut tx, fence.response_id, fence.run)
+        if !store::responses::hold(&mut tx, fence.response_id.into(), fence.run)
             .await
             .map_err(db_error)?
         {
@@ -297,10 +297,10 @@ impl ChatHandler {
                                 let (action, _) = actions::insert_proposal(
                                     &mut tx,
                                     &NewProposal {
-                                        org_id: ctx.org_id,
-                                        conversation_id: ctx.conversation_id,
-                                        user_id: ctx.user_id,
-                                        response_id: tt.response_id,
+                                        org_id: ctx.org_id.into(),
+                                        conversation_id: ctx.conversation_id.into(),
+                                        user_id: ctx.user_id.into(),
+                                        response_id: tt.response_id.into(),
                                         tool_call_id: &id,
                                         tool: def.name,
                                         arguments: &p.arguments,
@@ -332,8 +332,8 @@ impl ChatHandler {
         let stored = actions::insert_round(
             &mut tx,
             &Round {
-                conversation_id: ctx.conversation_id,
-                response_id: tt.response_id,
+                conversation_id: ctx.conversation_id.into(),
+                response_id: tt.response_id.into(),
                 round: round_i32,
                 content: &a.text,
                 model: &a.model,

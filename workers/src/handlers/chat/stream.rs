@@ -97,9 +97,10 @@ impl ChatHandler {
         }
         let fence = &turn.fence;
         let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-        let before = store::responses::mark_streaming(&mut conn, fence.response_id, fence.run)
-            .await
-            .map_err(db_error)?;
+        let before =
+            store::responses::mark_streaming(&mut conn, fence.response_id.into(), fence.run)
+                .await
+                .map_err(db_error)?;
         drop(conn);
         let Some(before) = before else {
             return Err(fence.superseded());

@@ -175,12 +175,12 @@ pub enum Decided {
 /// The tier rule (code's, not the model's) for a fact the model filed under `project`, from an
 /// exchange whose answer has `provenance` (the user's own message draws on nothing).
 pub fn tier_of_project_fact(provenance: &Provenance, project: Uuid) -> Decided {
-    if provenance.project_fact_allowed(project) {
+    if provenance.project_fact_allowed(project.into()) {
         Decided::Project(provenance.clone())
     } else {
         let mut p = provenance.clone();
-        if !p.source_project_ids.contains(&project) {
-            p.source_project_ids.push(project);
+        if !p.source_project_ids.contains(&project.into()) {
+            p.source_project_ids.push(project.into());
             p.source_project_ids.sort();
         }
         Decided::Demoted(p)
@@ -238,7 +238,7 @@ impl MemoryHandlers {
                 .await
                 .map_err(db_error)?;
         // What the answer drew on (unknown: treated as narrow).
-        let provenance = store::provenance::of_message(&mut conn, job.message_id.into())
+        let provenance = store::provenance::of_message(&mut conn, job.message_id)
             .await
             .map_err(db_error)?
             .unwrap_or(Provenance {
@@ -370,8 +370,8 @@ mod tests {
             Decided::Project(plain.clone())
         );
         let restricted = Provenance {
-            source_project_ids: vec![p],
-            source_document_ids: vec![Uuid::now_v7()],
+            source_project_ids: vec![p.into()],
+            source_document_ids: vec![Uuid::now_v7().into()],
             narrow: true,
         };
         assert!(matches!(
@@ -379,12 +379,15 @@ mod tests {
             Decided::Demoted(_)
         ));
         let other = Provenance {
-            source_project_ids: vec![q],
+            source_project_ids: vec![q.into()],
             ..Provenance::default()
         };
         match tier_of_project_fact(&other, p) {
             Decided::Demoted(d) => {
-                assert!(d.source_project_ids.contains(&p) && d.source_project_ids.contains(&q))
+                assert!(
+                    d.source_project_ids.contains(&p.into())
+                        && d.source_project_ids.contains(&q.into())
+                )
             }
             d => panic!("{d:?}"),
         }
