@@ -59,6 +59,20 @@ pub enum ResponseEvent {
 }
 
 impl ResponseEvent {
+    /// `message.completed` from a stored answer's public fields (`store::public::Outcome`).
+    pub fn completed(message: Value, model: String, usage: Value) -> Self {
+        ResponseEvent::MessageCompleted {
+            message,
+            model,
+            usage,
+        }
+    }
+
+    /// `error` with its code and message.
+    pub fn error(code: String, message: String) -> Self {
+        ResponseEvent::Error { code, message }
+    }
+
     /// The SSE `event:` name.
     pub fn name(&self) -> &'static str {
         match self {

@@ -6,13 +6,16 @@
 //!   between chunks. Parsing is lenient about what it does not need (unknown fields, comments,
 //!   keep-alives, chunks without choices) and strict about what it does (a chunk that is not
 //!   JSON is a malformed stream; a stream that ends without `[DONE]` or a finish reason is cut).
-//! - [`LlmClient::embed`]: embeddings, requested base64-encoded (4× smaller on the wire).
+//! - [`LlmClient::embed`]: embeddings, requested base64-encoded (4× smaller on the wire);
+//!   [`LlmClient::embed_or_fail`] checks what came back, for callers that fall back without a
+//!   vector; [`estimate_tokens`] is the one token estimate of prompt budgets.
 //!
 //! Failures are classified ([`LlmError::is_rate_limited`], [`LlmError::retry_after`]) so that
 //! the caller can re-queue on 429 and fall back on anything else. Generation parameters come
 //! only from [`GenerationParams`], which the caller builds from configuration.
 
 mod chat;
+mod embed;
 mod error;
 
 use std::time::Duration;
@@ -23,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 pub use chat::{ChatEvent, ChatStream, Completion, ToolCall, Usage, collect};
+pub use embed::{EmbedFailure, Expect, estimate_tokens};
 pub use error::LlmError;
 
 /// A chat message in OpenAI format (`content` may be absent on assistant tool-call turns).

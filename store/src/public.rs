@@ -1,4 +1,4 @@
-//! The public shape of a stored message (API.md "Conversations"): ONE serializer for the
+//! The public shape of a stored message (docs/ARCHITECTURE.md, "The chat turn (API side)"): ONE serializer for the
 //! messages listing (`GET /v1/conversations/{id}/messages`), the JSON-mode answer
 //! (`{message, actions}`) and `message.completed`'s `message` — live (worker), replayed (the
 //! same bytes) and rebuilt from Postgres past the retention window (API). The API's OpenAPI
@@ -80,6 +80,7 @@ impl From<Message> for PublicMessage {
 }
 
 /// The fields of `message.completed` for a stored answer: `(message, model, usage)`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Completed {
     pub message: Value,
     pub model: String,
@@ -93,6 +94,73 @@ impl PublicMessage {
             message: serde_json::to_value(self).unwrap_or(Value::Null),
             model: self.model.clone().unwrap_or_default(),
             usage: serde_json::to_value(&self.usage).unwrap_or(Value::Null),
+        }
+    }
+}
+
+/// The `error` event's code and message of a failed response that stored none (the failure
+/// paths always store both; this only keeps an old or hand-edited row answerable).
+pub const UNAVAILABLE_CODE: &str = "model_unavailable";
+pub const UNAVAILABLE_MESSAGE: &str =
+    "The assistant is unavailable right now. Please try again in a few minutes.";
+
+/// What the terminal event of a finished response says, read from its stored rows.
+///
+/// This is the ONE builder of that event, for both sides: the worker (a redelivered job finds
+/// its response finished; the dead-letter hook ends a turn) and the API (a retried request, a
+/// replay past the events' retention window, a terminal event a run died before publishing).
+/// It lives here because both reach `store`, and `jobs` and `store` never depend on each other:
+/// the event itself is made by [`Outcome::event`] with the constructors of
+/// `jobs::events::ResponseEvent` (`completed`, `error`), which the callers pass in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// `message.completed` for the stored answer.
+    Completed(Completed),
+    /// `error` with the stored code and message.
+    Failed { code: String, message: String },
+    /// Completed, but the answer is not stored (any more): each caller says so its own way.
+    AnswerMissing,
+}
+
+impl Outcome {
+    /// The outcome of `response` as stored; `None` while it is unfinished.
+    pub async fn of(
+        conn: &mut sqlx::PgConnection,
+        response: &crate::conversations::Response,
+    ) -> Result<Option<Self>, crate::StoreError> {
+        use crate::ResponseStatus;
+        Ok(Some(match response.status {
+            ResponseStatus::Completed => {
+                match crate::conversations::answer_of(conn, response.id).await? {
+                    Some(m) => Outcome::Completed(PublicMessage::from(m).completed()),
+                    None => Outcome::AnswerMissing,
+                }
+            }
+            ResponseStatus::Failed => Outcome::Failed {
+                code: response
+                    .error_code
+                    .clone()
+                    .unwrap_or_else(|| UNAVAILABLE_CODE.to_owned()),
+                message: response
+                    .error_message
+                    .clone()
+                    .unwrap_or_else(|| UNAVAILABLE_MESSAGE.to_owned()),
+            },
+            ResponseStatus::Queued | ResponseStatus::Running => return Ok(None),
+        }))
+    }
+
+    /// The terminal event, made by `completed(message, model, usage)` or `error(code,
+    /// message)`; `None` for [`Outcome::AnswerMissing`].
+    pub fn event<E>(
+        self,
+        completed: impl FnOnce(Value, String, Value) -> E,
+        error: impl FnOnce(String, String) -> E,
+    ) -> Option<E> {
+        match self {
+            Outcome::Completed(c) => Some(completed(c.message, c.model, c.usage)),
+            Outcome::Failed { code, message } => Some(error(code, message)),
+            Outcome::AnswerMissing => None,
         }
     }
 }

@@ -1,17 +1,27 @@
 //! Worker and scheduler runtime: connections, readiness and shutdown shared by both binaries.
 //!
-//! - [`handlers`]: the job handlers (one module per kind: `probe`, `chat`) and the registry;
+//! - [`handlers`]: the job handlers (one module per kind) and the registry; a handler is the
+//!   entry of its job and reaches only into the parts below, never into another handler:
+//! - [`model`]: the model caller (cooldowns, model choice, streamed and plain calls, fallback,
+//!   rate-limit decisions, model metrics), shared by chat, summarize and remember;
+//! - [`tools`]: the assistant's tools — registry, tool rounds, proposals, and `execute_action`;
+//! - [`ledger`]: a run's hold on its response (fence, lease, fenced publishes);
+//! - [`follow_ups`]: the memory jobs a chat turn enqueues;
 //! - [`ops`]: the operator commands of `worker` (queues, dead letters, probes);
 //! - [`scheduler`]: the periodic jobs under a leader lease;
 //! - [`reconciler`]: the ledger's reconciler (lost work re-enqueued from PostgreSQL, proposals
 //!   expired), run by the scheduler's leader;
 //! - [`metrics_server`]: the `/metrics` listener of worker and scheduler processes.
 
+pub mod follow_ups;
 pub mod handlers;
+pub mod ledger;
 pub mod metrics_server;
+pub mod model;
 pub mod ops;
 pub mod reconciler;
 pub mod scheduler;
+pub mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -261,39 +261,9 @@ impl Reconciler {
         if !store::actions::mark_failed(&mut tx, action_id.into(), ACTION_LOST_REASON).await? {
             return Ok(false);
         }
-        let result = serde_json::json!({"status": "failed", "action_id": action_id,
-            "reason": ACTION_LOST_REASON, "message": "Nothing was changed."});
-        store::actions::insert_message(
-            &mut tx,
-            action.conversation_id,
-            action.continuation_response_id,
-            "tool",
-            &result.to_string(),
-            None,
-            Some(&store::actions::decision_call_id(action_id.into())),
-        )
-        .await?;
-        let mut continuation = None;
-        if let Some(response_id) = action.continuation_response_id
-            && let Some(response) = store::conversations::get_response_own(
-                &mut tx,
-                action.user_id.into(),
-                action.conversation_id.into(),
-                response_id.into(),
-            )
-            .await?
-            && response.job_id.is_none()
-        {
-            let env = Envelope::new(Chat {
-                conversation_id: action.conversation_id,
-                message_id: response.user_message_id.into(),
-                response_id,
-                user_id: action.user_id,
-                org_id: action.org_id,
-            });
-            store::responses::assign_job(&mut tx, response_id, env.id.into()).await?;
-            continuation = Some(env);
-        }
+        let result = crate::tools::execute::refused_result(action_id, ACTION_LOST_REASON);
+        let continuation =
+            crate::tools::execute::answer_decision(&mut tx, &action, &result).await?;
         tx.commit().await?;
         tracing::error!(%action_id, "a confirmed action lost its execution job too often; failed");
         if let Some(env) = continuation {
@@ -373,7 +343,7 @@ impl Reconciler {
     /// Pending proposals past their expiry; idempotency keys past their retention.
     async fn housekeeping(&self, r: &mut Report) -> anyhow::Result<()> {
         r.expired = store::actions::expire_due(&self.db).await?;
-        crate::handlers::chat::tools::metrics::action("expired", r.expired);
+        crate::tools::metrics::action("expired", r.expired);
         let retention = Duration::from_secs(self.ledger.idempotency_retention_secs);
         store::conversations::purge_turn_keys(&self.db, retention).await?;
         Ok(())

@@ -14,7 +14,6 @@ use poem_openapi::{ApiResponse, Object, OpenApi, ResponseContent};
 use serde::Deserialize;
 use serde::de::Error as _;
 use serde_json::Value;
-use store::ResponseStatus;
 use store::conversations::{NewTurn, Response, TurnKey, TurnStarted};
 use uuid::Uuid;
 
@@ -539,33 +538,20 @@ impl ChatApi {
         }
     }
 
-    /// The terminal event of a finished response, rebuilt from what is stored.
+    /// The terminal event of a finished response, rebuilt from what is stored
+    /// (`store::public::Outcome`, the builder the worker uses too); an answer that is gone
+    /// reads as expired.
     async fn outcome_of(&self, response: &Response) -> Result<ResponseEvent, ApiError> {
-        Ok(if response.status == ResponseStatus::Completed {
-            let mut conn = self.state.db.acquire().await?;
-            match store::conversations::answer_of(&mut conn, response.id).await? {
-                Some(m) => {
-                    let c = store::public::PublicMessage::from(m).completed();
-                    ResponseEvent::MessageCompleted {
-                        message: c.message,
-                        model: c.model,
-                        usage: c.usage,
-                    }
-                }
-                None => expired_error(),
-            }
-        } else {
-            ResponseEvent::Error {
-                code: response
-                    .error_code
-                    .clone()
-                    .unwrap_or_else(|| "model_unavailable".into()),
-                message: response
-                    .error_message
-                    .clone()
-                    .unwrap_or_else(|| "the answer failed".into()),
-            }
-        })
+        let mut conn = self.state.db.acquire().await?;
+        let outcome = store::public::Outcome::of(&mut conn, response).await?;
+        // (callers ask only about finished responses)
+        let outcome = outcome.unwrap_or(store::public::Outcome::Failed {
+            code: store::public::UNAVAILABLE_CODE.to_owned(),
+            message: store::public::UNAVAILABLE_MESSAGE.to_owned(),
+        });
+        Ok(outcome
+            .event(ResponseEvent::completed, ResponseEvent::error)
+            .unwrap_or_else(expired_error))
     }
 
     /// The events of `response` after `after`, as an SSE stream: from its replay stream, then

@@ -348,7 +348,7 @@ impl ToolWorker {
         workers::handlers::chat::ChatHandler::new(app.db.pool.clone(), redis, settings)
             .unwrap()
             .register(&mut registry);
-        workers::handlers::actions::ActionsHandler::new(app.db.pool.clone(), bus.clone())
+        workers::tools::ActionsHandler::new(app.db.pool.clone(), bus.clone())
             .register(&mut registry);
         let mut opts =
             jobs::WorkerOptions::from_settings(settings, vec![Queue::Chat, Queue::Actions]);

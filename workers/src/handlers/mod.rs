@@ -1,8 +1,9 @@
 //! Job handlers, one module per kind, and the registry a worker runs with: `probe`, `chat`,
 //! `index` (handlers/index), the memory queue's `summarize` and `remember` (handlers/memory)
-//! and the actions queue's `execute_action` (handlers/actions).
+//! and the actions queue's `execute_action` (`crate::tools::execute`, next to the tools whose
+//! proposals it executes). No handler reaches into another's module: what they share are the
+//! crate's parts (`crate::model`, `crate::tools`, `crate::ledger`, `crate::follow_ups`).
 
-pub mod actions;
 pub mod chat;
 pub mod index;
 pub mod memory;
@@ -93,6 +94,6 @@ pub fn worker_registry(rt: &crate::Runtime) -> Result<Registry, llm::LlmError> {
     chat::ChatHandler::new(rt.db.clone(), rt.redis.clone(), &rt.settings)?.register(&mut r);
     index::Indexer::new(rt.db.clone(), &rt.settings)?.register(&mut r);
     memory::MemoryHandlers::new(rt.db.clone(), rt.redis.clone(), &rt.settings)?.register(&mut r);
-    actions::ActionsHandler::new(rt.db.clone(), rt.bus.clone()).register(&mut r);
+    crate::tools::ActionsHandler::new(rt.db.clone(), rt.bus.clone()).register(&mut r);
     Ok(r)
 }

@@ -385,10 +385,8 @@ async fn a_cooling_down_model_is_not_called_by_other_jobs() {
     let worker = chat_worker(&db, &settings);
     let run = tokio::spawn(async move { worker.drain_until_empty(Duration::from_secs(90)).await });
 
-    let cooldowns = workers::handlers::chat::policy::Cooldowns::new(
-        redis_handle(&settings),
-        Duration::from_secs(30),
-    );
+    let cooldowns =
+        workers::model::Cooldowns::new(redis_handle(&settings), Duration::from_secs(30));
     let model = via_litellm(&primary);
     eventually(
         "the first job hit the 429 and the model cools down",

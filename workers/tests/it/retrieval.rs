@@ -509,7 +509,7 @@ async fn a_turn_embeds_its_question_once_and_not_while_its_model_cools_down() {
 
     // the chat model cools down (another worker saw a 429) when the turn arrives
     let redis = std::sync::Arc::new(jobs::RedisHandle::new(&ctx.settings.redis).unwrap());
-    workers::handlers::chat::policy::Cooldowns::new(redis, Duration::from_secs(30))
+    workers::model::Cooldowns::new(redis, Duration::from_secs(30))
         .start(&via_litellm(&chat), Duration::from_millis(1500))
         .await
         .unwrap();

@@ -184,8 +184,7 @@ fn worker(db: &TestDb, settings: &config::Settings) -> Worker {
     workers::handlers::chat::ChatHandler::new(db.pool.clone(), redis, settings)
         .unwrap()
         .register(&mut registry);
-    workers::handlers::actions::ActionsHandler::new(db.pool.clone(), bus_for(settings))
-        .register(&mut registry);
+    workers::tools::ActionsHandler::new(db.pool.clone(), bus_for(settings)).register(&mut registry);
     let mut opts = WorkerOptions::from_settings(settings, vec![Queue::Chat, Queue::Actions]);
     opts.read_block = Duration::from_millis(200);
     Worker::new(bus_for(settings), registry, opts)
@@ -868,7 +867,7 @@ async fn tool_rounds_are_bounded_and_the_last_call_offers_no_tools() {
     );
     assert_eq!(
         answer(&events(&settings, job.response_id.into()).await),
-        workers::handlers::chat::rounds::ROUND_LIMIT_MESSAGE
+        workers::tools::rounds::ROUND_LIMIT_MESSAGE
     );
     assert_eq!(
         count(&db, "SELECT count(DISTINCT tool_round) FROM messages").await,
@@ -914,8 +913,7 @@ async fn the_reconciler_recovers_a_lost_execution_and_a_lost_continuation() {
     // the execution runs; its continuation job is lost with Redis's data (the chat queue's
     // stream and job markers wiped before a worker takes it: the actions queue alone is drained)
     let mut registry = jobs::Registry::new();
-    workers::handlers::actions::ActionsHandler::new(db.pool.clone(), bus.clone())
-        .register(&mut registry);
+    workers::tools::ActionsHandler::new(db.pool.clone(), bus.clone()).register(&mut registry);
     let mut opts = WorkerOptions::from_settings(&settings, vec![Queue::Actions]);
     opts.read_block = Duration::from_millis(200);
     Worker::new(bus_for(&settings), registry, opts)
@@ -1278,8 +1276,7 @@ async fn a_continuation_waiting_out_a_long_cooldown_runs_once() {
     let bus = bus_for(&settings);
     bus.enqueue_envelope(&exec).await.unwrap();
     let handle = Arc::new(RedisHandle::new(&settings.redis).unwrap());
-    let cooldowns =
-        workers::handlers::chat::policy::Cooldowns::new(handle.clone(), Duration::from_secs(30));
+    let cooldowns = workers::model::Cooldowns::new(handle.clone(), Duration::from_secs(30));
     cooldowns
         .start(&via_litellm(&w.model), Duration::from_secs(90))
         .await

@@ -1,37 +1,40 @@
 //! `chat`: answer one user message — prompt → LiteLLM (streamed) → `token` events → one stored
 //! assistant message and `message.completed` — with the rate-limit, cooldown and fallback
-//! policy of SPEC §2 (docs/ARCHITECTURE.md, "The chat turn (worker side)").
+//! policy of docs/ARCHITECTURE.md, "The chat turn (worker side)".
 //!
-//! - [`prompt`]: prompt assembly ([`PromptBuilder`]);
-//! - [`policy`]: model choice, model-wide cooldowns, when rate-limit waiting becomes an error;
-//! - [`stream`]: one model call, its tokens published as they arrive;
-//! - [`retrieval`]: hybrid retrieval of workspace data for the prompt, and citations;
-//! - [`handler`]: the turn: restart and redelivery handling, fallback, completion, failures;
-//! - [`memory`]: the summary and memory entries of the prompt, and the follow-up jobs;
-//! - [`metrics`]: model and chat metrics;
-//! - [`tools`], [`rounds`]: the tool registry and the tool rounds of a turn.
+//! A turn, in the order it runs (each part owns only what it uses):
+//! 1. [`run`]: the entry (`ChatHandler::run`): take the response and its fence
+//!    (`crate::ledger`), admit the first model, then the steps below, the primary and the
+//!    fallback once, waits on rate limits;
+//! 2. [`context`]: the turn-context loader — the recent window, [`retrieval`], [`memory`]
+//!    (summary and entries), the response's own tool exchange, assembled by [`prompt`];
+//! 3. `crate::model`: the model caller — cooldowns, model choice, the streamed call and its
+//!    tokens, error classes, metrics; `crate::tools::rounds` repeats its calls while the model
+//!    calls tools;
+//! 4. [`outcome`]: complete or fail, and the terminal event (`crate::follow_ups` after an
+//!    answer).
 
-mod handler;
+pub mod context;
 pub mod memory;
-pub mod metrics;
-pub mod policy;
+pub mod outcome;
 pub mod prompt;
 pub mod retrieval;
-pub mod rounds;
-mod stream;
-pub mod tools;
+mod run;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobs::events::EventPublisher;
 use jobs::kinds::Chat;
 use jobs::{RedisHandle, Registry};
 
-pub use policy::Models;
 pub use prompt::PromptBuilder;
 
-/// Error codes of the `error` event (API.md "Conversations").
+use crate::follow_ups::FollowUps;
+use crate::ledger::Ledger;
+use crate::model::{ModelCaller, QueryEmbedder};
+use crate::tools::rounds::ToolRounds;
+
+/// Error codes of the `error` event (docs/ARCHITECTURE.md, "The chat turn (API side)").
 pub mod codes {
     /// Rate limits lasted longer than `RATE_LIMIT_MAX_WAIT_SECS`.
     pub const RATE_LIMITED: &str = "rate_limited";
@@ -46,27 +49,20 @@ pub mod codes {
 /// The `chat` handler; cheap to clone (one per job).
 #[derive(Clone)]
 pub struct ChatHandler {
-    inner: Arc<Inner>,
+    parts: Arc<Parts>,
 }
 
-struct Inner {
-    db: sqlx::PgPool,
-    events: EventPublisher,
-    llm: llm::LlmClient,
-    cooldowns: policy::Cooldowns,
-    chat: config::ChatSettings,
-    retrieval: config::RetrievalSettings,
-    embedding: config::EmbeddingSettings,
+/// The parts of a turn, and the two settings the entry itself reads.
+struct Parts {
+    ledger: Ledger,
+    context: context::ContextLoader,
+    model: ModelCaller,
+    tools: ToolRounds,
+    outcome: outcome::Outcome,
+    /// The chat queue's retry settings (attempts; the jitter of rate-limit waits).
     queue: config::QueueSettings,
-    /// Memory: the prompt's summary and entries, follow-up jobs (summarize, remember).
-    memory: config::MemorySettings,
-    bus: jobs::Bus,
-    tools: config::ToolsSettings,
-    /// Upper bound of the model calls of one run (primary and fallback together):
-    /// `litellm.request_timeout_secs`. (The bus's heartbeat keeps the job claimed meanwhile.)
-    call_limit: Duration,
-    /// A run's lease on its response (`LEDGER_LEASE_SECS`), renewed every third of it.
-    lease: Duration,
+    /// `RATE_LIMIT_MAX_WAIT_SECS`.
+    rate_limit_max_wait: Duration,
 }
 
 impl ChatHandler {
@@ -75,27 +71,28 @@ impl ChatHandler {
         redis: Arc<RedisHandle>,
         settings: &config::Settings,
     ) -> Result<Self, llm::LlmError> {
-        metrics::describe();
-        retrieval::describe();
-        tools::metrics::describe();
+        let llm = llm::LlmClient::new(&settings.litellm)?;
+        let ledger = Ledger::new(db.clone(), redis.clone(), settings);
+        let embedder = QueryEmbedder::new(llm.clone(), settings);
+        let follow_ups = FollowUps::new(
+            db.clone(),
+            jobs::Bus::new(redis.clone(), &settings.queues),
+            settings,
+        );
         Ok(Self {
-            inner: Arc::new(Inner {
-                db,
-                events: EventPublisher::new(redis.clone(), &settings.events),
-                llm: llm::LlmClient::new(&settings.litellm)?,
-                cooldowns: policy::Cooldowns::new(
-                    redis.clone(),
-                    Duration::from_secs(settings.chat.model_timeout_secs),
+            parts: Arc::new(Parts {
+                context: context::ContextLoader::new(
+                    db.clone(),
+                    embedder.clone(),
+                    follow_ups.clone(),
+                    settings,
                 ),
-                chat: settings.chat.clone(),
-                retrieval: settings.retrieval.clone(),
-                embedding: settings.embedding.clone(),
+                model: ModelCaller::new(llm, redis, settings),
+                tools: ToolRounds::new(db.clone(), embedder, settings),
+                outcome: outcome::Outcome::new(db, ledger.clone(), follow_ups),
+                ledger,
                 queue: settings.queues.chat.clone(),
-                memory: settings.memory.clone(),
-                bus: jobs::Bus::new(redis.clone(), &settings.queues),
-                tools: settings.tools.clone(),
-                call_limit: Duration::from_secs(settings.litellm.request_timeout_secs),
-                lease: Duration::from_secs(settings.ledger.lease_secs),
+                rate_limit_max_wait: Duration::from_secs(settings.chat.rate_limit_max_wait_secs),
             }),
         })
     }
@@ -111,7 +108,7 @@ impl ChatHandler {
         // handler failure) still ends for the client, with an `error` event.
         registry.on_dead::<Chat, _, _>(move |job_id, job, _error| {
             let h = dead.clone();
-            async move { h.give_up(job_id, &job).await }
+            async move { h.parts.outcome.give_up(job_id, &job).await }
         });
     }
 }

@@ -73,7 +73,7 @@ impl PromptBuilder {
     }
 
     /// Memory entries the user may see, most relevant first, already within the budget
-    /// (chat/memory.rs). Sent as background, after the system prompt.
+    /// (handlers/chat/memory.rs). Sent as background, after the system prompt.
     pub fn memories(mut self, entries: Vec<String>) -> Self {
         self.memories = entries;
         self
@@ -87,10 +87,10 @@ impl PromptBuilder {
 
     /// The recent messages, oldest first, as `store::conversations::recent_messages` returns
     /// them (the caller bounds how many). Tool exchanges are kept only when complete (see
-    /// [`super::rounds::history`]): the window may cut a call from its result, and a lone half
+    /// [`crate::tools::rounds::history`]): the window may cut a call from its result, and a lone half
     /// confuses models.
     pub fn recent_messages(mut self, messages: &[StoredMessage]) -> Self {
-        self.recent = super::rounds::history(messages);
+        self.recent = crate::tools::rounds::history(messages);
         self
     }
 

@@ -1,32 +1,29 @@
-//! Retrieval in the chat turn (SPEC §4): embed the user's message through LiteLLM
-//! (`EMBEDDING_MODEL`), search the index with `store::retrieval::search` — filtered in SQL by
+//! Retrieval in the chat turn's context (docs/ARCHITECTURE.md, "Retrieval (query side)"):
+//! embed the user's message through LiteLLM (`EMBEDDING_MODEL`), search the index with `store::retrieval::search` — filtered in SQL by
 //! what the user may see *now* and by the conversation's narrowing — and keep what fits the
 //! token budget. The chunks go into the prompt as a delimited "workspace data" section
 //! ([`section`], through `PromptBuilder::retrieved`), and their sources become the assistant
 //! message's `citations`.
 //!
 //! An embedder that fails or times out does not fail the answer: the turn continues with
-//! full-text retrieval only (a warning and `retrieval_embed_failures_total`).
+//! full-text retrieval only (`crate::model::QueryEmbedder`).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use jobs::JobError;
 use jobs::kinds::Chat;
+use llm::estimate_tokens;
 use serde_json::{Value, json};
 use store::conversations::Message;
-use store::retrieval::{self, Chunk, Query, Tuning};
+use store::retrieval::{self, Chunk, Query};
 
-use super::ChatHandler;
+use super::context::ContextLoader;
+use crate::model::embed::MAX_QUERY_CHARS;
 
-pub const EMBED_FAILURES: &str = "retrieval_embed_failures_total";
 pub const DURATION: &str = "retrieval_duration_seconds";
 pub const CHUNKS: &str = "retrieval_chunks_total";
 
 pub fn describe() {
-    metrics::describe_counter!(
-        EMBED_FAILURES,
-        "Chat turns whose query embedding failed (retrieval fell back to full text only)"
-    );
     metrics::describe_histogram!(
         DURATION,
         metrics::Unit::Seconds,
@@ -34,9 +31,6 @@ pub fn describe() {
     );
     metrics::describe_counter!(CHUNKS, "Retrieved chunks given to the model");
 }
-
-/// The longest query text embedded / searched (a user message is size-limited anyway).
-pub(super) const MAX_QUERY_CHARS: usize = 4000;
 
 /// The turn's question, embedded at most once and only when a step needs it: retrieval and
 /// memory share it (they run concurrently; the first to ask embeds, the other waits).
@@ -87,11 +81,6 @@ impl Retrieved {
                 .collect(),
         )
     }
-}
-
-/// Tokens, estimated as one per 4 characters (rounded up).
-fn estimate_tokens(text: &str) -> usize {
-    text.chars().count().div_ceil(4)
 }
 
 fn label(n: usize, c: &Chunk) -> String {
@@ -160,7 +149,7 @@ pub fn section(chunks: &[Chunk]) -> Option<String> {
     Some(s)
 }
 
-impl ChatHandler {
+impl ContextLoader {
     /// Retrieval for the turn answering the last message of `recent` (the recent window's
     /// own message chunks are left out: they are in the prompt already).
     pub(super) async fn retrieve(
@@ -170,15 +159,15 @@ impl ChatHandler {
         question: &Question,
         has_index: bool,
     ) -> Result<Retrieved, JobError> {
-        let settings = &self.inner.retrieval;
-        let model = &self.inner.embedding.model;
+        let settings = &self.retrieval;
+        let model = &self.embedder.model;
         // An org with nothing indexed for this model (`has_index`, read at the turn's start):
         // no embedding call, no search.
         if recent.is_empty() || settings.top_k == 0 || !has_index {
             return Ok(Retrieved::default());
         }
         let started = Instant::now();
-        let db = &self.inner.db;
+        let db = &self.db;
         let text = question.text();
         let embedding = self.question_embedding(question).await;
         let exclude: Vec<store::MessageId> = recent.iter().map(|m| m.id.into()).collect();
@@ -195,11 +184,11 @@ impl ChatHandler {
                 embedding,
                 text,
                 model,
-                dim: self.inner.embedding.dim,
+                dim: self.embedder.dim,
                 k: settings.top_k,
                 exclude_message_ids: &exclude,
             },
-            &tuning(settings),
+            &self.embedder.tuning,
         )
         .await
         .map_err(|e| JobError::retryable(format!("database: {e}")))?;
@@ -220,60 +209,17 @@ impl ChatHandler {
         Ok(Retrieved { chunks })
     }
 
-    /// The query's embedding, or `None` (logged, counted) when the embedder fails, times out
-    /// or answers with the wrong dimension.
-    /// The embedding of the turn's question, computed on the first call only.
+    /// The embedding of the turn's question, computed on the first call only (`None`: the
+    /// embedder failed; see `QueryEmbedder::embed`).
     pub(super) async fn question_embedding<'q>(
         &self,
         question: &'q Question,
     ) -> Option<&'q pgvector::Vector> {
         question
             .embedding
-            .get_or_init(|| self.embed_query(&self.inner.embedding.model, &question.text))
+            .get_or_init(|| self.embedder.embed(&question.text))
             .await
             .as_ref()
-    }
-
-    pub(super) async fn embed_query(&self, model: &str, text: &str) -> Option<pgvector::Vector> {
-        let limit = Duration::from_millis(self.inner.retrieval.embed_timeout_ms);
-        let input = [text.to_owned()];
-        let outcome = tokio::time::timeout(limit, self.inner.llm.embed(model, &input)).await;
-        let failure = match outcome {
-            Ok(Ok(mut vectors)) => match vectors.pop() {
-                Some(v)
-                    if u32::try_from(v.len()).ok() == Some(self.inner.embedding.dim)
-                        && vectors.is_empty() =>
-                {
-                    return Some(pgvector::Vector::from(v));
-                }
-                Some(v) => format!(
-                    "{} dimensions, expected {}",
-                    v.len(),
-                    self.inner.embedding.dim
-                ),
-                None => "no embedding".to_owned(),
-            },
-            Ok(Err(e)) => e.kind().to_owned(),
-            Err(_) => "timeout".to_owned(),
-        };
-        tracing::warn!(
-            model,
-            failure,
-            "the query embedding failed; retrieval by full text only, memories by recency"
-        );
-        metrics::counter!(EMBED_FAILURES).increment(1);
-        None
-    }
-}
-
-/// The search knobs of `[retrieval]`.
-pub(crate) fn tuning(settings: &config::RetrievalSettings) -> Tuning {
-    Tuning {
-        candidates: settings.candidates,
-        ef_search: settings.ef_search,
-        max_scan_tuples: settings.max_scan_tuples,
-        exact_max_rows: settings.exact_max_rows,
-        stopword_min_rows: settings.stopword_min_rows,
     }
 }
 

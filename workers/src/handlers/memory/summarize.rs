@@ -94,7 +94,7 @@ impl MemoryHandlers {
     /// How long a summarize run's claim lasts: past its longest model call (the primary and the
     /// fallback, each bounded by the call limit), plus a margin for the reads and the write.
     fn summary_lease(&self) -> Duration {
-        self.inner.call_limit * 2 + Duration::from_secs(30)
+        self.inner.model.call_limit() * 2 + Duration::from_secs(30)
     }
 
     /// After a run: enqueue the next one when `more` (its batch was cut short) or when what is
@@ -106,7 +106,7 @@ impl MemoryHandlers {
         let inner = &self.inner;
         let again = more
             || {
-                let keep_recent = i64::try_from(inner.chat.recent_messages).unwrap_or(i64::MAX);
+                let keep_recent = i64::try_from(inner.recent_messages).unwrap_or(i64::MAX);
                 let threshold = i64::try_from(inner.memory.summarize_threshold).unwrap_or(i64::MAX);
                 match memory::unsummarized_beyond_window(
                     conn,
@@ -162,7 +162,7 @@ impl MemoryHandlers {
             &mut conn,
             conversation.id,
             state.summarized_up_to,
-            i64::try_from(inner.chat.recent_messages).unwrap_or(i64::MAX),
+            i64::try_from(inner.recent_messages).unwrap_or(i64::MAX),
             i64::try_from(inner.memory.summarize_batch).unwrap_or(i64::MAX),
         )
         .await;

@@ -1,4 +1,5 @@
-//! Tool rounds of a chat turn (docs/ARCHITECTURE.md, "Scope and tools").
+//! Tool rounds of a chat turn (docs/ARCHITECTURE.md, "Scope and tools"): the model caller's
+//! calls, repeated while the model calls tools.
 //!
 //! A model call that answers with tool calls starts a round: read calls run at once with the
 //! user's visibility, write calls become proposals, invalid calls get a tool error; the
@@ -14,7 +15,6 @@
 //! Text a model streams along with tool calls goes out as `token`s like any other text and is
 //! kept on the round's assistant message; the final message holds the last call's text only.
 
-use crate::handlers::db_error;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -25,15 +25,26 @@ use store::actions::{self, Action, NewProposal, Round};
 use store::conversations::Message as StoredMessage;
 use uuid::Uuid;
 
-use super::ChatHandler;
-use super::stream::{Answered, CallOutcome, Fence, Turn};
-use super::tools::{self, ToolCtx, ToolKind};
+use super::{ToolCtx, ToolKind, metrics};
+use crate::handlers::db_error;
+use crate::ledger::Run;
+use crate::model::embed::MAX_QUERY_CHARS;
+use crate::model::{Answered, CallOutcome, ModelCaller, QueryEmbedder};
 
 /// The answer when the model still calls tools after the last round.
 pub const ROUND_LIMIT_MESSAGE: &str = "I could not finish looking this up within the allowed number of steps. Please narrow the question down.";
 
+/// Runs the tool rounds of chat turns: the database, the query embedder (`search_knowledge`)
+/// and `[tools]`.
+#[derive(Clone)]
+pub struct ToolRounds {
+    db: sqlx::PgPool,
+    embedder: QueryEmbedder,
+    tools: config::ToolsSettings,
+}
+
 /// The tool state of one run of a turn.
-pub(super) struct ToolTurn {
+pub struct ToolTurn {
     pub ctx: ToolCtx,
     pub response_id: Uuid,
     /// The prompt so far (grows by each round).
@@ -133,17 +144,27 @@ pub fn with_exchange(
     recent
 }
 
-impl ChatHandler {
-    /// Call `model`, running tool rounds until it answers with text (or the turn proposed
-    /// something, or the rounds ran out).
-    pub(super) async fn call_with_tools(
+impl ToolRounds {
+    pub fn new(db: sqlx::PgPool, embedder: QueryEmbedder, settings: &config::Settings) -> Self {
+        metrics::describe();
+        Self {
+            db,
+            embedder,
+            tools: settings.tools.clone(),
+        }
+    }
+
+    /// Call `model` through `caller`, running tool rounds until it answers with text (or the
+    /// turn proposed something, or the rounds ran out).
+    pub async fn call_with_tools(
         &self,
-        turn: &mut Turn,
+        run: &Run,
+        caller: &ModelCaller,
         model: &str,
         tt: &mut ToolTurn,
     ) -> Result<CallOutcome, JobError> {
         if let Some(text) = tt.proposed.take() {
-            self.stream_text(turn, &text).await?;
+            run.stream_text(&text).await?;
             return Ok(CallOutcome::Answered(Answered {
                 model: model.to_owned(),
                 text,
@@ -153,13 +174,13 @@ impl ChatHandler {
             }));
         }
         loop {
-            let offer = tt.rounds_done < self.inner.tools.max_rounds;
+            let offer = tt.rounds_done < self.tools.max_rounds;
             let defs = if offer {
-                tools::definitions()
+                super::definitions()
             } else {
                 Vec::new()
             };
-            let outcome = self.call_model(turn, model, &tt.messages, &defs).await?;
+            let outcome = caller.stream(run, model, &tt.messages, &defs).await?;
             let CallOutcome::Answered(mut a) = outcome else {
                 return Ok(outcome);
             };
@@ -173,13 +194,13 @@ impl ChatHandler {
                 );
                 if a.text.trim().is_empty() {
                     a.text = ROUND_LIMIT_MESSAGE.to_owned();
-                    self.stream_text(turn, &a.text).await?;
+                    run.stream_text(&a.text).await?;
                 }
                 a.tool_calls.clear();
                 return Ok(CallOutcome::Answered(a));
             }
-            if let Some(text) = self.run_round(&turn.fence, tt, &a).await? {
-                self.stream_text(turn, &text).await?;
+            if let Some(text) = self.run_round(run, tt, &a).await? {
+                run.stream_text(&text).await?;
                 a.text = text;
                 a.tool_calls.clear();
                 return Ok(CallOutcome::Answered(a));
@@ -187,24 +208,11 @@ impl ChatHandler {
         }
     }
 
-    /// Publish an answer the turn writes itself (not the model) as one `token`, so that clients
-    /// that render tokens show it too.
-    async fn stream_text(&self, turn: &mut Turn, text: &str) -> Result<(), JobError> {
-        self.begin_streaming(turn).await?;
-        self.emit(
-            &turn.fence,
-            &ResponseEvent::Token {
-                text: text.to_owned(),
-            },
-        )
-        .await
-    }
-
     /// Run one round of calls and store it (only while this run holds the response);
     /// `Some(answer)` when it proposed something.
     async fn run_round(
         &self,
-        fence: &Fence,
+        run: &Run,
         tt: &mut ToolTurn,
         a: &Answered,
     ) -> Result<Option<String>, JobError> {
@@ -215,31 +223,24 @@ impl ChatHandler {
         // must not hold a database transaction open)
         let mut query_embeddings = std::collections::HashMap::new();
         for (i, call) in a.tool_calls.iter().enumerate() {
-            if let Ok((def, args)) = tools::parse_call(&call.name, &call.arguments)
+            if let Ok((def, args)) = super::parse_call(&call.name, &call.arguments)
                 && def.name == "search_knowledge"
                 && let Some(q) = args.get("query").and_then(serde_json::Value::as_str)
             {
-                let text: String = q.chars().take(super::retrieval::MAX_QUERY_CHARS).collect();
-                let v = self.embed_query(&self.inner.embedding.model, &text).await;
+                let text: String = q.chars().take(MAX_QUERY_CHARS).collect();
+                let v = self.embedder.embed(&text).await;
                 query_embeddings.insert(i, v);
             }
         }
-        let tuning = super::retrieval::tuning(&self.inner.retrieval);
-        let mut tx = self.inner.db.begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await.map_err(db_error)?;
         // the round and its proposals are this run's writes: refused once another run holds
         // the response (which waits for this transaction)
-        if !store::responses::hold(&mut tx, fence.response_id.into(), fence.run)
-            .await
-            .map_err(db_error)?
-        {
-            fence.lost.cancel();
-            return Err(JobError::retryable("another run holds the response now"));
-        }
+        run.ledger.hold(&mut tx, &run.fence).await?;
         let mut calls = Vec::with_capacity(a.tool_calls.len());
         let mut results: Vec<(String, String)> = Vec::with_capacity(a.tool_calls.len());
         let mut proposals: Vec<Action> = Vec::new();
         // (at most ten years: the arithmetic stays far from chrono's limits)
-        let expiry = self.inner.tools.action_expiry_secs.min(315_360_000);
+        let expiry = self.tools.action_expiry_secs.min(315_360_000);
         let expires_at = chrono::Utc::now()
             + chrono::Duration::seconds(i64::try_from(expiry).unwrap_or(315_360_000));
         let mut seen = std::collections::HashSet::new();
@@ -255,45 +256,45 @@ impl ChatHandler {
                 "id": id, "type": "function",
                 "function": {"name": call.name, "arguments": call.arguments},
             }));
-            let content = match tools::parse_call(&call.name, &call.arguments) {
+            let content = match super::parse_call(&call.name, &call.arguments) {
                 Err(e) => {
                     tracing::info!(tool = %call.name, error = %e.0, "invalid tool call; not run");
-                    tools::metrics::tool_call(&call.name, "invalid");
+                    metrics::tool_call(&call.name, "invalid");
                     e.to_result()
                 }
                 Ok((def, args)) => match def.kind {
                     ToolKind::Read => {
-                        let knowledge = tools::search::Knowledge {
+                        let knowledge = super::search::Knowledge {
                             embedding: query_embeddings.get(&i).and_then(Option::as_ref),
-                            model: &self.inner.embedding.model,
-                            dim: self.inner.embedding.dim,
-                            tuning,
+                            model: &self.embedder.model,
+                            dim: self.embedder.dim,
+                            tuning: self.embedder.tuning,
                         };
-                        match tools::run_read(&mut tx, &ctx, &knowledge, def.name, &args)
+                        match super::run_read(&mut tx, &ctx, &knowledge, def.name, &args)
                             .await
                             .map_err(db_error)?
                         {
                             Ok(v) => {
-                                tools::metrics::tool_call(def.name, "ok");
+                                metrics::tool_call(def.name, "ok");
                                 v.to_string()
                             }
                             Err(e) => {
-                                tools::metrics::tool_call(def.name, "error");
+                                metrics::tool_call(def.name, "error");
                                 e.to_result()
                             }
                         }
                     }
                     ToolKind::Write => {
-                        match tools::propose(&mut tx, &ctx, def.name, &args)
+                        match super::propose(&mut tx, &ctx, def.name, &args)
                             .await
                             .map_err(db_error)?
                         {
                             Err(e) => {
-                                tools::metrics::tool_call(def.name, "error");
+                                metrics::tool_call(def.name, "error");
                                 e.to_result()
                             }
                             Ok(p) => {
-                                tools::metrics::tool_call(def.name, "proposed");
+                                metrics::tool_call(def.name, "proposed");
                                 let (action, _) = actions::insert_proposal(
                                     &mut tx,
                                     &NewProposal {
@@ -350,9 +351,9 @@ impl ChatHandler {
             )));
         }
         tx.commit().await.map_err(db_error)?;
-        tools::metrics::action("proposed", proposals.len() as u64);
+        metrics::action("proposed", proposals.len() as u64);
         for p in &proposals {
-            self.emit(fence, &proposed_event(p)).await?;
+            run.emit(&proposed_event(p)).await?;
         }
         tracing::info!(
             round,

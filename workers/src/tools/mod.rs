@@ -1,4 +1,6 @@
-//! The assistant's tools (docs/ARCHITECTURE.md, "Scope and tools"), in OpenAI `tools` format.
+//! The assistant's tools (docs/ARCHITECTURE.md, "Scope and tools"): the registry (this file,
+//! in OpenAI `tools` format), the tool rounds of a chat turn ([`rounds`]), and the execution of
+//! a confirmed proposal ([`execute`], the `execute_action` job), with their metrics.
 //!
 //! - Read tools run at once, for the conversation's owner, through
 //!   `conversation_projects_visible(user, conversation)`: `search_knowledge`, `list_projects`,
@@ -6,40 +8,18 @@
 //!   that does not exist.
 //! - Write tools only propose: `create_task`, `update_task` are validated and checked against
 //!   the same visibility, then become a proposal (summary, before/after) the user confirms;
-//!   `handlers::actions` executes a confirmed one.
+//!   [`execute`] executes a confirmed one.
 //!
 //! Arguments are checked against the very schema the model is shown ([`schema::validate`]);
 //! invalid ones go back to the model as a tool error and nothing runs.
 
+pub mod execute;
+pub mod metrics;
+pub mod rounds;
 pub mod schema;
 pub mod search;
 
-/// Tool and proposal metrics (bounded labels: tool names of the registry, fixed outcomes).
-pub mod metrics {
-    pub const TOOL_CALLS: &str = "assistant_tool_calls_total";
-    pub const ACTIONS: &str = "proposed_actions_total";
-
-    pub fn describe() {
-        ::metrics::describe_counter!(
-            TOOL_CALLS,
-            "Tool calls of the model by tool and outcome (ok, error, invalid, proposed)"
-        );
-        ::metrics::describe_counter!(
-            ACTIONS,
-            "Proposed actions by event (proposed, executed, failed, expired)"
-        );
-    }
-
-    /// `tool`: a registry name, or `unknown`.
-    pub fn tool_call(tool: &str, outcome: &'static str) {
-        let tool = super::find(tool).map_or("unknown", |t| t.name);
-        ::metrics::counter!(TOOL_CALLS, "tool" => tool, "outcome" => outcome).increment(1);
-    }
-
-    pub fn action(event: &'static str, n: u64) {
-        ::metrics::counter!(ACTIONS, "event" => event).increment(n);
-    }
-}
+pub use execute::ActionsHandler;
 
 use serde_json::{Value, json};
 use sqlx::PgConnection;
@@ -251,13 +231,13 @@ pub fn parse_call(name: &str, arguments: &str) -> Result<(&'static ToolDef, Valu
     Ok((def, args))
 }
 
-fn uuid_arg(args: &Value, name: &str) -> Option<Uuid> {
+pub(crate) fn uuid_arg(args: &Value, name: &str) -> Option<Uuid> {
     args.get(name)
         .and_then(Value::as_str)
         .and_then(|s| Uuid::parse_str(s).ok())
 }
 
-fn status_arg(args: &Value) -> Option<TaskStatus> {
+pub(crate) fn status_arg(args: &Value) -> Option<TaskStatus> {
     args.get("status")
         .and_then(Value::as_str)
         .and_then(|s| s.parse().ok())

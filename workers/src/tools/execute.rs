@@ -10,7 +10,6 @@
 //! lost, the scheduler's reconciler enqueues it again (the response names a job the bus does
 //! not have). A redelivered job finds the proposal decided and does nothing.
 
-use crate::handlers::db_error;
 use jobs::kinds::{Chat, ExecuteAction};
 use jobs::worker::HandlerResult;
 use jobs::{Bus, JobContext, JobError, Registry};
@@ -21,6 +20,10 @@ use store::tasks::{NewTask, TaskPatch};
 use store::{StoreError, TaskStatus};
 use uuid::Uuid;
 
+use super::{metrics, status_arg, uuid_arg};
+use crate::handlers::db_error;
+
+/// The `execute_action` handler.
 #[derive(Clone)]
 pub struct ActionsHandler {
     db: sqlx::PgPool,
@@ -41,18 +44,7 @@ enum Outcome {
 
 const NO_ACCESS: &str = "you can no longer see or change this project or task";
 
-fn uuid_arg(args: &Value, name: &str) -> Option<Uuid> {
-    args.get(name)
-        .and_then(Value::as_str)
-        .and_then(|s| Uuid::parse_str(s).ok())
-}
-
-fn status_arg(args: &Value) -> Option<TaskStatus> {
-    args.get("status")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse().ok())
-}
-
+/// The task as an executed action's result shows it.
 fn task_json(t: &store::tasks::Task) -> Value {
     json!({
         "id": t.id, "project_id": t.project_id, "title": t.title,
@@ -125,42 +117,20 @@ impl ActionsHandler {
                 actions::mark_failed(&mut tx, action.id, reason)
                     .await
                     .map_err(db_error)?;
-                json!({"status": "failed", "action_id": action.id, "reason": reason,
-                       "message": "Nothing was changed."})
+                refused_result(action.id.into(), reason)
             }
         };
-        actions::insert_message(
-            &mut tx,
-            action.conversation_id,
-            action.continuation_response_id,
-            "tool",
-            &result.to_string(),
-            None,
-            Some(&actions::decision_call_id(action.id)),
-        )
-        .await
-        .map_err(db_error)?;
-        let continuation = match action.continuation_response_id {
-            Some(response_id) => {
-                let job = continuation_job(&mut tx, &action, response_id.into()).await?;
-                if let Some(env) = &job {
-                    store::responses::assign_job(&mut tx, response_id, env.id.into())
-                        .await
-                        .map_err(db_error)?;
-                }
-                job
-            }
-            None => None,
-        };
+        let continuation = answer_decision(&mut tx, &action, &result)
+            .await
+            .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
-        use crate::handlers::chat::tools::metrics as m;
         match &outcome {
             Outcome::Executed { task_id, .. } => {
-                m::action("executed", 1);
+                metrics::action("executed", 1);
                 tracing::info!(%task_id, attempt = ctx.attempt, "action executed")
             }
             Outcome::Refused(reason) => {
-                m::action("failed", 1);
+                metrics::action("failed", 1);
                 tracing::info!(reason, "action failed; nothing written")
             }
         }
@@ -175,34 +145,56 @@ impl ActionsHandler {
     }
 }
 
-/// The `chat` job of the continuation response `response_id` of `action`, unless that response
-/// is gone or already handed to a job.
-async fn continuation_job(
+/// The result of an action that failed for `reason`: nothing was written.
+pub(crate) fn refused_result(action_id: Uuid, reason: &str) -> Value {
+    json!({"status": "failed", "action_id": action_id, "reason": reason,
+           "message": "Nothing was changed."})
+}
+
+/// Inside the caller's transaction, once `action` is decided: store `result` as the `tool`
+/// message answering the decided call, and hand the continuation response (unless it is gone
+/// or already handed to a job) to a new `chat` job, returned for the caller to enqueue after
+/// its commit. Used by this handler and by the reconciler's action sweep.
+pub(crate) async fn answer_decision(
     conn: &mut PgConnection,
     action: &Action,
-    response_id: Uuid,
-) -> Result<Option<jobs::Envelope>, JobError> {
+    result: &Value,
+) -> Result<Option<jobs::Envelope>, StoreError> {
+    actions::insert_message(
+        &mut *conn,
+        action.conversation_id,
+        action.continuation_response_id,
+        "tool",
+        &result.to_string(),
+        None,
+        Some(&actions::decision_call_id(action.id)),
+    )
+    .await?;
+    let Some(response_id) = action.continuation_response_id else {
+        return Ok(None);
+    };
     let Some(response) = store::conversations::get_response_own(
-        conn,
+        &mut *conn,
         action.user_id.into(),
         action.conversation_id.into(),
-        response_id,
+        response_id.into(),
     )
-    .await
-    .map_err(db_error)?
+    .await?
     else {
         return Ok(None);
     };
     if response.job_id.is_some() {
         return Ok(None);
     }
-    Ok(Some(jobs::Envelope::new(Chat {
+    let env = jobs::Envelope::new(Chat {
         conversation_id: action.conversation_id,
         message_id: response.user_message_id.into(),
-        response_id: response_id.into(),
+        response_id,
         user_id: action.user_id,
         org_id: action.org_id,
-    })))
+    });
+    store::responses::assign_job(&mut *conn, response_id, env.id.into()).await?;
+    Ok(Some(env))
 }
 
 /// Re-check and write, inside the caller's transaction.
@@ -293,7 +285,7 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
                     .and_then(Value::as_str)
                     .map(str::to_owned),
                 status: status_arg(args),
-                assignee_id: assignee.map(|a| a.map(Into::into)),
+                assignee_id: assignee.map(|x| x.map(Into::into)),
             };
             let before = task_json(&current);
             let Some(task) =

@@ -1,22 +1,19 @@
-//! One model call: stream it, publishing each token as it arrives, and say how it ended.
+//! One model call: stream it, publishing each token as it arrives (fenced: only the run that
+//! holds the response publishes), and say how it ended.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use jobs::JobError;
-use jobs::events::{Published, ResponseEvent};
+use jobs::events::ResponseEvent;
 use llm::{ChatEvent, ChatRequest, Completion, GenerationParams, LlmError, Timeouts};
-use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use super::{ChatHandler, metrics};
-use crate::handlers::{db_error, redis_error};
+use super::{ModelCaller, metrics};
+use crate::ledger::Run;
 
 /// How one model call ended.
-pub(super) enum CallOutcome {
+pub enum CallOutcome {
     Answered(Answered),
     /// 429 before any token (with the provider's `Retry-After`, if any).
     RateLimited(Option<Duration>),
@@ -26,131 +23,21 @@ pub(super) enum CallOutcome {
     FailedAfterTokens,
 }
 
-pub(super) struct Answered {
+pub struct Answered {
     pub model: String,
     pub text: String,
     pub usage: Option<llm::Usage>,
     pub latency: Duration,
-    /// Tool calls the model made (handled by `rounds`); empty for a plain answer.
+    /// Tool calls the model made (handled by `tools::rounds`); empty for a plain answer.
     pub tool_calls: Vec<llm::ToolCall>,
 }
 
-/// A run's identity for everything it writes or publishes: the response, the run's number,
-/// and the token cancelled when the run learns it no longer holds the response (its writes
-/// and publishes were refused, or its lease was not renewed): the handler then stops without
-/// effect.
-#[derive(Clone)]
-pub(super) struct Fence {
-    pub response_id: Uuid,
-    pub run: i32,
-    pub lost: CancellationToken,
-    /// The run gave the response back (`running → queued`).
-    pub released: Arc<AtomicBool>,
-}
-
-impl Fence {
-    pub fn new(response_id: Uuid, run: i32) -> Self {
-        Self {
-            response_id,
-            run,
-            lost: CancellationToken::new(),
-            released: Arc::default(),
-        }
-    }
-
-    /// The error a run returns when it finds itself superseded (the handler turns it into a
-    /// quiet stop, `lost` being cancelled).
-    fn superseded(&self) -> JobError {
-        self.lost.cancel();
-        JobError::retryable("another run holds the response now")
-    }
-}
-
-/// The streaming state of one run of a turn, shared by the primary and fallback calls.
-pub(super) struct Turn {
-    pub fence: Fence,
-    /// `mark_streaming` happened in this run (before its first token).
-    marked: bool,
-    /// All model calls of this run end by then (`litellm.request_timeout_secs` from the start
-    /// of the first).
-    deadline: tokio::time::Instant,
-}
-
-impl Turn {
-    pub fn new(fence: Fence, limit: Duration) -> Self {
-        Self {
-            fence,
-            marked: false,
-            deadline: tokio::time::Instant::now() + limit,
-        }
-    }
-}
-
-impl ChatHandler {
-    /// Before the first token of this run goes out: commit that this run starts streaming;
-    /// if an earlier run had started (its worker was lost, it may have published tokens),
-    /// tell the client to discard its partial text first (`response.restarted`, once per
-    /// run). A run that no longer holds the response stops here.
-    pub(super) async fn begin_streaming(&self, turn: &mut Turn) -> Result<(), JobError> {
-        if turn.marked {
-            return Ok(());
-        }
-        let fence = &turn.fence;
-        let mut conn = self.inner.db.acquire().await.map_err(db_error)?;
-        let before =
-            store::responses::mark_streaming(&mut conn, fence.response_id.into(), fence.run)
-                .await
-                .map_err(db_error)?;
-        drop(conn);
-        let Some(before) = before else {
-            return Err(fence.superseded());
-        };
-        turn.marked = true;
-        if before > 0 {
-            tracing::info!(
-                starts = before,
-                "restarting a response whose worker was lost"
-            );
-            self.emit(
-                fence,
-                &ResponseEvent::ResponseRestarted {
-                    reason: "worker_lost".into(),
-                },
-            )
-            .await?;
-        }
-        Ok(())
-    }
-
-    /// Publish an event of this run: refused (the run stops) unless the response's fence names
-    /// this run. A fence Redis lost (a restart without persistence: the events this run
-    /// published may be gone with it) also stops the run, after it gave the response back: the
-    /// reconciler hands it to a new run, which tells the clients to restart.
-    pub(super) async fn emit(&self, fence: &Fence, event: &ResponseEvent) -> Result<(), JobError> {
-        match self
-            .inner
-            .events
-            .publish_as(fence.response_id, fence.run, event)
-            .await
-            .map_err(redis_error)?
-        {
-            Published::Sent(_) | Published::AlreadyFinished(_) => Ok(()),
-            Published::Fenced => Err(fence.superseded()),
-            Published::NoFence => {
-                tracing::warn!(
-                    "the response's fence is gone from Redis (its events may be too); giving the response back"
-                );
-                self.release(fence, false).await;
-                Err(fence.superseded())
-            }
-        }
-    }
-
+impl ModelCaller {
     /// Call `model` with `messages` (offering `tools`), publishing tokens. `Err` only for our
     /// own infrastructure (database, Redis), or when the run lost the response.
-    pub(super) async fn call_model(
+    pub async fn stream(
         &self,
-        turn: &mut Turn,
+        run: &Run,
         model: &str,
         messages: &[llm::Message],
         tools: &[serde_json::Value],
@@ -159,18 +46,18 @@ impl ChatHandler {
             model: model.to_owned(),
             messages: messages.to_vec(),
             tools: tools.to_vec(),
-            params: GenerationParams::from(&self.inner.chat),
+            params: GenerationParams::from(&self.chat),
         };
-        let timeouts = Timeouts::from_settings(&self.inner.chat);
+        let timeouts = Timeouts::from_settings(&self.chat);
         let started = Instant::now();
-        let deadline = turn.deadline;
+        let deadline = run.deadline;
         let over_limit = || {
             LlmError::Timeout(format!(
                 "the turn's model calls took longer than {:?} (litellm.request_timeout_secs)",
-                self.inner.call_limit
+                self.call_limit
             ))
         };
-        let opened = tokio::time::timeout_at(deadline, self.inner.llm.chat_stream(&req, timeouts))
+        let opened = tokio::time::timeout_at(deadline, self.llm.chat_stream(&req, timeouts))
             .await
             .unwrap_or_else(|_| Err(over_limit()));
         let mut stream = match opened {
@@ -179,7 +66,7 @@ impl ChatHandler {
         };
         let mut completion = Completion::default();
         let mut published = false;
-        let mut tokens = TokenPublisher::new(self.clone(), turn.fence.clone());
+        let mut tokens = TokenPublisher::new(run.clone());
         loop {
             let next = tokio::select! {
                 // a publish finished: send what arrived meanwhile, as one event
@@ -204,7 +91,7 @@ impl ChatHandler {
                             metrics::first_token(model, started.elapsed());
                             published = true;
                             // the start is committed before the first token goes out
-                            self.begin_streaming(turn).await?;
+                            run.begin_streaming().await?;
                         }
                         tokens.push(text);
                     }
@@ -235,29 +122,26 @@ type PublishFuture = BoxFuture<'static, Result<(), JobError>>;
 /// tokens that arrive while a publish is in flight are joined into ONE `token` event (their
 /// concatenation, one id), sent when it completes. No added latency for the first token, and
 /// under load one Redis call, pub/sub message and SSE write per batch instead of per token.
-/// Every publish is the run's ([`ChatHandler::emit`]): fenced.
+/// Every publish is the run's ([`Run::emit`]): fenced.
 struct TokenPublisher {
-    handler: ChatHandler,
-    fence: Fence,
+    run: Run,
     pending: String,
     in_flight: Option<PublishFuture>,
 }
 
 impl TokenPublisher {
-    fn new(handler: ChatHandler, fence: Fence) -> Self {
+    fn new(run: Run) -> Self {
         Self {
-            handler,
-            fence,
+            run,
             pending: String::new(),
             in_flight: None,
         }
     }
 
     fn start(&mut self, text: String) {
-        let handler = self.handler.clone();
-        let fence = self.fence.clone();
+        let run = self.run.clone();
         self.in_flight = Some(Box::pin(async move {
-            handler.emit(&fence, &ResponseEvent::Token { text }).await
+            run.emit(&ResponseEvent::Token { text }).await
         }));
     }
 
@@ -321,8 +205,10 @@ mod tests {
     use jobs::events::{EventHub, EventPublisher};
 
     use super::*;
+    use crate::ledger::{Fence, Ledger};
+    use uuid::Uuid;
 
-    fn handler(redis: &testkit::TestRedis) -> (ChatHandler, Arc<RedisHandle>, config::Settings) {
+    fn ledger(redis: &testkit::TestRedis) -> (Ledger, Arc<RedisHandle>, config::Settings) {
         let settings = config::Settings::load_from(None, |k| match k {
             "REDIS_URL" => Some(redis.url.clone()),
             "REDIS_PREFIX" => Some(redis.prefix.clone()),
@@ -332,8 +218,16 @@ mod tests {
         let handle = Arc::new(RedisHandle::new(&settings.redis).unwrap());
         // (the pool connects lazily: these tests never reach PostgreSQL)
         let db = store::pool(&settings.database).unwrap();
-        let h = ChatHandler::new(db, handle.clone(), &settings).unwrap();
-        (h, handle, settings)
+        let ledger = Ledger::new(db, handle.clone(), &settings);
+        (ledger, handle, settings)
+    }
+
+    fn run(ledger: Ledger, fence: Fence) -> Run {
+        Run {
+            ledger,
+            fence,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(60),
+        }
     }
 
     async fn texts(handle: Arc<RedisHandle>, response_id: Uuid) -> Vec<String> {
@@ -354,13 +248,13 @@ mod tests {
     #[tokio::test]
     async fn tokens_arriving_during_a_publish_are_joined_into_one_event() {
         let redis = testkit::TestRedis::new();
-        let (h, handle, settings) = handler(&redis);
+        let (ledger, handle, settings) = ledger(&redis);
         let response_id = Uuid::now_v7();
         EventPublisher::new(handle.clone(), &settings.events)
             .fence(response_id, 1)
             .await
             .unwrap();
-        let mut tokens = TokenPublisher::new(h, Fence::new(response_id, 1));
+        let mut tokens = TokenPublisher::new(run(ledger, Fence::new(response_id, 1)));
         tokens.push("Hel"); // published at once
         tokens.push("lo"); // these three wait for it, then go together
         tokens.push("");
@@ -377,12 +271,12 @@ mod tests {
     #[tokio::test]
     async fn a_superseded_run_publishes_nothing() {
         let redis = testkit::TestRedis::new();
-        let (h, handle, settings) = handler(&redis);
+        let (ledger, handle, settings) = ledger(&redis);
         let publisher = EventPublisher::new(handle.clone(), &settings.events);
         let response_id = Uuid::now_v7();
         publisher.fence(response_id, 1).await.unwrap();
         let old = Fence::new(response_id, 1);
-        let mut tokens = TokenPublisher::new(h, old.clone());
+        let mut tokens = TokenPublisher::new(run(ledger, old.clone()));
         tokens.push("mine");
         tokens.flush().await.unwrap();
         // run 2 takes over; run 1 can no longer publish, and a stale fence never comes back

@@ -1,0 +1,81 @@
+//! Embedding with a fallback, and the token estimate: what every caller that embeds text for
+//! retrieval or memory needs besides [`LlmClient::embed`] (the chat turn's question, the memory
+//! entries of `remember`, the `search_knowledge` tool). An embedding that fails is never fatal
+//! for them: the caller goes on without a vector (full-text retrieval, ranking by recency) and
+//! logs and counts the failure it gets back here.
+
+use std::time::Duration;
+
+use crate::LlmClient;
+
+/// Estimated tokens of a text: one per 4 characters, rounded up (0 for an empty text). The one
+/// estimate of the workspace, used for every prompt budget.
+pub fn estimate_tokens(text: &str) -> usize {
+    text.chars().count().div_ceil(4)
+}
+
+/// What an embedding request must deliver to be usable.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Expect {
+    /// Each vector has exactly this many dimensions (`None`: not checked).
+    pub dim: Option<u32>,
+    /// The request ends by then, or counts as failed (`None`: the client's own limit).
+    pub within: Option<Duration>,
+}
+
+/// Why an embedding was not usable (for the caller's log line: the failure kind, a dimension
+/// mismatch, a missing vector or a timeout).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EmbedFailure(pub String);
+
+impl LlmClient {
+    /// Embed `texts` with `model`: one vector per text, in order, as [`Expect`]ed, or the
+    /// reason why not. The caller falls back (and logs, and counts) on `Err`.
+    pub async fn embed_or_fail(
+        &self,
+        model: &str,
+        texts: &[String],
+        expect: Expect,
+    ) -> Result<Vec<Vec<f32>>, EmbedFailure> {
+        let call = self.embed(model, texts);
+        let outcome = match expect.within {
+            Some(limit) => tokio::time::timeout(limit, call)
+                .await
+                .map_err(|_| EmbedFailure("timeout".into()))?,
+            None => call.await,
+        };
+        let vectors = outcome.map_err(|e| EmbedFailure(e.kind().to_owned()))?;
+        if vectors.len() != texts.len() {
+            return Err(EmbedFailure(if vectors.is_empty() {
+                "no embedding".to_owned()
+            } else {
+                format!("{} embeddings for {} inputs", vectors.len(), texts.len())
+            }));
+        }
+        if let Some(dim) = expect.dim
+            && let Some(v) = vectors
+                .iter()
+                .find(|v| u32::try_from(v.len()).ok() != Some(dim))
+        {
+            return Err(EmbedFailure(format!(
+                "{} dimensions, expected {dim}",
+                v.len()
+            )));
+        }
+        Ok(vectors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn four_characters_a_token_rounded_up() {
+        assert_eq!(estimate_tokens(""), 0);
+        assert_eq!(estimate_tokens("abcd"), 1);
+        assert_eq!(estimate_tokens("abcde"), 2);
+        assert_eq!(estimate_tokens("héllo"), 2);
+    }
+}
