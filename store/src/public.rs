@@ -10,7 +10,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::conversations::Message;
-use crate::types::{MessageId, ResponseId};
+use crate::types::{ErrorCode, MessageId, ResponseId};
 
 /// Token counts of an assistant message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,7 +100,7 @@ impl PublicMessage {
 
 /// The `error` event's code and message of a failed response that stored none (the failure
 /// paths always store both; this only keeps an old or hand-edited row answerable).
-pub const UNAVAILABLE_CODE: &str = "model_unavailable";
+pub const UNAVAILABLE_CODE: ErrorCode = ErrorCode::ModelUnavailable;
 pub const UNAVAILABLE_MESSAGE: &str =
     "The assistant is unavailable right now. Please try again in a few minutes.";
 
@@ -117,7 +117,7 @@ pub enum Outcome {
     /// `message.completed` for the stored answer.
     Completed(Completed),
     /// `error` with the stored code and message.
-    Failed { code: String, message: String },
+    Failed { code: ErrorCode, message: String },
     /// Completed, but the answer is not stored (any more): each caller says so its own way.
     AnswerMissing,
 }
@@ -139,8 +139,9 @@ impl Outcome {
             ResponseStatus::Failed => Outcome::Failed {
                 code: response
                     .error_code
-                    .clone()
-                    .unwrap_or_else(|| UNAVAILABLE_CODE.to_owned()),
+                    .as_deref()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(UNAVAILABLE_CODE),
                 message: response
                     .error_message
                     .clone()
@@ -155,7 +156,7 @@ impl Outcome {
     pub fn event<E>(
         self,
         completed: impl FnOnce(Value, String, Value) -> E,
-        error: impl FnOnce(String, String) -> E,
+        error: impl FnOnce(ErrorCode, String) -> E,
     ) -> Option<E> {
         match self {
             Outcome::Completed(c) => Some(completed(c.message, c.model, c.usage)),

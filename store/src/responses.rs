@@ -16,7 +16,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::StoreError;
 use crate::conversations::{RESPONSE_COLS, Response, response_cols_of};
 use crate::types::ResponseStatus;
-use crate::types::{ConversationId, JobId, MessageId, OrgId, ResponseId, UserId};
+use crate::types::{ConversationId, ErrorCode, JobId, MessageId, OrgId, ResponseId, UserId};
 
 fn sql(s: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(s)
@@ -253,7 +253,7 @@ pub async fn fail_run(
     conn: &mut PgConnection,
     response_id: ResponseId,
     run: i32,
-    code: &str,
+    code: ErrorCode,
     message: &str,
 ) -> Result<bool, StoreError> {
     let n = sqlx::query(
@@ -279,7 +279,7 @@ pub async fn fail_unfinished(
     conn: &mut PgConnection,
     response_id: ResponseId,
     job_id: Option<JobId>,
-    code: &str,
+    code: ErrorCode,
     message: &str,
 ) -> Result<bool, StoreError> {
     let n = sqlx::query(
@@ -381,7 +381,7 @@ pub async fn give_up(
     pool: &PgPool,
     response_id: ResponseId,
     job: JobId,
-    code: &str,
+    code: ErrorCode,
     message: &str,
 ) -> Result<bool, StoreError> {
     let n = sqlx::query(

@@ -32,7 +32,7 @@ const BATCH: i64 = 1000;
 /// At most one reconciler-requested index run per this many seconds.
 pub const INDEX_WINDOW_SECS: u64 = 30;
 /// The code and text of a response the reconciler gives up on.
-const LOST_CODE: &str = "internal_error";
+const LOST_CODE: store::ErrorCode = store::ErrorCode::InternalError;
 const LOST_MESSAGE: &str =
     "The answer could not be completed after repeated interruptions. Please ask again.";
 const ACTION_LOST_REASON: &str =
@@ -210,7 +210,7 @@ impl Reconciler {
             .publish(
                 response_id,
                 &ResponseEvent::Error {
-                    code: LOST_CODE.into(),
+                    code: LOST_CODE.to_string(),
                     message: LOST_MESSAGE.into(),
                 },
             )

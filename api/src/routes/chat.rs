@@ -546,11 +546,13 @@ impl ChatApi {
         let outcome = store::public::Outcome::of(&mut conn, response).await?;
         // (callers ask only about finished responses)
         let outcome = outcome.unwrap_or(store::public::Outcome::Failed {
-            code: store::public::UNAVAILABLE_CODE.to_owned(),
+            code: store::public::UNAVAILABLE_CODE,
             message: store::public::UNAVAILABLE_MESSAGE.to_owned(),
         });
         Ok(outcome
-            .event(ResponseEvent::completed, ResponseEvent::error)
+            .event(ResponseEvent::completed, |code, message| {
+                ResponseEvent::error(code.to_string(), message)
+            })
             .unwrap_or_else(expired_error))
     }
 
@@ -631,7 +633,7 @@ impl ChatApi {
 
 fn expired_error() -> ResponseEvent {
     ResponseEvent::Error {
-        code: "events_expired".into(),
+        code: store::ErrorCode::EventsExpired.to_string(),
         message: "the events of this response are no longer available".into(),
     }
 }

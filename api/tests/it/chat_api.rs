@@ -260,7 +260,7 @@ async fn json_mode_failures_are_502_for_the_model_and_503_for_ours() {
         let mut worker = FakeWorker::new(&app).await;
         let failing = tokio::spawn(async move {
             let job = worker.next_job().await;
-            worker.fail(&job, code).await;
+            worker.fail(&job, code.parse().unwrap()).await;
         });
         let r = app
             .post(

@@ -118,7 +118,7 @@ impl FakeWorker {
     }
 
     /// Fail the response with `code`, as a worker does.
-    pub async fn fail(&self, job: &jobs::kinds::Chat, code: &str) {
+    pub async fn fail(&self, job: &jobs::kinds::Chat, code: store::ErrorCode) {
         let mut conn = self.pool.acquire().await.unwrap();
         store::responses::fail_unfinished(
             &mut conn,
@@ -132,7 +132,7 @@ impl FakeWorker {
         self.publish(
             job.response_id.into(),
             ResponseEvent::Error {
-                code: code.into(),
+                code: code.to_string(),
                 message: "both models failed".into(),
             },
         )

@@ -4,7 +4,7 @@
 use store::conversations::{self, Answer, Completion, NewTurn, TurnStarted};
 use store::projects::NewProject;
 use store::responses;
-use store::{ResponseStatus, Role, StoreError, Visibility};
+use store::{ErrorCode, ResponseStatus, Role, StoreError, Visibility};
 use testkit::TestDb;
 use uuid::Uuid;
 
@@ -334,7 +334,7 @@ async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_run
             .unwrap()
     );
     assert!(
-        !responses::fail_run(&mut c, response.id.into(), 1, "x", "y")
+        !responses::fail_run(&mut c, response.id.into(), 1, ErrorCode::InternalError, "y")
             .await
             .unwrap()
     );
@@ -398,9 +398,15 @@ async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_run
     assert_eq!(r.model.as_deref(), Some("m1"));
     // finished: failing changes nothing, nothing takes it
     assert!(
-        !responses::fail_unfinished(&mut c, response.id.into(), None, "x", "y")
-            .await
-            .unwrap()
+        !responses::fail_unfinished(
+            &mut c,
+            response.id.into(),
+            None,
+            ErrorCode::InternalError,
+            "y"
+        )
+        .await
+        .unwrap()
     );
     let (finished, _) = take(&mut c, &w, conv.id, response.id, job).await;
     assert_eq!(finished, responses::Take::Finished);

@@ -9,10 +9,9 @@ use jobs::events::ResponseEvent;
 use jobs::kinds::Chat;
 use jobs::worker::HandlerResult;
 use store::conversations::{self as conv, Answer, Completion, Response};
-use store::responses;
+use store::{ErrorCode, responses};
 use uuid::Uuid;
 
-use super::codes;
 use super::context::TurnRecord;
 use crate::follow_ups::FollowUps;
 use crate::handlers::db_error;
@@ -118,7 +117,7 @@ impl Outcome {
     /// Mark the response failed (only while this run holds it), then publish the `error`
     /// event. The job itself succeeded: the user has their answer (an error), nothing is
     /// retried.
-    pub async fn fail(&self, fence: &Fence, code: &str, message: &str) -> HandlerResult {
+    pub async fn fail(&self, fence: &Fence, code: ErrorCode, message: &str) -> HandlerResult {
         let mut conn = self.db.acquire().await.map_err(db_error)?;
         let failed = responses::fail_run(
             &mut conn,
@@ -134,9 +133,9 @@ impl Outcome {
             fence.lost.cancel();
             return Ok(());
         }
-        let event = ResponseEvent::error(code.to_owned(), message.to_owned());
+        let event = ResponseEvent::error(code.to_string(), message.to_owned());
         self.ledger.publish_once(fence.response_id, &event).await?;
-        tracing::warn!(code, "the turn failed");
+        tracing::warn!(%code, "the turn failed");
         Ok(())
     }
 
@@ -150,7 +149,7 @@ impl Outcome {
                 &mut conn,
                 job.response_id,
                 Some(job_id.into()),
-                codes::INTERNAL_ERROR,
+                ErrorCode::InternalError,
                 INTERNAL_MESSAGE,
             )
             .await
@@ -191,7 +190,9 @@ impl Outcome {
         let Some(outcome) = outcome else {
             return Ok(());
         };
-        let Some(event) = outcome.event(ResponseEvent::completed, ResponseEvent::error) else {
+        let Some(event) = outcome.event(ResponseEvent::completed, |code, message| {
+            ResponseEvent::error(code.to_string(), message)
+        }) else {
             return Err(JobError::permanent(
                 "a completed response without an answer",
             ));

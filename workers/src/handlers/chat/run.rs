@@ -9,11 +9,12 @@ use chrono::Utc;
 use jobs::kinds::Chat;
 use jobs::worker::HandlerResult;
 use jobs::{JobContext, JobError};
+use store::ErrorCode;
 use store::conversations::{Message, Response};
 use store::responses::{Take, TurnStart};
 
+use super::ChatHandler;
 use super::outcome::{RATE_LIMITED_MESSAGE, STREAM_FAILED_MESSAGE, UNAVAILABLE_MESSAGE};
-use super::{ChatHandler, codes};
 use crate::handlers::db_error;
 use crate::ledger::{Fence, Run};
 use crate::model::{Admission, CallOutcome, RateLimitDecision, metrics, rate_limit_decision};
@@ -177,7 +178,7 @@ impl ChatHandler {
                 CallOutcome::FailedAfterTokens => {
                     return parts
                         .outcome
-                        .fail(fence, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
+                        .fail(fence, ErrorCode::ModelStreamFailed, STREAM_FAILED_MESSAGE)
                         .await;
                 }
                 CallOutcome::FailedBeforeTokens(e) => Some(e),
@@ -189,7 +190,7 @@ impl ChatHandler {
             tracing::warn!(primary = %models.primary, kind = primary_error.as_ref().map(llm::LlmError::kind), "no fallback model; giving up");
             return parts
                 .outcome
-                .fail(fence, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
+                .fail(fence, ErrorCode::ModelUnavailable, UNAVAILABLE_MESSAGE)
                 .await;
         };
         // (admitted already when it is the model this run called first)
@@ -223,13 +224,13 @@ impl ChatHandler {
             CallOutcome::FailedAfterTokens => {
                 parts
                     .outcome
-                    .fail(fence, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
+                    .fail(fence, ErrorCode::ModelStreamFailed, STREAM_FAILED_MESSAGE)
                     .await
             }
             CallOutcome::FailedBeforeTokens(_) => {
                 parts
                     .outcome
-                    .fail(fence, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
+                    .fail(fence, ErrorCode::ModelUnavailable, UNAVAILABLE_MESSAGE)
                     .await
             }
         }
@@ -305,7 +306,7 @@ impl ChatHandler {
                 tracing::warn!(model, "rate limited past the maximum wait; giving up");
                 parts
                     .outcome
-                    .fail(fence, codes::RATE_LIMITED, RATE_LIMITED_MESSAGE)
+                    .fail(fence, ErrorCode::RateLimited, RATE_LIMITED_MESSAGE)
                     .await
             }
         }
