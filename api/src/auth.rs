@@ -198,7 +198,7 @@ async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Caller> {
         .jwt
         .verify(&bearer.token)
         .ok_or(ApiError::Unauthorized)?;
-    let role = store::tenancy::member_role(&state.db, claims.org, claims.sub)
+    let role = store::tenancy::member_role(&state.db, claims.org.into(), claims.sub.into())
         .await
         .map_err(ApiError::from)?
         .ok_or(ApiError::Unauthorized)?;

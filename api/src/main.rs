@@ -87,7 +87,7 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<()>
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("no user with email {user_email:?}"))?;
             let (token, expires_at) = keys
-                .issue(user.id, org_id)
+                .issue(user.id.into(), org_id.into())
                 .map_err(|e| anyhow::anyhow!("cannot issue a token: {e}"))?;
             tracing::info!(user_id = %user.id, %org_id, %expires_at, "token issued");
             use std::io::Write as _;
@@ -101,7 +101,7 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<()>
                 chrono::Utc::now().date_naive() - chrono::Days::new(USAGE_DEFAULT_DAYS)
             });
             let pool = store::pool(&settings.database)?;
-            let rows = store::usage::report(&pool, org, since).await?;
+            let rows = store::usage::report(&pool, org.map(Into::into), since).await?;
             let table = api::usage_report::render(&rows);
             // A locked writer rather than `println!`: a closed pipe (`api usage | head`) is an
             // error to report, not a panic.

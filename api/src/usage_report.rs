@@ -84,7 +84,7 @@ mod tests {
         let org = uuid::Uuid::nil();
         let row = |day: u32, model: &str, n: i64| Row {
             day: NaiveDate::from_ymd_opt(2026, 11, day).unwrap(),
-            org_id: org,
+            org_id: org.into(),
             model: model.to_owned(),
             requests: n,
             prompt_tokens: n * 100,

@@ -109,7 +109,7 @@ pub struct UserView {
 impl From<store::tenancy::User> for UserView {
     fn from(u: store::tenancy::User) -> Self {
         Self {
-            id: u.id,
+            id: u.id.into(),
             email: u.email,
             name: u.name,
             created_at: u.created_at,
@@ -133,7 +133,7 @@ pub struct OrgView {
 impl From<store::tenancy::Org> for OrgView {
     fn from(o: store::tenancy::Org) -> Self {
         Self {
-            id: o.id,
+            id: o.id.into(),
             name: o.name,
             model: o.model,
             fallback_model: o.fallback_model,
@@ -164,8 +164,8 @@ pub struct TeamView {
 impl From<store::tenancy::Team> for TeamView {
     fn from(t: store::tenancy::Team) -> Self {
         Self {
-            id: t.id,
-            org_id: t.org_id,
+            id: t.id.into(),
+            org_id: t.org_id.into(),
             name: t.name,
             created_at: t.created_at,
         }
@@ -190,13 +190,13 @@ pub struct ProjectView {
 impl From<store::projects::Project> for ProjectView {
     fn from(p: store::projects::Project) -> Self {
         Self {
-            id: p.id,
-            org_id: p.org_id,
+            id: p.id.into(),
+            org_id: p.org_id.into(),
             name: p.name,
             description: p.description,
             visibility: p.visibility.into(),
-            team_id: p.team_id,
-            created_by: p.created_by,
+            team_id: p.team_id.map(Into::into),
+            created_by: p.created_by.map(Into::into),
             created_at: p.created_at,
             updated_at: p.updated_at,
         }
@@ -221,13 +221,13 @@ pub struct TaskView {
 impl From<store::tasks::Task> for TaskView {
     fn from(t: store::tasks::Task) -> Self {
         Self {
-            id: t.id,
-            project_id: t.project_id,
+            id: t.id.into(),
+            project_id: t.project_id.into(),
             title: t.title,
             description: t.description,
             status: t.status.into(),
-            assignee_id: t.assignee_id,
-            created_by: t.created_by,
+            assignee_id: t.assignee_id.map(Into::into),
+            created_by: t.created_by.map(Into::into),
             created_at: t.created_at,
             updated_at: t.updated_at,
         }
@@ -319,12 +319,12 @@ pub struct MessageView {
 impl From<store::public::PublicMessage> for MessageView {
     fn from(m: store::public::PublicMessage) -> Self {
         Self {
-            id: m.id,
+            id: m.id.into(),
             role: m.role,
             content: m.content,
             model: m.model,
             created_at: m.created_at,
-            response_id: m.response_id,
+            response_id: m.response_id.map(Into::into),
             usage: m.usage.map(|u| UsageView {
                 prompt_tokens: u.prompt_tokens,
                 completion_tokens: u.completion_tokens,

@@ -103,13 +103,13 @@ async fn run(settings: &config::Settings, db: &ScratchDb, args: &MemoryArgs) -> 
         .await?;
         projects.push(p.id);
     }
-    let conversation = store::conversations::create(&mut c, org, user, "bench", None)
+    let conversation = store::conversations::create(&mut c, org.into(), user.into(), "bench", None)
         .await?
         .id;
     drop(c);
     fill(
         &pool,
-        Owner::org(org),
+        Owner::org(org.into()),
         m.capacity_org,
         model,
         dim,
@@ -119,7 +119,7 @@ async fn run(settings: &config::Settings, db: &ScratchDb, args: &MemoryArgs) -> 
     for p in &projects {
         fill(
             &pool,
-            Owner::project(org, *p),
+            Owner::project(org.into(), (*p).into()),
             m.capacity_project,
             model,
             dim,
@@ -129,7 +129,7 @@ async fn run(settings: &config::Settings, db: &ScratchDb, args: &MemoryArgs) -> 
     }
     fill(
         &pool,
-        Owner::user(org, user),
+        Owner::user(org.into(), user.into()),
         m.capacity_user,
         model,
         dim,
@@ -150,7 +150,8 @@ async fn run(settings: &config::Settings, db: &ScratchDb, args: &MemoryArgs) -> 
     for _ in 0..args.samples {
         let q = random_unit(dim);
         let t = Instant::now();
-        let got = memory::for_prompt(&mut conn, user, conversation, Some((model, &q)), 200).await?;
+        let got = memory::for_prompt(&mut conn, user.into(), conversation, Some((model, &q)), 200)
+            .await?;
         samples.push(t.elapsed().as_secs_f64() * 1000.0);
         anyhow::ensure!(!got.is_empty(), "no entries read");
     }
@@ -165,7 +166,7 @@ async fn run(settings: &config::Settings, db: &ScratchDb, args: &MemoryArgs) -> 
     );
 
     // sequential inserts into the full user tier (each one trims one)
-    let owner = Owner::user(org, user);
+    let owner = Owner::user(org.into(), user.into());
     let mut samples = Vec::with_capacity(args.samples);
     for i in 0..args.samples {
         let e = entry(owner, 10_000 + i, model, dim);

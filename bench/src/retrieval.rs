@@ -203,7 +203,7 @@ async fn tenancy(
         .await?
         .id;
         store::tenancy::insert_membership(&mut c, org, id, role).await?;
-        anyhow::Ok(id)
+        anyhow::Ok(id.into_uuid())
     };
     let admin = user(store::Role::Admin, "admin").await?;
     let one = user(store::Role::Member, "one").await?;
@@ -214,7 +214,7 @@ async fn tenancy(
             &mut c,
             &store::projects::NewProject {
                 org_id: org,
-                created_by: admin,
+                created_by: admin.into(),
                 name: "p",
                 description: "",
                 visibility: store::Visibility::Private,
@@ -231,17 +231,17 @@ async fn tenancy(
         order.swap(i, rng.random_range(0..=i));
     }
     for p in &order[..args.projects / 100] {
-        store::projects::add_member(&mut c, org, *p, one).await?;
+        store::projects::add_member(&mut c, org, *p, one.into()).await?;
     }
     for i in (1..order.len()).rev() {
         order.swap(i, rng.random_range(0..=i));
     }
     for p in &order[..args.projects / 10] {
-        store::projects::add_member(&mut c, org, *p, ten).await?;
+        store::projects::add_member(&mut c, org, *p, ten.into()).await?;
     }
     let mut users = Vec::new();
     for (label, id) in [("1%", one), ("10%", ten), ("100%", admin)] {
-        let conversation = store::conversations::create(&mut c, org, id, "bench", None)
+        let conversation = store::conversations::create(&mut c, org.into(), id, "bench", None)
             .await?
             .id;
         users.push(User {
@@ -250,7 +250,11 @@ async fn tenancy(
             conversation,
         });
     }
-    Ok((org, projects, users))
+    Ok((
+        org.into(),
+        projects.into_iter().map(Into::into).collect(),
+        users,
+    ))
 }
 
 /// COPY the generated chunks in; returns the seconds it took.
@@ -465,9 +469,9 @@ async fn query(
             let v = pgvector::Vector::from(vectors.sample(rng));
             let text = words(rng, 3);
             let query = Query {
-                org_id: org,
-                user_id: user.id,
-                conversation_id: user.conversation,
+                org_id: org.into(),
+                user_id: user.id.into(),
+                conversation_id: user.conversation.into(),
                 embedding: Some(&v),
                 text: &text,
                 model: MODEL,
@@ -533,9 +537,9 @@ async fn query(
                 user.label
             );
             let query = Query {
-                org_id: org,
-                user_id: user.id,
-                conversation_id: user.conversation,
+                org_id: org.into(),
+                user_id: user.id.into(),
+                conversation_id: user.conversation.into(),
                 embedding: Some(&v),
                 text: "",
                 model: MODEL,

@@ -99,6 +99,25 @@ mod tests {
         assert_eq!(back.job.name(), "index");
     }
 
+    /// Typed ids are transparent: a job queued before they existed parses, and the same job
+    /// serialises to the same bytes.
+    #[test]
+    fn payload_ids_are_bare_uuids_on_the_wire() {
+        let json = r#"{"id":"0190b0a0-0000-7000-8000-000000000000","attempt":1,"enqueued_at":"2026-01-01T00:00:00Z","kind":"chat","payload":{"conversation_id":"0190b0a0-0000-7000-8000-000000000001","message_id":"0190b0a0-0000-7000-8000-000000000002","response_id":"0190b0a0-0000-7000-8000-000000000003","user_id":"0190b0a0-0000-7000-8000-000000000004","org_id":"0190b0a0-0000-7000-8000-000000000005"}}"#;
+        let env = Envelope::from_json(json).unwrap();
+        let Job::Chat(chat) = &env.job else {
+            panic!("not a chat job: {env:?}");
+        };
+        assert_eq!(
+            chat.response_id.to_string(),
+            "0190b0a0-0000-7000-8000-000000000003"
+        );
+        assert_eq!(env.to_json().unwrap(), json);
+
+        let json = r#"{"id":"0190b0a0-0000-7000-8000-000000000000","attempt":2,"enqueued_at":"2026-01-01T00:00:00Z","kind":"execute_action","payload":{"action_id":"0190b0a0-0000-7000-8000-000000000006"}}"#;
+        assert_eq!(Envelope::from_json(json).unwrap().to_json().unwrap(), json);
+    }
+
     #[test]
     fn unknown_kinds_are_rejected() {
         let json = r#"{"id":"0190b0a0-0000-7000-8000-000000000000","attempt":1,

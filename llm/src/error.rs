@@ -25,6 +25,25 @@ impl LlmError {
         matches!(self, LlmError::RateLimited { .. })
     }
 
+    /// Whether the same request may succeed later. An upstream 4xx other than 408 (timeout)
+    /// and 429 (rate limit) is about the request itself (too long, refused by a content
+    /// policy): sending it again fails again. Everything else (5xx, timeouts, connections,
+    /// malformed or cut streams, empty answers) is the provider's state of the moment.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, LlmError::Upstream { status, .. }
+            if (400..500).contains(status) && *status != 408 && *status != 429)
+    }
+
+    /// Whether the provider is unavailable whatever the request: rate limited, timed out,
+    /// unreachable. (A caller with bounded inputs stops the whole run on these instead of
+    /// blaming one input.)
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            LlmError::RateLimited { .. } | LlmError::Timeout(_) | LlmError::Connection(_)
+        )
+    }
+
     /// The provider's `Retry-After`, when it sent one.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -112,4 +131,37 @@ pub(crate) async fn check_status(resp: reqwest::Response) -> Result<reqwest::Res
         status: status.as_u16(),
         message,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(status: u16) -> LlmError {
+        LlmError::Upstream {
+            status,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_rejected_request_is_not_retried() {
+        assert!(!upstream(400).is_retryable());
+        assert!(!upstream(422).is_retryable());
+        assert!(upstream(429).is_retryable());
+        assert!(upstream(408).is_retryable());
+        assert!(upstream(500).is_retryable());
+        assert!(LlmError::Timeout("t".into()).is_retryable());
+        assert!(LlmError::Empty.is_retryable());
+    }
+
+    #[test]
+    fn unavailable_is_about_the_provider_not_the_request() {
+        assert!(LlmError::RateLimited { retry_after: None }.is_unavailable());
+        assert!(LlmError::Timeout("t".into()).is_unavailable());
+        assert!(LlmError::Connection("c".into()).is_unavailable());
+        assert!(!upstream(500).is_unavailable());
+        assert!(!upstream(400).is_unavailable());
+        assert!(!LlmError::Cut("c".into()).is_unavailable());
+    }
 }

@@ -13,14 +13,15 @@ use uuid::Uuid;
 
 use crate::StoreError;
 use crate::conversations::{Message, Response};
+use crate::types::{ActionId, ConversationId, JobId, MessageId, OrgId, ResponseId, TaskId, UserId};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Action {
-    pub id: Uuid,
-    pub org_id: Uuid,
-    pub conversation_id: Uuid,
-    pub user_id: Uuid,
-    pub response_id: Uuid,
+    pub id: ActionId,
+    pub org_id: OrgId,
+    pub conversation_id: ConversationId,
+    pub user_id: UserId,
+    pub response_id: ResponseId,
     pub tool_call_id: String,
     pub tool: String,
     pub arguments: Value,
@@ -32,7 +33,7 @@ pub struct Action {
     pub status: String,
     pub result: Option<Value>,
     pub failure_reason: Option<String>,
-    pub continuation_response_id: Option<Uuid>,
+    pub continuation_response_id: Option<ResponseId>,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub decided_at: Option<DateTime<Utc>>,
@@ -54,10 +55,10 @@ const MESSAGE_COLS: &str = "id, conversation_id, seq, role, content, response_id
 
 /// A proposal as a write tool call makes it.
 pub struct NewProposal<'a> {
-    pub org_id: Uuid,
-    pub conversation_id: Uuid,
-    pub user_id: Uuid,
-    pub response_id: Uuid,
+    pub org_id: OrgId,
+    pub conversation_id: ConversationId,
+    pub user_id: UserId,
+    pub response_id: ResponseId,
     pub tool_call_id: &'a str,
     pub tool: &'a str,
     pub arguments: &'a Value,
@@ -81,7 +82,7 @@ pub async fn insert_proposal(
          ON CONFLICT ON CONSTRAINT proposed_actions_one_per_call DO NOTHING
          RETURNING id",
     )
-    .bind(Uuid::now_v7())
+    .bind(ActionId::new_v7())
     .bind(new.org_id)
     .bind(new.conversation_id)
     .bind(new.user_id)
@@ -108,8 +109,8 @@ pub async fn insert_proposal(
 /// The caller's own proposal; `None` for anything else.
 pub async fn get_own(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    id: Uuid,
+    user_id: UserId,
+    id: ActionId,
 ) -> Result<Option<Action>, StoreError> {
     Ok(sqlx::query_as::<_, Action>(sql(format!(
         "SELECT {ACTION_COLS} FROM proposed_actions a
@@ -125,8 +126,8 @@ pub async fn get_own(
 /// The proposals of the caller's own conversation, oldest first (at most `limit`).
 pub async fn list_own(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    conversation_id: Uuid,
+    user_id: UserId,
+    conversation_id: ConversationId,
     limit: i64,
 ) -> Result<Vec<Action>, StoreError> {
     Ok(sqlx::query_as::<_, Action>(sql(format!(
@@ -145,7 +146,7 @@ pub async fn list_own(
 /// The proposals one response (turn) made, oldest first.
 pub async fn list_for_response(
     conn: &mut PgConnection,
-    response_id: Uuid,
+    response_id: ResponseId,
 ) -> Result<Vec<Action>, StoreError> {
     Ok(sqlx::query_as::<_, Action>(sql(format!(
         "SELECT {ACTION_COLS} FROM proposed_actions a WHERE a.response_id = $1
@@ -157,7 +158,7 @@ pub async fn list_for_response(
 }
 
 /// A proposal by id, locked for the rest of the caller's transaction (workers).
-pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Action>, StoreError> {
+pub async fn lock(conn: &mut PgConnection, id: ActionId) -> Result<Option<Action>, StoreError> {
     Ok(sqlx::query_as::<_, Action>(sql(format!(
         "SELECT {ACTION_COLS} FROM proposed_actions a WHERE a.id = $1 FOR UPDATE"
     )))
@@ -177,15 +178,15 @@ pub enum Decision<T> {
 }
 
 /// The call id of the assistant message that stands for a decided proposal in the history.
-pub fn decision_call_id(action_id: Uuid) -> String {
-    format!("decided-{}", action_id.simple())
+pub fn decision_call_id(action_id: ActionId) -> String {
+    format!("decided-{}", action_id.as_uuid().simple())
 }
 
 /// Lock the caller's own proposal and move it out of `pending`.
 async fn decide(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    id: Uuid,
+    user_id: UserId,
+    id: ActionId,
     to: &str,
 ) -> Result<Decision<Action>, StoreError> {
     let locked = sqlx::query_as::<_, Action>(sql(format!(
@@ -224,7 +225,7 @@ async fn decide(
 async fn insert_decision_call(
     conn: &mut PgConnection,
     action: &Action,
-    response_id: Option<Uuid>,
+    response_id: Option<ResponseId>,
 ) -> Result<Message, StoreError> {
     let calls = json!([{
         "id": decision_call_id(action.id),
@@ -250,16 +251,16 @@ async fn insert_decision_call(
 /// lost). The caller owns the transaction.
 pub async fn confirm(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    id: Uuid,
-    job_id: Uuid,
+    user_id: UserId,
+    id: ActionId,
+    job_id: JobId,
 ) -> Result<Decision<(Action, Response)>, StoreError> {
     let action = match decide(&mut *conn, user_id, id, "confirmed").await? {
         Decision::Done(a) => a,
         Decision::NotFound => return Ok(Decision::NotFound),
         Decision::NotPending(s) => return Ok(Decision::NotPending(s)),
     };
-    let response_id = Uuid::now_v7();
+    let response_id = ResponseId::new_v7();
     // the message first (the response references it), then the response
     let call = insert_decision_call(&mut *conn, &action, None).await?;
     let response = sqlx::query_as::<_, Response>(
@@ -295,8 +296,8 @@ pub async fn confirm(
 /// prompt carries both). Nothing else is written.
 pub async fn reject(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    id: Uuid,
+    user_id: UserId,
+    id: ActionId,
 ) -> Result<Decision<Action>, StoreError> {
     let action = match decide(&mut *conn, user_id, id, "rejected").await? {
         Decision::Done(a) => a,
@@ -321,7 +322,7 @@ pub async fn reject(
 /// `confirmed → executed` with its result, once: `false` when it was not `confirmed`.
 pub async fn mark_executed(
     conn: &mut PgConnection,
-    id: Uuid,
+    id: ActionId,
     result: &Value,
 ) -> Result<bool, StoreError> {
     let n = sqlx::query(
@@ -339,7 +340,7 @@ pub async fn mark_executed(
 /// `confirmed → failed` with a reason: nothing was written.
 pub async fn mark_failed(
     conn: &mut PgConnection,
-    id: Uuid,
+    id: ActionId,
     reason: &str,
 ) -> Result<bool, StoreError> {
     let n = sqlx::query(
@@ -357,7 +358,7 @@ pub async fn mark_failed(
 /// The audit record of an executed action.
 pub struct Audit<'a> {
     pub action: &'a Action,
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub before: Option<&'a Value>,
     pub after: &'a Value,
 }
@@ -397,11 +398,11 @@ pub async fn expire_due(pool: &PgPool) -> Result<u64, StoreError> {
 /// A confirmed proposal not executed yet, as the reconciler sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Confirmed {
-    pub id: Uuid,
+    pub id: ActionId,
     /// The `execute_action` job that may run it (`None`: confirmed before the ledger).
-    pub job_id: Option<Uuid>,
+    pub job_id: Option<JobId>,
     pub recoveries: i32,
-    pub continuation_response_id: Option<Uuid>,
+    pub continuation_response_id: Option<ResponseId>,
 }
 
 /// Proposals confirmed more than `grace` ago and not executed yet (whether their job still
@@ -426,9 +427,9 @@ pub async fn confirmed_waiting(
 /// one recovery; `false` when it changed meanwhile (executed, or recovered by another pass).
 pub async fn recover(
     pool: &PgPool,
-    id: Uuid,
-    old_job: Option<Uuid>,
-    new_job: Uuid,
+    id: ActionId,
+    old_job: Option<JobId>,
+    new_job: JobId,
 ) -> Result<bool, StoreError> {
     let n = sqlx::query(
         "UPDATE proposed_actions SET job_id = $3, recoveries = recoveries + 1
@@ -446,8 +447,8 @@ pub async fn recover(
 /// Insert a message of the tool exchange (round `None`: not part of a turn's rounds).
 pub async fn insert_message(
     conn: &mut PgConnection,
-    conversation_id: Uuid,
-    response_id: Option<Uuid>,
+    conversation_id: ConversationId,
+    response_id: Option<ResponseId>,
     role: &str,
     content: &str,
     tool_calls: Option<&Value>,
@@ -458,7 +459,7 @@ pub async fn insert_message(
                                tool_call_id)
          VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {MESSAGE_COLS}"
     )))
-    .bind(Uuid::now_v7())
+    .bind(MessageId::new_v7())
     .bind(conversation_id)
     .bind(role)
     .bind(content)
@@ -471,8 +472,8 @@ pub async fn insert_message(
 
 /// One tool-call round of a turn: the assistant's calls and one result per call.
 pub struct Round<'a> {
-    pub conversation_id: Uuid,
-    pub response_id: Uuid,
+    pub conversation_id: ConversationId,
+    pub response_id: ResponseId,
     pub round: i32,
     /// Text the model sent along with its calls (usually empty).
     pub content: &'a str,
@@ -494,7 +495,7 @@ pub async fn insert_round(conn: &mut PgConnection, r: &Round<'_>) -> Result<bool
              WHERE tool_round IS NOT NULL DO NOTHING
          RETURNING id",
     )
-    .bind(Uuid::now_v7())
+    .bind(MessageId::new_v7())
     .bind(r.conversation_id)
     .bind(r.content)
     .bind(r.response_id)
@@ -512,7 +513,7 @@ pub async fn insert_round(conn: &mut PgConnection, r: &Round<'_>) -> Result<bool
                                    tool_call_id, tool_round)
              VALUES ($1, $2, 'tool', $3, $4, $5, $6)",
         )
-        .bind(Uuid::now_v7())
+        .bind(MessageId::new_v7())
         .bind(r.conversation_id)
         .bind(content)
         .bind(r.response_id)
@@ -528,7 +529,7 @@ pub async fn insert_round(conn: &mut PgConnection, r: &Round<'_>) -> Result<bool
 /// result for a continuation), in order, and the number of the last round (0: none).
 pub async fn response_exchange(
     conn: &mut PgConnection,
-    response_id: Uuid,
+    response_id: ResponseId,
 ) -> Result<(Vec<Message>, i32), StoreError> {
     let messages = sqlx::query_as::<_, Message>(sql(format!(
         "SELECT {MESSAGE_COLS} FROM messages

@@ -8,11 +8,12 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::tasks::Task;
+use crate::types::{ConversationId, OrgId, ProjectId, TaskId, UserId};
 use crate::{StoreError, TaskStatus, Visibility};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ProjectSummary {
-    pub id: Uuid,
+    pub id: ProjectId,
     pub name: String,
     pub description: String,
     pub visibility: Visibility,
@@ -29,8 +30,8 @@ fn sql(s: String) -> sqlx::AssertSqlSafe<String> {
 /// The projects the conversation may draw on, by name (at most `limit`).
 pub async fn projects(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    conversation_id: Uuid,
+    user_id: UserId,
+    conversation_id: ConversationId,
     limit: i64,
 ) -> Result<Vec<ProjectSummary>, StoreError> {
     Ok(sqlx::query_as::<_, ProjectSummary>(
@@ -49,11 +50,11 @@ pub async fn projects(
 /// One project the conversation may draw on, with its org.
 pub async fn project(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    conversation_id: Uuid,
-    project_id: Uuid,
-) -> Result<Option<(ProjectSummary, Uuid)>, StoreError> {
-    let row = sqlx::query_as::<_, (Uuid, String, String, Visibility, Uuid)>(
+    user_id: UserId,
+    conversation_id: ConversationId,
+    project_id: ProjectId,
+) -> Result<Option<(ProjectSummary, OrgId)>, StoreError> {
+    let row = sqlx::query_as::<_, (ProjectId, String, String, Visibility, OrgId)>(
         "SELECT p.id, p.name, p.description, p.visibility, p.org_id
          FROM projects p
          JOIN conversation_projects_visible($1, $2) v ON v.project_id = p.id
@@ -80,9 +81,9 @@ pub async fn project(
 /// Tasks of one project the conversation may draw on (none for any other), oldest first.
 pub async fn tasks(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    conversation_id: Uuid,
-    project_id: Uuid,
+    user_id: UserId,
+    conversation_id: ConversationId,
+    project_id: ProjectId,
     status: Option<TaskStatus>,
     limit: i64,
 ) -> Result<Vec<Task>, StoreError> {
@@ -104,9 +105,9 @@ pub async fn tasks(
 /// One task of a project the conversation may draw on.
 pub async fn task(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    conversation_id: Uuid,
-    task_id: Uuid,
+    user_id: UserId,
+    conversation_id: ConversationId,
+    task_id: TaskId,
 ) -> Result<Option<Task>, StoreError> {
     Ok(sqlx::query_as::<_, Task>(sql(format!(
         "SELECT {TASK_COLS} FROM tasks t
@@ -126,7 +127,7 @@ pub struct SearchHit {
     /// `project` or `task`.
     pub kind: String,
     pub id: Uuid,
-    pub project_id: Uuid,
+    pub project_id: ProjectId,
     pub title: String,
     pub snippet: String,
     pub updated_at: DateTime<Utc>,
@@ -138,8 +139,8 @@ pub struct SearchHit {
 /// index serves it.
 pub async fn search(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    conversation_id: Uuid,
+    user_id: UserId,
+    conversation_id: ConversationId,
     query: &str,
     limit: i64,
 ) -> Result<Vec<SearchHit>, StoreError> {
@@ -174,9 +175,9 @@ pub async fn search(
 /// rule for assignees, as the task API applies it).
 pub async fn assignable(
     conn: &mut PgConnection,
-    org_id: Uuid,
-    project_id: Uuid,
-    user_id: Uuid,
+    org_id: OrgId,
+    project_id: ProjectId,
+    user_id: UserId,
 ) -> Result<Option<String>, StoreError> {
     Ok(sqlx::query_scalar(
         "SELECT u.name FROM users u
@@ -193,8 +194,8 @@ pub async fn assignable(
 /// A user's display name within an org (for summaries).
 pub async fn member_name(
     conn: &mut PgConnection,
-    org_id: Uuid,
-    user_id: Uuid,
+    org_id: OrgId,
+    user_id: UserId,
 ) -> Result<Option<String>, StoreError> {
     Ok(sqlx::query_scalar(
         "SELECT u.name FROM users u

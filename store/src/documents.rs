@@ -8,22 +8,22 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 use crate::StoreError;
 use crate::outbox::SourceKind;
+use crate::types::{DocumentId, OrgId, ProjectId, TeamId, UserId};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Document {
-    pub id: Uuid,
-    pub org_id: Uuid,
-    pub project_id: Uuid,
-    pub uploaded_by: Option<Uuid>,
+    pub id: DocumentId,
+    pub org_id: OrgId,
+    pub project_id: ProjectId,
+    pub uploaded_by: Option<UserId>,
     pub title: String,
     pub content_type: String,
     pub byte_size: i64,
-    pub visible_to_user_ids: Vec<Uuid>,
-    pub visible_to_team_ids: Vec<Uuid>,
+    pub visible_to_user_ids: Vec<UserId>,
+    pub visible_to_team_ids: Vec<TeamId>,
     pub status: String,
     pub failure_reason: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -61,29 +61,29 @@ pub struct DocumentAccess {
 
 impl DocumentAccess {
     /// Delete it: an org owner/admin, or its uploader while they can see it.
-    pub fn may_delete(&self, user_id: Uuid) -> bool {
+    pub fn may_delete(&self, user_id: UserId) -> bool {
         self.org_admin || (self.can_read && self.document.uploaded_by == Some(user_id))
     }
 }
 
 pub struct NewDocument<'a> {
-    pub org_id: Uuid,
-    pub project_id: Uuid,
-    pub uploaded_by: Uuid,
+    pub org_id: OrgId,
+    pub project_id: ProjectId,
+    pub uploaded_by: UserId,
     pub title: &'a str,
     pub content_type: &'a str,
     pub byte_size: i64,
     pub content: &'a str,
-    pub visible_to_user_ids: &'a [Uuid],
-    pub visible_to_team_ids: &'a [Uuid],
+    pub visible_to_user_ids: &'a [UserId],
+    pub visible_to_team_ids: &'a [TeamId],
 }
 
 /// Check that every listed user is a member of `org_id` and every listed team one of its teams.
 pub async fn check_restrictions(
     conn: &mut PgConnection,
-    org_id: Uuid,
-    user_ids: &[Uuid],
-    team_ids: &[Uuid],
+    org_id: OrgId,
+    user_ids: &[UserId],
+    team_ids: &[TeamId],
 ) -> Result<(), StoreError> {
     let users_ok = sqlx::query_scalar::<_, bool>(
         "SELECT count(DISTINCT m.user_id) = cardinality(ARRAY(SELECT DISTINCT unnest($2::uuid[])))
@@ -135,7 +135,7 @@ pub async fn insert(
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          RETURNING {DOCUMENT_COLS}"
     )))
-    .bind(Uuid::now_v7())
+    .bind(DocumentId::new_v7())
     .bind(new.org_id)
     .bind(new.project_id)
     .bind(new.uploaded_by)
@@ -147,15 +147,15 @@ pub async fn insert(
     .bind(new.visible_to_team_ids)
     .fetch_one(&mut *conn)
     .await?;
-    crate::outbox::record(conn, doc.org_id, SourceKind::Document, doc.id).await?;
+    crate::outbox::record(conn, doc.org_id, SourceKind::Document, doc.id.into()).await?;
     Ok(doc)
 }
 
 /// The document if `user_id` may see it (not deleted); with `lock`, locked for update.
 pub async fn get_visible(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    id: Uuid,
+    user_id: UserId,
+    id: DocumentId,
     lock: bool,
 ) -> Result<Option<Document>, StoreError> {
     let lock = if lock { "FOR UPDATE OF d" } else { "" };
@@ -174,8 +174,8 @@ pub async fn get_visible(
 /// do; with `lock`, locked for update. `None` for anyone else (and for deleted documents).
 pub async fn get_accessible(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    id: Uuid,
+    user_id: UserId,
+    id: DocumentId,
     lock: bool,
 ) -> Result<Option<DocumentAccess>, StoreError> {
     let lock = if lock { "FOR UPDATE OF d" } else { "" };
@@ -195,8 +195,8 @@ pub async fn get_accessible(
 /// `after` (metadata only; the caller checked the project is visible).
 pub async fn list_accessible(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    project_id: Uuid,
+    user_id: UserId,
+    project_id: ProjectId,
     after: Option<crate::projects::Cursor>,
     limit: i64,
 ) -> Result<Vec<Document>, StoreError> {
@@ -232,7 +232,7 @@ pub async fn delete(conn: &mut PgConnection, doc: &Document) -> Result<bool, Sto
     if done.rows_affected() == 0 {
         return Ok(false);
     }
-    crate::index::delete_source_chunks(&mut *conn, SourceKind::Document, doc.id).await?;
+    crate::index::delete_source_chunks(&mut *conn, SourceKind::Document, doc.id.into()).await?;
     sqlx::query("DELETE FROM conversation_memories WHERE source_document_ids @> ARRAY[$1::uuid]")
         .bind(doc.id)
         .execute(&mut *conn)
@@ -250,7 +250,7 @@ pub async fn delete(conn: &mut PgConnection, doc: &Document) -> Result<bool, Sto
     .bind(doc.id)
     .execute(&mut *conn)
     .await?;
-    crate::outbox::record(conn, doc.org_id, SourceKind::Document, doc.id).await?;
+    crate::outbox::record(conn, doc.org_id, SourceKind::Document, doc.id.into()).await?;
     Ok(true)
 }
 

@@ -7,6 +7,7 @@
 use sqlx::PgPool;
 
 use crate::StoreError;
+use crate::types::{OrgId, ProjectId, TeamId, UserId};
 
 /// The name of the HNSW index for vectors of dimension `dim`.
 pub fn vector_index_name(dim: u32) -> String {
@@ -33,14 +34,14 @@ pub const SOURCE_KINDS: [&str; 4] = ["document", "project", "task", "message"];
 /// users/teams of a restricted document); conversation messages set `owner_user_id` instead.
 #[derive(Debug, Clone)]
 pub struct NewChunk {
-    pub org_id: uuid::Uuid,
+    pub org_id: OrgId,
     pub source_kind: &'static str,
     pub source_id: uuid::Uuid,
     pub chunk_index: i32,
-    pub project_id: Option<uuid::Uuid>,
-    pub owner_user_id: Option<uuid::Uuid>,
-    pub allowed_user_ids: Vec<uuid::Uuid>,
-    pub allowed_team_ids: Vec<uuid::Uuid>,
+    pub project_id: Option<ProjectId>,
+    pub owner_user_id: Option<UserId>,
+    pub allowed_user_ids: Vec<UserId>,
+    pub allowed_team_ids: Vec<TeamId>,
     pub title: String,
     pub content: String,
     pub content_hash: Vec<u8>,

@@ -41,6 +41,15 @@ impl StoreError {
         }
     }
 
+    /// Whether a job that failed with this is worth another attempt. Every failure of a
+    /// statement is: the database may be back, a deadlock or serialization failure gone, and
+    /// a conflict or invalid reference may settle once what it raced with has (a project
+    /// deleted while a memory run derived facts from it: the next run derives without it).
+    /// Configuration and migration failures are not: they repeat until someone fixes them.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, StoreError::Config(_) | StoreError::Migrate(_))
+    }
+
     /// The name of the constraint a failed statement violated, if that is what happened.
     pub fn constraint(&self) -> Option<&str> {
         match self {
@@ -62,5 +71,25 @@ impl<T, E: Into<StoreError>> OnConstraint<T> for Result<T, E> {
             let e = e.into();
             if e.constraint() == Some(name) { to } else { e }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_configuration_and_migration_failures_are_not_retried() {
+        assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_retryable());
+        assert!(StoreError::Database(sqlx::Error::RowNotFound).is_retryable());
+        assert!(StoreError::Conflict { message: "m" }.is_retryable());
+        assert!(
+            StoreError::InvalidReference {
+                field: "f",
+                message: "m"
+            }
+            .is_retryable()
+        );
+        assert!(!StoreError::Config(sqlx::Error::PoolClosed).is_retryable());
     }
 }

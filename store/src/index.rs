@@ -6,15 +6,16 @@ use uuid::Uuid;
 
 use crate::StoreError;
 use crate::outbox::SourceKind;
+use crate::types::{DocumentId, OrgId, ProjectId, TeamId, UserId};
 
 /// The current, indexable state of a source, with the visibility facts its chunks carry.
 #[derive(Debug, Clone)]
 pub struct SourceContent {
-    pub org_id: Uuid,
-    pub project_id: Option<Uuid>,
-    pub owner_user_id: Option<Uuid>,
-    pub allowed_user_ids: Vec<Uuid>,
-    pub allowed_team_ids: Vec<Uuid>,
+    pub org_id: OrgId,
+    pub project_id: Option<ProjectId>,
+    pub owner_user_id: Option<UserId>,
+    pub allowed_user_ids: Vec<UserId>,
+    pub allowed_team_ids: Vec<TeamId>,
     /// The title every chunk starts from (document title, project name, task title,
     /// conversation title).
     pub title: String,
@@ -27,27 +28,27 @@ pub struct SourceContent {
 
 #[derive(sqlx::FromRow)]
 struct DocumentRow {
-    org_id: Uuid,
-    project_id: Uuid,
+    org_id: OrgId,
+    project_id: ProjectId,
     title: String,
     content_type: String,
     content: String,
-    visible_to_user_ids: Vec<Uuid>,
-    visible_to_team_ids: Vec<Uuid>,
-    uploaded_by: Option<Uuid>,
+    visible_to_user_ids: Vec<UserId>,
+    visible_to_team_ids: Vec<TeamId>,
+    uploaded_by: Option<UserId>,
 }
 
 #[derive(sqlx::FromRow)]
 struct ProjectRow {
-    org_id: Uuid,
+    org_id: OrgId,
     name: String,
     description: String,
 }
 
 #[derive(sqlx::FromRow)]
 struct TaskRow {
-    org_id: Uuid,
-    project_id: Uuid,
+    org_id: OrgId,
+    project_id: ProjectId,
     title: String,
     description: String,
     status: String,
@@ -55,8 +56,8 @@ struct TaskRow {
 
 #[derive(sqlx::FromRow)]
 struct MessageRow {
-    org_id: Uuid,
-    user_id: Uuid,
+    org_id: OrgId,
+    user_id: UserId,
     title: String,
     role: String,
     content: String,
@@ -108,7 +109,7 @@ pub async fn load_source(
         .await?
         .map(|p| SourceContent {
             org_id: p.org_id,
-            project_id: Some(id),
+            project_id: Some(id.into()),
             owner_user_id: None,
             allowed_user_ids: vec![],
             allowed_team_ids: vec![],
@@ -231,7 +232,10 @@ pub async fn delete_stale_chunks(
 }
 
 /// A document's content is in the index.
-pub async fn mark_document_indexed(conn: &mut PgConnection, id: Uuid) -> Result<(), StoreError> {
+pub async fn mark_document_indexed(
+    conn: &mut PgConnection,
+    id: DocumentId,
+) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE documents SET status = 'indexed', failure_reason = NULL, indexed_at = now(),
                               updated_at = now()
@@ -247,7 +251,7 @@ pub async fn mark_document_indexed(conn: &mut PgConnection, id: Uuid) -> Result<
 /// must not carry provider text.
 pub async fn mark_document_failed(
     conn: &mut PgConnection,
-    id: Uuid,
+    id: DocumentId,
     reason: &str,
 ) -> Result<(), StoreError> {
     sqlx::query(
@@ -273,7 +277,13 @@ pub async fn write_chunks<C: std::borrow::Borrow<crate::embeddings::NewChunk> + 
     conn: &mut PgConnection,
     chunks: &[C],
 ) -> Result<(), StoreError> {
-    type Key<'k> = (&'k [Uuid], &'k [Uuid], &'k [Uuid], &'k [Uuid], bool);
+    type Key<'k> = (
+        &'k [UserId],
+        &'k [TeamId],
+        &'k [ProjectId],
+        &'k [DocumentId],
+        bool,
+    );
     let mut groups: std::collections::BTreeMap<Key<'_>, Vec<&crate::embeddings::NewChunk>> =
         std::collections::BTreeMap::new();
     for c in chunks {
@@ -292,12 +302,12 @@ pub async fn write_chunks<C: std::borrow::Borrow<crate::embeddings::NewChunk> + 
     for ((users, teams, source_projects, source_documents, narrow), rows) in groups {
         for part in rows.chunks(WRITE_CHUNK_ROWS) {
             let ids: Vec<Uuid> = part.iter().map(|_| Uuid::now_v7()).collect();
-            let orgs: Vec<Uuid> = part.iter().map(|c| c.org_id).collect();
+            let orgs: Vec<OrgId> = part.iter().map(|c| c.org_id).collect();
             let kinds: Vec<&str> = part.iter().map(|c| c.source_kind).collect();
             let sources: Vec<Uuid> = part.iter().map(|c| c.source_id).collect();
             let indexes: Vec<i32> = part.iter().map(|c| c.chunk_index).collect();
-            let projects: Vec<Option<Uuid>> = part.iter().map(|c| c.project_id).collect();
-            let owners: Vec<Option<Uuid>> = part.iter().map(|c| c.owner_user_id).collect();
+            let projects: Vec<Option<ProjectId>> = part.iter().map(|c| c.project_id).collect();
+            let owners: Vec<Option<UserId>> = part.iter().map(|c| c.owner_user_id).collect();
             let titles: Vec<&str> = part.iter().map(|c| c.title.as_str()).collect();
             let contents: Vec<&str> = part.iter().map(|c| c.content.as_str()).collect();
             let hashes: Vec<&[u8]> = part.iter().map(|c| c.content_hash.as_slice()).collect();

@@ -20,7 +20,6 @@ pub mod responses;
 pub mod retrieval;
 pub mod tasks;
 pub mod tenancy;
-mod types;
 pub mod usage;
 
 use std::time::Duration;
@@ -30,7 +29,16 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub use error::StoreError;
-pub use types::{ResponseStatus, Role, TaskStatus, UnknownValue, Visibility};
+/// The typed ids and closed sets (the `types` crate), also under `store::types`.
+pub mod types {
+    pub use ::types::*;
+}
+
+pub use self::types::{
+    ActionId, ActionStatus, ConversationId, DocumentId, DocumentStatus, ErrorCode, JobId, MemoryId,
+    MessageId, OrgId, ProjectId, ResponseId, ResponseStatus, Role, TaskId, TaskStatus, TeamId,
+    UnknownValue, UserId, Visibility,
+};
 
 /// The schema migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

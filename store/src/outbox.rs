@@ -7,6 +7,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::StoreError;
+use crate::types::{ConversationId, MessageId, OrgId};
 
 /// The kind of an indexed source (`index_outbox.source_kind`, `embeddings.source_kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,7 +42,7 @@ impl SourceKind {
 /// Record that `(kind, source_id)` of `org_id` changed, in the caller's transaction.
 pub async fn record(
     conn: &mut PgConnection,
-    org_id: Uuid,
+    org_id: OrgId,
     kind: SourceKind,
     source_id: Uuid,
 ) -> Result<(), StoreError> {
@@ -57,8 +58,8 @@ pub async fn record(
 /// Record that a message changed; its org is its conversation's.
 pub async fn record_message(
     conn: &mut PgConnection,
-    conversation_id: Uuid,
-    message_id: Uuid,
+    conversation_id: ConversationId,
+    message_id: MessageId,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO index_outbox (org_id, source_kind, source_id)
@@ -75,7 +76,7 @@ pub async fn record_message(
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
     pub id: i64,
-    pub org_id: Uuid,
+    pub org_id: OrgId,
     pub source_kind: String,
     pub source_id: Uuid,
     /// Failed attempts so far at indexing this row's source.
@@ -93,7 +94,7 @@ pub struct OutboxRow {
 pub async fn claim(
     conn: &mut PgConnection,
     limit: i64,
-    turn: Uuid,
+    turn: OrgId,
 ) -> Result<Vec<OutboxRow>, StoreError> {
     // `orgs`: a loose index scan over index_outbox_org_idx (one probe per distinct org).
     let mut rows = sqlx::query_as::<_, OutboxRow>(
@@ -270,7 +271,7 @@ pub async fn dead_count(conn: &mut PgConnection) -> Result<i64, StoreError> {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DeadRow {
     pub id: i64,
-    pub org_id: Uuid,
+    pub org_id: OrgId,
     pub source_kind: String,
     pub source_id: Uuid,
     pub attempts: i32,

@@ -2,14 +2,14 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 use crate::StoreError;
+use crate::types::JobId;
 
 /// One run of the probe handler.
 #[derive(Debug, Clone)]
 pub struct ProbeRun<'a> {
-    pub job_id: Uuid,
+    pub job_id: JobId,
     pub key: &'a str,
     pub attempt: u32,
     pub consumer: &'a str,
@@ -37,7 +37,7 @@ pub async fn record_run(conn: &mut PgConnection, run: &ProbeRun<'_>) -> Result<(
 }
 
 /// How many runs of `job_id` the log holds.
-pub async fn runs_of(conn: &mut PgConnection, job_id: Uuid) -> Result<u32, StoreError> {
+pub async fn runs_of(conn: &mut PgConnection, job_id: JobId) -> Result<u32, StoreError> {
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM bus_probe_runs WHERE job_id = $1")
         .bind(job_id)
         .fetch_one(conn)
@@ -50,7 +50,7 @@ pub async fn runs_of(conn: &mut PgConnection, job_id: Uuid) -> Result<u32, Store
 /// took effect (false: the job had already taken effect — a redelivery).
 pub async fn record_effect(
     conn: &mut PgConnection,
-    job_id: Uuid,
+    job_id: JobId,
     key: &str,
     consumer: &str,
     attempt: u32,

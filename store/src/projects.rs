@@ -6,17 +6,18 @@ use uuid::Uuid;
 
 use crate::error::OnConstraint;
 use crate::outbox::SourceKind;
+use crate::types::{OrgId, ProjectId, TeamId, UserId};
 use crate::{StoreError, Visibility};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Project {
-    pub id: Uuid,
-    pub org_id: Uuid,
+    pub id: ProjectId,
+    pub org_id: OrgId,
     pub name: String,
     pub description: String,
     pub visibility: Visibility,
-    pub team_id: Option<Uuid>,
-    pub created_by: Option<Uuid>,
+    pub team_id: Option<TeamId>,
+    pub created_by: Option<UserId>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -25,12 +26,12 @@ pub struct Project {
 pub type Cursor = (DateTime<Utc>, Uuid);
 
 pub struct NewProject<'a> {
-    pub org_id: Uuid,
-    pub created_by: Uuid,
+    pub org_id: OrgId,
+    pub created_by: UserId,
     pub name: &'a str,
     pub description: &'a str,
     pub visibility: Visibility,
-    pub team_id: Option<Uuid>,
+    pub team_id: Option<TeamId>,
 }
 
 /// Insert a project; the creator of a private project becomes its first member. Writes the
@@ -45,7 +46,7 @@ pub async fn insert_project(
          RETURNING id, org_id, name, description, visibility, team_id, created_by,
                    created_at, updated_at",
     )
-    .bind(Uuid::now_v7())
+    .bind(ProjectId::new_v7())
     .bind(new.org_id)
     .bind(new.name)
     .bind(new.description)
@@ -71,14 +72,20 @@ pub async fn insert_project(
     if new.visibility == Visibility::Private {
         add_member(&mut *conn, project.org_id, project.id, new.created_by).await?;
     }
-    crate::outbox::record(&mut *conn, project.org_id, SourceKind::Project, project.id).await?;
+    crate::outbox::record(
+        &mut *conn,
+        project.org_id,
+        SourceKind::Project,
+        project.id.into(),
+    )
+    .await?;
     Ok(project)
 }
 
 /// The projects `user_id` can see, oldest first, after `cursor`.
 pub async fn list_visible(
     pool: &PgPool,
-    user_id: Uuid,
+    user_id: UserId,
     after: Option<Cursor>,
     limit: i64,
 ) -> Result<Vec<Project>, StoreError> {
@@ -103,8 +110,8 @@ pub async fn list_visible(
 /// The project if `user_id` can see it; `None` for missing, other-org and hidden alike.
 pub async fn get_visible(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    project_id: Uuid,
+    user_id: UserId,
+    project_id: ProjectId,
 ) -> Result<Option<Project>, StoreError> {
     let row = sqlx::query_as::<_, Project>(
         "SELECT p.id, p.org_id, p.name, p.description, p.visibility, p.team_id, p.created_by,
@@ -123,8 +130,8 @@ pub async fn get_visible(
 /// Can `user_id` see `project_id`? (The same rule, as a predicate.)
 pub async fn can_see(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    project_id: Uuid,
+    user_id: UserId,
+    project_id: ProjectId,
 ) -> Result<bool, StoreError> {
     let yes = sqlx::query_scalar::<_, bool>("SELECT can_see_project($1, $2)")
         .bind(user_id)
@@ -137,9 +144,9 @@ pub async fn can_see(
 /// Add a member of the project's org to the project.
 pub async fn add_member(
     conn: &mut PgConnection,
-    org_id: Uuid,
-    project_id: Uuid,
-    user_id: Uuid,
+    org_id: OrgId,
+    project_id: ProjectId,
+    user_id: UserId,
 ) -> Result<(), StoreError> {
     sqlx::query("INSERT INTO project_members (project_id, org_id, user_id) VALUES ($1, $2, $3)")
         .bind(project_id)
@@ -166,8 +173,8 @@ pub async fn add_member(
 /// Remove a project member; false when they were not one.
 pub async fn remove_member(
     conn: &mut PgConnection,
-    project_id: Uuid,
-    user_id: Uuid,
+    project_id: ProjectId,
+    user_id: UserId,
 ) -> Result<bool, StoreError> {
     let done = sqlx::query("DELETE FROM project_members WHERE project_id = $1 AND user_id = $2")
         .bind(project_id)

@@ -14,14 +14,14 @@
 
 use std::collections::BTreeSet;
 
+use crate::types::{DocumentId, MessageId, ProjectId};
 use serde_json::{Value, json};
-use uuid::Uuid;
 
 /// What one derived item drew on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct Provenance {
-    pub source_project_ids: Vec<Uuid>,
-    pub source_document_ids: Vec<Uuid>,
+    pub source_project_ids: Vec<ProjectId>,
+    pub source_document_ids: Vec<DocumentId>,
     pub narrow: bool,
 }
 
@@ -35,7 +35,7 @@ impl Provenance {
     /// `project`? Only when everything the exchange drew on (besides the user's own message)
     /// is visible to every member of that project: nothing narrow (restricted documents) and no
     /// other project.
-    pub fn project_fact_allowed(&self, project: Uuid) -> bool {
+    pub fn project_fact_allowed(&self, project: ProjectId) -> bool {
         !self.narrow && self.source_project_ids.iter().all(|p| *p == project)
     }
 }
@@ -43,8 +43,8 @@ impl Provenance {
 /// Collects the sources of one chat turn as the worker gives them to the model.
 #[derive(Debug, Clone, Default)]
 pub struct TurnSources {
-    projects: BTreeSet<Uuid>,
-    documents: BTreeSet<Uuid>,
+    projects: BTreeSet<ProjectId>,
+    documents: BTreeSet<DocumentId>,
     narrow: bool,
     /// What was given, for the record (`messages.sources`).
     given: Vec<Value>,
@@ -72,7 +72,7 @@ impl TurnSources {
                 self.projects.insert(p);
             }
             if c.source_kind == "document" {
-                self.documents.insert(c.source_id);
+                self.documents.insert(c.source_id.into());
             }
             self.narrow |= c.restricted;
         }
@@ -94,7 +94,7 @@ impl TurnSources {
         if m.tier == "project"
             && let Some(p) = m.project_id
         {
-            self.projects.insert(p);
+            self.projects.insert(p.into());
         }
         self.given
             .push(json!({"kind": "memory", "id": m.id, "tier": m.tier}));
@@ -125,7 +125,7 @@ impl TurnSources {
 /// What a stored message drew on (`None`: no such message).
 pub async fn of_message(
     conn: &mut sqlx::PgConnection,
-    message_id: Uuid,
+    message_id: MessageId,
 ) -> Result<Option<Provenance>, crate::StoreError> {
     Ok(sqlx::query_as::<_, Provenance>(
         "SELECT source_project_ids, source_document_ids, narrow FROM messages WHERE id = $1",
@@ -178,8 +178,8 @@ mod tests {
 
     #[test]
     fn a_project_fact_needs_an_exchange_no_narrower_than_its_project() {
-        let p = Uuid::now_v7();
-        let q = Uuid::now_v7();
+        let p = ProjectId::new_v7();
+        let q = ProjectId::new_v7();
         assert!(Provenance::default().project_fact_allowed(p));
         let own = Provenance {
             source_project_ids: vec![p],

@@ -10,6 +10,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::conversations::Message;
+use crate::types::{ErrorCode, MessageId, ResponseId};
 
 /// Token counts of an assistant message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +35,7 @@ pub struct PublicCitation {
 /// internal).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PublicMessage {
-    pub id: Uuid,
+    pub id: MessageId,
     pub role: String,
     pub content: String,
     /// The model that wrote it (assistant messages).
@@ -44,7 +45,7 @@ pub struct PublicMessage {
     #[serde(serialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
     /// The response it answers (assistant messages).
-    pub response_id: Option<Uuid>,
+    pub response_id: Option<ResponseId>,
     pub usage: Option<PublicUsage>,
     /// The sources of the workspace data the answer was given (assistant messages; else empty).
     pub citations: Vec<PublicCitation>,
@@ -66,12 +67,12 @@ impl From<Message> for PublicMessage {
                 },
             });
         Self {
-            id: m.id,
+            id: m.id.into(),
             role: m.role,
             content: m.content,
             model: m.model,
             created_at: m.created_at,
-            response_id: m.response_id,
+            response_id: m.response_id.map(ResponseId::from),
             usage,
             citations: serde_json::from_value(m.citations).unwrap_or_default(),
         }
@@ -99,7 +100,7 @@ impl PublicMessage {
 
 /// The `error` event's code and message of a failed response that stored none (the failure
 /// paths always store both; this only keeps an old or hand-edited row answerable).
-pub const UNAVAILABLE_CODE: &str = "model_unavailable";
+pub const UNAVAILABLE_CODE: ErrorCode = ErrorCode::ModelUnavailable;
 pub const UNAVAILABLE_MESSAGE: &str =
     "The assistant is unavailable right now. Please try again in a few minutes.";
 
@@ -116,7 +117,7 @@ pub enum Outcome {
     /// `message.completed` for the stored answer.
     Completed(Completed),
     /// `error` with the stored code and message.
-    Failed { code: String, message: String },
+    Failed { code: ErrorCode, message: String },
     /// Completed, but the answer is not stored (any more): each caller says so its own way.
     AnswerMissing,
 }
@@ -138,8 +139,9 @@ impl Outcome {
             ResponseStatus::Failed => Outcome::Failed {
                 code: response
                     .error_code
-                    .clone()
-                    .unwrap_or_else(|| UNAVAILABLE_CODE.to_owned()),
+                    .as_deref()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(UNAVAILABLE_CODE),
                 message: response
                     .error_message
                     .clone()
@@ -154,7 +156,7 @@ impl Outcome {
     pub fn event<E>(
         self,
         completed: impl FnOnce(Value, String, Value) -> E,
-        error: impl FnOnce(String, String) -> E,
+        error: impl FnOnce(ErrorCode, String) -> E,
     ) -> Option<E> {
         match self {
             Outcome::Completed(c) => Some(completed(c.message, c.model, c.usage)),
@@ -171,12 +173,12 @@ mod tests {
 
     fn message(prompt: Option<i32>, completion: Option<i32>) -> Message {
         Message {
-            id: Uuid::now_v7(),
-            conversation_id: Uuid::now_v7(),
+            id: MessageId::new_v7().into(),
+            conversation_id: crate::ConversationId::new_v7().into(),
             seq: 2,
             role: "assistant".into(),
             content: "hi".into(),
-            response_id: Some(Uuid::now_v7()),
+            response_id: Some(ResponseId::new_v7().into()),
             model: Some("m".into()),
             prompt_tokens: prompt,
             completion_tokens: completion,

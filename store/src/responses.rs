@@ -12,11 +12,11 @@
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
-use uuid::Uuid;
 
 use crate::StoreError;
 use crate::conversations::{RESPONSE_COLS, Response, response_cols_of};
 use crate::types::ResponseStatus;
+use crate::types::{ConversationId, ErrorCode, JobId, MessageId, OrgId, ResponseId, UserId};
 
 fn sql(s: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(s)
@@ -63,14 +63,18 @@ pub struct TurnStart {
 
 impl TurnStart {
     /// What the take found.
-    pub fn take(&self, job_id: Uuid) -> Take {
+    pub fn take(&self, job_id: JobId) -> Take {
         if let Some(run) = self.taken_run {
             return Take::Taken { run };
         }
         if self.response.status.is_finished() {
             return Take::Finished;
         }
-        if self.response.job_id.is_some_and(|j| j != job_id) {
+        if self
+            .response
+            .job_id
+            .is_some_and(|j| j != job_id.into_uuid())
+        {
             return Take::Stale;
         }
         let ms = self.held_ms.unwrap_or(0.0).max(0.0);
@@ -83,11 +87,11 @@ impl TurnStart {
 /// The response a chat job runs, as its payload names it.
 #[derive(Debug, Clone, Copy)]
 pub struct JobTurn {
-    pub job_id: Uuid,
-    pub user_id: Uuid,
-    pub org_id: Uuid,
-    pub conversation_id: Uuid,
-    pub response_id: Uuid,
+    pub job_id: JobId,
+    pub user_id: UserId,
+    pub org_id: OrgId,
+    pub conversation_id: ConversationId,
+    pub response_id: ResponseId,
 }
 
 /// Take the response of `job` (of the user's own conversation) under a lease of `lease`, and
@@ -149,13 +153,13 @@ pub async fn take(
 /// response (taken over after its lease expired, or finished by someone else) and must stop.
 pub async fn renew(
     pool: &PgPool,
-    held: &[(Uuid, i32)],
+    held: &[(ResponseId, i32)],
     lease: Duration,
-) -> Result<Vec<Uuid>, StoreError> {
+) -> Result<Vec<ResponseId>, StoreError> {
     if held.is_empty() {
         return Ok(Vec::new());
     }
-    let (ids, runs): (Vec<Uuid>, Vec<i32>) = held.iter().copied().unzip();
+    let (ids, runs): (Vec<ResponseId>, Vec<i32>) = held.iter().copied().unzip();
     Ok(sqlx::query_scalar(
         "UPDATE responses r
             SET leased_until = clock_timestamp() + make_interval(secs => $3)
@@ -171,7 +175,10 @@ pub async fn renew(
 }
 
 /// The run that holds (or last held) the response.
-pub async fn current_run(pool: &PgPool, response_id: Uuid) -> Result<Option<i32>, StoreError> {
+pub async fn current_run(
+    pool: &PgPool,
+    response_id: ResponseId,
+) -> Result<Option<i32>, StoreError> {
     Ok(
         sqlx::query_scalar("SELECT run FROM responses WHERE id = $1")
             .bind(response_id)
@@ -185,7 +192,7 @@ pub async fn current_run(pool: &PgPool, response_id: Uuid) -> Result<Option<i32>
 /// later runs call only the fallback. `false`: the run no longer held it.
 pub async fn release(
     conn: &mut PgConnection,
-    response_id: Uuid,
+    response_id: ResponseId,
     run: i32,
     fallback_only: bool,
 ) -> Result<bool, StoreError> {
@@ -208,7 +215,7 @@ pub async fn release(
 /// when the run no longer holds the response (it must publish nothing).
 pub async fn mark_streaming(
     conn: &mut PgConnection,
-    response_id: Uuid,
+    response_id: ResponseId,
     run: i32,
 ) -> Result<Option<i32>, StoreError> {
     Ok(sqlx::query_scalar(
@@ -227,7 +234,7 @@ pub async fn mark_streaming(
 /// not its answer (a tool round, proposals) check this first.
 pub async fn hold(
     conn: &mut PgConnection,
-    response_id: Uuid,
+    response_id: ResponseId,
     run: i32,
 ) -> Result<bool, StoreError> {
     Ok(sqlx::query_scalar::<_, i32>(
@@ -244,9 +251,9 @@ pub async fn hold(
 /// written; the client must not be told).
 pub async fn fail_run(
     conn: &mut PgConnection,
-    response_id: Uuid,
+    response_id: ResponseId,
     run: i32,
-    code: &str,
+    code: ErrorCode,
     message: &str,
 ) -> Result<bool, StoreError> {
     let n = sqlx::query(
@@ -270,9 +277,9 @@ pub async fn fail_run(
 /// that another job now runs). `false`: nothing changed.
 pub async fn fail_unfinished(
     conn: &mut PgConnection,
-    response_id: Uuid,
-    job_id: Option<Uuid>,
-    code: &str,
+    response_id: ResponseId,
+    job_id: Option<JobId>,
+    code: ErrorCode,
     message: &str,
 ) -> Result<bool, StoreError> {
     let n = sqlx::query(
@@ -295,8 +302,8 @@ pub async fn fail_unfinished(
 /// reconciler watches that job. In the caller's transaction, before the enqueue.
 pub async fn assign_job(
     conn: &mut PgConnection,
-    response_id: Uuid,
-    job_id: Uuid,
+    response_id: ResponseId,
+    job_id: JobId,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE responses SET job_id = $2, enqueued_at = now()
@@ -312,13 +319,13 @@ pub async fn assign_job(
 /// An unfinished response as the reconciler sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Unfinished {
-    pub id: Uuid,
-    pub conversation_id: Uuid,
-    pub user_message_id: Uuid,
-    pub user_id: Uuid,
-    pub org_id: Uuid,
+    pub id: ResponseId,
+    pub conversation_id: ConversationId,
+    pub user_message_id: MessageId,
+    pub user_id: UserId,
+    pub org_id: OrgId,
     pub status: ResponseStatus,
-    pub job_id: Option<Uuid>,
+    pub job_id: Option<JobId>,
     pub recoveries: i32,
     /// `running` with its lease expired: its run died.
     pub expired: bool,
@@ -349,7 +356,7 @@ pub async fn expired(pool: &PgPool, limit: i64) -> Result<Vec<Unfinished>, Store
 pub async fn queued(
     pool: &PgPool,
     grace: Duration,
-    after: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+    after: Option<(chrono::DateTime<chrono::Utc>, ResponseId)>,
     limit: i64,
 ) -> Result<Vec<Unfinished>, StoreError> {
     Ok(sqlx::query_as::<_, Unfinished>(sql(format!(
@@ -372,9 +379,9 @@ pub async fn queued(
 /// that job's and no live run holds it. `false`: nothing changed.
 pub async fn give_up(
     pool: &PgPool,
-    response_id: Uuid,
-    job: Uuid,
-    code: &str,
+    response_id: ResponseId,
+    job: JobId,
+    code: ErrorCode,
     message: &str,
 ) -> Result<bool, StoreError> {
     let n = sqlx::query(
@@ -398,9 +405,9 @@ pub async fn give_up(
 /// lease. `false`: something else happened meanwhile (nothing to do).
 pub async fn recover(
     pool: &PgPool,
-    response_id: Uuid,
-    old_job: Uuid,
-    new_job: Uuid,
+    response_id: ResponseId,
+    old_job: JobId,
+    new_job: JobId,
 ) -> Result<bool, StoreError> {
     let n = sqlx::query(
         "UPDATE responses SET status = 'queued', leased_until = NULL, job_id = $3,
@@ -419,7 +426,7 @@ pub async fn recover(
 }
 
 /// A response by id, whatever its conversation (the reconciler, tests).
-pub async fn get(pool: &PgPool, response_id: Uuid) -> Result<Option<Response>, StoreError> {
+pub async fn get(pool: &PgPool, response_id: ResponseId) -> Result<Option<Response>, StoreError> {
     Ok(sqlx::query_as::<_, Response>(sql(format!(
         "SELECT {RESPONSE_COLS} FROM responses WHERE id = $1"
     )))

@@ -33,6 +33,7 @@ use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use crate::StoreError;
+use crate::types::{ConversationId, MessageId, OrgId, ProjectId, TeamId, UserId};
 
 /// The `k` of reciprocal rank fusion (Cormack et al.): a result at rank r of a list scores
 /// `1 / (RRF_K + r)`.
@@ -41,10 +42,10 @@ pub const RRF_K: f64 = 60.0;
 /// One retrieval request.
 #[derive(Debug, Clone)]
 pub struct Query<'a> {
-    pub org_id: Uuid,
-    pub user_id: Uuid,
+    pub org_id: OrgId,
+    pub user_id: UserId,
     /// The conversation asked in: its project narrowing applies, and it must be the user's.
-    pub conversation_id: Uuid,
+    pub conversation_id: ConversationId,
     /// The query's embedding (`model`, `dim`); `None` when the embedder failed: full-text only.
     pub embedding: Option<&'a pgvector::Vector>,
     /// The user's words, for full-text search.
@@ -56,7 +57,7 @@ pub struct Query<'a> {
     /// How many fused results to return.
     pub k: u32,
     /// Message chunks to leave out (the conversation's recent window, already in the prompt).
-    pub exclude_message_ids: &'a [Uuid],
+    pub exclude_message_ids: &'a [MessageId],
 }
 
 /// Knobs of the search (config `[retrieval]`).
@@ -101,7 +102,7 @@ pub struct Chunk {
     pub source_kind: String,
     pub source_id: Uuid,
     pub chunk_index: i32,
-    pub project_id: Option<Uuid>,
+    pub project_id: Option<ProjectId>,
     pub title: String,
     pub content: String,
     /// Fused score, `Σ 1 / (60 + rank)`.
@@ -119,18 +120,18 @@ pub struct Chunk {
 
 /// The visible set, from the live tables.
 struct Visible {
-    projects: Vec<Uuid>,
+    projects: Vec<ProjectId>,
     /// The user sees every project of the org (an owner or admin, or a small org): the project
     /// test is then `project_id IS NOT NULL` instead of a long `= ANY(array)`, whose
     /// planning alone cost ~6 ms with 1 000 projects.
     all: bool,
-    teams: Vec<Uuid>,
+    teams: Vec<TeamId>,
     /// Still a member of the org (message chunks need it; projects imply it).
     member: bool,
 }
 
 async fn visible(conn: &mut PgConnection, q: &Query<'_>) -> Result<Visible, StoreError> {
-    let (projects, teams, member, org_projects): (Vec<Uuid>, Vec<Uuid>, bool, i64) =
+    let (projects, teams, member, org_projects): (Vec<ProjectId>, Vec<TeamId>, bool, i64) =
         sqlx::query_as(
             "SELECT
              coalesce((SELECT array_agg(v.project_id)

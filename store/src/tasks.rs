@@ -6,29 +6,30 @@ use uuid::Uuid;
 
 use crate::outbox::SourceKind;
 use crate::projects::Cursor;
+use crate::types::{OrgId, ProjectId, TaskId, UserId};
 use crate::{StoreError, TaskStatus};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Task {
-    pub id: Uuid,
-    pub project_id: Uuid,
+    pub id: TaskId,
+    pub project_id: ProjectId,
     pub title: String,
     pub description: String,
     pub status: TaskStatus,
-    pub assignee_id: Option<Uuid>,
-    pub created_by: Option<Uuid>,
+    pub assignee_id: Option<UserId>,
+    pub created_by: Option<UserId>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 pub struct NewTask<'a> {
-    pub org_id: Uuid,
-    pub project_id: Uuid,
-    pub created_by: Uuid,
+    pub org_id: OrgId,
+    pub project_id: ProjectId,
+    pub created_by: UserId,
     pub title: &'a str,
     pub description: &'a str,
     pub status: TaskStatus,
-    pub assignee_id: Option<Uuid>,
+    pub assignee_id: Option<UserId>,
 }
 
 /// A partial update: `None` leaves a field as it is; `assignee_id: Some(None)` unassigns.
@@ -37,7 +38,7 @@ pub struct TaskPatch {
     pub title: Option<String>,
     pub description: Option<String>,
     pub status: Option<TaskStatus>,
-    pub assignee_id: Option<Option<Uuid>>,
+    pub assignee_id: Option<Option<UserId>>,
 }
 
 const ASSIGNEE_INVALID: StoreError = StoreError::InvalidReference {
@@ -48,8 +49,8 @@ const ASSIGNEE_INVALID: StoreError = StoreError::InvalidReference {
 /// An assignee must be able to see the project (which implies being a member of its org).
 async fn check_assignee(
     conn: &mut PgConnection,
-    project_id: Uuid,
-    assignee: Option<Uuid>,
+    project_id: ProjectId,
+    assignee: Option<UserId>,
 ) -> Result<(), StoreError> {
     if let Some(user) = assignee
         && !crate::projects::can_see(conn, user, project_id).await?
@@ -70,7 +71,7 @@ pub async fn insert_task(conn: &mut PgConnection, new: &NewTask<'_>) -> Result<T
          RETURNING id, project_id, title, description, status, assignee_id, created_by,
                    created_at, updated_at",
     )
-    .bind(Uuid::now_v7())
+    .bind(TaskId::new_v7())
     .bind(new.org_id)
     .bind(new.project_id)
     .bind(new.title)
@@ -80,15 +81,15 @@ pub async fn insert_task(conn: &mut PgConnection, new: &NewTask<'_>) -> Result<T
     .bind(new.created_by)
     .fetch_one(&mut *conn)
     .await?;
-    crate::outbox::record(conn, new.org_id, SourceKind::Task, task.id).await?;
+    crate::outbox::record(conn, new.org_id, SourceKind::Task, task.id.into()).await?;
     Ok(task)
 }
 
 /// Tasks of a project `user_id` can see (empty for a project they cannot see), oldest first.
 pub async fn list_visible(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    project_id: Uuid,
+    user_id: UserId,
+    project_id: ProjectId,
     after: Option<Cursor>,
     limit: i64,
 ) -> Result<Vec<Task>, StoreError> {
@@ -116,8 +117,8 @@ pub async fn list_visible(
 /// With `lock`, the row is locked for update until the caller's transaction ends.
 pub async fn get_visible(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    task_id: Uuid,
+    user_id: UserId,
+    task_id: TaskId,
     lock: bool,
 ) -> Result<Option<Task>, StoreError> {
     let sql = if lock {
@@ -145,8 +146,8 @@ pub async fn get_visible(
 /// `None` when the task is not visible.
 pub async fn update_visible(
     conn: &mut PgConnection,
-    user_id: Uuid,
-    task_id: Uuid,
+    user_id: UserId,
+    task_id: TaskId,
     patch: &TaskPatch,
 ) -> Result<Option<Task>, StoreError> {
     let Some(task) = get_visible(&mut *conn, user_id, task_id, true).await? else {
@@ -178,6 +179,6 @@ pub async fn update_visible(
         .bind(row.id)
         .fetch_one(&mut *conn)
         .await?;
-    crate::outbox::record(conn, org_id, SourceKind::Task, row.id).await?;
+    crate::outbox::record(conn, org_id.into(), SourceKind::Task, row.id.into_uuid()).await?;
     Ok(Some(row))
 }

@@ -2,14 +2,14 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor, PgPool};
-use uuid::Uuid;
 
 use crate::error::OnConstraint;
+use crate::types::{OrgId, TeamId, UserId};
 use crate::{Role, StoreError};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Org {
-    pub id: Uuid,
+    pub id: OrgId,
     pub name: String,
     pub model: Option<String>,
     pub fallback_model: Option<String>,
@@ -18,7 +18,7 @@ pub struct Org {
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct User {
-    pub id: Uuid,
+    pub id: UserId,
     pub email: String,
     pub name: String,
     pub created_at: DateTime<Utc>,
@@ -27,15 +27,15 @@ pub struct User {
 /// What login needs: the hash to verify and the org the token will name.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct LoginRecord {
-    pub user_id: Uuid,
-    pub org_id: Uuid,
+    pub user_id: UserId,
+    pub org_id: OrgId,
     pub password_hash: String,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Team {
-    pub id: Uuid,
-    pub org_id: Uuid,
+    pub id: TeamId,
+    pub org_id: OrgId,
     pub name: String,
     pub created_at: DateTime<Utc>,
 }
@@ -45,7 +45,7 @@ pub async fn insert_org(conn: &mut PgConnection, name: &str) -> Result<Org, Stor
         "INSERT INTO organizations (id, name) VALUES ($1, $2)
          RETURNING id, name, model, fallback_model, created_at",
     )
-    .bind(Uuid::now_v7())
+    .bind(OrgId::new_v7())
     .bind(name)
     .fetch_one(conn)
     .await?;
@@ -63,7 +63,7 @@ pub async fn insert_user(
         "INSERT INTO users (id, email, name, password_hash) VALUES ($1, $2, $3, $4)
          RETURNING id, email, name, created_at",
     )
-    .bind(Uuid::now_v7())
+    .bind(UserId::new_v7())
     .bind(email)
     .bind(name)
     .bind(password_hash)
@@ -80,8 +80,8 @@ pub async fn insert_user(
 /// Make `user_id` a member of `org_id` with `role` (v1: a user has exactly one org).
 pub async fn insert_membership(
     conn: &mut PgConnection,
-    org_id: Uuid,
-    user_id: Uuid,
+    org_id: OrgId,
+    user_id: UserId,
     role: Role,
 ) -> Result<(), StoreError> {
     sqlx::query("INSERT INTO org_memberships (org_id, user_id, role) VALUES ($1, $2, $3)")
@@ -120,7 +120,7 @@ pub async fn find_login(pool: &PgPool, email: &str) -> Result<Option<LoginRecord
     Ok(row)
 }
 
-pub async fn get_user(pool: &PgPool, id: Uuid) -> Result<Option<User>, StoreError> {
+pub async fn get_user(pool: &PgPool, id: UserId) -> Result<Option<User>, StoreError> {
     let row =
         sqlx::query_as::<_, User>("SELECT id, email, name, created_at FROM users WHERE id = $1")
             .bind(id)
@@ -133,8 +133,8 @@ pub async fn get_user(pool: &PgPool, id: Uuid) -> Result<Option<User>, StoreErro
 pub async fn find_user_by_email(
     pool: &PgPool,
     email: &str,
-) -> Result<Option<(User, Uuid)>, StoreError> {
-    let row = sqlx::query_as::<_, (Uuid, String, String, DateTime<Utc>, Uuid)>(
+) -> Result<Option<(User, OrgId)>, StoreError> {
+    let row = sqlx::query_as::<_, (UserId, String, String, DateTime<Utc>, OrgId)>(
         "SELECT u.id, u.email, u.name, u.created_at, m.org_id
          FROM users u JOIN org_memberships m ON m.user_id = u.id
          WHERE lower(u.email) = lower($1)
@@ -156,7 +156,7 @@ pub async fn find_user_by_email(
     }))
 }
 
-pub async fn get_org(pool: &PgPool, id: Uuid) -> Result<Option<Org>, StoreError> {
+pub async fn get_org(pool: &PgPool, id: OrgId) -> Result<Option<Org>, StoreError> {
     let row = sqlx::query_as::<_, Org>(
         "SELECT id, name, model, fallback_model, created_at FROM organizations WHERE id = $1",
     )
@@ -169,8 +169,8 @@ pub async fn get_org(pool: &PgPool, id: Uuid) -> Result<Option<Org>, StoreError>
 /// The role of `user_id` in `org_id`, or `None` when they are not (or no longer) a member.
 pub async fn member_role(
     pool: &PgPool,
-    org_id: Uuid,
-    user_id: Uuid,
+    org_id: OrgId,
+    user_id: UserId,
 ) -> Result<Option<Role>, StoreError> {
     let role = sqlx::query_scalar::<_, Role>(
         "SELECT role FROM org_memberships WHERE org_id = $1 AND user_id = $2",
@@ -185,8 +185,8 @@ pub async fn member_role(
 /// Change a member's role; false when they are not a member.
 pub async fn set_role(
     exec: impl PgExecutor<'_>,
-    org_id: Uuid,
-    user_id: Uuid,
+    org_id: OrgId,
+    user_id: UserId,
     role: Role,
 ) -> Result<bool, StoreError> {
     let done =
@@ -202,8 +202,8 @@ pub async fn set_role(
 /// Remove a member from the org (and, by cascade, from its teams and projects).
 pub async fn remove_member(
     exec: impl PgExecutor<'_>,
-    org_id: Uuid,
-    user_id: Uuid,
+    org_id: OrgId,
+    user_id: UserId,
 ) -> Result<bool, StoreError> {
     let done = sqlx::query("DELETE FROM org_memberships WHERE org_id = $1 AND user_id = $2")
         .bind(org_id)
@@ -215,14 +215,14 @@ pub async fn remove_member(
 
 pub async fn insert_team(
     conn: &mut PgConnection,
-    org_id: Uuid,
+    org_id: OrgId,
     name: &str,
 ) -> Result<Team, StoreError> {
     sqlx::query_as::<_, Team>(
         "INSERT INTO teams (id, org_id, name) VALUES ($1, $2, $3)
          RETURNING id, org_id, name, created_at",
     )
-    .bind(Uuid::now_v7())
+    .bind(TeamId::new_v7())
     .bind(org_id)
     .bind(name)
     .fetch_one(conn)
@@ -238,8 +238,8 @@ pub async fn insert_team(
 /// A team of `org_id` (a team of another org is `None`, like a missing one).
 pub async fn get_team(
     pool: &PgPool,
-    org_id: Uuid,
-    team_id: Uuid,
+    org_id: OrgId,
+    team_id: TeamId,
 ) -> Result<Option<Team>, StoreError> {
     let row = sqlx::query_as::<_, Team>(
         "SELECT id, org_id, name, created_at FROM teams WHERE id = $1 AND org_id = $2",
@@ -254,9 +254,9 @@ pub async fn get_team(
 /// Add a member of the team's org to the team.
 pub async fn add_team_member(
     pool: &PgPool,
-    org_id: Uuid,
-    team_id: Uuid,
-    user_id: Uuid,
+    org_id: OrgId,
+    team_id: TeamId,
+    user_id: UserId,
 ) -> Result<(), StoreError> {
     sqlx::query("INSERT INTO team_members (team_id, org_id, user_id) VALUES ($1, $2, $3)")
         .bind(team_id)
@@ -290,9 +290,9 @@ pub async fn add_team_member(
 /// Remove a user from a team; false when they were not in it.
 pub async fn remove_team_member(
     pool: &PgPool,
-    org_id: Uuid,
-    team_id: Uuid,
-    user_id: Uuid,
+    org_id: OrgId,
+    team_id: TeamId,
+    user_id: UserId,
 ) -> Result<bool, StoreError> {
     let done =
         sqlx::query("DELETE FROM team_members WHERE org_id = $1 AND team_id = $2 AND user_id = $3")
@@ -306,8 +306,8 @@ pub async fn remove_team_member(
 
 pub async fn is_team_member(
     pool: &PgPool,
-    team_id: Uuid,
-    user_id: Uuid,
+    team_id: TeamId,
+    user_id: UserId,
 ) -> Result<bool, StoreError> {
     let yes = sqlx::query_scalar::<_, bool>(
         "SELECT EXISTS (SELECT 1 FROM team_members WHERE team_id = $1 AND user_id = $2)",
@@ -321,8 +321,8 @@ pub async fn is_team_member(
 
 /// Lock the org's owner memberships until the end of the caller's transaction and count them,
 /// so that concurrent demotions or removals cannot leave an org without an owner.
-pub async fn lock_owners(conn: &mut PgConnection, org_id: Uuid) -> Result<i64, StoreError> {
-    let owners = sqlx::query_scalar::<_, Uuid>(
+pub async fn lock_owners(conn: &mut PgConnection, org_id: OrgId) -> Result<i64, StoreError> {
+    let owners = sqlx::query_scalar::<_, UserId>(
         "SELECT user_id FROM org_memberships WHERE org_id = $1 AND role = 'owner' FOR UPDATE",
     )
     .bind(org_id)
@@ -334,8 +334,8 @@ pub async fn lock_owners(conn: &mut PgConnection, org_id: Uuid) -> Result<i64, S
 /// The role of `user_id` in `org_id`, locked until the end of the caller's transaction.
 pub async fn lock_member_role(
     conn: &mut PgConnection,
-    org_id: Uuid,
-    user_id: Uuid,
+    org_id: OrgId,
+    user_id: UserId,
 ) -> Result<Option<Role>, StoreError> {
     let role = sqlx::query_scalar::<_, Role>(
         "SELECT role FROM org_memberships WHERE org_id = $1 AND user_id = $2 FOR UPDATE",
@@ -350,7 +350,7 @@ pub async fn lock_member_role(
 /// A member of an org, as listed.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Member {
-    pub id: Uuid,
+    pub id: UserId,
     pub email: String,
     pub name: String,
     pub role: Role,
@@ -362,7 +362,7 @@ pub struct Member {
 /// The members of `org_id` in joining order, after `(joined_at, user id)`.
 pub async fn list_members(
     pool: &PgPool,
-    org_id: Uuid,
+    org_id: OrgId,
     after: Option<crate::projects::Cursor>,
     limit: i64,
 ) -> Result<Vec<Member>, StoreError> {
@@ -386,7 +386,7 @@ pub async fn list_members(
 /// The teams of `org_id`, oldest first, after `cursor`.
 pub async fn list_teams(
     pool: &PgPool,
-    org_id: Uuid,
+    org_id: OrgId,
     after: Option<crate::projects::Cursor>,
     limit: i64,
 ) -> Result<Vec<Team>, StoreError> {

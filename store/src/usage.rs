@@ -6,15 +6,15 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgConnection, PgPool};
-use uuid::Uuid;
 
 use crate::StoreError;
+use crate::types::OrgId;
 
 /// One `usage_daily` row.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Row {
     pub day: NaiveDate,
-    pub org_id: Uuid,
+    pub org_id: OrgId,
     pub model: String,
     pub requests: i64,
     pub prompt_tokens: i64,
@@ -25,7 +25,7 @@ pub struct Row {
 /// adding to that day's row. Call it inside the caller's transaction.
 pub async fn record(
     conn: &mut PgConnection,
-    org_id: Uuid,
+    org_id: OrgId,
     model: &str,
     prompt_tokens: i64,
     completion_tokens: i64,
@@ -52,7 +52,7 @@ pub async fn record(
 /// The rows from `since` (inclusive) on, of one org or of all, ordered by day, model (then org).
 pub async fn report(
     pool: &PgPool,
-    org_id: Option<Uuid>,
+    org_id: Option<OrgId>,
     since: NaiveDate,
 ) -> Result<Vec<Row>, StoreError> {
     Ok(sqlx::query_as::<_, Row>(

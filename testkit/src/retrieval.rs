@@ -12,7 +12,11 @@ use crate::fake_upstream::fake_embedding;
 
 /// A new org.
 pub async fn org(conn: &mut PgConnection) -> Uuid {
-    store::tenancy::insert_org(conn, "org").await.unwrap().id
+    store::tenancy::insert_org(conn, "org")
+        .await
+        .unwrap()
+        .id
+        .into()
 }
 
 /// A new user, member of `org` with `role`.
@@ -26,10 +30,10 @@ pub async fn user(conn: &mut PgConnection, org: Uuid, role: Role) -> Uuid {
     .await
     .unwrap()
     .id;
-    store::tenancy::insert_membership(conn, org, id, role)
+    store::tenancy::insert_membership(conn, org.into(), id, role)
         .await
         .unwrap();
-    id
+    id.into()
 }
 
 /// A project of `org` created by `creator` (who becomes a member of a private one).
@@ -43,17 +47,18 @@ pub async fn project(
     store::projects::insert_project(
         conn,
         &store::projects::NewProject {
-            org_id: org,
-            created_by: creator,
+            org_id: org.into(),
+            created_by: creator.into(),
             name: "p",
             description: "",
             visibility,
-            team_id: team,
+            team_id: team.map(Into::into),
         },
     )
     .await
     .unwrap()
     .id
+    .into()
 }
 
 /// A document row (the tombstone that `deleted_at` marks), so chunks can name it.
@@ -85,11 +90,11 @@ pub fn project_chunk(
     dim: usize,
 ) -> NewChunk {
     NewChunk {
-        org_id: org,
+        org_id: org.into(),
         source_kind: kind,
         source_id,
         chunk_index: 0,
-        project_id: Some(project),
+        project_id: Some(project.into()),
         owner_user_id: None,
         allowed_user_ids: vec![],
         allowed_team_ids: vec![],
@@ -112,12 +117,12 @@ pub fn message_chunk(
     dim: usize,
 ) -> NewChunk {
     NewChunk {
-        org_id: org,
+        org_id: org.into(),
         source_kind: "message",
         source_id: message_id,
         chunk_index: 0,
         project_id: None,
-        owner_user_id: Some(owner),
+        owner_user_id: Some(owner.into()),
         allowed_user_ids: vec![],
         allowed_team_ids: vec![],
         title: String::new(),

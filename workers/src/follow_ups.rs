@@ -42,7 +42,13 @@ impl FollowUps {
         match store::memory::reset_hidden_summary(conn, user_id, conversation_id).await {
             Ok(true) => {
                 metrics::counter!(SUMMARIES, "outcome" => "reset").increment(1);
-                if let Err(e) = self.bus.enqueue(Summarize { conversation_id }).await {
+                if let Err(e) = self
+                    .bus
+                    .enqueue(Summarize {
+                        conversation_id: conversation_id.into(),
+                    })
+                    .await
+                {
                     metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "summarize").increment(1);
                     tracing::warn!(error = %e, "cannot enqueue the summary's rebuild");
                 } else {
@@ -65,10 +71,10 @@ impl FollowUps {
     ) {
         if self.memory.remember {
             let job = Remember {
-                conversation_id,
-                message_id: answer_id,
-                user_id,
-                org_id,
+                conversation_id: conversation_id.into(),
+                message_id: answer_id.into(),
+                user_id: user_id.into(),
+                org_id: org_id.into(),
             };
             if let Err(e) = self.bus.enqueue(job).await {
                 metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "remember").increment(1);
@@ -86,7 +92,13 @@ impl FollowUps {
         };
         match pending.await {
             Ok(n) if n >= i64::try_from(self.memory.summarize_threshold).unwrap_or(i64::MAX) => {
-                if let Err(e) = self.bus.enqueue(Summarize { conversation_id }).await {
+                if let Err(e) = self
+                    .bus
+                    .enqueue(Summarize {
+                        conversation_id: conversation_id.into(),
+                    })
+                    .await
+                {
                     metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "summarize").increment(1);
                     tracing::warn!(error = %e, "cannot enqueue summarize");
                 } else {

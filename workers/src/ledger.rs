@@ -94,12 +94,16 @@ impl Ledger {
             }
             let renewed = tokio::time::timeout(
                 every,
-                store::responses::renew(&self.db, &[(fence.response_id, fence.run)], self.lease),
+                store::responses::renew(
+                    &self.db,
+                    &[(fence.response_id.into(), fence.run)],
+                    self.lease,
+                ),
             )
             .await;
             match renewed {
                 Ok(Ok(held)) if held.is_empty() => {
-                    match store::responses::current_run(&self.db, fence.response_id).await {
+                    match store::responses::current_run(&self.db, fence.response_id.into()).await {
                         Ok(Some(r)) if r > fence.run => {
                             tracing::warn!(newer = r, "the run's lease was lost");
                             fence.lost.cancel();
@@ -124,7 +128,13 @@ impl Ledger {
     pub async fn release(&self, fence: &Fence, fallback_only: bool) -> bool {
         let released = async {
             let mut conn = self.db.acquire().await?;
-            store::responses::release(&mut conn, fence.response_id, fence.run, fallback_only).await
+            store::responses::release(
+                &mut conn,
+                fence.response_id.into(),
+                fence.run,
+                fallback_only,
+            )
+            .await
         };
         match released.await {
             Ok(true) => {
@@ -151,9 +161,10 @@ impl Ledger {
             return Ok(());
         }
         let mut conn = self.db.acquire().await.map_err(db_error)?;
-        let before = store::responses::mark_streaming(&mut conn, fence.response_id, fence.run)
-            .await
-            .map_err(db_error)?;
+        let before =
+            store::responses::mark_streaming(&mut conn, fence.response_id.into(), fence.run)
+                .await
+                .map_err(db_error)?;
         drop(conn);
         let Some(before) = before else {
             return Err(fence.superseded());
@@ -201,7 +212,7 @@ impl Ledger {
     /// Within the caller's transaction: whether this run still holds the response (its writes
     /// wait for any run taking it over); a run that does not learns it lost the response.
     pub async fn hold(&self, conn: &mut sqlx::PgConnection, fence: &Fence) -> Result<(), JobError> {
-        if store::responses::hold(conn, fence.response_id, fence.run)
+        if store::responses::hold(conn, fence.response_id.into(), fence.run)
             .await
             .map_err(db_error)?
         {

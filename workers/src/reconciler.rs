@@ -32,7 +32,7 @@ const BATCH: i64 = 1000;
 /// At most one reconciler-requested index run per this many seconds.
 pub const INDEX_WINDOW_SECS: u64 = 30;
 /// The code and text of a response the reconciler gives up on.
-const LOST_CODE: &str = "internal_error";
+const LOST_CODE: store::ErrorCode = store::ErrorCode::InternalError;
 const LOST_MESSAGE: &str =
     "The answer could not be completed after repeated interruptions. Please ask again.";
 const ACTION_LOST_REASON: &str =
@@ -78,7 +78,7 @@ pub struct Reconciler {
     ledger: config::LedgerSettings,
     owner: String,
     /// Where the last pass stopped in the queued responses (`None`: from the start).
-    cursor: std::sync::Mutex<Option<(chrono::DateTime<chrono::Utc>, Uuid)>>,
+    cursor: std::sync::Mutex<Option<(chrono::DateTime<chrono::Utc>, store::ResponseId)>>,
 }
 
 impl Reconciler {
@@ -157,7 +157,10 @@ impl Reconciler {
         };
         *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = next;
         // a `queued` one is lost only when its job's marker is gone
-        let ids: Vec<Uuid> = queued.iter().filter_map(|u| u.job_id).collect();
+        let ids: Vec<Uuid> = queued
+            .iter()
+            .filter_map(|u| u.job_id.map(store::JobId::into_uuid))
+            .collect();
         let on_bus = self.bus.markers(Queue::Chat, &ids).await?;
         lost.extend(
             queued
@@ -171,13 +174,13 @@ impl Reconciler {
             if u.recoveries >= self.max_recoveries() {
                 if store::responses::give_up(&self.db, u.id, old, LOST_CODE, LOST_MESSAGE).await? {
                     tracing::error!(response_id = %u.id, "a response lost its job too often; failed");
-                    self.tell_failed(u.id).await?;
+                    self.tell_failed(u.id.into()).await?;
                     r.responses_failed += 1;
                 }
                 continue;
             }
-            let new = recovery_job_id("chat", u.id, i64::from(u.recoveries) + 1);
-            if !store::responses::recover(&self.db, u.id, old, new).await? {
+            let new = recovery_job_id("chat", u.id.into(), i64::from(u.recoveries) + 1);
+            if !store::responses::recover(&self.db, u.id, old, new.into()).await? {
                 continue;
             }
             let mut env = Envelope::new(Chat {
@@ -207,7 +210,7 @@ impl Reconciler {
             .publish(
                 response_id,
                 &ResponseEvent::Error {
-                    code: LOST_CODE.into(),
+                    code: LOST_CODE.to_string(),
                     message: LOST_MESSAGE.into(),
                 },
             )
@@ -218,7 +221,10 @@ impl Reconciler {
     /// Confirmed actions whose execution job is gone.
     async fn actions(&self, r: &mut Report) -> anyhow::Result<()> {
         let rows = store::actions::confirmed_waiting(&self.db, self.grace(), BATCH).await?;
-        let ids: Vec<Uuid> = rows.iter().filter_map(|a| a.job_id).collect();
+        let ids: Vec<Uuid> = rows
+            .iter()
+            .filter_map(|a| a.job_id.map(store::JobId::into_uuid))
+            .collect();
         let mut on_bus = self.bus.markers(Queue::Actions, &ids).await?.into_iter();
         for a in rows {
             // (a proposal confirmed before the ledger names no job: it is lost)
@@ -226,13 +232,13 @@ impl Reconciler {
                 continue;
             }
             if a.recoveries >= self.max_recoveries() {
-                if self.give_up_action(a.id).await? {
+                if self.give_up_action(a.id.into()).await? {
                     r.actions_failed += 1;
                 }
                 continue;
             }
-            let new = recovery_job_id("execute_action", a.id, i64::from(a.recoveries) + 1);
-            if !store::actions::recover(&self.db, a.id, a.job_id, new).await? {
+            let new = recovery_job_id("execute_action", a.id.into(), i64::from(a.recoveries) + 1);
+            if !store::actions::recover(&self.db, a.id, a.job_id, new.into()).await? {
                 continue;
             }
             let mut env = Envelope::new(ExecuteAction { action_id: a.id });
@@ -249,10 +255,10 @@ impl Reconciler {
     /// continuation handed to its `chat` job, so the assistant tells the user nothing changed.
     async fn give_up_action(&self, action_id: Uuid) -> anyhow::Result<bool> {
         let mut tx = self.db.begin().await?;
-        let Some(action) = store::actions::lock(&mut tx, action_id).await? else {
+        let Some(action) = store::actions::lock(&mut tx, action_id.into()).await? else {
             return Ok(false);
         };
-        if !store::actions::mark_failed(&mut tx, action_id, ACTION_LOST_REASON).await? {
+        if !store::actions::mark_failed(&mut tx, action_id.into(), ACTION_LOST_REASON).await? {
             return Ok(false);
         }
         let result = crate::tools::execute::refused_result(action_id, ACTION_LOST_REASON);
@@ -293,7 +299,7 @@ impl Reconciler {
                 continue;
             }
             let mut env = Envelope::new(Summarize {
-                conversation_id: f.conversation_id,
+                conversation_id: f.conversation_id.into(),
             });
             env.id = new;
             self.bus.enqueue_once(&env).await?;

@@ -64,9 +64,9 @@ pub struct ActionView {
 impl From<store::actions::Action> for ActionView {
     fn from(a: store::actions::Action) -> Self {
         Self {
-            id: a.id,
-            conversation_id: a.conversation_id,
-            response_id: a.response_id,
+            id: a.id.into(),
+            conversation_id: a.conversation_id.into(),
+            response_id: a.response_id.into(),
             tool: a.tool,
             arguments: a.arguments,
             summary: a.summary,
@@ -75,7 +75,7 @@ impl From<store::actions::Action> for ActionView {
             status: a.status,
             result: a.result,
             failure_reason: a.failure_reason,
-            continuation_response_id: a.continuation_response_id,
+            continuation_response_id: a.continuation_response_id.map(Into::into),
             created_at: a.created_at,
             expires_at: a.expires_at,
             decided_at: a.decided_at,
@@ -123,7 +123,9 @@ impl ActionsApi {
         store::conversations::get_own(&mut conn, caller.user_id, id.0)
             .await?
             .ok_or(ApiError::NotFound)?;
-        let rows = store::actions::list_own(&mut conn, caller.user_id, id.0, LIST_MAX).await?;
+        let rows =
+            store::actions::list_own(&mut conn, caller.user_id.into(), id.0.into(), LIST_MAX)
+                .await?;
         Ok(Json(ActionList {
             items: rows.into_iter().map(Into::into).collect(),
         }))
@@ -134,7 +136,7 @@ impl ActionsApi {
     async fn get(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<ActionView>, ApiError> {
         let caller = auth.0;
         let mut conn = self.state.db.acquire().await?;
-        let action = store::actions::get_own(&mut conn, caller.user_id, id.0)
+        let action = store::actions::get_own(&mut conn, caller.user_id.into(), id.0.into())
             .await?
             .ok_or(ApiError::NotFound)?;
         Ok(Json(action.into()))
@@ -157,15 +159,23 @@ impl ActionsApi {
             .extensions()
             .get::<crate::middleware::TraceContext>()
             .map(|t| t.traceparent.clone());
-        let envelope = jobs::Envelope::new(jobs::kinds::ExecuteAction { action_id: id.0 })
-            .with_trace(traceparent);
+        let envelope = jobs::Envelope::new(jobs::kinds::ExecuteAction {
+            action_id: id.0.into(),
+        })
+        .with_trace(traceparent);
         let mut tx = state.db.begin().await?;
-        let (action, response) =
-            match store::actions::confirm(&mut tx, caller.user_id, id.0, envelope.id).await? {
-                Decision::Done(done) => done,
-                Decision::NotFound => return Err(ApiError::NotFound),
-                Decision::NotPending(status) => return Err(not_pending(&status)),
-            };
+        let (action, response) = match store::actions::confirm(
+            &mut tx,
+            caller.user_id.into(),
+            id.0.into(),
+            envelope.id.into(),
+        )
+        .await?
+        {
+            Decision::Done(done) => done,
+            Decision::NotFound => return Err(ApiError::NotFound),
+            Decision::NotPending(status) => return Err(not_pending(&status)),
+        };
         tx.commit().await?;
         let created = ResponseEvent::MessageCreated {
             message_id: response.user_message_id,
@@ -190,11 +200,12 @@ impl ActionsApi {
     async fn reject(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<ActionView>, ApiError> {
         let caller = auth.0;
         let mut tx = self.state.db.begin().await?;
-        let action = match store::actions::reject(&mut tx, caller.user_id, id.0).await? {
-            Decision::Done(a) => a,
-            Decision::NotFound => return Err(ApiError::NotFound),
-            Decision::NotPending(status) => return Err(not_pending(&status)),
-        };
+        let action =
+            match store::actions::reject(&mut tx, caller.user_id.into(), id.0.into()).await? {
+                Decision::Done(a) => a,
+                Decision::NotFound => return Err(ApiError::NotFound),
+                Decision::NotPending(status) => return Err(not_pending(&status)),
+            };
         tx.commit().await?;
         Ok(Json(action.into()))
     }

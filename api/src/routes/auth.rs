@@ -90,7 +90,7 @@ impl AuthApi {
         let user = store::tenancy::insert_user(&mut tx, &email, &name, &hash).await?;
         store::tenancy::insert_membership(&mut tx, org.id, user.id, store::Role::Owner).await?;
         tx.commit().await?;
-        let (token, expires_at) = self.state.jwt.issue(user.id, org.id)?;
+        let (token, expires_at) = self.state.jwt.issue(user.id.into(), org.id.into())?;
         Ok(RegisterResponse::Created(Json(Registered {
             user: user.into(),
             org: org.into(),
@@ -136,7 +136,8 @@ impl AuthApi {
         match record {
             Some(r) if ok => {
                 throttle.succeeded().await?;
-                let (token, expires_at) = self.state.jwt.issue(r.user_id, r.org_id)?;
+                let (token, expires_at) =
+                    self.state.jwt.issue(r.user_id.into(), r.org_id.into())?;
                 Ok(Json(TokenView { token, expires_at }))
             }
             _ => Err(ApiError::InvalidCredentials),
@@ -147,10 +148,10 @@ impl AuthApi {
     #[oai(path = "/me", method = "get")]
     async fn me(&self, auth: BearerAuth) -> Result<Json<Me>, ApiError> {
         let caller = auth.0;
-        let user = store::tenancy::get_user(&self.state.db, caller.user_id)
+        let user = store::tenancy::get_user(&self.state.db, caller.user_id.into())
             .await?
             .ok_or(ApiError::Unauthorized)?;
-        let org = store::tenancy::get_org(&self.state.db, caller.org_id)
+        let org = store::tenancy::get_org(&self.state.db, caller.org_id.into())
             .await?
             .ok_or(ApiError::Unauthorized)?;
         Ok(Json(Me {

@@ -282,11 +282,11 @@ impl ChatApi {
             response_id,
         };
         let job = jobs::kinds::Chat {
-            conversation_id,
-            message_id,
-            response_id,
-            user_id: caller.user_id,
-            org_id: caller.org_id,
+            conversation_id: conversation_id.into(),
+            message_id: message_id.into(),
+            response_id: response_id.into(),
+            user_id: caller.user_id.into(),
+            org_id: caller.org_id.into(),
         };
         let traceparent = req
             .extensions()
@@ -513,7 +513,8 @@ impl ChatApi {
                 let Some(m) = store::conversations::answer_of(&mut conn, response_id).await? else {
                     return Ok(None);
                 };
-                let actions = store::actions::list_for_response(&mut conn, response_id).await?;
+                let actions =
+                    store::actions::list_for_response(&mut conn, response_id.into()).await?;
                 Ok(Some(TurnResponse::Ok(TurnContent::Answer(Json(
                     TurnAnswer {
                         message: m.into(),
@@ -545,11 +546,13 @@ impl ChatApi {
         let outcome = store::public::Outcome::of(&mut conn, response).await?;
         // (callers ask only about finished responses)
         let outcome = outcome.unwrap_or(store::public::Outcome::Failed {
-            code: store::public::UNAVAILABLE_CODE.to_owned(),
+            code: store::public::UNAVAILABLE_CODE,
             message: store::public::UNAVAILABLE_MESSAGE.to_owned(),
         });
         Ok(outcome
-            .event(ResponseEvent::completed, ResponseEvent::error)
+            .event(ResponseEvent::completed, |code, message| {
+                ResponseEvent::error(code.to_string(), message)
+            })
             .unwrap_or_else(expired_error))
     }
 
@@ -630,7 +633,7 @@ impl ChatApi {
 
 fn expired_error() -> ResponseEvent {
     ResponseEvent::Error {
-        code: "events_expired".into(),
+        code: store::ErrorCode::EventsExpired.to_string(),
         message: "the events of this response are no longer available".into(),
     }
 }

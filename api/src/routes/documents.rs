@@ -25,6 +25,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::types::multipart::Upload;
 use poem_openapi::{ApiRequest, ApiResponse, Multipart, Object, OpenApi};
 use serde::Deserialize;
+use store::{TeamId, UserId};
 use uuid::Uuid;
 
 use super::Tag;
@@ -138,14 +139,14 @@ pub struct DocumentView {
 impl From<store::documents::Document> for DocumentView {
     fn from(d: store::documents::Document) -> Self {
         Self {
-            id: d.id,
-            project_id: d.project_id,
+            id: d.id.into(),
+            project_id: d.project_id.into(),
             title: d.title,
             content_type: d.content_type,
             byte_size: d.byte_size,
-            uploaded_by: d.uploaded_by,
-            visible_to_user_ids: d.visible_to_user_ids,
-            visible_to_team_ids: d.visible_to_team_ids,
+            uploaded_by: d.uploaded_by.map(Into::into),
+            visible_to_user_ids: d.visible_to_user_ids.into_iter().map(Into::into).collect(),
+            visible_to_team_ids: d.visible_to_team_ids.into_iter().map(Into::into).collect(),
             failure_reason: if d.status == "failed" {
                 d.failure_reason
             } else {
@@ -175,8 +176,8 @@ struct Incoming {
     bytes: Vec<u8>,
     /// The request field that holds the content (for error messages).
     field: &'static str,
-    user_ids: Vec<Uuid>,
-    team_ids: Vec<Uuid>,
+    user_ids: Vec<UserId>,
+    team_ids: Vec<TeamId>,
 }
 
 fn unsupported(field: &str, got: &str) -> ApiError {
@@ -186,8 +187,11 @@ fn unsupported(field: &str, got: &str) -> ApiError {
     ))
 }
 
-fn restriction(field: &str, ids: Option<Vec<Uuid>>) -> Result<Vec<Uuid>, ApiError> {
-    let mut ids = ids.unwrap_or_default();
+fn restriction<Id: From<Uuid> + Ord>(
+    field: &str,
+    ids: Option<Vec<Uuid>>,
+) -> Result<Vec<Id>, ApiError> {
+    let mut ids: Vec<Id> = ids.unwrap_or_default().into_iter().map(Id::from).collect();
     if ids.len() > RESTRICTION_MAX {
         return Err(ApiError::invalid(format!(
             "{field} must have at most {RESTRICTION_MAX} entries"
@@ -316,7 +320,7 @@ impl DocumentsApi {
         // Visibility first: a hidden project answers 404 whatever the body holds.
         {
             let mut conn = self.state.db.acquire().await?;
-            if !store::projects::can_see(&mut conn, caller.user_id, id.0).await? {
+            if !store::projects::can_see(&mut conn, caller.user_id.into(), id.0.into()).await? {
                 return Err(ApiError::NotFound);
             }
         }
@@ -330,7 +334,7 @@ impl DocumentsApi {
         let byte_size = i64::try_from(incoming.bytes.len()).unwrap_or(i64::MAX);
         let text = extract::extract(incoming.field, incoming.content_type, incoming.bytes).await?;
         let mut tx = self.state.db.begin().await?;
-        let project = store::projects::get_visible(&mut tx, caller.user_id, id.0)
+        let project = store::projects::get_visible(&mut tx, caller.user_id.into(), id.0.into())
             .await?
             .ok_or(ApiError::NotFound)?;
         let doc = store::documents::insert(
@@ -338,7 +342,7 @@ impl DocumentsApi {
             &store::documents::NewDocument {
                 org_id: project.org_id,
                 project_id: project.id,
-                uploaded_by: caller.user_id,
+                uploaded_by: caller.user_id.into(),
                 title: &incoming.title,
                 content_type: incoming.content_type,
                 byte_size,
@@ -353,7 +357,7 @@ impl DocumentsApi {
             content_type = incoming.content_type, "document queued for indexing");
         self.request_index_run().await;
         Ok(DocumentCreated::Accepted(Json(DocumentQueued {
-            id: doc.id,
+            id: doc.id.into(),
             status: doc.status,
         })))
     }
@@ -373,18 +377,18 @@ impl DocumentsApi {
         let caller = auth.0;
         let page = PageRequest::parse(limit.0, cursor.0.as_deref())?;
         let mut conn = self.state.db.acquire().await?;
-        if !store::projects::can_see(&mut conn, caller.user_id, id.0).await? {
+        if !store::projects::can_see(&mut conn, caller.user_id.into(), id.0.into()).await? {
             return Err(ApiError::NotFound);
         }
         let rows = store::documents::list_accessible(
             &mut conn,
-            caller.user_id,
-            id.0,
+            caller.user_id.into(),
+            id.0.into(),
             page.after,
             page.fetch(),
         )
         .await?;
-        let (rows, next_cursor) = page.finish(rows, |d| (d.created_at, d.id));
+        let (rows, next_cursor) = page.finish(rows, |d| (d.created_at, d.id.into()));
         Ok(Json(DocumentPage {
             items: rows.into_iter().map(Into::into).collect(),
             next_cursor,
@@ -397,9 +401,10 @@ impl DocumentsApi {
     async fn get(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<DocumentView>, ApiError> {
         let caller = auth.0;
         let mut conn = self.state.db.acquire().await?;
-        let access = store::documents::get_accessible(&mut conn, caller.user_id, id.0, false)
-            .await?
-            .ok_or(ApiError::NotFound)?;
+        let access =
+            store::documents::get_accessible(&mut conn, caller.user_id.into(), id.0.into(), false)
+                .await?
+                .ok_or(ApiError::NotFound)?;
         Ok(Json(access.document.into()))
     }
 
@@ -409,10 +414,11 @@ impl DocumentsApi {
     async fn delete(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<DocumentDeleted, ApiError> {
         let caller = auth.0;
         let mut tx = self.state.db.begin().await?;
-        let access = store::documents::get_accessible(&mut tx, caller.user_id, id.0, true)
-            .await?
-            .ok_or(ApiError::NotFound)?;
-        if !access.may_delete(caller.user_id) {
+        let access =
+            store::documents::get_accessible(&mut tx, caller.user_id.into(), id.0.into(), true)
+                .await?
+                .ok_or(ApiError::NotFound)?;
+        if !access.may_delete(caller.user_id.into()) {
             return Err(ApiError::Forbidden(
                 "only the uploader or an organization admin may delete a document".into(),
             ));

@@ -95,7 +95,7 @@ fn check_role_power(caller: &Caller, role: Role) -> Result<(), ApiError> {
 
 /// The caller with their role as of now (inside the transaction); 403 if no longer an admin.
 async fn fresh_role(tx: &mut sqlx::PgConnection, caller: Caller) -> Result<Caller, ApiError> {
-    let role = store::tenancy::lock_member_role(tx, caller.org_id, caller.user_id)
+    let role = store::tenancy::lock_member_role(tx, caller.org_id.into(), caller.user_id.into())
         .await?
         .ok_or(ApiError::Unauthorized)?;
     let caller = Caller { role, ..caller };
@@ -125,10 +125,10 @@ impl OrgsApi {
         let hash = self.state.hasher.hash(req.password).await?;
         let mut tx = self.state.db.begin().await?;
         let user = store::tenancy::insert_user(&mut tx, &email, &name, &hash).await?;
-        store::tenancy::insert_membership(&mut tx, caller.org_id, user.id, role).await?;
+        store::tenancy::insert_membership(&mut tx, caller.org_id.into(), user.id, role).await?;
         tx.commit().await?;
         Ok(MemberCreated::Created(Json(MemberView {
-            id: user.id,
+            id: user.id.into(),
             email: user.email,
             name: user.name,
             role: role.into(),
@@ -153,12 +153,13 @@ impl OrgsApi {
         let role: Role = body.0.role.into();
         let mut tx = self.state.db.begin().await?;
         // owners first, then the member: the same lock order everywhere
-        let owners = store::tenancy::lock_owners(&mut tx, caller.org_id).await?;
+        let owners = store::tenancy::lock_owners(&mut tx, caller.org_id.into()).await?;
         // role changes of an org serialise on its owner rows: re-read the caller's own role
         let caller = fresh_role(&mut tx, caller).await?;
-        let current = store::tenancy::lock_member_role(&mut tx, caller.org_id, user_id.0)
-            .await?
-            .ok_or(ApiError::NotFound)?;
+        let current =
+            store::tenancy::lock_member_role(&mut tx, caller.org_id.into(), user_id.0.into())
+                .await?
+                .ok_or(ApiError::NotFound)?;
         check_role_power(&caller, current)?;
         check_role_power(&caller, role)?;
         if current == Role::Owner && role != Role::Owner && owners <= 1 {
@@ -166,13 +167,13 @@ impl OrgsApi {
                 "the organization must keep at least one owner".into(),
             ));
         }
-        store::tenancy::set_role(&mut *tx, caller.org_id, user_id.0, role).await?;
+        store::tenancy::set_role(&mut *tx, caller.org_id.into(), user_id.0.into(), role).await?;
         tx.commit().await?;
-        let user = store::tenancy::get_user(&self.state.db, user_id.0)
+        let user = store::tenancy::get_user(&self.state.db, user_id.0.into())
             .await?
             .ok_or(ApiError::NotFound)?;
         Ok(Json(MemberView {
-            id: user.id,
+            id: user.id.into(),
             email: user.email,
             name: user.name,
             role: role.into(),
@@ -194,19 +195,20 @@ impl OrgsApi {
         caller.require_org(org_id.0)?;
         caller.require_admin()?;
         let mut tx = self.state.db.begin().await?;
-        let owners = store::tenancy::lock_owners(&mut tx, caller.org_id).await?;
+        let owners = store::tenancy::lock_owners(&mut tx, caller.org_id.into()).await?;
         // role changes of an org serialise on its owner rows: re-read the caller's own role
         let caller = fresh_role(&mut tx, caller).await?;
-        let current = store::tenancy::lock_member_role(&mut tx, caller.org_id, user_id.0)
-            .await?
-            .ok_or(ApiError::NotFound)?;
+        let current =
+            store::tenancy::lock_member_role(&mut tx, caller.org_id.into(), user_id.0.into())
+                .await?
+                .ok_or(ApiError::NotFound)?;
         check_role_power(&caller, current)?;
         if current == Role::Owner && owners <= 1 {
             return Err(ApiError::Conflict(
                 "the organization must keep at least one owner".into(),
             ));
         }
-        if !store::tenancy::remove_member(&mut *tx, caller.org_id, user_id.0).await? {
+        if !store::tenancy::remove_member(&mut *tx, caller.org_id.into(), user_id.0.into()).await? {
             return Err(ApiError::NotFound);
         }
         tx.commit().await?;
@@ -226,7 +228,7 @@ impl OrgsApi {
         caller.require_admin()?;
         let name = validate::text("name", &body.0.name, 200)?;
         let mut conn = self.state.db.acquire().await?;
-        let team = store::tenancy::insert_team(&mut conn, caller.org_id, &name).await?;
+        let team = store::tenancy::insert_team(&mut conn, caller.org_id.into(), &name).await?;
         Ok(TeamCreated::Created(Json(team.into())))
     }
 
@@ -244,15 +246,19 @@ impl OrgsApi {
         let caller = auth.0;
         caller.require_org(org_id.0)?;
         let page = PageRequest::parse(limit.0, cursor.0.as_deref())?;
-        let rows =
-            store::tenancy::list_members(&self.state.db, caller.org_id, page.after, page.fetch())
-                .await?;
-        let (rows, next_cursor) = page.finish(rows, |m| (m.joined_at, m.id));
+        let rows = store::tenancy::list_members(
+            &self.state.db,
+            caller.org_id.into(),
+            page.after,
+            page.fetch(),
+        )
+        .await?;
+        let (rows, next_cursor) = page.finish(rows, |m| (m.joined_at, m.id.into()));
         Ok(Json(MemberPage {
             items: rows
                 .into_iter()
                 .map(|m| MemberView {
-                    id: m.id,
+                    id: m.id.into(),
                     email: m.email,
                     name: m.name,
                     role: m.role.into(),
@@ -278,10 +284,14 @@ impl OrgsApi {
         let caller = auth.0;
         caller.require_org(org_id.0)?;
         let page = PageRequest::parse(limit.0, cursor.0.as_deref())?;
-        let rows =
-            store::tenancy::list_teams(&self.state.db, caller.org_id, page.after, page.fetch())
-                .await?;
-        let (rows, next_cursor) = page.finish(rows, |t| (t.created_at, t.id));
+        let rows = store::tenancy::list_teams(
+            &self.state.db,
+            caller.org_id.into(),
+            page.after,
+            page.fetch(),
+        )
+        .await?;
+        let (rows, next_cursor) = page.finish(rows, |t| (t.created_at, t.id.into()));
         Ok(Json(TeamPage {
             items: rows.into_iter().map(Into::into).collect(),
             next_cursor,

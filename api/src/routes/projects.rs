@@ -106,14 +106,16 @@ impl ProjectsApi {
             _ => {}
         }
         if let Some(team_id) = req.team_id {
-            let team = store::tenancy::get_team(&self.state.db, caller.org_id, team_id)
-                .await?
-                .ok_or(ApiError::Unprocessable {
-                    code: "invalid_reference",
-                    message: "team_id does not name a team of this organization".into(),
-                })?;
+            let team =
+                store::tenancy::get_team(&self.state.db, caller.org_id.into(), team_id.into())
+                    .await?
+                    .ok_or(ApiError::Unprocessable {
+                        code: "invalid_reference",
+                        message: "team_id does not name a team of this organization".into(),
+                    })?;
             if !caller.is_admin()
-                && !store::tenancy::is_team_member(&self.state.db, team.id, caller.user_id).await?
+                && !store::tenancy::is_team_member(&self.state.db, team.id, caller.user_id.into())
+                    .await?
             {
                 return Err(ApiError::Forbidden(
                     "only owners, admins and members of the team may create its projects".into(),
@@ -124,12 +126,12 @@ impl ProjectsApi {
         let project = store::projects::insert_project(
             &mut tx,
             &store::projects::NewProject {
-                org_id: caller.org_id,
-                created_by: caller.user_id,
+                org_id: caller.org_id.into(),
+                created_by: caller.user_id.into(),
                 name: &name,
                 description: &description,
                 visibility,
-                team_id: req.team_id,
+                team_id: req.team_id.map(Into::into),
             },
         )
         .await?;
@@ -149,10 +151,14 @@ impl ProjectsApi {
     ) -> Result<Json<ProjectPage>, ApiError> {
         let caller = auth.0;
         let page = PageRequest::parse(limit.0, cursor.0.as_deref())?;
-        let rows =
-            store::projects::list_visible(&self.state.db, caller.user_id, page.after, page.fetch())
-                .await?;
-        let (rows, next_cursor) = page.finish(rows, |p| (p.created_at, p.id));
+        let rows = store::projects::list_visible(
+            &self.state.db,
+            caller.user_id.into(),
+            page.after,
+            page.fetch(),
+        )
+        .await?;
+        let (rows, next_cursor) = page.finish(rows, |p| (p.created_at, p.id.into()));
         Ok(Json(ProjectPage {
             items: rows.into_iter().map(Into::into).collect(),
             next_cursor,
@@ -164,7 +170,7 @@ impl ProjectsApi {
     async fn get(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<ProjectView>, ApiError> {
         let caller = auth.0;
         let mut conn = self.state.db.acquire().await?;
-        let project = store::projects::get_visible(&mut conn, caller.user_id, id.0)
+        let project = store::projects::get_visible(&mut conn, caller.user_id.into(), id.0.into())
             .await?
             .ok_or(ApiError::NotFound)?;
         Ok(Json(project.into()))
@@ -181,7 +187,7 @@ impl ProjectsApi {
     ) -> Result<MemberAdded, ApiError> {
         let caller = auth.0;
         let mut tx = self.state.db.begin().await?;
-        let project = store::projects::get_visible(&mut tx, caller.user_id, id.0)
+        let project = store::projects::get_visible(&mut tx, caller.user_id.into(), id.0.into())
             .await?
             .ok_or(ApiError::NotFound)?;
         if project.visibility != Visibility::Private {
@@ -191,10 +197,10 @@ impl ProjectsApi {
             });
         }
         let user_id = body.0.user_id;
-        store::projects::add_member(&mut tx, project.org_id, project.id, user_id).await?;
+        store::projects::add_member(&mut tx, project.org_id, project.id, user_id.into()).await?;
         tx.commit().await?;
         Ok(MemberAdded::Created(Json(ProjectMemberView {
-            project_id: project.id,
+            project_id: project.id.into(),
             user_id,
         })))
     }
@@ -209,7 +215,7 @@ impl ProjectsApi {
     ) -> Result<MemberRemoved, ApiError> {
         let caller = auth.0;
         let mut tx = self.state.db.begin().await?;
-        let project = store::projects::get_visible(&mut tx, caller.user_id, id.0)
+        let project = store::projects::get_visible(&mut tx, caller.user_id.into(), id.0.into())
             .await?
             .ok_or(ApiError::NotFound)?;
         if project.visibility != Visibility::Private {
@@ -218,7 +224,7 @@ impl ProjectsApi {
                 message: NOT_PRIVATE.into(),
             });
         }
-        if !store::projects::remove_member(&mut tx, project.id, user_id.0).await? {
+        if !store::projects::remove_member(&mut tx, project.id, user_id.0.into()).await? {
             return Err(ApiError::NotFound);
         }
         tx.commit().await?;

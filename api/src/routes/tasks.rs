@@ -96,7 +96,7 @@ impl TasksApi {
         let caller = auth.0;
         let req = body.0;
         let mut tx = self.state.db.begin().await?;
-        let project = store::projects::get_visible(&mut tx, caller.user_id, id.0)
+        let project = store::projects::get_visible(&mut tx, caller.user_id.into(), id.0.into())
             .await?
             .ok_or(ApiError::NotFound)?;
         let title = validate::text("title", &req.title, TITLE_MAX)?;
@@ -110,11 +110,11 @@ impl TasksApi {
             &store::tasks::NewTask {
                 org_id: project.org_id,
                 project_id: project.id,
-                created_by: caller.user_id,
+                created_by: caller.user_id.into(),
                 title: &title,
                 description: &description,
                 status: req.status.map_or(store::TaskStatus::Todo, Into::into),
-                assignee_id: req.assignee_id,
+                assignee_id: req.assignee_id.map(Into::into),
             },
         )
         .await?;
@@ -136,13 +136,18 @@ impl TasksApi {
         let caller = auth.0;
         let page = PageRequest::parse(limit.0, cursor.0.as_deref())?;
         let mut conn = self.state.db.acquire().await?;
-        if !store::projects::can_see(&mut conn, caller.user_id, id.0).await? {
+        if !store::projects::can_see(&mut conn, caller.user_id.into(), id.0.into()).await? {
             return Err(ApiError::NotFound);
         }
-        let rows =
-            store::tasks::list_visible(&mut conn, caller.user_id, id.0, page.after, page.fetch())
-                .await?;
-        let (rows, next_cursor) = page.finish(rows, |t| (t.created_at, t.id));
+        let rows = store::tasks::list_visible(
+            &mut conn,
+            caller.user_id.into(),
+            id.0.into(),
+            page.after,
+            page.fetch(),
+        )
+        .await?;
+        let (rows, next_cursor) = page.finish(rows, |t| (t.created_at, t.id.into()));
         Ok(Json(TaskPage {
             items: rows.into_iter().map(Into::into).collect(),
             next_cursor,
@@ -154,7 +159,7 @@ impl TasksApi {
     async fn get(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<TaskView>, ApiError> {
         let caller = auth.0;
         let mut conn = self.state.db.acquire().await?;
-        let task = store::tasks::get_visible(&mut conn, caller.user_id, id.0, false)
+        let task = store::tasks::get_visible(&mut conn, caller.user_id.into(), id.0.into(), false)
             .await?
             .ok_or(ApiError::NotFound)?;
         Ok(Json(task.into()))
@@ -181,13 +186,14 @@ impl TasksApi {
             assignee_id: match req.assignee_id {
                 MaybeUndefined::Undefined => None,
                 MaybeUndefined::Null => Some(None),
-                MaybeUndefined::Value(v) => Some(Some(v)),
+                MaybeUndefined::Value(v) => Some(Some(v.into())),
             },
         };
         let mut tx = self.state.db.begin().await?;
-        let task = store::tasks::update_visible(&mut tx, caller.user_id, id.0, &patch)
-            .await?
-            .ok_or(ApiError::NotFound)?;
+        let task =
+            store::tasks::update_visible(&mut tx, caller.user_id.into(), id.0.into(), &patch)
+                .await?
+                .ok_or(ApiError::NotFound)?;
         tx.commit().await?;
         Ok(Json(task.into()))
     }

@@ -49,14 +49,15 @@ impl TeamsApi {
         body: JsonBody<AddUser>,
     ) -> Result<MemberAdded, ApiError> {
         let caller = auth.0;
-        let team = store::tenancy::get_team(&self.state.db, caller.org_id, team_id.0)
+        let team = store::tenancy::get_team(&self.state.db, caller.org_id.into(), team_id.0.into())
             .await?
             .ok_or(ApiError::NotFound)?;
         caller.require_admin()?;
         let user_id = body.0.user_id;
-        store::tenancy::add_team_member(&self.state.db, team.org_id, team.id, user_id).await?;
+        store::tenancy::add_team_member(&self.state.db, team.org_id, team.id, user_id.into())
+            .await?;
         Ok(MemberAdded::Created(Json(TeamMemberView {
-            team_id: team.id,
+            team_id: team.id.into(),
             user_id,
         })))
     }
@@ -71,12 +72,17 @@ impl TeamsApi {
         user_id: Path<Uuid>,
     ) -> Result<MemberRemoved, ApiError> {
         let caller = auth.0;
-        let team = store::tenancy::get_team(&self.state.db, caller.org_id, team_id.0)
+        let team = store::tenancy::get_team(&self.state.db, caller.org_id.into(), team_id.0.into())
             .await?
             .ok_or(ApiError::NotFound)?;
         caller.require_admin()?;
-        if !store::tenancy::remove_team_member(&self.state.db, team.org_id, team.id, user_id.0)
-            .await?
+        if !store::tenancy::remove_team_member(
+            &self.state.db,
+            team.org_id,
+            team.id,
+            user_id.0.into(),
+        )
+        .await?
         {
             return Err(ApiError::NotFound);
         }

@@ -70,10 +70,10 @@ async fn proposal(app: &TestApp, s: &Setup, response: Option<Uuid>, title: &str)
     let (action, inserted) = store::actions::insert_proposal(
         &mut tx,
         &store::actions::NewProposal {
-            org_id: uuid(&s.member.org_id),
-            conversation_id: uuid(&s.conversation),
-            user_id: uuid(&s.member.user_id),
-            response_id,
+            org_id: uuid(&s.member.org_id).into(),
+            conversation_id: uuid(&s.conversation).into(),
+            user_id: uuid(&s.member.user_id).into(),
+            response_id: response_id.into(),
             tool_call_id: &format!("call-{title}"),
             tool: "create_task",
             arguments: &args,
@@ -104,7 +104,7 @@ async fn execution_jobs(app: &TestApp) -> Vec<Uuid> {
         .filter_map(|e| {
             let body: String = e.get("j")?;
             match Envelope::from_json(&body).ok()?.job {
-                Job::ExecuteAction(j) => Some(j.action_id),
+                Job::ExecuteAction(j) => Some(j.action_id.into_uuid()),
                 _ => None,
             }
         })
@@ -296,9 +296,9 @@ async fn json_mode_lists_the_proposals_of_the_turn() {
         store::actions::insert_proposal(
             &mut tx,
             &store::actions::NewProposal {
-                org_id: uuid(&member_org),
-                conversation_id: uuid(&conversation),
-                user_id: uuid(&member_user),
+                org_id: uuid(&member_org).into(),
+                conversation_id: uuid(&conversation).into(),
+                user_id: uuid(&member_user).into(),
                 response_id: job.response_id,
                 tool_call_id: "c1",
                 tool: "create_task",

@@ -160,7 +160,7 @@ async fn resume_after_disconnect_loses_and_repeats_nothing() {
     let mut worker = FakeWorker::new(&app).await;
     let mut sse = app.post_stream(&user.token, &conv, "tell me").await;
     let job = worker.next_job().await;
-    worker.tokens(job.response_id, &["a", "b"]).await;
+    worker.tokens(job.response_id.into(), &["a", "b"]).await;
     let mut seen = Vec::new();
     for _ in 0..3 {
         seen.push(sse.next_event().await.unwrap());
@@ -168,7 +168,7 @@ async fn resume_after_disconnect_loses_and_repeats_nothing() {
     assert_eq!(names(&seen), ["message.created", "token", "token"]);
     drop(sse); // the client goes away mid-answer
 
-    worker.tokens(job.response_id, &["c", "d"]).await;
+    worker.tokens(job.response_id.into(), &["c", "d"]).await;
     worker.complete(&job, "abcd").await;
 
     let rid = job.response_id.to_string();
@@ -260,7 +260,7 @@ async fn json_mode_failures_are_502_for_the_model_and_503_for_ours() {
         let mut worker = FakeWorker::new(&app).await;
         let failing = tokio::spawn(async move {
             let job = worker.next_job().await;
-            worker.fail(&job, code).await;
+            worker.fail(&job, code.parse().unwrap()).await;
         });
         let r = app
             .post(
@@ -547,7 +547,7 @@ async fn a_turn_that_cannot_be_enqueued_is_kept_and_enqueued_by_the_reconciler()
     );
     let mut worker = FakeWorker::new(&app).await;
     let job = worker.next_job().await;
-    assert_eq!(job.response_id, rid);
+    assert_eq!(job.response_id, rid.into());
     worker.answer(&job, &["recovered"]).await;
     let frames = SseReader::new(app.events(&user.token, &conv, &rid.to_string(), None).await)
         .rest()

@@ -84,7 +84,7 @@ impl FakeWorker {
         let mut tx = self.pool.begin().await.unwrap();
         let (m, _) = testkit::turns::answer(
             &mut tx,
-            job.response_id,
+            job.response_id.into(),
             &store::conversations::Answer {
                 content,
                 model: "local-chat",
@@ -101,7 +101,7 @@ impl FakeWorker {
         let c = store::public::PublicMessage::from(m).completed();
         assert_eq!(c.usage["total_tokens"], 10);
         self.publish(
-            job.response_id,
+            job.response_id.into(),
             ResponseEvent::MessageCompleted {
                 message: c.message,
                 model: c.model,
@@ -113,12 +113,12 @@ impl FakeWorker {
 
     /// A whole answer: tokens, then the stored message and `message.completed`.
     pub async fn answer(&self, job: &jobs::kinds::Chat, tokens: &[&str]) {
-        self.tokens(job.response_id, tokens).await;
+        self.tokens(job.response_id.into(), tokens).await;
         self.complete(job, &tokens.concat()).await;
     }
 
     /// Fail the response with `code`, as a worker does.
-    pub async fn fail(&self, job: &jobs::kinds::Chat, code: &str) {
+    pub async fn fail(&self, job: &jobs::kinds::Chat, code: store::ErrorCode) {
         let mut conn = self.pool.acquire().await.unwrap();
         store::responses::fail_unfinished(
             &mut conn,
@@ -130,9 +130,9 @@ impl FakeWorker {
         .await
         .unwrap();
         self.publish(
-            job.response_id,
+            job.response_id.into(),
             ResponseEvent::Error {
-                code: code.into(),
+                code: code.to_string(),
                 message: "both models failed".into(),
             },
         )

@@ -186,7 +186,7 @@ async fn a_finished_turn_whose_terminal_event_was_lost_still_ends_for_its_follow
     let mut tx = app.db.pool.begin().await.unwrap();
     testkit::turns::answer(
         &mut tx,
-        job.response_id,
+        job.response_id.into(),
         &store::conversations::Answer {
             content: "stored only",
             model: "m",

@@ -188,9 +188,9 @@ async fn no_user_endpoint_returns_memory_or_summary_text() {
         store::actions::insert_proposal(
             &mut c,
             &store::actions::NewProposal {
-                org_id: org,
+                org_id: org.into(),
                 conversation_id: conversation.parse().unwrap(),
-                user_id: user,
+                user_id: user.into(),
                 response_id: response_id.parse().unwrap(),
                 tool_call_id: "call_1",
                 tool: "create_task",

@@ -46,7 +46,7 @@ fn days_ago(n: u64) -> NaiveDate {
 async fn record(db: &TestDb, org: Uuid, model: &str, day: NaiveDate, prompt: i64, completion: i64) {
     let at = Utc.from_utc_datetime(&day.and_hms_opt(12, 0, 0).unwrap());
     let mut c = db.pool.acquire().await.unwrap();
-    store::usage::record(&mut c, org, model, prompt, completion, at)
+    store::usage::record(&mut c, org.into(), model, prompt, completion, at)
         .await
         .unwrap();
 }
@@ -59,12 +59,12 @@ async fn api_usage_prints_a_table_with_totals_filtered_by_org_and_day() {
     let a = store::tenancy::insert_org(&mut c, "a").await.unwrap().id;
     let b = store::tenancy::insert_org(&mut c, "b").await.unwrap().id;
     drop(c);
-    record(&db, a, "local-chat", days_ago(40), 1000, 1000).await; // before any --since below
-    record(&db, a, "local-chat", days_ago(3), 100, 10).await;
-    record(&db, a, "local-chat", days_ago(3), 50, 5).await;
-    record(&db, a, "fake/x", days_ago(3), 7, 3).await;
-    record(&db, a, "local-chat", days_ago(1), 20, 2).await;
-    record(&db, b, "local-chat", days_ago(2), 9, 9).await;
+    record(&db, a.into(), "local-chat", days_ago(40), 1000, 1000).await; // before any --since below
+    record(&db, a.into(), "local-chat", days_ago(3), 100, 10).await;
+    record(&db, a.into(), "local-chat", days_ago(3), 50, 5).await;
+    record(&db, a.into(), "fake/x", days_ago(3), 7, 3).await;
+    record(&db, a.into(), "local-chat", days_ago(1), 20, 2).await;
+    record(&db, b.into(), "local-chat", days_ago(2), 9, 9).await;
 
     // one org, from a day on: the org's rows by day, model, then the totals
     let since = days_ago(5).to_string();

@@ -114,10 +114,10 @@ async fn build(app: &TestApp, rng: &mut StdRng, seed: u64) -> World {
                 .await
                 .unwrap();
             w.users.push(UserM {
-                id: user.id,
-                org: org.id,
+                id: user.id.into(),
+                org: org.id.into(),
                 role,
-                token: token(user.id, org.id),
+                token: token(user.id.into(), org.id.into()),
                 active: true,
             });
         }
@@ -128,13 +128,13 @@ async fn build(app: &TestApp, rng: &mut StdRng, seed: u64) -> World {
                 .await
                 .unwrap();
             org_teams.push(team.id);
-            w.teams.push((team.id, org.id));
+            w.teams.push((team.id.into(), org.id.into()));
             for m in &members {
                 if rng.random_bool(0.4) {
-                    store::tenancy::add_team_member(&app.db.pool, org.id, team.id, *m)
+                    store::tenancy::add_team_member(&app.db.pool, org.id, team.id, (*m).into())
                         .await
                         .unwrap();
-                    w.team_members.insert((team.id, *m));
+                    w.team_members.insert((team.id.into(), *m));
                 }
             }
         }
@@ -146,7 +146,7 @@ async fn build(app: &TestApp, rng: &mut StdRng, seed: u64) -> World {
                 conn,
                 &store::projects::NewProject {
                     org_id: org.id,
-                    created_by: creator,
+                    created_by: creator.into(),
                     name: &format!("p{p}"),
                     description: "",
                     visibility,
@@ -160,7 +160,7 @@ async fn build(app: &TestApp, rng: &mut StdRng, seed: u64) -> World {
                 pm.insert(creator);
                 for m in &members {
                     if *m != creator && rng.random_bool(0.3) {
-                        store::projects::add_member(conn, org.id, project.id, *m)
+                        store::projects::add_member(conn, org.id, project.id, (*m).into())
                             .await
                             .unwrap();
                         pm.insert(*m);
@@ -173,7 +173,7 @@ async fn build(app: &TestApp, rng: &mut StdRng, seed: u64) -> World {
                     &store::tasks::NewTask {
                         org_id: org.id,
                         project_id: project.id,
-                        created_by: creator,
+                        created_by: creator.into(),
                         title: &format!("t{t}"),
                         description: "",
                         status: TaskStatus::Todo,
@@ -183,15 +183,15 @@ async fn build(app: &TestApp, rng: &mut StdRng, seed: u64) -> World {
                 .await
                 .unwrap();
                 w.tasks.push(TaskM {
-                    id: task.id,
-                    project: project.id,
+                    id: task.id.into(),
+                    project: project.id.into(),
                 });
             }
             w.projects.push(ProjectM {
-                id: project.id,
-                org: org.id,
+                id: project.id.into(),
+                org: org.id.into(),
                 visibility,
-                team: team_id,
+                team: team_id.map(Into::into),
                 members: pm,
             });
         }
@@ -352,7 +352,7 @@ async fn mutate(app: &TestApp, w: &mut World, rng: &mut StdRng) {
     if let Some(&i) = candidates.choose(rng) {
         let (org, id) = (w.users[i].org, w.users[i].id);
         assert!(
-            store::tenancy::remove_member(&app.db.pool, org, id)
+            store::tenancy::remove_member(&app.db.pool, org.into(), id.into())
                 .await
                 .unwrap()
         );

@@ -1,20 +1,20 @@
 //! `chat`: answer one user message (prompt → LiteLLM → streamed tokens). Handler: a later issue.
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+use types::{ConversationId, MessageId, OrgId, ResponseId, UserId};
 
 use super::{Job, JobKind, job_variant};
 use crate::queue::Queue;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chat {
-    pub conversation_id: Uuid,
+    pub conversation_id: ConversationId,
     /// The user message being answered.
-    pub message_id: Uuid,
+    pub message_id: MessageId,
     /// The response the streamed events belong to.
-    pub response_id: Uuid,
-    pub user_id: Uuid,
-    pub org_id: Uuid,
+    pub response_id: ResponseId,
+    pub user_id: UserId,
+    pub org_id: OrgId,
 }
 
 impl JobKind for Chat {

@@ -1,14 +1,14 @@
 //! `execute_action`: run a confirmed write-tool proposal exactly once. Handler: a later issue.
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+use types::ActionId;
 
 use super::{Job, JobKind, job_variant};
 use crate::queue::Queue;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecuteAction {
-    pub action_id: Uuid,
+    pub action_id: ActionId,
 }
 
 impl JobKind for ExecuteAction {

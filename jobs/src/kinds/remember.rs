@@ -1,18 +1,18 @@
 //! `remember`: extract memory entries from a finished exchange. Handler: a later issue.
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+use types::{ConversationId, MessageId, OrgId, UserId};
 
 use super::{Job, JobKind, job_variant};
 use crate::queue::Queue;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Remember {
-    pub conversation_id: Uuid,
+    pub conversation_id: ConversationId,
     /// The assistant message that closed the exchange to learn from.
-    pub message_id: Uuid,
-    pub user_id: Uuid,
-    pub org_id: Uuid,
+    pub message_id: MessageId,
+    pub user_id: UserId,
+    pub org_id: OrgId,
 }
 
 impl JobKind for Remember {

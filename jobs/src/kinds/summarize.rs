@@ -2,14 +2,14 @@
 //! later issue.
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+use types::ConversationId;
 
 use super::{Job, JobKind, job_variant};
 use crate::queue::Queue;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summarize {
-    pub conversation_id: Uuid,
+    pub conversation_id: ConversationId,
 }
 
 impl JobKind for Summarize {

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::{MESSAGE_COLS, Message, lock_response, sql};
 use crate::StoreError;
 use crate::provenance::Provenance;
-use crate::types::ResponseStatus;
+use crate::types::{DocumentId, ProjectId, ResponseStatus};
 
 /// The final answer of a response.
 pub struct Answer<'a> {
@@ -44,7 +44,7 @@ async fn inherited(
     response_id: Uuid,
     context: &[Uuid],
 ) -> Result<(Provenance, Value), StoreError> {
-    let (projects, documents, narrow, tools): (Vec<Uuid>, Vec<Uuid>, bool, Value) =
+    let (projects, documents, narrow, tools): (Vec<ProjectId>, Vec<DocumentId>, bool, Value) =
         sqlx::query_as(
             "WITH ctx AS (
                  SELECT m.source_project_ids, m.source_document_ids, m.narrow FROM messages m
@@ -101,7 +101,7 @@ async fn inherited(
 
 /// Two provenances together.
 fn union(a: &Provenance, b: &Provenance) -> Provenance {
-    let mut projects: Vec<Uuid> = a
+    let mut projects: Vec<ProjectId> = a
         .source_project_ids
         .iter()
         .chain(&b.source_project_ids)
@@ -109,7 +109,7 @@ fn union(a: &Provenance, b: &Provenance) -> Provenance {
         .collect();
     projects.sort();
     projects.dedup();
-    let mut documents: Vec<Uuid> = a
+    let mut documents: Vec<DocumentId> = a
         .source_document_ids
         .iter()
         .chain(&b.source_document_ids)
@@ -200,7 +200,8 @@ pub async fn complete(
     .await?;
     let (message, stored) = match inserted {
         Some(m) => {
-            crate::outbox::record_message(&mut *conn, m.conversation_id, m.id).await?;
+            crate::outbox::record_message(&mut *conn, m.conversation_id.into(), m.id.into())
+                .await?;
             (m, true)
         }
         None => (

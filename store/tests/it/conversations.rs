@@ -4,7 +4,7 @@
 use store::conversations::{self, Answer, Completion, NewTurn, TurnStarted};
 use store::projects::NewProject;
 use store::responses;
-use store::{ResponseStatus, Role, StoreError, Visibility};
+use store::{ErrorCode, ResponseStatus, Role, StoreError, Visibility};
 use testkit::TestDb;
 use uuid::Uuid;
 
@@ -67,11 +67,11 @@ async fn world() -> World {
     drop(c);
     World {
         db,
-        org: org.id,
-        alice: users[0],
-        bob: users[1],
-        private_p,
-        open_p,
+        org: org.id.into(),
+        alice: users[0].into(),
+        bob: users[1].into(),
+        private_p: private_p.into(),
+        open_p: open_p.into(),
     }
 }
 
@@ -167,7 +167,7 @@ async fn narrowing_accepts_only_visible_projects_and_follows_live_membership() {
     );
 
     // alice loses the private project: it is gone from both at once
-    store::projects::remove_member(&mut c, w.private_p, w.alice)
+    store::projects::remove_member(&mut c, w.private_p.into(), w.alice.into())
         .await
         .unwrap();
     assert_eq!(
@@ -233,11 +233,11 @@ async fn take(
     let start = responses::take(
         c,
         &responses::JobTurn {
-            job_id: job,
-            user_id: w.alice,
-            org_id: w.org,
-            conversation_id: conv,
-            response_id: response,
+            job_id: job.into(),
+            user_id: w.alice.into(),
+            org_id: w.org.into(),
+            conversation_id: conv.into(),
+            response_id: response.into(),
         },
         "m",
         std::time::Duration::from_secs(30),
@@ -245,7 +245,7 @@ async fn take(
     .await
     .unwrap()
     .unwrap();
-    (start.take(job), start)
+    (start.take(job.into()), start)
 }
 
 #[tokio::test]
@@ -291,7 +291,7 @@ async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_run
     };
     assert!(for_ > std::time::Duration::from_secs(20), "{for_:?}");
     assert_eq!(
-        responses::mark_streaming(&mut c, response.id, 1)
+        responses::mark_streaming(&mut c, response.id.into(), 1)
             .await
             .unwrap(),
         Some(0)
@@ -305,7 +305,7 @@ async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_run
     let (taken, _) = take(&mut c, &w, conv.id, response.id, job).await;
     assert_eq!(taken, responses::Take::Taken { run: 2 });
     assert_eq!(
-        responses::mark_streaming(&mut c, response.id, 2)
+        responses::mark_streaming(&mut c, response.id.into(), 2)
             .await
             .unwrap(),
         Some(1),
@@ -313,7 +313,7 @@ async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_run
     );
     // run 1 is superseded: none of its writes land
     assert_eq!(
-        responses::mark_streaming(&mut c, response.id, 1)
+        responses::mark_streaming(&mut c, response.id.into(), 1)
             .await
             .unwrap(),
         None
@@ -321,7 +321,7 @@ async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_run
     assert!(
         responses::renew(
             &w.db.pool,
-            &[(response.id, 1)],
+            &[(response.id.into(), 1)],
             std::time::Duration::from_secs(5)
         )
         .await
@@ -329,12 +329,12 @@ async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_run
         .is_empty()
     );
     assert!(
-        !responses::release(&mut c, response.id, 1, false)
+        !responses::release(&mut c, response.id.into(), 1, false)
             .await
             .unwrap()
     );
     assert!(
-        !responses::fail_run(&mut c, response.id, 1, "x", "y")
+        !responses::fail_run(&mut c, response.id.into(), 1, ErrorCode::InternalError, "y")
             .await
             .unwrap()
     );
@@ -356,12 +356,12 @@ async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_run
     assert_eq!(
         responses::renew(
             &w.db.pool,
-            &[(response.id, 2)],
+            &[(response.id.into(), 2)],
             std::time::Duration::from_secs(5)
         )
         .await
         .unwrap(),
-        vec![response.id]
+        vec![response.id.into()]
     );
     let Completion::Done {
         message: first,
@@ -398,9 +398,15 @@ async fn a_response_moves_from_queued_to_running_to_completed_and_fences_its_run
     assert_eq!(r.model.as_deref(), Some("m1"));
     // finished: failing changes nothing, nothing takes it
     assert!(
-        !responses::fail_unfinished(&mut c, response.id, None, "x", "y")
-            .await
-            .unwrap()
+        !responses::fail_unfinished(
+            &mut c,
+            response.id.into(),
+            None,
+            ErrorCode::InternalError,
+            "y"
+        )
+        .await
+        .unwrap()
     );
     let (finished, _) = take(&mut c, &w, conv.id, response.id, job).await;
     assert_eq!(finished, responses::Take::Finished);
@@ -502,8 +508,8 @@ async fn an_answer_records_what_it_drew_on_including_its_tool_results_and_window
             citations: serde_json::json!([]),
             sources: conversations::AnswerSources {
                 provenance: Provenance {
-                    source_project_ids: vec![w.private_p],
-                    source_document_ids: vec![doc],
+                    source_project_ids: vec![w.private_p.into()],
+                    source_document_ids: vec![doc.into()],
                     narrow: true,
                 },
                 given: serde_json::json!([{"kind": "chunk", "source_id": doc}]),
@@ -520,8 +526,8 @@ async fn an_answer_records_what_it_drew_on_including_its_tool_results_and_window
     store::actions::insert_round(
         &mut c,
         &store::actions::Round {
-            conversation_id: conv.id,
-            response_id: response.id,
+            conversation_id: conv.id.into(),
+            response_id: response.id.into(),
             round: 1,
             content: "",
             model: "m",
@@ -551,15 +557,15 @@ async fn an_answer_records_what_it_drew_on_including_its_tool_results_and_window
     .await;
     let mut projects = vec![w.private_p, w.open_p];
     projects.sort();
-    let got = store::provenance::of_message(&mut c, answer.id)
+    let got = store::provenance::of_message(&mut c, answer.id.into())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(
         got,
         Provenance {
-            source_project_ids: projects,
-            source_document_ids: vec![doc],
+            source_project_ids: projects.into_iter().map(Into::into).collect(),
+            source_document_ids: vec![doc.into()],
             narrow: true,
         }
     );
@@ -575,7 +581,7 @@ async fn an_answer_records_what_it_drew_on_including_its_tool_results_and_window
     );
     // the user's own message drew on nothing
     assert_eq!(
-        store::provenance::of_message(&mut c, question.id)
+        store::provenance::of_message(&mut c, question.id.into())
             .await
             .unwrap(),
         Some(Provenance::default())

@@ -10,11 +10,11 @@ fn chunk(org_id: Uuid, project_id: Uuid, source_id: Uuid, i: i32, text: &str, v:
     e[0] = 1.0;
     e[1] = v;
     NewChunk {
-        org_id,
+        org_id: org_id.into(),
         source_kind: "task",
         source_id,
         chunk_index: i,
-        project_id: Some(project_id),
+        project_id: Some(project_id.into()),
         owner_user_id: None,
         allowed_user_ids: vec![],
         allowed_team_ids: vec![],
@@ -44,13 +44,13 @@ async fn upsert_replaces_by_key_and_the_hnsw_index_serves_ann_queries() {
     embeddings::upsert_chunks(
         &mut c,
         &[
-            chunk(org, project, source, 0, "old", 0.0),
-            chunk(org, project, source, 1, "b", 0.5),
+            chunk(org.into(), project, source, 0, "old", 0.0),
+            chunk(org.into(), project, source, 1, "b", 0.5),
         ],
     )
     .await
     .unwrap();
-    embeddings::upsert_chunks(&mut c, &[chunk(org, project, source, 0, "new", 0.1)])
+    embeddings::upsert_chunks(&mut c, &[chunk(org.into(), project, source, 0, "new", 0.1)])
         .await
         .unwrap();
     let rows: Vec<(i32, String)> =

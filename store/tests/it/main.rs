@@ -9,4 +9,5 @@ mod migration;
 mod outbox;
 mod retrieval;
 mod tenancy;
+mod types;
 mod usage;

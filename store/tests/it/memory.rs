@@ -21,7 +21,7 @@ async fn org_and_user(db: &TestDb) -> (Uuid, Uuid) {
     store::tenancy::insert_membership(&mut c, org, user, Role::Member)
         .await
         .unwrap();
-    (org, user)
+    (org.into(), user.into())
 }
 
 fn entry(owner: Owner, content: &str, embedding: Option<Vec<f32>>) -> NewEntry {
@@ -263,10 +263,10 @@ async fn member(db: &TestDb, org: Uuid) -> Uuid {
     .await
     .unwrap()
     .id;
-    store::tenancy::insert_membership(&mut c, org, user, Role::Member)
+    store::tenancy::insert_membership(&mut c, org.into(), user, Role::Member)
         .await
         .unwrap();
-    user
+    user.into()
 }
 
 /// A project fact by `author`, with `embedding`.
@@ -306,8 +306,8 @@ async fn one_author_cannot_fill_a_project_or_refresh_anothers_facts() {
     let project = store::projects::insert_project(
         &mut c,
         &store::projects::NewProject {
-            org_id: org,
-            created_by: alice,
+            org_id: org.into(),
+            created_by: alice.into(),
             name: "Apollo",
             description: "",
             visibility: store::Visibility::Org,
@@ -318,7 +318,7 @@ async fn one_author_cannot_fill_a_project_or_refresh_anothers_facts() {
     .unwrap()
     .id;
     drop(c);
-    let owner = Owner::project(org, project);
+    let owner = Owner::project(org, project.into());
 
     // bob's two facts, then alice tries to fill the project (capacity 5, 2 per author)
     for i in 0..2 {
@@ -333,7 +333,7 @@ async fn one_author_cannot_fill_a_project_or_refresh_anothers_facts() {
         )
         .await;
     }
-    let kept = authors(&db, project).await;
+    let kept = authors(&db, project.into()).await;
     assert_eq!(
         kept,
         vec![
@@ -371,7 +371,7 @@ async fn one_author_cannot_fill_a_project_or_refresh_anothers_facts() {
         }
         other => panic!("{other:?}"),
     }
-    let kept = authors(&db, project).await;
+    let kept = authors(&db, project.into()).await;
     assert_eq!(kept.iter().filter(|(a, _)| *a == bob).count(), 2);
     assert_eq!(kept.iter().filter(|(a, _)| *a == alice).count(), 2);
     assert!(kept.len() <= 5);
@@ -383,8 +383,8 @@ async fn private_project(db: &TestDb, org: Uuid, creator: Uuid, name: &str) -> U
     store::projects::insert_project(
         &mut c,
         &store::projects::NewProject {
-            org_id: org,
-            created_by: creator,
+            org_id: org.into(),
+            created_by: creator.into(),
             name,
             description: "",
             visibility: store::Visibility::Private,
@@ -394,6 +394,7 @@ async fn private_project(db: &TestDb, org: Uuid, creator: Uuid, name: &str) -> U
     .await
     .unwrap()
     .id
+    .into()
 }
 
 async fn prompt_contents(db: &TestDb, user: Uuid, conversation: Uuid) -> Vec<String> {
@@ -415,16 +416,21 @@ async fn derived_memory_and_summaries_follow_their_sources_live() {
     let (org, author) = org_and_user(&db).await;
     let other = member(&db, org).await;
     let p = private_project(&db, org, author, "Apollo").await;
-    store::projects::add_member(&mut db.pool.acquire().await.unwrap(), org, p, other)
-        .await
-        .unwrap();
+    store::projects::add_member(
+        &mut db.pool.acquire().await.unwrap(),
+        org.into(),
+        p.into(),
+        other.into(),
+    )
+    .await
+    .unwrap();
     // an unrestricted document of the project, and the facts derived from it
     let mut c = db.pool.acquire().await.unwrap();
     let doc = testkit::retrieval::document(&mut c, org, p, "Plan").await;
     drop(c);
     let from_doc = Provenance {
-        source_project_ids: vec![p],
-        source_document_ids: vec![doc],
+        source_project_ids: vec![p.into()],
+        source_document_ids: vec![doc.into()],
         narrow: false,
     };
     let mut mine = authored(Owner::project(org, p), author, "project fact", None);
@@ -489,7 +495,7 @@ async fn derived_memory_and_summaries_follow_their_sources_live() {
         .unwrap();
     assert_eq!(start.summary.as_deref(), Some("the plan"));
     assert!(!start.summary_hidden && start.any_entry);
-    store::projects::remove_member(&mut c, p, other)
+    store::projects::remove_member(&mut c, p.into(), other.into())
         .await
         .unwrap();
     let start = memory::prompt_start(&mut c, other, conv_other)
@@ -514,7 +520,7 @@ async fn derived_memory_and_summaries_follow_their_sources_live() {
     assert!(!start.summary_hidden);
 
     // deleting the document deletes what was derived from it
-    let d = store::documents::get_accessible(&mut c, author, doc, true)
+    let d = store::documents::get_accessible(&mut c, author.into(), doc.into(), true)
         .await
         .unwrap()
         .unwrap();
@@ -537,11 +543,11 @@ async fn a_fact_from_a_team_restricted_document_follows_the_team() {
     let (org, user) = org_and_user(&db).await;
     let p = private_project(&db, org, user, "Apollo").await;
     let mut c = db.pool.acquire().await.unwrap();
-    let team = store::tenancy::insert_team(&mut c, org, "core")
+    let team = store::tenancy::insert_team(&mut c, org.into(), "core")
         .await
         .unwrap()
         .id;
-    store::tenancy::add_team_member(&db.pool, org, team, user)
+    store::tenancy::add_team_member(&db.pool, org.into(), team, user.into())
         .await
         .unwrap();
     let doc = testkit::retrieval::document(&mut c, org, p, "Plan").await;
@@ -559,8 +565,8 @@ async fn a_fact_from_a_team_restricted_document_follows_the_team() {
     let mut own = entry(Owner::user(org, user), "from the team's plan", None);
     own.author_user_id = Some(user);
     own.provenance = Provenance {
-        source_project_ids: vec![p],
-        source_document_ids: vec![doc],
+        source_project_ids: vec![p.into()],
+        source_document_ids: vec![doc.into()],
         narrow: true,
     };
     insert(&db, &own, 10).await.unwrap();
@@ -568,7 +574,7 @@ async fn a_fact_from_a_team_restricted_document_follows_the_team() {
         prompt_contents(&db, user, conv).await,
         ["from the team's plan"]
     );
-    store::tenancy::remove_team_member(&db.pool, org, team, user)
+    store::tenancy::remove_team_member(&db.pool, org.into(), team, user.into())
         .await
         .unwrap();
     assert!(prompt_contents(&db, user, conv).await.is_empty());

@@ -187,9 +187,9 @@ async fn the_backfill_records_what_legacy_items_drew_on_and_errs_narrow() {
         id
     };
     let (p, q, r) = (project("P").await, project("Q").await, project("R").await);
-    let doc = testkit::retrieval::document(&mut c, org, q, "Q plan").await;
+    let doc = testkit::retrieval::document(&mut c, org.into(), q.into(), "Q plan").await;
     let mut conversation = async || {
-        store::conversations::create(&mut c, org, u, "c", None)
+        store::conversations::create(&mut c, org.into(), u.into(), "c", None)
             .await
             .unwrap()
             .id
@@ -200,7 +200,10 @@ async fn the_backfill_records_what_legacy_items_drew_on_and_errs_narrow() {
         conversation().await,
         conversation().await,
     );
-    let mut l = Legacy { c: &mut c, org };
+    let mut l = Legacy {
+        c: &mut c,
+        org: org.into(),
+    };
     // c1: an answer that read a task of Q through a tool
     let a1 = l
         .turn(
@@ -220,7 +223,7 @@ async fn the_backfill_records_what_legacy_items_drew_on_and_errs_narrow() {
         .await;
     let a3 = l.turn(c2, &[], json!([])).await;
     let f1 = l
-        .fact("project", Some(p), None, "from c2", Some(c2), &[a3])
+        .fact("project", Some(p.into()), None, "from c2", Some(c2), &[a3])
         .await;
     // c3: an answer citing Q's document, and a user fact learnt from it
     let a4 = l
@@ -230,13 +233,13 @@ async fn the_backfill_records_what_legacy_items_drew_on_and_errs_narrow() {
             json!([{"source_kind": "document", "source_id": doc, "title": "Q plan", "chunk": 0}]),
         )
         .await;
-    l.fact("user", None, Some(u), "from c3", Some(c3), &[a4])
+    l.fact("user", None, Some(u.into()), "from c3", Some(c3), &[a4])
         .await;
     // c4: an answer and a fact of unknown origin; an operator's project fact
     let a5 = l.turn(c4, &[], json!([])).await;
-    l.fact("user", None, Some(u), "from c4", Some(c4), &[a5])
+    l.fact("user", None, Some(u.into()), "from c4", Some(c4), &[a5])
         .await;
-    l.fact("project", Some(p), None, "operator's", None, &[])
+    l.fact("project", Some(p.into()), None, "operator's", None, &[])
         .await;
     let a3_seq: i64 = sqlx::query_scalar("SELECT seq FROM messages WHERE id = $1")
         .bind(a3)
@@ -268,26 +271,32 @@ async fn the_backfill_records_what_legacy_items_drew_on_and_errs_narrow() {
         ("the conversation's projects", a5, vec![p, r]),
     ] {
         let (projects, _) = projects_of(&mut c, "messages", id).await;
-        assert!(has(&projects, &want), "{what}: {projects:?}");
+        assert!(
+            has(&projects, &store::ProjectId::uuids(&want)),
+            "{what}: {projects:?}"
+        );
     }
     assert_eq!(projects_of(&mut c, "messages", a4).await.1, vec![doc]);
     let (summary, _) = projects_of(&mut c, "conversation_summaries", c2).await;
-    assert!(has(&summary, &[q]), "{summary:?}");
+    assert!(has(&summary, &[q.into()]), "{summary:?}");
     let (fact, _) = projects_of(&mut c, "conversation_memories", f1).await;
-    assert!(has(&fact, &[p, q]), "{fact:?}");
+    assert!(has(&fact, &[p.into(), q.into()]), "{fact:?}");
     let (tier, author): (String, Option<Uuid>) =
         sqlx::query_as("SELECT tier, author_user_id FROM conversation_memories WHERE id = $1")
             .bind(f1)
             .fetch_one(&mut *c)
             .await
             .unwrap();
-    assert_eq!((tier.as_str(), author), ("user", Some(u)));
+    assert_eq!((tier.as_str(), author), ("user", Some(u.into())));
 
     // read filters: what drew on Q is gone for the user, the summary withheld
-    assert_eq!(prompt_facts(&mut c, u, c4).await, ["from c4", "operator's"]);
-    let start = memory::prompt_start(&mut c, u, c2).await.unwrap();
+    assert_eq!(
+        prompt_facts(&mut c, u.into(), c4).await,
+        ["from c4", "operator's"]
+    );
+    let start = memory::prompt_start(&mut c, u.into(), c2).await.unwrap();
     assert!(start.summary_hidden && start.summary.is_none());
     // and what is not known follows the conversation's projects after the migration
     store::projects::remove_member(&mut c, r, u).await.unwrap();
-    assert_eq!(prompt_facts(&mut c, u, c4).await, ["operator's"]);
+    assert_eq!(prompt_facts(&mut c, u.into(), c4).await, ["operator's"]);
 }

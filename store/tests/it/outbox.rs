@@ -58,11 +58,11 @@ async fn changes(c: &mut sqlx::PgConnection) -> (Uuid, Uuid, Uuid) {
         .await
         .unwrap()
         .unwrap();
-    let conv = store::conversations::create(&mut *c, org, user, "c", None)
+    let conv = store::conversations::create(&mut *c, org.into(), user.into(), "c", None)
         .await
         .unwrap();
     let (message, _) = testkit::turns::start(&mut *c, conv.id, "hello").await;
-    (project.id, task.id, message.id)
+    (project.id.into(), task.id.into(), message.id)
 }
 
 #[tokio::test]
@@ -100,7 +100,7 @@ async fn claims_coalesce_a_source_and_skip_rows_held_elsewhere() {
     }
     // the first claim takes the oldest row (a) and every other row of a
     let mut t1 = db.pool.begin().await.unwrap();
-    let got = outbox::claim(&mut t1, 1, Uuid::nil()).await.unwrap();
+    let got = outbox::claim(&mut t1, 1, Uuid::nil().into()).await.unwrap();
     assert_eq!(got.len(), 3);
     assert!(got.iter().all(|r| r.source_id == a));
     assert!(
@@ -110,7 +110,9 @@ async fn claims_coalesce_a_source_and_skip_rows_held_elsewhere() {
     );
     // a second transaction skips them and gets b; it cannot take a's source lock
     let mut t2 = db.pool.begin().await.unwrap();
-    let got2 = outbox::claim(&mut t2, 10, Uuid::nil()).await.unwrap();
+    let got2 = outbox::claim(&mut t2, 10, Uuid::nil().into())
+        .await
+        .unwrap();
     assert_eq!(got2.len(), 1);
     assert_eq!(got2[0].source_id, b);
     assert!(
@@ -144,9 +146,9 @@ async fn claims_take_the_orgs_in_turn_and_skip_waiting_and_dead_rows() {
     outbox::record(&mut c, quiet, SourceKind::Task, late)
         .await
         .unwrap();
-    for turn in [Uuid::nil(), Uuid::max(), busy, quiet] {
+    for turn in [Uuid::nil(), Uuid::max(), busy.into(), quiet.into()] {
         let mut t = db.pool.begin().await.unwrap();
-        let got = outbox::claim(&mut t, 4, turn).await.unwrap();
+        let got = outbox::claim(&mut t, 4, turn.into()).await.unwrap();
         assert_eq!(got.len(), 4, "{got:?}");
         assert!(got.iter().any(|r| r.source_id == late), "{turn}: {got:?}");
         t.rollback().await.unwrap();
@@ -212,7 +214,7 @@ async fn claims_take_the_orgs_in_turn_and_skip_waiting_and_dead_rows() {
     assert_eq!(outbox::dead_count(&mut c).await.unwrap(), 0);
     // a permanent failure is dead at once; operators may revive dead rows
     let mut t = db.pool.begin().await.unwrap();
-    let got = outbox::claim(&mut t, 1, Uuid::nil()).await.unwrap();
+    let got = outbox::claim(&mut t, 1, Uuid::nil().into()).await.unwrap();
     assert_eq!(
         outbox::fail(&mut t, &[got[0].id], "refused", 0, 5, true)
             .await
@@ -241,13 +243,13 @@ async fn bulk_chunk_writes_keep_each_rows_visibility_facts_and_replace_by_key() 
         let mut v = vec![0.0f32; 384];
         v[i as usize] = 1.0;
         NewChunk {
-            org_id: org,
+            org_id: org.into(),
             source_kind: kind,
             source_id: source,
             chunk_index: i,
-            project_id: Some(project),
+            project_id: Some(project.into()),
             owner_user_id: None,
-            allowed_user_ids: allowed,
+            allowed_user_ids: allowed.into_iter().map(Into::into).collect(),
             allowed_team_ids: vec![],
             title: format!("title {i}"),
             content: text.to_owned(),

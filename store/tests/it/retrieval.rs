@@ -23,9 +23,9 @@ async fn search_as(
     let v = embed.map(|t| pgvector::Vector::from(fake_embedding(t, DIM)));
     let mut c = db.pool.acquire().await.unwrap();
     let q = Query {
-        org_id: org,
-        user_id: user,
-        conversation_id: conversation,
+        org_id: org.into(),
+        user_id: user.into(),
+        conversation_id: conversation.into(),
         embedding: v.as_ref(),
         text,
         model: MODEL,
@@ -144,7 +144,7 @@ async fn rank_fusion_returns_a_text_only_hit_and_a_vector_only_hit_and_ranks_a_d
         vector_hit.score
     );
     assert_eq!(vector_hit.source_kind, "task");
-    assert_eq!(vector_hit.project_id, Some(p));
+    assert_eq!(vector_hit.project_id, Some(Into::into(p)));
     // the two rank-1 hits lead; scores never increase down the list
     assert!(got.windows(2).all(|w| w[0].score >= w[1].score));
 
@@ -182,9 +182,9 @@ async fn rank_fusion_returns_a_text_only_hit_and_a_vector_only_hit_and_ranks_a_d
     let other = retrieval::search(
         &mut c2,
         &Query {
-            org_id: org,
-            user_id: user,
-            conversation_id: conv,
+            org_id: org.into(),
+            user_id: user.into(),
+            conversation_id: conv.into(),
             embedding: Some(&v),
             text: query,
             model: "fake/other",
@@ -208,18 +208,18 @@ async fn the_filter_is_live_for_projects_restrictions_messages_narrowing_deletio
     let alice = fx::user(&mut c, org, Role::Member).await;
     let bob = fx::user(&mut c, org, Role::Member).await;
     let carol = fx::user(&mut c, org, Role::Member).await;
-    let team = store::tenancy::insert_team(&mut c, org, "t")
+    let team = store::tenancy::insert_team(&mut c, org.into(), "t")
         .await
         .unwrap()
         .id;
-    store::tenancy::add_team_member(&db.pool, org, team, carol)
+    store::tenancy::add_team_member(&db.pool, org.into(), team, carol.into())
         .await
         .unwrap();
     let private = fx::project(&mut c, org, alice, Visibility::Private, None).await;
-    store::projects::add_member(&mut c, org, private, bob)
+    store::projects::add_member(&mut c, org.into(), private.into(), bob.into())
         .await
         .unwrap();
-    store::projects::add_member(&mut c, org, private, carol)
+    store::projects::add_member(&mut c, org.into(), private.into(), carol.into())
         .await
         .unwrap();
     let open = fx::project(&mut c, org, owner, Visibility::Org, None).await;
@@ -237,7 +237,7 @@ async fn the_filter_is_live_for_projects_restrictions_messages_narrowing_deletio
         MODEL,
         DIM,
     );
-    restricted.allowed_user_ids = vec![bob];
+    restricted.allowed_user_ids = vec![bob.into()];
     restricted.allowed_team_ids = vec![team];
     fx::insert(
         &mut c,
@@ -347,14 +347,14 @@ async fn the_filter_is_live_for_projects_restrictions_messages_narrowing_deletio
     );
 
     // live: carol leaves the team, bob leaves the project
-    store::tenancy::remove_team_member(&db.pool, org, team, carol)
+    store::tenancy::remove_team_member(&db.pool, org.into(), team, carol.into())
         .await
         .unwrap();
     assert_eq!(
         seen(search_as(&db, org, carol, convs[&carol], q, Some(q)).await),
         ["open", "private"]
     );
-    store::projects::remove_member(&mut c, private, bob)
+    store::projects::remove_member(&mut c, private.into(), bob.into())
         .await
         .unwrap();
     assert_eq!(
@@ -386,7 +386,7 @@ async fn the_filter_is_live_for_projects_restrictions_messages_narrowing_deletio
         "full text too"
     );
     // removed from the org: nothing at all, own messages included
-    store::tenancy::remove_member(&db.pool, org, alice)
+    store::tenancy::remove_member(&db.pool, org.into(), alice.into())
         .await
         .unwrap();
     assert!(
@@ -457,9 +457,9 @@ async fn the_recent_window_is_excluded_and_a_one_percent_user_still_gets_k_resul
     } = Scene::new(1000, |i| i % 100 == 7).await;
     let v = pgvector::Vector::from(fake_embedding("anything", DIM));
     let q = Query {
-        org_id: org,
-        user_id: user,
-        conversation_id: conv,
+        org_id: org.into(),
+        user_id: user.into(),
+        conversation_id: conv.into(),
         embedding: Some(&v),
         text: "",
         model: MODEL,
@@ -490,7 +490,7 @@ async fn the_recent_window_is_excluded_and_a_one_percent_user_still_gets_k_resul
     );
     let got = retrieval::search(&mut c, &q, &tuning).await.unwrap();
     assert_eq!(got.len(), 6);
-    assert!(got.iter().all(|c| c.project_id == Some(mine)));
+    assert!(got.iter().all(|c| c.project_id == Some(mine.into())));
 
     // message chunks of the recent window are left out when asked
     let m1 = Uuid::now_v7();
@@ -509,7 +509,7 @@ async fn the_recent_window_is_excluded_and_a_one_percent_user_still_gets_k_resul
         &Query {
             embedding: Some(&v),
             text: "walrus",
-            exclude_message_ids: &[m1],
+            exclude_message_ids: &[m1.into()],
             ..q.clone()
         },
         &Tuning::default(),
@@ -537,9 +537,9 @@ async fn a_filtered_hnsw_scan_keeps_going_until_enough_rows_pass_the_filter() {
     } = Scene::new(2000, |i| i % 2 == 0).await;
     let v = pgvector::Vector::from(fake_embedding("anything", DIM));
     let q = Query {
-        org_id: org,
-        user_id: user,
-        conversation_id: conv,
+        org_id: org.into(),
+        user_id: user.into(),
+        conversation_id: conv.into(),
         embedding: Some(&v),
         text: "",
         model: MODEL,
@@ -594,9 +594,9 @@ async fn a_small_visible_set_is_searched_exactly_without_the_hnsw_index() {
     } = Scene::new(2000, |i| i % 20 == 0).await;
     let v = pgvector::Vector::from(fake_embedding("anything", DIM));
     let q = Query {
-        org_id: org,
-        user_id: user,
-        conversation_id: conv,
+        org_id: org.into(),
+        user_id: user.into(),
+        conversation_id: conv.into(),
         embedding: Some(&v),
         text: "chunk",
         model: MODEL,
@@ -634,7 +634,7 @@ async fn a_small_visible_set_is_searched_exactly_without_the_hnsw_index() {
     assert!(!plan.contains("embeddings_hnsw"), "{plan}");
     let got = retrieval::search(&mut c, &q, &at(100)).await.unwrap();
     assert_eq!(got.len(), 10);
-    assert!(got.iter().all(|c| c.project_id == Some(mine)));
+    assert!(got.iter().all(|c| c.project_id == Some(mine.into())));
 
     // one row over: the HNSW index
     let (_, was_exact) = retrieval::nearest(&mut c, &q, &at(99), 40, Nearest::Auto)
@@ -670,9 +670,9 @@ async fn the_corpus_most_common_terms_are_left_out_of_the_full_text_query() {
         async move {
             let mut c = pool.acquire().await.unwrap();
             let q = Query {
-                org_id: org,
-                user_id: user,
-                conversation_id: conv,
+                org_id: org.into(),
+                user_id: user.into(),
+                conversation_id: conv.into(),
                 embedding: None,
                 text,
                 model: MODEL,
@@ -768,7 +768,7 @@ async fn a_message_chunk_is_found_only_while_what_it_drew_on_is_visible() {
     let bob = fx::user(&mut c, org, Role::Member).await;
     let open = fx::project(&mut c, org, alice, Visibility::Org, None).await;
     let private = fx::project(&mut c, org, bob, Visibility::Private, None).await;
-    store::projects::add_member(&mut c, org, private, alice)
+    store::projects::add_member(&mut c, org.into(), private.into(), alice.into())
         .await
         .unwrap();
     let doc = fx::document(&mut c, org, open, "Plan").await;
@@ -784,15 +784,15 @@ async fn a_message_chunk_is_found_only_while_what_it_drew_on_is_visible() {
             chunk(
                 "zebra from the private project",
                 Provenance {
-                    source_project_ids: vec![private],
+                    source_project_ids: vec![private.into()],
                     ..Default::default()
                 },
             ),
             chunk(
                 "zebra from the plan",
                 Provenance {
-                    source_project_ids: vec![open],
-                    source_document_ids: vec![doc],
+                    source_project_ids: vec![open.into()],
+                    source_document_ids: vec![doc.into()],
                     narrow: false,
                 },
             ),
@@ -832,7 +832,7 @@ async fn a_message_chunk_is_found_only_while_what_it_drew_on_is_visible() {
         .await
         .unwrap();
     // removed from the private project
-    store::projects::remove_member(&mut c, private, alice)
+    store::projects::remove_member(&mut c, private.into(), alice.into())
         .await
         .unwrap();
     let left = found(search_as(&db, org, alice, conv, "zebra", Some("zebra")).await);

@@ -5,7 +5,7 @@ use sqlx::PgConnection;
 use store::projects::NewProject;
 use store::tasks::{NewTask, TaskPatch};
 use store::tenancy::{Org, User};
-use store::{Role, StoreError, TaskStatus, Visibility};
+use store::{ProjectId, Role, StoreError, TaskStatus, UserId, Visibility};
 use testkit::TestDb;
 use uuid::Uuid;
 
@@ -29,8 +29,8 @@ async fn org_with(conn: &mut PgConnection, name: &str, users: &[Role]) -> (Org, 
     (org, out)
 }
 
-async fn visible(conn: &mut PgConnection, user: Uuid) -> Vec<Uuid> {
-    let mut v: Vec<Uuid> = sqlx::query_scalar("SELECT project_id FROM visible_projects($1)")
+async fn visible(conn: &mut PgConnection, user: UserId) -> Vec<ProjectId> {
+    let mut v: Vec<ProjectId> = sqlx::query_scalar("SELECT project_id FROM visible_projects($1)")
         .bind(user)
         .fetch_all(conn)
         .await
@@ -46,12 +46,12 @@ fn new_project(
     team: Option<Uuid>,
 ) -> NewProject<'static> {
     NewProject {
-        org_id: org,
-        created_by: by,
+        org_id: org.into(),
+        created_by: by.into(),
         name: "p",
         description: "",
         visibility,
-        team_id: team,
+        team_id: team.map(Into::into),
     }
 }
 
@@ -82,7 +82,12 @@ async fn cross_org_rows_are_refused_by_the_schema() {
     // A's team named by a project of B
     let e = store::projects::insert_project(
         &mut conn,
-        &new_project(b.id, bu[0].id, Visibility::Team, Some(team_a.id)),
+        &new_project(
+            b.id.into(),
+            bu[0].id.into(),
+            Visibility::Team,
+            Some(team_a.id.into()),
+        ),
     )
     .await
     .unwrap_err();
@@ -99,7 +104,7 @@ async fn cross_org_rows_are_refused_by_the_schema() {
     // a team project without a team
     let e = store::projects::insert_project(
         &mut conn,
-        &new_project(a.id, au[0].id, Visibility::Team, None),
+        &new_project(a.id.into(), au[0].id.into(), Visibility::Team, None),
     )
     .await
     .unwrap_err();
@@ -107,7 +112,7 @@ async fn cross_org_rows_are_refused_by_the_schema() {
     // B's user as a member of A's private project
     let p = store::projects::insert_project(
         &mut conn,
-        &new_project(a.id, au[0].id, Visibility::Private, None),
+        &new_project(a.id.into(), au[0].id.into(), Visibility::Private, None),
     )
     .await
     .unwrap();
@@ -195,28 +200,35 @@ async fn visible_projects_follows_live_memberships() {
     store::tenancy::add_team_member(&db.pool, org.id, team.id, m1)
         .await
         .unwrap();
-    let p_org =
-        store::projects::insert_project(&mut conn, &new_project(org.id, m2, Visibility::Org, None))
-            .await
-            .unwrap()
-            .id;
+    let p_org = store::projects::insert_project(
+        &mut conn,
+        &new_project(org.id.into(), m2.into(), Visibility::Org, None),
+    )
+    .await
+    .unwrap()
+    .id;
     let p_team = store::projects::insert_project(
         &mut conn,
-        &new_project(org.id, m1, Visibility::Team, Some(team.id)),
+        &new_project(
+            org.id.into(),
+            m1.into(),
+            Visibility::Team,
+            Some(team.id.into()),
+        ),
     )
     .await
     .unwrap()
     .id;
     let p_priv = store::projects::insert_project(
         &mut conn,
-        &new_project(org.id, m2, Visibility::Private, None),
+        &new_project(org.id.into(), m2.into(), Visibility::Private, None),
     )
     .await
     .unwrap()
     .id;
     let mut all = vec![p_org, p_team, p_priv];
     all.sort();
-    let sorted = |mut v: Vec<Uuid>| {
+    let sorted = |mut v: Vec<ProjectId>| {
         v.sort();
         v
     };
@@ -224,7 +236,10 @@ async fn visible_projects_follows_live_memberships() {
     assert_eq!(visible(&mut conn, admin).await, all);
     assert_eq!(visible(&mut conn, m1).await, sorted(vec![p_org, p_team]));
     assert_eq!(visible(&mut conn, m2).await, sorted(vec![p_org, p_priv]));
-    assert_eq!(visible(&mut conn, other[0].id).await, Vec::<Uuid>::new());
+    assert_eq!(
+        visible(&mut conn, other[0].id).await,
+        Vec::<ProjectId>::new()
+    );
 
     // a task in the team project assigned to m1; m1 leaves the team → loses it at once
     let task = store::tasks::insert_task(
@@ -264,7 +279,7 @@ async fn visible_projects_follows_live_memberships() {
             .await
             .unwrap()
     );
-    assert_eq!(visible(&mut conn, m1).await, Vec::<Uuid>::new());
+    assert_eq!(visible(&mut conn, m1).await, Vec::<ProjectId>::new());
     let t = store::tasks::get_visible(&mut conn, owner, task.id, false)
         .await
         .unwrap()

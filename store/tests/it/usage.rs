@@ -17,7 +17,7 @@ fn day(d: u32) -> NaiveDate {
 fn row(d: u32, org_id: Uuid, model: &str, requests: i64, prompt: i64, completion: i64) -> Row {
     Row {
         day: day(d),
-        org_id,
+        org_id: org_id.into(),
         model: model.to_owned(),
         requests,
         prompt_tokens: prompt,
@@ -60,35 +60,41 @@ async fn record_adds_up_per_org_day_and_model_and_report_filters() {
     tx.rollback().await.unwrap();
 
     // everything, ordered by day, model (then org)
-    let mut day20_m1 = [row(20, a, "m1", 2, 15, 5), row(20, b, "m1", 1, 100, 50)];
+    let mut day20_m1 = [
+        row(20, a.into(), "m1", 2, 15, 5),
+        row(20, b.into(), "m1", 1, 100, 50),
+    ];
     day20_m1.sort_by_key(|r| r.org_id);
-    let mut all = vec![row(20, a, "m0", 1, 1, 1)];
+    let mut all = vec![row(20, a.into(), "m0", 1, 1, 1)];
     all.extend(day20_m1);
-    all.push(row(21, a, "m1", 1, 7, 7));
-    all.push(row(22, b, "m1", 1, 4, 4));
+    all.push(row(21, a.into(), "m1", 1, 7, 7));
+    all.push(row(22, b.into(), "m1", 1, 4, 4));
     assert_eq!(usage::report(&db.pool, None, day(1)).await.unwrap(), all);
 
     // one org
     assert_eq!(
         usage::report(&db.pool, Some(a), day(1)).await.unwrap(),
         vec![
-            row(20, a, "m0", 1, 1, 1),
-            row(20, a, "m1", 2, 15, 5),
-            row(21, a, "m1", 1, 7, 7),
+            row(20, a.into(), "m0", 1, 1, 1),
+            row(20, a.into(), "m1", 2, 15, 5),
+            row(21, a.into(), "m1", 1, 7, 7),
         ]
     );
     // from a day on (inclusive)
     assert_eq!(
         usage::report(&db.pool, None, day(21)).await.unwrap(),
-        vec![row(21, a, "m1", 1, 7, 7), row(22, b, "m1", 1, 4, 4)]
+        vec![
+            row(21, a.into(), "m1", 1, 7, 7),
+            row(22, b.into(), "m1", 1, 4, 4)
+        ]
     );
     assert_eq!(
         usage::report(&db.pool, Some(b), day(21)).await.unwrap(),
-        vec![row(22, b, "m1", 1, 4, 4)]
+        vec![row(22, b.into(), "m1", 1, 4, 4)]
     );
     // an org without usage, and a day after the last row
     assert!(
-        usage::report(&db.pool, Some(Uuid::now_v7()), day(1))
+        usage::report(&db.pool, Some(Uuid::now_v7().into()), day(1))
             .await
             .unwrap()
             .is_empty()

@@ -23,8 +23,9 @@ fn infra_wait(what: &str, e: &dyn std::fmt::Display) -> JobError {
     JobError::wait(format!("{what} unreachable: {e}"), INFRA_WAIT + jitter)
 }
 
-/// A database failure of a handler: a wait while PostgreSQL is unreachable (a restart, a
-/// failover: the job comes back without using up an attempt), a retry otherwise.
+/// A database failure of a handler, as the error classifies itself: a wait while PostgreSQL
+/// is unreachable (a restart, a failover: the job comes back without using up an attempt), a
+/// retry when [`store::StoreError::is_retryable`], the dead letters otherwise.
 pub(crate) fn db_error(e: impl Into<store::StoreError>) -> JobError {
     let e: store::StoreError = e.into();
     if e.is_unavailable() {
@@ -34,7 +35,11 @@ pub(crate) fn db_error(e: impl Into<store::StoreError>) -> JobError {
         store::StoreError::Database(inner) => inner.to_string(),
         other => other.to_string(),
     };
-    JobError::retryable(format!("database: {detail}"))
+    if e.is_retryable() {
+        JobError::retryable(format!("database: {detail}"))
+    } else {
+        JobError::permanent(format!("database: {detail}"))
+    }
 }
 
 /// A Redis failure of a handler: a wait when the connection is down, a retry otherwise.

@@ -19,7 +19,7 @@ use store::probe::{ProbeRun, record_effect, record_run, runs_of};
 pub async fn run(db: sqlx::PgPool, ctx: JobContext, job: Probe) -> HandlerResult {
     let started_at = Utc::now();
     let mut run = ProbeRun {
-        job_id: ctx.id,
+        job_id: ctx.id.into(),
         key: &job.key,
         attempt: ctx.attempt,
         consumer: &ctx.consumer,
@@ -29,7 +29,7 @@ pub async fn run(db: sqlx::PgPool, ctx: JobContext, job: Probe) -> HandlerResult
     };
     if job.fail_times > 0 {
         let mut conn = db.acquire().await.map_err(db_error)?;
-        let previous = runs_of(&mut conn, ctx.id).await.map_err(db_error)?;
+        let previous = runs_of(&mut conn, ctx.id.into()).await.map_err(db_error)?;
         if previous < job.fail_times {
             record_run(&mut conn, &run).await.map_err(db_error)?;
             return Err(JobError::retryable(format!(
@@ -45,7 +45,7 @@ pub async fn run(db: sqlx::PgPool, ctx: JobContext, job: Probe) -> HandlerResult
     run.failed = false;
     let mut tx = db.begin().await.map_err(db_error)?;
     record_run(&mut tx, &run).await.map_err(db_error)?;
-    let fresh = record_effect(&mut tx, ctx.id, &job.key, &ctx.consumer, ctx.attempt)
+    let fresh = record_effect(&mut tx, ctx.id.into(), &job.key, &ctx.consumer, ctx.attempt)
         .await
         .map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;

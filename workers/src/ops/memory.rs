@@ -51,7 +51,10 @@ pub async fn add(
         );
     }
     let mut conn = pool.acquire().await?;
-    if store::tenancy::get_org(pool, owner.org_id).await?.is_none() {
+    if store::tenancy::get_org(pool, owner.org_id.into())
+        .await?
+        .is_none()
+    {
         anyhow::bail!("--org: no organization {}", owner.org_id);
     }
     if let Some(user) = owner.user_id

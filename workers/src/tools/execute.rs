@@ -104,7 +104,7 @@ impl ActionsHandler {
                     &mut tx,
                     &Audit {
                         action: &action,
-                        task_id: *task_id,
+                        task_id: (*task_id).into(),
                         before: before.as_ref(),
                         after,
                     },
@@ -117,7 +117,7 @@ impl ActionsHandler {
                 actions::mark_failed(&mut tx, action.id, reason)
                     .await
                     .map_err(db_error)?;
-                refused_result(action.id, reason)
+                refused_result(action.id.into(), reason)
             }
         };
         let continuation = answer_decision(&mut tx, &action, &result)
@@ -175,9 +175,9 @@ pub(crate) async fn answer_decision(
     };
     let Some(response) = store::conversations::get_response_own(
         &mut *conn,
-        action.user_id,
-        action.conversation_id,
-        response_id,
+        action.user_id.into(),
+        action.conversation_id.into(),
+        response_id.into(),
     )
     .await?
     else {
@@ -188,12 +188,12 @@ pub(crate) async fn answer_decision(
     }
     let env = jobs::Envelope::new(Chat {
         conversation_id: action.conversation_id,
-        message_id: response.user_message_id,
+        message_id: response.user_message_id.into(),
         response_id,
         user_id: action.user_id,
         org_id: action.org_id,
     });
-    store::responses::assign_job(&mut *conn, response_id, env.id).await?;
+    store::responses::assign_job(&mut *conn, response_id, env.id.into()).await?;
     Ok(Some(env))
 }
 
@@ -207,13 +207,13 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
                 return Ok(Outcome::Refused("the proposal names no project".into()));
             };
             let Some((project, org)) =
-                store::assistant::project(&mut *conn, user, conv, project_id).await?
+                store::assistant::project(&mut *conn, user, conv, project_id.into()).await?
             else {
                 return Ok(Outcome::Refused(NO_ACCESS.into()));
             };
             let assignee = uuid_arg(args, "assignee_id");
             if let Some(a) = assignee
-                && store::assistant::assignable(&mut *conn, org, project.id, a)
+                && store::assistant::assignable(&mut *conn, org, project.id, a.into())
                     .await?
                     .is_none()
             {
@@ -235,13 +235,13 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
                     title,
                     description,
                     status: status_arg(args).unwrap_or(TaskStatus::Todo),
-                    assignee_id: assignee,
+                    assignee_id: assignee.map(Into::into),
                 },
             )
             .await?;
             let t = task_json(&task);
             Ok(Outcome::Executed {
-                task_id: task.id,
+                task_id: task.id.into(),
                 before: None,
                 after: t.clone(),
                 task: t,
@@ -253,11 +253,12 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
             };
             // lock the task first (its `before` is what this transaction overwrites), then the
             // conversation's narrowing
-            let Some(current) = store::tasks::get_visible(&mut *conn, user, task_id, true).await?
+            let Some(current) =
+                store::tasks::get_visible(&mut *conn, user, task_id.into(), true).await?
             else {
                 return Ok(Outcome::Refused(NO_ACCESS.into()));
             };
-            if store::assistant::task(&mut *conn, user, conv, task_id)
+            if store::assistant::task(&mut *conn, user, conv, task_id.into())
                 .await?
                 .is_none()
             {
@@ -268,7 +269,7 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
                 .map(|_| uuid_arg(args, "assignee_id"));
             if let Some(Some(a)) = assignee {
                 let org = action.org_id;
-                if store::assistant::assignable(&mut *conn, org, current.project_id, a)
+                if store::assistant::assignable(&mut *conn, org, current.project_id, a.into())
                     .await?
                     .is_none()
                 {
@@ -284,17 +285,17 @@ async fn execute(conn: &mut PgConnection, action: &Action) -> Result<Outcome, St
                     .and_then(Value::as_str)
                     .map(str::to_owned),
                 status: status_arg(args),
-                assignee_id: assignee,
+                assignee_id: assignee.map(|x| x.map(Into::into)),
             };
             let before = task_json(&current);
             let Some(task) =
-                store::tasks::update_visible(&mut *conn, user, task_id, &patch).await?
+                store::tasks::update_visible(&mut *conn, user, task_id.into(), &patch).await?
             else {
                 return Ok(Outcome::Refused(NO_ACCESS.into()));
             };
             let t = task_json(&task);
             Ok(Outcome::Executed {
-                task_id: task.id,
+                task_id: task.id.into(),
                 before: Some(before),
                 after: t.clone(),
                 task: t,

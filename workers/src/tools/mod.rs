@@ -278,7 +278,7 @@ pub async fn run_read(
     let (user, conv) = (ctx.user_id, ctx.conversation_id);
     Ok(match name {
         "list_projects" => {
-            let rows = data::projects(conn, user, conv, LIST_LIMIT).await?;
+            let rows = data::projects(conn, user.into(), conv.into(), LIST_LIMIT).await?;
             Ok(json!({"projects": rows.iter().map(|p| json!({
                 "id": p.id, "name": p.name,
                 "description": p.description.chars().take(BRIEF_DESCRIPTION).collect::<String>(),
@@ -289,16 +289,26 @@ pub async fn run_read(
             let Some(project) = uuid_arg(args, "project_id") else {
                 return Ok(Err(ToolError::not_found()));
             };
-            if data::project(conn, user, conv, project).await?.is_none() {
+            if data::project(conn, user.into(), conv.into(), project.into())
+                .await?
+                .is_none()
+            {
                 Err(ToolError::not_found())
             } else {
-                let rows =
-                    data::tasks(conn, user, conv, project, status_arg(args), LIST_LIMIT).await?;
+                let rows = data::tasks(
+                    conn,
+                    user.into(),
+                    conv.into(),
+                    project.into(),
+                    status_arg(args),
+                    LIST_LIMIT,
+                )
+                .await?;
                 Ok(json!({"tasks": rows.iter().map(task_brief).collect::<Vec<_>>()}))
             }
         }
         "get_task" => match uuid_arg(args, "task_id") {
-            Some(id) => match data::task(conn, user, conv, id).await? {
+            Some(id) => match data::task(conn, user.into(), conv.into(), id.into()).await? {
                 Some(t) => Ok(json!({"task": task_json(&t)})),
                 None => Err(ToolError::not_found()),
             },
@@ -340,13 +350,15 @@ async fn assignee_name(
     let Some(a) = assignee else {
         return Ok(Ok(None));
     };
-    Ok(match data::assignable(conn, org_id, project_id, a).await? {
-        Some(name) => Ok(Some(name)),
-        None => Err(ToolError(
-            "assignee_id: does not name a member of this organization who can see the project"
-                .into(),
-        )),
-    })
+    Ok(
+        match data::assignable(conn, org_id.into(), project_id.into(), a.into()).await? {
+            Some(name) => Ok(Some(name)),
+            None => Err(ToolError(
+                "assignee_id: does not name a member of this organization who can see the project"
+                    .into(),
+            )),
+        },
+    )
 }
 
 /// Check a write call (already schema-valid) against what the user may do now, and describe it.
@@ -362,7 +374,9 @@ pub async fn propose(
             let Some(project_id) = uuid_arg(args, "project_id") else {
                 return Ok(Err(ToolError::not_found()));
             };
-            let Some((project, org)) = data::project(conn, user, conv, project_id).await? else {
+            let Some((project, org)) =
+                data::project(conn, user.into(), conv.into(), project_id.into()).await?
+            else {
                 return Ok(Err(ToolError::not_found()));
             };
             let title = text_arg(args, "title").unwrap_or_default();
@@ -372,7 +386,7 @@ pub async fn propose(
             let description = text_arg(args, "description").unwrap_or_default();
             let status = status_arg(args).unwrap_or(TaskStatus::Todo);
             let assignee = uuid_arg(args, "assignee_id");
-            let who = match assignee_name(conn, org, project.id, assignee).await? {
+            let who = match assignee_name(conn, org.into(), project.id.into(), assignee).await? {
                 Ok(w) => w,
                 Err(e) => return Ok(Err(e)),
             };
@@ -389,7 +403,7 @@ pub async fn propose(
             }
             summary.push(')');
             Ok(Ok(Proposal {
-                project_id: project.id,
+                project_id: project.id.into(),
                 arguments: after.clone(),
                 summary,
                 before: None,
@@ -400,7 +414,8 @@ pub async fn propose(
             let Some(task_id) = uuid_arg(args, "task_id") else {
                 return Ok(Err(ToolError::not_found()));
             };
-            let Some(task) = data::task(conn, user, conv, task_id).await? else {
+            let Some(task) = data::task(conn, user.into(), conv.into(), task_id.into()).await?
+            else {
                 return Ok(Err(ToolError::not_found()));
             };
             let mut before = serde_json::Map::new();
@@ -427,12 +442,12 @@ pub async fn propose(
             if args.get("assignee_id").is_some() {
                 let new = uuid_arg(args, "assignee_id");
                 let org = ctx.org_id;
-                let who = match assignee_name(conn, org, task.project_id, new).await? {
+                let who = match assignee_name(conn, org, task.project_id.into(), new).await? {
                     Ok(w) => w,
                     Err(e) => return Ok(Err(e)),
                 };
                 let old = match task.assignee_id {
-                    Some(a) => data::member_name(conn, org, a).await?,
+                    Some(a) => data::member_name(conn, org.into(), a).await?,
                     None => None,
                 };
                 before.insert("assignee_id".into(), json!(task.assignee_id));
@@ -451,7 +466,7 @@ pub async fn propose(
             let mut arguments = after.clone();
             arguments.insert("task_id".into(), json!(task.id));
             Ok(Ok(Proposal {
-                project_id: task.project_id,
+                project_id: task.project_id.into(),
                 arguments: Value::Object(arguments),
                 summary: format!("Update task \"{}\": {}", task.title, changes.join(", ")),
                 before: Some(Value::Object(before)),

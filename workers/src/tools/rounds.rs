@@ -298,10 +298,10 @@ impl ToolRounds {
                                 let (action, _) = actions::insert_proposal(
                                     &mut tx,
                                     &NewProposal {
-                                        org_id: ctx.org_id,
-                                        conversation_id: ctx.conversation_id,
-                                        user_id: ctx.user_id,
-                                        response_id: tt.response_id,
+                                        org_id: ctx.org_id.into(),
+                                        conversation_id: ctx.conversation_id.into(),
+                                        user_id: ctx.user_id.into(),
+                                        response_id: tt.response_id.into(),
                                         tool_call_id: &id,
                                         tool: def.name,
                                         arguments: &p.arguments,
@@ -333,8 +333,8 @@ impl ToolRounds {
         let stored = actions::insert_round(
             &mut tx,
             &Round {
-                conversation_id: ctx.conversation_id,
-                response_id: tt.response_id,
+                conversation_id: ctx.conversation_id.into(),
+                response_id: tt.response_id.into(),
                 round: round_i32,
                 content: &a.text,
                 model: &a.model,

@@ -38,9 +38,9 @@ pub async fn search_knowledge(
     let chunks = store::retrieval::search(
         conn,
         &store::retrieval::Query {
-            org_id: ctx.org_id,
-            user_id: ctx.user_id,
-            conversation_id: ctx.conversation_id,
+            org_id: ctx.org_id.into(),
+            user_id: ctx.user_id.into(),
+            conversation_id: ctx.conversation_id.into(),
             embedding: knowledge.embedding,
             text: query,
             model: knowledge.model,
@@ -66,8 +66,8 @@ pub async fn search_knowledge(
     if results.len() < HITS {
         let live = store::assistant::search(
             conn,
-            ctx.user_id,
-            ctx.conversation_id,
+            ctx.user_id.into(),
+            ctx.conversation_id.into(),
             query,
             i64::try_from(HITS).unwrap_or(10),
         )

@@ -42,13 +42,13 @@ async fn setup(db: &TestDb) -> Setup {
     store::tenancy::insert_membership(&mut c, org, user, Role::Member)
         .await
         .unwrap();
-    let conversation = conv::create(&mut c, org, user, "plans", None)
+    let conversation = conv::create(&mut c, org.into(), user.into(), "plans", None)
         .await
         .unwrap()
         .id;
     Setup {
-        org,
-        user,
+        org: org.into(),
+        user: user.into(),
         conversation,
     }
 }
@@ -59,11 +59,11 @@ async fn turn(db: &TestDb, s: &Setup, content: &str) -> Chat {
     let (message, response) = testkit::turns::start(&mut tx, s.conversation, content).await;
     tx.commit().await.unwrap();
     Chat {
-        conversation_id: s.conversation,
-        message_id: message.id,
-        response_id: response.id,
-        user_id: s.user,
-        org_id: s.org,
+        conversation_id: s.conversation.into(),
+        message_id: message.id.into(),
+        response_id: response.id.into(),
+        user_id: s.user.into(),
+        org_id: s.org.into(),
     }
 }
 
@@ -73,7 +73,7 @@ async fn past_turn(db: &TestDb, s: &Setup, question: &str, answer: &str) {
     let mut tx = db.pool.begin().await.unwrap();
     testkit::turns::answer(
         &mut tx,
-        job.response_id,
+        job.response_id.into(),
         &Answer {
             content: answer,
             model: "earlier",
@@ -237,7 +237,7 @@ async fn happy_path_streams_tokens_and_stores_one_answer_with_a_bounded_prompt()
     let report = drain(&db, &settings).await;
     assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     let token_events: Vec<&str> = evs
         .iter()
         .filter_map(|e| match e {
@@ -272,7 +272,7 @@ async fn happy_path_streams_tokens_and_stores_one_answer_with_a_bounded_prompt()
     assert_eq!(usage["completion_tokens"], 4);
     assert!(usage["prompt_tokens"].as_u64().unwrap() > 0);
 
-    let stored = answers(&db, job.response_id).await;
+    let stored = answers(&db, job.response_id.into()).await;
     assert_eq!(stored.len(), 1);
     let m = &stored[0];
     assert_eq!(m.content, "Your plan is ready.");
@@ -281,7 +281,7 @@ async fn happy_path_streams_tokens_and_stores_one_answer_with_a_bounded_prompt()
     assert_eq!(m.completion_tokens, Some(4));
     assert!(m.prompt_tokens.unwrap() > 0);
     assert!(m.latency_ms.unwrap() >= 0);
-    assert_eq!(response(&db, job.response_id).await.0, "completed");
+    assert_eq!(response(&db, job.response_id.into()).await.0, "completed");
 
     // what the model was sent: the system prompt, the last 3 messages, the fixed parameters
     let seen = calls(&primary).await;
@@ -337,7 +337,7 @@ async fn rate_limits_are_waited_out_on_the_primary_honouring_retry_after() {
     let report = drain(&db, &settings).await;
     assert_eq!((report.retried, report.completed, report.dead), (2, 1, 0));
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(tokens(&evs), "finally");
     assert!(matches!(
         evs.last(),
@@ -356,7 +356,7 @@ async fn rate_limits_are_waited_out_on_the_primary_honouring_retry_after() {
             "Retry-After 1 s honoured between calls: {gap} ms"
         );
     }
-    let stored = answers(&db, job.response_id).await;
+    let stored = answers(&db, job.response_id.into()).await;
     assert_eq!(stored.len(), 1);
     assert_eq!(
         stored[0].model.as_deref(),
@@ -416,9 +416,9 @@ async fn a_cooling_down_model_is_not_called_by_other_jobs() {
     }
     assert!(calls(&fallback).await.is_empty());
     for job in [&first, &second] {
-        let evs = events(&settings, job.response_id).await;
+        let evs = events(&settings, job.response_id.into()).await;
         assert_eq!(tokens(&evs), "ok");
-        assert_eq!(answers(&db, job.response_id).await.len(), 1);
+        assert_eq!(answers(&db, job.response_id.into()).await.len(), 1);
     }
 }
 
@@ -439,15 +439,15 @@ async fn rate_limits_beyond_the_maximum_wait_end_in_a_rate_limited_error() {
     let report = drain(&db, &settings).await;
     assert_eq!(report.dead, 0, "the job did not die silently: {report:?}");
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(error_code(&evs), Some("rate_limited"), "{evs:?}");
     assert_eq!(tokens(&evs), "");
-    let (status, code, _) = response(&db, job.response_id).await;
+    let (status, code, _) = response(&db, job.response_id.into()).await;
     assert_eq!(
         (status.as_str(), code.as_deref()),
         ("failed", Some("rate_limited"))
     );
-    assert!(answers(&db, job.response_id).await.is_empty());
+    assert!(answers(&db, job.response_id.into()).await.is_empty());
     assert!(calls(&primary).await.len() >= 2, "it did wait and retry");
     assert!(calls(&fallback).await.is_empty());
     assert_eq!(bus.stats(Queue::Chat).await.unwrap().dead, 0);
@@ -471,7 +471,7 @@ async fn a_failing_primary_falls_back_once() {
     bus_for(&settings).enqueue(job.clone()).await.unwrap();
     drain(&db, &settings).await;
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(tokens(&evs), "from the fallback");
     let Some(ResponseEvent::MessageCompleted { model, .. }) = evs.last() else {
         panic!("{evs:?}");
@@ -479,7 +479,7 @@ async fn a_failing_primary_falls_back_once() {
     assert_eq!(model, &via_litellm(&fallback));
     assert_eq!(calls(&primary).await.len(), 1);
     assert_eq!(calls(&fallback).await.len(), 1);
-    let stored = answers(&db, job.response_id).await;
+    let stored = answers(&db, job.response_id.into()).await;
     assert_eq!(stored.len(), 1);
     assert_eq!(
         stored[0].model.as_deref(),
@@ -514,7 +514,7 @@ async fn a_rate_limited_fallback_is_retried_without_calling_the_failed_primary_a
     let report = drain(&db, &settings).await;
     assert_eq!((report.retried, report.completed, report.dead), (1, 1, 0));
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(tokens(&evs), "from the fallback");
     let Some(ResponseEvent::MessageCompleted { model, .. }) = evs.last() else {
         panic!("{evs:?}");
@@ -532,7 +532,7 @@ async fn a_rate_limited_fallback_is_retried_without_calling_the_failed_primary_a
         gap >= 950,
         "the fallback's Retry-After 1 s honoured: {gap} ms"
     );
-    let stored = answers(&db, job.response_id).await;
+    let stored = answers(&db, job.response_id.into()).await;
     assert_eq!(stored.len(), 1);
     assert_eq!(
         stored[0].model.as_deref(),
@@ -559,12 +559,12 @@ async fn primary_and_fallback_both_failing_is_model_unavailable_without_a_third_
     let report = drain(&db, &settings).await;
     assert_eq!((report.completed, report.retried, report.dead), (1, 0, 0));
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(error_code(&evs), Some("model_unavailable"), "{evs:?}");
     assert_eq!(calls(&primary).await.len(), 1);
     assert_eq!(calls(&fallback).await.len(), 1, "no third call");
-    assert!(answers(&db, job.response_id).await.is_empty());
-    let (status, code, _) = response(&db, job.response_id).await;
+    assert!(answers(&db, job.response_id.into()).await.is_empty());
+    let (status, code, _) = response(&db, job.response_id.into()).await;
     assert_eq!(
         (status.as_str(), code.as_deref()),
         ("failed", Some("model_unavailable"))
@@ -597,12 +597,14 @@ async fn a_first_token_later_than_the_model_timeout_falls_back() {
     bus_for(&settings).enqueue(job.clone()).await.unwrap();
     drain(&db, &settings).await;
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(tokens(&evs), "in time", "{evs:?}");
     assert_eq!(calls(&primary).await.len(), 1);
     assert_eq!(calls(&fallback).await.len(), 1);
     assert_eq!(
-        answers(&db, job.response_id).await[0].model.as_deref(),
+        answers(&db, job.response_id.into()).await[0]
+            .model
+            .as_deref(),
         Some(via_litellm(&fallback).as_str())
     );
 }
@@ -636,11 +638,11 @@ async fn a_failure_after_tokens_is_an_error_without_fallback_or_answer() {
     let report = drain(&db, &settings).await;
     assert_eq!((report.completed, report.retried, report.dead), (1, 0, 0));
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(tokens(&evs), "alpha beta ");
     assert_eq!(error_code(&evs), Some("model_stream_failed"), "{evs:?}");
-    assert!(answers(&db, job.response_id).await.is_empty());
-    let (status, _, _) = response(&db, job.response_id).await;
+    assert!(answers(&db, job.response_id.into()).await.is_empty());
+    let (status, _, _) = response(&db, job.response_id.into()).await;
     assert_eq!(status, "failed");
     assert_eq!(upstream.client().requests(&primary).await.unwrap().len(), 1);
     assert!(
@@ -669,14 +671,14 @@ async fn a_redelivered_job_neither_calls_the_model_again_nor_stores_twice() {
     let bus: Bus = bus_for(&settings);
     let envelope: Envelope = bus.enqueue(job.clone()).await.unwrap();
     drain(&db, &settings).await;
-    let first = events(&settings, job.response_id).await;
+    let first = events(&settings, job.response_id.into()).await;
 
     // the same envelope again: nothing new happens
     bus.enqueue_envelope(&envelope).await.unwrap();
     drain(&db, &settings).await;
-    assert_eq!(events(&settings, job.response_id).await, first);
+    assert_eq!(events(&settings, job.response_id.into()).await, first);
     assert_eq!(calls(&primary).await.len(), 1);
-    assert_eq!(answers(&db, job.response_id).await.len(), 1);
+    assert_eq!(answers(&db, job.response_id.into()).await.len(), 1);
 
     // a run that crashed between its commit and its publish (nothing of the terminal event in
     // Redis: neither its entry nor its mark on the fence): the redelivery publishes
@@ -684,26 +686,26 @@ async fn a_redelivered_job_neither_calls_the_model_again_nor_stores_twice() {
     let hub_keys = jobs::events::EventKeys::new(&settings.redis.prefix);
     let mut conn = redis_handle(&settings).conn().await.unwrap();
     let _: i64 = redis::cmd("DEL")
-        .arg(hub_keys.replay(job.response_id))
-        .arg(hub_keys.fence(job.response_id))
+        .arg(hub_keys.replay(job.response_id.into()))
+        .arg(hub_keys.fence(job.response_id.into()))
         .query_async(&mut conn)
         .await
         .unwrap();
     bus.enqueue_envelope(&envelope).await.unwrap();
     drain(&db, &settings).await;
-    let again = events(&settings, job.response_id).await;
+    let again = events(&settings, job.response_id.into()).await;
     let Some(ResponseEvent::MessageCompleted { message, .. }) = again.last() else {
         panic!("{again:?}");
     };
     assert_eq!(message["content"], "once");
     assert_eq!(calls(&primary).await.len(), 1);
-    assert_eq!(answers(&db, job.response_id).await.len(), 1);
+    assert_eq!(answers(&db, job.response_id.into()).await.len(), 1);
 }
 
 /// The org's usage rows from yesterday on (a test may straddle midnight UTC).
 async fn usage_rows(db: &TestDb, org: Uuid) -> Vec<store::usage::Row> {
     let since = chrono::Utc::now().date_naive() - chrono::Days::new(1);
-    store::usage::report(&db.pool, Some(org), since)
+    store::usage::report(&db.pool, Some(org.into()), since)
         .await
         .unwrap()
 }
@@ -730,10 +732,10 @@ async fn a_completed_turn_records_its_usage_once_even_when_redelivered() {
     let envelope: Envelope = bus.enqueue(job.clone()).await.unwrap();
     drain(&db, &settings).await;
     assert!(matches!(
-        events(&settings, job.response_id).await.last(),
+        events(&settings, job.response_id.into()).await.last(),
         Some(ResponseEvent::MessageCompleted { .. })
     ));
-    let stored = answers(&db, job.response_id).await;
+    let stored = answers(&db, job.response_id.into()).await;
     assert_eq!(stored.len(), 1);
     let (prompt, completion) = (
         i64::from(stored[0].prompt_tokens.unwrap()),
@@ -743,7 +745,7 @@ async fn a_completed_turn_records_its_usage_once_even_when_redelivered() {
     assert_eq!(completion, 2);
     let once = usage_rows(&db, s.org).await;
     assert_eq!(once.len(), 1, "{once:?}");
-    assert_eq!(once[0].org_id, s.org);
+    assert_eq!(once[0].org_id, s.org.into());
     assert_eq!(
         once[0].model,
         via_litellm(&primary),
@@ -771,8 +773,8 @@ async fn a_completed_turn_records_its_usage_once_even_when_redelivered() {
     let keys = jobs::events::EventKeys::new(&settings.redis.prefix);
     let mut conn = redis_handle(&settings).conn().await.unwrap();
     let _: i64 = redis::cmd("DEL")
-        .arg(keys.replay(job.response_id))
-        .arg(keys.fence(job.response_id))
+        .arg(keys.replay(job.response_id.into()))
+        .arg(keys.fence(job.response_id.into()))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -792,10 +794,10 @@ async fn a_completed_turn_records_its_usage_once_even_when_redelivered() {
         2,
         "the stalled run called the model"
     );
-    let stored = answers(&db, job.response_id).await;
+    let stored = answers(&db, job.response_id.into()).await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].content, "one answer");
-    assert_eq!(response(&db, job.response_id).await.0, "completed");
+    assert_eq!(response(&db, job.response_id.into()).await.0, "completed");
     assert_eq!(usage_rows(&db, s.org).await, once, "counted once");
 
     // another turn of the same org on the same day adds to the same row
@@ -806,7 +808,7 @@ async fn a_completed_turn_records_its_usage_once_even_when_redelivered() {
     let second = turn(&db, &s, "and now?").await;
     bus.enqueue(second.clone()).await.unwrap();
     drain(&db, &settings).await;
-    let m = &answers(&db, second.response_id).await[0];
+    let m = &answers(&db, second.response_id.into()).await[0];
     let both = usage_rows(&db, s.org).await;
     let requests: i64 = both.iter().map(|r| r.requests).sum();
     let completion_sum: i64 = both.iter().map(|r| r.completion_tokens).sum();
@@ -859,7 +861,13 @@ async fn a_worker_killed_mid_answer_is_replaced_and_the_answer_restarts() {
     eventually(
         "A streamed a few tokens",
         Duration::from_secs(20),
-        || async { hub.replay(job.response_id, None).await.unwrap().len() >= 3 },
+        || async {
+            hub.replay(job.response_id.into(), None)
+                .await
+                .unwrap()
+                .len()
+                >= 3
+        },
     )
     .await;
     a.kill().unwrap(); // SIGKILL, mid-answer
@@ -870,7 +878,7 @@ async fn a_worker_killed_mid_answer_is_replaced_and_the_answer_restarts() {
     wait_for(&b_lines, "worker ready", Duration::from_secs(20));
     let evs = LiveHub::start(&settings)
         .await
-        .events(job.response_id, Duration::from_secs(40))
+        .events(job.response_id.into(), Duration::from_secs(40))
         .await;
     b.kill().ok();
     b.wait().ok();
@@ -903,10 +911,10 @@ async fn a_worker_killed_mid_answer_is_replaced_and_the_answer_restarts() {
         panic!("{evs:?}");
     };
     assert_eq!(message["content"], json!(full));
-    let stored = answers(&db, job.response_id).await;
+    let stored = answers(&db, job.response_id.into()).await;
     assert_eq!(stored.len(), 1, "exactly one assistant message");
     assert_eq!(stored[0].content, full);
-    let (status, _, starts) = response(&db, job.response_id).await;
+    let (status, _, starts) = response(&db, job.response_id.into()).await;
     assert_eq!((status.as_str(), starts), ("completed", 2));
     assert_eq!(calls(&primary).await.len(), 2);
     assert!(calls(&fallback).await.is_empty());
@@ -920,15 +928,15 @@ async fn a_job_that_can_never_run_ends_the_turn_with_an_error_before_dying() {
     let s = setup(&db).await;
     let (primary, _) = org_models(&db, &s).await;
     let mut job = turn(&db, &s, "hello").await;
-    job.message_id = Uuid::now_v7(); // not the message its response answers
+    job.message_id = Uuid::now_v7().into(); // not the message its response answers
     let bus = bus_for(&settings);
     bus.enqueue(job.clone()).await.unwrap();
     let report = drain(&db, &settings).await;
     assert_eq!(report.dead, 1, "an operator sees it: {report:?}");
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(error_code(&evs), Some("internal_error"), "{evs:?}");
-    let (status, code, _) = response(&db, job.response_id).await;
+    let (status, code, _) = response(&db, job.response_id.into()).await;
     assert_eq!(
         (status.as_str(), code.as_deref()),
         ("failed", Some("internal_error"))
@@ -954,7 +962,7 @@ async fn no_fallback_call_when_the_fallback_is_the_primary() {
     bus_for(&settings).enqueue(job.clone()).await.unwrap();
     drain(&db, &settings).await;
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(error_code(&evs), Some("model_unavailable"), "{evs:?}");
     assert_eq!(
         calls(&model).await.len(),
@@ -999,7 +1007,7 @@ async fn a_superseded_run_publishes_and_stores_nothing_more() {
     eventually(
         "the run streamed two tokens",
         Duration::from_secs(20),
-        || async { tokens(&replayed(&hub, job.response_id).await).len() >= "w1 w2 ".len() },
+        || async { tokens(&replayed(&hub, job.response_id.into()).await).len() >= "w1 w2 ".len() },
     )
     .await;
     // the takeover: run 2 holds the response (and its fence) now
@@ -1013,12 +1021,12 @@ async fn a_superseded_run_publishes_and_stores_nothing_more() {
     .unwrap();
     assert_eq!(run_no, 2);
     let publisher = jobs::events::EventPublisher::new(redis_handle(&settings), &settings.events);
-    assert_eq!(publisher.fence(job.response_id, 2).await.unwrap(), 2);
-    let seen = tokens(&replayed(&hub, job.response_id).await);
+    assert_eq!(publisher.fence(job.response_id.into(), 2).await.unwrap(), 2);
+    let seen = tokens(&replayed(&hub, job.response_id.into()).await);
 
     let report = run.await.unwrap().expect("the chat queue empties");
     assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
-    let after = replayed(&hub, job.response_id).await;
+    let after = replayed(&hub, job.response_id.into()).await;
     assert!(
         tokens(&after).len() <= seen.len() + "w10 ".len(),
         "at most the publish in flight at the takeover went out: {seen:?} then {after:?}"
@@ -1029,10 +1037,10 @@ async fn a_superseded_run_publishes_and_stores_nothing_more() {
         "the superseded run ended nothing: {after:?}"
     );
     assert!(
-        answers(&db, job.response_id).await.is_empty(),
+        answers(&db, job.response_id.into()).await.is_empty(),
         "no answer stored"
     );
-    let (status, code, _) = response(&db, job.response_id).await;
+    let (status, code, _) = response(&db, job.response_id.into()).await;
     assert_eq!((status.as_str(), code), ("running", None), "still run 2's");
     assert_eq!(calls_of(&upstream, &primary).await, 1);
 }
@@ -1077,7 +1085,7 @@ async fn rate_limit_waits_use_up_no_attempt() {
     bus_for(&settings).enqueue(job.clone()).await.unwrap();
     let report = drain(&db, &settings).await;
     assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(tokens(&evs), "patience", "{evs:?}");
     assert_eq!(calls(&primary).await.len(), 4);
     assert!(calls(&fallback).await.is_empty());
@@ -1182,12 +1190,12 @@ async fn a_response_that_keeps_losing_its_job_fails_once_with_an_error_event() {
         "{first:?}"
     );
     assert_eq!(reconciler.pass().await.responses_failed, 0, "once");
-    let (status, code, _) = response(&db, job.response_id).await;
+    let (status, code, _) = response(&db, job.response_id.into()).await;
     assert_eq!(
         (status.as_str(), code.as_deref()),
         ("failed", Some("internal_error"))
     );
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(evs.iter().filter(|e| e.is_terminal()).count(), 1, "{evs:?}");
     assert_eq!(error_code(&evs), Some("internal_error"));
 }

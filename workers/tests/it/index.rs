@@ -149,7 +149,7 @@ async fn user_and_assistant_messages_are_indexed_for_their_owner_only() {
     store::tenancy::insert_membership(&mut tx, org, user, store::Role::Member)
         .await
         .unwrap();
-    let conv = store::conversations::create(&mut tx, org, user, "Launch talk", None)
+    let conv = store::conversations::create(&mut tx, org.into(), user.into(), "Launch talk", None)
         .await
         .unwrap();
     let (question, response) = testkit::turns::start(&mut tx, conv.id, "when is launch?").await;
@@ -180,7 +180,7 @@ async fn user_and_assistant_messages_are_indexed_for_their_owner_only() {
     assert_eq!(rows[0].0, question.id);
     assert_eq!(rows[1].0, reply.id);
     for (_, owner, project, title, _) in &rows {
-        assert_eq!(*owner, Some(user));
+        assert_eq!(*owner, Some(Into::into(user)));
         assert_eq!(*project, None);
         assert!(title.starts_with("Launch talk ("), "{title}");
     }

@@ -52,14 +52,19 @@ async fn ctx(extra: &[(&str, &str)]) -> Ctx {
     let org = store::tenancy::insert_org(&mut c, "acme").await.unwrap().id;
     drop(c);
     let model = unique_model("mem");
-    conv::set_org_models(&db.pool, org, &via_litellm(&model), &via_litellm(&model))
-        .await
-        .unwrap();
+    conv::set_org_models(
+        &db.pool,
+        org.into(),
+        &via_litellm(&model),
+        &via_litellm(&model),
+    )
+    .await
+    .unwrap();
     Ctx {
         db,
         _redis: redis,
         settings,
-        org,
+        org: org.into(),
         model,
     }
 }
@@ -76,10 +81,10 @@ impl Ctx {
         .await
         .unwrap()
         .id;
-        store::tenancy::insert_membership(&mut c, self.org, user, role)
+        store::tenancy::insert_membership(&mut c, self.org.into(), user, role)
             .await
             .unwrap();
-        user
+        user.into()
     }
 
     async fn conversation(&self, user: Uuid) -> Uuid {
@@ -96,11 +101,11 @@ impl Ctx {
         let (message, response) = testkit::turns::start(&mut tx, conversation, content).await;
         tx.commit().await.unwrap();
         Chat {
-            conversation_id: conversation,
-            message_id: message.id,
-            response_id: response.id,
-            user_id: user,
-            org_id: self.org,
+            conversation_id: conversation.into(),
+            message_id: message.id.into(),
+            response_id: response.id.into(),
+            user_id: user.into(),
+            org_id: self.org.into(),
         }
     }
 
@@ -121,7 +126,7 @@ impl Ctx {
         let mut tx = self.db.pool.begin().await.unwrap();
         let (m, _) = testkit::turns::answer(
             &mut tx,
-            job.response_id,
+            job.response_id.into(),
             &Answer {
                 content: a,
                 model: "earlier",
@@ -226,8 +231,8 @@ impl Ctx {
         let p = store::projects::insert_project(
             &mut conn,
             &store::projects::NewProject {
-                org_id: self.org,
-                created_by: owner,
+                org_id: self.org.into(),
+                created_by: owner.into(),
                 name: "Apollo",
                 description: "",
                 visibility: store::Visibility::Private,
@@ -237,7 +242,7 @@ impl Ctx {
         .await
         .unwrap()
         .id;
-        store::projects::add_member(&mut conn, self.org, p, u)
+        store::projects::add_member(&mut conn, self.org.into(), p, u.into())
             .await
             .unwrap();
         drop(conn);
@@ -247,7 +252,7 @@ impl Ctx {
         let mut tx = self.db.pool.begin().await.unwrap();
         let (a1, _) = testkit::turns::answer(
             &mut tx,
-            job.response_id,
+            job.response_id.into(),
             &Answer {
                 content: "The plan is PLANX.",
                 model: "earlier",
@@ -268,7 +273,7 @@ impl Ctx {
         tx.commit().await.unwrap();
         self.past_turn(u, conversation, "q2", "a2").await;
         self.past_turn(u, conversation, "q3", "a3").await;
-        (p, conversation, a1.seq)
+        (p.into(), conversation, a1.seq)
     }
 
     async fn seq_of(&self, content: &str) -> i64 {
@@ -326,7 +331,7 @@ async fn prompts_hold_the_summary_and_exactly_the_last_n_messages_and_turns_enqu
         .unwrap();
     bus_for(&c.settings)
         .enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -422,7 +427,7 @@ async fn concurrent_summarize_jobs_fold_each_message_once() {
     let bus = bus_for(&c.settings);
     for _ in 0..3 {
         bus.enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -474,7 +479,7 @@ async fn concurrent_summarize_jobs_fold_each_message_once() {
         .unwrap();
     for _ in 0..2 {
         bus.enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -518,7 +523,7 @@ async fn a_users_memories_never_reach_another_users_prompt() {
         .unwrap()
         .id;
     drop(conn);
-    c.add(Owner::org(other), &format!("OTHER-ORG-{marker}"))
+    c.add(Owner::org(other.into()), &format!("OTHER-ORG-{marker}"))
         .await;
 
     let cv = c.conversation(v).await;
@@ -545,8 +550,8 @@ async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_projec
     let project = store::projects::insert_project(
         &mut conn,
         &store::projects::NewProject {
-            org_id: c.org,
-            created_by: owner,
+            org_id: c.org.into(),
+            created_by: owner.into(),
             name: "Apollo",
             description: "",
             visibility: store::Visibility::Private,
@@ -556,13 +561,16 @@ async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_projec
     .await
     .unwrap()
     .id;
-    store::projects::add_member(&mut conn, c.org, project, u)
+    store::projects::add_member(&mut conn, c.org.into(), project, u.into())
         .await
         .unwrap();
     drop(conn);
     let marker = Uuid::new_v4().simple().to_string();
-    c.add(Owner::project(c.org, project), &format!("APOLLO-{marker}"))
-        .await;
+    c.add(
+        Owner::project(c.org, project.into()),
+        &format!("APOLLO-{marker}"),
+    )
+    .await;
     let conversation = c.conversation(u).await;
 
     let job = c.turn(u, conversation, "status?").await;
@@ -574,8 +582,8 @@ async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_projec
     let other = store::projects::insert_project(
         &mut conn,
         &store::projects::NewProject {
-            org_id: c.org,
-            created_by: owner,
+            org_id: c.org.into(),
+            created_by: owner.into(),
             name: "Gemini",
             description: "",
             visibility: store::Visibility::Org,
@@ -585,7 +593,7 @@ async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_projec
     .await
     .unwrap()
     .id;
-    let narrowed = conv::create(&mut conn, c.org, u, "gemini only", Some(&[other]))
+    let narrowed = conv::create(&mut conn, c.org, u, "gemini only", Some(&[other.into()]))
         .await
         .unwrap()
         .id;
@@ -596,7 +604,7 @@ async fn project_memories_vanish_from_the_prompt_once_the_user_leaves_the_projec
 
     let mut conn = c.db.pool.acquire().await.unwrap();
     assert!(
-        store::projects::remove_member(&mut conn, project, u)
+        store::projects::remove_member(&mut conn, project, u.into())
             .await
             .unwrap()
     );
@@ -655,10 +663,10 @@ async fn remember(c: &Ctx, user: Uuid, conversation: Uuid, answer: Uuid, reply: 
         .unwrap();
     bus_for(&c.settings)
         .enqueue(Remember {
-            conversation_id: conversation,
-            message_id: answer,
-            user_id: user,
-            org_id: c.org,
+            conversation_id: conversation.into(),
+            message_id: answer.into(),
+            user_id: user.into(),
+            org_id: c.org.into(),
         })
         .await
         .unwrap();
@@ -672,8 +680,8 @@ async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_de
     let (owner, u) = (c.user(Role::Owner).await, c.user(Role::Member).await);
     let mut conn = c.db.pool.acquire().await.unwrap();
     let project = |name: &'static str| store::projects::NewProject {
-        org_id: c.org,
-        created_by: owner,
+        org_id: c.org.into(),
+        created_by: owner.into(),
         name,
         description: "",
         visibility: store::Visibility::Private,
@@ -687,7 +695,7 @@ async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_de
         .await
         .unwrap()
         .id;
-    store::projects::add_member(&mut conn, c.org, visible, u)
+    store::projects::add_member(&mut conn, c.org.into(), visible, u.into())
         .await
         .unwrap();
     drop(conn);
@@ -726,7 +734,7 @@ async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_de
         [
             (
                 "project".into(),
-                Some(visible),
+                Some(visible.into()),
                 None,
                 "Seen ships weekly".into()
             ),
@@ -737,10 +745,10 @@ async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_de
     let before = c.calls().await.len();
     bus_for(&c.settings)
         .enqueue(Remember {
-            conversation_id: conversation,
-            message_id: a1,
-            user_id: u,
-            org_id: c.org,
+            conversation_id: conversation.into(),
+            message_id: a1.into(),
+            user_id: u.into(),
+            org_id: c.org.into(),
         })
         .await
         .unwrap();
@@ -780,7 +788,7 @@ async fn a_rate_limited_summarize_waits_and_then_folds() {
         .unwrap();
     bus_for(&c.settings)
         .enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -815,7 +823,7 @@ async fn a_long_backlog_is_folded_over_several_runs() {
         .unwrap();
     bus_for(&c.settings)
         .enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -855,7 +863,7 @@ async fn a_summarize_run_holds_no_connection_across_its_model_call() {
     let worker = Worker::new(bus_for(&c.settings), registry, opts);
     bus_for(&c.settings)
         .enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -889,7 +897,7 @@ async fn a_run_that_finds_the_summary_busy_is_taken_over_by_the_running_one() {
         .unwrap();
     let bus = bus_for(&c.settings);
     let job = Summarize {
-        conversation_id: conversation,
+        conversation_id: conversation.into(),
     };
     bus.enqueue(job.clone()).await.unwrap();
     let worker = c.worker(vec![Queue::Memory], 2);
@@ -940,7 +948,7 @@ async fn a_summary_that_drew_on_a_lost_project_is_withheld_and_rebuilt_without_i
 
     // removed from the project: withheld, reset, and rebuilt without the answer that drew on it
     let mut conn = c.db.pool.acquire().await.unwrap();
-    store::projects::remove_member(&mut conn, p, u)
+    store::projects::remove_member(&mut conn, p.into(), u.into())
         .await
         .unwrap();
     drop(conn);
@@ -1000,7 +1008,7 @@ async fn a_fold_whose_source_is_lost_during_the_model_call_is_withheld_afterward
         .unwrap();
     bus_for(&c.settings)
         .enqueue(Summarize {
-            conversation_id: conversation,
+            conversation_id: conversation.into(),
         })
         .await
         .unwrap();
@@ -1010,7 +1018,7 @@ async fn a_fold_whose_source_is_lost_during_the_model_call_is_withheld_afterward
     assert!(c.calls().await[0].body.to_string().contains("PLANX"));
     // meanwhile the user leaves the project
     let mut conn = c.db.pool.acquire().await.unwrap();
-    store::projects::remove_member(&mut conn, p, u)
+    store::projects::remove_member(&mut conn, p.into(), u.into())
         .await
         .unwrap();
     drop(conn);
@@ -1041,8 +1049,8 @@ async fn a_member_filling_a_full_project_evicts_their_own_facts() {
     let p = store::projects::insert_project(
         &mut conn,
         &store::projects::NewProject {
-            org_id: c.org,
-            created_by: owner,
+            org_id: c.org.into(),
+            created_by: owner.into(),
             name: "Apollo",
             description: "",
             visibility: store::Visibility::Org,

@@ -92,11 +92,11 @@ impl Ctx {
         let (message, response) = testkit::turns::start(&mut tx, conversation, question).await;
         tx.commit().await.unwrap();
         let job = Chat {
-            conversation_id: conversation,
-            message_id: message.id,
-            response_id: response.id,
-            user_id: user,
-            org_id: org.0,
+            conversation_id: conversation.into(),
+            message_id: message.id.into(),
+            response_id: response.id.into(),
+            user_id: user.into(),
+            org_id: org.0.into(),
         };
         let before = FakeClient::shared().requests(org.1).await.unwrap().len();
         bus_for(&self.settings).enqueue(job.clone()).await.unwrap();
@@ -250,7 +250,7 @@ async fn a_private_chunk_reaches_members_only_and_stops_at_removal_and_deletion(
     assert!(prompt.contains(&theirs), "but its own data: {prompt}");
 
     // removed from the project: the very next turn no longer gets it (no re-index ran)
-    store::projects::remove_member(&mut c, private, alice)
+    store::projects::remove_member(&mut c, private.into(), alice.into())
         .await
         .unwrap();
     let (prompt, citations) = ctx.ask((org, &chat), alice, alice_conv, question).await;
@@ -258,7 +258,7 @@ async fn a_private_chunk_reaches_members_only_and_stops_at_removal_and_deletion(
     assert_eq!(citations, json!([]));
 
     // back in: it returns; then the document is deleted (rows still there): gone again
-    store::projects::add_member(&mut c, org, private, alice)
+    store::projects::add_member(&mut c, org.into(), private.into(), alice.into())
         .await
         .unwrap();
     let (prompt, _) = ctx.ask((org, &chat), alice, alice_conv, question).await;
@@ -281,11 +281,11 @@ async fn restricted_documents_owned_messages_and_narrowed_conversations() {
     let alice = fx::user(&mut c, org, Role::Member).await;
     let bob = fx::user(&mut c, org, Role::Member).await;
     let carol = fx::user(&mut c, org, Role::Member).await;
-    let team = store::tenancy::insert_team(&mut c, org, "core")
+    let team = store::tenancy::insert_team(&mut c, org.into(), "core")
         .await
         .unwrap()
         .id;
-    store::tenancy::add_team_member(&ctx.db.pool, org, team, carol)
+    store::tenancy::add_team_member(&ctx.db.pool, org.into(), team, carol.into())
         .await
         .unwrap();
     let open = fx::project(&mut c, org, owner, Visibility::Org, None).await;
@@ -307,7 +307,7 @@ async fn restricted_documents_owned_messages_and_narrowed_conversations() {
         &model,
         384,
     );
-    restricted.allowed_user_ids = vec![alice];
+    restricted.allowed_user_ids = vec![alice.into()];
     restricted.allowed_team_ids = vec![team];
     // an earlier conversation message of alice's
     let q2 = "which hotel did we book for the offsite";
@@ -390,7 +390,7 @@ async fn restricted_documents_owned_messages_and_narrowed_conversations() {
             .contains(&bands),
         "not even the org owner"
     );
-    store::tenancy::remove_team_member(&ctx.db.pool, org, team, carol)
+    store::tenancy::remove_team_member(&ctx.db.pool, org.into(), team, carol.into())
         .await
         .unwrap();
     assert!(
@@ -519,11 +519,11 @@ async fn a_turn_embeds_its_question_once_and_not_while_its_model_cools_down() {
     tx.commit().await.unwrap();
     bus_for(&ctx.settings)
         .enqueue(Chat {
-            conversation_id: conversation,
-            message_id: message.id,
-            response_id: response.id,
-            user_id: alice,
-            org_id: org,
+            conversation_id: conversation.into(),
+            message_id: message.id.into(),
+            response_id: response.id.into(),
+            user_id: alice.into(),
+            org_id: org.into(),
         })
         .await
         .unwrap();

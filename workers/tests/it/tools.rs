@@ -44,10 +44,10 @@ async fn user(c: &mut sqlx::PgConnection, org: Uuid, name: &str, role: Role) -> 
     .await
     .unwrap()
     .id;
-    store::tenancy::insert_membership(c, org, id, role)
+    store::tenancy::insert_membership(c, org.into(), id, role)
         .await
         .unwrap();
-    id
+    id.into()
 }
 
 async fn project(
@@ -60,8 +60,8 @@ async fn project(
     store::projects::insert_project(
         c,
         &store::projects::NewProject {
-            org_id: org,
-            created_by: by,
+            org_id: org.into(),
+            created_by: by.into(),
             name,
             description: "",
             visibility,
@@ -71,15 +71,16 @@ async fn project(
     .await
     .unwrap()
     .id
+    .into()
 }
 
 async fn task(c: &mut sqlx::PgConnection, org: Uuid, project: Uuid, by: Uuid, title: &str) -> Uuid {
     store::tasks::insert_task(
         c,
         &store::tasks::NewTask {
-            org_id: org,
-            project_id: project,
-            created_by: by,
+            org_id: org.into(),
+            project_id: project.into(),
+            created_by: by.into(),
             title,
             description: "",
             status: TaskStatus::Todo,
@@ -89,27 +90,40 @@ async fn task(c: &mut sqlx::PgConnection, org: Uuid, project: Uuid, by: Uuid, ti
     .await
     .unwrap()
     .id
+    .into()
 }
 
 async fn world(db: &TestDb) -> World {
     let mut c = db.pool.acquire().await.unwrap();
     let org = store::tenancy::insert_org(&mut c, "acme").await.unwrap().id;
-    let user = user(&mut c, org, "Uma", Role::Member).await;
-    let admin = user_admin(&mut c, org).await;
-    let open = project(&mut c, org, admin, "Apollo launch", Visibility::Org).await;
-    let hidden = project(&mut c, org, admin, "Zeus secret", Visibility::Private).await;
-    let open_task = task(&mut c, org, open, admin, "Visible alpha checklist").await;
-    let hidden_task = task(&mut c, org, hidden, admin, "Hidden beta checklist").await;
-    let conversation = conv::create(&mut c, org, user, "work", None)
+    let user = user(&mut c, org.into(), "Uma", Role::Member).await;
+    let admin = user_admin(&mut c, org.into()).await;
+    let open = project(&mut c, org.into(), admin, "Apollo launch", Visibility::Org).await;
+    let hidden = project(
+        &mut c,
+        org.into(),
+        admin,
+        "Zeus secret",
+        Visibility::Private,
+    )
+    .await;
+    let open_task = task(&mut c, org.into(), open, admin, "Visible alpha checklist").await;
+    let hidden_task = task(&mut c, org.into(), hidden, admin, "Hidden beta checklist").await;
+    let conversation = conv::create(&mut c, org.into(), user, "work", None)
         .await
         .unwrap()
         .id;
     let model = unique_model("tools");
-    conv::set_org_models(&db.pool, org, &via_litellm(&model), &via_litellm(&model))
-        .await
-        .unwrap();
+    conv::set_org_models(
+        &db.pool,
+        org.into(),
+        &via_litellm(&model),
+        &via_litellm(&model),
+    )
+    .await
+    .unwrap();
     World {
-        org,
+        org: org.into(),
         user,
         admin,
         conversation,
@@ -130,11 +144,11 @@ async fn turn(db: &TestDb, w: &World, content: &str) -> Chat {
     let (message, response) = testkit::turns::start(&mut tx, w.conversation, content).await;
     tx.commit().await.unwrap();
     Chat {
-        conversation_id: w.conversation,
-        message_id: message.id,
-        response_id: response.id,
-        user_id: w.user,
-        org_id: w.org,
+        conversation_id: w.conversation.into(),
+        message_id: message.id.into(),
+        response_id: response.id.into(),
+        user_id: w.user.into(),
+        org_id: w.org.into(),
     }
 }
 
@@ -307,7 +321,7 @@ async fn read_tool_results_reach_the_next_model_call_with_only_visible_data() {
     assert_eq!(roles[..3], ["system", "user", "assistant"]);
     assert!(roles[3..].iter().all(|r| *r == "tool"));
 
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     assert_eq!(answer(&evs), "You have one visible checklist.");
     assert!(
         !evs.iter()
@@ -398,7 +412,7 @@ async fn invalid_tool_arguments_go_back_to_the_model_and_are_never_executed() {
         .unwrap();
     assert_eq!(title, "Visible alpha checklist");
     assert_eq!(
-        answer(&events(&settings, job.response_id).await),
+        answer(&events(&settings, job.response_id.into()).await),
         "Sorry, I could not do that."
     );
 }
@@ -430,9 +444,10 @@ async fn propose_create(db: &TestDb, settings: &config::Settings, w: &World) -> 
 
 async fn confirm(db: &TestDb, w: &World, action: Uuid) -> (actions::Action, conv::Response) {
     let mut tx = db.pool.begin().await.unwrap();
-    let Decision::Done(done) = actions::confirm(&mut tx, w.user, action, Uuid::now_v7())
-        .await
-        .unwrap()
+    let Decision::Done(done) =
+        actions::confirm(&mut tx, w.user.into(), action.into(), Uuid::now_v7().into())
+            .await
+            .unwrap()
     else {
         panic!("not confirmed");
     };
@@ -449,7 +464,7 @@ async fn a_write_proposal_creates_nothing_until_confirmed_then_runs_exactly_once
     let (job, action_id) = propose_create(&db, &settings, &w).await;
 
     // proposed: announced, asked for, nothing written
-    let evs = events(&settings, job.response_id).await;
+    let evs = events(&settings, job.response_id.into()).await;
     let proposed: Vec<&Value> = evs
         .iter()
         .filter_map(|e| match e {
@@ -490,12 +505,14 @@ async fn a_write_proposal_creates_nothing_until_confirmed_then_runs_exactly_once
     assert_eq!(action.status, "confirmed");
     let mut tx = db.pool.begin().await.unwrap();
     assert!(matches!(
-        actions::confirm(&mut tx, w.user, action_id, Uuid::now_v7()).await.unwrap(),
+        actions::confirm(&mut tx, w.user.into(), action_id.into(), Uuid::now_v7().into()).await.unwrap(),
         Decision::NotPending(s) if s == "confirmed"
     ));
     drop(tx);
     script(&w, vec![Behaviour::reply("Done: the task is created.")]).await;
-    let env = Envelope::new(ExecuteAction { action_id });
+    let env = Envelope::new(ExecuteAction {
+        action_id: action_id.into(),
+    });
     let bus = bus_for(&settings);
     bus.enqueue_envelope(&env).await.unwrap();
     bus.enqueue_envelope(&env).await.unwrap();
@@ -533,7 +550,7 @@ async fn a_write_proposal_creates_nothing_until_confirmed_then_runs_exactly_once
     let reqs = requests(&w).await;
     assert_eq!(reqs.len(), 2, "one continuation call");
     let results = tool_results(&reqs[1]);
-    let decided = &results[&actions::decision_call_id(action_id)];
+    let decided = &results[&actions::decision_call_id(action_id.into())];
     assert_eq!(decided["status"], "executed");
     assert_eq!(decided["task"]["title"], "Write the launch docs");
     assert_eq!(results["w1"]["status"], "pending_confirmation");
@@ -555,9 +572,14 @@ async fn concurrent_confirms_have_one_winner_and_execute_once() {
         let user = w.user;
         async move {
             let mut tx = pool.begin().await.unwrap();
-            let d = actions::confirm(&mut tx, user, action_id, Uuid::now_v7())
-                .await
-                .unwrap();
+            let d = actions::confirm(
+                &mut tx,
+                user.into(),
+                action_id.into(),
+                Uuid::now_v7().into(),
+            )
+            .await
+            .unwrap();
             tx.commit().await.unwrap();
             matches!(d, Decision::Done(_))
         }
@@ -576,7 +598,11 @@ async fn concurrent_confirms_have_one_winner_and_execute_once() {
     script(&w, vec![Behaviour::reply("ok")]).await;
     let bus = bus_for(&settings);
     for _ in 0..3 {
-        bus.enqueue(ExecuteAction { action_id }).await.unwrap();
+        bus.enqueue(ExecuteAction {
+            action_id: action_id.into(),
+        })
+        .await
+        .unwrap();
     }
     drain(&db, &settings).await;
     assert_eq!(count(&db, "SELECT count(*) FROM tasks").await, 3);
@@ -599,7 +625,7 @@ async fn a_proposal_confirmed_after_the_user_lost_access_fails_and_writes_nothin
     let w = world(&db).await;
     // the user may see the private project for now
     let mut c = db.pool.acquire().await.unwrap();
-    store::projects::add_member(&mut c, w.org, w.hidden, w.user)
+    store::projects::add_member(&mut c, w.org.into(), w.hidden.into(), w.user.into())
         .await
         .unwrap();
     drop(c);
@@ -635,13 +661,15 @@ async fn a_proposal_confirmed_after_the_user_lost_access_fails_and_writes_nothin
 
     let (_, continuation) = confirm(&db, &w, action_id).await;
     let mut c = db.pool.acquire().await.unwrap();
-    store::projects::remove_member(&mut c, w.hidden, w.user)
+    store::projects::remove_member(&mut c, w.hidden.into(), w.user.into())
         .await
         .unwrap();
     drop(c);
     script(&w, vec![Behaviour::reply("That change could not be made.")]).await;
     bus_for(&settings)
-        .enqueue(ExecuteAction { action_id })
+        .enqueue(ExecuteAction {
+            action_id: action_id.into(),
+        })
         .await
         .unwrap();
     let report = drain(&db, &settings).await;
@@ -666,7 +694,7 @@ async fn a_proposal_confirmed_after_the_user_lost_access_fails_and_writes_nothin
         "That change could not be made."
     );
     let reqs = requests(&w).await;
-    let decided = &tool_results(reqs.last().unwrap())[&actions::decision_call_id(action_id)];
+    let decided = &tool_results(reqs.last().unwrap())[&actions::decision_call_id(action_id.into())];
     assert_eq!(decided["status"], "failed");
 }
 
@@ -681,14 +709,17 @@ async fn reject_and_expiry_write_nothing() {
 
     // rejected: the model will be told, nothing else happens
     let mut tx = db.pool.begin().await.unwrap();
-    let Decision::Done(rejected) = actions::reject(&mut tx, w.user, first).await.unwrap() else {
+    let Decision::Done(rejected) = actions::reject(&mut tx, w.user.into(), first.into())
+        .await
+        .unwrap()
+    else {
         panic!("not rejected");
     };
     tx.commit().await.unwrap();
     assert_eq!(rejected.status, "rejected");
     let mut tx = db.pool.begin().await.unwrap();
     assert!(matches!(
-        actions::confirm(&mut tx, w.user, first, Uuid::now_v7()).await.unwrap(),
+        actions::confirm(&mut tx, w.user.into(), first.into(), Uuid::now_v7().into()).await.unwrap(),
         Decision::NotPending(s) if s == "rejected"
     ));
     drop(tx);
@@ -703,7 +734,7 @@ async fn reject_and_expiry_write_nothing() {
     .unwrap();
     let mut c = db.pool.acquire().await.unwrap();
     assert_eq!(
-        actions::get_own(&mut c, w.user, second)
+        actions::get_own(&mut c, w.user.into(), second.into())
             .await
             .unwrap()
             .unwrap()
@@ -713,7 +744,7 @@ async fn reject_and_expiry_write_nothing() {
     drop(c);
     let mut tx = db.pool.begin().await.unwrap();
     assert!(matches!(
-        actions::confirm(&mut tx, w.user, second, Uuid::now_v7()).await.unwrap(),
+        actions::confirm(&mut tx, w.user.into(), second.into(), Uuid::now_v7().into()).await.unwrap(),
         Decision::NotPending(s) if s == "expired"
     ));
     drop(tx);
@@ -726,7 +757,11 @@ async fn reject_and_expiry_write_nothing() {
 
     // an execution job for either (say, a forged or stale one) writes nothing
     for action_id in [first, second] {
-        bus.enqueue(ExecuteAction { action_id }).await.unwrap();
+        bus.enqueue(ExecuteAction {
+            action_id: action_id.into(),
+        })
+        .await
+        .unwrap();
     }
     drain(&db, &settings).await;
     assert_eq!(count(&db, "SELECT count(*) FROM tasks").await, 2);
@@ -745,7 +780,7 @@ async fn reject_and_expiry_write_nothing() {
     let reqs = requests(&w).await;
     let results = tool_results(reqs.last().unwrap());
     assert_eq!(
-        results[&actions::decision_call_id(first)]["status"],
+        results[&actions::decision_call_id(first.into())]["status"],
         "rejected"
     );
 }
@@ -773,8 +808,8 @@ async fn a_restarted_turn_neither_repeats_a_round_nor_proposes_twice() {
         .await
         .unwrap();
     let _: i64 = redis::cmd("DEL")
-        .arg(keys.replay(job.response_id))
-        .arg(keys.fence(job.response_id))
+        .arg(keys.replay(job.response_id.into()))
+        .arg(keys.fence(job.response_id.into()))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -802,7 +837,7 @@ async fn a_restarted_turn_neither_repeats_a_round_nor_proposes_twice() {
         2
     );
     let mut c = db.pool.acquire().await.unwrap();
-    let m = conv::answer_of(&mut c, job.response_id)
+    let m = conv::answer_of(&mut c, job.response_id.into())
         .await
         .unwrap()
         .unwrap();
@@ -831,7 +866,7 @@ async fn tool_rounds_are_bounded_and_the_last_call_offers_no_tools() {
         "no tools after the last round"
     );
     assert_eq!(
-        answer(&events(&settings, job.response_id).await),
+        answer(&events(&settings, job.response_id.into()).await),
         workers::tools::rounds::ROUND_LIMIT_MESSAGE
     );
     assert_eq!(
@@ -954,7 +989,9 @@ async fn a_confirmed_update_changes_the_task_once_and_is_audited_with_before_and
 
     confirm(&db, &w, action_id).await;
     script(&w, vec![Behaviour::reply("It is yours now.")]).await;
-    let env = Envelope::new(ExecuteAction { action_id });
+    let env = Envelope::new(ExecuteAction {
+        action_id: action_id.into(),
+    });
     let bus = bus_for(&settings);
     bus.enqueue_envelope(&env).await.unwrap();
     drain(&db, &settings).await;
@@ -1046,7 +1083,7 @@ async fn a_round_is_stored_once_per_response_even_by_two_runs() {
     let calls = json!([{"id": "c1", "type": "function", "function": {"name": "list_projects", "arguments": "{}"}}]);
     let results = vec![("c1".to_owned(), "{}".to_owned())];
     let round = actions::Round {
-        conversation_id: w.conversation,
+        conversation_id: w.conversation.into(),
         response_id: job.response_id,
         round: 1,
         content: "",
@@ -1085,9 +1122,9 @@ async fn the_scheduler_process_expires_pending_proposals() {
     let (action, _) = actions::insert_proposal(
         &mut tx,
         &actions::NewProposal {
-            org_id: w.org,
-            conversation_id: w.conversation,
-            user_id: w.user,
+            org_id: w.org.into(),
+            conversation_id: w.conversation.into(),
+            user_id: w.user.into(),
             response_id: job.response_id,
             tool_call_id: "c1",
             tool: "create_task",
@@ -1224,11 +1261,14 @@ async fn a_continuation_waiting_out_a_long_cooldown_runs_once() {
     let w = world(&db).await;
     let (_, action_id) = propose_create(&db, &settings, &w).await;
     let calls_before = requests(&w).await.len();
-    let exec = Envelope::new(ExecuteAction { action_id });
+    let exec = Envelope::new(ExecuteAction {
+        action_id: action_id.into(),
+    });
     let mut tx = db.pool.begin().await.unwrap();
-    let Decision::Done((_, continuation)) = actions::confirm(&mut tx, w.user, action_id, exec.id)
-        .await
-        .unwrap()
+    let Decision::Done((_, continuation)) =
+        actions::confirm(&mut tx, w.user.into(), action_id.into(), exec.id.into())
+            .await
+            .unwrap()
     else {
         panic!("not confirmed");
     };
@@ -1318,7 +1358,7 @@ async fn a_proposal_names_its_project_in_the_answers_provenance() {
     let settings = test_settings(&db, &redis, &[]);
     let w = world(&db).await;
     let mut c = db.pool.acquire().await.unwrap();
-    store::projects::add_member(&mut c, w.org, w.hidden, w.user)
+    store::projects::add_member(&mut c, w.org.into(), w.hidden.into(), w.user.into())
         .await
         .unwrap();
     drop(c);

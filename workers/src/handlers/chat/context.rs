@@ -101,7 +101,7 @@ impl ContextLoader {
                 responses::take(
                     &mut conn,
                     &responses::JobTurn {
-                        job_id: ctx.id,
+                        job_id: ctx.id.into(),
                         user_id: job.user_id,
                         org_id: job.org_id,
                         conversation_id: job.conversation_id,
@@ -114,8 +114,13 @@ impl ContextLoader {
             },
             async {
                 let mut conn = self.db.acquire().await?;
-                conv::recent_messages(&mut conn, job.conversation_id, job.message_id, recent_n)
-                    .await
+                conv::recent_messages(
+                    &mut conn,
+                    job.conversation_id.into(),
+                    job.message_id.into(),
+                    recent_n,
+                )
+                .await
             }
         )
     }
@@ -185,14 +190,14 @@ impl ContextLoader {
         let mut conn = self.db.acquire().await.map_err(db_error)?;
         if start.has_exchange {
             let (messages, rounds) =
-                store::actions::response_exchange(&mut conn, start.response.id)
+                store::actions::response_exchange(&mut conn, start.response.id.into())
                     .await
                     .map_err(db_error)?;
             own.messages = messages;
             own.rounds = u32::try_from(rounds).unwrap_or(0);
         }
         if start.has_proposals {
-            own.proposed = store::actions::list_for_response(&mut conn, start.response.id)
+            own.proposed = store::actions::list_for_response(&mut conn, start.response.id.into())
                 .await
                 .map_err(db_error)?;
         }

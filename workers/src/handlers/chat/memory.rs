@@ -54,14 +54,15 @@ impl ContextLoader {
         question: &Question,
     ) -> Result<MemoryContext, JobError> {
         let mut conn = self.db.acquire().await.map_err(db_error)?;
-        let start = store::memory::prompt_start(&mut conn, job.user_id, job.conversation_id)
-            .await
-            .map_err(db_error)?;
+        let start =
+            store::memory::prompt_start(&mut conn, job.user_id.into(), job.conversation_id.into())
+                .await
+                .map_err(db_error)?;
         if start.summary_hidden {
             // It drew on a source the user can no longer see (or outside the conversation's
             // narrowing): withheld, and rebuilt without it.
             self.follow_ups
-                .rebuild_summary(&mut conn, job.user_id, job.conversation_id)
+                .rebuild_summary(&mut conn, job.user_id.into(), job.conversation_id.into())
                 .await;
         }
         let summary = start.summary.filter(|s| !s.trim().is_empty());
@@ -79,8 +80,8 @@ impl ContextLoader {
         let mut conn = self.db.acquire().await.map_err(db_error)?;
         let entries = store::memory::for_prompt(
             &mut conn,
-            job.user_id,
-            job.conversation_id,
+            job.user_id.into(),
+            job.conversation_id.into(),
             query.map(|v| (model, v.as_slice())),
             CANDIDATES,
         )

@@ -34,18 +34,6 @@ use crate::ledger::Ledger;
 use crate::model::{ModelCaller, QueryEmbedder};
 use crate::tools::rounds::ToolRounds;
 
-/// Error codes of the `error` event (docs/ARCHITECTURE.md, "The chat turn (API side)").
-pub mod codes {
-    /// Rate limits lasted longer than `RATE_LIMIT_MAX_WAIT_SECS`.
-    pub const RATE_LIMITED: &str = "rate_limited";
-    /// The primary and the fallback both failed before the first token.
-    pub const MODEL_UNAVAILABLE: &str = "model_unavailable";
-    /// The model failed after tokens had reached the client.
-    pub const MODEL_STREAM_FAILED: &str = "model_stream_failed";
-    /// Our own infrastructure (database, Redis) kept failing until the last attempt.
-    pub const INTERNAL_ERROR: &str = "internal_error";
-}
-
 /// The `chat` handler; cheap to clone (one per job).
 #[derive(Clone)]
 pub struct ChatHandler {

@@ -9,10 +9,9 @@ use jobs::events::ResponseEvent;
 use jobs::kinds::Chat;
 use jobs::worker::HandlerResult;
 use store::conversations::{self as conv, Answer, Completion, Response};
-use store::responses;
+use store::{ErrorCode, responses};
 use uuid::Uuid;
 
-use super::codes;
 use super::context::TurnRecord;
 use crate::follow_ups::FollowUps;
 use crate::handlers::db_error;
@@ -88,7 +87,7 @@ impl Outcome {
             });
             store::usage::record(
                 &mut tx,
-                conversation.org_id,
+                conversation.org_id.into(),
                 &a.model,
                 prompt,
                 completion,
@@ -118,19 +117,25 @@ impl Outcome {
     /// Mark the response failed (only while this run holds it), then publish the `error`
     /// event. The job itself succeeded: the user has their answer (an error), nothing is
     /// retried.
-    pub async fn fail(&self, fence: &Fence, code: &str, message: &str) -> HandlerResult {
+    pub async fn fail(&self, fence: &Fence, code: ErrorCode, message: &str) -> HandlerResult {
         let mut conn = self.db.acquire().await.map_err(db_error)?;
-        let failed = responses::fail_run(&mut conn, fence.response_id, fence.run, code, message)
-            .await
-            .map_err(db_error)?;
+        let failed = responses::fail_run(
+            &mut conn,
+            fence.response_id.into(),
+            fence.run,
+            code,
+            message,
+        )
+        .await
+        .map_err(db_error)?;
         drop(conn);
         if !failed {
             fence.lost.cancel();
             return Ok(());
         }
-        let event = ResponseEvent::error(code.to_owned(), message.to_owned());
+        let event = ResponseEvent::error(code.to_string(), message.to_owned());
         self.ledger.publish_once(fence.response_id, &event).await?;
-        tracing::warn!(code, "the turn failed");
+        tracing::warn!(%code, "the turn failed");
         Ok(())
     }
 
@@ -143,8 +148,8 @@ impl Outcome {
             responses::fail_unfinished(
                 &mut conn,
                 job.response_id,
-                Some(job_id),
-                codes::INTERNAL_ERROR,
+                Some(job_id.into()),
+                ErrorCode::InternalError,
                 INTERNAL_MESSAGE,
             )
             .await
@@ -160,11 +165,15 @@ impl Outcome {
     /// The response of `job` as stored now, with its terminal event published if it finished.
     async fn finished(&self, job: &Chat) -> HandlerResult {
         let mut conn = self.db.acquire().await.map_err(db_error)?;
-        let response =
-            conv::get_response_own(&mut conn, job.user_id, job.conversation_id, job.response_id)
-                .await
-                .map_err(db_error)?
-                .ok_or_else(|| JobError::permanent("the response disappeared"))?;
+        let response = conv::get_response_own(
+            &mut conn,
+            job.user_id.into(),
+            job.conversation_id.into(),
+            job.response_id.into(),
+        )
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| JobError::permanent("the response disappeared"))?;
         drop(conn);
         self.publish_terminal(&response).await
     }
@@ -181,7 +190,9 @@ impl Outcome {
         let Some(outcome) = outcome else {
             return Ok(());
         };
-        let Some(event) = outcome.event(ResponseEvent::completed, ResponseEvent::error) else {
+        let Some(event) = outcome.event(ResponseEvent::completed, |code, message| {
+            ResponseEvent::error(code.to_string(), message)
+        }) else {
             return Err(JobError::permanent(
                 "a completed response without an answer",
             ));

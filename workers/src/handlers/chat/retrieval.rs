@@ -170,7 +170,7 @@ impl ContextLoader {
         let db = &self.db;
         let text = question.text();
         let embedding = self.question_embedding(question).await;
-        let exclude: Vec<uuid::Uuid> = recent.iter().map(|m| m.id).collect();
+        let exclude: Vec<store::MessageId> = recent.iter().map(|m| m.id.into()).collect();
         let mut conn = db
             .acquire()
             .await

@@ -9,11 +9,12 @@ use chrono::Utc;
 use jobs::kinds::Chat;
 use jobs::worker::HandlerResult;
 use jobs::{JobContext, JobError};
+use store::ErrorCode;
 use store::conversations::{Message, Response};
 use store::responses::{Take, TurnStart};
 
+use super::ChatHandler;
 use super::outcome::{RATE_LIMITED_MESSAGE, STREAM_FAILED_MESSAGE, UNAVAILABLE_MESSAGE};
-use super::{ChatHandler, codes};
 use crate::handlers::db_error;
 use crate::ledger::{Fence, Run};
 use crate::model::{Admission, CallOutcome, RateLimitDecision, metrics, rate_limit_decision};
@@ -47,12 +48,12 @@ impl ChatHandler {
                 "the response does not exist (or is not this user's)",
             ));
         };
-        if start.response.user_message_id != job.message_id {
+        if start.response.user_message_id != job.message_id.into_uuid() {
             return Err(JobError::permanent(
                 "the job names another message than the one its response answers",
             ));
         }
-        let run = match start.take(ctx.id) {
+        let run = match start.take(ctx.id.into()) {
             Take::Taken { run } => run,
             Take::Finished => {
                 tracing::info!(status = %start.response.status, "the response is already finished (redelivery)");
@@ -72,9 +73,9 @@ impl ChatHandler {
             }
         };
         tracing::Span::current().record("run", run);
-        let fence = Fence::new(job.response_id, run);
+        let fence = Fence::new(job.response_id.into(), run);
         // From here on only this run may publish this response's events.
-        let result = match ledger.fence(job.response_id, run).await {
+        let result = match ledger.fence(job.response_id.into(), run).await {
             Ok(r) if r > run => {
                 tracing::info!(newer = r, "a later run holds the fence; this one stops");
                 return Ok(());
@@ -111,7 +112,7 @@ impl ChatHandler {
         let parts = &self.parts;
         let response = start.response.clone();
         let recent = recent.map_err(db_error)?;
-        if recent.last().map(|m| m.id) != Some(job.message_id) {
+        if recent.last().map(|m| m.id) != Some(job.message_id.into()) {
             return Err(JobError::permanent(
                 "the user message of this turn is not in its conversation",
             ));
@@ -140,9 +141,9 @@ impl ChatHandler {
         let context = parts.context.load(job, &start, recent).await?;
         let mut tools = ToolTurn {
             ctx: ToolCtx {
-                user_id: job.user_id,
-                org_id: job.org_id,
-                conversation_id: job.conversation_id,
+                user_id: job.user_id.into(),
+                org_id: job.org_id.into(),
+                conversation_id: job.conversation_id.into(),
             },
             response_id: response.id,
             messages: context.messages,
@@ -177,7 +178,7 @@ impl ChatHandler {
                 CallOutcome::FailedAfterTokens => {
                     return parts
                         .outcome
-                        .fail(fence, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
+                        .fail(fence, ErrorCode::ModelStreamFailed, STREAM_FAILED_MESSAGE)
                         .await;
                 }
                 CallOutcome::FailedBeforeTokens(e) => Some(e),
@@ -189,7 +190,7 @@ impl ChatHandler {
             tracing::warn!(primary = %models.primary, kind = primary_error.as_ref().map(llm::LlmError::kind), "no fallback model; giving up");
             return parts
                 .outcome
-                .fail(fence, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
+                .fail(fence, ErrorCode::ModelUnavailable, UNAVAILABLE_MESSAGE)
                 .await;
         };
         // (admitted already when it is the model this run called first)
@@ -223,13 +224,13 @@ impl ChatHandler {
             CallOutcome::FailedAfterTokens => {
                 parts
                     .outcome
-                    .fail(fence, codes::MODEL_STREAM_FAILED, STREAM_FAILED_MESSAGE)
+                    .fail(fence, ErrorCode::ModelStreamFailed, STREAM_FAILED_MESSAGE)
                     .await
             }
             CallOutcome::FailedBeforeTokens(_) => {
                 parts
                     .outcome
-                    .fail(fence, codes::MODEL_UNAVAILABLE, UNAVAILABLE_MESSAGE)
+                    .fail(fence, ErrorCode::ModelUnavailable, UNAVAILABLE_MESSAGE)
                     .await
             }
         }
@@ -305,7 +306,7 @@ impl ChatHandler {
                 tracing::warn!(model, "rate limited past the maximum wait; giving up");
                 parts
                     .outcome
-                    .fail(fence, codes::RATE_LIMITED, RATE_LIMITED_MESSAGE)
+                    .fail(fence, ErrorCode::RateLimited, RATE_LIMITED_MESSAGE)
                     .await
             }
         }

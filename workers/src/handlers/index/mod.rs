@@ -259,7 +259,7 @@ impl Indexer {
     ) -> Result<Option<(PassReport, bool)>, IndexError> {
         let started = Instant::now();
         let mut tx = self.db.begin().await?;
-        let rows = store::outbox::claim(&mut tx, self.batch_sources, Uuid::new_v4()).await?;
+        let rows = store::outbox::claim(&mut tx, self.batch_sources, Uuid::new_v4().into()).await?;
         if rows.is_empty() {
             return Ok(None);
         }
@@ -363,7 +363,7 @@ impl Indexer {
                 if plan.kind == SourceKind::Document {
                     report.sources += 1;
                     done_ids.extend(&plan.outbox_ids);
-                    store::index::mark_document_failed(&mut tx, plan.id, FAILED_UNAVAILABLE)
+                    store::index::mark_document_failed(&mut tx, plan.id.into(), FAILED_UNAVAILABLE)
                         .await?;
                     report.documents_failed += 1;
                 }
@@ -446,8 +446,12 @@ impl Indexer {
             if outcome == store::outbox::FailOutcome::Dead {
                 report.sources_dead += 1;
                 if plan.kind == SourceKind::Document {
-                    store::index::mark_document_failed(&mut tx, plan.id, &failure.reason(attempts))
-                        .await?;
+                    store::index::mark_document_failed(
+                        &mut tx,
+                        plan.id.into(),
+                        &failure.reason(attempts),
+                    )
+                    .await?;
                     report.documents_failed += 1;
                 }
             }
@@ -519,7 +523,7 @@ impl Indexer {
             )
             .await?;
             if plan.kind == SourceKind::Document {
-                store::index::mark_document_indexed(&mut *conn, plan.id).await?;
+                store::index::mark_document_indexed(&mut *conn, plan.id.into()).await?;
             }
         }
         store::index::write_chunks(&mut *conn, &to_write).await?;

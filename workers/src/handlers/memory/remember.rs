@@ -175,12 +175,12 @@ pub enum Decided {
 /// The tier rule (code's, not the model's) for a fact the model filed under `project`, from an
 /// exchange whose answer has `provenance` (the user's own message draws on nothing).
 pub fn tier_of_project_fact(provenance: &Provenance, project: Uuid) -> Decided {
-    if provenance.project_fact_allowed(project) {
+    if provenance.project_fact_allowed(project.into()) {
         Decided::Project(provenance.clone())
     } else {
         let mut p = provenance.clone();
-        if !p.source_project_ids.contains(&project) {
-            p.source_project_ids.push(project);
+        if !p.source_project_ids.contains(&project.into()) {
+            p.source_project_ids.push(project.into());
             p.source_project_ids.sort();
         }
         Decided::Demoted(p)
@@ -196,31 +196,37 @@ impl MemoryHandlers {
     pub async fn remember(&self, ctx: JobContext, job: Remember) -> HandlerResult {
         let inner = &self.inner;
         let mut conn = inner.db.acquire().await.map_err(db_error)?;
-        let Some(conversation) = store::conversations::get(&mut conn, job.conversation_id)
+        let Some(conversation) = store::conversations::get(&mut conn, job.conversation_id.into())
             .await
             .map_err(db_error)?
         else {
             tracing::info!("the conversation is gone; nothing to remember");
             return Ok(());
         };
-        if conversation.user_id != job.user_id || conversation.org_id != job.org_id {
+        if conversation.user_id != job.user_id.into_uuid()
+            || conversation.org_id != job.org_id.into_uuid()
+        {
             return Err(JobError::permanent(
                 "the job names another user or org than the conversation's",
             ));
         }
-        if memory::extracted(&mut conn, job.message_id)
+        if memory::extracted(&mut conn, job.message_id.into())
             .await
             .map_err(db_error)?
         {
             metrics::counter!(EXTRACTIONS, "outcome" => "already_done").increment(1);
             return Ok(());
         }
-        let exchange =
-            store::conversations::recent_messages(&mut conn, conversation.id, job.message_id, 2)
-                .await
-                .map_err(db_error)?;
+        let exchange = store::conversations::recent_messages(
+            &mut conn,
+            conversation.id,
+            job.message_id.into(),
+            2,
+        )
+        .await
+        .map_err(db_error)?;
         match exchange.last() {
-            Some(m) if m.id == job.message_id && m.role == "assistant" => {}
+            Some(m) if m.id == job.message_id.into_uuid() && m.role == "assistant" => {}
             _ => {
                 return Err(JobError::permanent(
                     "the message to learn from is not an answer of this conversation",
@@ -262,7 +268,7 @@ impl MemoryHandlers {
 
         let mut tx = inner.db.begin().await.map_err(db_error)?;
         let count = i32::try_from(facts.len()).unwrap_or(i32::MAX);
-        if !memory::record_extraction(&mut tx, job.message_id, count)
+        if !memory::record_extraction(&mut tx, job.message_id.into(), count)
             .await
             .map_err(db_error)?
         {
@@ -364,8 +370,8 @@ mod tests {
             Decided::Project(plain.clone())
         );
         let restricted = Provenance {
-            source_project_ids: vec![p],
-            source_document_ids: vec![Uuid::now_v7()],
+            source_project_ids: vec![p.into()],
+            source_document_ids: vec![Uuid::now_v7().into()],
             narrow: true,
         };
         assert!(matches!(
@@ -373,12 +379,15 @@ mod tests {
             Decided::Demoted(_)
         ));
         let other = Provenance {
-            source_project_ids: vec![q],
+            source_project_ids: vec![q.into()],
             ..Provenance::default()
         };
         match tier_of_project_fact(&other, p) {
             Decided::Demoted(d) => {
-                assert!(d.source_project_ids.contains(&p) && d.source_project_ids.contains(&q))
+                assert!(
+                    d.source_project_ids.contains(&p.into())
+                        && d.source_project_ids.contains(&q.into())
+                )
             }
             d => panic!("{d:?}"),
         }

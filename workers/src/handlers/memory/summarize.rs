@@ -108,8 +108,12 @@ impl MemoryHandlers {
             || {
                 let keep_recent = i64::try_from(inner.recent_messages).unwrap_or(i64::MAX);
                 let threshold = i64::try_from(inner.memory.summarize_threshold).unwrap_or(i64::MAX);
-                match memory::unsummarized_beyond_window(conn, job.conversation_id, keep_recent)
-                    .await
+                match memory::unsummarized_beyond_window(
+                    conn,
+                    job.conversation_id.into(),
+                    keep_recent,
+                )
+                .await
                 {
                     Ok(backlog) => backlog >= threshold,
                     Err(e) => {
@@ -131,7 +135,7 @@ impl MemoryHandlers {
     pub async fn summarize(&self, ctx: JobContext, job: Summarize) -> HandlerResult {
         let inner = &self.inner;
         let mut conn = inner.db.acquire().await.map_err(db_error)?;
-        let Some(conversation) = store::conversations::get(&mut conn, job.conversation_id)
+        let Some(conversation) = store::conversations::get(&mut conn, job.conversation_id.into())
             .await
             .map_err(db_error)?
         else {

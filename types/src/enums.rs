@@ -1,5 +1,6 @@
-//! Text-backed enums shared by the store and its callers. The database keeps them as `text`
-//! with a CHECK constraint; these types make sure only the listed values go in or come out.
+//! Text-backed enums: closed sets stored as `text` (with a CHECK constraint where the database
+//! owns the set) and (de)serialised as the same lowercase names, so only the listed values go
+//! in or come out, and no caller compares the strings by hand.
 
 use std::fmt;
 use std::str::FromStr;
@@ -9,9 +10,8 @@ macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-        #[serde(rename_all = "snake_case")]
         pub enum $name {
-            $($(#[$vmeta])* $variant),+
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
         }
 
         impl $name {
@@ -134,5 +134,62 @@ impl ResponseStatus {
     /// Completed or failed: nothing runs it any more.
     pub fn is_finished(self) -> bool {
         matches!(self, ResponseStatus::Completed | ResponseStatus::Failed)
+    }
+}
+
+text_enum! {
+    /// Where a proposed action stands: `Pending → Confirmed → Executed | Failed`, or
+    /// `Pending → Rejected | Expired` (`store::actions`; a pending proposal past its expiry
+    /// reads as `Expired` before the sweep writes it down).
+    ActionStatus {
+        /// Waiting for the user's decision.
+        Pending => "pending",
+        /// Confirmed; an `execute_action` job runs it exactly once.
+        Confirmed => "confirmed",
+        /// Run: the write happened (`result`).
+        Executed => "executed",
+        /// Declined by the user.
+        Rejected => "rejected",
+        /// Not decided in time.
+        Expired => "expired",
+        /// Confirmed, but nothing was written (`failure_reason`).
+        Failed => "failed",
+    }
+}
+
+impl ActionStatus {
+    /// Executed or failed: the execution is over.
+    pub fn is_executed_or_failed(self) -> bool {
+        matches!(self, ActionStatus::Executed | ActionStatus::Failed)
+    }
+}
+
+text_enum! {
+    /// Where an uploaded document stands in indexing.
+    DocumentStatus {
+        /// Waiting for an index run.
+        Queued => "queued",
+        /// Its chunks are searchable.
+        Indexed => "indexed",
+        /// Indexing gave up on it (`failure_reason`).
+        Failed => "failed",
+    }
+}
+
+text_enum! {
+    /// The `code` of a response's `error` event (API.md "Conversations"), also stored as
+    /// `responses.error_code`.
+    ErrorCode {
+        /// Rate limits lasted longer than `RATE_LIMIT_MAX_WAIT_SECS`.
+        RateLimited => "rate_limited",
+        /// The primary and the fallback both failed before the first token.
+        ModelUnavailable => "model_unavailable",
+        /// The model failed after tokens had reached the client.
+        ModelStreamFailed => "model_stream_failed",
+        /// Our own infrastructure (database, Redis) kept failing until the last attempt, or
+        /// the response was lost.
+        InternalError => "internal_error",
+        /// The events of a finished response are no longer kept (and neither is its answer).
+        EventsExpired => "events_expired",
     }
 }
