@@ -68,7 +68,8 @@ progress_start() {
   local what=$1; shift
   local logf; logf="$SB_LOGS/$(echo "$what" | tr -c 'a-zA-Z0-9' '_' | cut -c1-60).log"
   log "$what (log: $logf)"
-  "$@" >"$logf" 2>&1 &
+  # In a session of its own, so that stopping it stops its children too (cargo's rustc).
+  setsid "$@" >"$logf" 2>&1 &
   SB_PROGRESS_PID[$what]=$!
   SB_PROGRESS_START[$what]=$SECONDS
   SB_PROGRESS_LOG[$what]=$logf
@@ -94,7 +95,9 @@ progress_wait() {
 # Stop what progress_start started and nobody waited for (a failed step's exit).
 progress_stop_all() {
   local what
-  for what in "${!SB_PROGRESS_PID[@]}"; do kill "${SB_PROGRESS_PID[$what]}" 2>/dev/null || true; done
+  for what in "${!SB_PROGRESS_PID[@]}"; do
+    kill -TERM -- "-${SB_PROGRESS_PID[$what]}" 2>/dev/null || kill "${SB_PROGRESS_PID[$what]}" 2>/dev/null || true
+  done
 }
 
 apt_install() {
