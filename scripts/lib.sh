@@ -68,8 +68,11 @@ progress_start() {
   local what=$1; shift
   local logf; logf="$SB_LOGS/$(echo "$what" | tr -c 'a-zA-Z0-9' '_' | cut -c1-60).log"
   log "$what (log: $logf)"
-  # In a session of its own, so that stopping it stops its children too (cargo's rustc).
-  setsid "$@" >"$logf" 2>&1 &
+  # In a process group of its own (job control on for this one fork; `setsid` cannot run a
+  # shell function such as pip_install), so that stopping it stops its children too (rustc).
+  set -m
+  "$@" >"$logf" 2>&1 &
+  set +m
   SB_PROGRESS_PID[$what]=$!
   SB_PROGRESS_START[$what]=$SECONDS
   SB_PROGRESS_LOG[$what]=$logf
