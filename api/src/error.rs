@@ -1,8 +1,8 @@
 //! The one place where failures become HTTP responses.
 //!
-//! Every error body is `{"error": {"code": "...", "message": "..."}}` (API.md). Internal errors
-//! are logged with their cause chain and answered with a generic 500: no SQL, no stack trace,
-//! no internal name ever reaches a client.
+//! Every error body is `{"error": {"code": "...", "message": "..."}}` (`error_body`). Internal
+//! errors are logged with their cause chain and answered with a generic 500: no SQL, no stack
+//! trace, no internal name ever reaches a client.
 
 use poem::http::{HeaderValue, StatusCode, header};
 use poem::{Body, IntoResponse, Response};
@@ -131,7 +131,7 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
-/// The JSON error body of API.md.
+/// The JSON error body of every error: `{"error": {"code", "message"}}`.
 pub fn error_body(code: &str, message: &str) -> serde_json::Value {
     json!({ "error": { "code": code, "message": message } })
 }
@@ -186,7 +186,7 @@ impl poem_openapi::ApiResponse for ApiError {
     }
 }
 
-/// The error body of API.md (for the OpenAPI document).
+/// The error body of [`error_body`] (for the OpenAPI document).
 #[derive(poem_openapi::Object)]
 pub struct ErrorBody {
     pub error: ErrorBodyDetail,

@@ -1,4 +1,4 @@
-//! Request body size limits on every route (API.md: 413 too large).
+//! Request body size limits on every route (413 too large; docs/architecture/api.md).
 //!
 //! A declared `Content-Length` over the limit is refused before anything is read; a body
 //! without one (chunked) is read up to the limit and refused as soon as it passes it.

@@ -9,13 +9,13 @@
 //! buffer plus a small task (`docs/bench-chat.md`, "SSE capacity").
 //!
 //! What it keeps of poem's server: TCP_NODELAY on every connection, graceful shutdown (stop
-//! accepting, let each connection finish its in-flight response, then close; after
-//! `drain` the remaining connections are dropped), the poem `Request` with local and remote
-//! addresses. What it adds: a header-read timeout (slow clients are closed; hyper's timer also
-//! closes a keep-alive connection idle that long, hence a default above common proxy idle
-//! timeouts), a cap on the request head, a growing pause after accept errors such as running
-//! out of file descriptors (poem retried at once, spinning), and a 500 for a panicking handler
-//! (`CatchPanic` in `startup::routes`). HTTP/2 is not served: the API is HTTP/1.1 (API.md); a
+//! accepting, let each connection finish its in-flight response, then close; after `drain` the
+//! remaining connections are dropped), the poem `Request` with local and remote addresses. What it
+//! adds: a header-read timeout (slow clients are closed; hyper's timer also closes a keep-alive
+//! connection idle that long, hence a default above common proxy idle timeouts), a cap on the
+//! request head, a growing pause after accept errors such as running out of file descriptors (poem
+//! retried at once, spinning), and a 500 for a panicking handler (`CatchPanic` in
+//! `startup::routes`). HTTP/2 is not served: the API is HTTP/1.1 (docs/architecture/api.md); a
 //! TLS-terminating proxy in front may speak HTTP/2 to clients.
 
 use std::convert::Infallible;

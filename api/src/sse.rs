@@ -39,7 +39,7 @@ pub struct SseEvent {
     /// `message.created`, `token`, `action.proposed`, `message.completed`,
     /// `response.restarted` or `error`.
     pub event: String,
-    /// The event's fields (API.md, "Conversations").
+    /// The event's fields (`ResponseEvent`).
     pub data: serde_json::Value,
 }
 

@@ -1,10 +1,10 @@
-//! Uploaded documents (SPEC §4). A document belongs to a project and may be restricted inside
-//! it to listed users and/or members of listed teams. Reads filter in SQL with
-//! `can_see_document(user, document)`: the caller must see the project (`can_see_project`)
-//! and, when the document is restricted, be listed, belong to a listed team, or have uploaded
-//! it. Org owners and admins may also *manage* every document of their org (list, metadata,
-//! delete) without its content reaching their prompts. Missing, deleted, other-org and hidden
-//! documents all answer `None`.
+//! Uploaded documents (docs/architecture/indexing.md). A document belongs to a project and may be
+//! restricted inside it to listed users and/or members of listed teams. Reads filter in SQL with
+//! `can_see_document(user, document)`: the caller must see the project (`can_see_project`) and,
+//! when the document is restricted, be listed, belong to a listed team, or have uploaded it. Org
+//! owners and admins may also *manage* every document of their org (list, metadata, delete) without
+//! its content reaching their prompts. Missing, deleted, other-org and hidden documents all answer
+//! `None`.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;

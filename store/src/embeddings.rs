@@ -1,4 +1,5 @@
-//! The `embeddings` index (SPEC §4): one row per chunk of a source and embedding model.
+//! The `embeddings` index (docs/architecture/retrieval.md): one row per chunk of a source and
+//! embedding model.
 //!
 //! The vector column is dimensionless; each configured dimension gets its own HNSW expression
 //! index (`ensure_vector_index`). Queries must use the same expression,

@@ -1,7 +1,7 @@
-//! The indexing outbox (SPEC §4): every change to an indexed source writes a row here in the
-//! same transaction as the change, so the `index` job (workers) can never miss one. The job
-//! claims rows with `FOR UPDATE SKIP LOCKED` and deletes them in the transaction that writes
-//! the new chunks.
+//! The indexing outbox (docs/architecture/indexing.md): every change to an indexed source writes a
+//! row here in the same transaction as the change, so the `index` job (workers) can never miss one.
+//! The job claims rows with `FOR UPDATE SKIP LOCKED` and deletes them in the transaction that
+//! writes the new chunks.
 
 use sqlx::PgConnection;
 use uuid::Uuid;

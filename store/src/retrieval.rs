@@ -1,5 +1,5 @@
-//! Retrieval (SPEC §4, issue 6): hybrid search over the `embeddings` index, filtered by what
-//! the asking user may see *now*.
+//! Retrieval (docs/architecture/retrieval.md): hybrid search over the `embeddings` index, filtered
+//! by what the asking user may see *now*.
 //!
 //! One call of [`search`] runs in its own transaction (a savepoint inside the caller's):
 //!

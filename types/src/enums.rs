@@ -177,8 +177,8 @@ text_enum! {
 }
 
 text_enum! {
-    /// The `code` of a response's `error` event (API.md "Conversations"), also stored as
-    /// `responses.error_code`.
+    /// The `code` of a response's `error` event (docs/ARCHITECTURE.md, "Events and SSE"), also
+    /// stored as `responses.error_code`.
     ErrorCode {
         /// Rate limits lasted longer than `RATE_LIMIT_MAX_WAIT_SECS`.
         RateLimited => "rate_limited",

@@ -31,7 +31,7 @@ pub struct ChatApi {
     pub state: AppState,
 }
 
-/// Generation parameters are fixed by the system configuration (SPEC §2): a body naming one
+/// Generation parameters are fixed by the system configuration (`[chat]`): a body naming one
 /// is refused with a 400 that names it.
 const FIXED_PARAMS: &[&str] = &[
     "model",

@@ -1,4 +1,5 @@
-//! Documents (SPEC §4, API.md "Documents"): upload into a project, read the status, delete.
+//! Documents (docs/architecture/indexing.md, "Documents API"): upload into a project, read the
+//! status, delete.
 //!
 //! - Upload: whoever can see the project may upload to it (the same rule as creating a task);
 //!   a project the caller cannot see answers 404. Multipart (part `file`, optional JSON part

@@ -1,7 +1,7 @@
-//! An organization's chat models (SPEC §2). Any member reads them (the system defaults
-//! `chat.default_model` / `chat.default_fallback_model` until the org sets its own); owners and
-//! admins change them, to names the LiteLLM proxy serves (checked against its model list,
-//! cached for `api.models_cache_secs`; the proxy unreachable → 503).
+//! An organization's chat models (docs/architecture/api.md, "Model settings"). Any member reads
+//! them (the system defaults `chat.default_model` / `chat.default_fallback_model` until the org
+//! sets its own); owners and admins change them, to names the LiteLLM proxy serves (checked against
+//! its model list, cached for `api.models_cache_secs`; the proxy unreachable → 503).
 
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;

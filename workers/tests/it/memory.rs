@@ -1,6 +1,6 @@
-//! Memory (SPEC §3) end to end against real PostgreSQL, Redis and the LiteLLM proxy in front
-//! of the shared scripted fake upstream: summary + recent prompts, race-safe summarize jobs,
-//! fact extraction, and who may see which memory entry.
+//! Memory (docs/architecture/memory.md) end to end against real PostgreSQL, Redis and the LiteLLM
+//! proxy in front of the shared scripted fake upstream: summary + recent prompts, race-safe
+//! summarize jobs, fact extraction, and who may see which memory entry.
 
 use std::sync::Arc;
 use std::time::Duration;
