@@ -30,6 +30,22 @@ impl FollowUps {
         }
     }
 
+    /// Enqueue a `summarize` of the conversation; a failure is counted and logged as "cannot
+    /// enqueue `what`". True when it was enqueued.
+    async fn enqueue_summarize(&self, conversation_id: Uuid, what: &str) -> bool {
+        let job = Summarize {
+            conversation_id: conversation_id.into(),
+        };
+        match self.bus.enqueue(job).await {
+            Ok(_) => true,
+            Err(e) => {
+                metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "summarize").increment(1);
+                tracing::warn!(error = %e, "cannot enqueue {what}");
+                false
+            }
+        }
+    }
+
     /// Reset a summary that drew on a source its user can no longer see and enqueue a fold
     /// that rebuilds it without that source. Until it is rebuilt the prompt simply has no
     /// summary.
@@ -42,16 +58,10 @@ impl FollowUps {
         match store::memory::reset_hidden_summary(conn, user_id, conversation_id).await {
             Ok(true) => {
                 metrics::counter!(SUMMARIES, "outcome" => "reset").increment(1);
-                if let Err(e) = self
-                    .bus
-                    .enqueue(Summarize {
-                        conversation_id: conversation_id.into(),
-                    })
+                if self
+                    .enqueue_summarize(conversation_id, "the summary's rebuild")
                     .await
                 {
-                    metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "summarize").increment(1);
-                    tracing::warn!(error = %e, "cannot enqueue the summary's rebuild");
-                } else {
                     tracing::info!("the summary drew on a source no longer visible; rebuilding it");
                 }
             }
@@ -92,16 +102,7 @@ impl FollowUps {
         };
         match pending.await {
             Ok(n) if n >= i64::try_from(self.memory.summarize_threshold).unwrap_or(i64::MAX) => {
-                if let Err(e) = self
-                    .bus
-                    .enqueue(Summarize {
-                        conversation_id: conversation_id.into(),
-                    })
-                    .await
-                {
-                    metrics::counter!(FOLLOW_UP_FAILURES, "kind" => "summarize").increment(1);
-                    tracing::warn!(error = %e, "cannot enqueue summarize");
-                } else {
+                if self.enqueue_summarize(conversation_id, "summarize").await {
                     tracing::info!(unsummarized = n, "summarize enqueued");
                 }
             }
