@@ -124,6 +124,22 @@ impl MemoryHandlers {
     }
 }
 
+/// The job's conversation; `None` (logged) when it is gone, so there is nothing left to
+/// `what`.
+async fn find_conversation(
+    conn: &mut sqlx::PgConnection,
+    id: uuid::Uuid,
+    what: &str,
+) -> Result<Option<store::conversations::Conversation>, JobError> {
+    let conversation = store::conversations::get(conn, id)
+        .await
+        .map_err(db_error)?;
+    if conversation.is_none() {
+        tracing::info!("the conversation is gone; nothing to {what}");
+    }
+    Ok(conversation)
+}
+
 /// `s` cut to at most `max` characters (on a character boundary).
 pub(crate) fn truncate_chars(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {

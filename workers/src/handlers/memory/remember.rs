@@ -30,7 +30,7 @@ use store::memory::{self, Inserted, NewEntry, Owner};
 use store::provenance::Provenance;
 use uuid::Uuid;
 
-use super::{EXTRACTIONS, FACTS, MemoryHandlers, db_error, truncate_chars};
+use super::{EXTRACTIONS, FACTS, MemoryHandlers, db_error, find_conversation, truncate_chars};
 
 /// The extractor's instructions.
 pub const REMEMBER_PROMPT: &str = "\
@@ -196,11 +196,9 @@ impl MemoryHandlers {
     pub async fn remember(&self, ctx: JobContext, job: Remember) -> HandlerResult {
         let inner = &self.inner;
         let mut conn = inner.db.acquire().await.map_err(db_error)?;
-        let Some(conversation) = store::conversations::get(&mut conn, job.conversation_id.into())
-            .await
-            .map_err(db_error)?
+        let Some(conversation) =
+            find_conversation(&mut conn, job.conversation_id.into(), "remember").await?
         else {
-            tracing::info!("the conversation is gone; nothing to remember");
             return Ok(());
         };
         if conversation.user_id != job.user_id.into_uuid()

@@ -20,7 +20,7 @@ use jobs::worker::HandlerResult;
 use store::conversations::Message;
 use store::memory;
 
-use super::{MemoryHandlers, SUMMARIES, db_error, truncate_chars};
+use super::{MemoryHandlers, SUMMARIES, db_error, find_conversation, truncate_chars};
 
 /// The summarizer's instructions.
 pub const SUMMARIZE_PROMPT: &str = "\
@@ -135,11 +135,9 @@ impl MemoryHandlers {
     pub async fn summarize(&self, ctx: JobContext, job: Summarize) -> HandlerResult {
         let inner = &self.inner;
         let mut conn = inner.db.acquire().await.map_err(db_error)?;
-        let Some(conversation) = store::conversations::get(&mut conn, job.conversation_id.into())
-            .await
-            .map_err(db_error)?
+        let Some(conversation) =
+            find_conversation(&mut conn, job.conversation_id.into(), "summarize").await?
         else {
-            tracing::info!("the conversation is gone; nothing to summarize");
             return Ok(());
         };
         let claim = memory::claim_summary(&mut conn, conversation.id, ctx.id, self.summary_lease())
