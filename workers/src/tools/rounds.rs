@@ -25,7 +25,7 @@ use store::actions::{self, Action, NewProposal, Round};
 use store::conversations::Message as StoredMessage;
 use uuid::Uuid;
 
-use super::{ToolCtx, ToolKind, metrics};
+use super::{ToolCtx, ToolError, ToolKind, metrics};
 use crate::handlers::db_error;
 use crate::ledger::Run;
 use crate::model::embed::MAX_QUERY_CHARS;
@@ -33,6 +33,12 @@ use crate::model::{Answered, CallOutcome, ModelCaller, QueryEmbedder};
 
 /// The answer when the model still calls tools after the last round.
 pub const ROUND_LIMIT_MESSAGE: &str = "I could not finish looking this up within the allowed number of steps. Please narrow the question down.";
+
+/// The result of a call that failed with `e`, counted for `tool` under `outcome`.
+fn failed(tool: &str, outcome: &'static str, e: &ToolError) -> String {
+    metrics::tool_call(tool, outcome);
+    e.to_result()
+}
 
 /// Runs the tool rounds of chat turns: the database, the query embedder (`search_knowledge`)
 /// and `[tools]`.
@@ -259,8 +265,7 @@ impl ToolRounds {
             let content = match super::parse_call(&call.name, &call.arguments) {
                 Err(e) => {
                     tracing::info!(tool = %call.name, error = %e.0, "invalid tool call; not run");
-                    metrics::tool_call(&call.name, "invalid");
-                    e.to_result()
+                    failed(&call.name, "invalid", &e)
                 }
                 Ok((def, args)) => match def.kind {
                     ToolKind::Read => {
@@ -278,10 +283,7 @@ impl ToolRounds {
                                 metrics::tool_call(def.name, "ok");
                                 v.to_string()
                             }
-                            Err(e) => {
-                                metrics::tool_call(def.name, "error");
-                                e.to_result()
-                            }
+                            Err(e) => failed(def.name, "error", &e),
                         }
                     }
                     ToolKind::Write => {
@@ -289,10 +291,7 @@ impl ToolRounds {
                             .await
                             .map_err(db_error)?
                         {
-                            Err(e) => {
-                                metrics::tool_call(def.name, "error");
-                                e.to_result()
-                            }
+                            Err(e) => failed(def.name, "error", &e),
                             Ok(p) => {
                                 metrics::tool_call(def.name, "proposed");
                                 let (action, _) = actions::insert_proposal(
