@@ -20,6 +20,16 @@ pub struct PromptEntry {
     pub distance: Option<f64>,
 }
 
+/// [`visible_sql`] for row `alias` of a prompt read, for user `$1` in conversation `$2`: the
+/// visible projects are those the conversation may draw on for the user now.
+fn visible_in_conversation(alias: &str) -> String {
+    visible_sql(
+        alias,
+        "$1",
+        "ARRAY(SELECT project_id FROM conversation_projects_visible($1, $2))",
+    )
+}
+
 /// The visibility rule of prompt reads, for user `$1` in conversation `$2`: the entries of the
 /// conversation's org (the conversation must be the user's), of the projects the conversation
 /// may draw on for the user right now, and the user's own. Nothing of another user, nor of a
@@ -28,11 +38,7 @@ pub struct PromptEntry {
 /// visible to the user now; a project entry whose document was restricted since is its
 /// author's alone.
 fn visible_to() -> String {
-    let provenance = visible_sql(
-        "m",
-        "$1",
-        "ARRAY(SELECT project_id FROM conversation_projects_visible($1, $2))",
-    );
+    let provenance = visible_in_conversation("m");
     format!(
         "m.org_id = (SELECT c.org_id FROM conversations c WHERE c.id = $2 AND c.user_id = $1)
        AND (m.tier = 'org'
@@ -67,11 +73,7 @@ pub async fn prompt_start(
     user_id: Uuid,
     conversation_id: Uuid,
 ) -> Result<PromptStart, StoreError> {
-    let visible = visible_sql(
-        "s",
-        "$1",
-        "ARRAY(SELECT project_id FROM conversation_projects_visible($1, $2))",
-    );
+    let visible = visible_in_conversation("s");
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT CASE WHEN v.visible THEN v.summary END AS summary,
                 coalesce(v.source_project_ids, '{{}}') AS source_project_ids,
@@ -100,11 +102,7 @@ pub async fn reset_hidden_summary(
     user_id: Uuid,
     conversation_id: Uuid,
 ) -> Result<bool, StoreError> {
-    let visible = visible_sql(
-        "s",
-        "$1",
-        "ARRAY(SELECT project_id FROM conversation_projects_visible($1, $2))",
-    );
+    let visible = visible_in_conversation("s");
     let done = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE conversation_summaries s
             SET summary = '', summarized_up_to = 0, source_project_ids = '{{}}',
