@@ -415,7 +415,24 @@ pub async fn search(
         scan,
         tuning.stopword_min_rows,
     );
-    let rows = sqlx::query_as::<_, Chunk>(sqlx::AssertSqlSafe(sql))
+    let rows = search_list::<Chunk>(&mut tx, sql, q, &vis, embedding, tuning).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// Runs a statement over [`search_sql`]'s parameters.
+async fn search_list<T>(
+    conn: &mut PgConnection,
+    sql: String,
+    q: &Query<'_>,
+    vis: &Visible,
+    embedding: Option<&pgvector::Vector>,
+    tuning: &Tuning,
+) -> Result<Vec<T>, StoreError>
+where
+    T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    Ok(sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(sql))
         .bind(q.org_id)
         .bind(q.user_id)
         .bind(&vis.projects)
@@ -426,10 +443,8 @@ pub async fn search(
         .bind(to_i64(tuning.candidates.max(q.k)))
         .bind(q.text)
         .bind(to_i64(q.k))
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(rows)
+        .fetch_all(&mut *conn)
+        .await?)
 }
 
 /// How [`nearest`] finds the vector list.
@@ -552,19 +567,7 @@ pub async fn explain_search(
             tuning.stopword_min_rows
         )
     );
-    let lines = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
-        .bind(q.org_id)
-        .bind(q.user_id)
-        .bind(&vis.projects)
-        .bind(&vis.teams)
-        .bind(q.exclude_message_ids)
-        .bind(q.model)
-        .bind(q.embedding)
-        .bind(to_i64(tuning.candidates.max(q.k)))
-        .bind(q.text)
-        .bind(to_i64(q.k))
-        .fetch_all(&mut *tx)
-        .await?;
+    let lines = search_list::<(String,)>(&mut tx, sql, q, &vis, q.embedding, tuning).await?;
     tx.commit().await?;
-    Ok(lines)
+    Ok(lines.into_iter().map(|(line,)| line).collect())
 }
