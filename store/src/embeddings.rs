@@ -53,49 +53,14 @@ pub struct NewChunk {
 }
 
 /// Insert or replace chunks (keyed by source, model and chunk index), in the caller's
-/// transaction.
+/// transaction: one statement per chunk, so chunks may share a key (the last one wins). The
+/// statement is [`crate::index::write_chunks`]'s, which writes many chunks at once.
 pub async fn upsert_chunks(
     conn: &mut sqlx::PgConnection,
     chunks: &[NewChunk],
 ) -> Result<(), StoreError> {
     for c in chunks {
-        let dim = i32::try_from(c.embedding.as_slice().len()).unwrap_or(i32::MAX);
-        sqlx::query(
-            "INSERT INTO embeddings (id, org_id, source_kind, source_id, chunk_index, project_id,
-                 owner_user_id, allowed_user_ids, allowed_team_ids, title, content, content_hash,
-                 model, dim, embedding, source_project_ids, source_document_ids, narrow)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                     $17, $18)
-             ON CONFLICT (source_kind, source_id, model, chunk_index) DO UPDATE SET
-                 project_id = EXCLUDED.project_id, owner_user_id = EXCLUDED.owner_user_id,
-                 allowed_user_ids = EXCLUDED.allowed_user_ids,
-                 allowed_team_ids = EXCLUDED.allowed_team_ids, title = EXCLUDED.title,
-                 content = EXCLUDED.content, content_hash = EXCLUDED.content_hash,
-                 dim = EXCLUDED.dim, embedding = EXCLUDED.embedding,
-                 source_project_ids = EXCLUDED.source_project_ids,
-                 source_document_ids = EXCLUDED.source_document_ids,
-                 narrow = EXCLUDED.narrow, updated_at = now()",
-        )
-        .bind(uuid::Uuid::now_v7())
-        .bind(c.org_id)
-        .bind(c.source_kind)
-        .bind(c.source_id)
-        .bind(c.chunk_index)
-        .bind(c.project_id)
-        .bind(c.owner_user_id)
-        .bind(&c.allowed_user_ids)
-        .bind(&c.allowed_team_ids)
-        .bind(&c.title)
-        .bind(&c.content)
-        .bind(&c.content_hash)
-        .bind(&c.model)
-        .bind(dim)
-        .bind(&c.embedding)
-        .bind(&c.provenance.source_project_ids)
-        .bind(&c.provenance.source_document_ids)
-        .bind(c.provenance.narrow)
-        .execute(&mut *conn)
-        .await?;
+        crate::index::write_chunks(&mut *conn, std::slice::from_ref(c)).await?;
     }
     Ok(())
 }

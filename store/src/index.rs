@@ -268,8 +268,8 @@ pub async fn mark_document_failed(
 /// Rows per bulk statement of [`write_chunks`].
 const WRITE_CHUNK_ROWS: usize = 512;
 
-/// Insert or replace many chunks with few statements (the semantics of
-/// [`crate::embeddings::upsert_chunks`], which writes one row per statement): rows are grouped
+/// Insert or replace many chunks (keyed by source, model and chunk index) with few statements
+/// ([`crate::embeddings::upsert_chunks`] writes one per statement through this): rows are grouped
 /// by their allowed-user/team lists and their provenance (the array columns that cannot travel
 /// inside an `unnest`), then written `WRITE_CHUNK_ROWS` at a time. No two chunks may share a
 /// key.

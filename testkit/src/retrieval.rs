@@ -134,7 +134,7 @@ pub fn message_chunk(
     }
 }
 
-/// Store chunks (the indexer's `upsert_chunks`).
+/// Store chunks (`upsert_chunks`: the indexer's statement, one chunk at a time).
 pub async fn insert(conn: &mut PgConnection, chunks: &[NewChunk]) {
     store::embeddings::upsert_chunks(conn, chunks)
         .await
