@@ -72,6 +72,25 @@ pub enum MemberRemoved {
 
 const NOT_PRIVATE: &str = "only private projects have explicit members";
 
+/// The project whose members are changed: 404 unless the user can see it, 422 `not_private`
+/// unless it is private.
+async fn private_project(
+    conn: &mut sqlx::PgConnection,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<store::projects::Project, ApiError> {
+    let project = store::projects::get_visible(conn, user_id.into(), id.into())
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    if project.visibility != Visibility::Private {
+        return Err(ApiError::Unprocessable {
+            code: "not_private",
+            message: NOT_PRIVATE.into(),
+        });
+    }
+    Ok(project)
+}
+
 #[OpenApi(prefix_path = "/v1", tag = "Tag::Projects")]
 impl ProjectsApi {
     /// Create a project in the caller's org. Any member may; with visibility `team` the caller
@@ -187,15 +206,7 @@ impl ProjectsApi {
     ) -> Result<MemberAdded, ApiError> {
         let caller = auth.0;
         let mut tx = self.state.db.begin().await?;
-        let project = store::projects::get_visible(&mut tx, caller.user_id.into(), id.0.into())
-            .await?
-            .ok_or(ApiError::NotFound)?;
-        if project.visibility != Visibility::Private {
-            return Err(ApiError::Unprocessable {
-                code: "not_private",
-                message: NOT_PRIVATE.into(),
-            });
-        }
+        let project = private_project(&mut tx, caller.user_id, id.0).await?;
         let user_id = body.0.user_id;
         store::projects::add_member(&mut tx, project.org_id, project.id, user_id.into()).await?;
         tx.commit().await?;
@@ -215,15 +226,7 @@ impl ProjectsApi {
     ) -> Result<MemberRemoved, ApiError> {
         let caller = auth.0;
         let mut tx = self.state.db.begin().await?;
-        let project = store::projects::get_visible(&mut tx, caller.user_id.into(), id.0.into())
-            .await?
-            .ok_or(ApiError::NotFound)?;
-        if project.visibility != Visibility::Private {
-            return Err(ApiError::Unprocessable {
-                code: "not_private",
-                message: NOT_PRIVATE.into(),
-            });
-        }
+        let project = private_project(&mut tx, caller.user_id, id.0).await?;
         if !store::projects::remove_member(&mut tx, project.id, user_id.0.into()).await? {
             return Err(ApiError::NotFound);
         }
