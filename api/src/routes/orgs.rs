@@ -103,6 +103,29 @@ async fn fresh_role(tx: &mut sqlx::PgConnection, caller: Caller) -> Result<Calle
     Ok(caller)
 }
 
+/// Lock what a change to member `user_id` depends on, in the one lock order: the org's owners,
+/// then the caller's own role (role changes of an org serialise on its owner rows; 403 if no
+/// longer an admin), then the member's (404 if not a member; 403 if only an owner may touch
+/// them). Returns the caller as of now, the member's current role and the number of owners.
+async fn lock_member(
+    tx: &mut sqlx::PgConnection,
+    caller: Caller,
+    user_id: Uuid,
+) -> Result<(Caller, Role, i64), ApiError> {
+    let owners = store::tenancy::lock_owners(tx, caller.org_id.into()).await?;
+    let caller = fresh_role(tx, caller).await?;
+    let current = store::tenancy::lock_member_role(tx, caller.org_id.into(), user_id.into())
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    check_role_power(&caller, current)?;
+    Ok((caller, current, owners))
+}
+
+/// The answer to a change that would leave the org without an owner.
+fn last_owner() -> ApiError {
+    ApiError::Conflict("the organization must keep at least one owner".into())
+}
+
 #[OpenApi(prefix_path = "/v1", tag = "Tag::Organizations")]
 impl OrgsApi {
     /// Create a user as a member of this org (owners and admins).
@@ -152,20 +175,10 @@ impl OrgsApi {
         caller.require_admin()?;
         let role: Role = body.0.role.into();
         let mut tx = self.state.db.begin().await?;
-        // owners first, then the member: the same lock order everywhere
-        let owners = store::tenancy::lock_owners(&mut tx, caller.org_id.into()).await?;
-        // role changes of an org serialise on its owner rows: re-read the caller's own role
-        let caller = fresh_role(&mut tx, caller).await?;
-        let current =
-            store::tenancy::lock_member_role(&mut tx, caller.org_id.into(), user_id.0.into())
-                .await?
-                .ok_or(ApiError::NotFound)?;
-        check_role_power(&caller, current)?;
+        let (caller, current, owners) = lock_member(&mut tx, caller, user_id.0).await?;
         check_role_power(&caller, role)?;
         if current == Role::Owner && role != Role::Owner && owners <= 1 {
-            return Err(ApiError::Conflict(
-                "the organization must keep at least one owner".into(),
-            ));
+            return Err(last_owner());
         }
         store::tenancy::set_role(&mut *tx, caller.org_id.into(), user_id.0.into(), role).await?;
         tx.commit().await?;
@@ -195,18 +208,9 @@ impl OrgsApi {
         caller.require_org(org_id.0)?;
         caller.require_admin()?;
         let mut tx = self.state.db.begin().await?;
-        let owners = store::tenancy::lock_owners(&mut tx, caller.org_id.into()).await?;
-        // role changes of an org serialise on its owner rows: re-read the caller's own role
-        let caller = fresh_role(&mut tx, caller).await?;
-        let current =
-            store::tenancy::lock_member_role(&mut tx, caller.org_id.into(), user_id.0.into())
-                .await?
-                .ok_or(ApiError::NotFound)?;
-        check_role_power(&caller, current)?;
+        let (caller, current, owners) = lock_member(&mut tx, caller, user_id.0).await?;
         if current == Role::Owner && owners <= 1 {
-            return Err(ApiError::Conflict(
-                "the organization must keep at least one owner".into(),
-            ));
+            return Err(last_owner());
         }
         if !store::tenancy::remove_member(&mut *tx, caller.org_id.into(), user_id.0.into()).await? {
             return Err(ApiError::NotFound);
