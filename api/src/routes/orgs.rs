@@ -126,6 +126,18 @@ fn last_owner() -> ApiError {
     ApiError::Conflict("the organization must keep at least one owner".into())
 }
 
+/// A member of the org, as answered.
+fn member_view(user: store::tenancy::User, role: Role, org_id: Uuid) -> MemberView {
+    MemberView {
+        id: user.id.into(),
+        email: user.email,
+        name: user.name,
+        role: role.into(),
+        org_id,
+        created_at: user.created_at,
+    }
+}
+
 #[OpenApi(prefix_path = "/v1", tag = "Tag::Organizations")]
 impl OrgsApi {
     /// Create a user as a member of this org (owners and admins).
@@ -150,14 +162,11 @@ impl OrgsApi {
         let user = store::tenancy::insert_user(&mut tx, &email, &name, &hash).await?;
         store::tenancy::insert_membership(&mut tx, caller.org_id.into(), user.id, role).await?;
         tx.commit().await?;
-        Ok(MemberCreated::Created(Json(MemberView {
-            id: user.id.into(),
-            email: user.email,
-            name: user.name,
-            role: role.into(),
-            org_id: caller.org_id,
-            created_at: user.created_at,
-        })))
+        Ok(MemberCreated::Created(Json(member_view(
+            user,
+            role,
+            caller.org_id,
+        ))))
     }
 
     /// Change a member's role (owners and admins; owner role: owners only; the last owner
@@ -185,14 +194,7 @@ impl OrgsApi {
         let user = store::tenancy::get_user(&self.state.db, user_id.0.into())
             .await?
             .ok_or(ApiError::NotFound)?;
-        Ok(Json(MemberView {
-            id: user.id.into(),
-            email: user.email,
-            name: user.name,
-            role: role.into(),
-            org_id: caller.org_id,
-            created_at: user.created_at,
-        }))
+        Ok(Json(member_view(user, role, caller.org_id)))
     }
 
     /// Remove a member from the org (and so from its teams and projects); their tokens stop
