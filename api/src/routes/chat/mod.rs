@@ -1,4 +1,4 @@
-//! A chat turn, API side (docs/ARCHITECTURE.md, "The chat turn (API side)"): write the user's
+//! A chat turn, API side (docs/architecture/chat.md, "API side"): write the user's
 //! message and the response row, publish `message.created`, subscribe to the response's
 //! events, enqueue the `chat` job, then relay the events (SSE) or wait for the answer (JSON).
 //! The API never calls a model.
