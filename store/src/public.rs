@@ -1,4 +1,4 @@
-//! The public shape of a stored message (docs/ARCHITECTURE.md, "The chat turn (API side)"): ONE serializer for the
+//! The public shape of a stored message (docs/architecture/chat.md, "API side"): ONE serializer for the
 //! messages listing (`GET /v1/conversations/{id}/messages`), the JSON-mode answer
 //! (`{message, actions}`) and `message.completed`'s `message` — live (worker), replayed (the
 //! same bytes) and rebuilt from Postgres past the retention window (API). The API's OpenAPI
