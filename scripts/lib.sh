@@ -15,6 +15,8 @@ SB_LOGS="$SB_CACHE/logs"
 SB_PG_PORT=${SB_PG_PORT:-5433}
 SB_PG_DB=${SB_PG_DB:-switchboard}
 SB_REDIS_PORT=${SB_REDIS_PORT:-6380}   # our own Redis, with AOF (not the machine's at 6379)
+SB_CLUSTER_BASE_PORT=${SB_CLUSTER_BASE_PORT:-7101}   # `up --cluster`: 6 nodes on 7101..7106 (bus +10000)
+SB_CLUSTER_NODES=6        # 3 primaries + 3 replicas
 SB_LITELLM_PORT=${SB_LITELLM_PORT:-4000}
 SB_LLAMA_PORT=8081        # fixed in config/litellm.yaml
 SB_EMBED_PORT=8082        # fixed in config/litellm.yaml
@@ -270,6 +272,197 @@ redis_down() {
   fi
 }
 
+# ---------------------------------------------------------------- Redis Cluster (dev, opt-in)
+# `scripts/services up --cluster`: 3 primaries + 3 replicas of Debian's redis-server on
+# 127.0.0.1:$SB_CLUSTER_BASE_PORT.. (cluster bus on port + 10000), AOF on, each in
+# $SB_CACHE/redis-cluster/<port> with its nodes.conf. Formed once with `redis-cli --cluster
+# create`; later starts rejoin from nodes.conf. The single Redis above is untouched.
+cluster_ports() { seq "$SB_CLUSTER_BASE_PORT" $(( SB_CLUSTER_BASE_PORT + SB_CLUSTER_NODES - 1 )); }
+cluster_range() { echo "127.0.0.1:$SB_CLUSTER_BASE_PORT-$(( SB_CLUSTER_BASE_PORT + SB_CLUSTER_NODES - 1 ))"; }
+cluster_pidfile() { echo "$SB_RUN/redis-cluster-$1.pid"; }
+cluster_logfile() { echo "$SB_LOGS/redis-cluster-$1.log"; }
+# cluster_cli PORT args...: the reply without CRs, empty (never failing) if the node is down
+cluster_cli() { local port=$1; shift; { redis-cli -h 127.0.0.1 -p "$port" "$@" 2>/dev/null || true; } | tr -d '\r'; }
+cluster_node_ready() { command -v redis-cli >/dev/null && [ "$(cluster_cli "$1" ping)" = PONG ]; }
+# cluster_info PORT FIELD: one field of the node's CLUSTER INFO (empty if it does not answer)
+cluster_info() { cluster_cli "$1" cluster info | awk -F: -v f="$2" '$1 == f { print $2 }'; }
+# The seed list for REDIS_URL: every node, comma-separated (any one of them gives the topology).
+cluster_urls() {
+  local port urls=()
+  for port in $(cluster_ports); do urls+=("redis://127.0.0.1:$port"); done
+  (IFS=,; echo "${urls[*]}")
+}
+
+cluster_nodes_up() {
+  local port count=0
+  for port in $(cluster_ports); do cluster_node_ready "$port" && count=$((count + 1)); done
+  echo "$count"
+}
+
+# A replica's link to its primary is up (it has synced once since it started: until then it
+# would not take over from a primary that dies). True for a primary.
+cluster_replica_synced() {
+  local repl; repl=$(cluster_cli "$1" info replication)
+  grep -qx 'role:master' <<< "$repl" || grep -qx 'master_link_status:up' <<< "$repl"
+}
+
+# Healthy: every node answers, sees cluster_state:ok, all 16384 slots, all the nodes, and half
+# of them as primaries, half as replicas (right after `create`, the replicas' role takes a
+# moment to reach every node's view); every replica has synced with its primary (after a start,
+# the primary's diskless sync waits repl-diskless-sync-delay, 5 s, for more replicas).
+cluster_healthy() {
+  local port half=$(( SB_CLUSTER_NODES / 2 ))
+  for port in $(cluster_ports); do
+    [ "$(cluster_info "$port" cluster_state)" = ok ] || return 1
+    [ "$(cluster_info "$port" cluster_slots_assigned)" = 16384 ] || return 1
+    [ "$(cluster_info "$port" cluster_known_nodes)" = "$SB_CLUSTER_NODES" ] || return 1
+    [ "$(cluster_roles "$port")" = "$half primaries + $half replicas" ] || return 1
+    cluster_replica_synced "$port" || return 1
+  done
+}
+
+# "3 primaries + 3 replicas" as the node on PORT sees them (failed nodes not counted).
+cluster_roles() {
+  cluster_cli "$1" cluster nodes | awk '
+    $3 !~ /fail|handshake|noaddr/ && $3 ~ /master/ { m++ }
+    $3 !~ /fail|handshake|noaddr/ && $3 ~ /slave/  { r++ }
+    END { printf "%d primaries + %d replicas", m, r }'
+}
+
+# One line per node, for error messages.
+cluster_describe() {
+  local port
+  for port in $(cluster_ports); do
+    if cluster_node_ready "$port"; then
+      echo "  $port: cluster_state:$(cluster_info "$port" cluster_state), $(cluster_info "$port" cluster_slots_assigned) slots assigned, $(cluster_info "$port" cluster_known_nodes) nodes known, $(cluster_roles "$port") seen$(cluster_replica_synced "$port" || echo ", replica not synced")"
+    else
+      echo "  $port: not running"
+    fi
+  done
+}
+
+cluster_wait_healthy() { # cluster_wait_healthy SECONDS
+  local _
+  for _ in $(seq $(( $1 * 5 ))); do cluster_healthy && return 0; sleep 0.2; done
+  return 1
+}
+
+cluster_up() {
+  command -v redis-server >/dev/null || { log "installing redis-server (Debian)"; apt_install redis-server; }
+  local port dir start=()
+  for port in $(cluster_ports); do
+    if cluster_node_ready "$port"; then
+      [ "$(cluster_cli "$port" info cluster | grep '^cluster_enabled:')" = cluster_enabled:1 ] \
+        || die "port $port answers as a Redis without cluster mode (not one of ours): stop it or set SB_CLUSTER_BASE_PORT"
+    else
+      start+=("$port")
+    fi
+  done
+  if [ ${#start[@]} -gt 0 ]; then
+    log "starting Redis Cluster node(s) ${start[*]} on 127.0.0.1 (AOF, fsync every second, in $SB_CACHE/redis-cluster/<port>)"
+    for port in "${start[@]}"; do
+      dir="$SB_CACHE/redis-cluster/$port"
+      mkdir -p "$dir"
+      without_inherited_fds redis-server --daemonize yes --bind 127.0.0.1 --port "$port" \
+        --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+        --save "" --appendonly yes --appendfsync everysec --dir "$dir" \
+        --logfile "$(cluster_logfile "$port")" --pidfile "$(cluster_pidfile "$port")"
+    done
+    for port in "${start[@]}"; do
+      # a large append-only file is replayed first: wait for it
+      for _ in $(seq 300); do cluster_node_ready "$port" && break; sleep 0.1; done
+      cluster_node_ready "$port" || die "Redis Cluster node $port did not start (see $(cluster_logfile "$port"))"
+    done
+  fi
+
+  # Fresh (every node alone, no slot assigned) → create; formed (all slots assigned, every node
+  # part of it) → wait for it to settle (a restarted primary stays cluster_state:fail for ~2 s,
+  # a restarted old primary rejoins as a replica); anything else needs a human.
+  local fresh=1 formed=0 alone=() slots known
+  for port in $(cluster_ports); do
+    slots=$(cluster_info "$port" cluster_slots_assigned)
+    known=$(cluster_info "$port" cluster_known_nodes)
+    if [ "$slots" = 0 ] && [ "$known" = 1 ]; then alone+=("$port"); else fresh=0; fi
+    [ "$slots" = 16384 ] && formed=1
+  done
+  local reset="reset it (its data is lost) with: scripts/services down --cluster --wipe && scripts/services up --cluster"
+  if [ "$fresh" = 1 ]; then
+    local create="$SB_LOGS/redis-cluster-create.log" addrs=()
+    for port in $(cluster_ports); do addrs+=("127.0.0.1:$port"); done
+    log "forming the Redis Cluster (3 primaries + 3 replicas, log: $create)"
+    redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes >"$create" 2>&1 \
+      || { tail -n 20 "$create" >&2; die "redis-cli --cluster create failed (see $create)"; }
+    log "waiting for cluster_state:ok on every node and the replicas' first sync"
+    cluster_wait_healthy 30 || die "the Redis Cluster did not reach cluster_state:ok on every node within 30 s (see $create and $SB_LOGS/redis-cluster-<port>.log):
+$(cluster_describe)"
+    log "Redis Cluster formed: cluster_state:ok, $(cluster_roles "$SB_CLUSTER_BASE_PORT")"
+  elif [ "$formed" = 1 ] && [ ${#alone[@]} = 0 ]; then
+    if ! cluster_healthy; then
+      log "waiting for the Redis Cluster to settle (nodes rejoining from nodes.conf, replicas syncing)"
+      cluster_wait_healthy 30 || die "the Redis Cluster's nodes run but it is not healthy after 30 s (see $SB_LOGS/redis-cluster-<port>.log):
+$(cluster_describe)
+Look at \`redis-cli -p $SB_CLUSTER_BASE_PORT cluster nodes\`, or $reset"
+    fi
+    if [ ${#start[@]} = 0 ]; then
+      log "Redis Cluster already up: cluster_state:ok, $(cluster_roles "$SB_CLUSTER_BASE_PORT")"
+    else
+      log "Redis Cluster up again from its nodes.conf: cluster_state:ok, $(cluster_roles "$SB_CLUSTER_BASE_PORT")"
+    fi
+  else
+    die "the Redis Cluster's nodes run but do not form one cluster$([ ${#alone[@]} -gt 0 ] && echo " (node(s) ${alone[*]} know no other node: their nodes.conf was lost?)"):
+$(cluster_describe)
+Repair it by hand (redis-cli --cluster fix / check 127.0.0.1:$SB_CLUSTER_BASE_PORT), or $reset"
+  fi
+}
+
+# Stops the nodes we started (pid files); with WIPE=1 also deletes their data and nodes.conf.
+cluster_down() {
+  local wipe=${1:-0} port pidf pid stopping=()
+  for port in $(cluster_ports); do
+    pidf=$(cluster_pidfile "$port")
+    [ -f "$pidf" ] || continue
+    pid=$(cat "$pidf")
+    if kill -0 "$pid" 2>/dev/null && grep -q redis-server "/proc/$pid/cmdline" 2>/dev/null; then
+      kill "$pid" && stopping+=("$pid")
+    else
+      rm -f "$pidf"
+    fi
+  done
+  if [ ${#stopping[@]} -gt 0 ]; then
+    log "stopping the Redis Cluster (${#stopping[@]} node(s))"
+    # SIGTERM: each node flushes its AOF and nodes.conf, then exits (and removes its pid file)
+    for pid in "${stopping[@]}"; do
+      for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -0 "$pid" 2>/dev/null && die "Redis Cluster node (pid $pid) did not stop within 15 s"
+    done
+  fi
+  if [ "$wipe" = 1 ]; then
+    for port in $(cluster_ports); do
+      cluster_node_ready "$port" && die "a Redis on port $port still runs (not started by scripts/services?): not wiping $SB_CACHE/redis-cluster"
+    done
+    log "wiping the Redis Cluster's data ($SB_CACHE/redis-cluster)"
+    rm -rf "$SB_CACHE/redis-cluster"
+  fi
+}
+
+# `scripts/services status`: one line; fails unless the cluster is healthy.
+cluster_status() {
+  local n; n=$(cluster_nodes_up)
+  if [ "$n" = 0 ]; then
+    echo "cluster   down  ($(cluster_range); start with up --cluster)"
+    return 1
+  fi
+  local port seed=
+  for port in $(cluster_ports); do cluster_node_ready "$port" && { seed=$port; break; }; done
+  local line; line="$n/$SB_CLUSTER_NODES nodes, cluster_state:$(cluster_info "$seed" cluster_state) at $seed, $(cluster_roles "$seed"), $(cluster_range)"
+  if cluster_healthy; then
+    echo "cluster   up    $line"
+  else
+    echo "cluster   up    $line; NOT healthy (\`scripts/services up --cluster\` says why)"
+    return 1
+  fi
+}
+
 # ---------------------------------------------------------------- LiteLLM proxy
 litellm_url() { echo "http://127.0.0.1:$SB_LITELLM_PORT"; }
 litellm_ready() { curl -fsS -m 2 "$(litellm_url)/health/liveliness" >/dev/null 2>&1; }
@@ -330,14 +523,23 @@ litellm_down() {
 }
 
 # ---------------------------------------------------------------- env for our processes
+# print_env [--cluster]: with --cluster, REDIS_URL lists the cluster's nodes as seeds
+# (scripts/services env --cluster; load_env keeps the single Redis).
+# shellcheck disable=SC2120
 print_env() {
+  local redis="export REDIS_URL=redis://127.0.0.1:$SB_REDIS_PORT"
+  if [ "${1:-}" = --cluster ]; then
+    redis="export REDIS_CLUSTER=true
+export REDIS_URL=$(cluster_urls)"
+  fi
   cat <<EOF
 export DATABASE_URL=$(pg_url)
-export REDIS_URL=redis://127.0.0.1:$SB_REDIS_PORT
+$redis
 export LITELLM_BASE_URL=$(litellm_url)
 export LITELLM_API_KEY=$(state_secret litellm_master_key)
 export JWT_SECRET=$(state_secret jwt_secret)
 EOF
 }
 
+# shellcheck disable=SC2119
 load_env() { eval "$(print_env)"; }
