@@ -86,6 +86,14 @@ pub struct QueueSettings {
     pub jitter: Jitter,
     /// A delivered job not acknowledged for this long is reclaimed by another consumer.
     pub visibility_timeout_secs: u64,
+    /// A handler running longer than this is stopped (apalis's timeout layer) and its job
+    /// retried like any retryable failure.
+    #[serde(default = "default_run_timeout_secs")]
+    pub run_timeout_secs: u64,
+}
+
+fn default_run_timeout_secs() -> u64 {
+    3600
 }
 
 /// How a backoff delay is randomised: `full` = uniform in `[0, delay]` (the default), `none` =

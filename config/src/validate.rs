@@ -104,6 +104,10 @@ impl Settings {
                 q.visibility_timeout_secs,
                 &format!("queues.{name}.visibility_timeout_secs"),
             )?;
+            positive(
+                q.run_timeout_secs,
+                &format!("queues.{name}.run_timeout_secs"),
+            )?;
             if q.backoff_cap_ms < q.backoff_base_ms {
                 return Err(ConfigError::invalid(
                     format!("queues.{name}.backoff_cap_ms"),

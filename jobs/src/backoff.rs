@@ -49,6 +49,7 @@ mod tests {
             backoff_cap_ms: 1000,
             jitter,
             visibility_timeout_secs: 10,
+            run_timeout_secs: 60,
         }
     }
 

@@ -6,6 +6,7 @@
 mod bus;
 mod delayed;
 mod events;
+mod runtime;
 
 use std::sync::Arc;
 

@@ -123,6 +123,7 @@ async fn a_failing_job_backs_off_longer_each_time_dies_with_its_error_and_replay
         // deterministic delays, so that growth can be asserted (full jitter is unit-tested)
         jitter: config::Jitter::None,
         visibility_timeout_secs: 30,
+        run_timeout_secs: 600,
     };
     let bus = bus_for(&settings);
     let probe = Probe {

@@ -1,0 +1,396 @@
+//! The apalis backend over our Redis Streams bus: one [`StreamsBackend`] per queue.
+//!
+//! `poll_next` drives two streams merged into one: the reader (a concurrency permit *first*,
+//! then `XREADGROUP ... BLOCK` on a connection of its own; after a read that returned jobs it
+//! reads again without blocking with as many permits as are free, so bursts go in batches while
+//! an idle reader holds a single permit) and the reclaimer (every quarter of the visibility
+//! timeout, `XAUTOCLAIM` of entries idle past it, and once a minute the pruning of dead
+//! workers' consumer names). Redis errors never leave `poll_next` (an error there ends an apalis
+//! worker): the streams log them, reconnect and go on.
+//!
+//! Every task carries its [`Entry`] (the delivery, its envelope and its permit) in its data for
+//! the settle layer ([`super::settle`]), and a [`JobContext`] for the task function. A malformed
+//! entry never becomes a task: it goes to the dead letters here.
+//!
+//! `poll_close` (apalis calls it once the worker stopped and its tasks are done) stops the
+//! streams, waits for a read already sent, and gives what it returned back to the queue (the
+//! delayed set, due at once, same attempt): nothing read is left pending on a stopped worker.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use apalis_core::backend::{Backend, BackendConfig};
+use apalis_core::task::Task;
+use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::task_id::TaskId;
+use apalis_core::worker::context::WorkerContext;
+use chrono::Utc;
+use futures::future::BoxFuture;
+use futures::stream::{self, BoxStream};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::registry::JobContext;
+use super::settle::{SettleLayer, settle_dead};
+use super::{MAX_BATCH, Run, sleep_or_stop, take_permits};
+use crate::bus::{DeadReason, Delivery};
+use crate::envelope::Envelope;
+use crate::error::BusError;
+use crate::kinds::Job;
+use crate::queue::Queue;
+
+/// How much longer than `read_block` a read may take before its connection is given up.
+const READ_SLACK: Duration = Duration::from_secs(5);
+/// How often a reclaimer prunes the consumer names of dead workers, and how long such a name
+/// must have been idle (with nothing pending) first.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+const PRUNE_IDLE: Duration = Duration::from_secs(600);
+
+/// A delivered entry with the concurrency permit it runs under.
+type Delivered = (Delivery, OwnedSemaphorePermit);
+
+/// What the settle layer needs of a task: carried in the task's data.
+pub(super) struct Entry {
+    pub delivery: Delivery,
+    pub env: Envelope,
+    /// The attempt this run is (`envelope.attempt` plus the deliveries that lost their worker).
+    pub attempt: u32,
+    /// Released when the task is settled.
+    pub permit: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+/// Our Redis Streams bus as an apalis backend, for one queue.
+pub struct StreamsBackend {
+    run: Arc<Run>,
+    queue: Queue,
+    deliveries: Option<BoxStream<'static, Delivered>>,
+    closing: Option<BoxFuture<'static, ()>>,
+}
+
+impl StreamsBackend {
+    pub(super) fn new(run: Arc<Run>, queue: Queue) -> Self {
+        Self {
+            run,
+            queue,
+            deliveries: None,
+            closing: None,
+        }
+    }
+
+    /// The task of a delivered entry, or `None` for a malformed one (dead-lettered aside).
+    fn task(run: &Arc<Run>, d: Delivery, permit: OwnedSemaphorePermit) -> Option<Task<Job>> {
+        let env = match Envelope::from_json(&d.body) {
+            Ok(env) => env,
+            Err(e) => {
+                let error = format!("not a valid job envelope: {e}");
+                tracing::error!(queue = %d.queue, entry = %d.entry_id, %error, "dead-lettering a malformed entry");
+                let run = run.clone();
+                run.clone().side.spawn(async move {
+                    let _permit = permit;
+                    settle_dead(&run, &d, ("unknown", None), &error, DeadReason::Malformed).await;
+                });
+                return None;
+            }
+        };
+        let attempt = env.attempt.saturating_add(d.deliveries.saturating_sub(1));
+        let ctx = JobContext {
+            id: env.id,
+            queue: d.queue,
+            kind: env.job.name(),
+            attempt,
+            enqueued_at: env.enqueued_at,
+            due_at: env.due_at(),
+            trace: env.trace.clone(),
+            consumer: d.consumer.clone(),
+        };
+        let job = env.job.clone();
+        let id = TaskId::from_string(env.id.to_string());
+        let entry = Arc::new(Entry {
+            delivery: d,
+            env,
+            attempt,
+            permit: Mutex::new(Some(permit)),
+        });
+        Some(
+            TaskBuilder::new(job)
+                .task_id(id)
+                .attempt(attempt as usize)
+                .data(ctx)
+                .data(entry)
+                .build(),
+        )
+    }
+}
+
+impl Backend for StreamsBackend {
+    type Task = Task<Job>;
+    type Error = BusError;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), BusError>> {
+        // the permits are taken in the streams, before each read
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Option<Result<Task<Job>, BusError>>> {
+        let (run, q) = (self.run.clone(), self.queue);
+        let deliveries = self.deliveries.get_or_insert_with(|| {
+            stream::select(reader(run.clone(), q), reclaimer(run, q)).boxed()
+        });
+        loop {
+            let Some((d, permit)) = futures::ready!(deliveries.poll_next_unpin(cx)) else {
+                return Poll::Ready(None);
+            };
+            if let Some(task) = Self::task(&self.run, d, permit) {
+                return Poll::Ready(Some(Ok(task)));
+            }
+        }
+    }
+
+    fn poll_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), BusError>> {
+        let closing = self.closing.get_or_insert_with(|| {
+            self.run.reading.cancel();
+            let deliveries = self.deliveries.take();
+            let run = self.run.clone();
+            Box::pin(async move {
+                let Some(mut deliveries) = deliveries else {
+                    return;
+                };
+                let mut back = Vec::new();
+                while let Some((d, _permit)) = deliveries.next().await {
+                    back.push(d);
+                }
+                for d in back {
+                    give_back(&run, &d).await;
+                }
+            })
+        });
+        futures::ready!(closing.poll_unpin(cx));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl BackendConfig for StreamsBackend {
+    type Args = Job;
+    type Id = String;
+    type Kind = apalis_core::backend::finalize::Ephemeral;
+    type Config = Queue;
+    type Layer = SettleLayer;
+
+    fn config(&self) -> &Queue {
+        &self.queue
+    }
+
+    fn middleware(&mut self, _: &mut WorkerContext) -> SettleLayer {
+        SettleLayer::new(self.run.clone())
+    }
+}
+
+/// Put an entry read but never run back on its queue: the delayed set, due now, and ack it. Its
+/// next run is the attempt this one would have been (runs that lost their worker count).
+async fn give_back(run: &Run, d: &Delivery) {
+    let Ok(mut env) = Envelope::from_json(&d.body) else {
+        settle_dead(
+            run,
+            d,
+            ("unknown", None),
+            "not a valid job envelope",
+            DeadReason::Malformed,
+        )
+        .await;
+        return;
+    };
+    env.attempt = env.attempt.saturating_add(d.deliveries.saturating_sub(1));
+    env.not_before = Some(Utc::now());
+    match run
+        .core
+        .bus
+        .retry(d.queue, &d.consumer, &d.entry_id, &env, Utc::now())
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(queue = %d.queue, job_id = %env.id, "stopping: a job read but not started goes back to its queue")
+        }
+        Err(e) => {
+            tracing::warn!(queue = %d.queue, error = %e, "stopping: cannot give a read job back; it will be reclaimed")
+        }
+    }
+}
+
+/// The reader of one queue: permits, then a read, as long as reading is on.
+fn reader(run: Arc<Run>, q: Queue) -> BoxStream<'static, Delivered> {
+    struct State {
+        run: Arc<Run>,
+        q: Queue,
+        conn: Option<redis::aio::MultiplexedConnection>,
+        busy: bool,
+        ready: std::vec::IntoIter<Delivered>,
+    }
+    let state = State {
+        run,
+        q,
+        conn: None,
+        busy: false,
+        ready: Vec::new().into_iter(),
+    };
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(d) = s.ready.next() {
+                return Some((d, s));
+            }
+            let core = &s.run.core;
+            let max = if s.busy { MAX_BATCH } else { 1 };
+            let mut permits = take_permits(&core.semaphore, max, &s.run.reading).await?;
+            let conn = match s.conn.as_mut() {
+                Some(c) => c,
+                None => match core.bus.redis().blocking_conn().await {
+                    Ok(c) => s.conn.insert(c),
+                    Err(e) => {
+                        tracing::warn!(queue = %s.q, error = %e, "cannot connect for reading; retrying");
+                        drop(permits);
+                        if !sleep_or_stop(Duration::from_millis(500), &s.run.reading).await {
+                            return None;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let block = (!s.busy).then_some(core.opts.read_block);
+            // The blocking connection has no reply timeout; bound the read here so that a
+            // connection that died silently cannot hang the reader.
+            let read = tokio::time::timeout(
+                core.opts.read_block + READ_SLACK,
+                core.bus.read(conn, s.q, &core.consumer, permits.len(), block),
+            )
+            .await
+            .unwrap_or_else(|_| Err(BusError::Stalled));
+            match read {
+                Ok(deliveries) => {
+                    s.busy = !deliveries.is_empty();
+                    // COUNT bounds the reply by the permits held
+                    let paired: Vec<Delivered> = deliveries
+                        .into_iter()
+                        .filter_map(|d| permits.pop().map(|p| (d, p)))
+                        .collect();
+                    s.ready = paired.into_iter();
+                }
+                Err(e) => {
+                    s.busy = false;
+                    s.conn = None;
+                    drop(permits);
+                    if is_nogroup(&e) {
+                        let _ = core.bus.ensure_group(s.q).await;
+                    } else {
+                        tracing::warn!(queue = %s.q, error = %e, "read failed; retrying");
+                    }
+                    if !sleep_or_stop(Duration::from_millis(200), &s.run.reading).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+fn is_nogroup(e: &BusError) -> bool {
+    matches!(e, BusError::Redis(r) if r.code() == Some("NOGROUP"))
+}
+
+/// The reclaimer of one queue: entries idle past the visibility timeout (their worker died or
+/// stalled), each under a consumer name of its own.
+fn reclaimer(run: Arc<Run>, q: Queue) -> BoxStream<'static, Delivered> {
+    struct State {
+        run: Arc<Run>,
+        q: Queue,
+        last_prune: Instant,
+        /// The `XAUTOCLAIM` cursor while a pass goes on; `None` between passes.
+        cursor: Option<String>,
+        ready: std::vec::IntoIter<Delivered>,
+    }
+    let state = State {
+        run,
+        q,
+        last_prune: Instant::now(),
+        cursor: None,
+        ready: Vec::new().into_iter(),
+    };
+    stream::unfold(state, |mut s| async move {
+        let core = s.run.core.clone();
+        let visibility = Duration::from_secs(core.bus.settings(s.q).visibility_timeout_secs);
+        let period = (visibility / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            if let Some(d) = s.ready.next() {
+                return Some((d, s));
+            }
+            let cursor = match s.cursor.take() {
+                Some(c) => c,
+                None => {
+                    if !sleep_or_stop(period, &s.run.reading).await {
+                        return None;
+                    }
+                    if s.last_prune.elapsed() >= PRUNE_EVERY {
+                        s.last_prune = Instant::now();
+                        prune(&s.run, s.q).await;
+                    }
+                    "0-0".to_owned()
+                }
+            };
+            let mut permits = take_permits(&core.semaphore, MAX_BATCH, &s.run.reading).await?;
+            // A name of its own per reclaim: an entry of this very process that went idle (a
+            // stalled handler) is then no longer owned by the name its first run acks under,
+            // so one entry never runs twice under one owner. (Nothing is claimed, and no name
+            // is created, when no entry is idle.)
+            let reclaimer = format!("{}~r{}", core.consumer, core.counters.next_reclaim());
+            match core
+                .bus
+                .reclaim(s.q, &reclaimer, visibility, &cursor, permits.len())
+                .await
+            {
+                Ok((next, deliveries)) => {
+                    if !deliveries.is_empty() {
+                        tracing::info!(queue = %s.q, count = deliveries.len(), "reclaimed jobs idle past the visibility timeout");
+                        core.counters.reclaimed(deliveries.len() as u64);
+                    }
+                    let paired: Vec<Delivered> = deliveries
+                        .into_iter()
+                        .filter_map(|d| permits.pop().map(|p| (d, p)))
+                        .collect();
+                    s.ready = paired.into_iter();
+                    if next != "0-0" && !s.run.reading.is_cancelled() {
+                        s.cursor = Some(next);
+                    }
+                }
+                Err(e) => {
+                    if !is_nogroup(&e) {
+                        tracing::warn!(queue = %s.q, error = %e, "reclaim failed");
+                    }
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+async fn prune(run: &Run, q: Queue) {
+    let core = &run.core;
+    match core
+        .bus
+        .prune_consumers(q, &core.consumer, PRUNE_IDLE)
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(queue = %q, removed = n, "removed the names of consumers gone for good")
+        }
+        Err(e) => tracing::warn!(queue = %q, error = %e, "cannot prune consumers"),
+    }
+}
