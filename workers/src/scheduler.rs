@@ -1,27 +1,37 @@
-//! The scheduler: interval jobs under a leader lease.
+//! The scheduler: periodic jobs on apalis-cron, under our own leader lease.
 //!
 //! Every scheduler process competes for one lease (`<prefix>:lease:scheduler`, `SET NX PX`,
 //! renewed every third of `scheduler.lease_secs` by a compare-and-extend script, released on
-//! shutdown). The leader fires the periodic re-index once per interval: interval number
-//! `n = unix_time / INDEX_INTERVAL_SECS`, and the tick is idempotent — the marker
-//! `<prefix>:{q:index}:tick:index:<n>` is `SET NX` in the same Lua step that enqueues the job — so
-//! a leader change mid-interval (or two processes both believing they lead) cannot fire `n`
-//! twice.
+//! shutdown); apalis-cron has no leader election, so each periodic job's task function does its
+//! work only while this process holds the lease. Two apalis-cron workers run under one apalis
+//! `Monitor`, each with an [`Every`] schedule (apalis-cron's `Schedule` trait: any interval in
+//! whole seconds, which cron expressions cannot say for, e.g., 420 s):
 //!
-//! The leader also runs the ledger's reconciler ([`crate::reconciler`]) every
-//! `RECONCILE_INTERVAL_MS`: it re-enqueues the work PostgreSQL records as unfinished whose job
-//! the bus lost. (Its steps are compare-and-sets, so a second process that still believes it
-//! leads does no harm.)
+//! - the periodic re-index, once per `INDEX_INTERVAL_SECS`: interval number
+//!   `n = unix_time / INDEX_INTERVAL_SECS`, and the tick is idempotent — the marker
+//!   `<prefix>:{q:index}:tick:index:<n>` is `SET NX` in the same Lua step that enqueues the job —
+//!   so a leader change mid-interval (or two processes both believing they lead) cannot fire `n`
+//!   twice;
+//! - the ledger's reconciler ([`crate::reconciler`]) every `RECONCILE_INTERVAL_MS`, rounded up
+//!   to whole seconds (apalis-cron ticks are seconds): it re-enqueues the work PostgreSQL records
+//!   as unfinished whose job the bus lost. Its steps are compare-and-sets, so a second process
+//!   that still believes it leads does no harm; a pass still running when the next tick comes
+//!   lets that tick go.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chrono::Utc;
+use apalis_core::monitor::Monitor;
+use apalis_core::worker::builder::WorkerBuilder;
+use apalis_cron::timezone::Utc;
+use apalis_cron::{CronScheduler, Schedule, Tick};
 use jobs::kinds::{Index, IndexReason};
 use jobs::lease::Lease;
 use jobs::{Bus, BusError};
+use tokio_util::sync::CancellationToken;
 
 use crate::reconciler::Reconciler;
-use tokio_util::sync::CancellationToken;
 
 pub struct SchedulerOptions {
     pub owner: String,
@@ -41,89 +51,114 @@ impl SchedulerOptions {
     }
 }
 
+/// An apalis-cron schedule: every `secs` seconds on the multiples of `secs` since the epoch,
+/// starting with the next whole second (so a scheduler that starts mid-interval fires that
+/// interval at once, as the marker makes it idempotent).
+#[derive(Debug, Clone)]
+pub struct Every {
+    secs: u64,
+    last: Option<u64>,
+}
+
+impl Every {
+    /// `interval` rounded up to whole seconds (at least one).
+    pub fn new(interval: Duration) -> Self {
+        let secs = interval.as_millis().div_ceil(1000).max(1);
+        Self {
+            secs: u64::try_from(secs).unwrap_or(u64::MAX),
+            last: None,
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Schedule<Utc> for Every {
+    fn next_tick(&mut self, _: &Utc) -> Option<Tick<Utc>> {
+        // never in the past (apalis-cron ends the worker on a tick it has missed): a schedule
+        // that fell behind goes on from the next multiple after now
+        let now = unix_now();
+        let next = match self.last {
+            None => now + 1,
+            Some(last) => (last.max(now) / self.secs + 1) * self.secs,
+        };
+        self.last = Some(next);
+        Some(Tick::new(next))
+    }
+}
+
+/// What the periodic jobs share.
+struct Shared {
+    bus: Bus,
+    lease: Lease,
+    leader: AtomicBool,
+    reconciler: Reconciler,
+    index_interval_secs: u64,
+    marker_ttl: Duration,
+    /// Held by a reconciler pass.
+    reconciling: tokio::sync::Mutex<()>,
+}
+
 /// Run until `shutdown`; then give the lease up. The leader runs `reconciler`'s passes.
 pub async fn run(
     bus: &Bus,
     opts: &SchedulerOptions,
-    reconciler: &Reconciler,
+    reconciler: Reconciler,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
-    let lease = Lease::new(bus.redis(), "scheduler", opts.owner.clone(), opts.lease_ttl);
-    let renew_every = opts.lease_ttl / 3;
-    let interval_ms = u64::try_from(opts.index_interval.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    let marker_ttl = (opts.index_interval * 3).max(Duration::from_secs(60));
-    let mut leader = false;
-    let mut next_renew = tokio::time::Instant::now();
-    let mut last_fired: Option<u64> = None;
-    let mut next_reconcile = tokio::time::Instant::now();
-    loop {
-        let mut failed = false;
-        if tokio::time::Instant::now() >= next_renew {
-            let held = match lease.acquire_or_renew(bus.redis()).await {
-                Ok(h) => h,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot renew the scheduler lease");
-                    false
-                }
-            };
-            if held != leader {
-                if held {
-                    tracing::info!(owner = lease.owner(), "scheduler is the leader");
-                } else {
-                    tracing::info!(owner = lease.owner(), "scheduler is no longer the leader");
-                }
+    let index_schedule = Every::new(opts.index_interval);
+    let shared = Arc::new(Shared {
+        bus: bus.clone(),
+        lease: Lease::new(bus.redis(), "scheduler", opts.owner.clone(), opts.lease_ttl),
+        leader: AtomicBool::new(false),
+        reconciler,
+        index_interval_secs: index_schedule.secs,
+        marker_ttl: (opts.index_interval * 3).max(Duration::from_secs(60)),
+        reconciling: tokio::sync::Mutex::new(()),
+    });
+    let monitor = Monitor::new()
+        .register({
+            let shared = shared.clone();
+            move |_| {
+                let shared = shared.clone();
+                WorkerBuilder::new("scheduler:index")
+                    .backend(CronScheduler::new(index_schedule.clone()))
+                    .build(move |tick: Tick| {
+                        let shared = shared.clone();
+                        async move { index_tick(&shared, tick).await }
+                    })
             }
-            leader = held;
-            next_renew = tokio::time::Instant::now() + renew_every;
-        }
-        let now_ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
-        let n = now_ms / interval_ms;
-        if leader && last_fired != Some(n) {
-            let job = Index {
-                reason: IndexReason::Scheduled { tick: n },
-            };
-            match bus
-                .enqueue_tick("index", n, lease.owner(), marker_ttl, job)
-                .await
-            {
-                Ok(Some(env)) => {
-                    tracing::info!(tick = n, job_id = %env.id, "periodic index job enqueued");
-                    last_fired = Some(n);
-                }
-                Ok(None) => {
-                    tracing::debug!(tick = n, "interval already fired");
-                    last_fired = Some(n);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, tick = n, "cannot enqueue the index job; retrying");
-                    failed = true;
-                }
+        })
+        .register({
+            let shared = shared.clone();
+            let schedule = Every::new(opts.reconcile_interval);
+            move |_| {
+                let shared = shared.clone();
+                WorkerBuilder::new("scheduler:reconcile")
+                    .backend(CronScheduler::new(schedule.clone()))
+                    .build(move |_: Tick| {
+                        let shared = shared.clone();
+                        async move { reconcile(&shared).await }
+                    })
             }
-        }
-        if leader && tokio::time::Instant::now() >= next_reconcile {
-            reconciler.pass().await;
-            next_reconcile = tokio::time::Instant::now() + opts.reconcile_interval;
-        }
-        let to_boundary = if failed {
-            Duration::from_millis(500)
-        } else {
-            Duration::from_millis((n + 1) * interval_ms - now_ms + 1)
-        };
-        let now = tokio::time::Instant::now();
-        let to_renew = next_renew.saturating_duration_since(now);
-        let mut wait = to_boundary.min(to_renew);
-        if leader {
-            wait = wait.min(next_reconcile.saturating_duration_since(now));
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(wait) => {}
-        }
+        })
+        .shutdown_timeout(Duration::from_secs(30));
+    let stop = shutdown.clone();
+    let monitored = monitor.run_with_signal(async move {
+        stop.cancelled().await;
+        Ok(())
+    });
+    let (result, ()) = tokio::join!(monitored, keep_lease(&shared, shutdown));
+    if let Err(e) = result {
+        tracing::error!(error = %e, "the scheduler's workers failed");
     }
-    if leader {
-        match lease.release(bus.redis()).await {
+    if shared.leader.load(Ordering::Relaxed) {
+        match shared.lease.release(bus.redis()).await {
             Ok(_) => tracing::info!("scheduler lease released"),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot release the scheduler lease; it expires by itself")
@@ -131,4 +166,113 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Acquire or renew the lease every third of its time to live, until `shutdown`.
+async fn keep_lease(shared: &Shared, shutdown: CancellationToken) {
+    let renew_every = shared.lease.ttl() / 3;
+    loop {
+        let held = match shared.lease.acquire_or_renew(shared.bus.redis()).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the scheduler lease");
+                false
+            }
+        };
+        if held != shared.leader.swap(held, Ordering::Relaxed) {
+            if held {
+                tracing::info!(owner = shared.lease.owner(), "scheduler is the leader");
+                // the interval under way may not have fired if the last leader died in it
+                index_tick(shared, Tick::new(unix_now())).await;
+            } else {
+                tracing::info!(
+                    owner = shared.lease.owner(),
+                    "scheduler is no longer the leader"
+                );
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(renew_every) => {}
+        }
+    }
+}
+
+/// The periodic re-index (a task function of apalis-cron's tick).
+async fn index_tick(shared: &Shared, tick: Tick) {
+    let n = tick.get_timestamp() / shared.index_interval_secs;
+    // Redis may be away for a moment: try again until the interval is nearly over.
+    let give_up = tokio::time::Instant::now()
+        + Duration::from_secs(shared.index_interval_secs.saturating_sub(1).max(1));
+    while shared.leader.load(Ordering::Relaxed) {
+        let job = Index {
+            reason: IndexReason::Scheduled { tick: n },
+        };
+        match shared
+            .bus
+            .enqueue_tick("index", n, shared.lease.owner(), shared.marker_ttl, job)
+            .await
+        {
+            Ok(Some(env)) => {
+                tracing::info!(tick = n, job_id = %env.id, "periodic index job enqueued");
+                return;
+            }
+            Ok(None) => {
+                tracing::debug!(tick = n, "interval already fired");
+                return;
+            }
+            Err(e) if tokio::time::Instant::now() < give_up => {
+                tracing::warn!(error = %e, tick = n, "cannot enqueue the index job; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, tick = n, "cannot enqueue the index job; the interval is skipped");
+                return;
+            }
+        }
+    }
+}
+
+/// A reconciler pass (a task function of apalis-cron's tick), unless one is still running.
+async fn reconcile(shared: &Shared) {
+    if !shared.leader.load(Ordering::Relaxed) {
+        return;
+    }
+    let Ok(_running) = shared.reconciling.try_lock() else {
+        tracing::debug!("a reconciler pass is still running; this tick is skipped");
+        return;
+    };
+    shared.reconciler.pass().await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn every_rounds_up_to_whole_seconds() {
+        assert_eq!(Every::new(Duration::from_millis(200)).secs, 1);
+        assert_eq!(Every::new(Duration::from_millis(1500)).secs, 2);
+        assert_eq!(Every::new(Duration::from_secs(420)).secs, 420);
+    }
+
+    #[test]
+    fn every_ticks_on_the_multiples_of_its_interval_and_never_in_the_past() {
+        let mut s = Every::new(Duration::from_secs(7));
+        let now = unix_now();
+        let first = s.next_tick(&Utc).unwrap().get_timestamp();
+        assert!(
+            first > now && first <= now + 2,
+            "the first tick comes at once"
+        );
+        let second = s.next_tick(&Utc).unwrap().get_timestamp();
+        assert!(second.is_multiple_of(7));
+        assert!(second > first && second - first <= 7);
+        // a schedule asked long after its last tick skips to the future
+        s.last = Some(1_000);
+        let next = s.next_tick(&Utc).unwrap().get_timestamp();
+        assert!(next > unix_now() && next.is_multiple_of(7));
+    }
 }

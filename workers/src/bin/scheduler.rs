@@ -60,7 +60,7 @@ async fn main() -> ExitCode {
         opts.owner.clone(),
     );
     let work = async {
-        let r = workers::scheduler::run(&rt.bus, &opts, &reconciler, shutdown.clone()).await;
+        let r = workers::scheduler::run(&rt.bus, &opts, reconciler, shutdown.clone()).await;
         done.cancel();
         r
     };
