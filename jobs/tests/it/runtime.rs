@@ -146,11 +146,14 @@ async fn a_read_that_a_stop_interrupts_goes_back_to_the_queue() {
         &crate::queues(|q| q.actions.visibility_timeout_secs = 60),
     );
     let ran = Arc::new(AtomicUsize::new(0));
+    let requeued = Arc::new(AtomicBool::new(false));
     let mut registry = Registry::new();
     {
-        let ran = ran.clone();
-        registry.register::<Probe, _, _>(move |_, _| {
+        let (ran, requeued) = (ran.clone(), requeued.clone());
+        registry.register::<Probe, _, _>(move |ctx, _| {
             ran.fetch_add(1, Ordering::SeqCst);
+            // given back through the delayed set: due later than enqueued
+            requeued.store(ctx.due_at > ctx.enqueued_at, Ordering::SeqCst);
             async { Ok(()) }
         });
     }
@@ -188,4 +191,8 @@ async fn a_read_that_a_stop_interrupts_goes_back_to_the_queue() {
     .unwrap();
     assert_eq!(report.completed, 1);
     assert_eq!(ran.load(Ordering::SeqCst), 1);
+    assert!(
+        requeued.load(Ordering::SeqCst),
+        "the first worker's read took the job and gave it back"
+    );
 }
