@@ -74,4 +74,7 @@ pub enum BusError {
     Stalled,
     #[error("the queues did not empty within {0:?}")]
     Timeout(Duration),
+    /// The apalis workers of a process ended although nobody asked them to stop.
+    #[error("the {0} ended before a shutdown was asked for")]
+    Ended(&'static str),
 }

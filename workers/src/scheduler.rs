@@ -2,10 +2,11 @@
 //!
 //! Every scheduler process competes for one lease (`<prefix>:lease:scheduler`, `SET NX PX`,
 //! renewed every third of `scheduler.lease_secs` by a compare-and-extend script, released on
-//! shutdown); apalis-cron has no leader election, so each periodic job's task function does its
-//! work only while this process holds the lease. Two apalis-cron workers run under one apalis
-//! `Monitor`, each with an [`Every`] schedule (apalis-cron's `Schedule` trait: any interval in
-//! whole seconds, which cron expressions cannot say for, e.g., 420 s):
+//! shutdown); apalis-cron has no leader election, so each periodic job's task function starts
+//! its work only while this process holds the lease (a pass under way when it is lost
+//! finishes). Two apalis-cron workers run under one apalis `Monitor`, which restarts one that
+//! fails, each with an [`Every`] schedule (apalis-cron's `Schedule` trait: any interval in whole
+//! seconds, which cron expressions cannot say for, e.g., 420 s):
 //!
 //! - the periodic re-index, once per `INDEX_INTERVAL_SECS`: interval number
 //!   `n = unix_time / INDEX_INTERVAL_SECS`, and the tick is idempotent — the marker
@@ -57,7 +58,7 @@ impl SchedulerOptions {
 #[derive(Debug, Clone)]
 pub struct Every {
     secs: u64,
-    last: Option<u64>,
+    started: bool,
 }
 
 impl Every {
@@ -66,7 +67,7 @@ impl Every {
         let secs = interval.as_millis().div_ceil(1000).max(1);
         Self {
             secs: u64::try_from(secs).unwrap_or(u64::MAX),
-            last: None,
+            started: false,
         }
     }
 }
@@ -80,14 +81,17 @@ fn unix_now() -> u64 {
 
 impl Schedule<Utc> for Every {
     fn next_tick(&mut self, _: &Utc) -> Option<Tick<Utc>> {
-        // never in the past (apalis-cron ends the worker on a tick it has missed): a schedule
-        // that fell behind goes on from the next multiple after now
+        // The next multiple after now, never a past one (apalis-cron ends a worker on a tick
+        // already gone; should that happen all the same — a late poll, a clock step — the
+        // monitor restarts the worker). Counted from now, not from the last tick, so that a
+        // clock set back does not stall the schedule.
         let now = unix_now();
-        let next = match self.last {
-            None => now + 1,
-            Some(last) => (last.max(now) / self.secs + 1) * self.secs,
+        let next = if self.started {
+            (now / self.secs + 1) * self.secs
+        } else {
+            now + 1
         };
-        self.last = Some(next);
+        self.started = true;
         Some(Tick::new(next))
     }
 }
@@ -130,7 +134,7 @@ pub async fn run(
                     .backend(CronScheduler::new(index_schedule.clone()))
                     .build(move |tick: Tick| {
                         let shared = shared.clone();
-                        async move { index_tick(&shared, tick).await }
+                        async move { index_tick(&shared, tick, true).await }
                     })
             }
         })
@@ -147,16 +151,35 @@ pub async fn run(
                     })
             }
         })
-        .shutdown_timeout(Duration::from_secs(30));
+        .shutdown_timeout(Duration::from_secs(30))
+        // a periodic job that panicked, or a tick apalis-cron found already past, ends its
+        // worker: it starts again (the index tick is idempotent, the reconciler's steps are
+        // compare-and-sets)
+        .should_restart(|w, e| {
+            tracing::error!(worker = w.name(), error = %e, "a periodic job's worker failed; restarting it");
+            true
+        });
     let stop = shutdown.clone();
-    let monitored = monitor.run_with_signal(async move {
-        stop.cancelled().await;
-        Ok(())
-    });
-    let (result, ()) = tokio::join!(monitored, keep_lease(&shared, shutdown));
+    // the lease is kept only while the periodic jobs run
+    let leasing = shutdown.child_token();
+    let monitored = {
+        let leasing = leasing.clone();
+        async move {
+            let r = monitor
+                .run_with_signal(async move {
+                    stop.cancelled().await;
+                    Ok(())
+                })
+                .await;
+            leasing.cancel();
+            r
+        }
+    };
+    let (result, ()) = tokio::join!(monitored, keep_lease(&shared, leasing));
     if let Err(e) = result {
         tracing::error!(error = %e, "the scheduler's workers failed");
     }
+    let ended_early = !shutdown.is_cancelled();
     if shared.leader.load(Ordering::Relaxed) {
         match shared.lease.release(bus.redis()).await {
             Ok(_) => tracing::info!("scheduler lease released"),
@@ -164,6 +187,9 @@ pub async fn run(
                 tracing::warn!(error = %e, "cannot release the scheduler lease; it expires by itself")
             }
         }
+    }
+    if ended_early {
+        return Err(BusError::Ended("scheduler's periodic jobs"));
     }
     Ok(())
 }
@@ -182,8 +208,9 @@ async fn keep_lease(shared: &Shared, shutdown: CancellationToken) {
         if held != shared.leader.swap(held, Ordering::Relaxed) {
             if held {
                 tracing::info!(owner = shared.lease.owner(), "scheduler is the leader");
-                // the interval under way may not have fired if the last leader died in it
-                index_tick(shared, Tick::new(unix_now())).await;
+                // the interval under way may not have fired if the last leader died in it (one
+                // try: the lease must be renewed on time)
+                index_tick(shared, Tick::new(unix_now()), false).await;
             } else {
                 tracing::info!(
                     owner = shared.lease.owner(),
@@ -199,7 +226,9 @@ async fn keep_lease(shared: &Shared, shutdown: CancellationToken) {
 }
 
 /// The periodic re-index (a task function of apalis-cron's tick).
-async fn index_tick(shared: &Shared, tick: Tick) {
+/// With `retry`, Redis errors are retried until the interval is nearly over, each time only
+/// while this process still leads.
+async fn index_tick(shared: &Shared, tick: Tick, retry: bool) {
     let n = tick.get_timestamp() / shared.index_interval_secs;
     // Redis may be away for a moment: try again until the interval is nearly over.
     let give_up = tokio::time::Instant::now()
@@ -221,7 +250,7 @@ async fn index_tick(shared: &Shared, tick: Tick) {
                 tracing::debug!(tick = n, "interval already fired");
                 return;
             }
-            Err(e) if tokio::time::Instant::now() < give_up => {
+            Err(e) if retry && tokio::time::Instant::now() < give_up => {
                 tracing::warn!(error = %e, tick = n, "cannot enqueue the index job; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -270,9 +299,7 @@ mod tests {
         let second = s.next_tick(&Utc).unwrap().get_timestamp();
         assert!(second.is_multiple_of(7));
         assert!(second > first && second - first <= 7);
-        // a schedule asked long after its last tick skips to the future
-        s.last = Some(1_000);
-        let next = s.next_tick(&Utc).unwrap().get_timestamp();
-        assert!(next > unix_now() && next.is_multiple_of(7));
+        let third = s.next_tick(&Utc).unwrap().get_timestamp();
+        assert!(third > unix_now() && third.is_multiple_of(7));
     }
 }

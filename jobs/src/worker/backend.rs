@@ -26,10 +26,10 @@ use apalis_core::task::builder::TaskBuilder;
 use apalis_core::task::task_id::TaskId;
 use apalis_core::worker::context::WorkerContext;
 use chrono::Utc;
-use futures::future::BoxFuture;
+use futures::StreamExt;
 use futures::stream::{self, BoxStream};
-use futures::{FutureExt, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 use super::registry::JobContext;
 use super::settle::{SettleLayer, settle_dead};
@@ -58,23 +58,33 @@ pub(super) struct Entry {
     pub attempt: u32,
     /// Released when the task is settled.
     pub permit: Mutex<Option<OwnedSemaphorePermit>>,
+    /// Cancelled to stop the handler (see [`super::settle::CutLayer`]).
+    pub cut: CancellationToken,
 }
 
 /// Our Redis Streams bus as an apalis backend, for one queue.
 pub struct StreamsBackend {
     run: Arc<Run>,
     queue: Queue,
-    deliveries: Option<BoxStream<'static, Delivered>>,
-    closing: Option<BoxFuture<'static, ()>>,
+    /// The merged reader and reclaimer, shared with [`Run::stop_reading`], which takes it away
+    /// at a stop to give back what a read in flight returns.
+    deliveries: Deliveries,
+    /// A restarted backend (its apalis worker failed) waits this long before its first read.
+    pause: Duration,
 }
 
+/// A backend's delivery stream; `None` once it is taken away.
+pub(super) type Deliveries = Arc<Mutex<Option<BoxStream<'static, Delivered>>>>;
+
 impl StreamsBackend {
-    pub(super) fn new(run: Arc<Run>, queue: Queue) -> Self {
+    pub(super) fn new(run: Arc<Run>, queue: Queue, pause: Duration) -> Self {
+        let deliveries = Arc::new(Mutex::new(None));
+        run.register_deliveries(deliveries.clone());
         Self {
             run,
             queue,
-            deliveries: None,
-            closing: None,
+            deliveries,
+            pause,
         }
     }
 
@@ -105,12 +115,14 @@ impl StreamsBackend {
             consumer: d.consumer.clone(),
         };
         let job = env.job.clone();
-        let id = TaskId::from_string(env.id.to_string());
+        // unique per delivery: a reclaimed entry runs under a consumer name of its own
+        let id = TaskId::from_string(format!("{}/{}", d.consumer, d.entry_id));
         let entry = Arc::new(Entry {
             delivery: d,
             env,
             attempt,
             permit: Mutex::new(Some(permit)),
+            cut: CancellationToken::new(),
         });
         Some(
             TaskBuilder::new(job)
@@ -137,10 +149,20 @@ impl Backend for StreamsBackend {
         cx: &mut Context<'_>,
         _: &WorkerContext,
     ) -> Poll<Option<Result<Task<Job>, BusError>>> {
-        let (run, q) = (self.run.clone(), self.queue);
-        let deliveries = self.deliveries.get_or_insert_with(|| {
-            stream::select(reader(run.clone(), q), reclaimer(run, q)).boxed()
-        });
+        let Ok(mut slot) = self.deliveries.lock() else {
+            return Poll::Ready(None);
+        };
+        if slot.is_none() {
+            if self.run.reading.is_cancelled() {
+                return Poll::Ready(None);
+            }
+            let (run, q) = (self.run.clone(), self.queue);
+            let reader = reader(run.clone(), q, self.pause);
+            *slot = Some(stream::select(reader, reclaimer(run, q)).boxed());
+        }
+        let Some(deliveries) = slot.as_mut() else {
+            return Poll::Ready(None);
+        };
         loop {
             let Some((d, permit)) = futures::ready!(deliveries.poll_next_unpin(cx)) else {
                 return Poll::Ready(None);
@@ -151,30 +173,19 @@ impl Backend for StreamsBackend {
         }
     }
 
-    fn poll_close(
-        &mut self,
-        cx: &mut Context<'_>,
-        _: &WorkerContext,
-    ) -> Poll<Result<(), BusError>> {
-        let closing = self.closing.get_or_insert_with(|| {
-            self.run.reading.cancel();
-            let deliveries = self.deliveries.take();
-            let run = self.run.clone();
-            Box::pin(async move {
-                let Some(mut deliveries) = deliveries else {
-                    return;
-                };
-                let mut back = Vec::new();
-                while let Some((d, _permit)) = deliveries.next().await {
-                    back.push(d);
-                }
-                for d in back {
-                    give_back(&run, &d).await;
-                }
-            })
-        });
-        futures::ready!(closing.poll_unpin(cx));
+    fn poll_close(&mut self, _: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), BusError>> {
+        // normally done at the stop signal already; what it gives back is awaited by the run
+        self.run.stop_reading();
         Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for StreamsBackend {
+    fn drop(&mut self) {
+        // a backend dropped with its worker (a restart) reads no more: its permits go
+        if let Ok(mut slot) = self.deliveries.lock() {
+            slot.take();
+        }
     }
 }
 
@@ -196,7 +207,7 @@ impl BackendConfig for StreamsBackend {
 
 /// Put an entry read but never run back on its queue: the delayed set, due now, and ack it. Its
 /// next run is the attempt this one would have been (runs that lost their worker count).
-async fn give_back(run: &Run, d: &Delivery) {
+pub(super) async fn give_back(run: &Run, d: &Delivery) {
     let Ok(mut env) = Envelope::from_json(&d.body) else {
         settle_dead(
             run,
@@ -216,8 +227,11 @@ async fn give_back(run: &Run, d: &Delivery) {
         .retry(d.queue, &d.consumer, &d.entry_id, &env, Utc::now())
         .await
     {
-        Ok(_) => {
+        Ok(true) => {
             tracing::info!(queue = %d.queue, job_id = %env.id, "stopping: a job read but not started goes back to its queue")
+        }
+        Ok(false) => {
+            tracing::warn!(queue = %d.queue, job_id = %env.id, "stopping: a job read but not started was reclaimed meanwhile; its new owner decides")
         }
         Err(e) => {
             tracing::warn!(queue = %d.queue, error = %e, "stopping: cannot give a read job back; it will be reclaimed")
@@ -226,12 +240,14 @@ async fn give_back(run: &Run, d: &Delivery) {
 }
 
 /// The reader of one queue: permits, then a read, as long as reading is on.
-fn reader(run: Arc<Run>, q: Queue) -> BoxStream<'static, Delivered> {
+fn reader(run: Arc<Run>, q: Queue, pause: Duration) -> BoxStream<'static, Delivered> {
     struct State {
         run: Arc<Run>,
         q: Queue,
         conn: Option<redis::aio::MultiplexedConnection>,
         busy: bool,
+        /// Before the first read (a restarted backend).
+        pause: Duration,
         ready: std::vec::IntoIter<Delivered>,
     }
     let state = State {
@@ -239,9 +255,14 @@ fn reader(run: Arc<Run>, q: Queue) -> BoxStream<'static, Delivered> {
         q,
         conn: None,
         busy: false,
+        pause,
         ready: Vec::new().into_iter(),
     };
     stream::unfold(state, |mut s| async move {
+        let pause = std::mem::take(&mut s.pause);
+        if !pause.is_zero() && !sleep_or_stop(pause, &s.run.reading).await {
+            return None;
+        }
         loop {
             if let Some(d) = s.ready.next() {
                 return Some((d, s));
@@ -263,6 +284,9 @@ fn reader(run: Arc<Run>, q: Queue) -> BoxStream<'static, Delivered> {
                     }
                 },
             };
+            if s.run.reading.is_cancelled() {
+                return None;
+            }
             let block = (!s.busy).then_some(core.opts.read_block);
             // The blocking connection has no reply timeout; bound the read here so that a
             // connection that died silently cannot hang the reader.

@@ -11,16 +11,20 @@
 //!
 //! Inside the settle layer, the apalis / tower layers of every queue's worker, outermost first:
 //! tracing (apalis's, in the job's span), handlers spawned in parallel (`parallelize`, on a
-//! tracker of this run, aborted when dropped), catch-panic, a timeout per queue
-//! (`[queues.<name>] run_timeout_secs`), then the task function. One `WORKER_CONCURRENCY`
-//! semaphore is shared by every queue's backend: a permit is taken before each read and released
-//! when the task is settled. The delayed-set mover of each queue and the ack batcher are tasks
-//! of the run, next to the monitor.
+//! tracker of this run, aborted if dropped), our cut layer (in the handler's task: ends the
+//! handler when the settle layer drops the job), catch-panic, a timeout per queue
+//! (`[queues.<name>] run_timeout_secs`), then the task function. The settle layer itself runs in
+//! the monitor's task (a panic there costs one job, which stays pending); a queue's worker that
+//! fails all the same is restarted by the monitor. One `WORKER_CONCURRENCY` semaphore is shared
+//! by every queue's backend: a permit is taken before each read and released when the task is
+//! settled. The delayed-set mover of each queue and the ack batcher are tasks of the run, next
+//! to the monitor.
 //!
-//! Stopping: the monitor's shutdown stops the readers (a read already sent finishes, within
-//! `read_block_ms`, and what it returned goes back to the queue); in-flight jobs get
-//! `shutdown_grace`, after which they are dropped and left pending for the other workers to
-//! reclaim (apalis's `shutdown_timeout` is the same grace plus a margin, a backstop).
+//! Stopping: at the stop signal the readers stop, and what a read already sent returns goes back
+//! to its queue at once (apalis polls a stopping worker's backend no more); in-flight jobs get
+//! `shutdown_grace`, after which they are cut and left pending for the other workers to reclaim
+//! (counted as abandoned). apalis's `shutdown_timeout`, the grace plus 5 s, bounds the settling
+//! that follows (a retry or an ack against a Redis that does not answer).
 
 mod backend;
 mod registry;
@@ -40,6 +44,7 @@ use apalis_core::task::Task;
 use apalis_core::worker::builder::WorkerBuilder;
 use apalis_core::worker::ext::parallelize::ParallelizeExt;
 use chrono::Utc;
+use futures::StreamExt;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -48,7 +53,7 @@ use tracing::Instrument;
 
 pub use backend::StreamsBackend;
 pub use registry::{HandlerResult, JobContext, NoJobContext, Registry};
-pub use settle::{Settle, SettleLayer};
+pub use settle::{Cut, CutLayer, Settle, SettleLayer};
 
 use crate::bus::Bus;
 use crate::error::BusError;
@@ -67,6 +72,8 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How much longer than the grace period apalis's monitor waits before it gives up on a worker
 /// (the grace itself is ours: see [`Worker::run`]).
 const MONITOR_MARGIN: Duration = Duration::from_secs(5);
+/// How long a restarted queue worker waits before it reads again.
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -188,13 +195,42 @@ struct Run {
     ackers: Mutex<HashMap<Queue, settle::Acker>>,
     /// The handlers, spawned by apalis's `parallelize`.
     handlers: TaskTracker,
-    /// Settling aside (malformed entries).
+    /// Settling aside (malformed entries, reads given back at a stop).
     side: TaskTracker,
+    /// Every backend's delivery stream, for [`Run::stop_reading`].
+    deliveries: Mutex<Vec<backend::Deliveries>>,
 }
 
 impl Run {
     fn acker(&self, q: Queue) -> Option<settle::Acker> {
         self.ackers.lock().ok()?.get(&q).cloned()
+    }
+
+    fn register_deliveries(&self, d: backend::Deliveries) {
+        if let Ok(mut all) = self.deliveries.lock() {
+            all.push(d);
+        }
+    }
+
+    /// Stop reading and reclaiming, and give back to their queues whatever the reads already
+    /// sent return (apalis polls a backend no more once its worker stops). Idempotent.
+    fn stop_reading(self: &Arc<Self>) {
+        self.reading.cancel();
+        let streams: Vec<_> = match self.deliveries.lock() {
+            Ok(all) => all
+                .iter()
+                .filter_map(|d| d.lock().ok().and_then(|mut s| s.take()))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for mut deliveries in streams {
+            let run = self.clone();
+            self.side.spawn(async move {
+                while let Some((d, _permit)) = deliveries.next().await {
+                    backend::give_back(&run, &d).await;
+                }
+            });
+        }
     }
 }
 
@@ -249,6 +285,7 @@ impl Worker {
             ackers: Mutex::new(ackers),
             handlers: TaskTracker::new(),
             side: TaskTracker::new(),
+            deliveries: Mutex::new(Vec::new()),
         });
         for (q, rx) in receivers {
             background.spawn(settle::ack_loop(run.clone(), q, rx));
@@ -257,19 +294,31 @@ impl Worker {
         background.close();
 
         let mut monitor =
-            Monitor::new().shutdown_timeout(core.opts.shutdown_grace + MONITOR_MARGIN);
+            Monitor::new()
+                .shutdown_timeout(core.opts.shutdown_grace + MONITOR_MARGIN)
+                // a queue's worker that fails (a panic outside a handler) starts again
+                .should_restart(|w, e| {
+                    tracing::error!(worker = w.name(), error = %e, "an apalis worker failed; restarting it");
+                    true
+                });
         for q in core.opts.queues.clone() {
             let run = run.clone();
             let timeout = Duration::from_secs(core.bus.settings(q).run_timeout_secs);
-            monitor = monitor.register(move |_| {
+            monitor = monitor.register(move |restarts| {
+                let pause = if restarts > 0 {
+                    RESTART_PAUSE
+                } else {
+                    Duration::ZERO
+                };
                 WorkerBuilder::new(format!("{}:{q}", run.core.consumer))
-                    .backend(StreamsBackend::new(run.clone(), q))
+                    .backend(StreamsBackend::new(run.clone(), q, pause))
                     .layer(
                         TraceLayer::new()
                             .make_span_with(|_: &Task<Job>| tracing::Span::current())
                             .on_failure(()),
                     )
                     .parallelize(spawn_on(run.handlers.clone()))
+                    .layer(CutLayer)
                     .catch_panic()
                     .timeout(timeout)
                     .build(run.core.registry.dispatch())
@@ -292,7 +341,7 @@ impl Worker {
                     grace_secs = grace.as_secs_f64(),
                     "worker stopping: no new reads, finishing jobs in flight"
                 );
-                run.reading.cancel();
+                run.stop_reading();
                 Ok::<(), std::io::Error>(())
             }
         };
@@ -321,6 +370,10 @@ impl Worker {
         if let Err(e) = result {
             tracing::error!(error = %e, "the apalis monitor failed");
         }
+        let ended_early = !shutdown.is_cancelled();
+        if ended_early {
+            tracing::error!("the worker's apalis workers ended without being asked to; stopping");
+        }
         run.reading.cancel();
         run.hard_stop.cancel();
         run.handlers.close();
@@ -336,6 +389,9 @@ impl Worker {
             if let Err(e) = core.bus.remove_consumer_if_idle(*q, &core.consumer).await {
                 tracing::warn!(queue = %q, error = %e, "cannot tidy up the consumer");
             }
+        }
+        if ended_early {
+            return Err(BusError::Ended("apalis workers"));
         }
         let report = core.counters.report().since(&before);
         tracing::info!(?report, "worker stopped");

@@ -20,6 +20,7 @@
 //! settling, the entry stays pending and is reclaimed later: handlers are idempotent by job id.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use apalis_core::error::BoxDynError;
 use apalis_core::layers::{Layer, Service};
 use apalis_core::task::Task;
 use chrono::Utc;
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
@@ -115,43 +117,126 @@ where
             attempt = entry.attempt,
             trace_id = entry.env.trace_id().unwrap_or(""),
         );
-        if d.deliveries > 1 && entry.attempt > settings.max_attempts {
-            return Box::pin(
-                async move {
-                    let _permit = permit;
-                    settle_lost(&run, &entry).await;
-                    Ok(())
-                }
-                .instrument(span),
-            );
-        }
-        if d.deliveries == 1 {
+        let lost = d.deliveries > 1 && entry.attempt > settings.max_attempts;
+        if !lost && d.deliveries == 1 {
             let latency = (Utc::now() - entry.env.due_at())
                 .to_std()
                 .unwrap_or_default();
             metrics::picked_up(d.queue, entry.env.job.name(), latency);
         }
         // The inner layers (apalis's tracing) take this span as the task's.
-        let handler = {
+        let handler = (!lost).then(|| {
             let _guard = span.enter();
             self.inner.call(task)
-        };
+        });
         let visibility = Duration::from_secs(settings.visibility_timeout_secs);
+        let settled = async move {
+            let _permit = permit;
+            let Some(handler) = handler else {
+                settle_lost(&run, &entry).await;
+                return;
+            };
+            let started = Instant::now();
+            let mut handler = std::pin::pin!(handler);
+            let result = tokio::select! {
+                biased;
+                r = &mut handler => Some(r.map(|_| ()).map_err(Into::into)),
+                _ = run.hard_stop.cancelled() => None,
+                () = keep_claimed(&run, &entry.delivery, visibility) => None,
+            };
+            if result.is_none() {
+                // stop the handler's task and wait until it has stopped, before the permit
+                // goes and the entry is left to its owner
+                entry.cut.cancel();
+                if tokio::time::timeout(CUT_WAIT, handler).await.is_err() {
+                    tracing::warn!("a dropped handler did not stop in time");
+                }
+            }
+            settle(&run, &entry, result, started.elapsed()).await;
+        };
+        // This future runs in the monitor's task, not the handler's: a panic here must cost
+        // one job (left pending, for a reclaim), never the queue's apalis worker.
+        let counters = self.run.clone();
         Box::pin(
             async move {
-                let _permit = permit;
-                let started = Instant::now();
-                let hard_stop = run.hard_stop.clone();
-                let result = tokio::select! {
-                    r = handler => Some(r.map(|_| ()).map_err(Into::into)),
-                    _ = hard_stop.cancelled() => None,
-                    () = keep_claimed(&run, &entry.delivery, visibility) => None,
-                };
-                settle(&run, &entry, result, started.elapsed()).await;
+                if std::panic::AssertUnwindSafe(settled)
+                    .catch_unwind()
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(
+                        "settling a job panicked; it stays pending and will be reclaimed"
+                    );
+                    counters
+                        .core
+                        .counters
+                        .abandoned
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(())
             }
             .instrument(span),
         )
+    }
+}
+
+/// How long a dropped handler may take to stop (it stops at its next `.await`).
+const CUT_WAIT: Duration = Duration::from_secs(5);
+
+/// The layer just inside apalis's `parallelize`, in the handler's own task: ends the handler
+/// (drops its future, there) when the settle layer cuts the job (its entry was reclaimed, or the
+/// grace period is over).
+#[derive(Clone)]
+pub struct CutLayer;
+
+impl<S> Layer<S> for CutLayer {
+    type Service = Cut<S>;
+
+    fn layer(&self, inner: S) -> Cut<S> {
+        Cut { inner }
+    }
+}
+
+/// See [`CutLayer`].
+#[derive(Clone)]
+pub struct Cut<S> {
+    inner: S,
+}
+
+/// The job was cut: its handler was dropped.
+#[derive(Debug, thiserror::Error)]
+#[error("the handler was stopped")]
+struct Dropped;
+
+impl<S> Service<Task<Job>> for Cut<S>
+where
+    S: Service<Task<Job>, Response = ()>,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxDynError>,
+{
+    type Response = ();
+    type Error = BoxDynError;
+    type Future = BoxFuture<'static, Result<(), BoxDynError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxDynError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, task: Task<Job>) -> Self::Future {
+        let cut = task
+            .ctx()
+            .data()
+            .get::<Arc<Entry>>()
+            .map(|e| e.cut.clone())
+            .unwrap_or_default();
+        let handler = self.inner.call(task);
+        Box::pin(async move {
+            tokio::select! {
+                biased;
+                r = handler => r.map_err(Into::into),
+                _ = cut.cancelled() => Err(BoxDynError::from(Dropped)),
+            }
+        })
     }
 }
 
@@ -172,9 +257,7 @@ async fn settle(run: &Run, entry: &Entry, result: Option<Result<(), BoxDynError>
         tracing::warn!(
             "handler dropped (end of the grace period, or the entry was reclaimed); the job stays with its owner"
         );
-        counters
-            .abandoned
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        counters.abandoned.fetch_add(1, Ordering::Relaxed);
         metrics::finished(q, kind, Outcome::Abandoned, took);
         return;
     };
@@ -183,9 +266,7 @@ async fn settle(run: &Run, entry: &Entry, result: Option<Result<(), BoxDynError>
         Ok(()) => {
             tracing::debug!(took_ms = took.as_millis() as u64, "job done");
             settle_ack(run, d, entry.env.id).await;
-            counters
-                .completed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            counters.completed.fetch_add(1, Ordering::Relaxed);
             metrics::finished(q, kind, Outcome::Ok, took);
         }
         Err(JobError::Wait { reason, after }) => {
@@ -265,10 +346,7 @@ async fn schedule_again(
             .await
         {
             Ok(true) => {
-                run.core
-                    .counters
-                    .retried
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                run.core.counters.retried.fetch_add(1, Ordering::Relaxed);
                 metrics::finished(q, entry.env.job.name(), Outcome::Retry, took);
                 if let Some(n) = run.movers.get(&q) {
                     n.notify_one();
@@ -279,7 +357,7 @@ async fn schedule_again(
                 tracing::warn!("the entry was reclaimed by another worker meanwhile; it decides");
                 return;
             }
-            Err(e) if Instant::now() + pause < give_up => {
+            Err(e) if Instant::now() + pause < give_up && !run.hard_stop.is_cancelled() => {
                 tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "cannot schedule the retry yet; trying again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
@@ -350,6 +428,9 @@ async fn ack_with_retries(run: &Run, q: Queue, consumer: &str, entries: &[(&str,
             Ok(_) => return true,
             Err(e) => tracing::warn!(queue = %q, error = %e, "ack failed"),
         }
+        if run.hard_stop.is_cancelled() {
+            break;
+        }
     }
     false
 }
@@ -399,10 +480,7 @@ pub(super) async fn settle_dead(
         .await
     {
         Ok(true) => {
-            run.core
-                .counters
-                .dead
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            run.core.counters.dead.fetch_add(1, Ordering::Relaxed);
             metrics::dead(d.queue, kind, reason.as_str());
         }
         Ok(false) => {
