@@ -21,6 +21,24 @@ fn worker_opts(queues: Vec<Queue>, concurrency: usize, read_block_ms: u64) -> Wo
     }
 }
 
+/// Run `registry` on `queues` until they are empty.
+async fn drain(
+    bus: &jobs::Bus,
+    registry: Registry,
+    queues: Vec<Queue>,
+    concurrency: usize,
+    read_block_ms: u64,
+) -> jobs::RunReport {
+    Worker::new(
+        bus.clone(),
+        registry,
+        worker_opts(queues, concurrency, read_block_ms),
+    )
+    .drain_until_empty(Duration::from_secs(30))
+    .await
+    .unwrap()
+}
+
 /// Fast, exact retries on the actions queue.
 fn quick_retries(q: &mut config::QueuesSettings) {
     q.actions.backoff_base_ms = 50;
@@ -47,14 +65,7 @@ async fn a_panicking_handler_is_caught_and_its_job_retried() {
         });
     }
     bus.enqueue(Probe::new("panics")).await.unwrap();
-    let report = Worker::new(
-        bus.clone(),
-        registry,
-        worker_opts(vec![Queue::Actions], 2, 200),
-    )
-    .drain_until_empty(Duration::from_secs(20))
-    .await
-    .unwrap();
+    let report = drain(&bus, registry, vec![Queue::Actions], 2, 200).await;
     assert_eq!((report.retried, report.completed, report.dead), (1, 1, 0));
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
@@ -85,14 +96,7 @@ async fn a_handler_past_its_run_timeout_is_stopped_and_its_job_retried() {
         });
     }
     bus.enqueue(Probe::new("slow")).await.unwrap();
-    let report = Worker::new(
-        bus.clone(),
-        registry,
-        worker_opts(vec![Queue::Actions], 2, 200),
-    )
-    .drain_until_empty(Duration::from_secs(20))
-    .await
-    .unwrap();
+    let report = drain(&bus, registry, vec![Queue::Actions], 2, 200).await;
     assert_eq!((report.retried, report.completed), (1, 1));
     assert!(
         !finished_first.load(Ordering::SeqCst),
@@ -125,10 +129,7 @@ async fn one_concurrency_limit_holds_across_the_queues() {
         bus.enqueue(p).await.unwrap();
     }
     let queues = vec![Queue::Actions, Queue::Memory, Queue::Index];
-    let report = Worker::new(bus.clone(), registry, worker_opts(queues, 2, 100))
-        .drain_until_empty(Duration::from_secs(30))
-        .await
-        .unwrap();
+    let report = drain(&bus, registry, queues, 2, 100).await;
     assert_eq!(report.completed, 12);
     assert_eq!(
         most.load(Ordering::SeqCst),
@@ -181,14 +182,7 @@ async fn a_read_that_a_stop_interrupts_goes_back_to_the_queue() {
         "nothing is left pending on the stopped worker"
     );
 
-    let report = Worker::new(
-        bus.clone(),
-        registry,
-        worker_opts(vec![Queue::Actions], 1, 100),
-    )
-    .drain_until_empty(Duration::from_secs(10))
-    .await
-    .unwrap();
+    let report = drain(&bus, registry, vec![Queue::Actions], 1, 100).await;
     assert_eq!(report.completed, 1);
     assert_eq!(ran.load(Ordering::SeqCst), 1);
     assert!(
