@@ -13,9 +13,9 @@
 //! tracing (apalis's, in the job's span), handlers spawned in parallel (`parallelize`, on a
 //! tracker of this run, aborted if dropped), our cut layer (in the handler's task: ends the
 //! handler when the settle layer drops the job), catch-panic, a timeout per queue
-//! (`[queues.<name>] run_timeout_secs`), then the task function. The settle layer itself runs in
-//! the monitor's task (a panic there costs one job, which stays pending); a queue's worker that
-//! fails all the same is restarted by the monitor. One `WORKER_CONCURRENCY` semaphore is shared
+//! (`[queues.<name>] run_timeout_secs`), then the task function. The settle layer settles each
+//! job in a task of its own (a panic there costs one job, which stays pending); a queue's worker
+//! that fails all the same is restarted by the monitor. One `WORKER_CONCURRENCY` semaphore is shared
 //! by every queue's backend: a permit is taken before each read and released when the task is
 //! settled. The delayed-set mover of each queue and the ack batcher are tasks of the run, next
 //! to the monitor.
@@ -193,7 +193,7 @@ struct Run {
     movers: HashMap<Queue, Arc<Notify>>,
     /// The ack batchers by queue; emptied at the end of the run, which ends them.
     ackers: Mutex<HashMap<Queue, settle::Acker>>,
-    /// The handlers, spawned by apalis's `parallelize`.
+    /// The handlers (spawned by apalis's `parallelize`) and the settling of each job.
     handlers: TaskTracker,
     /// Settling aside (malformed entries, reads given back at a stop).
     side: TaskTracker,
@@ -337,7 +337,7 @@ impl Worker {
             async move {
                 shutdown.cancelled().await;
                 tracing::info!(
-                    in_flight = run.handlers.len(),
+                    tasks_in_flight = run.handlers.len(),
                     grace_secs = grace.as_secs_f64(),
                     "worker stopping: no new reads, finishing jobs in flight"
                 );
@@ -354,7 +354,7 @@ impl Worker {
                 tokio::time::sleep(grace).await;
                 if !run.handlers.is_empty() {
                     tracing::warn!(
-                        in_flight = run.handlers.len(),
+                        tasks_in_flight = run.handlers.len(),
                         "grace period over: leaving the jobs in flight to be reclaimed by other workers"
                     );
                 }

@@ -154,10 +154,11 @@ where
             }
             settle(&run, &entry, result, started.elapsed()).await;
         };
-        // This future runs in the monitor's task, not the handler's: a panic here must cost
-        // one job (left pending, for a reclaim), never the queue's apalis worker.
+        // Each job is settled in a task of its own (the monitor's task only waits for it), so
+        // that the settling of many jobs spreads over the cores, and a panic while settling
+        // costs one job (left pending, for a reclaim), never the queue's apalis worker.
         let counters = self.run.clone();
-        Box::pin(
+        let settling = self.run.handlers.spawn(
             async move {
                 if std::panic::AssertUnwindSafe(settled)
                     .catch_unwind()
@@ -173,10 +174,13 @@ where
                         .abandoned
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(())
             }
             .instrument(span),
-        )
+        );
+        Box::pin(async move {
+            let _ = super::AbortOnDrop(settling).await;
+            Ok(())
+        })
     }
 }
 
