@@ -10,6 +10,7 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ),
     ("REDIS_URL", "redis.url", Kind::Str),
     ("REDIS_PREFIX", "redis.prefix", Kind::Str),
+    ("REDIS_CLUSTER", "redis.cluster", Kind::Bool),
     ("LITELLM_BASE_URL", "litellm.base_url", Kind::Str),
     ("LITELLM_API_KEY", "litellm.api_key", Kind::Str),
     ("JWT_SECRET", "auth.jwt_secret", Kind::Str),
@@ -161,6 +162,8 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
 pub enum Kind {
     Str,
     Int,
+    /// `true`/`false` (also `1`/`0`, `yes`/`no`, any case).
+    Bool,
 }
 
 /// The environment variable that sets a settings path, if any.

@@ -44,6 +44,16 @@ impl Settings {
                     .map_err(|_| {
                         ConfigError::invalid(*name, format!("expected a whole number, got {raw:?}"))
                     })?,
+                Kind::Bool => match raw.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" => toml::Value::Boolean(true),
+                    "false" | "0" | "no" | "" => toml::Value::Boolean(false),
+                    _ => {
+                        return Err(ConfigError::invalid(
+                            *name,
+                            format!("expected true or false, got {raw:?}"),
+                        ));
+                    }
+                },
             };
             set_path(&mut table, path, value);
             from_env.push((name, path));

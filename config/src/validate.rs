@@ -15,11 +15,13 @@ impl Settings {
             "DATABASE_URL",
             &["postgres", "postgresql"],
         )?;
-        check_url(
-            self.redis.url.expose_secret(),
-            "REDIS_URL",
-            &["redis", "rediss"],
-        )?;
+        let redis_urls = self.redis.urls();
+        if redis_urls.is_empty() {
+            return Err(ConfigError::invalid("REDIS_URL", "names no node"));
+        }
+        for url in &redis_urls {
+            check_url(url, "REDIS_URL", &["redis", "rediss"])?;
+        }
         check_url(
             &self.litellm.base_url,
             "LITELLM_BASE_URL",

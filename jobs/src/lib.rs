@@ -27,5 +27,5 @@ pub use envelope::Envelope;
 pub use error::{BusError, JobError};
 pub use kinds::{Job, JobKind};
 pub use queue::Queue;
-pub use redis_conn::RedisHandle;
+pub use redis_conn::{RedisConn, RedisHandle};
 pub use worker::{JobContext, Registry, RunReport, Worker, WorkerOptions};

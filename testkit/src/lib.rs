@@ -54,6 +54,7 @@ pub fn test_settings(db: &TestDb, redis: &TestRedis, extra: &[(&str, &str)]) -> 
     vars.insert("DATABASE_MAX_CONNECTIONS".into(), "8".into());
     vars.insert("REDIS_URL".into(), redis.url.clone());
     vars.insert("REDIS_PREFIX".into(), redis.prefix.clone());
+    vars.insert("REDIS_CLUSTER".into(), redis.cluster_env().into());
     vars.insert("JWT_SECRET".into(), TEST_JWT_SECRET.into());
     vars.insert("API_ADDR".into(), "127.0.0.1:0".into());
     vars.insert("LOG_FILTER".into(), "warn".into());

@@ -261,8 +261,7 @@ async fn repeated_login_failures_are_throttled() {
     app.register(&other, "Org2").await;
     app.login(&other).await;
     // the counters live under the test's REDIS_PREFIX
-    let client = redis::Client::open(app.redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = crate::redis_conn(&app.redis).await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}:login:fail:*", app.redis.prefix))
         .query_async(&mut conn)

@@ -431,8 +431,7 @@ async fn expired_events_are_rebuilt_from_the_stored_answer() {
     let job = worker.next_job().await;
     worker.answer(&job, &["stored"]).await;
     // the retention window passes
-    let client = redis::Client::open(app.redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = crate::redis_conn(&app.redis).await;
     let key = format!("{}:{{resp:{}}}:events", app.redis.prefix, job.response_id);
     let deleted: i64 = redis::cmd("DEL")
         .arg(&key)
@@ -492,8 +491,7 @@ async fn a_turn_that_cannot_be_enqueued_is_kept_and_enqueued_by_the_reconciler()
     let redis = std::sync::Arc::new(jobs::RedisHandle::new(&app.settings.redis).unwrap());
     let bus = jobs::Bus::new(redis.clone(), &app.settings.queues);
     let stream_key = bus.keys(jobs::Queue::Chat).stream.clone();
-    let client = redis::Client::open(app.redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = crate::redis_conn(&app.redis).await;
     let () = redis::cmd("SET")
         .arg(&stream_key)
         .arg("not a stream")

@@ -18,7 +18,7 @@ pub struct FakeWorker {
     bus: Bus,
     publisher: EventPublisher,
     pool: sqlx::PgPool,
-    conn: redis::aio::MultiplexedConnection,
+    conn: jobs::RedisConn,
 }
 
 impl FakeWorker {

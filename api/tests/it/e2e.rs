@@ -330,8 +330,7 @@ async fn the_completed_message_has_one_shape_live_replayed_rebuilt_json_and_list
     let replayed = replayed.last().unwrap().data().clone();
 
     // rebuilt (the replay stream expired)
-    let client = redis::Client::open(app.redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = crate::redis_conn(&app.redis).await;
     let key = format!("{}:{{resp:{response_id}}}:events", app.redis.prefix);
     let deleted: i64 = redis::cmd("DEL")
         .arg(&key)

@@ -25,3 +25,12 @@ mod server;
 mod tenancy;
 mod usage;
 mod visibility_model;
+
+/// A connection to the test's Redis, a single node or the cluster (`REDIS_CLUSTER`).
+pub async fn redis_conn(redis: &testkit::TestRedis) -> jobs::RedisConn {
+    jobs::RedisHandle::new(&redis.settings())
+        .unwrap()
+        .conn()
+        .await
+        .unwrap()
+}

@@ -84,14 +84,20 @@ impl Bus {
     /// deleted, so this covers pending ones too) and nothing delayed. Dead letters do not count.
     pub async fn is_empty(&self, queues: &[Queue]) -> Result<bool, BusError> {
         let mut conn = self.conn().await?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
         for q in queues {
+            // one transaction per queue: a queue's keys share one slot, two queues' need not
             let keys = self.keys(*q);
-            pipe.xlen(&keys.stream).zcard(&keys.delayed);
+            let (length, delayed): (u64, u64) = redis::pipe()
+                .atomic()
+                .xlen(&keys.stream)
+                .zcard(&keys.delayed)
+                .query_async(&mut conn)
+                .await?;
+            if length + delayed > 0 {
+                return Ok(false);
+            }
         }
-        let counts: Vec<u64> = pipe.query_async(&mut conn).await?;
-        Ok(counts.iter().all(|n| *n == 0))
+        Ok(true)
     }
 
     /// The pending entries `consumer` holds in `q`.

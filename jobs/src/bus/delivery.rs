@@ -26,7 +26,7 @@ impl Bus {
     /// [BLOCK ms]`. `block` = `None` returns at once.
     pub async fn read(
         &self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut crate::RedisConn,
         q: Queue,
         consumer: &str,
         count: usize,

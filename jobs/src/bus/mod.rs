@@ -99,7 +99,7 @@ impl Bus {
         q.settings(&self.inner.queues)
     }
 
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, BusError> {
+    async fn conn(&self) -> Result<crate::RedisConn, BusError> {
         Ok(self.inner.redis.conn().await?)
     }
 
@@ -216,18 +216,25 @@ impl Bus {
             return Ok(());
         }
         let now = Utc::now().timestamp_millis();
-        let mut pipe = redis::pipe();
-        // MULTI/EXEC: a marker never stands without its entry
-        pipe.atomic();
-        for env in envs {
-            let keys = self.keys(env.job.queue());
-            pipe.hset(&keys.marks, env.id.to_string(), now)
-                .ignore()
-                .xadd(&keys.stream, "*", &[("j", env.to_json()?)])
-                .ignore();
-        }
         let mut conn = self.conn().await?;
-        let () = pipe.query_async(&mut conn).await?;
+        // one MULTI/EXEC per queue (a queue's keys share one slot, two queues' need not):
+        // a marker never stands without its entry
+        for q in Queue::ALL {
+            let keys = self.keys(q);
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            let mut any = false;
+            for env in envs.iter().filter(|e| e.job.queue() == q) {
+                any = true;
+                pipe.hset(&keys.marks, env.id.to_string(), now)
+                    .ignore()
+                    .xadd(&keys.stream, "*", &[("j", env.to_json()?)])
+                    .ignore();
+            }
+            if any {
+                let () = pipe.query_async(&mut conn).await?;
+            }
+        }
         for env in envs {
             metrics::enqueued(env.job.queue(), env.job.name(), 1);
         }

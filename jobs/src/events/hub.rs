@@ -1,5 +1,13 @@
 //! The API process's hub: one pattern subscription fanned out to the SSE streams that listen,
 //! replay after `Last-Event-ID`, then live events without loss or repetition.
+//!
+//! In cluster mode (`REDIS_CLUSTER`) there is no pattern subscription across shards: the hub
+//! holds one RESP3 cluster connection (one connection per node inside it) and `SSUBSCRIBE`s the
+//! shard channel of each response that has a listener, before that listener reads the replay
+//! stream; the last listener to leave unsubscribes. Subscribing and unsubscribing go through
+//! the hub's task one at a time, so an unsubscribe can never overtake a newer subscribe. The
+//! redis crate resubscribes by itself after a reconnect, a failover or a slot move; every
+//! dropped node connection makes the listeners re-read their replay streams.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +30,16 @@ const LISTENER_BUFFER: usize = 64;
 /// How often the hub checks its subscription connection, and how long it waits for the answer.
 const HUB_PING_EVERY: Duration = Duration::from_secs(15);
 const HUB_PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Cluster mode: how long a new listener waits for its shard channel's subscription.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Cluster mode: requests to the hub's task, handled one at a time in order.
+enum SubCmd {
+    /// Subscribe the response's shard channel; answers whether it is subscribed.
+    Subscribe(Uuid, tokio::sync::oneshot::Sender<bool>),
+    /// The response's last listener left: unsubscribe unless a new one came meanwhile.
+    Release(Uuid),
+}
 
 enum HubMsg {
     /// Behind an `Arc`: fanning out to several listeners of the same response does not copy
@@ -46,6 +64,10 @@ struct HubInner {
     /// Subscriptions made (1 after the first connect; more after reconnects).
     subscriptions: AtomicU64,
     ping_every: Duration,
+    /// Cluster mode: per-response shard channels instead of one pattern.
+    sharded: bool,
+    sub_tx: tokio::sync::mpsc::UnboundedSender<SubCmd>,
+    sub_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<SubCmd>>>,
 }
 
 impl HubInner {
@@ -100,6 +122,10 @@ impl Drop for ListenerGuard {
             ls.retain(|l| l.id != self.id);
             if ls.is_empty() {
                 map.remove(&self.response_id);
+                if self.inner.sharded {
+                    // the hub is gone at shutdown: nothing to unsubscribe then
+                    let _ = self.inner.sub_tx.send(SubCmd::Release(self.response_id));
+                }
             }
         }
     }
@@ -109,8 +135,12 @@ impl EventHub {
     pub fn new(redis: Arc<RedisHandle>) -> Self {
         let keys = EventKeys::new(redis.prefix());
         let (connected, _) = tokio::sync::watch::channel(false);
+        let (sub_tx, sub_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             inner: Arc::new(HubInner {
+                sharded: redis.is_cluster(),
+                sub_tx,
+                sub_rx: Mutex::new(Some(sub_rx)),
                 redis,
                 keys,
                 listeners: Mutex::new(HashMap::new()),
@@ -152,10 +182,14 @@ impl EventHub {
     /// The subscription loop; run it once per process, owned by the caller's task tracker.
     /// Reconnects with backoff; on `shutdown` it ends every listener's stream.
     pub async fn run(self, shutdown: CancellationToken) {
+        if self.inner.sharded {
+            return self.run_sharded(shutdown).await;
+        }
         let mut delay = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             match self.inner.redis.pubsub().await {
-                Ok(mut pubsub) => match pubsub.psubscribe(self.inner.keys.pattern()).await {
+                None => break, // not reached: a single-node handle always has pub/sub
+                Some(Ok(mut pubsub)) => match pubsub.psubscribe(self.inner.keys.pattern()).await {
                     Ok(()) => {
                         delay = Duration::from_millis(100);
                         self.inner.subscriptions.fetch_add(1, Ordering::Relaxed);
@@ -192,7 +226,7 @@ impl EventHub {
                     }
                     Err(e) => tracing::warn!(error = %e, "event hub: PSUBSCRIBE failed"),
                 },
-                Err(e) => tracing::warn!(error = %e, "event hub: cannot connect to Redis"),
+                Some(Err(e)) => tracing::warn!(error = %e, "event hub: cannot connect to Redis"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {}
@@ -203,10 +237,141 @@ impl EventHub {
         self.inner.close_all();
     }
 
+    /// The cluster-mode subscription loop: one RESP3 cluster connection whose pushes carry the
+    /// shard channels' messages; subscribe and release requests are handled in order.
+    async fn run_sharded(self, shutdown: CancellationToken) {
+        let taken = self
+            .inner
+            .sub_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(mut requests) = taken else {
+            tracing::error!("event hub: run called twice");
+            return;
+        };
+        let mut delay = Duration::from_millis(100);
+        'connect: while !shutdown.is_cancelled() {
+            let (push_tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
+            match self.inner.redis.cluster_pubsub(push_tx).await {
+                None => break, // not reached: a cluster handle always has it
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "event hub: cannot connect to the Redis Cluster");
+                }
+                Some(Ok(mut conn)) => {
+                    // a new connection: subscribe every response that has a listener
+                    let open: Vec<Uuid> = self.inner.lock().keys().copied().collect();
+                    for rid in open {
+                        if let Err(e) = conn.ssubscribe(self.inner.keys.shard_channel(rid)).await {
+                            tracing::warn!(error = %e, "event hub: SSUBSCRIBE failed; reconnecting");
+                            tokio::select! {
+                                _ = shutdown.cancelled() => {}
+                                _ = tokio::time::sleep(delay) => {}
+                            }
+                            continue 'connect;
+                        }
+                    }
+                    delay = Duration::from_millis(100);
+                    self.inner.subscriptions.fetch_add(1, Ordering::Relaxed);
+                    self.inner.connected.send_replace(true);
+                    self.inner.resync_all();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break 'connect,
+                            req = requests.recv() => match req {
+                                Some(SubCmd::Subscribe(rid, done)) => {
+                                    let r = conn.ssubscribe(self.inner.keys.shard_channel(rid)).await;
+                                    if let Err(e) = &r {
+                                        tracing::warn!(error = %e, response_id = %rid, "event hub: SSUBSCRIBE failed");
+                                    }
+                                    let _ = done.send(r.is_ok());
+                                }
+                                Some(SubCmd::Release(rid)) => {
+                                    if !self.inner.lock().contains_key(&rid) {
+                                        let channel = self.inner.keys.shard_channel(rid);
+                                        if let Err(e) = conn.sunsubscribe(channel).await {
+                                            tracing::debug!(error = %e, response_id = %rid, "event hub: SUNSUBSCRIBE failed");
+                                        }
+                                    }
+                                }
+                                None => break 'connect,
+                            },
+                            push = pushes.recv() => match push {
+                                Some(push) => self.on_push(push),
+                                None => {
+                                    tracing::warn!("event hub: cluster connection ended; reconnecting");
+                                    break;
+                                }
+                            },
+                        }
+                    }
+                    self.inner.connected.send_replace(false);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        self.inner.connected.send_replace(false);
+        self.inner.close_all();
+    }
+
+    fn on_push(&self, push: redis::PushInfo) {
+        match push.kind {
+            redis::PushKind::SMessage => {
+                let mut data = push.data.into_iter();
+                let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
+                    return;
+                };
+                let (Ok(channel), Ok(payload)) = (
+                    redis::from_redis_value::<String>(channel),
+                    redis::from_redis_value::<String>(payload),
+                ) else {
+                    return;
+                };
+                if let Some(rid) = self.inner.keys.response_of_shard(&channel) {
+                    self.on_event(rid, &channel, Some(payload));
+                }
+            }
+            // A node's connection dropped: the redis crate reconnects and resubscribes, and
+            // what was published meanwhile is in the replay streams.
+            redis::PushKind::Disconnection => {
+                tracing::warn!("event hub: a cluster node's connection dropped; listeners re-read");
+                self.inner.resync_all();
+            }
+            _ => {}
+        }
+    }
+
+    /// Cluster mode: subscribe the response's shard channel through the hub's task (a no-op
+    /// on a single node, where the pattern covers every response).
+    async fn subscribe(&self, response_id: Uuid) -> Result<(), EventsError> {
+        if !self.inner.sharded {
+            return Ok(());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .sub_tx
+            .send(SubCmd::Subscribe(response_id, tx))
+            .map_err(|_| EventsError::Subscribe("the event hub has stopped"))?;
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, rx).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(EventsError::Subscribe("Redis refused the subscription")),
+            Ok(Err(_)) => Err(EventsError::Subscribe("the event hub has stopped")),
+            Err(_) => Err(EventsError::Subscribe("Redis did not answer in time")),
+        }
+    }
+
     fn on_message(&self, channel: &str, payload: Option<String>) {
         let Some(response_id) = self.inner.keys.response_of(channel) else {
             return;
         };
+        self.on_event(response_id, channel, payload);
+    }
+
+    fn on_event(&self, response_id: Uuid, channel: &str, payload: Option<String>) {
         let Some(payload) = payload else { return };
         let Some((id, json)) = payload.split_once('\t') else {
             return;
@@ -291,6 +456,8 @@ impl EventHub {
             lagged: Arc<AtomicBool>,
             last: Option<EventId>,
             queue: std::collections::VecDeque<StoredEvent>,
+            /// Cluster mode: the shard channel is to be subscribed before the first replay.
+            need_subscribe: bool,
             need_replay: bool,
             done: bool,
             response_id: Uuid,
@@ -302,6 +469,7 @@ impl EventHub {
             lagged,
             last: after,
             queue: Default::default(),
+            need_subscribe: self.inner.sharded,
             need_replay: true,
             done: false,
             response_id,
@@ -319,6 +487,13 @@ impl EventHub {
                     st.last = Some(ev.id);
                     st.done = ev.event.is_terminal();
                     return Some((Ok(ev), st));
+                }
+                if st.need_subscribe {
+                    st.need_subscribe = false;
+                    if let Err(e) = Box::pin(st.hub.subscribe(st.response_id)).await {
+                        st.done = true;
+                        return Some((Err(e), st));
+                    }
                 }
                 if st.need_replay || st.lagged.swap(false, Ordering::AcqRel) {
                     st.need_replay = false;

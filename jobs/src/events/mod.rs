@@ -126,6 +126,9 @@ pub enum EventsError {
     Redis(#[from] redis::RedisError),
     #[error("bad event payload: {0}")]
     Payload(String),
+    /// Cluster mode: the hub could not subscribe the response's shard channel in time.
+    #[error("cannot subscribe to the response's events: {0}")]
+    Subscribe(&'static str),
 }
 
 /// Key and channel names of the response events (all under `REDIS_PREFIX`).
@@ -149,9 +152,21 @@ impl EventKeys {
     pub fn fence(&self, response_id: Uuid) -> String {
         format!("{}:{{resp:{response_id}}}:fence", self.prefix)
     }
-    /// The live channel of one response.
+    /// The live channel of one response on a single node (the hub's pattern covers it).
     pub fn channel(&self, response_id: Uuid) -> String {
         format!("{}:events:{response_id}", self.prefix)
+    }
+    /// The live shard channel of one response in cluster mode (`SPUBLISH`/`SSUBSCRIBE`): same
+    /// hash tag as its replay stream and fence, so the publish script touches one slot, and
+    /// the node that stores the stream is the one that carries its messages.
+    pub fn shard_channel(&self, response_id: Uuid) -> String {
+        format!("{}:{{resp:{response_id}}}:live", self.prefix)
+    }
+    fn response_of_shard(&self, channel: &str) -> Option<Uuid> {
+        channel
+            .strip_prefix(&format!("{}:{{resp:", self.prefix))
+            .and_then(|s| s.strip_suffix("}:live"))
+            .and_then(|s| Uuid::parse_str(s).ok())
     }
     /// The pattern the hub subscribes to.
     pub fn pattern(&self) -> String {

@@ -1,5 +1,6 @@
 //! Publishing: one Lua script appends an event to the response's replay stream and
-//! `PUBLISH`es it in one atomic step; a fence keeps a superseded run from publishing.
+//! `PUBLISH`es it (`SPUBLISH` on its shard channel in cluster mode) in one atomic step; a fence
+//! keeps a superseded run from publishing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,8 @@ use crate::RedisHandle;
 /// step. A run's events (ARGV[5] = its number) go out only while no later run holds the fence
 /// (a fence left behind a run is moved forward to it) and no terminal event went out; a terminal event goes out once per response (`done`).
 /// KEYS: replay, fence. ARGV: max_len, payload, retention_ms, channel, run ('' = unfenced),
-/// terminal ('1' or '0'). Returns `{1, id}` (sent), `{2, id}` (the terminal event was sent
+/// terminal ('1' or '0'), how ('S': `SPUBLISH` on a shard channel of the same slot; else
+/// `PUBLISH`). Returns `{1, id}` (sent), `{2, id}` (the terminal event was sent
 /// before, as `id`), `{0, 'nofence'|'fenced'|'finished'}` (refused).
 const PUBLISH_LUA: &str = r#"
 if ARGV[5] ~= '' then
@@ -32,7 +34,11 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2]
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'done', id) end
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
-redis.call('PUBLISH', ARGV[4], id .. '\t' .. ARGV[2])
+if ARGV[7] == 'S' then
+  redis.call('SPUBLISH', ARGV[4], id .. '\t' .. ARGV[2])
+else
+  redis.call('PUBLISH', ARGV[4], id .. '\t' .. ARGV[2])
+end
 return {1, id}
 "#;
 
@@ -78,6 +84,8 @@ impl Published {
 pub struct EventPublisher {
     redis: Arc<RedisHandle>,
     keys: EventKeys,
+    /// Cluster mode: publish on the response's shard channel.
+    sharded: bool,
     max_len: u64,
     retention: Duration,
     script: Arc<redis::Script>,
@@ -88,6 +96,7 @@ impl EventPublisher {
     pub fn new(redis: Arc<RedisHandle>, settings: &config::EventsSettings) -> Self {
         let keys = EventKeys::new(redis.prefix());
         Self {
+            sharded: redis.is_cluster(),
             redis,
             keys,
             max_len: settings.replay_max_len,
@@ -149,9 +158,14 @@ impl EventPublisher {
             .arg(self.max_len)
             .arg(&payload)
             .arg(self.retention.as_millis() as u64)
-            .arg(self.keys.channel(response_id))
+            .arg(if self.sharded {
+                self.keys.shard_channel(response_id)
+            } else {
+                self.keys.channel(response_id)
+            })
             .arg(run.map(|r| r.to_string()).unwrap_or_default())
             .arg(if event.is_terminal() { "1" } else { "0" })
+            .arg(if self.sharded { "S" } else { "" })
             .invoke_async(&mut conn)
             .await?;
         let id = || {

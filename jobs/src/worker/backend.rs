@@ -244,7 +244,7 @@ fn reader(run: Arc<Run>, q: Queue, pause: Duration) -> BoxStream<'static, Delive
     struct State {
         run: Arc<Run>,
         q: Queue,
-        conn: Option<redis::aio::MultiplexedConnection>,
+        conn: Option<crate::RedisConn>,
         busy: bool,
         /// Before the first read (a restarted backend).
         pause: Duration,

@@ -211,6 +211,7 @@ mod tests {
     fn ledger(redis: &testkit::TestRedis) -> (Ledger, Arc<RedisHandle>, config::Settings) {
         let settings = config::Settings::load_from(None, |k| match k {
             "REDIS_URL" => Some(redis.url.clone()),
+            "REDIS_CLUSTER" => Some(redis.cluster_env().into()),
             "REDIS_PREFIX" => Some(redis.prefix.clone()),
             _ => None,
         })

@@ -11,6 +11,7 @@ pub(crate) fn command(bin: &str, db: &TestDb, redis: &TestRedis) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", &db.url)
         .env("REDIS_URL", &redis.url)
+        .env("REDIS_CLUSTER", redis.cluster_env())
         .env("REDIS_PREFIX", &redis.prefix)
         .env("LOG_FORMAT", "json")
         .env("LOG_FILTER", "info")
