@@ -12,6 +12,7 @@
 //! a test that needs one and does not find it fails with a message saying how to get it.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod db;
 pub mod env;
 pub mod fake_upstream;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod bus;
+mod cluster;
 mod delayed;
 mod events;
 mod runtime;
