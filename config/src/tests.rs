@@ -229,3 +229,30 @@ fn jwt_is_required_only_when_asked() {
     let s = load(&[("JWT_SECRET", "0123456789abcdef0123456789abcdef")]).unwrap();
     s.require_jwt().unwrap();
 }
+
+#[test]
+fn redis_cluster_takes_seed_nodes_and_a_clear_boolean() {
+    let s = load(&[]).unwrap();
+    assert!(!s.redis.cluster);
+    assert_eq!(s.redis.urls(), vec!["redis://127.0.0.1:6379".to_owned()]);
+    let s = load(&[
+        ("REDIS_CLUSTER", "true"),
+        ("REDIS_URL", "redis://a:7001, redis://b:7002,"),
+    ])
+    .unwrap();
+    assert!(s.redis.cluster);
+    assert_eq!(s.redis.urls(), vec!["redis://a:7001", "redis://b:7002"]);
+    let e = load(&[("REDIS_CLUSTER", "maybe")]).unwrap_err().to_string();
+    assert!(e.contains("REDIS_CLUSTER"), "{e}");
+    let e = load(&[
+        ("REDIS_CLUSTER", "1"),
+        ("REDIS_URL", "redis://a:1,http://b:2"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("REDIS_URL"), "{e}");
+    let e = load(&[("REDIS_CLUSTER", "yes"), ("REDIS_URL", " , ")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("REDIS_URL"), "{e}");
+}

@@ -48,6 +48,10 @@ pub fn describe() {
         "Jobs waiting in the delayed set for their retry time"
     );
     metrics::describe_gauge!(QUEUE_DEAD, "Jobs in the dead letters");
+    metrics::describe_gauge!(
+        QUEUE_LAG,
+        "Entries not yet delivered to any worker (the autoscaling signal)"
+    );
     metrics::describe_counter!(ENQUEUED, "Jobs put on the bus");
     metrics::describe_counter!(
         COMPLETED,
@@ -104,6 +108,7 @@ pub const QUEUE_LENGTH: &str = "bus_queue_length";
 pub const QUEUE_PENDING: &str = "bus_queue_pending";
 pub const QUEUE_DELAYED: &str = "bus_queue_delayed";
 pub const QUEUE_DEAD: &str = "bus_queue_dead";
+pub const QUEUE_LAG: &str = "bus_queue_lag";
 
 /// Refresh the per-queue depth gauges from Redis (called when metrics are scraped, so every
 /// process that exposes metrics reports the same, current figures). A queue whose stats cannot
@@ -117,6 +122,7 @@ pub async fn refresh_queue_gauges(bus: &crate::Bus) {
                 metrics::gauge!(QUEUE_PENDING, &label).set(s.pending as f64);
                 metrics::gauge!(QUEUE_DELAYED, &label).set(s.delayed as f64);
                 metrics::gauge!(QUEUE_DEAD, &label).set(s.dead as f64);
+                metrics::gauge!(QUEUE_LAG, &label).set(s.lag as f64);
             }
             Err(e) => tracing::warn!(queue = %q, error = %e, "cannot read queue stats for metrics"),
         }

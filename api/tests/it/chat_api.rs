@@ -198,6 +198,59 @@ async fn resume_after_disconnect_loses_and_repeats_nothing() {
     assert!(SseReader::new(r).rest().await.is_empty());
 }
 
+/// Two API processes on one PostgreSQL and one Redis (or cluster): a stream started on one
+/// resumes on the other with `Last-Event-ID`, and the rest of the answer arrives there live.
+#[tokio::test]
+async fn a_stream_started_on_one_api_process_resumes_live_on_another() {
+    let app = spawn_app().await;
+    let other = api::Application::build(app.settings.clone())
+        .await
+        .expect("the second API builds");
+    let other_addr = other.addr().to_string();
+    let other_stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(other.run_until_stopped(other_stop.clone()));
+    let _stop_other = other_stop.clone().drop_guard();
+
+    let user = app.register(&email("u"), "Org").await;
+    let conv = app.conversation(&user.token).await;
+    let mut worker = FakeWorker::new(&app).await;
+    let mut sse = app.post_stream(&user.token, &conv, "tell me").await;
+    let job = worker.next_job().await;
+    worker.tokens(job.response_id.into(), &["a"]).await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(sse.next_event().await.unwrap());
+    }
+    assert_eq!(names(&seen), ["message.created", "token"]);
+    drop(sse);
+
+    // resume on the other process before the rest is published
+    let rid = job.response_id.to_string();
+    let r = app
+        .http
+        .get(format!(
+            "http://{other_addr}/v1/conversations/{conv}/responses/{rid}/events"
+        ))
+        .bearer_auth(&user.token)
+        .header("Last-Event-ID", seen[1].id())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut resumed = SseReader::new(r);
+    // let the other process attach (subscribe, read the replay) so the rest arrives live there
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker.tokens(job.response_id.into(), &["b", "c"]).await;
+    worker.complete(&job, "abc").await;
+    let rest = resumed.rest().await;
+    assert_eq!(names(&rest), ["token", "token", "message.completed"]);
+    assert_eq!(rest[0].data()["text"], "b");
+    assert_eq!(rest[1].data()["text"], "c");
+    let mut all = seen.clone();
+    all.extend(rest.iter().cloned());
+    ids_increase(&all);
+}
+
 #[tokio::test]
 async fn an_early_disconnect_does_not_stop_the_answer() {
     let app = spawn_app().await;

@@ -19,6 +19,9 @@ pub struct QueueStats {
     pub length: u64,
     /// Delivered and not yet acknowledged.
     pub pending: u64,
+    /// Entries not yet delivered to any worker (the group's `lag`, Redis 7+; `length -
+    /// pending` when Redis cannot tell): what autoscaling looks at.
+    pub lag: u64,
     /// Waiting in the delayed set for their due time.
     pub delayed: u64,
     pub dead: u64,
@@ -55,7 +58,7 @@ impl Bus {
             .arg(&keys.stream)
             .query_async(&mut conn)
             .await;
-        let (mut pending, mut consumers) = (0, 0);
+        let (mut pending, mut consumers, mut lag) = (0, 0, None);
         if let Ok(Value::Array(groups)) = groups {
             for g in groups {
                 let info = kv(&g);
@@ -68,12 +71,14 @@ impl Bus {
                         .get("consumers")
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(0);
+                    lag = info.get("lag").and_then(|v| v.parse().ok());
                 }
             }
         }
         Ok(QueueStats {
             length,
             pending,
+            lag: lag.unwrap_or(length.saturating_sub(pending)),
             delayed,
             dead,
             consumers,

@@ -15,10 +15,21 @@ async fn retry_is_atomic_and_only_the_current_owner_may_settle() {
     let q = Queue::Actions;
     bus.ensure_group(q).await.unwrap();
     let env = bus.enqueue(Probe::new("own")).await.unwrap();
+    bus.enqueue(Probe::new("other")).await.unwrap();
+    // the autoscaling signal: both waiting, none delivered
+    let s = bus.stats(q).await.unwrap();
+    assert_eq!((s.length, s.pending, s.lag), (2, 0, 2));
 
     let mut conn = bus.redis().blocking_conn().await.unwrap();
-    let got = bus.read(&mut conn, q, "a", 10, None).await.unwrap();
+    let got = bus.read(&mut conn, q, "a", 1, None).await.unwrap();
     assert_eq!(got.len(), 1);
+    let s = bus.stats(q).await.unwrap();
+    assert_eq!((s.length, s.pending, s.lag), (2, 1, 1));
+    let other = bus.read(&mut conn, q, "c", 1, None).await.unwrap();
+    let other_job = Envelope::from_json(&other[0].body).unwrap().id;
+    bus.ack(q, "c", &[(other[0].entry_id.as_str(), other_job)])
+        .await
+        .unwrap();
     assert_eq!(got[0].deliveries, 1);
     let entry = got[0].entry_id.clone();
 

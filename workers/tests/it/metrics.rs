@@ -63,8 +63,10 @@ async fn a_worker_serves_bus_metrics() {
     assert!(text.contains("bus_job_pickup_seconds_bucket"), "{text}");
     assert!(text.contains("bus_job_duration_seconds_bucket"), "{text}");
     for q in ["chat", "memory", "index", "actions"] {
-        let series = format!(r#"bus_queue_length{{queue="{q}"}}"#);
-        assert!(text.contains(&series), "{series} missing:\n{text}");
+        for gauge in ["bus_queue_length", "bus_queue_lag"] {
+            let series = format!(r#"{gauge}{{queue="{q}"}}"#);
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
     }
     let dead_line = text
         .lines()
