@@ -104,6 +104,21 @@ impl Application {
         self.state.shutdown = stop.clone();
         let tasks = TaskTracker::new();
         tasks.spawn(self.state.hub.clone().run(stop.clone()));
+        // this process's partition count joins the record the workers read by (once Redis
+        // answers; the API serves meanwhile)
+        let bus = self.state.bus.clone();
+        let recording = stop.clone();
+        tasks.spawn(async move {
+            let mut pause = Duration::from_millis(200);
+            while let Err(e) = bus.record_partitions().await {
+                tracing::warn!(error = %e, "cannot record the queue partitions yet; retrying");
+                tokio::select! {
+                    _ = recording.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        });
         tasks.close();
         let app = routes(self.state.clone());
         tracing::info!(addr = %self.addr, "api listening");

@@ -11,6 +11,7 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ("REDIS_URL", "redis.url", Kind::Str),
     ("REDIS_PREFIX", "redis.prefix", Kind::Str),
     ("REDIS_CLUSTER", "redis.cluster", Kind::Bool),
+    ("QUEUE_PARTITIONS", "queues.partitions", Kind::Int),
     ("LITELLM_BASE_URL", "litellm.base_url", Kind::Str),
     ("LITELLM_API_KEY", "litellm.api_key", Kind::Str),
     ("JWT_SECRET", "auth.jwt_secret", Kind::Str),

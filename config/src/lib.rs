@@ -31,8 +31,8 @@ pub use assistant::{
 pub use auth::{AuthSettings, JwtAlgorithm};
 pub use env::{ENV_MAP, Kind, env_name};
 pub use runtime::{
-    EventsSettings, Jitter, LedgerSettings, LogFormat, LogSettings, QueueSettings, QueuesSettings,
-    SchedulerSettings, WorkerSettings,
+    EventsSettings, Jitter, LedgerSettings, LogFormat, LogSettings, MAX_PARTITIONS, QueueSettings,
+    QueuesSettings, SchedulerSettings, WorkerSettings,
 };
 pub use services::{DatabaseSettings, LitellmSettings, RedisSettings};
 

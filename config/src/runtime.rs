@@ -69,6 +69,10 @@ pub struct LogSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueuesSettings {
+    /// Streams per queue (`QUEUE_PARTITIONS`, 1..=64): a job's partition follows its org (or
+    /// the record it works on), so one queue's traffic spreads over a cluster's shards.
+    #[serde(default = "default_partitions")]
+    pub partitions: u16,
     pub chat: QueueSettings,
     pub memory: QueueSettings,
     pub index: QueueSettings,
@@ -95,6 +99,13 @@ pub struct QueueSettings {
 fn default_run_timeout_secs() -> u64 {
     3600
 }
+
+fn default_partitions() -> u16 {
+    1
+}
+
+/// The most partitions a queue may have (`queues.partitions`).
+pub const MAX_PARTITIONS: u16 = 64;
 
 /// How a backoff delay is randomised: `full` = uniform in `[0, delay]` (the default), `none` =
 /// exactly `delay` (deterministic; for tests and diagnosis).

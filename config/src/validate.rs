@@ -96,6 +96,12 @@ impl Settings {
         positive(self.index.embed_batch as u64, "INDEX_EMBED_BATCH")?;
         positive(self.worker.read_block_ms, "worker.read_block_ms")?;
         positive(self.scheduler.lease_secs, "scheduler.lease_secs")?;
+        if self.queues.partitions == 0 || self.queues.partitions > crate::MAX_PARTITIONS {
+            return Err(ConfigError::invalid(
+                "QUEUE_PARTITIONS",
+                format!("must be between 1 and {}", crate::MAX_PARTITIONS),
+            ));
+        }
         for (name, q) in self.queues.all() {
             positive(
                 q.max_attempts as u64,

@@ -26,6 +26,6 @@ pub use bus::{Bus, DeadLetter, DeadReason, QueueStats};
 pub use envelope::Envelope;
 pub use error::{BusError, JobError};
 pub use kinds::{Job, JobKind};
-pub use queue::Queue;
+pub use queue::{Part, Queue};
 pub use redis_conn::{RedisConn, RedisHandle};
 pub use worker::{JobContext, Registry, RunReport, Worker, WorkerOptions};

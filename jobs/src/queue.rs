@@ -42,6 +42,16 @@ impl Queue {
         }
     }
 
+    /// Its position in [`Queue::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Queue::Chat => 0,
+            Queue::Memory => 1,
+            Queue::Index => 2,
+            Queue::Actions => 3,
+        }
+    }
+
     /// This queue's retry and visibility settings.
     pub fn settings(self, queues: &config::QueuesSettings) -> &config::QueueSettings {
         match self {
@@ -73,7 +83,49 @@ impl FromStr for Queue {
     }
 }
 
-/// The keys of one queue under a prefix.
+/// One stream of a queue: partition `index` of `queue` (`queues.partitions`). Partition 0 keeps
+/// the queue's own keys (`{q:chat}`), so a single partition is the layout of an unpartitioned
+/// bus; partition `i > 0` has the hash tag `{q:chat:i}`, a slot (and so a cluster shard) of its
+/// own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Part {
+    pub queue: Queue,
+    pub index: u16,
+}
+
+impl Part {
+    pub fn new(queue: Queue, index: u16) -> Self {
+        Self { queue, index }
+    }
+
+    /// The partitions `0..n` of `queue`.
+    pub fn all(queue: Queue, n: u16) -> impl Iterator<Item = Part> {
+        (0..n.max(1)).map(move |i| Part::new(queue, i))
+    }
+}
+
+/// A queue names its partition 0 (what an unpartitioned caller means).
+impl From<Queue> for Part {
+    fn from(queue: Queue) -> Self {
+        Part::new(queue, 0)
+    }
+}
+
+impl fmt::Display for Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.index {
+            0 => f.write_str(self.queue.as_str()),
+            i => write!(f, "{}:{i}", self.queue.as_str()),
+        }
+    }
+}
+
+/// The partition of a job whose partition key hashes to `hash`, among `n`.
+pub fn partition_index(hash: u64, n: u16) -> u16 {
+    u16::try_from(hash % u64::from(n.max(1))).unwrap_or(0)
+}
+
+/// The keys of one queue partition under a prefix.
 #[derive(Debug, Clone)]
 pub struct QueueKeys {
     pub stream: String,
@@ -85,8 +137,8 @@ pub struct QueueKeys {
 }
 
 impl QueueKeys {
-    pub fn new(prefix: &str, queue: Queue) -> Self {
-        let base = format!("{prefix}:{{q:{}}}", queue.as_str());
+    pub fn new(prefix: &str, part: impl Into<Part>) -> Self {
+        let base = format!("{prefix}:{{q:{}}}", part.into());
         Self {
             delayed: format!("{base}:delayed"),
             dead: format!("{base}:dead"),
@@ -94,6 +146,12 @@ impl QueueKeys {
             tick_base: format!("{base}:tick"),
             stream: base,
         }
+    }
+
+    /// The record of the most partitions queue `q` ever had (a string, its own slot): workers
+    /// read that many, so jobs enqueued under a larger setting stay reachable.
+    pub fn partitions_record(prefix: &str, q: Queue) -> String {
+        format!("{prefix}:bus:partitions:{}", q.as_str())
     }
 
     /// The marker of a fired scheduler tick `name`/`n` (same slot as the stream it feeds).
@@ -114,6 +172,21 @@ mod tests {
         assert_eq!(k.dead, "sb:{q:chat}:dead");
         assert_eq!(k.marks, "sb:{q:chat}:jobs");
         assert_eq!(k.tick("index", 7), "sb:{q:chat}:tick:index:7");
+    }
+
+    #[test]
+    fn partition_zero_keeps_the_queues_keys_and_others_get_a_tag_of_their_own() {
+        assert_eq!(
+            QueueKeys::new("sb", Part::new(Queue::Chat, 0)).stream,
+            "sb:{q:chat}"
+        );
+        let k = QueueKeys::new("sb", Part::new(Queue::Chat, 2));
+        assert_eq!(k.stream, "sb:{q:chat:2}");
+        assert_eq!(k.marks, "sb:{q:chat:2}:jobs");
+        assert_eq!(Part::all(Queue::Memory, 3).count(), 3);
+        assert_eq!(Part::all(Queue::Memory, 0).count(), 1);
+        assert!((0..1000).all(|h| partition_index(h, 3) < 3));
+        assert_eq!(partition_index(7, 1), 0);
     }
 
     #[test]

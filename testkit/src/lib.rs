@@ -46,7 +46,8 @@ pub const TEST_JWT_SECRET: &str = "test-secret-0123456789abcdef0123456789";
 /// (environment variable names, as in production).
 pub fn test_settings(db: &TestDb, redis: &TestRedis, extra: &[(&str, &str)]) -> config::Settings {
     let mut vars: std::collections::HashMap<String, String> = std::collections::HashMap::new();
-    for name in ["LITELLM_BASE_URL", "LITELLM_API_KEY"] {
+    // QUEUE_PARTITIONS: scripts/test's cluster pass runs every test with partitioned queues
+    for name in ["LITELLM_BASE_URL", "LITELLM_API_KEY", "QUEUE_PARTITIONS"] {
         if let Ok(v) = std::env::var(name) {
             vars.insert(name.into(), v);
         }

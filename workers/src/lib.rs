@@ -63,6 +63,10 @@ impl Runtime {
             }
         }
         let bus = jobs::Bus::new(redis.clone(), &settings.queues);
+        // read (and count, and reconcile) every partition a larger setting ever created
+        if let Err(e) = bus.record_partitions().await {
+            tracing::warn!(error = %e, "cannot record the queue partitions; reading this process's own");
+        }
         Ok(Self {
             settings,
             db,

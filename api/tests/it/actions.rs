@@ -94,21 +94,19 @@ async fn execution_jobs(app: &TestApp) -> Vec<Uuid> {
     let handle = jobs::RedisHandle::new(&app.settings.redis).unwrap();
     let bus = jobs::Bus::new(std::sync::Arc::new(handle), &app.settings.queues);
     let mut conn = bus.redis().conn().await.unwrap();
-    let entries: redis::streams::StreamRangeReply = conn
-        .xrange_all(&bus.keys(Queue::Actions).stream)
-        .await
-        .unwrap();
-    entries
-        .ids
-        .iter()
-        .filter_map(|e| {
+    let mut out = Vec::new();
+    for p in bus.parts(Queue::Actions) {
+        let entries: redis::streams::StreamRangeReply =
+            conn.xrange_all(&bus.keys(p).stream).await.unwrap();
+        out.extend(entries.ids.iter().filter_map(|e| {
             let body: String = e.get("j")?;
             match Envelope::from_json(&body).ok()?.job {
                 Job::ExecuteAction(j) => Some(j.action_id.into_uuid()),
                 _ => None,
             }
-        })
-        .collect()
+        }));
+    }
+    out
 }
 
 #[tokio::test]

@@ -543,14 +543,15 @@ async fn a_turn_that_cannot_be_enqueued_is_kept_and_enqueued_by_the_reconciler()
     // break the chat queue: its stream key holds a string, so XADD fails
     let redis = std::sync::Arc::new(jobs::RedisHandle::new(&app.settings.redis).unwrap());
     let bus = jobs::Bus::new(redis.clone(), &app.settings.queues);
-    let stream_key = bus.keys(jobs::Queue::Chat).stream.clone();
     let mut conn = crate::redis_conn(&app.redis).await;
-    let () = redis::cmd("SET")
-        .arg(&stream_key)
-        .arg("not a stream")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    for p in bus.parts(jobs::Queue::Chat) {
+        let () = redis::cmd("SET")
+            .arg(&bus.keys(p).stream)
+            .arg("not a stream")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
 
     // the turn is committed with its job: accepted (202 with its ids), never lost
     let r = app
@@ -574,11 +575,13 @@ async fn a_turn_that_cannot_be_enqueued_is_kept_and_enqueued_by_the_reconciler()
 
     // Redis is fine again; the scheduler's reconciler finds the turn's job missing from the
     // bus (past the grace period) and enqueues it, once
-    let _: i64 = redis::cmd("DEL")
-        .arg(&stream_key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    for p in bus.parts(jobs::Queue::Chat) {
+        let _: i64 = redis::cmd("DEL")
+            .arg(&bus.keys(p).stream)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
     sqlx::query("UPDATE responses SET enqueued_at = now() - interval '1 minute'")
         .execute(&app.db.pool)
         .await

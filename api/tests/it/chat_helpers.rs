@@ -25,7 +25,9 @@ impl FakeWorker {
     pub async fn new(app: &TestApp) -> Self {
         let redis = Arc::new(RedisHandle::new(&app.settings.redis).unwrap());
         let bus = Bus::new(redis.clone(), &app.settings.queues);
-        bus.ensure_group(Queue::Chat).await.unwrap();
+        for p in bus.parts(Queue::Chat) {
+            bus.ensure_group(p).await.unwrap();
+        }
         let conn = redis.blocking_conn().await.unwrap();
         Self {
             bus,
@@ -35,17 +37,34 @@ impl FakeWorker {
         }
     }
 
-    /// The next `chat` job, waiting at most `wait`.
+    /// The next `chat` job, waiting at most `wait` (every partition is looked at in turn,
+    /// `QUEUE_PARTITIONS`; one alone blocks).
     pub async fn try_next_job(&mut self, wait: Duration) -> Option<jobs::kinds::Chat> {
-        let got = self
-            .bus
-            .read(&mut self.conn, Queue::Chat, "fake-worker", 1, Some(wait))
-            .await
-            .unwrap();
-        let d = got.into_iter().next()?;
+        let parts: Vec<jobs::Part> = self.bus.parts(Queue::Chat).collect();
+        let deadline = tokio::time::Instant::now() + wait;
+        let d = 'found: loop {
+            let block = match parts.len() {
+                1 => Some(wait),
+                _ => None,
+            };
+            for p in &parts {
+                let got = self
+                    .bus
+                    .read(&mut self.conn, *p, "fake-worker", 1, block)
+                    .await
+                    .unwrap();
+                if let Some(d) = got.into_iter().next() {
+                    break 'found d;
+                }
+            }
+            if block.is_some() || tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         let env = Envelope::from_json(&d.body).unwrap();
         self.bus
-            .ack(Queue::Chat, "fake-worker", &[(&d.entry_id, env.id)])
+            .ack(d.part, "fake-worker", &[(&d.entry_id, env.id)])
             .await
             .unwrap();
         match env.job {

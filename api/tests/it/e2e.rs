@@ -270,19 +270,23 @@ async fn a_turns_job_carries_the_requests_trace_id() {
         let _ = r.status();
         let handle = jobs::RedisHandle::new(&app.settings.redis).unwrap();
         let mut conn = handle.conn().await.unwrap();
-        let stream = format!("{}:{{q:chat}}", app.redis.prefix);
-        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(&stream)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let envs: Vec<jobs::Envelope> = entries
-            .ids
-            .iter()
-            .map(|e| jobs::Envelope::from_json(&e.get::<String>("j").unwrap()).unwrap())
-            .collect();
+        let bus = jobs::Bus::new(std::sync::Arc::new(handle), &app.settings.queues);
+        let mut envs: Vec<jobs::Envelope> = Vec::new();
+        for p in bus.parts(Queue::Chat) {
+            let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&bus.keys(p).stream)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            envs.extend(
+                entries
+                    .ids
+                    .iter()
+                    .map(|e| jobs::Envelope::from_json(&e.get::<String>("j").unwrap()).unwrap()),
+            );
+        }
         assert!(
             envs.iter().any(|e| e.trace_id() == Some(want.as_str())),
             "no job with trace {want}"

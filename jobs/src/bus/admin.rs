@@ -9,8 +9,9 @@ use redis::{AsyncCommands, Value};
 use super::{Bus, field, kv};
 use crate::envelope::Envelope;
 use crate::error::BusError;
-use crate::queue::{GROUP, Queue};
+use crate::queue::{GROUP, Part, Queue};
 use crate::scripts;
+use config::MAX_PARTITIONS;
 
 /// Counts for `worker queues`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -43,9 +44,25 @@ pub struct DeadLetter {
 }
 
 impl Bus {
-    /// Length, pending, delayed and dead counts of a queue.
+    /// Length, pending, lag, delayed and dead counts of a queue: the sums over its partitions
+    /// (consumers: the most any partition has).
     pub async fn stats(&self, q: Queue) -> Result<QueueStats, BusError> {
-        let keys = self.keys(q);
+        let mut total = QueueStats::default();
+        for p in self.parts(q) {
+            let s = self.part_stats(p).await?;
+            total.length += s.length;
+            total.pending += s.pending;
+            total.lag += s.lag;
+            total.delayed += s.delayed;
+            total.dead += s.dead;
+            total.consumers = total.consumers.max(s.consumers);
+        }
+        Ok(total)
+    }
+
+    /// The counts of one queue partition.
+    pub async fn part_stats(&self, p: impl Into<Part>) -> Result<QueueStats, BusError> {
+        let keys = self.keys(p);
         let mut conn = self.conn().await?;
         let (length, delayed, dead): (u64, u64, u64) = redis::pipe()
             .xlen(&keys.stream)
@@ -89,9 +106,9 @@ impl Bus {
     /// deleted, so this covers pending ones too) and nothing delayed. Dead letters do not count.
     pub async fn is_empty(&self, queues: &[Queue]) -> Result<bool, BusError> {
         let mut conn = self.conn().await?;
-        for q in queues {
-            // one transaction per queue: a queue's keys share one slot, two queues' need not
-            let keys = self.keys(*q);
+        for p in queues.iter().flat_map(|q| self.parts(*q)) {
+            // one transaction per partition: its keys share one slot, two partitions' need not
+            let keys = self.keys(p);
             let (length, delayed): (u64, u64) = redis::pipe()
                 .atomic()
                 .xlen(&keys.stream)
@@ -106,7 +123,7 @@ impl Bus {
     }
 
     /// The pending entries `consumer` holds in `q`.
-    pub async fn pending_of(&self, q: Queue, consumer: &str) -> Result<u64, BusError> {
+    pub async fn pending_of(&self, q: impl Into<Part>, consumer: &str) -> Result<u64, BusError> {
         let mut conn = self.conn().await?;
         let reply: Result<Value, redis::RedisError> = redis::cmd("XPENDING")
             .arg(&self.keys(q).stream)
@@ -129,9 +146,10 @@ impl Bus {
     /// `XGROUP DELCONSUMER` would drop pending entries, so it is never used on a busy one).
     pub async fn remove_consumer_if_idle(
         &self,
-        q: Queue,
+        q: impl Into<Part>,
         consumer: &str,
     ) -> Result<bool, BusError> {
+        let q = q.into();
         if self.pending_of(q, consumer).await? > 0 {
             return Ok(false);
         }
@@ -151,7 +169,7 @@ impl Bus {
     /// one (a consumer is recreated by its next read). Returns how many were removed.
     pub async fn prune_consumers(
         &self,
-        q: Queue,
+        q: impl Into<Part>,
         me: &str,
         idle_over: Duration,
     ) -> Result<u64, BusError> {
@@ -194,11 +212,26 @@ impl Bus {
         Ok(removed)
     }
 
-    /// The oldest `limit` dead letters of a queue.
+    /// The oldest `limit` dead letters of each partition of a queue. A dead letter of
+    /// partition `i > 0` has the id `<i>/<entry id>` ([`Bus::replay`] takes it so).
     pub async fn dead_list(&self, q: Queue, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+        let mut out = Vec::new();
+        for p in self.parts(q) {
+            out.extend(
+                self.part_dead_list(p, limit.saturating_sub(out.len()))
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn part_dead_list(&self, p: Part, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let mut conn = self.conn().await?;
         let reply: StreamRangeReply = conn
-            .xrange_count(&self.keys(q).dead, "-", "+", limit)
+            .xrange_count(&self.keys(p).dead, "-", "+", limit)
             .await?;
         Ok(reply
             .ids
@@ -206,7 +239,7 @@ impl Bus {
             .map(|e| {
                 let body = field(&e.map, "j");
                 DeadLetter {
-                    queue: q,
+                    queue: p.queue,
                     envelope: Envelope::from_json(&body).ok(),
                     error: field(&e.map, "error"),
                     reason: field(&e.map, "reason"),
@@ -214,7 +247,10 @@ impl Bus {
                         .parse::<i64>()
                         .ok()
                         .and_then(DateTime::from_timestamp_millis),
-                    id: e.id,
+                    id: match p.index {
+                        0 => e.id,
+                        i => format!("{i}/{}", e.id),
+                    },
                     body,
                 }
             })
@@ -224,7 +260,15 @@ impl Bus {
     /// Put one dead letter back on its stream: same job id (handlers stay idempotent), attempt 1,
     /// due now. Returns false when no such dead letter exists (already replayed).
     pub async fn replay(&self, q: Queue, dead_id: &str) -> Result<bool, BusError> {
-        let keys = self.keys(q);
+        // `<i>/<entry id>` names partition i (see `dead_list`)
+        let (part, dead_id) = match dead_id.split_once('/') {
+            Some((i, id)) => match i.parse::<u16>() {
+                Ok(i) if i < MAX_PARTITIONS => (Part::new(q, i), id),
+                _ => return Ok(false),
+            },
+            None => (Part::from(q), dead_id),
+        };
+        let keys = self.keys(part);
         let mut conn = self.conn().await?;
         let reply: StreamRangeReply = conn.xrange(&keys.dead, dead_id, dead_id).await?;
         let Some(entry) = reply.ids.into_iter().next() else {

@@ -13,7 +13,7 @@ use super::{Bus, DeadReason, Delivery, field};
 use crate::envelope::Envelope;
 use crate::error::BusError;
 use crate::metrics;
-use crate::queue::{GROUP, Queue};
+use crate::queue::{GROUP, Part};
 use crate::scripts;
 
 /// How many more of its own pending entries than the batch holds an ack's range scan reads
@@ -27,11 +27,12 @@ impl Bus {
     pub async fn read(
         &self,
         conn: &mut crate::RedisConn,
-        q: Queue,
+        p: impl Into<Part>,
         consumer: &str,
         count: usize,
         block: Option<Duration>,
     ) -> Result<Vec<Delivery>, BusError> {
+        let p = p.into();
         let mut opts = StreamReadOptions::default()
             .group(GROUP, consumer)
             .count(count);
@@ -39,14 +40,14 @@ impl Bus {
             opts = opts.block(usize::try_from(b.as_millis()).unwrap_or(usize::MAX));
         }
         let reply: Option<StreamReadReply> = conn
-            .xread_options(&[&self.keys(q).stream], &[">"], &opts)
+            .xread_options(&[&self.keys(p).stream], &[">"], &opts)
             .await?;
         let mut out = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in key.ids {
                 let body = field(&entry.map, "j");
                 out.push(Delivery {
-                    queue: q,
+                    part: p,
                     entry_id: entry.id,
                     body,
                     deliveries: 1,
@@ -61,11 +62,11 @@ impl Bus {
     /// `consumer` still owns: `(entry id, job id)` pairs.
     pub async fn ack(
         &self,
-        q: Queue,
+        p: impl Into<Part>,
         consumer: &str,
         entries: &[(&str, Uuid)],
     ) -> Result<u64, BusError> {
-        let keys = self.keys(q);
+        let keys = self.keys(p);
         let mut conn = self.conn().await?;
         let mut inv = scripts::ACK.key(&keys.stream);
         // the scan cap: this batch plus what else the consumer may hold in its range
@@ -83,13 +84,13 @@ impl Bus {
     /// if `consumer` still owns the entry. Returns false when it no longer does.
     pub async fn retry(
         &self,
-        q: Queue,
+        p: impl Into<Part>,
         consumer: &str,
         entry_id: &str,
         next: &Envelope,
         due: DateTime<Utc>,
     ) -> Result<bool, BusError> {
-        let keys = self.keys(q);
+        let keys = self.keys(p);
         let mut conn = self.conn().await?;
         let n: i64 = scripts::RETRY
             .key(&keys.stream)
@@ -106,8 +107,13 @@ impl Bus {
 
     /// Reset the idle time of an entry `consumer` is still handling, so that reclaimers leave
     /// it alone (the heartbeat of long handlers). Returns false when `consumer` no longer owns it.
-    pub async fn touch(&self, q: Queue, consumer: &str, entry_id: &str) -> Result<bool, BusError> {
-        let keys = self.keys(q);
+    pub async fn touch(
+        &self,
+        p: impl Into<Part>,
+        consumer: &str,
+        entry_id: &str,
+    ) -> Result<bool, BusError> {
+        let keys = self.keys(p);
         let mut conn = self.conn().await?;
         let n: i64 = scripts::TOUCH
             .key(&keys.stream)
@@ -125,7 +131,7 @@ impl Bus {
     #[allow(clippy::too_many_arguments)]
     pub async fn dead_letter(
         &self,
-        q: Queue,
+        p: impl Into<Part>,
         consumer: &str,
         entry_id: &str,
         body: &str,
@@ -133,7 +139,7 @@ impl Bus {
         reason: DeadReason,
         job_id: Option<Uuid>,
     ) -> Result<bool, BusError> {
-        let keys = self.keys(q);
+        let keys = self.keys(p);
         let mut conn = self.conn().await?;
         let n: i64 = scripts::DEAD
             .key(&keys.stream)
@@ -154,8 +160,12 @@ impl Bus {
 
     /// Move up to `limit` due delayed envelopes to the stream. Returns how many moved and when
     /// the next one is due (ms since the epoch), if any.
-    pub async fn move_due(&self, q: Queue, limit: usize) -> Result<(u64, Option<i64>), BusError> {
-        let keys = self.keys(q);
+    pub async fn move_due(
+        &self,
+        p: impl Into<Part>,
+        limit: usize,
+    ) -> Result<(u64, Option<i64>), BusError> {
+        let keys = self.keys(p);
         let mut conn = self.conn().await?;
         let (moved, next): (u64, i64) = scripts::MOVE_DUE
             .key(&keys.stream)
@@ -171,15 +181,16 @@ impl Bus {
     /// from `cursor`). Returns the next cursor and the claimed deliveries with their counts.
     pub async fn reclaim(
         &self,
-        q: Queue,
+        p: impl Into<Part>,
         consumer: &str,
         min_idle: Duration,
         cursor: &str,
         count: usize,
     ) -> Result<(String, Vec<Delivery>), BusError> {
+        let p = p.into();
         let mut conn = self.conn().await?;
         let (next, claimed): (String, Vec<(String, String, u32)>) = scripts::RECLAIM
-            .key(&self.keys(q).stream)
+            .key(&self.keys(p).stream)
             .arg(GROUP)
             .arg(consumer)
             .arg(u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX))
@@ -188,12 +199,12 @@ impl Bus {
             .invoke_async(&mut conn)
             .await?;
         if !claimed.is_empty() {
-            metrics::reclaimed(q, claimed.len() as u64);
+            metrics::reclaimed(p.queue, claimed.len() as u64);
         }
         let out = claimed
             .into_iter()
             .map(|(entry_id, body, deliveries)| Delivery {
-                queue: q,
+                part: p,
                 entry_id,
                 body,
                 deliveries,

@@ -7,6 +7,7 @@ mod delivery;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -18,8 +19,9 @@ use crate::envelope::Envelope;
 use crate::error::BusError;
 use crate::kinds::Job;
 use crate::metrics;
-use crate::queue::{GROUP, Queue, QueueKeys};
+use crate::queue::{GROUP, Part, Queue, QueueKeys, partition_index};
 use crate::scripts;
+use config::MAX_PARTITIONS;
 
 pub use admin::{DeadLetter, QueueStats};
 
@@ -50,7 +52,8 @@ impl DeadReason {
 /// An entry handed to a consumer: the raw envelope and how many times it was delivered.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    pub queue: Queue,
+    /// The queue partition (stream) it was read from: every step of its settling goes there.
+    pub part: Part,
     pub entry_id: String,
     pub body: String,
     /// 1 for a fresh read; more when reclaimed from another consumer.
@@ -68,20 +71,44 @@ pub struct Bus {
 struct Inner {
     redis: Arc<RedisHandle>,
     queues: config::QueuesSettings,
-    keys: HashMap<Queue, QueueKeys>,
+    /// The keys of every partition a queue may have: `[queue.index() * MAX_PARTITIONS + i]`.
+    keys: Vec<QueueKeys>,
+    /// The partitions read, per queue: at least `queues.partitions`, and as many as the
+    /// largest setting ever recorded ([`Bus::record_partitions`]).
+    readable: [AtomicU16; 4],
+    /// This process's setting is in the record (enqueues make sure of it before their first
+    /// job, so workers come to read every partition jobs go to).
+    recorded: AtomicBool,
 }
+
+/// Keeps the record of a queue's partitions at its largest. KEYS: the record. ARGV: this
+/// process's setting. Returns the record afterwards.
+const RECORD_PARTITIONS_LUA: &str = r#"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local mine = tonumber(ARGV[1])
+if mine > cur then
+  redis.call('SET', KEYS[1], ARGV[1])
+  cur = mine
+end
+return cur
+"#;
 
 impl Bus {
     pub fn new(redis: Arc<RedisHandle>, queues: &config::QueuesSettings) -> Self {
         let keys = Queue::ALL
             .into_iter()
-            .map(|q| (q, QueueKeys::new(redis.prefix(), q)))
+            .flat_map(|q| Part::all(q, MAX_PARTITIONS))
+            .map(|p| QueueKeys::new(redis.prefix(), p))
             .collect();
+        let n = queues.partitions.clamp(1, MAX_PARTITIONS);
         Self {
             inner: Arc::new(Inner {
                 redis,
                 queues: queues.clone(),
                 keys,
+                readable: std::array::from_fn(|_| AtomicU16::new(n)),
+                // one partition: nothing to record
+                recorded: AtomicBool::new(n == 1),
             }),
         }
     }
@@ -90,9 +117,64 @@ impl Bus {
         &self.inner.redis
     }
 
-    pub fn keys(&self, q: Queue) -> &QueueKeys {
-        // every queue has its keys (built from Queue::ALL in `new`)
-        &self.inner.keys[&q]
+    /// The keys of a queue partition (a queue alone: its partition 0).
+    pub fn keys(&self, p: impl Into<Part>) -> &QueueKeys {
+        let p = p.into();
+        let i = p.queue.index() * usize::from(MAX_PARTITIONS)
+            + usize::from(p.index.min(MAX_PARTITIONS - 1));
+        // every partition below MAX_PARTITIONS of every queue has its keys (built in `new`)
+        &self.inner.keys[i]
+    }
+
+    /// The partitions of `q` that enqueues go to (`queues.partitions`).
+    pub fn partitions(&self) -> u16 {
+        self.inner.queues.partitions.clamp(1, MAX_PARTITIONS)
+    }
+
+    /// The partitions of `q` to read, drain and count: see [`Bus::record_partitions`].
+    pub fn parts(&self, q: Queue) -> impl Iterator<Item = Part> + use<> {
+        let n = self.inner.readable[q.index()].load(Ordering::Relaxed);
+        Part::all(q, n)
+    }
+
+    /// The partition a job goes to: its partition key ([`Job::partition_hash`]), or its id,
+    /// among `queues.partitions`.
+    pub fn part_of(&self, env: &Envelope) -> Part {
+        let hash = env
+            .job
+            .partition_hash()
+            .unwrap_or_else(|| crate::kinds::fnv1a(env.id.as_bytes()));
+        Part::new(env.job.queue(), partition_index(hash, self.partitions()))
+    }
+
+    /// Record this process's `queues.partitions` in Redis when larger than what is recorded,
+    /// and read from now on as many partitions as the record says: jobs enqueued under a larger
+    /// setting stay reachable after it is lowered. Called at the start of every process that
+    /// enqueues or consumes.
+    pub async fn record_partitions(&self) -> Result<(), BusError> {
+        let mut conn = self.conn().await?;
+        let script = redis::Script::new(RECORD_PARTITIONS_LUA);
+        for q in Queue::ALL {
+            let recorded: i64 = script
+                .key(QueueKeys::partitions_record(self.inner.redis.prefix(), q))
+                .arg(self.partitions())
+                .invoke_async(&mut conn)
+                .await?;
+            let n = u16::try_from(recorded)
+                .unwrap_or(MAX_PARTITIONS)
+                .clamp(self.partitions(), MAX_PARTITIONS);
+            self.inner.readable[q.index()].store(n, Ordering::Relaxed);
+        }
+        self.inner.recorded.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Before the first enqueue of a process with several partitions: record them (a failure
+    /// is left to the enqueue itself, which needs Redis too).
+    async fn ensure_recorded(&self) {
+        if !self.inner.recorded.load(Ordering::Relaxed) {
+            let _ = self.record_partitions().await;
+        }
     }
 
     pub fn settings(&self, q: Queue) -> &config::QueueSettings {
@@ -105,10 +187,10 @@ impl Bus {
 
     /// Create the queue's stream and consumer group if missing. The group starts at the
     /// beginning of the stream, so jobs enqueued before any worker existed are not skipped.
-    pub async fn ensure_group(&self, q: Queue) -> Result<(), BusError> {
+    pub async fn ensure_group(&self, p: impl Into<Part>) -> Result<(), BusError> {
         let mut conn = self.conn().await?;
         let r: Result<(), redis::RedisError> = conn
-            .xgroup_create_mkstream(&self.keys(q).stream, GROUP, "0")
+            .xgroup_create_mkstream(&self.keys(p).stream, GROUP, "0")
             .await;
         match r {
             Ok(()) => Ok(()),
@@ -130,8 +212,9 @@ impl Bus {
     /// (handlers are idempotent); the reconciler's re-enqueues use `enqueue_once`.
     /// (A transaction costs Redis about half of what the `ENQUEUE` script does: `bench bus`.)
     pub async fn enqueue_envelope(&self, env: &Envelope) -> Result<(), BusError> {
+        self.ensure_recorded().await;
         let q = env.job.queue();
-        let keys = self.keys(q);
+        let keys = self.keys(self.part_of(env));
         let now = Utc::now().timestamp_millis();
         let body = env.to_json()?;
         let mut pipe = redis::pipe();
@@ -163,8 +246,9 @@ impl Bus {
     /// Enqueue a prepared envelope with its marker, in one step — unless a job with its id is
     /// still on the bus (its marker exists). Returns whether it was enqueued now.
     pub async fn enqueue_once(&self, env: &Envelope) -> Result<bool, BusError> {
+        self.ensure_recorded().await;
         let q = env.job.queue();
-        let keys = self.keys(q);
+        let keys = self.keys(self.part_of(env));
         let now = Utc::now().timestamp_millis();
         let due = env
             .not_before
@@ -188,25 +272,37 @@ impl Bus {
         Ok(n == 1)
     }
 
-    /// Which of the jobs `ids` of queue `q` are still on the bus (their markers exist).
+    /// Which of the jobs `ids` of queue `q` are still on the bus (their markers exist, in any
+    /// partition read).
     pub async fn markers(&self, q: Queue, ids: &[Uuid]) -> Result<Vec<bool>, BusError> {
+        let mut out = vec![false; ids.len()];
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(out);
         }
         let mut conn = self.conn().await?;
         let fields: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-        let found: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(&self.keys(q).marks)
-            .arg(&fields)
-            .query_async(&mut conn)
-            .await?;
-        Ok(found.into_iter().map(|f| f.is_some()).collect())
+        for p in self.parts(q) {
+            let found: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(&self.keys(p).marks)
+                .arg(&fields)
+                .query_async(&mut conn)
+                .await?;
+            for (o, f) in out.iter_mut().zip(found) {
+                *o |= f.is_some();
+            }
+        }
+        Ok(out)
     }
 
     /// How many jobs of queue `q` are on the bus (waiting, delayed or being handled).
     pub async fn jobs_on_bus(&self, q: Queue) -> Result<u64, BusError> {
         let mut conn = self.conn().await?;
-        Ok(conn.hlen(&self.keys(q).marks).await?)
+        let mut n = 0;
+        for p in self.parts(q) {
+            let len: u64 = conn.hlen(&self.keys(p).marks).await?;
+            n += len;
+        }
+        Ok(n)
     }
 
     /// Enqueue many due envelopes in one pipeline (bulk loads, tests, the benchmark), each with
@@ -215,16 +311,20 @@ impl Bus {
         if envs.is_empty() {
             return Ok(());
         }
+        self.ensure_recorded().await;
         let now = Utc::now().timestamp_millis();
         let mut conn = self.conn().await?;
-        // one MULTI/EXEC per queue (a queue's keys share one slot, two queues' need not):
-        // a marker never stands without its entry
-        for q in Queue::ALL {
-            let keys = self.keys(q);
+        // one MULTI/EXEC per partition (a partition's keys share one slot, two partitions'
+        // need not): a marker never stands without its entry
+        let mut parts: Vec<Part> = envs.iter().map(|e| self.part_of(e)).collect();
+        parts.sort();
+        parts.dedup();
+        for part in parts {
+            let keys = self.keys(part);
             let mut pipe = redis::pipe();
             pipe.atomic();
             let mut any = false;
-            for env in envs.iter().filter(|e| e.job.queue() == q) {
+            for env in envs.iter().filter(|e| self.part_of(e) == part) {
                 any = true;
                 pipe.hset(&keys.marks, env.id.to_string(), now)
                     .ignore()
@@ -253,6 +353,8 @@ impl Bus {
     ) -> Result<Option<Envelope>, BusError> {
         let env = Envelope::new(job);
         let q = env.job.queue();
+        // the tick's marker lives beside partition 0 (a fixed slot): a tick fires once
+        // whatever partition its job lands in — so the job goes to partition 0 too
         let keys = self.keys(q);
         let mut conn = self.conn().await?;
         let fired: i64 = scripts::TICK

@@ -72,6 +72,30 @@ impl Job {
     }
 }
 
+impl Job {
+    /// What decides the job's partition (`crate::queue::Part`), hashed: the org for a chat turn
+    /// or a memory write (so an org's work stays in one slot), the record otherwise; `None`
+    /// (the job's own id decides) for work of no particular record.
+    pub fn partition_hash(&self) -> Option<u64> {
+        let bytes: &[u8] = match self {
+            Job::Chat(j) => j.org_id.as_uuid().as_bytes(),
+            Job::Remember(j) => j.org_id.as_uuid().as_bytes(),
+            Job::Summarize(j) => j.conversation_id.as_uuid().as_bytes(),
+            Job::ExecuteAction(j) => j.action_id.as_uuid().as_bytes(),
+            Job::Probe(j) => j.key.as_bytes(),
+            Job::Index(_) => return None,
+        };
+        Some(fnv1a(bytes))
+    }
+}
+
+/// FNV-1a, 64 bits: stable across processes and builds (std's hasher is seeded per process).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// Implements the `Job` conversions of a kind (the name and queue are written by hand).
 macro_rules! job_variant {
     ($kind:ident) => {

@@ -27,7 +27,7 @@ use apalis_core::task::task_id::TaskId;
 use apalis_core::worker::context::WorkerContext;
 use chrono::Utc;
 use futures::StreamExt;
-use futures::stream::{self, BoxStream};
+use futures::stream::{self, BoxStream, SelectAll};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +38,7 @@ use crate::bus::{DeadReason, Delivery};
 use crate::envelope::Envelope;
 use crate::error::BusError;
 use crate::kinds::Job;
-use crate::queue::Queue;
+use crate::queue::{Part, Queue};
 
 /// How much longer than `read_block` a read may take before its connection is given up.
 const READ_SLACK: Duration = Duration::from_secs(5);
@@ -71,10 +71,14 @@ pub struct StreamsBackend {
     deliveries: Deliveries,
     /// A restarted backend (its apalis worker failed) waits this long before its first read.
     pause: Duration,
+    /// The partitions whose reader and reclaimer run (more start when the record of the
+    /// queue's partitions grows: `Bus::record_partitions`).
+    started: u16,
 }
 
-/// A backend's delivery stream; `None` once it is taken away.
-pub(super) type Deliveries = Arc<Mutex<Option<BoxStream<'static, Delivered>>>>;
+/// A backend's delivery streams (a reader and a reclaimer per partition); `None` once taken
+/// away.
+pub(super) type Deliveries = Arc<Mutex<Option<SelectAll<BoxStream<'static, Delivered>>>>>;
 
 impl StreamsBackend {
     pub(super) fn new(run: Arc<Run>, queue: Queue, pause: Duration) -> Self {
@@ -85,6 +89,7 @@ impl StreamsBackend {
             queue,
             deliveries,
             pause,
+            started: 0,
         }
     }
 
@@ -94,7 +99,7 @@ impl StreamsBackend {
             Ok(env) => env,
             Err(e) => {
                 let error = format!("not a valid job envelope: {e}");
-                tracing::error!(queue = %d.queue, entry = %d.entry_id, %error, "dead-lettering a malformed entry");
+                tracing::error!(queue = %d.part, entry = %d.entry_id, %error, "dead-lettering a malformed entry");
                 let run = run.clone();
                 run.clone().side.spawn(async move {
                     let _permit = permit;
@@ -106,7 +111,7 @@ impl StreamsBackend {
         let attempt = env.attempt.saturating_add(d.deliveries.saturating_sub(1));
         let ctx = JobContext {
             id: env.id,
-            queue: d.queue,
+            queue: d.part.queue,
             kind: env.job.name(),
             attempt,
             enqueued_at: env.enqueued_at,
@@ -156,13 +161,20 @@ impl Backend for StreamsBackend {
             if self.run.reading.is_cancelled() {
                 return Poll::Ready(None);
             }
-            let (run, q) = (self.run.clone(), self.queue);
-            let reader = reader(run.clone(), q, self.pause);
-            *slot = Some(stream::select(reader, reclaimer(run, q)).boxed());
+            self.started = 0;
+            *slot = Some(SelectAll::new());
         }
         let Some(deliveries) = slot.as_mut() else {
             return Poll::Ready(None);
         };
+        // a reader and a reclaimer per partition (one each for an unpartitioned queue); the
+        // partitions a grown record adds join here (a new stream is polled at once)
+        let (run, q) = (self.run.clone(), self.queue);
+        for p in run.core.bus.parts(q).skip(usize::from(self.started)) {
+            deliveries.push(reader(run.clone(), p, self.pause));
+            deliveries.push(reclaimer(run.clone(), p));
+            self.started += 1;
+        }
         loop {
             let Some((d, permit)) = futures::ready!(deliveries.poll_next_unpin(cx)) else {
                 return Poll::Ready(None);
@@ -224,26 +236,26 @@ pub(super) async fn give_back(run: &Run, d: &Delivery) {
     match run
         .core
         .bus
-        .retry(d.queue, &d.consumer, &d.entry_id, &env, Utc::now())
+        .retry(d.part, &d.consumer, &d.entry_id, &env, Utc::now())
         .await
     {
         Ok(true) => {
-            tracing::info!(queue = %d.queue, job_id = %env.id, "stopping: a job read but not started goes back to its queue")
+            tracing::info!(queue = %d.part, job_id = %env.id, "stopping: a job read but not started goes back to its queue")
         }
         Ok(false) => {
-            tracing::warn!(queue = %d.queue, job_id = %env.id, "stopping: a job read but not started was reclaimed meanwhile; its new owner decides")
+            tracing::warn!(queue = %d.part, job_id = %env.id, "stopping: a job read but not started was reclaimed meanwhile; its new owner decides")
         }
         Err(e) => {
-            tracing::warn!(queue = %d.queue, error = %e, "stopping: cannot give a read job back; it will be reclaimed")
+            tracing::warn!(queue = %d.part, error = %e, "stopping: cannot give a read job back; it will be reclaimed")
         }
     }
 }
 
-/// The reader of one queue: permits, then a read, as long as reading is on.
-fn reader(run: Arc<Run>, q: Queue, pause: Duration) -> BoxStream<'static, Delivered> {
+/// The reader of one queue partition: permits, then a read, as long as reading is on.
+fn reader(run: Arc<Run>, q: Part, pause: Duration) -> BoxStream<'static, Delivered> {
     struct State {
         run: Arc<Run>,
-        q: Queue,
+        q: Part,
         conn: Option<crate::RedisConn>,
         busy: bool,
         /// Before the first read (a restarted backend).
@@ -329,12 +341,12 @@ fn is_nogroup(e: &BusError) -> bool {
     matches!(e, BusError::Redis(r) if r.code() == Some("NOGROUP"))
 }
 
-/// The reclaimer of one queue: entries idle past the visibility timeout (their worker died or
-/// stalled), each under a consumer name of its own.
-fn reclaimer(run: Arc<Run>, q: Queue) -> BoxStream<'static, Delivered> {
+/// The reclaimer of one queue partition: entries idle past the visibility timeout (their worker
+/// died or stalled), each under a consumer name of its own.
+fn reclaimer(run: Arc<Run>, q: Part) -> BoxStream<'static, Delivered> {
     struct State {
         run: Arc<Run>,
-        q: Queue,
+        q: Part,
         last_prune: Instant,
         /// The `XAUTOCLAIM` cursor while a pass goes on; `None` between passes.
         cursor: Option<String>,
@@ -349,7 +361,8 @@ fn reclaimer(run: Arc<Run>, q: Queue) -> BoxStream<'static, Delivered> {
     };
     stream::unfold(state, |mut s| async move {
         let core = s.run.core.clone();
-        let visibility = Duration::from_secs(core.bus.settings(s.q).visibility_timeout_secs);
+        let visibility =
+            Duration::from_secs(core.bus.settings(s.q.queue).visibility_timeout_secs);
         let period = (visibility / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             if let Some(d) = s.ready.next() {
@@ -404,7 +417,7 @@ fn reclaimer(run: Arc<Run>, q: Queue) -> BoxStream<'static, Delivered> {
     .boxed()
 }
 
-async fn prune(run: &Run, q: Queue) {
+async fn prune(run: &Run, q: Part) {
     let core = &run.core;
     match core
         .bus

@@ -59,10 +59,12 @@ use crate::bus::Bus;
 use crate::error::BusError;
 use crate::kinds::Job;
 use crate::metrics;
-use crate::queue::Queue;
+use crate::queue::{Part, Queue};
 
 /// The longest the delayed-set mover sleeps without looking (other processes add retries too).
 pub const MOVER_MAX_SLEEP: Duration = Duration::from_secs(1);
+/// How often a worker re-reads the record of the queues' partitions.
+const PARTITIONS_REFRESH: Duration = Duration::from_secs(10);
 /// Delayed entries moved per script call.
 const MOVE_BATCH: usize = 200;
 /// Entries per read at most.
@@ -179,7 +181,22 @@ struct Core {
     opts: WorkerOptions,
     consumer: Arc<str>,
     semaphore: Arc<Semaphore>,
+    /// Permits added to `WORKER_CONCURRENCY`: one per partition beyond a queue's first, for
+    /// that partition's reader, which holds a permit while it waits (so idle readers never
+    /// take the jobs' slots; at worst that many more jobs run at once).
+    extra_permits: std::sync::atomic::AtomicUsize,
     counters: Counters,
+}
+
+impl Core {
+    /// Give each partition beyond its queue's first a permit of its own (see `extra_permits`).
+    fn permits_for(&self, parts: usize) {
+        let want = parts.saturating_sub(self.opts.queues.len());
+        let had = self.extra_permits.fetch_max(want, Ordering::Relaxed);
+        if want > had {
+            self.semaphore.add_permits(want - had);
+        }
+    }
 }
 
 /// One run of a worker: what its backends, layers and background tasks share.
@@ -189,10 +206,10 @@ struct Run {
     reading: CancellationToken,
     /// Cancelled when the grace period is over: in-flight handlers are dropped.
     hard_stop: CancellationToken,
-    /// Wakes a queue's mover when this run schedules a retry.
-    movers: HashMap<Queue, Arc<Notify>>,
-    /// The ack batchers by queue; emptied at the end of the run, which ends them.
-    ackers: Mutex<HashMap<Queue, settle::Acker>>,
+    /// Wakes a queue partition's mover when this run schedules a retry.
+    movers: HashMap<Part, Arc<Notify>>,
+    /// The ack batchers by queue partition; emptied at the end of the run, which ends them.
+    ackers: Mutex<HashMap<Part, settle::Acker>>,
     /// The handlers (spawned by apalis's `parallelize`) and the settling of each job.
     handlers: TaskTracker,
     /// Settling aside (malformed entries, reads given back at a stop).
@@ -202,7 +219,7 @@ struct Run {
 }
 
 impl Run {
-    fn acker(&self, q: Queue) -> Option<settle::Acker> {
+    fn acker(&self, q: Part) -> Option<settle::Acker> {
         self.ackers.lock().ok()?.get(&q).cloned()
     }
 
@@ -242,6 +259,7 @@ impl Worker {
                 consumer: Arc::from(opts.consumer.as_str()),
                 bus,
                 registry,
+                extra_permits: std::sync::atomic::AtomicUsize::new(0),
                 counters: Counters::default(),
                 opts,
             }),
@@ -261,26 +279,33 @@ impl Worker {
         metrics::describe();
         let core = &self.core;
         let before = core.counters.report();
-        for q in &core.opts.queues {
-            core.bus.ensure_group(*q).await?;
+        // every partition a larger setting ever created is read too
+        core.bus.record_partitions().await?;
+        let parts: Vec<Part> = core
+            .opts
+            .queues
+            .iter()
+            .flat_map(|q| core.bus.parts(*q))
+            .collect();
+        for p in &parts {
+            core.bus.ensure_group(*p).await?;
         }
+        core.permits_for(parts.len());
         let background = TaskTracker::new();
         let mut ackers = HashMap::new();
         let mut receivers = Vec::new();
-        for q in &core.opts.queues {
+        for p in &parts {
             let (tx, rx) = mpsc::unbounded_channel();
-            ackers.insert(*q, tx);
-            receivers.push((*q, rx));
+            ackers.insert(*p, tx);
+            receivers.push((*p, rx));
         }
         let run = Arc::new(Run {
             core: core.clone(),
             reading: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
-            movers: core
-                .opts
-                .queues
+            movers: parts
                 .iter()
-                .map(|q| (*q, Arc::new(Notify::new())))
+                .map(|p| (*p, Arc::new(Notify::new())))
                 .collect(),
             ackers: Mutex::new(ackers),
             handlers: TaskTracker::new(),
@@ -291,6 +316,11 @@ impl Worker {
             background.spawn(settle::ack_loop(run.clone(), q, rx));
             background.spawn(move_loop(run.clone(), q));
         }
+        background.spawn(watch_partitions(
+            run.clone(),
+            background.clone(),
+            parts.clone(),
+        ));
         background.close();
 
         let mut monitor =
@@ -385,9 +415,9 @@ impl Worker {
             a.clear();
         }
         background.wait().await;
-        for q in &core.opts.queues {
-            if let Err(e) = core.bus.remove_consumer_if_idle(*q, &core.consumer).await {
-                tracing::warn!(queue = %q, error = %e, "cannot tidy up the consumer");
+        for p in &parts {
+            if let Err(e) = core.bus.remove_consumer_if_idle(*p, &core.consumer).await {
+                tracing::warn!(queue = %p, error = %e, "cannot tidy up the consumer");
             }
         }
         if ended_early {
@@ -513,9 +543,36 @@ async fn take_permits(
     Some(permits)
 }
 
-/// Moves due delayed retries of one queue back to its stream (Lua), sleeping until the next due
-/// time (at most [`MOVER_MAX_SLEEP`]) or until this run schedules a retry.
-async fn move_loop(run: Arc<Run>, q: Queue) {
+/// Re-reads the record of the queues' partitions every [`PARTITIONS_REFRESH`]: when another
+/// process raised the setting, the new partitions get their movers here (their readers and
+/// reclaimers start in the backends, `backend::StreamsBackend`).
+async fn watch_partitions(run: Arc<Run>, background: TaskTracker, mut known: Vec<Part>) {
+    while sleep_or_stop(PARTITIONS_REFRESH, &run.reading).await {
+        if let Err(e) = run.core.bus.record_partitions().await {
+            tracing::debug!(error = %e, "cannot re-read the recorded queue partitions");
+            continue;
+        }
+        for q in &run.core.opts.queues {
+            for p in run.core.bus.parts(*q) {
+                if known.contains(&p) {
+                    continue;
+                }
+                tracing::info!(queue = %p, "a new queue partition: reading it too");
+                if let Err(e) = run.core.bus.ensure_group(p).await {
+                    tracing::warn!(queue = %p, error = %e, "cannot create the new partition's group yet");
+                    continue;
+                }
+                known.push(p);
+                run.core.permits_for(known.len());
+                background.spawn(move_loop(run.clone(), p));
+            }
+        }
+    }
+}
+
+/// Moves due delayed retries of one queue partition back to its stream (Lua), sleeping until the
+/// next due time (at most [`MOVER_MAX_SLEEP`]) or until this run schedules a retry.
+async fn move_loop(run: Arc<Run>, q: Part) {
     let notify = run.movers.get(&q).cloned().unwrap_or_default();
     let stop = run.reading.clone();
     loop {

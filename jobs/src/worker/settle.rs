@@ -42,7 +42,7 @@ use crate::bus::{DeadReason, Delivery};
 use crate::error::JobError;
 use crate::kinds::Job;
 use crate::metrics::{self, Outcome};
-use crate::queue::Queue;
+use crate::queue::Part;
 
 /// Entries per acknowledgement call at most.
 const ACK_BATCH: usize = 256;
@@ -108,12 +108,12 @@ where
         };
         let permit = entry.permit.lock().ok().and_then(|mut p| p.take());
         let d = &entry.delivery;
-        let settings = run.core.bus.settings(d.queue);
+        let settings = run.core.bus.settings(d.part.queue);
         let span = tracing::info_span!(
             "job",
             job_id = %entry.env.id,
             kind = entry.env.job.name(),
-            queue = %d.queue,
+            queue = %d.part,
             attempt = entry.attempt,
             trace_id = entry.env.trace_id().unwrap_or(""),
         );
@@ -122,7 +122,7 @@ where
             let latency = (Utc::now() - entry.env.due_at())
                 .to_std()
                 .unwrap_or_default();
-            metrics::picked_up(d.queue, entry.env.job.name(), latency);
+            metrics::picked_up(d.part.queue, entry.env.job.name(), latency);
         }
         // The inner layers (apalis's tracing) take this span as the task's.
         let handler = (!lost).then(|| {
@@ -255,7 +255,7 @@ fn job_error(e: BoxDynError) -> JobError {
 
 async fn settle(run: &Run, entry: &Entry, result: Option<Result<(), BoxDynError>>, took: Duration) {
     let d = &entry.delivery;
-    let (q, kind, attempt) = (d.queue, entry.env.job.name(), entry.attempt);
+    let (q, kind, attempt) = (d.part.queue, entry.env.job.name(), entry.attempt);
     let counters = &run.core.counters;
     let Some(result) = result else {
         tracing::warn!(
@@ -303,7 +303,7 @@ async fn settle(run: &Run, entry: &Entry, result: Option<Result<(), BoxDynError>
 /// worker keeps dying or stalling on it.
 async fn settle_lost(run: &Run, entry: &Entry) {
     let d = &entry.delivery;
-    let settings = run.core.bus.settings(d.queue);
+    let settings = run.core.bus.settings(d.part.queue);
     let error = format!(
         "delivered {} times without being acknowledged (worker lost or stalled past the {} s \
          visibility timeout)",
@@ -327,7 +327,7 @@ async fn schedule_again(
     took: Duration,
 ) {
     let d = &entry.delivery;
-    let q = d.queue;
+    let q = d.part;
     let now = Utc::now();
     let due = chrono::Duration::from_std(delay)
         .ok()
@@ -339,7 +339,7 @@ async fn schedule_again(
     // Redis down for a moment (a restart, a failover) is the usual reason this fails: keep
     // trying for up to half the visibility timeout — the entry stays ours meanwhile — rather
     // than leave the job to a reclaim a whole visibility timeout later.
-    let visibility = Duration::from_secs(run.core.bus.settings(q).visibility_timeout_secs);
+    let visibility = Duration::from_secs(run.core.bus.settings(q.queue).visibility_timeout_secs);
     let give_up = Instant::now() + visibility / 2;
     let mut pause = Duration::from_millis(100);
     loop {
@@ -351,7 +351,7 @@ async fn schedule_again(
         {
             Ok(true) => {
                 run.core.counters.retried.fetch_add(1, Ordering::Relaxed);
-                metrics::finished(q, entry.env.job.name(), Outcome::Retry, took);
+                metrics::finished(q.queue, entry.env.job.name(), Outcome::Retry, took);
                 if let Some(n) = run.movers.get(&q) {
                     n.notify_one();
                 }
@@ -381,7 +381,7 @@ async fn keep_claimed(run: &Run, d: &Delivery, visibility: Duration) {
     let period = (visibility / 3).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(period).await;
-        match run.core.bus.touch(d.queue, &d.consumer, &d.entry_id).await {
+        match run.core.bus.touch(d.part, &d.consumer, &d.entry_id).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(entry = %d.entry_id, "the entry was reclaimed by another worker; dropping this run");
@@ -397,7 +397,7 @@ async fn keep_claimed(run: &Run, d: &Delivery, visibility: Duration) {
 /// acknowledged on its own.
 async fn settle_ack(run: &Run, d: &Delivery, job_id: Uuid) {
     let entry = [(d.entry_id.as_str(), job_id)];
-    let acker = run.acker(d.queue);
+    let acker = run.acker(d.part);
     let acked = match acker {
         Some(acker) if *d.consumer == *run.core.consumer => {
             let (done, reply) = oneshot::channel();
@@ -408,10 +408,10 @@ async fn settle_ack(run: &Run, d: &Delivery, job_id: Uuid) {
             };
             match acker.send(req) {
                 Ok(()) => reply.await.unwrap_or(false),
-                Err(_) => ack_with_retries(run, d.queue, &d.consumer, &entry).await,
+                Err(_) => ack_with_retries(run, d.part, &d.consumer, &entry).await,
             }
         }
-        _ => ack_with_retries(run, d.queue, &d.consumer, &entry).await,
+        _ => ack_with_retries(run, d.part, &d.consumer, &entry).await,
     };
     if !acked {
         tracing::error!(
@@ -422,7 +422,7 @@ async fn settle_ack(run: &Run, d: &Delivery, job_id: Uuid) {
 
 /// Tries for ~10 s (a Redis restart or failover takes a few): an ack lost here means a
 /// (harmless, idempotent) redelivery a visibility timeout later.
-async fn ack_with_retries(run: &Run, q: Queue, consumer: &str, entries: &[(&str, Uuid)]) -> bool {
+async fn ack_with_retries(run: &Run, q: Part, consumer: &str, entries: &[(&str, Uuid)]) -> bool {
     for wait in [0u64, 50, 200, 500, 1000, 1000, 2000, 2000, 3000] {
         if wait > 0 {
             // (a zero sleep would still wait for the next timer tick)
@@ -439,10 +439,10 @@ async fn ack_with_retries(run: &Run, q: Queue, consumer: &str, entries: &[(&str,
     false
 }
 
-/// Acknowledges handled entries of one queue: whatever has queued up while the previous call
+/// Acknowledges handled entries of one queue partition: whatever has queued up while the previous call
 /// was in flight goes in the next one (no timer, so no added latency when idle). Ends when
 /// every sender is gone.
-pub(super) async fn ack_loop(run: Arc<Run>, q: Queue, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
+pub(super) async fn ack_loop(run: Arc<Run>, q: Part, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < ACK_BATCH {
@@ -473,7 +473,7 @@ pub(super) async fn settle_dead(
         .core
         .bus
         .dead_letter(
-            d.queue,
+            d.part,
             &d.consumer,
             &d.entry_id,
             &d.body,
@@ -485,7 +485,7 @@ pub(super) async fn settle_dead(
     {
         Ok(true) => {
             run.core.counters.dead.fetch_add(1, Ordering::Relaxed);
-            metrics::dead(d.queue, kind, reason.as_str());
+            metrics::dead(d.part.queue, kind, reason.as_str());
         }
         Ok(false) => {
             tracing::warn!("the entry was reclaimed by another worker meanwhile; it decides")

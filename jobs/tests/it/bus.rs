@@ -399,7 +399,8 @@ async fn a_stale_owner_cannot_acknowledge_a_reclaimed_entry() {
 #[tokio::test]
 async fn a_batched_ack_settles_only_owned_entries_past_the_scan_cap() {
     let redis = TestRedis::new();
-    let bus = crate::bus(&redis, &crate::queues(|_| {}));
+    // one stream: the scan cap is about one consumer's range in one stream
+    let bus = crate::bus(&redis, &crate::queues(|q| q.partitions = 1));
     let q = Queue::Actions;
     bus.ensure_group(q).await.unwrap();
     let envs: Vec<Envelope> = (0..700)

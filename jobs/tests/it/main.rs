@@ -7,6 +7,7 @@ mod bus;
 mod cluster;
 mod delayed;
 mod events;
+mod partitions;
 mod runtime;
 
 use std::sync::Arc;
@@ -16,7 +17,14 @@ use testkit::TestRedis;
 
 /// Default queue settings, with `edit` applied.
 pub fn queues(edit: impl FnOnce(&mut config::QueuesSettings)) -> config::QueuesSettings {
-    let mut s = config::Settings::load_from(None, |_| None).unwrap().queues;
+    // QUEUE_PARTITIONS from the environment (scripts/test's cluster pass sets it)
+    let mut s = config::Settings::load_from(None, |k| {
+        (k == "QUEUE_PARTITIONS")
+            .then(|| std::env::var(k).ok())
+            .flatten()
+    })
+    .unwrap()
+    .queues;
     edit(&mut s);
     s
 }

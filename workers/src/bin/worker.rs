@@ -455,6 +455,12 @@ async fn operate(settings: config::Settings, cmd: Cmd) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // the bus commands see every partition ever recorded (stats, dead letters)
+    if !matches!(cmd, Cmd::Memory { .. })
+        && let Err(e) = bus.record_partitions().await
+    {
+        tracing::warn!(error = %e, "cannot read the recorded queue partitions");
+    }
     let result = match cmd {
         // the database only (and the model proxy for `add`): the bus above is not used
         Cmd::Memory { command } => {

@@ -322,7 +322,13 @@ fn pair(role: &str, content: &str) -> (String, String) {
 
 #[tokio::test]
 async fn prompts_hold_the_summary_and_exactly_the_last_n_messages_and_turns_enqueue_follow_ups() {
-    let c = ctx(&[("RECENT_MESSAGES", "4"), ("SUMMARIZE_THRESHOLD", "2")]).await;
+    // one partition: the scripted model answers remember, then summarize, in enqueue order
+    let c = ctx(&[
+        ("RECENT_MESSAGES", "4"),
+        ("SUMMARIZE_THRESHOLD", "2"),
+        ("QUEUE_PARTITIONS", "1"),
+    ])
+    .await;
     let (user, conversation) = c.chatted(6).await;
     // the first summary: everything before the last 4 messages (q1..a4)
     FakeClient::shared()

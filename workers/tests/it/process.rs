@@ -12,6 +12,10 @@ pub(crate) fn command(bin: &str, db: &TestDb, redis: &TestRedis) -> Command {
         .env("DATABASE_URL", &db.url)
         .env("REDIS_URL", &redis.url)
         .env("REDIS_CLUSTER", redis.cluster_env())
+        .env(
+            "QUEUE_PARTITIONS",
+            std::env::var("QUEUE_PARTITIONS").unwrap_or_else(|_| "1".into()),
+        )
         .env("REDIS_PREFIX", &redis.prefix)
         .env("LOG_FORMAT", "json")
         .env("LOG_FILTER", "info")

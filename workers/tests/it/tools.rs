@@ -922,10 +922,12 @@ async fn the_reconciler_recovers_a_lost_execution_and_a_lost_continuation() {
         .unwrap();
     assert_eq!(status_of(&db, action_id).await.0, "executed");
     let mut conn = bus.redis().conn().await.unwrap();
-    let keys = bus.keys(Queue::Chat);
-    let _: i64 = redis::AsyncCommands::del(&mut conn, &[&keys.stream, &keys.marks])
-        .await
-        .unwrap();
+    for p in bus.parts(Queue::Chat) {
+        let keys = bus.keys(p);
+        let _: i64 = redis::AsyncCommands::del(&mut conn, &[&keys.stream, &keys.marks])
+            .await
+            .unwrap();
+    }
     sqlx::query("UPDATE responses SET enqueued_at = now() - interval '10 minutes'")
         .execute(&db.pool)
         .await
