@@ -56,6 +56,13 @@ enum Cmd {
         /// Pickup latency samples.
         #[arg(long, default_value_t = 400)]
         samples: usize,
+        /// Then the same on this Redis Cluster (comma-separated seed URLs, as
+        /// `scripts/services env --cluster` prints them), the `memory` queue partitioned.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Partitions per queue on the cluster.
+        #[arg(long, default_value_t = 3)]
+        partitions: u16,
     },
     /// The chat path: TTFT and total, direct / via LiteLLM / via Switchboard, at several
     /// concurrencies; then how many SSE streams one API process holds.
@@ -99,7 +106,12 @@ async fn main() -> ExitCode {
             producers,
             concurrency,
             samples,
-        } => bus::bench_bus(&settings, secs, producers, concurrency, samples).await,
+            cluster,
+            partitions,
+        } => {
+            let cluster = cluster.map(|seeds| (seeds, partitions));
+            bus::bench_bus(&settings, secs, producers, concurrency, samples, cluster).await
+        }
         Cmd::Chat(args) => chat::bench_chat(settings, args).await,
         Cmd::Index { chunks } => index::bench_index(settings, chunks).await,
         Cmd::Retrieval(args) => retrieval::bench_retrieval(settings, args).await,

@@ -150,7 +150,7 @@ pub async fn bench_chat(mut settings: config::Settings, args: ChatArgs) -> anyho
     let litellm = settings.litellm.clone();
     settings.database.url = db.url.clone().into();
     let outcome = run(&mut settings, &litellm, &args).await;
-    crate::bus::cleanup(&redis).await;
+    crate::bus::cleanup(&redis, &settings.redis).await;
     for prefix in [
         crate::sse::prefix_of(&settings.redis.prefix),
         via_litellm_prefix(&settings.redis.prefix),
@@ -159,7 +159,7 @@ pub async fn bench_chat(mut settings: config::Settings, args: ChatArgs) -> anyho
             prefix,
             ..settings.redis.clone()
         }) {
-            crate::bus::cleanup(&r).await;
+            crate::bus::cleanup(&r, &settings.redis).await;
         }
     }
     db.drop_db().await;
