@@ -77,4 +77,8 @@ pub enum BusError {
     /// The apalis workers of a process ended although nobody asked them to stop.
     #[error("the {0} ended before a shutdown was asked for")]
     Ended(&'static str),
+    /// A job bound for a partition above 0 while this process's partition count could not be
+    /// recorded: workers might not read it (`Bus::record_partitions`).
+    #[error("cannot record the queue partitions: {0}")]
+    Unrecorded(String),
 }

@@ -202,8 +202,9 @@ impl RedisHandle {
         })
     }
 
-    /// `PING`, bounded in time: used by readiness checks. In cluster mode the cluster
-    /// connection answers only while it can reach a node.
+    /// `PING`, bounded in time: used by readiness checks. In cluster mode the redis crate
+    /// sends it to every primary and answers only when all do: a process is ready only while
+    /// every shard is reachable (with a shard down, some queues and responses cannot be served).
     pub async fn ping(&self) -> Result<(), redis::RedisError> {
         let mut conn = self.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;

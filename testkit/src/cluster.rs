@@ -175,6 +175,37 @@ impl PrivateCluster {
         anyhow::bail!("no primary serves slot {slot}")
     }
 
+    /// The port of a replica of the primary on `primary`.
+    pub fn replica_of(&self, primary: u16) -> anyhow::Result<u16> {
+        let nodes = redis_cli(primary, &["CLUSTER", "NODES"])
+            .ok_or_else(|| anyhow::anyhow!("CLUSTER NODES failed"))?;
+        let id = nodes
+            .lines()
+            .find(|l| l.contains("myself"))
+            .and_then(|l| l.split_whitespace().next())
+            .ok_or_else(|| anyhow::anyhow!("no myself line"))?
+            .to_owned();
+        nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == id)
+            .and_then(|f| f[1].split(['@', ':']).nth(1)?.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no replica of {primary}"))
+    }
+
+    /// A manual failover (`CLUSTER FAILOVER` on the replica): the replica takes over its
+    /// primary's slots with no data lost, as in a rolling upgrade; waits until it is primary.
+    pub fn manual_failover(&self, replica: u16) -> anyhow::Result<()> {
+        redis_cli(replica, &["CLUSTER", "FAILOVER"])
+            .ok_or_else(|| anyhow::anyhow!("CLUSTER FAILOVER failed"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !redis_cli(replica, &["ROLE"]).is_some_and(|r| r.starts_with("master")) {
+            anyhow::ensure!(Instant::now() < deadline, "the replica did not take over");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.wait_ok(Duration::from_secs(20))
+    }
+
     /// Kill the node on `port` at once (SIGKILL), as a crash would.
     pub fn kill(&mut self, port: u16) {
         if let Some(i) = self.ports.iter().position(|p| *p == port)

@@ -47,6 +47,7 @@ impl Bus {
     /// Length, pending, lag, delayed and dead counts of a queue: the sums over its partitions
     /// (consumers: the most any partition has).
     pub async fn stats(&self, q: Queue) -> Result<QueueStats, BusError> {
+        self.refresh_partitions().await;
         let mut total = QueueStats::default();
         for p in self.parts(q) {
             let s = self.part_stats(p).await?;

@@ -7,7 +7,7 @@ mod delivery;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -79,7 +79,13 @@ struct Inner {
     /// This process's setting is in the record (enqueues make sure of it before their first
     /// job, so workers come to read every partition jobs go to).
     recorded: AtomicBool,
+    /// When `readable` was last read from the record (ms since the epoch; 0: never).
+    refreshed_ms: AtomicI64,
 }
+
+/// How long a process's view of the recorded partitions is trusted before `markers`, `stats`
+/// and `jobs_on_bus` read it again (another process may have raised it).
+const PARTITIONS_FRESH_MS: i64 = 10_000;
 
 /// Keeps the record of a queue's partitions at its largest. KEYS: the record. ARGV: this
 /// process's setting. Returns the record afterwards.
@@ -109,6 +115,7 @@ impl Bus {
                 readable: std::array::from_fn(|_| AtomicU16::new(n)),
                 // one partition: nothing to record
                 recorded: AtomicBool::new(n == 1),
+                refreshed_ms: AtomicI64::new(0),
             }),
         }
     }
@@ -163,17 +170,38 @@ impl Bus {
             let n = u16::try_from(recorded)
                 .unwrap_or(MAX_PARTITIONS)
                 .clamp(self.partitions(), MAX_PARTITIONS);
-            self.inner.readable[q.index()].store(n, Ordering::Relaxed);
+            // only grows: a lost record never hides partitions this process knew
+            self.inner.readable[q.index()].fetch_max(n, Ordering::Relaxed);
         }
         self.inner.recorded.store(true, Ordering::Relaxed);
+        self.inner
+            .refreshed_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
         Ok(())
     }
 
-    /// Before the first enqueue of a process with several partitions: record them (a failure
-    /// is left to the enqueue itself, which needs Redis too).
-    async fn ensure_recorded(&self) {
-        if !self.inner.recorded.load(Ordering::Relaxed) {
-            let _ = self.record_partitions().await;
+    /// Re-read the record when this process's view of it is older than
+    /// [`PARTITIONS_FRESH_MS`] (a failure keeps the view it has).
+    async fn refresh_partitions(&self) {
+        let last = self.inner.refreshed_ms.load(Ordering::Relaxed);
+        if Utc::now().timestamp_millis() - last >= PARTITIONS_FRESH_MS
+            && let Err(e) = self.record_partitions().await
+        {
+            tracing::debug!(error = %e, "cannot re-read the recorded queue partitions");
+        }
+    }
+
+    /// Before an enqueue of a process with several partitions: its setting must be in the
+    /// record, or workers with a smaller one might never read the partition the job goes to.
+    /// A job bound for partition 0 (always read) goes anyway.
+    async fn ensure_recorded(&self, part: Part) -> Result<(), BusError> {
+        if self.inner.recorded.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match self.record_partitions().await {
+            Ok(()) => Ok(()),
+            Err(_) if part.index == 0 => Ok(()),
+            Err(e) => Err(BusError::Unrecorded(e.to_string())),
         }
     }
 
@@ -212,9 +240,10 @@ impl Bus {
     /// (handlers are idempotent); the reconciler's re-enqueues use `enqueue_once`.
     /// (A transaction costs Redis about half of what the `ENQUEUE` script does: `bench bus`.)
     pub async fn enqueue_envelope(&self, env: &Envelope) -> Result<(), BusError> {
-        self.ensure_recorded().await;
+        let part = self.part_of(env);
+        self.ensure_recorded(part).await?;
         let q = env.job.queue();
-        let keys = self.keys(self.part_of(env));
+        let keys = self.keys(part);
         let now = Utc::now().timestamp_millis();
         let body = env.to_json()?;
         let mut pipe = redis::pipe();
@@ -246,9 +275,10 @@ impl Bus {
     /// Enqueue a prepared envelope with its marker, in one step — unless a job with its id is
     /// still on the bus (its marker exists). Returns whether it was enqueued now.
     pub async fn enqueue_once(&self, env: &Envelope) -> Result<bool, BusError> {
-        self.ensure_recorded().await;
+        let part = self.part_of(env);
+        self.ensure_recorded(part).await?;
         let q = env.job.queue();
-        let keys = self.keys(self.part_of(env));
+        let keys = self.keys(part);
         let now = Utc::now().timestamp_millis();
         let due = env
             .not_before
@@ -279,6 +309,7 @@ impl Bus {
         if ids.is_empty() {
             return Ok(out);
         }
+        self.refresh_partitions().await;
         let mut conn = self.conn().await?;
         let fields: Vec<String> = ids.iter().map(Uuid::to_string).collect();
         for p in self.parts(q) {
@@ -296,6 +327,7 @@ impl Bus {
 
     /// How many jobs of queue `q` are on the bus (waiting, delayed or being handled).
     pub async fn jobs_on_bus(&self, q: Queue) -> Result<u64, BusError> {
+        self.refresh_partitions().await;
         let mut conn = self.conn().await?;
         let mut n = 0;
         for p in self.parts(q) {
@@ -311,7 +343,6 @@ impl Bus {
         if envs.is_empty() {
             return Ok(());
         }
-        self.ensure_recorded().await;
         let now = Utc::now().timestamp_millis();
         let mut conn = self.conn().await?;
         // one MULTI/EXEC per partition (a partition's keys share one slot, two partitions'
@@ -319,6 +350,9 @@ impl Bus {
         let mut parts: Vec<Part> = envs.iter().map(|e| self.part_of(e)).collect();
         parts.sort();
         parts.dedup();
+        if let Some(top) = parts.last() {
+            self.ensure_recorded(*top).await?;
+        }
         for part in parts {
             let keys = self.keys(part);
             let mut pipe = redis::pipe();

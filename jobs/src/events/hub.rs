@@ -87,6 +87,16 @@ impl HubInner {
         }
     }
 
+    /// The listeners of one response re-read its replay stream.
+    fn resync(&self, response_id: Uuid) {
+        let mut map = self.lock();
+        for l in map.get_mut(&response_id).into_iter().flatten() {
+            if l.tx.try_send(HubMsg::Resync).is_err() {
+                l.lagged.store(true, Ordering::Release);
+            }
+        }
+    }
+
     fn resync_all(&self) {
         let mut map = self.lock();
         for l in map.values_mut().flatten() {
@@ -335,14 +345,40 @@ impl EventHub {
                     self.on_event(rid, &channel, Some(payload));
                 }
             }
-            // A node's connection dropped: the redis crate reconnects and resubscribes, and
-            // what was published meanwhile is in the replay streams.
+            // A node's connection dropped: the redis crate reconnects and resubscribes (each
+            // resubscription is confirmed by an `SSubscribe` push, below), and what was
+            // published meanwhile is in the replay streams.
             redis::PushKind::Disconnection => {
                 tracing::warn!("event hub: a cluster node's connection dropped; listeners re-read");
                 self.inner.resync_all();
             }
+            // A subscription confirmed — ours, or the redis crate's after a reconnect, a
+            // failover or a slot move: the response's listeners re-read what was published
+            // while it was not subscribed (a no-op for a new listener, which reads next anyway).
+            redis::PushKind::SSubscribe => {
+                if let Some(rid) = self.shard_response(push.data.first()) {
+                    self.inner.resync(rid);
+                }
+            }
+            // Unsubscribed — by us (the last listener left), or by the server when the slot
+            // moved away from the node (a resharding, a manual `CLUSTER FAILOVER`), which the
+            // redis crate does not undo: subscribe again while the response has listeners.
+            redis::PushKind::SUnsubscribe => {
+                if let Some(rid) = self.shard_response(push.data.first())
+                    && self.inner.lock().contains_key(&rid)
+                {
+                    tracing::info!(response_id = %rid, "event hub: shard channel unsubscribed by the server; subscribing again");
+                    let (done, _) = tokio::sync::oneshot::channel();
+                    let _ = self.inner.sub_tx.send(SubCmd::Subscribe(rid, done));
+                }
+            }
             _ => {}
         }
+    }
+
+    fn shard_response(&self, channel: Option<&redis::Value>) -> Option<Uuid> {
+        let channel = redis::from_redis_value_ref::<String>(channel?).ok()?;
+        self.inner.keys.response_of_shard(&channel)
     }
 
     /// Cluster mode: subscribe the response's shard channel through the hub's task (a no-op

@@ -1,9 +1,10 @@
 //! The apalis backend over our Redis Streams bus: one [`StreamsBackend`] per queue.
 //!
-//! `poll_next` drives two streams merged into one: the reader (a concurrency permit *first*,
-//! then `XREADGROUP ... BLOCK` on a connection of its own; after a read that returned jobs it
-//! reads again without blocking with as many permits as are free, so bursts go in batches while
-//! an idle reader holds a single permit) and the reclaimer (every quarter of the visibility
+//! `poll_next` drives a reader and a reclaimer per queue partition, merged into one stream: the
+//! reader (once a concurrency permit is free, `XREADGROUP ... BLOCK` on a connection of its own,
+//! holding no permit while it blocks, then a permit for the entry it brought; after a read that
+//! returned jobs it reads again without blocking with as many permits as are free, so bursts
+//! go in batches) and the reclaimer (every quarter of the visibility
 //! timeout, `XAUTOCLAIM` of entries idle past it, and once a minute the pruning of dead
 //! workers' consumer names). Redis errors never leave `poll_next` (an error there ends an apalis
 //! worker): the streams log them, reconnect and go on.
@@ -280,8 +281,17 @@ fn reader(run: Arc<Run>, q: Part, pause: Duration) -> BoxStream<'static, Deliver
                 return Some((d, s));
             }
             let core = &s.run.core;
-            let max = if s.busy { MAX_BATCH } else { 1 };
-            let mut permits = take_permits(&core.semaphore, max, &s.run.reading).await?;
+            // Busy: take the free permits, then read as many entries without blocking. Idle:
+            // wait for a free slot, but block on the read *without* holding it, so a worker's
+            // idle readers (one per queue partition) never take its jobs' slots; the entry the
+            // read brings then takes a permit (`permit_for`).
+            let mut permits = if s.busy {
+                take_permits(&core.semaphore, MAX_BATCH, &s.run.reading).await?
+            } else {
+                drop(take_permits(&core.semaphore, 1, &s.run.reading).await?);
+                Vec::new()
+            };
+            let want = permits.len().max(1);
             let conn = match s.conn.as_mut() {
                 Some(c) => c,
                 None => match core.bus.redis().blocking_conn().await {
@@ -304,13 +314,27 @@ fn reader(run: Arc<Run>, q: Part, pause: Duration) -> BoxStream<'static, Deliver
             // connection that died silently cannot hang the reader.
             let read = tokio::time::timeout(
                 core.opts.read_block + READ_SLACK,
-                core.bus.read(conn, s.q, &core.consumer, permits.len(), block),
+                core.bus.read(conn, s.q, &core.consumer, want, block),
             )
             .await
             .unwrap_or_else(|_| Err(BusError::Stalled));
             match read {
-                Ok(deliveries) => {
+                Ok(mut deliveries) => {
                     s.busy = !deliveries.is_empty();
+                    if permits.is_empty()
+                        && let Some(d) = deliveries.pop()
+                    {
+                        // the idle read's one entry (COUNT 1)
+                        match permit_for(&s.run, &d).await {
+                            Claimed::Permit(p) => permits.push(p),
+                            Claimed::Lost => continue,
+                            Claimed::Stopping => {
+                                give_back(&s.run, &d).await;
+                                return None;
+                            }
+                        }
+                        deliveries.push(d);
+                    }
                     // COUNT bounds the reply by the permits held
                     let paired: Vec<Delivered> = deliveries
                         .into_iter()
@@ -335,6 +359,44 @@ fn reader(run: Arc<Run>, q: Part, pause: Duration) -> BoxStream<'static, Deliver
         }
     })
     .boxed()
+}
+
+/// What waiting for a permit for a read entry came to.
+enum Claimed {
+    Permit(OwnedSemaphorePermit),
+    /// The entry was reclaimed by another worker meanwhile: it is theirs now.
+    Lost,
+    /// The worker is stopping: the entry goes back to its queue.
+    Stopping,
+}
+
+/// A permit for an entry read by an idle reader: at once when a slot is free (the usual case:
+/// the reader waited for one before reading); else waits for one, touching the entry every
+/// third of the visibility timeout so that no other worker reclaims it meanwhile.
+async fn permit_for(run: &Run, d: &Delivery) -> Claimed {
+    let core = &run.core;
+    if let Ok(p) = core.semaphore.clone().try_acquire_owned() {
+        return Claimed::Permit(p);
+    }
+    let visibility = Duration::from_secs(core.bus.settings(d.part.queue).visibility_timeout_secs);
+    let every = (visibility / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            biased;
+            _ = run.reading.cancelled() => return Claimed::Stopping,
+            p = core.semaphore.clone().acquire_owned() => {
+                return match p {
+                    Ok(p) => Claimed::Permit(p),
+                    Err(_) => Claimed::Stopping,
+                };
+            }
+            _ = tokio::time::sleep(every) => {
+                if let Ok(false) = core.bus.touch(d.part, &d.consumer, &d.entry_id).await {
+                    return Claimed::Lost;
+                }
+            }
+        }
+    }
 }
 
 fn is_nogroup(e: &BusError) -> bool {

@@ -181,22 +181,7 @@ struct Core {
     opts: WorkerOptions,
     consumer: Arc<str>,
     semaphore: Arc<Semaphore>,
-    /// Permits added to `WORKER_CONCURRENCY`: one per partition beyond a queue's first, for
-    /// that partition's reader, which holds a permit while it waits (so idle readers never
-    /// take the jobs' slots; at worst that many more jobs run at once).
-    extra_permits: std::sync::atomic::AtomicUsize,
     counters: Counters,
-}
-
-impl Core {
-    /// Give each partition beyond its queue's first a permit of its own (see `extra_permits`).
-    fn permits_for(&self, parts: usize) {
-        let want = parts.saturating_sub(self.opts.queues.len());
-        let had = self.extra_permits.fetch_max(want, Ordering::Relaxed);
-        if want > had {
-            self.semaphore.add_permits(want - had);
-        }
-    }
 }
 
 /// One run of a worker: what its backends, layers and background tasks share.
@@ -259,7 +244,6 @@ impl Worker {
                 consumer: Arc::from(opts.consumer.as_str()),
                 bus,
                 registry,
-                extra_permits: std::sync::atomic::AtomicUsize::new(0),
                 counters: Counters::default(),
                 opts,
             }),
@@ -290,7 +274,6 @@ impl Worker {
         for p in &parts {
             core.bus.ensure_group(*p).await?;
         }
-        core.permits_for(parts.len());
         let background = TaskTracker::new();
         let mut ackers = HashMap::new();
         let mut receivers = Vec::new();
@@ -563,7 +546,6 @@ async fn watch_partitions(run: Arc<Run>, background: TaskTracker, mut known: Vec
                     continue;
                 }
                 known.push(p);
-                run.core.permits_for(known.len());
                 background.spawn(move_loop(run.clone(), p));
             }
         }

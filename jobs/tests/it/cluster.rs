@@ -334,3 +334,82 @@ async fn a_killed_primary_is_replaced_and_the_bus_and_the_hub_carry_on() {
     let _ = worker_task.await;
     shutdown.cancel();
 }
+
+/// A manual failover (a rolling upgrade's `CLUSTER FAILOVER`): the server unsubscribes the shard
+/// channels of the slots that moved; the hub subscribes them again, so a listener open across
+/// it still gets the events published afterwards.
+#[tokio::test]
+async fn a_listener_keeps_its_events_across_a_manual_failover() {
+    let shared = TestRedis::new();
+    if !shared.cluster {
+        return;
+    }
+    let cluster = PrivateCluster::start().unwrap();
+    let settings = config::RedisSettings {
+        url: cluster.url().into(),
+        prefix: shared.prefix.clone(),
+        cluster: true,
+    };
+    let handle = Arc::new(RedisHandle::new(&settings).unwrap());
+    let publisher = EventPublisher::new(handle.clone(), &events_settings());
+    let hub = EventHub::new(handle.clone());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(hub.clone().run(shutdown.clone()));
+    assert!(hub.ready(Duration::from_secs(5)).await);
+
+    let rid = Uuid::new_v4();
+    let primary = cluster
+        .primary_of(&EventKeys::new(&shared.prefix).replay(rid))
+        .unwrap();
+    publisher
+        .publish(
+            rid,
+            &ResponseEvent::Token {
+                text: "before".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let mut events = Box::pin(hub.events(rid, None));
+    assert!(events.next().await.unwrap().is_ok());
+
+    let replica = cluster.replica_of(primary).unwrap();
+    cluster.manual_failover(replica).unwrap();
+    // every node's view of the slot follows by gossip
+    let key = EventKeys::new(&shared.prefix).replay(rid);
+    let moved = eventually(async || cluster.primary_of(&key).ok() == Some(replica)).await;
+    assert!(moved, "the replica serves the slot");
+    // the publisher's client follows the move (MOVED); the listener must get this live
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut published = false;
+    while !published && Instant::now() < deadline {
+        published = publisher
+            .publish(
+                rid,
+                &ResponseEvent::Token {
+                    text: "after".into(),
+                },
+            )
+            .await
+            .is_ok();
+        if !published {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(published, "publishing works after the failover");
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(ev) = events.next().await {
+            if matches!(ev.unwrap().event, ResponseEvent::Token { ref text } if text == "after") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        got,
+        Ok(true),
+        "the listener got the event published after the failover"
+    );
+    shutdown.cancel();
+}
