@@ -88,6 +88,52 @@ async fn shard_subscribers(redis: &TestRedis, channel: &str) -> i64 {
     total
 }
 
+/// A cluster of the test's own with a handle on it (under the test's prefix), a publisher and
+/// a running event hub.
+async fn private_stack(
+    shared: &TestRedis,
+) -> (
+    PrivateCluster,
+    Arc<RedisHandle>,
+    EventPublisher,
+    EventHub,
+    CancellationToken,
+) {
+    let cluster = PrivateCluster::start().unwrap();
+    let settings = config::RedisSettings {
+        url: cluster.url().into(),
+        prefix: shared.prefix.clone(),
+        cluster: true,
+    };
+    let handle = Arc::new(RedisHandle::new(&settings).unwrap());
+    let publisher = EventPublisher::new(handle.clone(), &events_settings());
+    let hub = EventHub::new(handle.clone());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(hub.clone().run(shutdown.clone()));
+    assert!(hub.ready(Duration::from_secs(5)).await);
+    (cluster, handle, publisher, hub, shutdown)
+}
+
+/// Whether `events` yields the token `text` within 10 s.
+async fn gets_token(
+    events: &mut (
+             impl futures::Stream<Item = Result<jobs::events::StoredEvent, jobs::events::EventsError>>
+             + Unpin
+         ),
+    text: &str,
+) -> bool {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(ev) = events.next().await {
+            if matches!(ev.unwrap().event, ResponseEvent::Token { text: ref t } if t == text) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false)
+}
+
 async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
@@ -161,20 +207,9 @@ async fn a_killed_primary_is_replaced_and_the_bus_and_the_hub_carry_on() {
     if !shared.cluster {
         return;
     }
-    let mut cluster = PrivateCluster::start().unwrap();
-    let settings = config::RedisSettings {
-        url: cluster.url().into(),
-        prefix: shared.prefix.clone(),
-        cluster: true,
-    };
-    let handle = Arc::new(RedisHandle::new(&settings).unwrap());
+    let (mut cluster, handle, publisher, hub, shutdown) = private_stack(&shared).await;
     let bus = Bus::new(handle.clone(), &crate::queues(|_| {}));
     bus.ensure_group(Queue::Actions).await.unwrap();
-    let publisher = EventPublisher::new(handle.clone(), &events_settings());
-    let hub = EventHub::new(handle.clone());
-    let shutdown = CancellationToken::new();
-    tokio::spawn(hub.clone().run(shutdown.clone()));
-    assert!(hub.ready(Duration::from_secs(5)).await);
 
     // a listener on a response whose slot lives on the primary that will die
     let victim = cluster
@@ -305,18 +340,8 @@ async fn a_killed_primary_is_replaced_and_the_bus_and_the_hub_carry_on() {
         )
         .await
         .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(ev) = events.next().await {
-            if matches!(ev.unwrap().event, ResponseEvent::Token { ref text } if text == "after") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(
-        got,
-        Ok(true),
+    assert!(
+        gets_token(&mut events, "after").await,
         "the listener got the event published after the failover"
     );
 
@@ -344,18 +369,7 @@ async fn a_listener_keeps_its_events_across_a_manual_failover() {
     if !shared.cluster {
         return;
     }
-    let cluster = PrivateCluster::start().unwrap();
-    let settings = config::RedisSettings {
-        url: cluster.url().into(),
-        prefix: shared.prefix.clone(),
-        cluster: true,
-    };
-    let handle = Arc::new(RedisHandle::new(&settings).unwrap());
-    let publisher = EventPublisher::new(handle.clone(), &events_settings());
-    let hub = EventHub::new(handle.clone());
-    let shutdown = CancellationToken::new();
-    tokio::spawn(hub.clone().run(shutdown.clone()));
-    assert!(hub.ready(Duration::from_secs(5)).await);
+    let (cluster, _handle, publisher, hub, shutdown) = private_stack(&shared).await;
 
     let rid = Uuid::new_v4();
     let primary = cluster
@@ -397,18 +411,8 @@ async fn a_listener_keeps_its_events_across_a_manual_failover() {
         }
     }
     assert!(published, "publishing works after the failover");
-    let got = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(ev) = events.next().await {
-            if matches!(ev.unwrap().event, ResponseEvent::Token { ref text } if text == "after") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(
-        got,
-        Ok(true),
+    assert!(
+        gets_token(&mut events, "after").await,
         "the listener got the event published after the failover"
     );
     shutdown.cancel();

@@ -1308,22 +1308,25 @@ async fn a_continuation_waiting_out_a_long_cooldown_runs_once() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let delayed = &bus.keys(Queue::Chat).delayed;
-    let waiting: Vec<String> = redis::cmd("ZRANGE")
-        .arg(delayed)
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    for m in waiting {
-        let _: i64 = redis::cmd("ZADD")
+    // (in whichever partition the continuation waits)
+    for p in bus.parts(Queue::Chat) {
+        let delayed = &bus.keys(p).delayed;
+        let waiting: Vec<String> = redis::cmd("ZRANGE")
             .arg(delayed)
             .arg(0)
-            .arg(m)
+            .arg(-1)
             .query_async(&mut conn)
             .await
             .unwrap();
+        for m in waiting {
+            let _: i64 = redis::cmd("ZADD")
+                .arg(delayed)
+                .arg(0)
+                .arg(m)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
     }
     script(&w, vec![Behaviour::reply("Created, once.")]).await;
     drain(&db, &settings).await;
