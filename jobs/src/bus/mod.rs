@@ -347,27 +347,25 @@ impl Bus {
         let mut conn = self.conn().await?;
         // one MULTI/EXEC per partition (a partition's keys share one slot, two partitions'
         // need not): a marker never stands without its entry
-        let mut parts: Vec<Part> = envs.iter().map(|e| self.part_of(e)).collect();
-        parts.sort();
-        parts.dedup();
-        if let Some(top) = parts.last() {
+        let mut by_part: std::collections::BTreeMap<Part, Vec<&Envelope>> = Default::default();
+        for env in envs {
+            by_part.entry(self.part_of(env)).or_default().push(env);
+        }
+        // the highest partition index decides whether the record must be written first
+        if let Some(top) = by_part.keys().max_by_key(|p| p.index) {
             self.ensure_recorded(*top).await?;
         }
-        for part in parts {
+        for (part, group) in by_part {
             let keys = self.keys(part);
             let mut pipe = redis::pipe();
             pipe.atomic();
-            let mut any = false;
-            for env in envs.iter().filter(|e| self.part_of(e) == part) {
-                any = true;
+            for env in group {
                 pipe.hset(&keys.marks, env.id.to_string(), now)
                     .ignore()
                     .xadd(&keys.stream, "*", &[("j", env.to_json()?)])
                     .ignore();
             }
-            if any {
-                let () = pipe.query_async(&mut conn).await?;
-            }
+            let () = pipe.query_async(&mut conn).await?;
         }
         for env in envs {
             metrics::enqueued(env.job.queue(), env.job.name(), 1);
