@@ -76,6 +76,7 @@ pub const HANDLER_ERRORS: &[(&str, &str, &[u16])] = &[
         "/v1/conversations/{id}/responses/{response_id}/events",
         &[429],
     ),
+    ("get", "/v1/models", &[]),
     ("get", "/v1/orgs/{org_id}/settings/model", &[]),
     ("put", "/v1/orgs/{org_id}/settings/model", &[403, 422]),
     ("get", "/v1/orgs/{org_id}/settings/budget", &[403]),

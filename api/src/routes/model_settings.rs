@@ -2,6 +2,11 @@
 //! them (the system defaults `chat.default_model` / `chat.default_fallback_model` until the org
 //! sets its own); owners and admins change them, to names the LiteLLM proxy serves (checked against
 //! its model list, cached for `api.models_cache_secs`; the proxy unreachable → 503).
+//!
+//! `GET /v1/models` lists what they may choose: every name the proxy lists, as it lists it, but
+//! the embedding model (`EMBEDDING_MODEL`, not a chat model). A wildcard route (`fake/*`,
+//! `openai/*`) is listed as the route with `wildcard: true`: any name it matches is accepted
+//! (`ModelCatalog::check`), and the caller completes it (the console offers it as a prefix).
 
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
@@ -29,6 +34,21 @@ pub struct ModelSettings {
     fallback_model: String,
 }
 
+/// The models an org may choose (`GET /v1/models`).
+#[derive(Object)]
+pub struct ModelList {
+    /// Sorted by name.
+    items: Vec<ModelName>,
+}
+
+#[derive(Object)]
+pub struct ModelName {
+    /// A model name, or a wildcard route such as `fake/*`.
+    name: String,
+    /// True for a wildcard route: every name it matches is served (`fake/*` → `fake/any`).
+    wildcard: bool,
+}
+
 const NAME_MAX: usize = 200;
 
 fn model_name(field: &str, value: &str) -> Result<String, ApiError> {
@@ -46,6 +66,25 @@ fn model_name(field: &str, value: &str) -> Result<String, ApiError> {
 
 #[OpenApi(prefix_path = "/v1", tag = "Tag::Models")]
 impl ModelSettingsApi {
+    /// The model names the caller's org may choose: those the LiteLLM proxy serves (any member;
+    /// 503 when the proxy cannot be asked).
+    #[oai(path = "/models", method = "get")]
+    async fn list(&self, auth: BearerAuth) -> Result<Json<ModelList>, ApiError> {
+        let _caller = auth.0;
+        let served = self.state.models.served().await?;
+        let embedding = &self.state.settings.embedding.model;
+        let mut items: Vec<ModelName> = served
+            .iter()
+            .filter(|name| *name != embedding)
+            .map(|name| ModelName {
+                name: name.clone(),
+                wildcard: name.contains('*'),
+            })
+            .collect();
+        items.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Json(ModelList { items }))
+    }
+
     /// The org's chat model and fallback model (any member).
     #[oai(path = "/orgs/:org_id/settings/model", method = "get")]
     async fn get(

@@ -155,3 +155,55 @@ async fn names_under_a_wildcard_route_are_accepted() {
     }
     assert_eq!(app.get(&path, &owner.token).await.body, body);
 }
+
+/// `GET /v1/models`: what the proxy serves (config/litellm.yaml), sorted, wildcard routes
+/// marked, the embedding model left out; authenticated; 503 when the proxy is down.
+#[tokio::test]
+async fn the_model_list_is_what_the_proxy_serves_for_chat() {
+    let app = spawn_app().await;
+    let owner = app.register(&email("owner"), "Org L").await;
+    let member = app.add_member(&owner, &email("member"), "member").await;
+    let r = app.get("/v1/models", &member.token).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let items = r.body["items"].as_array().unwrap();
+    let names: Vec<&str> = items.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    assert_eq!(names, sorted);
+    for want in ["local-chat", "local-chat-fallback", "fake/*"] {
+        assert!(names.contains(&want), "{want} in {names:?}");
+    }
+    assert!(
+        !names.contains(&app.settings.embedding.model.as_str()),
+        "{names:?}"
+    );
+    for m in items {
+        assert_eq!(
+            m["wildcard"],
+            m["name"].as_str().unwrap().contains('*'),
+            "{m}"
+        );
+    }
+    // every listed plain name is accepted by the settings
+    let path = format!("/v1/orgs/{}/settings/model", owner.org_id);
+    let r = app
+        .call(
+            reqwest::Method::PUT,
+            &path,
+            Some(&owner.token),
+            Some(json!({"model": "local-chat-fallback", "fallback_model": "local-chat"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let r = app
+        .call(reqwest::Method::GET, "/v1/models", None, None)
+        .await;
+    assert_eq!(r.status, 401);
+
+    let down = spawn_app_with(&[("LITELLM_BASE_URL", "http://127.0.0.1:9")]).await;
+    let o = down.register(&email("owner"), "Org D").await;
+    let r = down.get("/v1/models", &o.token).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "unavailable");
+}
