@@ -57,6 +57,40 @@ pub fn parse_ip_nets(list: &str) -> Result<Vec<IpNet>, String> {
         .collect()
 }
 
+/// Parse a comma-separated list of browser origins (`CORS_ALLOWED_ORIGINS`): each
+/// `scheme://host[:port]` with scheme `http` or `https`, no path, query, fragment or user info.
+/// Returned as browsers send them in `Origin` (lowercase, the scheme's default port left out).
+pub fn parse_origins(list: &str) -> Result<Vec<String>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(parse_origin)
+        .collect()
+}
+
+fn parse_origin(s: &str) -> Result<String, String> {
+    let bad = |why: &str| format!("{s:?} is not an origin (scheme://host[:port]): {why}");
+    let url = url::Url::parse(s).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("the scheme must be http or https"));
+    }
+    let Some(host) = url.host_str() else {
+        return Err(bad("no host"));
+    };
+    // `Url` turns "http://a.example" into "http://a.example/": only that root path is allowed
+    let rest = &s[s.find("://").map_or(0, |i| i + 3)..];
+    if rest.contains('/') || url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("no path, query or fragment"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("no user info"));
+    }
+    Ok(match url.port() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    })
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSettings {
@@ -87,11 +121,20 @@ pub struct ApiSettings {
     /// throttles). Empty: the socket's peer is the client.
     #[serde(default)]
     pub trusted_proxies: String,
+    /// Browser origins (comma-separated `scheme://host[:port]`) allowed to call the API from
+    /// their own pages (CORS, `CORS_ALLOWED_ORIGINS`). Empty: same origin only, no CORS headers.
+    #[serde(default)]
+    pub cors_allowed_origins: String,
 }
 
 impl ApiSettings {
     /// [`ApiSettings::trusted_proxies`], parsed (validated at load).
     pub fn trusted_proxy_nets(&self) -> Vec<IpNet> {
         parse_ip_nets(&self.trusted_proxies).unwrap_or_default()
+    }
+
+    /// [`ApiSettings::cors_allowed_origins`], parsed (validated at load).
+    pub fn cors_origins(&self) -> Vec<String> {
+        parse_origins(&self.cors_allowed_origins).unwrap_or_default()
     }
 }

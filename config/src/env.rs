@@ -45,6 +45,11 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ),
     ("PASSWORD_HASH_QUEUE", "auth.password_hash_queue", Kind::Int),
     ("TRUSTED_PROXIES", "api.trusted_proxies", Kind::Str),
+    (
+        "CORS_ALLOWED_ORIGINS",
+        "api.cors_allowed_origins",
+        Kind::Str,
+    ),
     ("API_ADDR", "api.addr", Kind::Str),
     ("MAX_BODY_BYTES", "api.max_body_bytes", Kind::Int),
     ("MAX_UPLOAD_BYTES", "api.max_upload_bytes", Kind::Int),

@@ -23,7 +23,7 @@ mod tests;
 use serde::Deserialize;
 use std::path::PathBuf;
 
-pub use api::{ApiSettings, IpNet, parse_ip_nets};
+pub use api::{ApiSettings, IpNet, parse_ip_nets, parse_origins};
 pub use assistant::{
     ChatSettings, EmbeddingSettings, IndexSettings, MAX_CHUNK_TOKENS, MemorySettings,
     RetrievalSettings, ToolsSettings,

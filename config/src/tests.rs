@@ -256,3 +256,36 @@ fn redis_cluster_takes_seed_nodes_and_a_clear_boolean() {
         .to_string();
     assert!(e.contains("REDIS_URL"), "{e}");
 }
+
+#[test]
+fn cors_origins_are_empty_by_default_and_validated() {
+    assert!(load(&[]).unwrap().api.cors_origins().is_empty());
+    let s = load(&[(
+        "CORS_ALLOWED_ORIGINS",
+        " https://App.Example.com , http://127.0.0.1:5173,https://b.example:443",
+    )])
+    .unwrap();
+    assert_eq!(
+        s.api.cors_origins(),
+        [
+            "https://app.example.com",
+            "http://127.0.0.1:5173",
+            "https://b.example"
+        ]
+    );
+    for bad in [
+        "*",
+        "app.example.com",
+        "ftp://files.example",
+        "https://app.example.com/",
+        "https://app.example.com/console",
+        "https://app.example.com?x=1",
+        "https://user@app.example.com",
+        "https://ok.example,null",
+    ] {
+        let e = load(&[("CORS_ALLOWED_ORIGINS", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CORS_ALLOWED_ORIGINS"), "{bad}: {e}");
+    }
+}

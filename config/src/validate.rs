@@ -184,6 +184,8 @@ impl Settings {
         positive(self.auth.register_window_secs, "REGISTER_WINDOW_SECS")?;
         parse_ip_nets(&self.api.trusted_proxies)
             .map_err(|e| ConfigError::invalid("TRUSTED_PROXIES", e))?;
+        crate::api::parse_origins(&self.api.cors_allowed_origins)
+            .map_err(|e| ConfigError::invalid("CORS_ALLOWED_ORIGINS", e))?;
         positive(u64::from(self.retrieval.candidates), "retrieval.candidates")?;
         positive(
             u64::from(self.retrieval.token_budget),
