@@ -7,6 +7,8 @@
 pub mod auth;
 pub mod body;
 pub mod client_ip;
+pub mod console;
+pub mod cors;
 pub mod error;
 pub mod extract;
 pub mod middleware;

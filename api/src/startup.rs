@@ -191,14 +191,17 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         upload_limit: state.settings.api.max_upload_bytes,
         is_upload: |path| path.ends_with("/documents"),
     };
+    let cors = crate::cors::Cors::new(state.settings.api.cors_origins());
     Route::new()
         .nest("/", api)
         .at("/openapi.json", spec)
         .nest("/docs", docs)
+        .nest("/console", crate::console::routes())
         .with(limits)
         .data(state)
         .catch_all_error(normalize_error)
         .with(poem::middleware::CatchPanic::new().with_handler(PanicAsInternal))
+        .with(cors)
         .with(RequestContext {
             routes: route_labels,
         })
@@ -213,5 +216,6 @@ fn route_table(spec: &str) -> RouteTable {
         .map(|p| p.keys().cloned().collect())
         .unwrap_or_default();
     paths.extend(["/openapi.json", "/docs"].map(String::from));
+    paths.extend(crate::console::PATHS.map(String::from));
     RouteTable::new(paths.iter().map(String::as_str))
 }

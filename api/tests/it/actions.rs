@@ -332,13 +332,13 @@ async fn json_mode_lists_the_proposals_of_the_turn() {
 }
 
 /// The chat and actions handlers, consuming both queues in the background until dropped.
-struct ToolWorker {
+pub(crate) struct ToolWorker {
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl ToolWorker {
-    fn start(app: &TestApp) -> Self {
+    pub(crate) fn start(app: &TestApp) -> Self {
         let settings = &app.settings;
         let redis = std::sync::Arc::new(jobs::RedisHandle::new(&settings.redis).unwrap());
         let bus = jobs::Bus::new(redis.clone(), &settings.queues);
@@ -360,7 +360,7 @@ impl ToolWorker {
         Self { stop, task }
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
     }

@@ -5,8 +5,10 @@
 mod actions;
 mod auth;
 mod bad_input;
+mod browser;
 mod chat_api;
 mod chat_helpers;
+mod console;
 mod conversations;
 mod documents;
 mod e2e;
@@ -25,6 +27,7 @@ mod server;
 mod tenancy;
 mod usage;
 mod visibility_model;
+mod webdriver;
 
 /// A connection to the test's Redis, a single node or the cluster (`REDIS_CLUSTER`).
 pub async fn redis_conn(redis: &testkit::TestRedis) -> jobs::RedisConn {
