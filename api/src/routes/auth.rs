@@ -114,6 +114,10 @@ impl AuthApi {
         if body.email.len() > 254 {
             return Err(ApiError::invalid("email must be at most 254 characters"));
         }
+        // no registered email has one (`validate::email`), and PostgreSQL text cannot hold NUL
+        if body.email.chars().any(char::is_control) {
+            return Err(ApiError::invalid("email must be an email address"));
+        }
         if body.password.is_empty() {
             return Err(ApiError::invalid("password must not be empty"));
         }

@@ -233,6 +233,25 @@ async fn login_failures_are_indistinguishable() {
     assert_eq!(wrong.body["error"]["code"], "invalid_credentials");
 }
 
+/// A login email with a control character (NUL cannot even be stored) is malformed input, not a
+/// server error (schemathesis found the 500).
+#[tokio::test]
+async fn a_login_email_with_a_control_character_is_invalid_input() {
+    let app = spawn_app().await;
+    for bad in [")\u{16}\u{98}\u{0}", "a\u{0}@example.com"] {
+        let r = app
+            .call(
+                Method::POST,
+                "/v1/auth/login",
+                None,
+                Some(json!({"email": bad, "password": "whatever password"})),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{bad:?}: {}", r.body);
+        assert_eq!(r.body["error"]["code"], "invalid_input");
+    }
+}
+
 #[tokio::test]
 async fn repeated_login_failures_are_throttled() {
     let app = spawn_app_with(&[("LOGIN_MAX_FAILURES", "3"), ("LOGIN_WINDOW_SECS", "600")]).await;
