@@ -56,6 +56,40 @@ impl Drop for OtherOrigin {
     }
 }
 
+/// Wraps the page's `fetch`: records each call (`window.__fetches`: url, Last-Event-ID) and cuts
+/// the body of the first message POST after two `token` events, as a dropped connection would.
+const CUT_THE_FIRST_STREAM: &str = r#"
+const realFetch = window.fetch.bind(window);
+window.__fetches = [];
+window.__cut_done = false;
+window.fetch = async (url, init) => {
+  const headers = (init && init.headers) || {};
+  window.__fetches.push({url: String(url), last_event_id: headers['Last-Event-ID'] || null});
+  const resp = await realFetch(url, init);
+  const post = init && init.method === 'POST' && String(url).endsWith('/messages');
+  if (!post || window.__cut_done) return resp;
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let seen = '';
+  const body = new ReadableStream({
+    async pull(ctrl) {
+      if ((seen.match(/event: token/g) || []).length >= 2) {
+        window.__cut_done = true;
+        reader.cancel();
+        ctrl.error(new TypeError('connection cut by the test'));
+        return;
+      }
+      const {value, done} = await reader.read();
+      if (done) { ctrl.close(); return; }
+      seen += decoder.decode(value, {stream: true});
+      ctrl.enqueue(value);
+    },
+  });
+  return new Response(body, {status: resp.status, headers: resp.headers});
+};
+return null;
+"#;
+
 /// `fetch()` from the page now shown: the status and body text, or the error it threw.
 const CROSS_ORIGIN_FETCH: &str = r#"
 const [url, token, lastEventId, done] = arguments;
@@ -74,7 +108,12 @@ async fn the_console_in_a_real_browser() {
     };
     let allowed = OtherOrigin::start().await;
     let refused = OtherOrigin::start().await;
-    let app = spawn_app_with(&[("CORS_ALLOWED_ORIGINS", &allowed.origin)]).await;
+    // three messages a minute: the fourth shows the API's 429 in words
+    let app = spawn_app_with(&[
+        ("CORS_ALLOWED_ORIGINS", &allowed.origin),
+        ("MESSAGE_RATE_LIMIT", "3"),
+    ])
+    .await;
     let worker = ToolWorker::start(&app);
     let fake = FakeClient::shared();
     let primary = unique_model("console-primary");
@@ -230,6 +269,8 @@ async fn the_console_in_a_real_browser() {
             json!([]),
         )
         .await;
+    // the connection drops after two tokens: the console resumes with Last-Event-ID
+    browser.js(CUT_THE_FIRST_STREAM, json!([])).await;
     let question = "<img src=x onerror=\"window.__xss='user'\"> what is the plan?";
     browser.fill("#composer-input", question).await;
     browser.click("#composer-send").await;
@@ -255,6 +296,19 @@ async fn the_console_in_a_real_browser() {
     assert_eq!(
         browser.text("#messages .msg-user .msg-body").await,
         question
+    );
+    let fetches = browser.js("return window.__fetches", json!([])).await;
+    let resumed: Vec<&Value> = fetches
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["url"].as_str().unwrap().ends_with("/events"))
+        .collect();
+    assert!(
+        browser.js("return window.__cut_done", json!([])).await == json!(true)
+            && resumed.len() == 1
+            && resumed[0]["last_event_id"].is_string(),
+        "one resume, with Last-Event-ID: {fetches}"
     );
 
     // ---- a proposed action inline, pending, with Confirm / Reject
@@ -309,6 +363,41 @@ async fn the_console_in_a_real_browser() {
     assert_eq!(tasks["items"].as_array().unwrap().len(), 1, "{tasks}");
     assert_eq!(tasks["items"][0]["title"], task_title);
 
+    // ---- errors in words: both models failing (502 model_unavailable as an `error` event),
+    // then the API's own 429
+    fake.script(&primary, vec![Behaviour::status(500)])
+        .await
+        .unwrap();
+    fake.script(&fallback, vec![Behaviour::status(503)])
+        .await
+        .unwrap();
+    browser.fill("#composer-input", "and then?").await;
+    browser.click("#composer-send").await;
+    browser
+        .wait_for(
+            "(() => { const e = document.querySelector('#messages .msg.failed .error');
+               return e && e.textContent.includes('unavailable right now'); })()",
+            "the model_unavailable message",
+            Duration::from_secs(30),
+        )
+        .await;
+    browser
+        .wait(
+            "!document.getElementById('composer-send').disabled",
+            "the composer",
+        )
+        .await;
+    browser.fill("#composer-input", "a fourth message").await;
+    browser.click("#composer-send").await;
+    browser
+        .wait(
+            "document.getElementById('chat-error').textContent.includes('faster than allowed')",
+            "the 429 message",
+        )
+        .await;
+    let shown = browser.text("#chat-error").await;
+    assert!(shown.contains("Try again in"), "{shown}");
+
     // ---- nothing anyone wrote became markup or ran
     let xss = browser
         .js(
@@ -324,7 +413,7 @@ async fn the_console_in_a_real_browser() {
     browser.click("#conversations button.conversation").await;
     browser
         .wait(
-            "document.querySelectorAll('#messages .msg').length === 5",
+            "document.querySelectorAll('#messages .msg').length === 6",
             "the conversation's messages after a reload",
         )
         .await;
