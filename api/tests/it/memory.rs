@@ -209,6 +209,7 @@ async fn no_user_endpoint_returns_memory_or_summary_text() {
     // every user GET endpoint of the OpenAPI document, with this user's ids filled in
     let covered: Vec<(&str, String)> = vec![
         ("/v1/me", "/v1/me".to_owned()),
+        ("/v1/models", "/v1/models".to_owned()),
         ("/v1/conversations", "/v1/conversations".to_owned()),
         (
             "/v1/conversations/{id}",
