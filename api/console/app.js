@@ -154,6 +154,12 @@
     setToken(null);
     state.me = null;
     state.conversation = null;
+    // nothing of this session stays on the page for whoever signs in next on this tab
+    $('messages').replaceChildren();
+    $('chat-pane').hidden = true;
+    $('chat-title').textContent = '';
+    $('chat-scope').textContent = '';
+    $('models-list').replaceChildren();
     $('app-view').hidden = true;
     $('whoami').hidden = true;
     $('auth-view').hidden = false;
