@@ -77,6 +77,10 @@ fn parse_origin(s: &str) -> Result<String, String> {
     let Some(host) = url.host_str() else {
         return Err(bad("no host"));
     };
+    // an Origin header is one exact origin: a pattern would never match, so say so at load
+    if host.contains('*') {
+        return Err(bad("wildcards are not supported: list each origin"));
+    }
     // `Url` turns "http://a.example" into "http://a.example/": only that root path is allowed
     let rest = &s[s.find("://").map_or(0, |i| i + 3)..];
     if rest.contains('/') || url.query().is_some() || url.fragment().is_some() {

@@ -282,6 +282,7 @@ fn cors_origins_are_empty_by_default_and_validated() {
         "https://app.example.com?x=1",
         "https://user@app.example.com",
         "https://ok.example,null",
+        "https://*.example.com",
     ] {
         let e = load(&[("CORS_ALLOWED_ORIGINS", bad)])
             .unwrap_err()
