@@ -154,7 +154,10 @@
     setToken(null);
     state.me = null;
     state.conversation = null;
+    state.projects = [];
     // nothing of this session stays on the page for whoever signs in next on this tab
+    $('projects').replaceChildren();
+    $('conversations').replaceChildren();
     $('messages').replaceChildren();
     $('chat-pane').hidden = true;
     $('chat-title').textContent = '';

@@ -433,6 +433,25 @@ async fn the_console_in_a_real_browser() {
         "{text}"
     );
 
+    // ---- signing out leaves nothing of this user on the page (the next one may use this tab)
+    browser.click("#signout").await;
+    browser
+        .wait(
+            "!document.getElementById('auth-view').hidden",
+            "the sign-in form after the second sign-out",
+        )
+        .await;
+    let left = browser
+        .js(
+            "return ['projects', 'conversations', 'messages', 'models-list']
+                 .filter((id) => document.getElementById(id).children.length).join(' ')
+                 + document.getElementById('chat-title').textContent
+                 + (document.getElementById('chat-pane').hidden ? '' : ' chat-pane shown')",
+            json!([]),
+        )
+        .await;
+    assert_eq!(left, "", "what the previous user left on the page");
+
     // ---- another origin: allowed (with the SSE resume header), refused
     let messages = app
         .get(
