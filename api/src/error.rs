@@ -45,6 +45,13 @@ pub enum ApiError {
         "too many open event streams (at most {limit} per user); close one, or retry after {retry_after_secs} s"
     )]
     TooManyStreams { limit: usize, retry_after_secs: u64 },
+    /// 429: the org's token budget is used up (`store::budgets`); `Retry-After` says when the
+    /// period resets (or, when open turns hold the rest, when to look again).
+    #[error("{message}")]
+    BudgetExceeded {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// 503: a dependency is down.
     #[error("{0}")]
     Unavailable(String),
@@ -77,9 +84,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::TooManyRequests { .. } | ApiError::TooManyStreams { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::TooManyRequests { .. }
+            | ApiError::TooManyStreams { .. }
+            | ApiError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -98,6 +105,7 @@ impl ApiError {
             ApiError::Unprocessable { code, .. } => code,
             ApiError::TooManyRequests { .. } => "rate_limited",
             ApiError::TooManyStreams { .. } => "too_many_streams",
+            ApiError::BudgetExceeded { .. } => "budget_exceeded",
             ApiError::Unavailable(_) | ApiError::Busy { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -108,6 +116,26 @@ impl From<store::StoreError> for ApiError {
     fn from(e: store::StoreError) -> Self {
         if let store::StoreError::Conflict { message } = e {
             return ApiError::Conflict(message.into());
+        }
+        if let store::StoreError::OverBudget {
+            period,
+            until_reset,
+            retry_after_secs,
+        } = e
+        {
+            let message = if until_reset {
+                format!(
+                    "the organization's {period} token budget is used up; it resets in {retry_after_secs} s"
+                )
+            } else {
+                format!(
+                    "the organization's {period} token budget is held by turns still running; retry after {retry_after_secs} s"
+                )
+            };
+            return ApiError::BudgetExceeded {
+                message,
+                retry_after_secs,
+            };
         }
         if let store::StoreError::InvalidReference { field, message } = e {
             return ApiError::Unprocessable {
@@ -163,7 +191,10 @@ impl poem::error::ResponseError for ApiError {
         | ApiError::TooManyStreams {
             retry_after_secs, ..
         }
-        | ApiError::Busy { retry_after_secs } = self
+        | ApiError::Busy { retry_after_secs }
+        | ApiError::BudgetExceeded {
+            retry_after_secs, ..
+        } = self
             && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);

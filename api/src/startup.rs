@@ -16,6 +16,7 @@ use crate::middleware::{BodyLimit, RequestContext, RouteTable};
 use crate::models::ModelCatalog;
 use crate::routes::actions::ActionsApi;
 use crate::routes::auth::AuthApi;
+use crate::routes::budget::BudgetApi;
 use crate::routes::chat::ChatApi;
 use crate::routes::conversations::ConversationsApi;
 use crate::routes::documents::DocumentsApi;
@@ -165,6 +166,9 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
                 state: state.clone(),
             },
             ModelSettingsApi {
+                state: state.clone(),
+            },
+            BudgetApi {
                 state: state.clone(),
             },
             ActionsApi {

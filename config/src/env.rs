@@ -159,6 +159,21 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
         "ledger.idempotency_retention_secs",
         Kind::Int,
     ),
+    (
+        "BUDGET_TURN_RESERVE_TOKENS",
+        "budget.turn_reserve_tokens",
+        Kind::Int,
+    ),
+    (
+        "BUDGET_DEFAULT_DAILY_TOKENS",
+        "budget.default_daily_tokens",
+        Kind::Int,
+    ),
+    (
+        "BUDGET_DEFAULT_MONTHLY_TOKENS",
+        "budget.default_monthly_tokens",
+        Kind::Int,
+    ),
     ("LOG_FORMAT", "log.format", Kind::Str),
     ("LOG_FILTER", "log.filter", Kind::Str),
 ];

@@ -31,10 +31,13 @@ pub use assistant::{
 pub use auth::{AuthSettings, JwtAlgorithm};
 pub use env::{ENV_MAP, Kind, env_name};
 pub use runtime::{
-    EventsSettings, Jitter, LedgerSettings, LogFormat, LogSettings, MAX_PARTITIONS, QueueSettings,
-    QueuesSettings, SchedulerSettings, WorkerSettings,
+    BudgetSettings, EventsSettings, Jitter, LedgerSettings, LogFormat, LogSettings, MAX_PARTITIONS,
+    QueueSettings, QueuesSettings, SchedulerSettings, WorkerSettings,
 };
 pub use services::{DatabaseSettings, LitellmSettings, RedisSettings};
+
+/// The largest token limit a budget may have (an org's or the operator's default).
+pub const MAX_BUDGET_TOKENS: u64 = 1_000_000_000_000_000;
 
 /// The compiled-in defaults: the repository's `config/default.toml`.
 pub const DEFAULTS_TOML: &str = include_str!("../default.toml");
@@ -81,4 +84,5 @@ pub struct Settings {
     pub queues: QueuesSettings,
     pub tools: ToolsSettings,
     pub ledger: LedgerSettings,
+    pub budget: BudgetSettings,
 }

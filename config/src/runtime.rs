@@ -22,6 +22,19 @@ pub struct SchedulerSettings {
     pub lease_secs: u64,
 }
 
+/// Per-org token budgets (docs/architecture/api.md, "Budgets").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSettings {
+    /// Tokens a chat turn holds against its org's budget from admission until its real usage
+    /// is recorded: the worst case of one turn.
+    pub turn_reserve_tokens: u64,
+    /// The daily limit of an org that has not set one; 0: unlimited.
+    pub default_daily_tokens: u64,
+    /// The monthly limit of an org that has not set one; 0: unlimited.
+    pub default_monthly_tokens: u64,
+}
+
 /// PostgreSQL as the ledger of in-flight work (docs/ARCHITECTURE.md, "The ledger"): run leases
 /// and the scheduler's reconciler.
 #[derive(Debug, Clone, Deserialize)]

@@ -290,3 +290,40 @@ fn cors_origins_are_empty_by_default_and_validated() {
         assert!(e.contains("CORS_ALLOWED_ORIGINS"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn budget_settings_default_and_are_checked() {
+    let s = load(&[]).unwrap();
+    assert_eq!(s.budget.turn_reserve_tokens, 8000);
+    assert_eq!(
+        (
+            s.budget.default_daily_tokens,
+            s.budget.default_monthly_tokens
+        ),
+        (0, 0)
+    );
+    let s = load(&[
+        ("BUDGET_TURN_RESERVE_TOKENS", "500"),
+        ("BUDGET_DEFAULT_DAILY_TOKENS", "100000"),
+        ("BUDGET_DEFAULT_MONTHLY_TOKENS", "2000000"),
+    ])
+    .unwrap();
+    assert_eq!(
+        (
+            s.budget.turn_reserve_tokens,
+            s.budget.default_daily_tokens,
+            s.budget.default_monthly_tokens
+        ),
+        (500, 100_000, 2_000_000)
+    );
+    for (name, bad) in [
+        ("BUDGET_TURN_RESERVE_TOKENS", "0"),
+        ("BUDGET_TURN_RESERVE_TOKENS", "2147483648"),
+        ("BUDGET_TURN_RESERVE_TOKENS", "-1"),
+        ("BUDGET_DEFAULT_DAILY_TOKENS", "1000000000000000001"),
+        ("BUDGET_DEFAULT_MONTHLY_TOKENS", "lots"),
+    ] {
+        let e = load(&[(name, bad)]).unwrap_err().to_string();
+        assert!(e.contains(name), "{name}={bad}: {e}");
+    }
+}

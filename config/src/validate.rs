@@ -74,6 +74,36 @@ impl Settings {
                 "must be at least 86400 (a day): clients retry with the same key for that long",
             ));
         }
+        positive(
+            self.budget.turn_reserve_tokens,
+            "BUDGET_TURN_RESERVE_TOKENS",
+        )?;
+        if self.budget.turn_reserve_tokens > i32::MAX as u64 {
+            return Err(ConfigError::invalid(
+                "BUDGET_TURN_RESERVE_TOKENS",
+                format!("must be at most {}", i32::MAX),
+            ));
+        }
+        for (v, name) in [
+            (
+                self.budget.default_daily_tokens,
+                "BUDGET_DEFAULT_DAILY_TOKENS",
+            ),
+            (
+                self.budget.default_monthly_tokens,
+                "BUDGET_DEFAULT_MONTHLY_TOKENS",
+            ),
+        ] {
+            if v > crate::MAX_BUDGET_TOKENS {
+                return Err(ConfigError::invalid(
+                    name,
+                    format!(
+                        "must be at most {} (0: unlimited)",
+                        crate::MAX_BUDGET_TOKENS
+                    ),
+                ));
+            }
+        }
         positive(self.index.chunk_tokens as u64, "INDEX_CHUNK_TOKENS")?;
         if self.index.chunk_overlap_tokens >= self.index.chunk_tokens {
             return Err(ConfigError::invalid(

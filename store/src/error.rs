@@ -19,6 +19,15 @@ pub enum StoreError {
         field: &'static str,
         message: &'static str,
     },
+    /// A chat turn would pass the org's `period` ("daily" or "monthly") token budget
+    /// (`budgets::start_turn`); nothing was written. `until_reset`: recorded usage alone fills
+    /// the budget, so only the period's end frees it (else the org's open turns hold the rest).
+    #[error("the organization's {period} token budget is used up")]
+    OverBudget {
+        period: &'static str,
+        until_reset: bool,
+        retry_after_secs: u64,
+    },
 }
 
 impl StoreError {

@@ -5,6 +5,7 @@
 
 pub mod actions;
 pub mod assistant;
+pub mod budgets;
 pub mod conversations;
 pub mod documents;
 pub mod embeddings;

@@ -3,6 +3,7 @@
 
 pub mod actions;
 pub mod auth;
+pub mod budget;
 pub mod chat;
 pub mod conversations;
 pub mod documents;

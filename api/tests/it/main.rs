@@ -6,6 +6,7 @@ mod actions;
 mod auth;
 mod bad_input;
 mod browser;
+mod budget;
 mod chat_api;
 mod chat_helpers;
 mod console;

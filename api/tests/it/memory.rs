@@ -231,6 +231,10 @@ async fn no_user_endpoint_returns_memory_or_summary_text() {
             format!("/v1/orgs/{org}/settings/model"),
         ),
         (
+            "/v1/orgs/{org_id}/settings/budget",
+            format!("/v1/orgs/{org}/settings/budget"),
+        ),
+        (
             "/v1/orgs/{org_id}/members",
             format!("/v1/orgs/{org}/members"),
         ),

@@ -94,7 +94,8 @@ impl ModelCaller {
     }
 
     /// One non-streamed answer from the org's model (the fallback once when the primary
-    /// fails): `(text, model)`. A 429 or a cooling-down model re-queues the job after the
+    /// fails): `(text, model)`. Every call that answered counts against the org's token budget
+    /// (`usage_daily`), whatever the job then does with the answer. A 429 or a cooling-down model re-queues the job after the
     /// cooldown (background work: its waits count as attempts, so a model that stays rate
     /// limited ends in the dead letters instead of waiting forever).
     pub async fn complete_text(
@@ -139,6 +140,9 @@ impl ModelCaller {
             };
             let rate_limited = matches!(&outcome, Err(e) if e.is_rate_limited());
             self.probe_done(&model, probe, rate_limited).await;
+            if let Ok(c) = &outcome {
+                record_usage(db, org_id, &model, c.usage).await;
+            }
             match outcome {
                 Ok(c) if !c.text.trim().is_empty() => return Ok((c.text, model)),
                 Ok(_) => last = format!("{model}: empty answer"),
@@ -156,5 +160,34 @@ impl ModelCaller {
             }
         }
         Err(JobError::retryable(format!("model call failed ({last})")))
+    }
+}
+
+/// Count a background model call (summarize, remember) in the org's `usage_daily`, on its own:
+/// the tokens are spent whether or not the job's own write commits. A failure to count is
+/// logged, never a reason to call the model again.
+async fn record_usage(
+    db: &sqlx::PgPool,
+    org_id: uuid::Uuid,
+    model: &str,
+    usage: Option<llm::Usage>,
+) {
+    let (prompt, completion) = usage.map_or((0, 0), |u| {
+        (i64::from(u.prompt_tokens), i64::from(u.completion_tokens))
+    });
+    let counted = async {
+        let mut conn = db.acquire().await?;
+        store::usage::record(
+            &mut conn,
+            org_id.into(),
+            model,
+            prompt,
+            completion,
+            chrono::Utc::now(),
+        )
+        .await
+    };
+    if let Err(e) = counted.await {
+        tracing::warn!(error = %e, model, "cannot count a model call's usage");
     }
 }

@@ -204,6 +204,21 @@ impl Ctx {
         panic!("the model was never called");
     }
 
+    /// The org's model calls counted in `usage_daily` (from yesterday on: a test may straddle
+    /// midnight UTC), each with its tokens.
+    async fn model_requests(&self) -> i64 {
+        let since = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+        let rows = store::usage::report(&self.db.pool, Some(self.org.into()), since)
+            .await
+            .unwrap();
+        assert!(
+            rows.iter()
+                .all(|r| r.model == via_litellm(&self.model) && r.prompt_tokens > 0),
+            "{rows:?}"
+        );
+        rows.iter().map(|r| r.requests).sum()
+    }
+
     async fn summary(&self, conversation: Uuid) -> memory::Summary {
         let mut c = self.db.pool.acquire().await.unwrap();
         memory::summary(&mut c, conversation)
@@ -343,6 +358,8 @@ async fn prompts_hold_the_summary_and_exactly_the_last_n_messages_and_turns_enqu
         .unwrap();
     let report = c.drain(Queue::Memory, 1).await;
     assert_eq!((report.completed, report.dead), (1, 0), "{report:?}");
+    // the summarize call counts against the org's budget
+    assert_eq!(c.model_requests().await, 1);
     let s = c.summary(conversation).await;
     assert_eq!(s.summary, "SUMMARY-ONE");
     assert_eq!(s.summarized_up_to, c.seq_of("a4").await);
@@ -397,6 +414,8 @@ async fn prompts_hold_the_summary_and_exactly_the_last_n_messages_and_turns_enqu
         .unwrap();
     let report = c.drain(Queue::Memory, 1).await;
     assert_eq!((report.completed, report.dead), (2, 0), "{report:?}");
+    // the first summary, the q7 answer, then remember and the second summary
+    assert_eq!(c.model_requests().await, 4);
     let s = c.summary(conversation).await;
     assert_eq!(s.summary, "SUMMARY-TWO");
     assert_eq!(s.summarized_up_to, c.seq_of("a5").await);

@@ -158,7 +158,7 @@ impl ChatApi {
             job_id: Uuid::now_v7(),
             key: turn_key,
         };
-        let response = match self.start(&turn).await? {
+        let response = match self.start(caller.org_id, &turn).await? {
             // (read back after an unknown commit: this request's own turn, which goes on)
             TurnStarted::New(response) => response,
             TurnStarted::Existing(r) if r.id == turn.response_id => r,

@@ -15,16 +15,22 @@ use crate::error::{ApiError, ErrorBody, ErrorBodyDetail};
 use crate::sse::{self, SseEvent, SseStream};
 
 impl ChatApi {
-    /// Start the turn. When the database drops the statement and it cannot be told whether it
+    /// Start the turn, within the org's token budget (`store::budgets::start_turn`: over it,
+    /// 429 `budget_exceeded` and nothing written). When the database drops the statement and it cannot be told whether it
     /// committed, the turn is read back by its ids (chosen here, before the write), for about
     /// two seconds (a statement cut off may still be finishing): found, it goes on; not found
     /// (or the database still unreachable), 503 — and a retry with the same `Idempotency-Key`
     /// is safe either way. A statement that never left (no pooled connection) is a plain 503.
-    pub(super) async fn start(&self, turn: &NewTurn<'_>) -> Result<TurnStarted, ApiError> {
+    pub(super) async fn start(
+        &self,
+        org_id: Uuid,
+        turn: &NewTurn<'_>,
+    ) -> Result<TurnStarted, ApiError> {
         let state = &self.state;
+        let policy = store::budgets::Policy::from_settings(&state.settings.budget);
         let written = async {
             let mut conn = state.db.acquire().await?;
-            store::conversations::start_own_turn(&mut conn, turn).await
+            store::budgets::start_turn(&mut conn, &policy, org_id.into(), turn).await
         };
         let e = match written.await {
             Ok(Some(started)) => return Ok(started),
