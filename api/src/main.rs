@@ -26,7 +26,8 @@ enum Command {
         #[arg(long)]
         user_email: String,
     },
-    /// Print token usage per day, org and model (answers stored by the chat workers) and totals.
+    /// Print token usage per day, org and model (every model call of the workers) and totals;
+    /// with `--org`, also what that org's token budget has left.
     Usage {
         /// Only this organization (default: all).
         #[arg(long, value_name = "ORG_ID")]
@@ -102,7 +103,17 @@ async fn run(command: Command, settings: config::Settings) -> anyhow::Result<()>
             });
             let pool = store::pool(&settings.database)?;
             let rows = store::usage::report(&pool, org.map(Into::into), since).await?;
-            let table = api::usage_report::render(&rows);
+            let mut table = api::usage_report::render(&rows);
+            // one org: what its budget has left
+            if let Some(org) = org {
+                let policy = store::budgets::Policy::from_settings(&settings.budget);
+                let now = chrono::Utc::now();
+                let mut conn = pool.acquire().await?;
+                let standing =
+                    store::budgets::standing(&mut conn, &policy, org.into(), now).await?;
+                table.push('\n');
+                table.push_str(&api::usage_report::render_budget(&standing, now));
+            }
             // A locked writer rather than `println!`: a closed pipe (`api usage | head`) is an
             // error to report, not a panic.
             use std::io::Write as _;

@@ -66,22 +66,60 @@ async fn api_usage_prints_a_table_with_totals_filtered_by_org_and_day() {
     record(&db, a.into(), "local-chat", days_ago(1), 20, 2).await;
     record(&db, b.into(), "local-chat", days_ago(2), 9, 9).await;
 
-    // one org, from a day on: the org's rows by day, model, then the totals
+    // org a has a daily limit (its monthly one is the operator's: unlimited)
+    store::budgets::put(
+        &db.pool,
+        a,
+        store::budgets::Budget {
+            daily_tokens: Some(100_000),
+            monthly_tokens: None,
+        },
+    )
+    .await
+    .unwrap();
+    // one org, from a day on: the org's rows by day, model, then the totals, then its budget
     let since = days_ago(5).to_string();
     let out = stdout(&api_usage(&db, &redis, &["--org", &a.to_string(), "--since", &since]).await);
+    assert_eq!(out.lines().nth(5), Some(""), "{out}");
     let (a, d3, d1) = (
         a.to_string(),
         days_ago(3).to_string(),
         days_ago(1).to_string(),
     );
     assert_eq!(
-        cells(&out),
+        cells(&out)[..5],
         vec![
             vec!["day", "org", "model", "requests", "prompt", "completion"],
             vec![d3.as_str(), a.as_str(), "fake/x", "1", "7", "3"],
             vec![d3.as_str(), a.as_str(), "local-chat", "2", "150", "15"],
             vec![d1.as_str(), a.as_str(), "local-chat", "1", "20", "2"],
             vec!["total", "4", "177", "20"],
+        ],
+        "{out}"
+    );
+    let budget: Vec<&str> = out.lines().skip(6).collect();
+    // (this month's rows of org a: those of 3 and 1 days ago, when still in this month)
+    let month_start = chrono::Datelike::with_day(&Utc::now().date_naive(), 1).unwrap();
+    let used_month: i64 = [(days_ago(3), 175), (days_ago(1), 22)]
+        .iter()
+        .filter(|(d, _)| *d >= month_start)
+        .map(|(_, t)| t)
+        .sum();
+    let resets = |p: store::budgets::Period| {
+        p.resets_at(Utc::now())
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    assert_eq!(
+        budget,
+        [
+            format!(
+                "budget daily: limit=100000 used=0 reserved=0 left=100000 resets={}",
+                resets(store::budgets::Period::Day)
+            ),
+            format!(
+                "budget monthly: limit=unlimited used={used_month} reserved=0 left=unlimited resets={}",
+                resets(store::budgets::Period::Month)
+            ),
         ],
         "{out}"
     );
