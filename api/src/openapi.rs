@@ -80,10 +80,11 @@ pub const HANDLER_ERRORS: &[(&str, &str, &[u16])] = &[
     ("get", "/v1/orgs/{org_id}/settings/model", &[]),
     ("put", "/v1/orgs/{org_id}/settings/model", &[403, 422]),
     ("get", "/v1/orgs/{org_id}/settings/budget", &[403]),
-    ("put", "/v1/orgs/{org_id}/settings/budget", &[403, 422]),
+    ("put", "/v1/orgs/{org_id}/settings/budget", &[403]),
     ("get", "/v1/conversations/{id}/actions", &[]),
     ("get", "/v1/actions/{id}", &[]),
-    ("post", "/v1/actions/{id}/confirm", &[409]),
+    // 429: the org's token budget has no room for the continuation
+    ("post", "/v1/actions/{id}/confirm", &[409, 429]),
     ("post", "/v1/actions/{id}/reject", &[409]),
 ];
 

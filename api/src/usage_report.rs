@@ -64,6 +64,38 @@ pub fn render(rows: &[Row]) -> String {
     out
 }
 
+/// One org's budget below its table (`api usage --org`): per period, the limit (or
+/// `unlimited`), what was used, what open turns hold, what is left, and when it resets.
+pub fn render_budget(s: &Standing, now: DateTime<Utc>) -> String {
+    let mut out = String::new();
+    for (period, limit, used, left) in [
+        (
+            Period::Day,
+            s.daily_limit,
+            s.used_today,
+            s.remaining_today(),
+        ),
+        (
+            Period::Month,
+            s.monthly_limit,
+            s.used_this_month,
+            s.remaining_this_month(),
+        ),
+    ] {
+        let limit = limit.map_or_else(|| "unlimited".to_owned(), |l| l.to_string());
+        let left = left.map_or_else(|| "unlimited".to_owned(), |l| l.to_string());
+        out.push_str(&format!(
+            "budget {}: limit={limit} used={used} reserved={} left={left} resets={}\n",
+            period.as_str(),
+            s.reserved,
+            period
+                .resets_at(now)
+                .to_rfc3339_opts(SecondsFormat::Secs, true)
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -106,36 +138,4 @@ mod tests {
         // no rows: a header and zero totals
         assert_eq!(render(&[]).lines().count(), 2);
     }
-}
-
-/// One org's budget below its table (`api usage --org`): per period, the limit (or
-/// `unlimited`), what was used, what open turns hold, what is left, and when it resets.
-pub fn render_budget(s: &Standing, now: DateTime<Utc>) -> String {
-    let mut out = String::new();
-    for (period, limit, used, left) in [
-        (
-            Period::Day,
-            s.daily_limit,
-            s.used_today,
-            s.remaining_today(),
-        ),
-        (
-            Period::Month,
-            s.monthly_limit,
-            s.used_this_month,
-            s.remaining_this_month(),
-        ),
-    ] {
-        let limit = limit.map_or_else(|| "unlimited".to_owned(), |l| l.to_string());
-        let left = left.map_or_else(|| "unlimited".to_owned(), |l| l.to_string());
-        out.push_str(&format!(
-            "budget {}: limit={limit} used={used} reserved={} left={left} resets={}\n",
-            period.as_str(),
-            s.reserved,
-            period
-                .resets_at(now)
-                .to_rfc3339_opts(SecondsFormat::Secs, true)
-        ));
-    }
-    out
 }

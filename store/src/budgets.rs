@@ -5,9 +5,12 @@
 //! (every model call of the org, recorded by the worker with the result it stores) plus the
 //! reservations of the org's open turns (`responses.budget_reserved`, queued or running). A
 //! turn is admitted by [`start_turn`] under a lock on the org's row, so that concurrent turns
-//! at a budget's edge are decided one after another and never overrun it: each holds the
-//! configured worst case (`BUDGET_TURN_RESERVE_TOKENS`) until it finishes, when its real usage
-//! takes its place in the same transaction that stores its outcome.
+//! at a budget's edge are decided one after another: each holds the configured worst case
+//! (`BUDGET_TURN_RESERVE_TOKENS`, or what is left when less is) until it finishes, when its
+//! real usage takes its place in the same transaction that stores its outcome. So concurrent
+//! turns never overrun a budget together; one turn may still use more than it holds (a
+//! worst case set too low, or the last tokens of a period), and a turn whose model call failed
+//! mid-stream reports no usage.
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -97,10 +100,20 @@ pub struct Standing {
 /// Why a turn was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
+    /// The period whose limit is in the way (the one that frees last).
     pub period: Period,
-    /// The limit is used up by recorded usage alone: only the period's end frees it. Else
-    /// what the org's open turns hold is in the way, and frees as they finish.
+    /// That limit is used up by recorded usage alone: only the period's end frees it. Else what
+    /// the org's open turns hold is in the way, and frees as they finish.
     pub until_reset: bool,
+}
+
+/// What admitting one more turn comes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The turn may start, holding this many tokens (the configured reserve, or what is left
+    /// when less is left).
+    Reserve(i64),
+    Refused(Refusal),
 }
 
 impl Standing {
@@ -115,27 +128,39 @@ impl Standing {
             .map(|l| (l - self.used_this_month - self.reserved).max(0))
     }
 
-    /// Whether one more turn holding `reserve` tokens would pass a limit: the daily one first.
-    pub fn refuses(&self, reserve: i64) -> Option<Refusal> {
-        let check = |limit: Option<i64>, used: i64, period| {
+    /// Whether one more turn may start, and what it holds: refused when a period has nothing
+    /// left (the month's refusal wins over the day's when it is used up: it frees last); else
+    /// it holds `reserve`, or what is left when that is less.
+    pub fn admit(&self, reserve: i64) -> Admission {
+        let refusal = |limit: Option<i64>, used: i64, period| {
             let limit = limit?;
-            (used.saturating_add(self.reserved).saturating_add(reserve) > limit).then_some(
-                Refusal {
-                    period,
-                    until_reset: used.saturating_add(reserve) > limit,
-                },
-            )
+            (used.saturating_add(self.reserved) >= limit).then_some(Refusal {
+                period,
+                until_reset: used >= limit,
+            })
         };
-        check(self.daily_limit, self.used_today, Period::Day)
-            .or_else(|| check(self.monthly_limit, self.used_this_month, Period::Month))
+        let day = refusal(self.daily_limit, self.used_today, Period::Day);
+        let month = refusal(self.monthly_limit, self.used_this_month, Period::Month);
+        let worst = match (day, month) {
+            (_, Some(m)) if m.until_reset => Some(m),
+            (Some(d), _) if d.until_reset => Some(d),
+            (d, m) => m.or(d),
+        };
+        if let Some(r) = worst {
+            return Admission::Refused(r);
+        }
+        let left = [self.remaining_today(), self.remaining_this_month()]
+            .into_iter()
+            .flatten()
+            .min();
+        Admission::Reserve(left.map_or(reserve, |l| l.min(reserve)))
     }
 }
 
+/// The limit that applies: the org's own (0 allows nothing), else the operator's default (0:
+/// none).
 fn effective(own: Option<i64>, default: i64) -> Option<i64> {
-    match own.unwrap_or(default) {
-        0 => None,
-        l => Some(l),
-    }
+    own.or((default > 0).then_some(default))
 }
 
 /// What the org's admins set.
@@ -149,17 +174,49 @@ pub async fn get(conn: &mut PgConnection, org_id: OrgId) -> Result<Budget, Store
     .unwrap_or_default())
 }
 
-/// Set the org's budget (`None`: back to the operator's default).
-pub async fn put(pool: &PgPool, org_id: OrgId, budget: Budget) -> Result<(), StoreError> {
+/// A change to one limit of an org's budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Keep what is set.
+    Keep,
+    /// Back to the operator's default.
+    Default,
+    /// This many tokens per period (0 allows nothing).
+    Limit(i64),
+}
+
+impl Change {
+    fn parts(self) -> (bool, Option<i64>) {
+        match self {
+            Change::Keep => (false, None),
+            Change::Default => (true, None),
+            Change::Limit(n) => (true, Some(n)),
+        }
+    }
+}
+
+/// Change the org's daily and monthly limits (one statement: two admins' changes to different
+/// limits both hold).
+pub async fn put(
+    pool: &PgPool,
+    org_id: OrgId,
+    daily: Change,
+    monthly: Change,
+) -> Result<(), StoreError> {
+    let (set_daily, daily) = daily.parts();
+    let (set_monthly, monthly) = monthly.parts();
     sqlx::query(
-        "INSERT INTO org_budgets (org_id, daily_tokens, monthly_tokens) VALUES ($1, $2, $3)
+        "INSERT INTO org_budgets AS b (org_id, daily_tokens, monthly_tokens) VALUES ($1, $2, $4)
          ON CONFLICT (org_id) DO UPDATE
-         SET daily_tokens = EXCLUDED.daily_tokens, monthly_tokens = EXCLUDED.monthly_tokens,
+         SET daily_tokens = CASE WHEN $3 THEN EXCLUDED.daily_tokens ELSE b.daily_tokens END,
+             monthly_tokens = CASE WHEN $5 THEN EXCLUDED.monthly_tokens ELSE b.monthly_tokens END,
              updated_at = now()",
     )
     .bind(org_id)
-    .bind(budget.daily_tokens)
-    .bind(budget.monthly_tokens)
+    .bind(daily)
+    .bind(set_daily)
+    .bind(monthly)
+    .bind(set_monthly)
     .execute(pool)
     .await?;
     Ok(())
@@ -210,54 +267,115 @@ pub async fn standing(
     })
 }
 
-/// Start a turn of `org_id` within its budget: without a limit, [`start_own_turn`] as it is
-/// (one statement); with one, in a transaction that locks the org's row (so concurrent turns of
-/// the org are admitted one after another), refuses the turn when its reservation would pass a
-/// limit ([`StoreError::OverBudget`], nothing written), and else writes the turn with its
-/// reservation.
+/// Start a turn of `org_id` within its budget: without a limit, [`start_own_turn`] as it is;
+/// with one, in a transaction that locks the org's row (so concurrent turns of the org are
+/// admitted one after another), refuses the turn when a period has nothing left
+/// ([`StoreError::OverBudget`], nothing written), and else writes the turn with its reservation
+/// ([`Standing::admit`]).
 pub async fn start_turn(
     conn: &mut PgConnection,
     policy: &Policy,
     org_id: OrgId,
     turn: &NewTurn<'_>,
 ) -> Result<Option<TurnStarted>, StoreError> {
-    let budget = get(&mut *conn, org_id).await?;
-    let limited = effective(budget.daily_tokens, policy.default_daily).is_some()
-        || effective(budget.monthly_tokens, policy.default_monthly).is_some();
-    if !limited {
+    if !limited(&mut *conn, policy, org_id).await? {
         return start_own_turn(conn, turn).await;
     }
     let mut tx = conn.begin().await?;
-    // (NO KEY UPDATE: inserts that reference the org, by other requests, are not blocked)
-    sqlx::query("SELECT 1 FROM organizations WHERE id = $1")
-        .bind(org_id)
-        .execute(&mut *tx)
-        .await?;
-    let now = Utc::now();
-    let standing = standing(&mut tx, policy, org_id, now).await?;
-    if let Some(refusal) = standing.refuses(policy.turn_reserve) {
-        let retry_after_secs = if refusal.until_reset {
-            let left = (refusal.period.resets_at(now) - now).num_seconds();
-            u64::try_from(left).unwrap_or(0).max(1)
-        } else {
-            OPEN_TURNS_RETRY_SECS
-        };
-        return Err(StoreError::OverBudget {
-            period: refusal.period.as_str(),
-            until_reset: refusal.until_reset,
-            retry_after_secs,
-        });
+    lock_org(&mut tx, org_id).await?;
+    // a retried request (same key) is answered with its turn, whatever the budget says now
+    if let Some(key) = turn.key
+        && let Some(found) = crate::conversations::keyed_turn(&mut tx, turn.user_id, key).await?
+    {
+        tx.rollback().await?;
+        return Ok(Some(found));
     }
+    let reserve = admit_locked(&mut tx, policy, org_id).await?;
     let started = start_own_turn(&mut tx, turn).await?;
     if let Some(TurnStarted::New(r)) = &started {
-        sqlx::query("UPDATE responses SET budget_reserved = $2 WHERE id = $1")
-            .bind(r.id)
-            .bind(i32::try_from(policy.turn_reserve).unwrap_or(i32::MAX))
-            .execute(&mut *tx)
-            .await?;
+        hold(&mut tx, r.id, reserve).await?;
     }
     tx.commit().await?;
     Ok(started)
+}
+
+/// Admit one more model turn of `org_id` that does not start with a user message (the
+/// continuation after a confirmed action), inside the caller's transaction: `None` when the
+/// org has no limit; else the tokens it may hold (give them to its response with [`hold`]), or
+/// [`StoreError::OverBudget`]. Takes the org row's lock until the caller's transaction ends.
+pub async fn admit(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    org_id: OrgId,
+) -> Result<Option<i64>, StoreError> {
+    if !limited(&mut *conn, policy, org_id).await? {
+        return Ok(None);
+    }
+    lock_org(&mut *conn, org_id).await?;
+    admit_locked(conn, policy, org_id).await.map(Some)
+}
+
+/// Record what a response holds against its org's budget until it finishes.
+pub async fn hold(
+    conn: &mut PgConnection,
+    response_id: uuid::Uuid,
+    tokens: i64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE responses SET budget_reserved = $2 WHERE id = $1")
+        .bind(response_id)
+        .bind(i32::try_from(tokens).unwrap_or(i32::MAX))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Whether any limit applies to the org (its own or the operator's default).
+async fn limited(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    org_id: OrgId,
+) -> Result<bool, StoreError> {
+    let budget = get(conn, org_id).await?;
+    Ok(
+        effective(budget.daily_tokens, policy.default_daily).is_some()
+            || effective(budget.monthly_tokens, policy.default_monthly).is_some(),
+    )
+}
+
+/// The org's row, locked until the transaction ends: the org's admissions one after another.
+/// (NO KEY UPDATE: inserts that reference the org, by other requests, are not blocked.)
+async fn lock_org(conn: &mut PgConnection, org_id: OrgId) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1 FROM organizations WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(org_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// With the org's row locked: the tokens one more turn may hold, or why not.
+async fn admit_locked(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    org_id: OrgId,
+) -> Result<i64, StoreError> {
+    let now = Utc::now();
+    let standing = standing(conn, policy, org_id, now).await?;
+    match standing.admit(policy.turn_reserve) {
+        Admission::Reserve(n) => Ok(n),
+        Admission::Refused(refusal) => {
+            let retry_after_secs = if refusal.until_reset {
+                let left = (refusal.period.resets_at(now) - now).num_seconds();
+                u64::try_from(left).unwrap_or(0).max(1)
+            } else {
+                OPEN_TURNS_RETRY_SECS
+            };
+            Err(StoreError::OverBudget {
+                period: refusal.period.as_str(),
+                until_reset: refusal.until_reset,
+                retry_after_secs,
+            })
+        }
+    }
 }
 
 /// The `Retry-After` of a turn refused because the org's open turns hold the rest of its
@@ -290,7 +408,7 @@ mod tests {
     }
 
     #[test]
-    fn a_turn_is_refused_when_its_reservation_would_pass_a_limit() {
+    fn a_turn_holds_the_reserve_or_what_is_left_and_is_refused_when_nothing_is() {
         let s = Standing {
             budget: Budget::default(),
             daily_limit: Some(1000),
@@ -299,29 +417,64 @@ mod tests {
             used_this_month: 4000,
             reserved: 200,
         };
-        assert_eq!(s.refuses(200), None);
+        assert_eq!(s.admit(100), Admission::Reserve(100));
+        // less is left than the reserve: the turn holds what is left
+        assert_eq!(s.admit(8000), Admission::Reserve(200));
+        assert_eq!(s.remaining_today(), Some(200));
+        // open turns hold the rest: refused, but only until they finish
+        let held = Standing { reserved: 400, ..s };
         assert_eq!(
-            s.refuses(201),
-            Some(Refusal {
+            held.admit(1),
+            Admission::Refused(Refusal {
                 period: Period::Day,
                 until_reset: false
             })
         );
+        // used up today, and this month too: the month frees last
+        let spent = Standing {
+            used_today: 1000,
+            used_this_month: 5000,
+            reserved: 0,
+            ..s
+        };
         assert_eq!(
-            s.refuses(401),
-            Some(Refusal {
+            spent.admit(1),
+            Admission::Refused(Refusal {
+                period: Period::Month,
+                until_reset: true
+            })
+        );
+        // the day used up while the month's rest is only held: until the day resets
+        let day = Standing {
+            used_today: 1000,
+            used_this_month: 4000,
+            reserved: 1000,
+            ..s
+        };
+        assert_eq!(
+            day.admit(1),
+            Admission::Refused(Refusal {
                 period: Period::Day,
                 until_reset: true
             })
         );
-        assert_eq!(s.remaining_today(), Some(200));
-        let month = Standing {
-            daily_limit: None,
-            used_this_month: 4900,
+        // a limit of 0 allows nothing; no limit allows the reserve
+        let zero = Standing {
+            daily_limit: Some(0),
+            used_today: 0,
+            reserved: 0,
             ..s
         };
-        assert_eq!(month.refuses(1).map(|r| r.period), Some(Period::Month));
-        assert_eq!(month.remaining_today(), None);
-        assert_eq!(month.remaining_this_month(), Some(0));
+        assert!(matches!(zero.admit(1), Admission::Refused(_)));
+        let open = Standing {
+            daily_limit: None,
+            monthly_limit: None,
+            ..s
+        };
+        assert_eq!(open.admit(8000), Admission::Reserve(8000));
+        assert_eq!(open.remaining_today(), None);
+        assert_eq!(effective(Some(0), 500), Some(0));
+        assert_eq!(effective(None, 0), None);
+        assert_eq!(effective(None, 500), Some(500));
     }
 }

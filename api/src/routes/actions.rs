@@ -145,7 +145,8 @@ impl ActionsApi {
     /// Confirm a pending proposal (only the conversation's owner): it is executed exactly once,
     /// with the permissions the caller has then, and the assistant continues the conversation
     /// (the `response_id` of the answer). 409 when it is no longer pending (already decided or
-    /// expired).
+    /// expired); 429 `budget_exceeded` when the org's token budget has no room for the
+    /// continuation (the proposal stays pending).
     #[oai(path = "/actions/:id/confirm", method = "post")]
     async fn confirm(
         &self,
@@ -176,6 +177,12 @@ impl ActionsApi {
             Decision::NotFound => return Err(ApiError::NotFound),
             Decision::NotPending(status) => return Err(not_pending(&status)),
         };
+        // The continuation calls the model: it is admitted within the org's token budget like
+        // a turn (over it: 429, and the proposal stays pending — the transaction rolls back).
+        let policy = store::budgets::Policy::from_settings(&state.settings.budget);
+        if let Some(tokens) = store::budgets::admit(&mut tx, &policy, caller.org_id.into()).await? {
+            store::budgets::hold(&mut tx, response.id, tokens).await?;
+        }
         tx.commit().await?;
         let created = ResponseEvent::MessageCreated {
             message_id: response.user_message_id,

@@ -6,9 +6,10 @@
 use chrono::{DateTime, Utc};
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
+use poem_openapi::types::MaybeUndefined;
 use poem_openapi::{Object, OpenApi};
 use serde::Deserialize;
-use store::budgets::{Budget, Period, Policy, Standing};
+use store::budgets::{Change, Period, Policy, Standing};
 use uuid::Uuid;
 
 use super::Tag;
@@ -21,18 +22,19 @@ pub struct BudgetApi {
     pub state: AppState,
 }
 
-/// `PUT` body: each limit in tokens (prompt + completion, every model call of the org); 0 means
-/// unlimited, `null` or absent means the operator's default.
+/// `PUT` body: each limit in tokens (prompt + completion, every model call of the org) per UTC
+/// day or calendar month; 0 allows nothing, `null` means the operator's default, an absent
+/// field keeps what is set.
 #[derive(Object, Deserialize)]
 #[oai(deny_unknown_fields)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetUpdate {
     /// Tokens per UTC day.
-    #[oai(nullable)]
-    daily_tokens: Option<i64>,
+    #[serde(default)]
+    daily_tokens: MaybeUndefined<i64>,
     /// Tokens per UTC calendar month.
-    #[oai(nullable)]
-    monthly_tokens: Option<i64>,
+    #[serde(default)]
+    monthly_tokens: MaybeUndefined<i64>,
 }
 
 /// The org's budget and where it stands.
@@ -45,7 +47,7 @@ pub struct BudgetView {
     /// The monthly limit that applies; `null`: unlimited.
     #[oai(nullable)]
     monthly_tokens: Option<i64>,
-    /// `org` when the org set a limit, `default` when the operator's defaults apply.
+    /// `org` when the org set a limit of its own, `default` when the operator's defaults apply.
     source: String,
     /// Tokens used today and this month (UTC), every model call of the org.
     used_today: i64,
@@ -53,7 +55,7 @@ pub struct BudgetView {
     /// Tokens the org's turns still queued or running hold (each `turn_reserve_tokens` until
     /// its real usage is counted).
     reserved_tokens: i64,
-    /// What one turn holds while it runs: a limit below this admits no turn.
+    /// What one turn holds while it runs (or what is left, when less is).
     turn_reserve_tokens: i64,
     /// Tokens left (limit − used − reserved); `null`: unlimited.
     #[oai(nullable)]
@@ -82,26 +84,20 @@ fn view(s: Standing, policy: &Policy, now: DateTime<Utc>) -> BudgetView {
     }
 }
 
-/// A limit as sent: 0 (unlimited) or at least one turn's reservation, at most
-/// `config::MAX_BUDGET_TOKENS`.
-fn limit(field: &str, v: Option<i64>, policy: &Policy) -> Result<Option<i64>, ApiError> {
-    let Some(v) = v else { return Ok(None) };
+/// A limit as sent: at most `config::MAX_BUDGET_TOKENS`.
+fn change(field: &str, v: MaybeUndefined<i64>) -> Result<Change, ApiError> {
+    let v = match v {
+        MaybeUndefined::Undefined => return Ok(Change::Keep),
+        MaybeUndefined::Null => return Ok(Change::Default),
+        MaybeUndefined::Value(v) => v,
+    };
     let max = i64::try_from(config::MAX_BUDGET_TOKENS).unwrap_or(i64::MAX);
     if !(0..=max).contains(&v) {
         return Err(ApiError::invalid(format!(
-            "{field} must be between 0 (unlimited) and {max}"
+            "{field} must be between 0 and {max} tokens (or null for the default)"
         )));
     }
-    if v > 0 && v < policy.turn_reserve {
-        return Err(ApiError::Unprocessable {
-            code: "budget_below_turn_reserve",
-            message: format!(
-                "{field}: {v} is less than one turn's reservation ({} tokens), so no turn could start; use 0 for unlimited",
-                policy.turn_reserve
-            ),
-        });
-    }
-    Ok(Some(v))
+    Ok(Change::Limit(v))
 }
 
 #[OpenApi(prefix_path = "/v1", tag = "Tag::Organizations")]
@@ -124,9 +120,8 @@ impl BudgetApi {
         Ok(Json(view(s, &policy, now)))
     }
 
-    /// Set the org's daily and monthly token limits (owners and admins): 0 is unlimited, `null`
-    /// or absent the operator's default. A limit below one turn's reservation
-    /// (`turn_reserve_tokens`) is refused (422): no turn could start under it.
+    /// Set the org's daily and monthly token limits (owners and admins): a number of tokens (0
+    /// allows no turn), `null` for the operator's default; an absent field keeps its limit.
     #[oai(path = "/orgs/:org_id/settings/budget", method = "put")]
     async fn put(
         &self,
@@ -138,11 +133,9 @@ impl BudgetApi {
         caller.require_org(org_id.0)?;
         caller.require_admin()?;
         let policy = Policy::from_settings(&self.state.settings.budget);
-        let budget = Budget {
-            daily_tokens: limit("daily_tokens", body.0.daily_tokens, &policy)?,
-            monthly_tokens: limit("monthly_tokens", body.0.monthly_tokens, &policy)?,
-        };
-        store::budgets::put(&self.state.db, org_id.0.into(), budget).await?;
+        let daily = change("daily_tokens", body.0.daily_tokens)?;
+        let monthly = change("monthly_tokens", body.0.monthly_tokens)?;
+        store::budgets::put(&self.state.db, org_id.0.into(), daily, monthly).await?;
         let now = Utc::now();
         let mut conn = self.state.db.acquire().await?;
         let s = store::budgets::standing(&mut conn, &policy, org_id.0.into(), now).await?;

@@ -456,3 +456,48 @@ async fn end_to_end_a_proposal_is_confirmed_executed_once_and_the_assistant_cont
     assert_eq!(fake.requests(&primary).await.unwrap().len(), 2);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_confirm_the_org_budget_has_no_room_for_is_refused_and_stays_pending() {
+    let app = spawn_app().await;
+    let s = setup(&app).await;
+    let action = proposal(&app, &s, None, "Budgeted").await;
+    let budget = format!("/v1/orgs/{}/settings/budget", s.owner.org_id);
+    let set = |limit: Value| {
+        app.call(
+            reqwest::Method::PUT,
+            &budget,
+            Some(&s.owner.token),
+            Some(json!({ "daily_tokens": limit })),
+        )
+    };
+    // a limit of 0 tokens: the continuation (a model call) cannot start
+    assert_eq!(set(json!(0)).await.status, 200);
+    let path = format!("/v1/actions/{action}/confirm");
+    let r = app.post(&path, &s.member.token, json!({})).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "budget_exceeded");
+    assert!(r.headers.contains_key("retry-after"));
+    // nothing happened: still pending, nothing to execute
+    let r = app
+        .get(&format!("/v1/actions/{action}"), &s.member.token)
+        .await;
+    assert_eq!(r.body["status"], "pending", "{}", r.body);
+    assert!(execution_jobs(&app).await.is_empty());
+
+    // a limit with room: confirmed, and the continuation holds its reservation
+    assert_eq!(set(json!(1_000_000)).await.status, 200);
+    let r = app.post(&path, &s.member.token, json!({})).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let response = uuid(r.body["response_id"].as_str().unwrap());
+    let held: i32 = sqlx::query_scalar("SELECT budget_reserved FROM responses WHERE id = $1")
+        .bind(response)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        i64::from(held),
+        app.settings.budget.turn_reserve_tokens as i64
+    );
+    assert_eq!(execution_jobs(&app).await.len(), 1);
+}

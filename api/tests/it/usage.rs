@@ -70,10 +70,8 @@ async fn api_usage_prints_a_table_with_totals_filtered_by_org_and_day() {
     store::budgets::put(
         &db.pool,
         a,
-        store::budgets::Budget {
-            daily_tokens: Some(100_000),
-            monthly_tokens: None,
-        },
+        store::budgets::Change::Limit(100_000),
+        store::budgets::Change::Keep,
     )
     .await
     .unwrap();

@@ -179,6 +179,9 @@ impl ToolRounds {
                 tool_calls: Vec::new(),
             }));
         }
+        // every round's tokens count (the turn's usage, against the org's budget), not only the
+        // last call's
+        let mut spent: Option<llm::Usage> = None;
         loop {
             let offer = tt.rounds_done < self.tools.max_rounds;
             let defs = if offer {
@@ -190,6 +193,8 @@ impl ToolRounds {
             let CallOutcome::Answered(mut a) = outcome else {
                 return Ok(outcome);
             };
+            spent = add_usage(spent, a.usage);
+            a.usage = spent;
             if a.tool_calls.is_empty() {
                 return Ok(CallOutcome::Answered(a));
             }
@@ -372,6 +377,17 @@ impl ToolRounds {
         }
         tt.rounds_done = round;
         Ok((!proposals.is_empty()).then(|| proposal_answer(&proposals)))
+    }
+}
+
+/// The tokens of two calls together (`None` when neither model reported any).
+fn add_usage(a: Option<llm::Usage>, b: Option<llm::Usage>) -> Option<llm::Usage> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(llm::Usage {
+            prompt_tokens: a.prompt_tokens.saturating_add(b.prompt_tokens),
+            completion_tokens: a.completion_tokens.saturating_add(b.completion_tokens),
+        }),
+        (a, b) => a.or(b),
     }
 }
 
