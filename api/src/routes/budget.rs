@@ -30,9 +30,11 @@ pub struct BudgetApi {
 #[serde(deny_unknown_fields)]
 pub struct BudgetUpdate {
     /// Tokens per UTC day.
+    #[oai(nullable)]
     #[serde(default)]
     daily_tokens: MaybeUndefined<i64>,
     /// Tokens per UTC calendar month.
+    #[oai(nullable)]
     #[serde(default)]
     monthly_tokens: MaybeUndefined<i64>,
 }
