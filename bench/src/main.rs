@@ -9,6 +9,8 @@
 //! - `bench retrieval`: filtered hybrid search on a generated index (latency, recall@10
 //!   against exact filtered search, for users who see 1 %, 10 % and 100 %); see [`retrieval`].
 //! - `bench memory`: memory at full capacity — prompt reads and inserts; see [`memory`].
+//! - `bench fairness`: one org's flood against another org's steady turns, with and without
+//!   fair admission; see [`fairness`].
 //! - `bench chaos`: the real binaries broken mid-load (worker kill -9, Redis and PostgreSQL
 //!   restarts, a 429 storm), counting lost and duplicated turns; see [`chaos`].
 //!
@@ -18,6 +20,7 @@
 mod bus;
 mod chaos;
 mod chat;
+mod fairness;
 mod index;
 mod memory;
 mod retrieval;
@@ -78,6 +81,9 @@ enum Cmd {
     Retrieval(retrieval::RetrievalArgs),
     /// Memory at full capacity: prompt reads (visibility + exact ranking) and inserts.
     Memory(memory::MemoryArgs),
+    /// Fairness: org A floods turns while org B sends one a second; B's TTFT alone, under the
+    /// flood with fair admission, and under the flood first come, first served.
+    Fairness(fairness::FairnessArgs),
     /// Chaos: the real binaries with their own Redis and PostgreSQL, broken mid-load (worker
     /// kill -9, Redis and PostgreSQL restarts, a 429 storm); lost / duplicated turns counted.
     Chaos(chaos::ChaosArgs),
@@ -117,6 +123,7 @@ async fn main() -> ExitCode {
         Cmd::Retrieval(args) => retrieval::bench_retrieval(settings, args).await,
         Cmd::Memory(args) => memory::bench_memory(settings, args).await,
         Cmd::Chaos(args) => chaos::bench_chaos(args).await,
+        Cmd::Fairness(args) => fairness::bench_fairness(settings, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

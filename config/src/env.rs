@@ -12,6 +12,7 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ("REDIS_PREFIX", "redis.prefix", Kind::Str),
     ("REDIS_CLUSTER", "redis.cluster", Kind::Bool),
     ("QUEUE_PARTITIONS", "queues.partitions", Kind::Int),
+    ("CHAT_FAIR_QUEUEING", "queues.chat.fair", Kind::Bool),
     ("LITELLM_BASE_URL", "litellm.base_url", Kind::Str),
     ("LITELLM_API_KEY", "litellm.api_key", Kind::Str),
     ("JWT_SECRET", "auth.jwt_secret", Kind::Str),

@@ -107,6 +107,11 @@ pub struct QueueSettings {
     /// retried like any retryable failure.
     #[serde(default = "default_run_timeout_secs")]
     pub run_timeout_secs: u64,
+    /// Admit jobs fairly across orgs (weighted fair queueing): a job waits in its org's list and
+    /// moves to the stream only as consumers take work (docs/architecture/bus.md, "Fair
+    /// admission"). Chat only: the jobs of other queues carry no org to be fair to.
+    #[serde(default)]
+    pub fair: bool,
 }
 
 fn default_run_timeout_secs() -> u64 {

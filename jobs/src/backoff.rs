@@ -50,6 +50,7 @@ mod tests {
             jitter,
             visibility_timeout_secs: 10,
             run_timeout_secs: 60,
+            fair: false,
         }
     }
 

@@ -133,6 +133,14 @@ pub struct QueueKeys {
     pub dead: String,
     /// The job markers: set by every enqueue (in the same step), cleared at ack or dead letter.
     pub marks: String,
+    /// Fair admission (`[queues.<name>] fair`): the orgs with jobs waiting, scored by the
+    /// virtual finish tag of their next job (a sorted set); the virtual time (the tag last
+    /// admitted); the orgs' weights (a hash, 1 when absent); and the prefix of each org's list
+    /// of waiting envelopes (`<fair_lists><org>`). All in the queue's hash tag.
+    pub fair: String,
+    pub fair_vt: String,
+    pub fair_weights: String,
+    pub fair_lists: String,
     tick_base: String,
 }
 
@@ -143,6 +151,10 @@ impl QueueKeys {
             delayed: format!("{base}:delayed"),
             dead: format!("{base}:dead"),
             marks: format!("{base}:jobs"),
+            fair: format!("{base}:fair"),
+            fair_vt: format!("{base}:fair:vt"),
+            fair_weights: format!("{base}:fair:w"),
+            fair_lists: format!("{base}:fair:o:"),
             tick_base: format!("{base}:tick"),
             stream: base,
         }

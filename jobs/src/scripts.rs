@@ -236,3 +236,118 @@ return 0
 "#,
     )
 });
+
+/// The Lua helpers of fair admission (prepended to the scripts that use them): `undelivered`
+/// (entries in the stream no consumer took yet: its length less the group's pending count),
+/// `weight` (an org's weight, 1 when unset or not positive) and `admit` (move up to `n` jobs
+/// from the orgs' lists to the stream, the lowest virtual finish tag first: each org's next
+/// job is tagged its previous tag + 1/weight, so orgs take turns in proportion to their
+/// weights, whatever their backlogs).
+const FAIR_LUA: &str = r#"
+local function undelivered(stream, group)
+  local len = redis.call('XLEN', stream)
+  if len == 0 then return 0 end
+  local ok, p = pcall(redis.call, 'XPENDING', stream, group)
+  local pending = 0
+  if ok and type(p) == 'table' then pending = tonumber(p[1]) or 0 end
+  return len - pending
+end
+local function weight(weights, org)
+  local w = tonumber(redis.call('HGET', weights, org) or '1') or 1
+  if w <= 0 then w = 1 end
+  return w
+end
+local function admit(ring, vt, weights, stream, lists, n)
+  local moved = 0
+  while moved < n do
+    local top = redis.call('ZRANGE', ring, 0, 0, 'WITHSCORES')
+    if #top == 0 then break end
+    local org, tag = top[1], tonumber(top[2])
+    local list = lists .. org
+    -- (the entry first: a failed XADD leaves the job in its list)
+    local body = redis.call('LINDEX', list, 0)
+    if body then
+      redis.call('XADD', stream, '*', 'j', body)
+      redis.call('LPOP', list)
+      moved = moved + 1
+    end
+    redis.call('SET', vt, string.format('%.17g', tag))
+    if redis.call('LLEN', list) > 0 then
+      redis.call('ZADD', ring, tag + 1 / weight(weights, org), org)
+    else
+      redis.call('ZREM', ring, org)
+    end
+  end
+  return moved
+end
+"#;
+
+/// Enqueue a job of a fair queue: its envelope at the end of its org's list, the org among
+/// those waiting (tagged the virtual time + 1/weight when it was not), and its marker; then,
+/// when no entry waits in the stream (the consumers are idle), one job admitted at once.
+/// With `once`, a job id that already has a marker is not enqueued again. Returns 1 when
+/// enqueued, 0 when the job was there already.
+/// KEYS: marks, fair ring, virtual time, weights, stream. ARGV: job id, now_ms, org, envelope,
+/// once (1/0), org list prefix, group.
+pub static ENQUEUE_FAIR: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{FAIR_LUA}{}",
+        r#"
+if ARGV[5] == '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+-- (read before any write: a stream that cannot be read fails the script with nothing written)
+local idle = undelivered(KEYS[5], ARGV[7]) == 0
+redis.call('RPUSH', ARGV[6] .. ARGV[3], ARGV[4])
+if not redis.call('ZSCORE', KEYS[2], ARGV[3]) then
+  local v = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
+  redis.call('ZADD', KEYS[2], v + 1 / weight(KEYS[4], ARGV[3]), ARGV[3])
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if idle then admit(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[6], 1) end
+return 1
+"#
+    ))
+});
+
+/// Admit up to `n` waiting jobs of a fair queue into its stream (a consumer about to read `n`).
+/// Returns how many moved.
+/// KEYS: fair ring, virtual time, weights, stream. ARGV: n, org list prefix.
+pub static ADMIT_FAIR: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{FAIR_LUA}{}",
+        r#"
+return admit(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], tonumber(ARGV[1]))
+"#
+    ))
+});
+
+/// Where a job waiting in a fair queue stands: 1 + the jobs that go before it (those already in
+/// the stream no consumer took, its org's jobs ahead of it, and the other orgs' jobs tagged
+/// before it; at most 1000 other orgs are looked at). Exact while nothing else arrives: a
+/// newly waiting org's jobs may still go before it.
+/// -1 when it no longer waits in its org's list (admitted, or not there).
+/// KEYS: fair ring, weights, stream. ARGV: org, envelope, org list prefix, group.
+pub static FAIR_POSITION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{FAIR_LUA}{}",
+        r#"
+local idx = redis.call('LPOS', ARGV[3] .. ARGV[1], ARGV[2])
+if not idx then return -1 end
+local first = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0') or 0
+local tag = first + idx / weight(KEYS[2], ARGV[1])
+local ahead = idx + undelivered(KEYS[3], ARGV[4])
+local orgs = redis.call('ZRANGE', KEYS[1], 0, 999, 'WITHSCORES')
+for i = 1, #orgs, 2 do
+  local o, s = orgs[i], tonumber(orgs[i + 1])
+  if o ~= ARGV[1] and s <= tag + 1e-9 then
+    -- its jobs j = 0, 1, ... are tagged s + j/w: those tagged before this one go first, and
+    -- one tagged the same when its org sorts first (the sorted set's order for equal scores)
+    local x = (tag - s) * weight(KEYS[2], o)
+    local k = math.max(0, math.ceil(x - 1e-9))
+    if o < ARGV[1] and math.abs(x - math.floor(x + 0.5)) < 1e-9 then k = k + 1 end
+    ahead = ahead + math.min(k, redis.call('LLEN', ARGV[3] .. o))
+  end
+end
+return ahead + 1
+"#
+    ))
+});

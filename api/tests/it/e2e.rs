@@ -286,6 +286,29 @@ async fn a_turns_job_carries_the_requests_trace_id() {
                     .iter()
                     .map(|e| jobs::Envelope::from_json(&e.get::<String>("j").unwrap()).unwrap()),
             );
+            // and those still waiting for fair admission, in their org's list
+            let keys = bus.keys(p);
+            let orgs: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&keys.fair)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            for org in orgs {
+                let waiting: Vec<String> = redis::cmd("LRANGE")
+                    .arg(format!("{}{org}", keys.fair_lists))
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                envs.extend(
+                    waiting
+                        .iter()
+                        .map(|j| jobs::Envelope::from_json(j).unwrap()),
+                );
+            }
         }
         assert!(
             envs.iter().any(|e| e.trace_id() == Some(want.as_str())),

@@ -13,6 +13,7 @@ mod console;
 mod conversations;
 mod documents;
 mod e2e;
+mod fairness;
 mod helpers;
 mod hostile_auth;
 mod hostile_index;

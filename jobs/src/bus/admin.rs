@@ -21,8 +21,11 @@ pub struct QueueStats {
     /// Delivered and not yet acknowledged.
     pub pending: u64,
     /// Entries not yet delivered to any worker (the group's `lag`, Redis 7+; `length -
-    /// pending` when Redis cannot tell): what autoscaling looks at.
+    /// pending` when Redis cannot tell), plus the jobs waiting for fair admission: what
+    /// autoscaling looks at.
     pub lag: u64,
+    /// Jobs waiting in the orgs' lists of a fair queue (not yet in the stream).
+    pub waiting: u64,
     /// Waiting in the delayed set for their due time.
     pub delayed: u64,
     pub dead: u64,
@@ -54,6 +57,7 @@ impl Bus {
             total.length += s.length;
             total.pending += s.pending;
             total.lag += s.lag;
+            total.waiting += s.waiting;
             total.delayed += s.delayed;
             total.dead += s.dead;
             total.consumers = total.consumers.max(s.consumers);
@@ -93,10 +97,12 @@ impl Bus {
                 }
             }
         }
+        let waiting = self.fair_waiting(&mut conn, keys).await?;
         Ok(QueueStats {
             length,
             pending,
-            lag: lag.unwrap_or(length.saturating_sub(pending)),
+            lag: lag.unwrap_or(length.saturating_sub(pending)) + waiting,
+            waiting,
             delayed,
             dead,
             consumers,
@@ -110,17 +116,36 @@ impl Bus {
         for p in queues.iter().flat_map(|q| self.parts(*q)) {
             // one transaction per partition: its keys share one slot, two partitions' need not
             let keys = self.keys(p);
-            let (length, delayed): (u64, u64) = redis::pipe()
+            let (length, delayed, fair): (u64, u64, u64) = redis::pipe()
                 .atomic()
                 .xlen(&keys.stream)
                 .zcard(&keys.delayed)
+                .zcard(&keys.fair)
                 .query_async(&mut conn)
                 .await?;
-            if length + delayed > 0 {
+            if length + delayed + fair > 0 {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// The jobs waiting in the orgs' lists of one partition of a fair queue (0 for the others).
+    async fn fair_waiting(
+        &self,
+        conn: &mut crate::RedisConn,
+        keys: &crate::queue::QueueKeys,
+    ) -> Result<u64, BusError> {
+        let orgs: Vec<String> = conn.zrange(&keys.fair, 0, -1).await?;
+        if orgs.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for org in &orgs {
+            pipe.llen(format!("{}{org}", keys.fair_lists));
+        }
+        let lens: Vec<u64> = pipe.query_async(conn).await?;
+        Ok(lens.iter().sum())
     }
 
     /// The pending entries `consumer` holds in `q`.

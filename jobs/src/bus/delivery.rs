@@ -33,6 +33,8 @@ impl Bus {
         block: Option<Duration>,
     ) -> Result<Vec<Delivery>, BusError> {
         let p = p.into();
+        // a fair queue: this read's jobs move from the orgs' lists first, in their turn
+        self.admit(conn, p, count).await?;
         let mut opts = StreamReadOptions::default()
             .group(GROUP, consumer)
             .count(count);

@@ -245,6 +245,10 @@ impl Bus {
         let q = env.job.queue();
         let keys = self.keys(part);
         let now = Utc::now().timestamp_millis();
+        if let Some(org) = self.fair_key(env, now) {
+            self.enqueue_fair(env, part, &org, false, now).await?;
+            return Ok(());
+        }
         let body = env.to_json()?;
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -280,6 +284,9 @@ impl Bus {
         let q = env.job.queue();
         let keys = self.keys(part);
         let now = Utc::now().timestamp_millis();
+        if let Some(org) = self.fair_key(env, now) {
+            return self.enqueue_fair(env, part, &org, true, now).await;
+        }
         let due = env
             .not_before
             .map(|nb| nb.timestamp_millis())
@@ -346,9 +353,13 @@ impl Bus {
         let now = Utc::now().timestamp_millis();
         let mut conn = self.conn().await?;
         // one MULTI/EXEC per partition (a partition's keys share one slot, two partitions'
-        // need not): a marker never stands without its entry
+        // need not): a marker never stands without its entry; a fair queue's jobs one by one
         let mut by_part: std::collections::BTreeMap<Part, Vec<&Envelope>> = Default::default();
         for env in envs {
+            if self.fair_key(env, now).is_some() {
+                self.enqueue_envelope(env).await?;
+                continue;
+            }
             by_part.entry(self.part_of(env)).or_default().push(env);
         }
         // the highest partition index decides whether the record must be written first
@@ -367,8 +378,116 @@ impl Bus {
             }
             let () = pipe.query_async(&mut conn).await?;
         }
-        for env in envs {
+        for env in envs.iter().filter(|e| self.fair_key(e, now).is_none()) {
             metrics::enqueued(env.job.queue(), env.job.name(), 1);
+        }
+        Ok(())
+    }
+
+    /// The org a job waits for its turn under, when its queue admits fairly and it is due
+    /// (a job due later waits in the delayed set, and then goes to the stream directly).
+    fn fair_key(&self, env: &Envelope, now_ms: i64) -> Option<String> {
+        if !self.settings(env.job.queue()).fair
+            || env
+                .not_before
+                .is_some_and(|nb| nb.timestamp_millis() > now_ms)
+        {
+            return None;
+        }
+        env.job.fair_key()
+    }
+
+    /// A job of a fair queue into its org's list, with its marker, in one step
+    /// ([`scripts::ENQUEUE_FAIR`]; with `once`, not when its marker exists). Returns whether it
+    /// was enqueued now.
+    async fn enqueue_fair(
+        &self,
+        env: &Envelope,
+        part: Part,
+        org: &str,
+        once: bool,
+        now_ms: i64,
+    ) -> Result<bool, BusError> {
+        let keys = self.keys(part);
+        let mut conn = self.conn().await?;
+        let n: i64 = scripts::ENQUEUE_FAIR
+            .key(&keys.marks)
+            .key(&keys.fair)
+            .key(&keys.fair_vt)
+            .key(&keys.fair_weights)
+            .key(&keys.stream)
+            .arg(env.id.to_string())
+            .arg(now_ms)
+            .arg(org)
+            .arg(env.to_json()?)
+            .arg(i32::from(once))
+            .arg(&keys.fair_lists)
+            .arg(GROUP)
+            .invoke_async(&mut conn)
+            .await?;
+        if n == 1 {
+            metrics::enqueued(env.job.queue(), env.job.name(), 1);
+        }
+        Ok(n == 1)
+    }
+
+    /// Admit up to `n` jobs waiting in a fair queue's partition into its stream (a consumer
+    /// about to read `n`); 0 for a queue that is not fair.
+    pub async fn admit(
+        &self,
+        conn: &mut crate::RedisConn,
+        p: Part,
+        n: usize,
+    ) -> Result<u64, BusError> {
+        if !self.settings(p.queue).fair {
+            return Ok(0);
+        }
+        let keys = self.keys(p);
+        Ok(scripts::ADMIT_FAIR
+            .key(&keys.fair)
+            .key(&keys.fair_vt)
+            .key(&keys.fair_weights)
+            .key(&keys.stream)
+            .arg(n)
+            .arg(&keys.fair_lists)
+            .invoke_async(conn)
+            .await?)
+    }
+
+    /// Where a job waiting for fair admission stands: 1 when it goes next; `None` once it
+    /// waits no more (admitted to the stream, or not a job of a fair queue).
+    pub async fn fair_position(&self, env: &Envelope) -> Result<Option<u64>, BusError> {
+        let now = Utc::now().timestamp_millis();
+        let Some(org) = self.fair_key(env, now) else {
+            return Ok(None);
+        };
+        let keys = self.keys(self.part_of(env));
+        let mut conn = self.conn().await?;
+        let n: i64 = scripts::FAIR_POSITION
+            .key(&keys.fair)
+            .key(&keys.fair_weights)
+            .key(&keys.stream)
+            .arg(org)
+            .arg(env.to_json()?)
+            .arg(&keys.fair_lists)
+            .arg(GROUP)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(u64::try_from(n).ok())
+    }
+
+    /// Set the weight of `key` (an org) in fair queue `q`'s admission, in every partition (1
+    /// is the default: an org of weight 2 gets twice the turns of an org of weight 1 when
+    /// both wait).
+    pub async fn set_fair_weight(&self, q: Queue, key: &str, weight: u32) -> Result<(), BusError> {
+        let mut conn = self.conn().await?;
+        for p in self.parts(q) {
+            let keys = self.keys(p);
+            if weight == 1 {
+                let _: i64 = conn.hdel(&keys.fair_weights, key).await?;
+            } else {
+                let _: i64 = conn.hset(&keys.fair_weights, key, weight).await?;
+            }
         }
         Ok(())
     }

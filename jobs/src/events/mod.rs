@@ -23,6 +23,10 @@ use uuid::Uuid;
 pub use hub::EventHub;
 pub use publish::{EventPublisher, Published};
 
+/// `queued` reasons.
+pub const QUEUED_BACKLOG: &str = "backlog";
+pub const QUEUED_RATE_LIMITED: &str = "rate_limited";
+
 /// The events of one response, as clients see them (the `SseEvent` schema of
 /// `api/src/openapi.rs`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +44,14 @@ pub enum ResponseEvent {
         model: String,
         usage: Value,
     },
+    /// The turn waits: behind other orgs' turns (`backlog`, its 1-based `position` among the
+    /// waiting turns) or for the model's rate limit (`rate_limited`, until `retry_at`).
+    #[serde(rename = "queued")]
+    Queued {
+        position: u64,
+        reason: String,
+        retry_at: Option<chrono::DateTime<chrono::Utc>>,
+    },
     #[serde(rename = "response.restarted")]
     ResponseRestarted { reason: String },
     #[serde(rename = "error")]
@@ -56,6 +68,15 @@ impl ResponseEvent {
         }
     }
 
+    /// `queued` behind a backlog, at `position` (1: next).
+    pub fn queued_backlog(position: u64) -> Self {
+        ResponseEvent::Queued {
+            position,
+            reason: QUEUED_BACKLOG.to_owned(),
+            retry_at: None,
+        }
+    }
+
     /// `error` with its code and message.
     pub fn error(code: String, message: String) -> Self {
         ResponseEvent::Error { code, message }
@@ -68,6 +89,7 @@ impl ResponseEvent {
             ResponseEvent::Token { .. } => "token",
             ResponseEvent::ActionProposed { .. } => "action.proposed",
             ResponseEvent::MessageCompleted { .. } => "message.completed",
+            ResponseEvent::Queued { .. } => "queued",
             ResponseEvent::ResponseRestarted { .. } => "response.restarted",
             ResponseEvent::Error { .. } => "error",
         }

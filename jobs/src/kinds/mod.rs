@@ -89,6 +89,19 @@ impl Job {
     }
 }
 
+impl Job {
+    /// Whose turn this job is, for a queue that admits fairly (`[queues.<name>] fair`): the org
+    /// of a chat turn (or a probe's key, for the bus's own tests); `None`: first come, first
+    /// served.
+    pub fn fair_key(&self) -> Option<String> {
+        match self {
+            Job::Chat(j) => Some(j.org_id.as_uuid().to_string()),
+            Job::Probe(j) => Some(j.key.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// FNV-1a, 64 bits: stable across processes and builds (std's hasher is seeded per process).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {

@@ -7,6 +7,7 @@ mod bus;
 mod cluster;
 mod delayed;
 mod events;
+mod fair;
 mod partitions;
 mod runtime;
 

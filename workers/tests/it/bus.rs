@@ -124,6 +124,7 @@ async fn a_failing_job_backs_off_longer_each_time_dies_with_its_error_and_replay
         jitter: config::Jitter::None,
         visibility_timeout_secs: 30,
         run_timeout_secs: 600,
+        fair: false,
     };
     let bus = bus_for(&settings);
     let probe = Probe {

@@ -48,6 +48,39 @@ pub struct TurnAccepted {
     response_id: Uuid,
     /// The user's message of this turn.
     message_id: Uuid,
+    /// The turn still waits: where it stands (as the `queued` event says), `null` when it
+    /// does not wait (it runs, or its state is not known).
+    #[oai(nullable)]
+    queued: Option<QueuedView>,
+}
+
+/// Where a waiting turn stands (the `queued` event's payload).
+#[derive(Object, Clone)]
+pub struct QueuedView {
+    /// 1: next.
+    position: u64,
+    /// `backlog` (other turns go first) or `rate_limited` (the model's rate limit).
+    reason: String,
+    /// `rate_limited`: when the model is tried again.
+    #[oai(nullable)]
+    retry_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl QueuedView {
+    fn of(event: &ResponseEvent) -> Option<Self> {
+        match event {
+            ResponseEvent::Queued {
+                position,
+                reason,
+                retry_at,
+            } => Some(Self {
+                position: *position,
+                reason: reason.clone(),
+                retry_at: *retry_at,
+            }),
+            _ => None,
+        }
+    }
 }
 
 #[derive(ResponseContent)]
@@ -209,8 +242,11 @@ impl ChatApi {
         }
         // Listen before the job exists, so that no event can slip past.
         let events = state.hub.events(response_id, None);
-        if let Err(e) = state.bus.enqueue_envelope(&envelope).await {
-            tracing::error!(error = %e, %response_id, "cannot enqueue the chat job; the reconciler will");
+        match state.bus.enqueue_envelope(&envelope).await {
+            Ok(()) => self.watch_queue(response_id, envelope),
+            Err(e) => {
+                tracing::error!(error = %e, %response_id, "cannot enqueue the chat job; the reconciler will");
+            }
         }
 
         if let Some(permit) = permit {
@@ -263,9 +299,18 @@ impl ChatApi {
 }
 
 fn accepted(response_id: Uuid, message_id: Uuid) -> TurnResponse {
+    accepted_queued(response_id, message_id, None)
+}
+
+fn accepted_queued(
+    response_id: Uuid,
+    message_id: Uuid,
+    queued: Option<QueuedView>,
+) -> TurnResponse {
     TurnResponse::Accepted(Json(TurnAccepted {
         response_id,
         message_id,
+        queued,
     }))
 }
 

@@ -10,7 +10,10 @@ use poem_openapi::payload::Json;
 use store::conversations::{NewTurn, Response, TurnStarted};
 use uuid::Uuid;
 
-use super::{ChatApi, TurnAnswer, TurnContent, TurnResponse, accepted, redis_unavailable};
+use super::{
+    ChatApi, QueuedView, TurnAnswer, TurnContent, TurnResponse, accepted, accepted_queued,
+    redis_unavailable,
+};
 use crate::error::{ApiError, ErrorBody, ErrorBodyDetail};
 use crate::sse::{self, SseEvent, SseStream};
 
@@ -66,6 +69,43 @@ impl ChatApi {
         ))
     }
 
+    /// While the turn waits for fair admission (`[queues.chat] fair`), tell its listeners where
+    /// it stands: a `queued` event when its position changes, looked at every
+    /// [`QUEUE_WATCH_EVERY`] (the first time at once), until it is admitted (or gone), the API
+    /// stops, or [`QUEUE_WATCH_MAX`] has passed. Best effort: a Redis failure ends it.
+    pub(super) fn watch_queue(&self, response_id: Uuid, envelope: jobs::Envelope) {
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + QUEUE_WATCH_MAX;
+            let mut told = None;
+            loop {
+                let position = match state.bus.fair_position(&envelope).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(error = %e, %response_id, "cannot read the turn's place in the queue");
+                        None
+                    }
+                };
+                let Some(position) = position else { break };
+                if told != Some(position) {
+                    let event = ResponseEvent::queued_backlog(position);
+                    if let Err(e) = state.publisher.publish(response_id, &event).await {
+                        tracing::warn!(error = %e, %response_id, "cannot tell the turn's place in the queue");
+                        break;
+                    }
+                    told = Some(position);
+                }
+                if tokio::time::Instant::now() >= until {
+                    break;
+                }
+                tokio::select! {
+                    () = state.shutdown.cancelled() => break,
+                    () = tokio::time::sleep(QUEUE_WATCH_EVERY) => {}
+                }
+            }
+        });
+    }
+
     /// The answer to a turn that was started before: by an earlier request with the same
     /// `Idempotency-Key` (or this one, when its write's outcome had to be read back). SSE: the
     /// response's events from the start, with their original ids; JSON: its answer, or 202
@@ -110,28 +150,29 @@ impl ChatApi {
         events: impl Stream<Item = Result<StoredEvent, EventsError>> + Send + 'static,
     ) -> Result<TurnResponse, ApiError> {
         let state = &self.state;
-        let wait = Duration::from_secs(state.settings.api.json_wait_secs);
+        let wait = tokio::time::sleep(Duration::from_secs(state.settings.api.json_wait_secs));
         let shutdown = state.shutdown.clone();
-        let terminal = async move {
-            let mut events = std::pin::pin!(events);
-            while let Some(item) = events.next().await {
-                match item {
-                    Ok(ev) if ev.event.is_terminal() => return Some(ev.event),
-                    Ok(_) => {}
-                    Err(e) => {
+        let mut events = std::pin::pin!(events);
+        let mut wait = std::pin::pin!(wait);
+        // the last `queued` event, while nothing came after it: the 202 says where it waits
+        let mut queued = None;
+        let outcome = loop {
+            tokio::select! {
+                item = events.next() => match item {
+                    Some(Ok(ev)) if ev.event.is_terminal() => break Some(ev.event),
+                    Some(Ok(ev)) => queued = QueuedView::of(&ev.event),
+                    Some(Err(e)) => {
                         tracing::warn!(error = %e, "response events unavailable during a JSON wait");
-                        return None;
+                        break None;
                     }
-                }
+                    None => break None,
+                },
+                () = &mut wait => break None,
+                () = shutdown.cancelled() => break None,
             }
-            None
-        };
-        let outcome = tokio::select! {
-            r = tokio::time::timeout(wait, terminal) => r.ok().flatten(),
-            () = shutdown.cancelled() => None,
         };
         let Some(outcome) = outcome else {
-            return Ok(accepted(response_id, message_id));
+            return Ok(accepted_queued(response_id, message_id, queued));
         };
         // The turn is finished: whatever fails now (the database unreachable), the client is
         // told the turn's ids (202), never an error it would retry into a second turn.
@@ -275,6 +316,11 @@ impl ChatApi {
         ))
     }
 }
+
+/// How often a waiting turn's place in the queue is looked at (`ChatApi::watch_queue`).
+const QUEUE_WATCH_EVERY: Duration = Duration::from_secs(2);
+/// How long at most a turn's place is followed.
+const QUEUE_WATCH_MAX: Duration = Duration::from_secs(3600);
 
 fn expired_error() -> ResponseEvent {
     ResponseEvent::Error {

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::Utc;
+use jobs::events::ResponseEvent;
 use jobs::kinds::Chat;
 use jobs::worker::HandlerResult;
 use jobs::{JobContext, JobError};
@@ -297,6 +298,14 @@ impl ChatHandler {
                     delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                     "rate limited; waiting"
                 );
+                // the client is told why it waits, and until when
+                let retry_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                let queued = ResponseEvent::Queued {
+                    position: 1,
+                    reason: jobs::events::QUEUED_RATE_LIMITED.to_owned(),
+                    retry_at: Some(retry_at),
+                };
+                parts.ledger.tell(fence.response_id, &queued).await;
                 Err(JobError::wait(
                     format!("model {model} is rate limited"),
                     delay,
