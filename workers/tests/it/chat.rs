@@ -343,6 +343,23 @@ async fn rate_limits_are_waited_out_on_the_primary_honouring_retry_after() {
         evs.last(),
         Some(ResponseEvent::MessageCompleted { .. })
     ));
+    // the client was told, each time, that the turn waits on the rate limit and until when
+    let waits: Vec<_> = evs
+        .iter()
+        .filter_map(|e| match e {
+            ResponseEvent::Queued {
+                position,
+                reason,
+                retry_at,
+            } => Some((*position, reason.clone(), *retry_at)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(waits.len(), 2, "{evs:?}");
+    for (position, reason, retry_at) in &waits {
+        assert_eq!((*position, reason.as_str()), (1, "rate_limited"));
+        assert!(retry_at.is_some_and(|t| t > chrono::Utc::now() - chrono::Duration::seconds(30)));
+    }
     let seen = calls(&primary).await;
     assert_eq!(seen.len(), 3, "two 429s, then the answer");
     assert!(
