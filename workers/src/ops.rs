@@ -23,20 +23,21 @@ fn selected(queue: Option<Queue>) -> Vec<Queue> {
 /// `worker queues`: one line per queue.
 pub async fn queues_table(bus: &Bus) -> Result<String, BusError> {
     let mut out = format!(
-        "{:<8} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
-        "queue", "length", "pending", "delayed", "dead", "consumers"
+        "{:<8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}\n",
+        "queue", "length", "pending", "delayed", "dead", "consumers", "waiting"
     );
     for q in Queue::ALL {
         let s = bus.stats(q).await?;
         let _ = writeln!(
             out,
-            "{:<8} {:>8} {:>8} {:>8} {:>8} {:>9}",
+            "{:<8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}",
             q.as_str(),
             s.length,
             s.pending,
             s.delayed,
             s.dead,
-            s.consumers
+            s.consumers,
+            s.waiting
         );
     }
     Ok(out)

@@ -74,6 +74,14 @@ enum Cmd {
         #[arg(long)]
         queue: Option<Queue>,
     },
+    /// An org's weight in the chat queue's fair admission: an org of weight 2 gets twice the
+    /// turns of an org of weight 1 while both wait (1 is the default).
+    FairWeight {
+        #[arg(long)]
+        org: uuid::Uuid,
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        weight: u32,
+    },
     /// Conversation memory (operators only; users never see it): list, add, delete entries.
     Memory {
         #[command(subcommand)]
@@ -475,6 +483,10 @@ async fn operate(settings: config::Settings, cmd: Cmd) -> ExitCode {
         Cmd::Queues => workers::ops::queues_table(&bus)
             .await
             .map(|t| print!("{t}")),
+        Cmd::FairWeight { org, weight } => bus
+            .set_fair_weight(Queue::Chat, &org.to_string(), weight)
+            .await
+            .map(|()| println!("chat\t{org}\tweight {weight}")),
         Cmd::Dead {
             cmd: DeadCmd::List { queue, limit },
         } => workers::ops::dead_list(&bus, queue, limit)

@@ -57,6 +57,29 @@ async fn operators_enqueue_inspect_drain_and_replay() {
     assert!(table.starts_with("queue"), "{table}");
     assert_eq!(row(&table, "actions")[1], "3", "{table}");
     assert_eq!(row(&table, "index")[1], "0", "{table}");
+    assert_eq!(row(&table, "chat")[6], "0", "{table}");
+
+    // an org's weight in the chat queue's fair admission, in every partition
+    let org = uuid::Uuid::now_v7();
+    let set = stdout(&worker(
+        &db,
+        &redis,
+        &["fair-weight", "--org", &org.to_string(), "--weight", "3"],
+    ));
+    assert!(set.contains("weight 3"), "{set}");
+    let mut conn = bus.redis().conn().await.unwrap();
+    for p in bus.parts(Queue::Chat) {
+        let w: Option<u32> =
+            redis::AsyncCommands::hget(&mut conn, &bus.keys(p).fair_weights, org.to_string())
+                .await
+                .unwrap();
+        assert_eq!(w, Some(3));
+    }
+    let refused = command(env!("CARGO_BIN_EXE_worker"), &db, &redis)
+        .args(["fair-weight", "--org", &org.to_string(), "--weight", "0"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a weight of 0 is refused");
 
     // one job that fails for good at its first attempt (max_attempts = 1 here)
     let w = crate::bus::worker_with(&db, &settings, "w1");
