@@ -9,8 +9,8 @@
 //! workers' consumer names). Redis errors never leave `poll_next` (an error there ends an apalis
 //! worker): the streams log them, reconnect and go on.
 //!
-//! Every task carries its [`Entry`] (the delivery, its envelope and its permit) in its data for
-//! the settle layer ([`super::settle`]), and a [`JobContext`] for the task function. A malformed
+//! Every task carries its [`Entry`] (the delivery, its envelope, its permit and the
+//! [`JobContext`] for the task function) in its data, for the layers of [`super::settle`]. A malformed
 //! entry never becomes a task: it goes to the dead letters here.
 //!
 //! `poll_close` (apalis calls it once the worker stopped and its tasks are done) stops the
@@ -30,10 +30,9 @@ use chrono::Utc;
 use futures::StreamExt;
 use futures::stream::{self, BoxStream, SelectAll};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::CancellationToken;
 
 use super::registry::JobContext;
-use super::settle::{SettleLayer, settle_dead};
+use super::settle::{EntryLayer, settle_dead};
 use super::{MAX_BATCH, Run, sleep_or_stop, take_permits};
 use crate::bus::{DeadReason, Delivery};
 use crate::envelope::Envelope;
@@ -59,8 +58,8 @@ pub(super) struct Entry {
     pub attempt: u32,
     /// Released when the task is settled.
     pub permit: Mutex<Option<OwnedSemaphorePermit>>,
-    /// Cancelled to stop the handler (see [`super::settle::CutLayer`]).
-    pub cut: CancellationToken,
+    /// What the task function is told of its job.
+    pub ctx: JobContext,
 }
 
 /// Our Redis Streams bus as an apalis backend, for one queue.
@@ -121,20 +120,19 @@ impl StreamsBackend {
             consumer: d.consumer.clone(),
         };
         let job = env.job.clone();
-        // unique per delivery: a reclaimed entry runs under a consumer name of its own
-        let id = TaskId::from_string(format!("{}/{}", d.consumer, d.entry_id));
+        // unique within the process (the span and the logs name the job and its entry)
+        let id = TaskId::from_int(run.core.counters.next_task());
         let entry = Arc::new(Entry {
             delivery: d,
             env,
             attempt,
             permit: Mutex::new(Some(permit)),
-            cut: CancellationToken::new(),
+            ctx,
         });
         Some(
             TaskBuilder::new(job)
                 .task_id(id)
                 .attempt(attempt as usize)
-                .data(ctx)
                 .data(entry)
                 .build(),
         )
@@ -207,14 +205,14 @@ impl BackendConfig for StreamsBackend {
     type Id = String;
     type Kind = apalis_core::backend::finalize::Ephemeral;
     type Config = Queue;
-    type Layer = SettleLayer;
+    type Layer = EntryLayer;
 
     fn config(&self) -> &Queue {
         &self.queue
     }
 
-    fn middleware(&mut self, _: &mut WorkerContext) -> SettleLayer {
-        SettleLayer::new(self.run.clone())
+    fn middleware(&mut self, _: &mut WorkerContext) -> EntryLayer {
+        EntryLayer::new(self.run.clone())
     }
 }
 

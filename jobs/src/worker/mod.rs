@@ -6,19 +6,21 @@
 //!   function takes;
 //! - [`backend`]: the backend (`apalis_core::backend::Backend`): a permit, then a read; reclaim of
 //!   lost workers' entries; a stopped worker's unstarted reads given back;
-//! - [`settle`]: the backend's layer, outermost: ack after the handler's commit, retry through
-//!   our delayed set with our backoff and `Retry-After`, dead letters, the per-entry heartbeat.
+//! - [`settle`]: the backend's layer, outermost (the job's span, the pickup metric, the dead
+//!   letters of jobs that keep losing their worker), and the settle layer in the job's own task:
+//!   ack after the handler's commit, retry through our delayed set with our backoff and
+//!   `Retry-After`, dead letters, the per-entry heartbeat.
 //!
-//! Inside the settle layer, the apalis / tower layers of every queue's worker, outermost first:
-//! tracing (apalis's, in the job's span), handlers spawned in parallel (`parallelize`, on a
-//! tracker of this run, aborted if dropped), our cut layer (in the handler's task: ends the
-//! handler when the settle layer drops the job), catch-panic, a timeout per queue
-//! (`[queues.<name>] run_timeout_secs`), then the task function. The settle layer settles each
-//! job in a task of its own (a panic there costs one job, which stays pending); a queue's worker
-//! that fails all the same is restarted by the monitor. One `WORKER_CONCURRENCY` semaphore is shared
-//! by every queue's backend: a permit is taken before each read and released when the task is
-//! settled. The delayed-set mover of each queue and the ack batcher are tasks of the run, next
-//! to the monitor.
+//! The layers of every queue's worker, outermost first: the backend's entry layer, tracing
+//! (apalis's, in the job's span), handlers spawned in parallel (`parallelize`, on a tracker of
+//! this run, aborted if dropped), then in the job's own task our settle layer (runs the handler
+//! under the heartbeat and the grace period, drops it there when its entry was reclaimed or the
+//! grace is over, then settles), catch-panic, a timeout per queue (`[queues.<name>]
+//! run_timeout_secs`), then the task function. A panic while settling costs one job (its task
+//! ends; the job stays pending); a queue's worker that fails all the same is restarted by the
+//! monitor. One `WORKER_CONCURRENCY` semaphore is shared by every queue's backend: a permit is
+//! taken before each read and released when the task is settled. The delayed-set mover of each
+//! queue and the ack batcher are tasks of the run, next to the monitor.
 //!
 //! Stopping: at the stop signal the readers stop, and what a read already sent returns goes back
 //! to its queue at once (apalis polls a stopping worker's backend no more); in-flight jobs get
@@ -53,7 +55,7 @@ use tracing::Instrument;
 
 pub use backend::StreamsBackend;
 pub use registry::{HandlerResult, JobContext, NoJobContext, Registry};
-pub use settle::{Cut, CutLayer, Settle, SettleLayer};
+pub use settle::{EntryLayer, EntryService, Settle, SettleLayer};
 
 use crate::bus::Bus;
 use crate::error::BusError;
@@ -142,6 +144,8 @@ impl RunReport {
 struct Counters {
     /// Reclaim calls made (names each one's consumer).
     reclaims: AtomicU64,
+    /// Tasks made (each one's apalis task id).
+    tasks: AtomicU64,
     completed: AtomicU64,
     retried: AtomicU64,
     dead: AtomicU64,
@@ -162,6 +166,10 @@ impl Counters {
 
     fn next_reclaim(&self) -> u64 {
         self.reclaims.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn next_task(&self) -> u64 {
+        self.tasks.fetch_add(1, Ordering::Relaxed)
     }
 
     fn reclaimed(&self, n: u64) {
@@ -195,7 +203,7 @@ struct Run {
     movers: HashMap<Part, Arc<Notify>>,
     /// The ack batchers by queue partition; emptied at the end of the run, which ends them.
     ackers: Mutex<HashMap<Part, settle::Acker>>,
-    /// The handlers (spawned by apalis's `parallelize`) and the settling of each job.
+    /// The jobs' tasks (spawned by apalis's `parallelize`): each runs its handler and settles.
     handlers: TaskTracker,
     /// Settling aside (malformed entries, reads given back at a stop).
     side: TaskTracker,
@@ -331,7 +339,7 @@ impl Worker {
                             .on_failure(()),
                     )
                     .parallelize(spawn_on(run.handlers.clone()))
-                    .layer(CutLayer)
+                    .layer(SettleLayer::new(run.clone()))
                     .catch_panic()
                     .timeout(timeout)
                     .build(run.core.registry.dispatch())
@@ -480,8 +488,8 @@ where
     move |fut| AbortOnDrop(tracker.spawn(fut.in_current_span()))
 }
 
-/// A spawned handler that is aborted when whoever waits for it stops waiting (the settle layer
-/// dropping it at the end of the grace period or when its entry was reclaimed).
+/// A job's spawned task, aborted when whoever waits for it stops waiting (apalis's monitor,
+/// giving up on a worker after its shutdown timeout).
 struct AbortOnDrop<T>(JoinHandle<T>);
 
 impl<T> std::future::Future for AbortOnDrop<T> {

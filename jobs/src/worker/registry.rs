@@ -17,13 +17,15 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
+use super::backend::Entry;
 use crate::envelope::Envelope;
 use crate::error::JobError;
 use crate::kinds::{Job, JobKind};
 use crate::queue::Queue;
 
-/// What a handler knows about the job it runs. The backend puts it in every task's data; a task
-/// function takes it as an argument (it is an apalis [`FromRequest`] extractor).
+/// What a handler knows about the job it runs. The backend puts it in every task's data (in
+/// the task's bus entry); a task function takes it as an argument (it is an apalis
+/// [`FromRequest`] extractor).
 #[derive(Debug, Clone)]
 pub struct JobContext {
     pub id: Uuid,
@@ -51,8 +53,8 @@ impl<Args: Sync> FromRequest<Task<Args>> for JobContext {
     async fn from_request(task: &Task<Args>) -> Result<Self, NoJobContext> {
         task.ctx()
             .data()
-            .get::<JobContext>()
-            .cloned()
+            .get::<Arc<Entry>>()
+            .map(|e| e.ctx.clone())
             .ok_or(NoJobContext)
     }
 }

@@ -1,6 +1,12 @@
-//! The backend's layer, which apalis places outermost: it sees every task's result and settles
-//! the entry on the bus, only after the handler returned (so after its commit).
+//! Settling jobs on the bus, in two layers:
 //!
+//! - [`EntryLayer`], the backend's layer, which apalis places outermost (in the queue's apalis
+//!   worker task): the job's span, the pickup metric, the dead letters of a job that keeps
+//!   losing its worker, and the count of a job task that ended before it settled;
+//! - [`SettleLayer`], just inside apalis's `parallelize`, so in the job's own task: it runs the
+//!   handler and settles the entry only after the handler returned (so after its commit).
+//!
+//! Settling:
 //! - `Ok` → ack (`XACK`+`XDEL` and the job's marker, batched with the acks of jobs finishing at
 //!   the same time by the queue's acker task);
 //! - [`JobError::Wait`] → the same attempt again after the wait (the delayed set);
@@ -18,6 +24,8 @@
 //! still streaming; should another worker have reclaimed it all the same, the handler is
 //! dropped (one job never runs twice at once) and the new owner decides. If Redis fails while
 //! settling, the entry stays pending and is reclaimed later: handlers are idempotent by job id.
+//! A panic while settling ends the job's task only: the entry layer counts the job as
+//! abandoned, and it stays pending for a reclaim.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -57,7 +65,115 @@ pub(super) struct AckRequest {
 
 pub(super) type Acker = mpsc::UnboundedSender<AckRequest>;
 
-/// The layer of [`super::backend::StreamsBackend`].
+/// The layer of [`super::backend::StreamsBackend`], which apalis places outermost, in the
+/// queue's apalis worker task: the job's span and pickup metric, the dead letters of a job
+/// that keeps losing its worker, and the count of a job task that ended before it settled.
+#[derive(Clone)]
+pub struct EntryLayer {
+    run: Arc<Run>,
+}
+
+impl EntryLayer {
+    pub(super) fn new(run: Arc<Run>) -> Self {
+        Self { run }
+    }
+}
+
+impl<S> Layer<S> for EntryLayer {
+    type Service = EntryService<S>;
+
+    fn layer(&self, inner: S) -> EntryService<S> {
+        EntryService {
+            inner,
+            run: self.run.clone(),
+        }
+    }
+}
+
+/// See [`EntryLayer`].
+#[derive(Clone)]
+pub struct EntryService<S> {
+    inner: S,
+    run: Arc<Run>,
+}
+
+impl<S> Service<Task<Job>> for EntryService<S>
+where
+    S: Service<Task<Job>>,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxDynError>,
+{
+    type Response = ();
+    type Error = BoxDynError;
+    type Future = BoxFuture<'static, Result<(), BoxDynError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxDynError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, task: Task<Job>) -> Self::Future {
+        let Some(entry) = task.ctx().data().get::<Arc<Entry>>().cloned() else {
+            return Box::pin(async { Err(BoxDynError::from("a task without its bus entry")) });
+        };
+        let run = self.run.clone();
+        let d = &entry.delivery;
+        let settings = run.core.bus.settings(d.part.queue);
+        let span = tracing::info_span!(
+            "job",
+            job_id = %entry.env.id,
+            kind = entry.env.job.name(),
+            queue = %d.part,
+            attempt = entry.attempt,
+            trace_id = entry.env.trace_id().unwrap_or(""),
+        );
+        if d.deliveries > 1 && entry.attempt > settings.max_attempts {
+            // not run again: dead-lettered aside (a panic there costs this job only, which
+            // stays pending)
+            let permit = entry.permit.lock().ok().and_then(|mut p| p.take());
+            let lost = async move {
+                let _permit = permit;
+                if std::panic::AssertUnwindSafe(settle_lost(&run, &entry))
+                    .catch_unwind()
+                    .await
+                    .is_err()
+                {
+                    tracing::error!("dead-lettering a lost job panicked; it stays pending");
+                    run.core.counters.abandoned.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            };
+            return Box::pin(lost.instrument(span));
+        }
+        if d.deliveries == 1 {
+            let latency = (Utc::now() - entry.env.due_at())
+                .to_std()
+                .unwrap_or_default();
+            metrics::picked_up(d.part.queue, entry.env.job.name(), latency);
+        }
+        // The inner layers (apalis's tracing, then `parallelize`, which spawns the job's task in
+        // the current span) take this span as the task's.
+        let job = {
+            let _guard = span.enter();
+            self.inner.call(task)
+        };
+        Box::pin(async move {
+            // [`Settle`] settles every job it ran and answers `Ok`: an error here is its task
+            // ending first (a panic while settling, or the task aborted at the end of the
+            // monitor's shutdown timeout). The entry stays pending, for a reclaim.
+            if let Err(e) = job.await {
+                let e: BoxDynError = e.into();
+                tracing::error!(job_id = %entry.env.id, error = %e, "a job's task ended before it settled; the job stays pending and will be reclaimed");
+                run.core.counters.abandoned.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The layer just inside apalis's `parallelize`, so in the job's own task: runs the handler
+/// under the entry's heartbeat and the grace period, then settles the job (see the module
+/// docs). A handler dropped here (its entry was reclaimed, or the grace period is over) stops
+/// at once, in this task, before the permit goes.
 #[derive(Clone)]
 pub struct SettleLayer {
     run: Arc<Run>,
@@ -80,7 +196,7 @@ impl<S> Layer<S> for SettleLayer {
     }
 }
 
-/// See the module docs.
+/// See [`SettleLayer`].
 #[derive(Clone)]
 pub struct Settle<S> {
     inner: S,
@@ -102,144 +218,29 @@ where
     }
 
     fn call(&mut self, task: Task<Job>) -> Self::Future {
-        let run = self.run.clone();
         let Some(entry) = task.ctx().data().get::<Arc<Entry>>().cloned() else {
             return Box::pin(async { Err(BoxDynError::from("a task without its bus entry")) });
         };
+        let run = self.run.clone();
         let permit = entry.permit.lock().ok().and_then(|mut p| p.take());
-        let d = &entry.delivery;
-        let settings = run.core.bus.settings(d.part.queue);
-        let span = tracing::info_span!(
-            "job",
-            job_id = %entry.env.id,
-            kind = entry.env.job.name(),
-            queue = %d.part,
-            attempt = entry.attempt,
-            trace_id = entry.env.trace_id().unwrap_or(""),
-        );
-        let lost = d.deliveries > 1 && entry.attempt > settings.max_attempts;
-        if !lost && d.deliveries == 1 {
-            let latency = (Utc::now() - entry.env.due_at())
-                .to_std()
-                .unwrap_or_default();
-            metrics::picked_up(d.part.queue, entry.env.job.name(), latency);
-        }
-        // The inner layers (apalis's tracing) take this span as the task's.
-        let handler = (!lost).then(|| {
-            let _guard = span.enter();
-            self.inner.call(task)
-        });
-        let visibility = Duration::from_secs(settings.visibility_timeout_secs);
-        let settled = async move {
+        let handler = self.inner.call(task);
+        Box::pin(async move {
             let _permit = permit;
-            let Some(handler) = handler else {
-                settle_lost(&run, &entry).await;
-                return;
-            };
+            let visibility = Duration::from_secs(
+                run.core
+                    .bus
+                    .settings(entry.delivery.part.queue)
+                    .visibility_timeout_secs,
+            );
             let started = Instant::now();
-            let mut handler = std::pin::pin!(handler);
             let result = tokio::select! {
                 biased;
-                r = &mut handler => Some(r.map(|_| ()).map_err(Into::into)),
+                r = handler => Some(r.map(|_| ()).map_err(Into::into)),
                 _ = run.hard_stop.cancelled() => None,
                 () = keep_claimed(&run, &entry.delivery, visibility) => None,
             };
-            if result.is_none() {
-                // stop the handler's task and wait until it has stopped, before the permit
-                // goes and the entry is left to its owner
-                entry.cut.cancel();
-                if tokio::time::timeout(CUT_WAIT, handler).await.is_err() {
-                    tracing::warn!("a dropped handler did not stop in time");
-                }
-            }
             settle(&run, &entry, result, started.elapsed()).await;
-        };
-        // Each job is settled in a task of its own (the monitor's task only waits for it), so
-        // that the settling of many jobs spreads over the cores, and a panic while settling
-        // costs one job (left pending, for a reclaim), never the queue's apalis worker.
-        let counters = self.run.clone();
-        let settling = self.run.handlers.spawn(
-            async move {
-                if std::panic::AssertUnwindSafe(settled)
-                    .catch_unwind()
-                    .await
-                    .is_err()
-                {
-                    tracing::error!(
-                        "settling a job panicked; it stays pending and will be reclaimed"
-                    );
-                    counters
-                        .core
-                        .counters
-                        .abandoned
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            .instrument(span),
-        );
-        Box::pin(async move {
-            let _ = super::AbortOnDrop(settling).await;
             Ok(())
-        })
-    }
-}
-
-/// How long a dropped handler may take to stop (it stops at its next `.await`).
-const CUT_WAIT: Duration = Duration::from_secs(5);
-
-/// The layer just inside apalis's `parallelize`, in the handler's own task: ends the handler
-/// (drops its future, there) when the settle layer cuts the job (its entry was reclaimed, or the
-/// grace period is over).
-#[derive(Clone)]
-pub struct CutLayer;
-
-impl<S> Layer<S> for CutLayer {
-    type Service = Cut<S>;
-
-    fn layer(&self, inner: S) -> Cut<S> {
-        Cut { inner }
-    }
-}
-
-/// See [`CutLayer`].
-#[derive(Clone)]
-pub struct Cut<S> {
-    inner: S,
-}
-
-/// The job was cut: its handler was dropped.
-#[derive(Debug, thiserror::Error)]
-#[error("the handler was stopped")]
-struct Dropped;
-
-impl<S> Service<Task<Job>> for Cut<S>
-where
-    S: Service<Task<Job>, Response = ()>,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxDynError>,
-{
-    type Response = ();
-    type Error = BoxDynError;
-    type Future = BoxFuture<'static, Result<(), BoxDynError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxDynError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, task: Task<Job>) -> Self::Future {
-        let cut = task
-            .ctx()
-            .data()
-            .get::<Arc<Entry>>()
-            .map(|e| e.cut.clone())
-            .unwrap_or_default();
-        let handler = self.inner.call(task);
-        Box::pin(async move {
-            tokio::select! {
-                biased;
-                r = handler => r.map_err(Into::into),
-                _ = cut.cancelled() => Err(BoxDynError::from(Dropped)),
-            }
         })
     }
 }
