@@ -50,7 +50,8 @@ const PRUNE_IDLE: Duration = Duration::from_secs(600);
 /// A delivered entry with the concurrency permit it runs under.
 type Delivered = (Delivery, OwnedSemaphorePermit);
 
-/// What the settle layer needs of a task: carried in the task's data.
+/// What the entry and settle layers (and the task function's [`JobContext`]) need of a task:
+/// carried in the task's data.
 pub(super) struct Entry {
     pub delivery: Delivery,
     pub env: Envelope,

@@ -476,8 +476,8 @@ impl Worker {
     }
 }
 
-/// Spawns a handler on `tracker`, in the current span, aborted when dropped (apalis's
-/// `parallelize` executor).
+/// Spawns a job's task (its handler under the settle layer) on `tracker`, in the current
+/// span, aborted when dropped (apalis's `parallelize` executor).
 fn spawn_on<F>(
     tracker: TaskTracker,
 ) -> impl Fn(F) -> AbortOnDrop<F::Output> + Clone + Send + 'static

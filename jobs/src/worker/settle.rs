@@ -156,17 +156,19 @@ where
             let _guard = span.enter();
             self.inner.call(task)
         };
-        Box::pin(async move {
+        let settled = async move {
             // [`Settle`] settles every job it ran and answers `Ok`: an error here is its task
-            // ending first (a panic while settling, or the task aborted at the end of the
-            // monitor's shutdown timeout). The entry stays pending, for a reclaim.
+            // ending first (a panic while settling). The entry stays pending, for a reclaim. (A
+            // task aborted because the monitor gave up on the worker is not seen here: this
+            // future is dropped with it.)
             if let Err(e) = job.await {
                 let e: BoxDynError = e.into();
-                tracing::error!(job_id = %entry.env.id, error = %e, "a job's task ended before it settled; the job stays pending and will be reclaimed");
+                tracing::error!(error = %e, "a job's task ended before it settled; the job stays pending and will be reclaimed");
                 run.core.counters.abandoned.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
-        })
+        };
+        Box::pin(settled.instrument(span))
     }
 }
 
@@ -233,11 +235,15 @@ where
                     .visibility_timeout_secs,
             );
             let started = Instant::now();
+            // The heartbeat first: polled before the handler, it cannot be starved by a
+            // handler that keeps using up the task's cooperative budget. (It shares the task
+            // with the handler: a handler must not block its thread — CPU-heavy work goes to
+            // `spawn_blocking`.)
             let result = tokio::select! {
                 biased;
+                () = keep_claimed(&run, &entry.delivery, visibility) => None,
                 r = handler => Some(r.map(|_| ()).map_err(Into::into)),
                 _ = run.hard_stop.cancelled() => None,
-                () = keep_claimed(&run, &entry.delivery, visibility) => None,
             };
             settle(&run, &entry, result, started.elapsed()).await;
             Ok(())
