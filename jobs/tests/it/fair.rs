@@ -40,8 +40,7 @@ async fn handled_in_order(bus: &jobs::Bus) -> Vec<String> {
         .drain_until_empty(Duration::from_secs(30))
         .await
         .unwrap();
-    let order = order.lock().unwrap().clone();
-    order
+    order.lock().unwrap().clone()
 }
 
 /// 30 jobs of org A, then one of org B and, at weight 2, two of org C: where they stand and
