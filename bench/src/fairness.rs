@@ -11,7 +11,8 @@
 //!
 //! The last line is
 //! `fairness: b_alone_p99_ms=X b_flooded_p99_ms=Y fifo_b_flooded_p99_ms=Z job_ms=D`, where D is
-//! one job's duration (the upstream's delay plus the reply). The goal: Y ≤ 2·X + D.
+//! one job's duration (the upstream's delay; the two-token reply adds little). The goal:
+//! Y ≤ 2·X + D.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +57,17 @@ pub async fn bench_fairness(settings: config::Settings, args: FairnessArgs) -> a
     let redis = Arc::new(jobs::RedisHandle::new(&settings.redis).context("REDIS_URL")?);
     redis.ping().await.context("Redis is unreachable")?;
     let db = ScratchDb::create(&settings.database.url).await?;
+    let outcome = phases(&settings, &args, &db).await;
+    db.drop_db().await;
+    outcome
+}
+
+#[allow(clippy::print_stdout)]
+async fn phases(
+    settings: &config::Settings,
+    args: &FairnessArgs,
+    db: &ScratchDb,
+) -> anyhow::Result<()> {
     println!(
         "fairness: scratch database {}, {} flood turns, B one turn a second ({} a phase), upstream delay {} ms, worker concurrency {}",
         db.name, args.flood, args.b_turns, args.delay_ms, args.worker_concurrency
@@ -94,7 +106,7 @@ pub async fn bench_fairness(settings: config::Settings, args: FairnessArgs) -> a
         let mut s = base.clone();
         s.redis.prefix = format!("{}{name}", settings.redis.prefix);
         s.queues.chat.fair = fair;
-        let r = phase(&s, &args, flood).await;
+        let r = phase(&s, args, flood).await;
         if let Ok(r) = jobs::RedisHandle::new(&s.redis) {
             crate::bus::cleanup(&r, &s.redis).await;
         }
@@ -107,7 +119,6 @@ pub async fn bench_fairness(settings: config::Settings, args: FairnessArgs) -> a
         );
         outcome.push(p);
     }
-    db.drop_db().await;
     let job_ms = args.delay_ms as f64;
     println!(
         "fairness: b_alone_p99_ms={:.0} b_flooded_p99_ms={:.0} fifo_b_flooded_p99_ms={:.0} job_ms={job_ms:.0}",

@@ -308,14 +308,19 @@ return 1
     ))
 });
 
-/// Admit up to `n` waiting jobs of a fair queue into its stream (a consumer about to read `n`).
-/// Returns how many moved.
-/// KEYS: fair ring, virtual time, weights, stream. ARGV: n, org list prefix.
+/// Admit waiting jobs of a fair queue into its stream for a consumer about to read `n`: as many
+/// as the stream does not already hold undelivered (entries that skipped the lists — retries,
+/// replays, jobs given back — are read first, and do not make the stream grow a FIFO backlog
+/// of admitted jobs behind them). Returns how many moved.
+/// KEYS: fair ring, virtual time, weights, stream. ARGV: n, org list prefix, group.
 pub static ADMIT_FAIR: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{FAIR_LUA}{}",
         r#"
-return admit(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], tonumber(ARGV[1]))
+if redis.call('ZCARD', KEYS[1]) == 0 then return 0 end
+local room = tonumber(ARGV[1]) - undelivered(KEYS[4], ARGV[3])
+if room <= 0 then return 0 end
+return admit(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], room)
 "#
     ))
 });

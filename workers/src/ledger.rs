@@ -225,14 +225,6 @@ impl Ledger {
 
     /// Publish a terminal event outside the run's fence (the stored outcome speaks, whichever
     /// run stored it); the events publisher sends one terminal event per response.
-    /// Tell the response's listeners something that ends nothing (`queued`): best effort, a
-    /// failure is logged.
-    pub async fn tell(&self, response_id: Uuid, event: &ResponseEvent) {
-        if let Err(e) = self.events.publish(response_id, event).await {
-            tracing::warn!(error = %e, event = event.name(), "cannot tell the response's listeners");
-        }
-    }
-
     pub async fn publish_once(
         &self,
         response_id: Uuid,
@@ -245,6 +237,14 @@ impl Ledger {
             }
             Ok(_) => Ok(()),
             Err(e) => Err(redis_error(e)),
+        }
+    }
+
+    /// Tell the response's listeners something that ends nothing (`queued`): best effort, a
+    /// failure is logged; refused once the terminal event went out.
+    pub async fn tell(&self, response_id: Uuid, event: &ResponseEvent) {
+        if let Err(e) = self.events.publish(response_id, event).await {
+            tracing::warn!(error = %e, event = event.name(), "cannot tell the response's listeners");
         }
     }
 }

@@ -34,9 +34,10 @@ async fn a_waiting_turn_is_told_its_place_and_goes_before_another_orgs_backlog()
             .await;
         assert_eq!(r.status, 202, "{}", r.body);
     }
-    // B's first turn goes after at most one more of A's (their next turns tie; the sorted set
-    // orders a tie by org id)
-    let a_first = a.org_id < b.org_id;
+    // B's first turn goes after one more of A's: their next turns tie, and the sorted set orders
+    // a tie by org id (time-ordered: A registered first)
+    assert!(a.org_id < b.org_id);
+    let a_first = true;
     let mut sse = app.post_stream(&b.token, &b_conversation, "b0").await;
     let created = sse.next_event().await.unwrap();
     assert_eq!(created.name(), "message.created");

@@ -33,8 +33,11 @@ impl Bus {
         block: Option<Duration>,
     ) -> Result<Vec<Delivery>, BusError> {
         let p = p.into();
-        // a fair queue: this read's jobs move from the orgs' lists first, in their turn
-        self.admit(conn, p, count).await?;
+        // the chat queue: this read's jobs move from the orgs' lists first, in their turn (a
+        // failure here is no reason not to read what the stream holds)
+        if let Err(e) = self.admit(conn, p, count).await {
+            tracing::warn!(queue = %p, error = %e, "cannot admit waiting jobs; reading the stream");
+        }
         let mut opts = StreamReadOptions::default()
             .group(GROUP, consumer)
             .count(count);

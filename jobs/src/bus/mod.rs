@@ -431,15 +431,16 @@ impl Bus {
         Ok(n == 1)
     }
 
-    /// Admit up to `n` jobs waiting in a fair queue's partition into its stream (a consumer
-    /// about to read `n`); 0 for a queue that is not fair.
+    /// Admit up to `n` jobs waiting in a chat partition's fair lists into its stream (a
+    /// consumer about to read `n`). Whatever this process's `fair` setting: a job another
+    /// process put in the lists is never left there (turning fair admission off drains them).
     pub async fn admit(
         &self,
         conn: &mut crate::RedisConn,
         p: Part,
         n: usize,
     ) -> Result<u64, BusError> {
-        if !self.settings(p.queue).fair {
+        if p.queue != Queue::Chat {
             return Ok(0);
         }
         let keys = self.keys(p);
@@ -450,6 +451,7 @@ impl Bus {
             .key(&keys.stream)
             .arg(n)
             .arg(&keys.fair_lists)
+            .arg(GROUP)
             .invoke_async(conn)
             .await?)
     }

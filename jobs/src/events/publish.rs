@@ -12,7 +12,8 @@ use crate::RedisHandle;
 
 /// Append one event to the replay stream, refresh the retention, and publish it live, in one
 /// step. A run's events (ARGV[5] = its number) go out only while no later run holds the fence
-/// (a fence left behind a run is moved forward to it) and no terminal event went out; a terminal event goes out once per response (`done`).
+/// (a fence left behind a run is moved forward to it) and no terminal event went out; a terminal event goes out once per response (`done`), and no event
+/// at all follows it.
 /// KEYS: replay, fence. ARGV: max_len, payload, retention_ms, channel, run ('' = unfenced),
 /// terminal ('1' or '0'), how ('S': `SPUBLISH` on a shard channel of the same slot; else
 /// `PUBLISH`). Returns `{1, id}` (sent), `{2, id}` (the terminal event was sent
@@ -28,7 +29,8 @@ end
 local done = redis.call('HGET', KEYS[2], 'done')
 if done then
   if ARGV[6] == '1' then return {2, done} end
-  if ARGV[5] ~= '' then return {0, 'finished'} end
+  -- nothing follows the terminal event (a late `queued` included)
+  return {0, 'finished'}
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2], 'r', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])

@@ -134,3 +134,28 @@ async fn weights_share_the_turns_and_a_lost_marker_is_enqueued_once() {
     let heavy = order[1..13].iter().filter(|k| *k == "org-heavy").count();
     assert!((8..=10).contains(&heavy), "{heavy} of 12: {order:?}");
 }
+
+#[tokio::test]
+async fn jobs_waiting_for_admission_are_taken_by_a_worker_with_fair_admission_off() {
+    let redis = TestRedis::new();
+    let fair = |on: bool| {
+        crate::queues(move |q| {
+            q.partitions = 1;
+            q.chat.fair = on;
+        })
+    };
+    let producer = crate::bus(&redis, &fair(true));
+    for p in producer.parts(Queue::Chat) {
+        producer.ensure_group(p).await.unwrap();
+    }
+    for i in 0..6 {
+        let org = if i % 2 == 0 { "org-a" } else { "org-b" };
+        producer.enqueue_envelope(&probe(org)).await.unwrap();
+    }
+    assert_eq!(producer.stats(Queue::Chat).await.unwrap().waiting, 5);
+    // a worker of a process that has fair admission off still drains the lists
+    let consumer = crate::bus(&redis, &fair(false));
+    let order = handled_in_order(&consumer).await;
+    assert_eq!(order.len(), 6, "{order:?}");
+    assert_eq!(consumer.stats(Queue::Chat).await.unwrap().waiting, 0);
+}
