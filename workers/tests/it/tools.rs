@@ -286,6 +286,20 @@ async fn read_tool_results_reach_the_next_model_call_with_only_visible_data() {
 
     let reqs = requests(&w).await;
     assert_eq!(reqs.len(), 2, "one tool round, then the answer");
+    // both calls' tokens count for the org, not only the answer's (the fake reports a quarter
+    // of each request's length as its prompt tokens)
+    let prompt: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(prompt_tokens), 0)::bigint FROM usage_daily WHERE org_id = $1",
+    )
+    .bind(w.org)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let sent: Vec<i64> = reqs
+        .iter()
+        .map(|r| i64::try_from(r.to_string().len() / 4).unwrap())
+        .collect();
+    assert_eq!(prompt, sent.iter().sum::<i64>(), "{sent:?}");
     let offered: Vec<&str> = reqs[0]["tools"]
         .as_array()
         .unwrap()
