@@ -108,6 +108,18 @@ async fn events_replay_in_order_and_end_after_the_terminal_event() {
         ids[2..].to_vec()
     );
     assert_eq!(s.hub.listeners(), 0, "finished streams unregister");
+
+    // nothing follows the terminal event: a late `queued` (unfenced, as the API's watcher
+    // publishes it) is refused and never replayed
+    let late = s
+        .publisher
+        .publish(rid, &ResponseEvent::queued_backlog(2))
+        .await
+        .unwrap();
+    assert_eq!(late.id(), None, "{late:?}");
+    let replayed = s.hub.replay(rid, None).await.unwrap();
+    assert_eq!(replayed.len(), 4);
+    assert!(replayed[3].event.is_terminal());
 }
 
 #[tokio::test]
