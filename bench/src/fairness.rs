@@ -19,10 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
-use jobs::{Queue, Worker, WorkerOptions};
 use serde_json::{Value, json};
 use testkit::{Behaviour, FakeUpstream};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::chat::{create_conversation, event_name, find};
@@ -135,33 +133,9 @@ async fn phase(
     args: &FairnessArgs,
     flood: usize,
 ) -> anyhow::Result<Phase> {
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
+    let stack = crate::stack::Stack::start(settings, 1).await?;
+    let base = stack.base.clone();
     let result = async {
-        let app = api::Application::build(settings.clone()).await?;
-        let base = format!("http://{}", app.addr());
-        {
-            let stop = stop.clone();
-            tasks.spawn(async move { app.run_until_stopped(stop).await });
-        }
-        let pool = store::pool(&settings.database)?;
-        let redis = Arc::new(jobs::RedisHandle::new(&settings.redis)?);
-        let mut registry = jobs::Registry::new();
-        workers::handlers::chat::ChatHandler::new(pool, redis.clone(), settings)?
-            .register(&mut registry);
-        let worker = Worker::new(
-            jobs::Bus::new(redis, &settings.queues),
-            registry,
-            WorkerOptions::from_settings(settings, vec![Queue::Chat]),
-        );
-        {
-            let stop = stop.clone();
-            tasks.spawn(async move {
-                if let Err(e) = worker.run(stop).await {
-                    tracing::error!(error = %e, "chat worker stopped");
-                }
-            });
-        }
         let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
         let a = register(&http, &base, "A").await?;
         let b = register(&http, &base, "B").await?;
@@ -220,14 +194,7 @@ async fn phase(
         })
     }
     .await;
-    stop.cancel();
-    tasks.close();
-    if tokio::time::timeout(Duration::from_secs(30), tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("API or worker did not stop within 30 s");
-    }
+    stack.stop().await;
     result
 }
 

@@ -26,6 +26,7 @@ mod memory;
 mod retrieval;
 mod scratch;
 mod sse;
+mod stack;
 mod stats;
 
 use std::process::ExitCode;

@@ -25,10 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use jobs::{Queue, Worker, WorkerOptions};
 use testkit::{Behaviour, FakeUpstream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::scratch::ScratchDb;
 use crate::stats::Samples;
@@ -193,45 +190,9 @@ async fn run(
         settings.auth.jwt_secret = Some(format!("bench-{}", uuid::Uuid::new_v4().simple()).into());
     }
 
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let result = async {
-        let app = api::Application::build(settings.clone()).await?;
-        let base = format!("http://{}", app.addr());
-        {
-            let stop = stop.clone();
-            tasks.spawn(async move { app.run_until_stopped(stop).await });
-        }
-        let pool = store::pool(&settings.database)?;
-        let redis = Arc::new(jobs::RedisHandle::new(&settings.redis)?);
-        for _ in 0..args.workers {
-            let mut registry = jobs::Registry::new();
-            workers::handlers::chat::ChatHandler::new(pool.clone(), redis.clone(), settings)?
-                .register(&mut registry);
-            let opts = WorkerOptions::from_settings(settings, vec![Queue::Chat]);
-            let worker = Worker::new(
-                jobs::Bus::new(redis.clone(), &settings.queues),
-                registry,
-                opts,
-            );
-            let stop = stop.clone();
-            tasks.spawn(async move {
-                if let Err(e) = worker.run(stop).await {
-                    tracing::error!(error = %e, "chat worker stopped");
-                }
-            });
-        }
-        measure(settings, litellm, args, &fake, &base).await
-    }
-    .await;
-    stop.cancel();
-    tasks.close();
-    if tokio::time::timeout(Duration::from_secs(30), tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("API or worker did not stop within 30 s");
-    }
+    let stack = crate::stack::Stack::start(settings, args.workers).await?;
+    let result = measure(settings, litellm, args, &fake, &stack.base).await;
+    stack.stop().await;
     result
 }
 

@@ -2,15 +2,12 @@
 //! Switchboard calling LiteLLM), and the SSE frame helpers they share with `bench sse`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use futures::StreamExt;
-use jobs::{Queue, Worker, WorkerOptions};
 use serde_json::{Value, json};
 use testkit::{Behaviour, FakeClient};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::report::print_level;
 use super::{ChatArgs, QUESTION, REPLY, Turn, http_client, ms, run_level};
@@ -266,32 +263,9 @@ pub(super) async fn switchboard_via_litellm(
     s.litellm = litellm.clone();
     s.chat.default_model = testkit::via_litellm(&name);
     s.chat.default_fallback_model = testkit::via_litellm(&name);
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
+    let stack = crate::stack::Stack::start(&s, 1).await?;
+    let base = stack.base.clone();
     let result = async {
-        let app = api::Application::build(s.clone()).await?;
-        let base = format!("http://{}", app.addr());
-        {
-            let stop = stop.clone();
-            tasks.spawn(async move { app.run_until_stopped(stop).await });
-        }
-        let pool = store::pool(&s.database)?;
-        let redis = Arc::new(jobs::RedisHandle::new(&s.redis)?);
-        let mut registry = jobs::Registry::new();
-        workers::handlers::chat::ChatHandler::new(pool, redis.clone(), &s)?.register(&mut registry);
-        let worker = Worker::new(
-            jobs::Bus::new(redis, &s.queues),
-            registry,
-            WorkerOptions::from_settings(&s, vec![Queue::Chat]),
-        );
-        {
-            let stop = stop.clone();
-            tasks.spawn(async move {
-                if let Err(e) = worker.run(stop).await {
-                    tracing::error!(error = %e, "chat worker stopped");
-                }
-            });
-        }
         let max_c = args.concurrency.iter().copied().max().unwrap_or(1);
         let sb = Arc::new(Switchboard::setup(&http_client()?, &base, max_c).await?);
         for &c in &args.concurrency {
@@ -306,8 +280,6 @@ pub(super) async fn switchboard_via_litellm(
         anyhow::Ok(())
     }
     .await;
-    stop.cancel();
-    tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(30), tasks.wait()).await;
+    stack.stop().await;
     result
 }
