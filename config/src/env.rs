@@ -13,6 +13,11 @@ pub const ENV_MAP: &[(&str, &str, Kind)] = &[
     ("REDIS_CLUSTER", "redis.cluster", Kind::Bool),
     ("QUEUE_PARTITIONS", "queues.partitions", Kind::Int),
     ("CHAT_FAIR_QUEUEING", "queues.chat.fair", Kind::Bool),
+    (
+        "CHAT_ORG_CONCURRENCY",
+        "queues.chat.org_concurrency",
+        Kind::Int,
+    ),
     ("LITELLM_BASE_URL", "litellm.base_url", Kind::Str),
     ("LITELLM_API_KEY", "litellm.api_key", Kind::Str),
     ("JWT_SECRET", "auth.jwt_secret", Kind::Str),

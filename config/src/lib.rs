@@ -31,8 +31,9 @@ pub use assistant::{
 pub use auth::{AuthSettings, JwtAlgorithm};
 pub use env::{ENV_MAP, Kind, env_name};
 pub use runtime::{
-    BudgetSettings, EventsSettings, Jitter, LedgerSettings, LogFormat, LogSettings, MAX_PARTITIONS,
-    QueueSettings, QueuesSettings, SchedulerSettings, WorkerSettings,
+    BudgetSettings, EventsSettings, Jitter, LedgerSettings, LogFormat, LogSettings,
+    MAX_ORG_CONCURRENCY, MAX_PARTITIONS, QueueSettings, QueuesSettings, SchedulerSettings,
+    WorkerSettings,
 };
 pub use services::{DatabaseSettings, LitellmSettings, RedisSettings};
 

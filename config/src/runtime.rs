@@ -112,6 +112,11 @@ pub struct QueueSettings {
     /// admission"). Chat only: the jobs of other queues carry no org to be fair to.
     #[serde(default)]
     pub fair: bool,
+    /// The most jobs of one org admitted and not yet settled at once (fair queues only; 0: no
+    /// cap). `worker fair-cap` sets an org's own cap (docs/architecture/bus.md, "Fair
+    /// admission").
+    #[serde(default)]
+    pub org_concurrency: u32,
 }
 
 fn default_run_timeout_secs() -> u64 {
@@ -121,6 +126,9 @@ fn default_run_timeout_secs() -> u64 {
 fn default_partitions() -> u16 {
     1
 }
+
+/// The largest per-org concurrency cap (`queues.<name>.org_concurrency`, `worker fair-cap`).
+pub const MAX_ORG_CONCURRENCY: u32 = 10_000;
 
 /// The most partitions a queue may have (`queues.partitions`).
 pub const MAX_PARTITIONS: u16 = 64;

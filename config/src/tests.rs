@@ -327,3 +327,17 @@ fn budget_settings_default_and_are_checked() {
         assert!(e.contains(name), "{name}={bad}: {e}");
     }
 }
+
+#[test]
+fn the_org_concurrency_cap_defaults_to_none_and_is_checked() {
+    let s = load(&[]).unwrap();
+    assert_eq!(s.queues.chat.org_concurrency, 0);
+    let s = load(&[("CHAT_ORG_CONCURRENCY", "3")]).unwrap();
+    assert_eq!(s.queues.chat.org_concurrency, 3);
+    for bad in ["10001", "-1", "many"] {
+        let e = load(&[("CHAT_ORG_CONCURRENCY", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CHAT_ORG_CONCURRENCY"), "{bad}: {e}");
+    }
+}

@@ -146,6 +146,13 @@ impl Settings {
                 q.run_timeout_secs,
                 &format!("queues.{name}.run_timeout_secs"),
             )?;
+            if q.org_concurrency > crate::MAX_ORG_CONCURRENCY {
+                let path = format!("queues.{name}.org_concurrency");
+                return Err(ConfigError::invalid(
+                    crate::env_name(&path).map_or(path.clone(), str::to_owned),
+                    format!("must be at most {}", crate::MAX_ORG_CONCURRENCY),
+                ));
+            }
             if q.backoff_cap_ms < q.backoff_base_ms {
                 return Err(ConfigError::invalid(
                     format!("queues.{name}.backoff_cap_ms"),

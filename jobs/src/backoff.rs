@@ -51,6 +51,7 @@ mod tests {
             visibility_timeout_secs: 10,
             run_timeout_secs: 60,
             fair: false,
+            org_concurrency: 0,
         }
     }
 

@@ -141,6 +141,11 @@ pub struct QueueKeys {
     pub fair_vt: String,
     pub fair_weights: String,
     pub fair_lists: String,
+    /// The orgs' own concurrency caps (a hash; the queue's `org_concurrency` when absent, 0:
+    /// none), and the prefix of each capped org's set of admitted jobs not yet settled
+    /// (`<fair_runs><org>`: job ids scored by admission time, ms).
+    pub fair_caps: String,
+    pub fair_runs: String,
     tick_base: String,
 }
 
@@ -155,6 +160,8 @@ impl QueueKeys {
             fair_vt: format!("{base}:fair:vt"),
             fair_weights: format!("{base}:fair:w"),
             fair_lists: format!("{base}:fair:o:"),
+            fair_caps: format!("{base}:fair:cap"),
+            fair_runs: format!("{base}:fair:r:"),
             tick_base: format!("{base}:tick"),
             stream: base,
         }

@@ -239,10 +239,15 @@ return 0
 
 /// The Lua helpers of fair admission (prepended to the scripts that use them): `undelivered`
 /// (entries in the stream no consumer took yet: its length less the group's pending count),
-/// `weight` (an org's weight, 1 when unset or not positive) and `admit` (move up to `n` jobs
-/// from the orgs' lists to the stream, the lowest virtual finish tag first: each org's next
-/// job is tagged its previous tag + 1/weight, so orgs take turns in proportion to their
+/// `weight` (an org's weight, 1 when unset or not positive), `full` (whether an org runs as
+/// many jobs as its cap allows) and `admit` (move up to `n` jobs from the orgs' lists to the
+/// stream, the lowest virtual finish tag first, passing over orgs at their cap: each org's
+/// next job is tagged its previous tag + 1/weight, so orgs take turns in proportion to their
 /// weights, whatever their backlogs).
+///
+/// `fair(...)` reads the context the scripts share from KEYS/ARGV at given positions: ring,
+/// virtual time, weights, stream, marks, caps (KEYS); org list prefix, group, run set prefix,
+/// default cap, now_ms, stale_ms (ARGV).
 const FAIR_LUA: &str = r#"
 local function undelivered(stream, group)
   local len = redis.call('XLEN', stream)
@@ -257,28 +262,66 @@ local function weight(weights, org)
   if w <= 0 then w = 1 end
   return w
 end
-local function admit(ring, vt, weights, stream, lists, n)
-  local moved = 0
+local function fair(k, a)
+  return {ring = KEYS[k], vt = KEYS[k + 1], weights = KEYS[k + 2], stream = KEYS[k + 3],
+    marks = KEYS[k + 4], caps = KEYS[k + 5], lists = ARGV[a], group = ARGV[a + 1],
+    runs = ARGV[a + 2], cap = tonumber(ARGV[a + 3]) or 0, now = tonumber(ARGV[a + 4]),
+    stale = tonumber(ARGV[a + 5])}
+end
+-- an org's cap: its own, else the queue's; 0: none
+local function cap_of(f, org)
+  return tonumber(redis.call('HGET', f.caps, org) or f.cap) or 0
+end
+-- whether an org runs `cap` jobs already: the members of its run set admitted within `stale`
+-- ms whose marker (cleared at ack or dead letter) is still there; the others are dropped
+local function full(f, org, cap)
+  if cap <= 0 then return false end
+  local set = f.runs .. org
+  if redis.call('ZCARD', set) < cap then return false end
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', f.now - f.stale)
+  for _, id in ipairs(redis.call('ZRANGE', set, 0, -1)) do
+    if redis.call('HEXISTS', f.marks, id) == 0 then redis.call('ZREM', set, id) end
+  end
+  return redis.call('ZCARD', set) >= cap
+end
+-- returns the jobs moved and the orgs passed over at their cap
+local function admit(f, n)
+  local moved, skip = 0, 0
   while moved < n do
-    local top = redis.call('ZRANGE', ring, 0, 0, 'WITHSCORES')
+    local top = redis.call('ZRANGE', f.ring, skip, skip, 'WITHSCORES')
     if #top == 0 then break end
     local org, tag = top[1], tonumber(top[2])
-    local list = lists .. org
-    -- (the entry first: a failed XADD leaves the job in its list)
-    local body = redis.call('LINDEX', list, 0)
-    if body then
-      redis.call('XADD', stream, '*', 'j', body)
-      redis.call('LPOP', list)
-      moved = moved + 1
-    end
-    redis.call('SET', vt, string.format('%.17g', tag))
-    if redis.call('LLEN', list) > 0 then
-      redis.call('ZADD', ring, tag + 1 / weight(weights, org), org)
+    local cap = cap_of(f, org)
+    if full(f, org, cap) then
+      -- keeps its tag, so it goes first once one of its jobs settles
+      skip = skip + 1
     else
-      redis.call('ZREM', ring, org)
+      local list = f.lists .. org
+      -- (the entry first: a failed XADD leaves the job in its list)
+      local body = redis.call('LINDEX', list, 0)
+      if body then
+        redis.call('XADD', f.stream, '*', 'j', body)
+        redis.call('LPOP', list)
+        moved = moved + 1
+        if cap > 0 then
+          local ok, env = pcall(cjson.decode, body)
+          if ok and type(env) == 'table' and type(env.id) == 'string' then
+            local set = f.runs .. org
+            redis.call('ZADD', set, f.now, env.id)
+            redis.call('PEXPIRE', set, f.stale)
+          end
+        end
+      end
+      local v = tonumber(redis.call('GET', f.vt) or '0') or 0
+      if tag > v then redis.call('SET', f.vt, string.format('%.17g', tag)) end
+      if redis.call('LLEN', list) > 0 then
+        redis.call('ZADD', f.ring, tag + 1 / weight(f.weights, org), org)
+      else
+        redis.call('ZREM', f.ring, org)
+      end
     end
   end
-  return moved
+  return {moved, skip}
 end
 "#;
 
@@ -287,22 +330,24 @@ end
 /// when no entry waits in the stream (the consumers are idle), one job admitted at once.
 /// With `once`, a job id that already has a marker is not enqueued again. Returns 1 when
 /// enqueued, 0 when the job was there already.
-/// KEYS: marks, fair ring, virtual time, weights, stream. ARGV: job id, now_ms, org, envelope,
-/// once (1/0), org list prefix, group.
+/// KEYS: fair ring, virtual time, weights, stream, marks, caps. ARGV: org list prefix, group,
+/// run set prefix, default cap, now_ms, stale_ms, job id, org, envelope, once (1/0).
 pub static ENQUEUE_FAIR: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{FAIR_LUA}{}",
         r#"
-if ARGV[5] == '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+local f = fair(1, 1)
+local id, org = ARGV[7], ARGV[8]
+if ARGV[10] == '1' and redis.call('HEXISTS', f.marks, id) == 1 then return 0 end
 -- (read before any write: a stream that cannot be read fails the script with nothing written)
-local idle = undelivered(KEYS[5], ARGV[7]) == 0
-redis.call('RPUSH', ARGV[6] .. ARGV[3], ARGV[4])
-if not redis.call('ZSCORE', KEYS[2], ARGV[3]) then
-  local v = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
-  redis.call('ZADD', KEYS[2], v + 1 / weight(KEYS[4], ARGV[3]), ARGV[3])
+local idle = undelivered(f.stream, f.group) == 0
+redis.call('RPUSH', f.lists .. org, ARGV[9])
+if not redis.call('ZSCORE', f.ring, org) then
+  local v = tonumber(redis.call('GET', f.vt) or '0') or 0
+  redis.call('ZADD', f.ring, v + 1 / weight(f.weights, org), org)
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if idle then admit(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[6], 1) end
+redis.call('HSET', f.marks, id, ARGV[5])
+if idle then admit(f, 1) end
 return 1
 "#
     ))
@@ -311,16 +356,19 @@ return 1
 /// Admit waiting jobs of a fair queue into its stream for a consumer about to read `n`: as many
 /// as the stream does not already hold undelivered (entries that skipped the lists — retries,
 /// replays, jobs given back — are read first, and do not make the stream grow a FIFO backlog
-/// of admitted jobs behind them). Returns how many moved.
-/// KEYS: fair ring, virtual time, weights, stream. ARGV: n, org list prefix, group.
+/// of admitted jobs behind them). Returns how many moved and how many orgs were passed over
+/// at their cap.
+/// KEYS: fair ring, virtual time, weights, stream, marks, caps. ARGV: org list prefix, group,
+/// run set prefix, default cap, now_ms, stale_ms, n.
 pub static ADMIT_FAIR: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{FAIR_LUA}{}",
         r#"
-if redis.call('ZCARD', KEYS[1]) == 0 then return 0 end
-local room = tonumber(ARGV[1]) - undelivered(KEYS[4], ARGV[3])
-if room <= 0 then return 0 end
-return admit(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], room)
+local f = fair(1, 1)
+if redis.call('ZCARD', f.ring) == 0 then return {0, 0} end
+local room = tonumber(ARGV[7]) - undelivered(f.stream, f.group)
+if room <= 0 then return {0, 0} end
+return admit(f, room)
 "#
     ))
 });

@@ -71,6 +71,7 @@ impl Bus {
         consumer: &str,
         entries: &[(&str, Uuid)],
     ) -> Result<u64, BusError> {
+        let p = p.into();
         let keys = self.keys(p);
         let mut conn = self.conn().await?;
         let mut inv = scripts::ACK.key(&keys.stream);
@@ -82,7 +83,16 @@ impl Bus {
         for (entry, job) in entries {
             inv.arg(*entry).arg(job.to_string());
         }
-        Ok(inv.invoke_async(&mut conn).await?)
+        let acked: u64 = inv.invoke_async(&mut conn).await?;
+        // an org held back at its concurrency cap may go now: admit at once rather than at a
+        // consumer's next read (an idle one blocks for up to `read_block` first)
+        if acked > 0
+            && self.inner.capped.load(std::sync::atomic::Ordering::Relaxed)
+            && let Err(e) = self.admit(&mut conn, p, entries.len()).await
+        {
+            tracing::warn!(queue = %p, error = %e, "cannot admit waiting jobs after an ack");
+        }
+        Ok(acked)
     }
 
     /// Schedule `next` (the following attempt) at `due` and acknowledge `entry_id`, atomically,

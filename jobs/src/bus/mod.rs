@@ -81,6 +81,15 @@ struct Inner {
     recorded: AtomicBool,
     /// When `readable` was last read from the record (ms since the epoch; 0: never).
     refreshed_ms: AtomicI64,
+    /// The last fair admission of this process passed over an org at its concurrency cap.
+    capped: AtomicBool,
+}
+
+/// How long a capped org's admitted job counts against its cap at most when its marker stays
+/// (a job Redis lost with its marker kept, say): as long as its every attempt could take.
+fn run_set_ttl_ms(s: &config::QueueSettings) -> u64 {
+    let attempt_ms = (s.run_timeout_secs + s.visibility_timeout_secs) * 1000 + s.backoff_cap_ms;
+    attempt_ms.saturating_mul(u64::from(s.max_attempts.max(1)))
 }
 
 /// How long a process's view of the recorded partitions is trusted before `markers`, `stats`
@@ -116,6 +125,7 @@ impl Bus {
                 // one partition: nothing to record
                 recorded: AtomicBool::new(n == 1),
                 refreshed_ms: AtomicI64::new(0),
+                capped: AtomicBool::new(false),
             }),
         }
     }
@@ -410,19 +420,12 @@ impl Bus {
     ) -> Result<bool, BusError> {
         let keys = self.keys(part);
         let mut conn = self.conn().await?;
-        let n: i64 = scripts::ENQUEUE_FAIR
-            .key(&keys.marks)
-            .key(&keys.fair)
-            .key(&keys.fair_vt)
-            .key(&keys.fair_weights)
-            .key(&keys.stream)
+        let mut inv = self.fair_invocation(&scripts::ENQUEUE_FAIR, part, keys, now_ms);
+        let n: i64 = inv
             .arg(env.id.to_string())
-            .arg(now_ms)
             .arg(org)
             .arg(env.to_json()?)
             .arg(i32::from(once))
-            .arg(&keys.fair_lists)
-            .arg(GROUP)
             .invoke_async(&mut conn)
             .await?;
         if n == 1 {
@@ -432,8 +435,10 @@ impl Bus {
     }
 
     /// Admit up to `n` jobs waiting in a chat partition's fair lists into its stream (a
-    /// consumer about to read `n`). Whatever this process's `fair` setting: a job another
-    /// process put in the lists is never left there (turning fair admission off drains them).
+    /// consumer about to read `n`, or jobs just settled). Whatever this process's `fair`
+    /// setting: a job another process put in the lists is never left there (turning fair
+    /// admission off drains them). Remembers whether an org was passed over at its
+    /// concurrency cap, so that settling a job admits the next at once ([`Bus::ack`]).
     pub async fn admit(
         &self,
         conn: &mut crate::RedisConn,
@@ -444,16 +449,39 @@ impl Bus {
             return Ok(0);
         }
         let keys = self.keys(p);
-        Ok(scripts::ADMIT_FAIR
-            .key(&keys.fair)
-            .key(&keys.fair_vt)
+        let now = Utc::now().timestamp_millis();
+        let (moved, capped): (u64, u64) = self
+            .fair_invocation(&scripts::ADMIT_FAIR, p, keys, now)
+            .arg(n)
+            .invoke_async(conn)
+            .await?;
+        self.inner.capped.store(capped > 0, Ordering::Relaxed);
+        Ok(moved)
+    }
+
+    /// A fair-admission script with the keys and arguments its helpers share
+    /// (`scripts::FAIR_LUA`'s `fair(1, 1)`); the script's own arguments follow.
+    fn fair_invocation<'a>(
+        &self,
+        script: &'a redis::Script,
+        p: Part,
+        keys: &QueueKeys,
+        now_ms: i64,
+    ) -> redis::ScriptInvocation<'a> {
+        let settings = self.settings(p.queue);
+        let mut inv = script.key(&keys.fair);
+        inv.key(&keys.fair_vt)
             .key(&keys.fair_weights)
             .key(&keys.stream)
-            .arg(n)
+            .key(&keys.marks)
+            .key(&keys.fair_caps)
             .arg(&keys.fair_lists)
             .arg(GROUP)
-            .invoke_async(conn)
-            .await?)
+            .arg(&keys.fair_runs)
+            .arg(settings.org_concurrency)
+            .arg(now_ms)
+            .arg(run_set_ttl_ms(settings));
+        inv
     }
 
     /// Where a job waiting for fair admission stands: 1 when it goes next; `None` once it
@@ -489,6 +517,29 @@ impl Bus {
                 let _: i64 = conn.hdel(&keys.fair_weights, key).await?;
             } else {
                 let _: i64 = conn.hset(&keys.fair_weights, key, weight).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Set the concurrency cap of `key` (an org) in fair queue `q`'s admission, in every
+    /// partition: `Some(n)` its own (0: none), `None` the queue's `org_concurrency`.
+    pub async fn set_fair_cap(
+        &self,
+        q: Queue,
+        key: &str,
+        cap: Option<u32>,
+    ) -> Result<(), BusError> {
+        let mut conn = self.conn().await?;
+        for p in self.parts(q) {
+            let keys = self.keys(p);
+            match cap {
+                None => {
+                    let _: i64 = conn.hdel(&keys.fair_caps, key).await?;
+                }
+                Some(n) => {
+                    let _: i64 = conn.hset(&keys.fair_caps, key, n).await?;
+                }
             }
         }
         Ok(())

@@ -159,3 +159,176 @@ async fn jobs_waiting_for_admission_are_taken_by_a_worker_with_fair_admission_of
     assert_eq!(order.len(), 6, "{order:?}");
     assert_eq!(consumer.stats(Queue::Chat).await.unwrap().waiting, 0);
 }
+
+/// Handles probes on `concurrency` slots, `hold` each; returns the most of each key's probes
+/// that ran at once, and the order they started in (and when).
+async fn run_with_caps(
+    bus: &jobs::Bus,
+    concurrency: usize,
+    hold: Duration,
+    read_block: Duration,
+) -> (
+    std::collections::HashMap<String, usize>,
+    Vec<(String, std::time::Instant)>,
+) {
+    #[derive(Default)]
+    struct Seen {
+        running: std::collections::HashMap<String, usize>,
+        most: std::collections::HashMap<String, usize>,
+        started: Vec<(String, std::time::Instant)>,
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut registry = Registry::new();
+    {
+        let seen = seen.clone();
+        registry.register::<Probe, _, _>(move |_, job| {
+            let seen = seen.clone();
+            async move {
+                {
+                    let mut s = seen.lock().unwrap();
+                    let n = {
+                        let r = s.running.entry(job.key.clone()).or_default();
+                        *r += 1;
+                        *r
+                    };
+                    let most = s.most.entry(job.key.clone()).or_default();
+                    *most = (*most).max(n);
+                    s.started.push((job.key.clone(), std::time::Instant::now()));
+                }
+                tokio::time::sleep(hold).await;
+                *seen.lock().unwrap().running.get_mut(&job.key).unwrap() -= 1;
+                Ok(())
+            }
+        });
+    }
+    let opts = WorkerOptions {
+        queues: vec![Queue::Chat],
+        concurrency,
+        consumer: format!("w-{:08x}", rand::random::<u32>()),
+        read_block,
+        shutdown_grace: Duration::from_secs(5),
+    };
+    Worker::new(bus.clone(), registry, opts)
+        .drain_until_empty(Duration::from_secs(60))
+        .await
+        .unwrap();
+    let s = seen.lock().unwrap();
+    (s.most.clone(), s.started.clone())
+}
+
+#[tokio::test]
+async fn an_org_at_its_concurrency_cap_waits_while_other_orgs_take_the_free_slots() {
+    let redis = TestRedis::new();
+    let bus = crate::bus(
+        &redis,
+        &crate::queues(|q| {
+            q.partitions = 1;
+            q.chat.fair = true;
+            q.chat.org_concurrency = 2;
+        }),
+    );
+    for p in bus.parts(Queue::Chat) {
+        bus.ensure_group(p).await.unwrap();
+    }
+    // org-c has a cap of its own; org-free has none
+    bus.set_fair_cap(Queue::Chat, "org-c", Some(1))
+        .await
+        .unwrap();
+    bus.set_fair_cap(Queue::Chat, "org-free", Some(0))
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        bus.enqueue_envelope(&probe("org-a")).await.unwrap();
+    }
+    for _ in 0..3 {
+        bus.enqueue_envelope(&probe("org-c")).await.unwrap();
+    }
+    for _ in 0..5 {
+        bus.enqueue_envelope(&probe("org-free")).await.unwrap();
+    }
+    bus.enqueue_envelope(&probe("org-b")).await.unwrap();
+    // eight slots: A's backlog alone would fill them
+    let (most, started) = run_with_caps(
+        &bus,
+        8,
+        Duration::from_millis(300),
+        Duration::from_millis(200),
+    )
+    .await;
+    assert_eq!(started.len(), 17, "{started:?}");
+    assert_eq!(most["org-a"], 2, "{most:?}");
+    assert_eq!(most["org-c"], 1, "{most:?}");
+    assert!(most["org-free"] >= 3, "org-free has no cap: {most:?}");
+    // B went in the first round, not after A's capped backlog
+    let b_at = started.iter().position(|(k, _)| k == "org-b").unwrap();
+    assert!(b_at < 8, "{started:?}");
+    assert_eq!(bus.stats(Queue::Chat).await.unwrap().waiting, 0);
+}
+
+#[tokio::test]
+async fn a_settled_job_lets_its_capped_org_go_at_once_not_at_the_next_read() {
+    let redis = TestRedis::new();
+    let bus = crate::bus(
+        &redis,
+        &crate::queues(|q| {
+            q.partitions = 1;
+            q.chat.fair = true;
+            q.chat.org_concurrency = 1;
+        }),
+    );
+    for p in bus.parts(Queue::Chat) {
+        bus.ensure_group(p).await.unwrap();
+    }
+    for _ in 0..3 {
+        bus.enqueue_envelope(&probe("org-a")).await.unwrap();
+    }
+    // an idle consumer blocks 6 s on its read: were the next job admitted only by a read,
+    // each of the two that wait would take that long (each takes 100 ms)
+    let (most, started) =
+        run_with_caps(&bus, 4, Duration::from_millis(100), Duration::from_secs(6)).await;
+    assert_eq!((started.len(), most["org-a"]), (3, 1), "{started:?}");
+    let took = started[2].1 - started[0].1;
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_capped_orgs_slot_held_by_a_settled_or_stale_job_is_given_back() {
+    let redis = TestRedis::new();
+    let q = crate::queues(|q| {
+        q.partitions = 1;
+        q.chat.fair = true;
+        q.chat.org_concurrency = 1;
+    });
+    let bus = crate::bus(&redis, &q);
+    let p = bus.parts(Queue::Chat).next().unwrap();
+    bus.ensure_group(p).await.unwrap();
+    let keys = bus.keys(p);
+    let runs = format!("{}org-a", keys.fair_runs);
+    let mut conn = bus.redis().conn().await.unwrap();
+    use redis::AsyncCommands;
+    // a job of org-a admitted and still marked holds its one slot: the next one waits
+    let _: () = conn.hset(&keys.marks, "held", 1).await.unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let _: () = conn.zadd(&runs, "held", now).await.unwrap();
+    bus.enqueue_envelope(&probe("org-a")).await.unwrap();
+    let mut reader = bus.redis().conn().await.unwrap();
+    assert_eq!(bus.admit(&mut reader, p, 5).await.unwrap(), 0);
+    let stats = bus.stats(Queue::Chat).await.unwrap();
+    assert_eq!((stats.length, stats.waiting), (0, 1), "{stats:?}");
+    // its marker gone (acked, dead-lettered): the slot is free
+    let _: () = conn.hdel(&keys.marks, "held").await.unwrap();
+    assert_eq!(bus.admit(&mut reader, p, 5).await.unwrap(), 1);
+    // the admitted job holds the slot now, under its own id
+    let members: Vec<String> = conn.zrange(&runs, 0, -1).await.unwrap();
+    assert_eq!(members.len(), 1);
+    assert_ne!(members[0], "held");
+    // a marked job admitted longer ago than all its attempts could take (Redis lost it, say)
+    // no longer counts
+    let _: () = conn.del(&runs).await.unwrap();
+    let _: () = conn.hset(&keys.marks, "lost", 1).await.unwrap();
+    let _: () = conn.zadd(&runs, "lost", 1_000).await.unwrap();
+    bus.enqueue_envelope(&probe("org-a")).await.unwrap();
+    assert_eq!(bus.admit(&mut reader, p, 5).await.unwrap(), 1);
+    let ttl: i64 = conn.pttl(&runs).await.unwrap();
+    assert!(ttl > 0, "the run set expires: {ttl}");
+}

@@ -82,6 +82,15 @@ enum Cmd {
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
         weight: u32,
     },
+    /// An org's concurrency cap in the chat queue's fair admission: the most of its turns
+    /// admitted and not yet settled at once. A number (0: no cap for this org), or `default`
+    /// for the queue's `CHAT_ORG_CONCURRENCY`.
+    FairCap {
+        #[arg(long)]
+        org: uuid::Uuid,
+        #[arg(long, value_parser = parse_cap)]
+        cap: Cap,
+    },
     /// Conversation memory (operators only; users never see it): list, add, delete entries.
     Memory {
         #[command(subcommand)]
@@ -487,6 +496,13 @@ async fn operate(settings: config::Settings, cmd: Cmd) -> ExitCode {
             .set_fair_weight(Queue::Chat, &org.to_string(), weight)
             .await
             .map(|()| println!("chat\t{org}\tweight {weight}")),
+        Cmd::FairCap { org, cap } => bus
+            .set_fair_cap(Queue::Chat, &org.to_string(), cap.0)
+            .await
+            .map(|()| match cap.0 {
+                Some(n) => println!("chat\t{org}\tcap {n}"),
+                None => println!("chat\t{org}\tcap default"),
+            }),
         Cmd::Dead {
             cmd: DeadCmd::List { queue, limit },
         } => workers::ops::dead_list(&bus, queue, limit)
@@ -557,5 +573,22 @@ async fn operate(settings: config::Settings, cmd: Cmd) -> ExitCode {
             tracing::error!(error = %e, "command failed");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `worker fair-cap --cap`: a number up to `config::MAX_ORG_CONCURRENCY`, or `default`.
+#[derive(Clone, Copy, Debug)]
+struct Cap(Option<u32>);
+
+fn parse_cap(s: &str) -> Result<Cap, String> {
+    if s == "default" {
+        return Ok(Cap(None));
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n <= config::MAX_ORG_CONCURRENCY => Ok(Cap(Some(n))),
+        _ => Err(format!(
+            "a number from 0 to {} (0: no cap), or `default`",
+            config::MAX_ORG_CONCURRENCY
+        )),
     }
 }

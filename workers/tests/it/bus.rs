@@ -125,6 +125,7 @@ async fn a_failing_job_backs_off_longer_each_time_dies_with_its_error_and_replay
         visibility_timeout_secs: 30,
         run_timeout_secs: 600,
         fair: false,
+        org_concurrency: 0,
     };
     let bus = bus_for(&settings);
     let probe = Probe {

@@ -315,6 +315,74 @@ async fn happy_path_streams_tokens_and_stores_one_answer_with_a_bounded_prompt()
 }
 
 #[tokio::test]
+async fn an_org_at_its_concurrency_cap_has_its_turns_answered_one_at_a_time() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    // four slots, but org A may run one turn at a time (fair admission's per-org cap)
+    let settings = settings(
+        &db,
+        &redis,
+        &[("WORKER_CONCURRENCY", "4"), ("CHAT_ORG_CONCURRENCY", "1")],
+    );
+    let a = setup(&db).await;
+    let b = setup(&db).await;
+    let (a_model, _) = org_models(&db, &a).await;
+    let (b_model, _) = org_models(&db, &b).await;
+    let slow = |text: &str| Behaviour::Reply {
+        text: text.to_owned(),
+        tokens: None,
+        first_token_delay_ms: 700,
+        token_delay_ms: 0,
+    };
+    FakeClient::shared()
+        .set_default(&a_model, slow("for A"))
+        .await
+        .unwrap();
+    FakeClient::shared()
+        .set_default(&b_model, slow("for B"))
+        .await
+        .unwrap();
+    let bus = bus_for(&settings);
+    // three turns of A in three conversations (nothing else makes them wait for each other)
+    for i in 0..3 {
+        let mut c = db.pool.acquire().await.unwrap();
+        let conversation = conv::create(&mut c, a.org, a.user, "more", None)
+            .await
+            .unwrap()
+            .id;
+        let s = Setup {
+            org: a.org,
+            user: a.user,
+            conversation,
+        };
+        bus.enqueue(turn(&db, &s, &format!("question {i}")).await)
+            .await
+            .unwrap();
+    }
+    bus.enqueue(turn(&db, &b, "question of B").await)
+        .await
+        .unwrap();
+    let report = drain(&db, &settings).await;
+    assert_eq!((report.completed, report.dead), (4, 0), "{report:?}");
+
+    let mut a_calls: Vec<u64> = calls(&a_model).await.iter().map(|r| r.at_ms).collect();
+    a_calls.sort_unstable();
+    assert_eq!(a_calls.len(), 3);
+    // each of A's calls starts after the one before it has answered (700 ms)
+    for w in a_calls.windows(2) {
+        assert!(w[1] - w[0] >= 650, "A's calls overlap: {a_calls:?}");
+    }
+    // B's turn took a free slot and did not wait for A's
+    let b_calls = calls(&b_model).await;
+    assert_eq!(b_calls.len(), 1);
+    assert!(
+        b_calls[0].at_ms < a_calls[1],
+        "B {} A {a_calls:?}",
+        b_calls[0].at_ms
+    );
+}
+
+#[tokio::test]
 async fn rate_limits_are_waited_out_on_the_primary_honouring_retry_after() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();

@@ -81,6 +81,29 @@ async fn operators_enqueue_inspect_drain_and_replay() {
         .unwrap();
     assert!(!refused.status.success(), "a weight of 0 is refused");
 
+    // an org's concurrency cap: its own (0: none), then back to the queue's default
+    let set = stdout(&worker(
+        &db,
+        &redis,
+        &["fair-cap", "--org", &org.to_string(), "--cap", "2"],
+    ));
+    assert!(set.contains("cap 2"), "{set}");
+    assert!(fair_caps(&bus, org).await.iter().all(|c| *c == Some(2)));
+    let set = stdout(&worker(
+        &db,
+        &redis,
+        &["fair-cap", "--org", &org.to_string(), "--cap", "default"],
+    ));
+    assert!(set.contains("cap default"), "{set}");
+    assert!(fair_caps(&bus, org).await.iter().all(Option::is_none));
+    for bad in ["-1", "10001", "lots"] {
+        let refused = command(env!("CARGO_BIN_EXE_worker"), &db, &redis)
+            .args(["fair-cap", "--org", &org.to_string(), "--cap", bad])
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "a cap of {bad} is refused");
+    }
+
     // one job that fails for good at its first attempt (max_attempts = 1 here)
     let w = crate::bus::worker_with(&db, &settings, "w1");
     bus.enqueue(Probe {
@@ -278,4 +301,18 @@ async fn operators_list_add_and_delete_memory_with_the_cli() {
     let left = ok(&worker_memory(&db, &redis, &["list", "--org", &org_s]));
     assert_eq!(left.lines().count(), 2, "{left}");
     assert!(!left.contains("We bill in EUR"));
+}
+
+/// An org's own concurrency cap in each chat partition (`worker fair-cap`).
+async fn fair_caps(bus: &jobs::Bus, org: uuid::Uuid) -> Vec<Option<u32>> {
+    let mut conn = bus.redis().conn().await.unwrap();
+    let mut out = Vec::new();
+    for p in bus.parts(Queue::Chat) {
+        out.push(
+            redis::AsyncCommands::hget(&mut conn, &bus.keys(p).fair_caps, org.to_string())
+                .await
+                .unwrap(),
+        );
+    }
+    out
 }
