@@ -129,7 +129,7 @@ impl From<store::StoreError> for ApiError {
                 )
             } else {
                 format!(
-                    "the organization's {period} token budget is held by turns still running; retry after {retry_after_secs} s"
+                    "the rest of the organization's {period} token budget is held by turns still running; it may free up as they finish, and resets in {retry_after_secs} s"
                 )
             };
             return ApiError::BudgetExceeded {

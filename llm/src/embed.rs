@@ -30,14 +30,15 @@ pub struct Expect {
 pub struct EmbedFailure(pub String);
 
 impl LlmClient {
-    /// Embed `texts` with `model`: one vector per text, in order, as [`Expect`]ed, or the
-    /// reason why not. The caller falls back (and logs, and counts) on `Err`.
+    /// Embed `texts` with `model`: one vector per text, in order, as [`Expect`]ed (and what the
+    /// request cost), or the reason why not. The caller falls back (and logs, and counts) on
+    /// `Err`.
     pub async fn embed_or_fail(
         &self,
         model: &str,
         texts: &[String],
         expect: Expect,
-    ) -> Result<Vec<Vec<f32>>, EmbedFailure> {
+    ) -> Result<crate::Embeddings, EmbedFailure> {
         let call = self.embed(model, texts);
         let outcome = match expect.within {
             Some(limit) => tokio::time::timeout(limit, call)
@@ -45,7 +46,8 @@ impl LlmClient {
                 .map_err(|_| EmbedFailure("timeout".into()))?,
             None => call.await,
         };
-        let vectors = outcome.map_err(|e| EmbedFailure(e.kind().to_owned()))?;
+        let embeddings = outcome.map_err(|e| EmbedFailure(e.kind().to_owned()))?;
+        let vectors = &embeddings.vectors;
         if vectors.len() != texts.len() {
             return Err(EmbedFailure(if vectors.is_empty() {
                 "no embedding".to_owned()
@@ -63,7 +65,7 @@ impl LlmClient {
                 v.len()
             )));
         }
-        Ok(vectors)
+        Ok(embeddings)
     }
 }
 

@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 
 pub use chat::{ChatEvent, ChatStream, Completion, ToolCall, Usage, collect};
 pub use embed::{EmbedFailure, Expect, estimate_tokens};
+
 pub use error::LlmError;
 
 /// A chat message in OpenAI format (`content` may be absent on assistant tool-call turns).
@@ -204,8 +205,8 @@ impl LlmClient {
         Ok(chat::stream(resp, timeouts))
     }
 
-    /// Embed `inputs` with `model`; one vector per input, in order.
-    pub async fn embed(&self, model: &str, inputs: &[String]) -> Result<Vec<Vec<f32>>, LlmError> {
+    /// Embed `inputs` with `model`; one vector per input, in order, and what the request cost.
+    pub async fn embed(&self, model: &str, inputs: &[String]) -> Result<Embeddings, LlmError> {
         let resp = self
             .post("/v1/embeddings")
             .timeout(Duration::from_secs(120))
@@ -261,8 +262,30 @@ impl LlmClient {
             )));
         }
         out.sort_by_key(|(i, _)| *i);
-        Ok(out.into_iter().map(|(_, v)| v).collect())
+        let reported = v
+            .get("usage")
+            .and_then(|u| u.get("prompt_tokens"))
+            .and_then(Value::as_u64);
+        Ok(Embeddings {
+            vectors: out.into_iter().map(|(_, v)| v).collect(),
+            tokens: reported.unwrap_or_else(|| {
+                inputs
+                    .iter()
+                    .map(|t| embed::estimate_tokens(t) as u64)
+                    .sum()
+            }),
+        })
     }
+}
+
+/// What an embeddings request returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// One vector per input, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// The prompt tokens the request cost: the upstream's `usage.prompt_tokens`, else
+    /// estimated ([`embed::estimate_tokens`] of each input). Counted against the org's budget.
+    pub tokens: u64,
 }
 
 /// Whether `name` is served by the proxy's `route`: equal to it, or — for a wildcard route

@@ -363,12 +363,10 @@ async fn admit_locked(
     match standing.admit(policy.turn_reserve) {
         Admission::Reserve(n) => Ok(n),
         Admission::Refused(refusal) => {
-            let retry_after_secs = if refusal.until_reset {
-                let left = (refusal.period.resets_at(now) - now).num_seconds();
-                u64::try_from(left).unwrap_or(0).max(1)
-            } else {
-                OPEN_TURNS_RETRY_SECS
-            };
+            // until the period resets (API.md), also when the org's open turns hold the rest:
+            // they may free some as they settle, but no sooner is promised
+            let left = (refusal.period.resets_at(now) - now).num_seconds();
+            let retry_after_secs = u64::try_from(left).unwrap_or(0).max(1);
             Err(StoreError::OverBudget {
                 period: refusal.period.as_str(),
                 until_reset: refusal.until_reset,
@@ -377,10 +375,6 @@ async fn admit_locked(
         }
     }
 }
-
-/// The `Retry-After` of a turn refused because the org's open turns hold the rest of its
-/// budget: they free it as they finish.
-pub const OPEN_TURNS_RETRY_SECS: u64 = 5;
 
 #[cfg(test)]
 mod tests {

@@ -262,7 +262,11 @@ async fn tool_calls_are_assembled() {
 async fn embeddings_come_back_in_order() {
     let model = unique_model("embed");
     let inputs: Vec<String> = (0..5).map(|i| format!("chunk number {i}")).collect();
-    let vectors = client().embed(&via_litellm(&model), &inputs).await.unwrap();
+    let embedded = client().embed(&via_litellm(&model), &inputs).await.unwrap();
+    // what the upstream reported (the fake counts len / 4 + 1 per input)
+    let reported: usize = inputs.iter().map(|t| t.len() / 4 + 1).sum();
+    assert_eq!(embedded.tokens, reported as u64);
+    let vectors = embedded.vectors;
     assert_eq!(vectors.len(), 5);
     for (text, v) in inputs.iter().zip(&vectors) {
         let want = fake_embedding(text, 384);

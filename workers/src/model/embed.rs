@@ -15,6 +15,8 @@ pub const MAX_QUERY_CHARS: usize = 4000;
 #[derive(Clone)]
 pub struct QueryEmbedder {
     llm: llm::LlmClient,
+    /// Where each embedding's tokens are counted (`usage_daily`, the org's budget).
+    db: sqlx::PgPool,
     pub model: String,
     pub dim: u32,
     timeout: Duration,
@@ -23,13 +25,14 @@ pub struct QueryEmbedder {
 }
 
 impl QueryEmbedder {
-    pub fn new(llm: llm::LlmClient, settings: &config::Settings) -> Self {
+    pub fn new(llm: llm::LlmClient, db: sqlx::PgPool, settings: &config::Settings) -> Self {
         metrics::describe_counter!(
             EMBED_FAILURES,
             "Chat turns whose query embedding failed (retrieval fell back to full text only)"
         );
         Self {
             llm,
+            db,
             model: settings.embedding.model.clone(),
             dim: settings.embedding.dim,
             timeout: Duration::from_millis(settings.retrieval.embed_timeout_ms),
@@ -37,9 +40,10 @@ impl QueryEmbedder {
         }
     }
 
-    /// The embedding of `text`, or `None` (logged, counted) when the embedder fails, times out
-    /// or answers with the wrong dimension.
-    pub async fn embed(&self, text: &str) -> Option<pgvector::Vector> {
+    /// The embedding of `text` for a turn of `org_id` (its tokens counted in the org's usage),
+    /// or `None` (logged, counted) when the embedder fails, times out or answers with the
+    /// wrong dimension.
+    pub async fn embed(&self, org_id: uuid::Uuid, text: &str) -> Option<pgvector::Vector> {
         let expect = llm::Expect {
             dim: Some(self.dim),
             within: Some(self.timeout),
@@ -50,7 +54,10 @@ impl QueryEmbedder {
             .embed_or_fail(model, &[text.to_owned()], expect)
             .await
         {
-            Ok(mut vectors) => vectors.pop().map(pgvector::Vector::from),
+            Ok(mut embedded) => {
+                super::record_embedding(&self.db, org_id, model, embedded.tokens).await;
+                embedded.vectors.pop().map(pgvector::Vector::from)
+            }
             Err(failure) => {
                 tracing::warn!(
                     model,

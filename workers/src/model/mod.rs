@@ -163,6 +163,22 @@ impl ModelCaller {
     }
 }
 
+/// Count an embedding request of `org_id` (its prompt tokens; an embedding has no completion)
+/// in the org's `usage_daily`, like [`record_usage`]: retrieval's query, `search_knowledge`,
+/// memory entries, indexed chunks — every model call counts against the org's budget.
+pub(crate) async fn record_embedding(
+    db: &sqlx::PgPool,
+    org_id: uuid::Uuid,
+    model: &str,
+    tokens: u64,
+) {
+    let usage = llm::Usage {
+        prompt_tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
+        completion_tokens: 0,
+    };
+    record_usage(db, org_id, model, Some(usage)).await;
+}
+
 /// Count a background model call (summarize, remember) in the org's `usage_daily`, on its own:
 /// the tokens are spent whether or not the job's own write commits. A failure to count is
 /// logged, never a reason to call the model again.

@@ -71,8 +71,15 @@ pub async fn add(
             .embed(&settings.embedding.model, &[content.to_owned()])
             .await
         {
-            Ok(mut v) if v.len() == 1 => v.pop().map(|v| (settings.embedding.model.clone(), v)),
-            Ok(_) => None,
+            Ok(mut embedded) => {
+                // the org's model call, like any other (its usage, its budget)
+                let model = settings.embedding.model.as_str();
+                crate::model::record_embedding(pool, owner.org_id, model, embedded.tokens).await;
+                match embedded.vectors.len() {
+                    1 => embedded.vectors.pop().map(|v| (model.to_owned(), v)),
+                    _ => None,
+                }
+            }
             Err(e) => {
                 tracing::warn!(
                     kind = e.kind(),

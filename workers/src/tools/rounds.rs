@@ -239,7 +239,7 @@ impl ToolRounds {
                 && let Some(q) = args.get("query").and_then(serde_json::Value::as_str)
             {
                 let text: String = q.chars().take(MAX_QUERY_CHARS).collect();
-                let v = self.embedder.embed(&text).await;
+                let v = self.embedder.embed(ctx.org_id, &text).await;
                 query_embeddings.insert(i, v);
             }
         }

@@ -134,6 +134,48 @@ async fn an_enqueued_index_job_is_handled_by_the_worker_binary() {
 }
 
 #[tokio::test]
+async fn embedding_tokens_count_in_the_usage_of_the_orgs_whose_sources_were_embedded() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let model = unique_model("embed");
+    // two orgs' projects, indexed in one batch (one embedding request for both)
+    project(&db, "hermes").await;
+    project(&db, "a-project-with-a-much-longer-name-and-so-more-tokens").await;
+    worker(&db, &redis, &via_litellm(&model), &["index"]);
+    worker(
+        &db,
+        &redis,
+        &via_litellm(&model),
+        &["--queues", "index", "--until-empty", "--timeout-secs", "60"],
+    );
+    assert_eq!(chunks(&db).await, 2);
+    // what the upstream reported for its requests (the fake counts len / 4 + 1 per input)
+    let requests = FakeClient::shared().requests(&model).await.unwrap();
+    let reported: i64 = requests
+        .iter()
+        .flat_map(|r| r.body["input"].as_array().cloned().unwrap_or_default())
+        .map(|t| t.as_str().unwrap().len() as i64 / 4 + 1)
+        .sum();
+    let rows: Vec<(uuid::Uuid, i64, i64)> = sqlx::query_as(
+        "SELECT org_id, prompt_tokens, completion_tokens FROM usage_daily WHERE model = $1
+         ORDER BY prompt_tokens",
+    )
+    .bind(via_litellm(&model))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "one row per org: {rows:?}");
+    assert_ne!(rows[0].0, rows[1].0);
+    assert!(rows.iter().all(|r| r.1 > 0 && r.2 == 0), "{rows:?}");
+    // the request's tokens shared by the orgs' inputs, adding up to what was reported
+    assert_eq!(rows[0].1 + rows[1].1, reported, "{rows:?}");
+    assert!(
+        rows[0].1 < rows[1].1,
+        "the longer project costs more: {rows:?}"
+    );
+}
+
+#[tokio::test]
 async fn user_and_assistant_messages_are_indexed_for_their_owner_only() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();

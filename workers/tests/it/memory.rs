@@ -204,19 +204,26 @@ impl Ctx {
         panic!("the model was never called");
     }
 
-    /// The org's model calls counted in `usage_daily` (from yesterday on: a test may straddle
-    /// midnight UTC), each with its tokens.
+    /// The org's calls of its model counted in `usage_daily` (from yesterday on: a test may
+    /// straddle midnight UTC), each with its tokens (embedding calls count apart, under the
+    /// embedding model).
     async fn model_requests(&self) -> i64 {
         let since = chrono::Utc::now().date_naive() - chrono::Days::new(1);
         let rows = store::usage::report(&self.db.pool, Some(self.org.into()), since)
             .await
             .unwrap();
+        let embed = &self.settings.embedding.model;
         assert!(
-            rows.iter()
-                .all(|r| r.model == via_litellm(&self.model) && r.prompt_tokens > 0),
+            rows.iter().all(
+                |r| (r.model == via_litellm(&self.model) || &r.model == embed)
+                    && r.prompt_tokens > 0
+            ),
             "{rows:?}"
         );
-        rows.iter().map(|r| r.requests).sum()
+        rows.iter()
+            .filter(|r| r.model == via_litellm(&self.model))
+            .map(|r| r.requests)
+            .sum()
     }
 
     async fn summary(&self, conversation: Uuid) -> memory::Summary {
@@ -766,6 +773,28 @@ async fn malformed_extraction_stores_nothing_and_facts_respect_visibility_and_de
             ("user".into(), None, Some(u), "Likes tea".into()),
         ]
     );
+    // the facts' embedding request counts in the org's usage, as the upstream reported it
+    let embed_model = &c.settings.embedding.model;
+    let sent = FakeClient::shared()
+        .requests(embed_model.strip_prefix("fake/").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(sent.len(), 1);
+    let reported: i64 = sent[0].body["input"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().len() as i64 / 4 + 1)
+        .sum();
+    let counted: (i64, i64) = sqlx::query_as(
+        "SELECT requests, prompt_tokens FROM usage_daily WHERE org_id = $1 AND model = $2",
+    )
+    .bind(c.org)
+    .bind(embed_model)
+    .fetch_one(&c.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(counted, (1, reported));
     // a redelivered job for the same answer stores nothing more (and calls no model)
     let before = c.calls().await.len();
     bus_for(&c.settings)

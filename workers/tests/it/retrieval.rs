@@ -536,6 +536,17 @@ async fn a_turn_embeds_its_question_once_and_not_while_its_model_cools_down() {
         1,
         "one embedding call for the turn, none while it waited"
     );
+    // that call counts in the org's usage (its budget), with the tokens the upstream reported
+    let counted: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT requests, prompt_tokens FROM usage_daily WHERE org_id = $1 AND model = $2",
+    )
+    .bind(org)
+    .bind(ctx.model())
+    .fetch_all(&ctx.db.pool)
+    .await
+    .unwrap();
+    let reported = question.len() as i64 / 4 + 1;
+    assert_eq!(counted, [(1, reported)]);
     let calls = FakeClient::shared().requests(&chat).await.unwrap();
     let prompt = calls[0].body["messages"].to_string();
     assert!(prompt.contains("Monday"), "retrieval used it: {prompt}");

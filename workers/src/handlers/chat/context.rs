@@ -135,6 +135,7 @@ impl ContextLoader {
         // Retrieval, memory and this response's own tool exchange are independent reads; the
         // question is embedded once, and only if retrieval or memory has something to rank.
         let question = Question::new(
+            job.org_id.into_uuid(),
             recent
                 .last()
                 .map(|m| m.content.as_str())

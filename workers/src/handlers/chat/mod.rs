@@ -61,7 +61,7 @@ impl ChatHandler {
     ) -> Result<Self, llm::LlmError> {
         let llm = llm::LlmClient::new(&settings.litellm)?;
         let ledger = Ledger::new(db.clone(), redis.clone(), settings);
-        let embedder = QueryEmbedder::new(llm.clone(), settings);
+        let embedder = QueryEmbedder::new(llm.clone(), db.clone(), settings);
         let follow_ups = FollowUps::new(
             db.clone(),
             jobs::Bus::new(redis.clone(), &settings.queues),

@@ -35,13 +35,16 @@ pub fn describe() {
 /// The turn's question, embedded at most once and only when a step needs it: retrieval and
 /// memory share it (they run concurrently; the first to ask embeds, the other waits).
 pub(super) struct Question {
+    /// The turn's org: its embedding counts in the org's usage.
+    org_id: uuid::Uuid,
     text: String,
     embedding: tokio::sync::OnceCell<Option<pgvector::Vector>>,
 }
 
 impl Question {
-    pub(super) fn new(text: &str) -> Self {
+    pub(super) fn new(org_id: uuid::Uuid, text: &str) -> Self {
         Self {
+            org_id,
             text: text.chars().take(MAX_QUERY_CHARS).collect(),
             embedding: tokio::sync::OnceCell::new(),
         }
@@ -217,7 +220,7 @@ impl ContextLoader {
     ) -> Option<&'q pgvector::Vector> {
         question
             .embedding
-            .get_or_init(|| self.embedder.embed(&question.text))
+            .get_or_init(|| self.embedder.embed(question.org_id, &question.text))
             .await
             .as_ref()
     }

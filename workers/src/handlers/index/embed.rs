@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use llm::LlmError;
+use uuid::Uuid;
 
 use super::failure::{Failure, is_permanent, is_unavailable};
 use super::{IndexError, Indexer, PassReport, Pending, Plan, chunk};
@@ -33,9 +34,11 @@ impl Indexer {
                 .collect();
             report.embed_requests += 1;
             match self.llm.embed(&self.model, &inputs).await {
-                Ok(vectors) => {
+                Ok(embedded) => {
                     worked = true;
-                    for (p, v) in pending[start..end].iter_mut().zip(vectors) {
+                    let orgs = pending[start..end].iter().map(|p| org_of(plans, p));
+                    self.count_tokens(orgs.zip(&inputs), embedded.tokens).await;
+                    for (p, v) in pending[start..end].iter_mut().zip(embedded.vectors) {
                         p.vector = Some(v);
                     }
                 }
@@ -120,9 +123,11 @@ impl Indexer {
                 .collect();
             report.embed_requests += 1;
             match self.llm.embed(&self.model, &inputs).await {
-                Ok(vectors) => {
+                Ok(embedded) => {
                     worked = true;
-                    for (i, v) in idx.iter().zip(vectors) {
+                    let orgs = idx.iter().map(|i| org_of(plans, &pending[*i]));
+                    self.count_tokens(orgs.zip(&inputs), embedded.tokens).await;
+                    for (i, v) in idx.iter().zip(embedded.vectors) {
                         pending[*i].vector = Some(v);
                     }
                 }
@@ -132,5 +137,69 @@ impl Indexer {
             }
         }
         Ok((worked, failures))
+    }
+}
+
+/// The org whose source a pending chunk is of (every pending chunk's plan has its content).
+fn org_of(plans: &[Plan], p: &Pending) -> Option<Uuid> {
+    plans[p.plan].content.as_ref().map(|c| c.org_id.into_uuid())
+}
+
+impl Indexer {
+    /// Count an embedding request's `tokens` in the usage of the orgs whose chunks it carried
+    /// (a batch may hold several orgs' sources): in proportion to their inputs' characters,
+    /// the last org getting the rounding, so the shares add up to the request's tokens.
+    async fn count_tokens<'i>(
+        &self,
+        inputs: impl Iterator<Item = (Option<Uuid>, &'i String)>,
+        tokens: u64,
+    ) {
+        let mut chars: BTreeMap<Uuid, u64> = BTreeMap::new();
+        for (org, input) in inputs {
+            if let Some(org) = org {
+                *chars.entry(org).or_default() += input.chars().count() as u64;
+            }
+        }
+        for (org, share) in shares(&chars, tokens) {
+            crate::model::record_embedding(&self.db, org, &self.model, share).await;
+        }
+    }
+}
+
+/// `tokens` split in proportion to `weights` (the last key takes what rounding leaves).
+fn shares(weights: &BTreeMap<Uuid, u64>, tokens: u64) -> Vec<(Uuid, u64)> {
+    let total: u64 = weights.values().sum();
+    let mut left = tokens;
+    let mut out = Vec::with_capacity(weights.len());
+    for (i, (org, w)) in weights.iter().enumerate() {
+        let share = if i + 1 == weights.len() {
+            left
+        } else if total == 0 {
+            0
+        } else {
+            // (u128: tokens × characters cannot overflow)
+            (u128::from(tokens) * u128::from(*w) / u128::from(total)) as u64
+        };
+        left -= share.min(left);
+        out.push((*org, share));
+    }
+    out
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    #[test]
+    fn shares_follow_the_inputs_and_add_up() {
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let one = BTreeMap::from([(a, 10)]);
+        assert_eq!(shares(&one, 7), [(a, 7)]);
+        let three = BTreeMap::from([(a, 1), (b, 1), (c, 1)]);
+        let s = shares(&three, 10);
+        assert_eq!(s, [(a, 3), (b, 3), (c, 4)]);
+        let skewed = BTreeMap::from([(a, 900), (b, 100)]);
+        assert_eq!(shares(&skewed, 50), [(a, 45), (b, 5)]);
+        assert_eq!(shares(&BTreeMap::new(), 5), []);
     }
 }

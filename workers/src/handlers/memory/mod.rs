@@ -105,16 +105,17 @@ impl MemoryHandlers {
         inner.model.complete_text(&inner.db, org_id, messages).await
     }
 
-    /// Embed texts with `EMBEDDING_MODEL`; `None` (logged, counted) when that fails.
-    async fn embed(&self, texts: &[String]) -> Option<Vec<Vec<f32>>> {
+    /// Embed texts of `org_id` with `EMBEDDING_MODEL` (the tokens counted in the org's usage);
+    /// `None` (logged, counted) when that fails.
+    async fn embed(&self, org_id: uuid::Uuid, texts: &[String]) -> Option<Vec<Vec<f32>>> {
         let inner = &self.inner;
         let expect = llm::Expect::default();
-        match inner
-            .llm
-            .embed_or_fail(&inner.embedding.model, texts, expect)
-            .await
-        {
-            Ok(v) => Some(v),
+        let model = inner.embedding.model.as_str();
+        match inner.llm.embed_or_fail(model, texts, expect).await {
+            Ok(embedded) => {
+                crate::model::record_embedding(&inner.db, org_id, model, embedded.tokens).await;
+                Some(embedded.vectors)
+            }
             Err(failure) => {
                 tracing::warn!(%failure, "embedding memory entries failed");
                 metrics::counter!(EMBED_FAILURES).increment(1);

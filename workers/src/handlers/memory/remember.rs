@@ -261,7 +261,7 @@ impl MemoryHandlers {
         let vectors = if contents.is_empty() {
             None
         } else {
-            self.embed(&contents).await
+            self.embed(conversation.org_id, &contents).await
         };
 
         let mut tx = inner.db.begin().await.map_err(db_error)?;
