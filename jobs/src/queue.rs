@@ -146,6 +146,8 @@ pub struct QueueKeys {
     /// (`<fair_runs><org>`: job ids scored by admission time, ms).
     pub fair_caps: String,
     pub fair_runs: String,
+    /// Job id → the run set it is in, for the ack and dead-letter steps to take it out.
+    pub fair_run_orgs: String,
     tick_base: String,
 }
 
@@ -162,6 +164,7 @@ impl QueueKeys {
             fair_lists: format!("{base}:fair:o:"),
             fair_caps: format!("{base}:fair:cap"),
             fair_runs: format!("{base}:fair:r:"),
+            fair_run_orgs: format!("{base}:fair:ro"),
             tick_base: format!("{base}:tick"),
             stream: base,
         }

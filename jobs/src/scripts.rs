@@ -34,7 +34,10 @@ return 1
 /// still owns, then one `XACK`, one `XDEL` and one `HDEL` for all of them — four calls per
 /// batch instead of four per entry. The range scan is capped (ARGV[3]); when the cap is hit,
 /// the ids it did not reach are checked one by one.
-/// KEYS: stream, marks. ARGV: group, consumer, scan cap, then pairs of entry id and job id.
+/// Jobs that count against their org's concurrency cap (fair admission: the run-org hash
+/// names their run set) leave it here, so their org may go again. Returns `{acked, freed}`.
+/// KEYS: stream, marks, run orgs. ARGV: group, consumer, scan cap, then pairs of entry id and
+/// job id.
 pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -73,11 +76,19 @@ for i = 4, #ARGV, 2 do
     jobs[#jobs + 1] = ARGV[i + 1]
   end
 end
-if #ids == 0 then return 0 end
+if #ids == 0 then return {0, 0} end
 local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
 redis.call('XDEL', KEYS[1], unpack(ids))
 redis.call('HDEL', KEYS[2], unpack(jobs))
-return n
+local freed = 0
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  local sets = redis.call('HMGET', KEYS[3], unpack(jobs))
+  for i, set in ipairs(sets) do
+    if set then freed = freed + redis.call('ZREM', set, jobs[i]) end
+  end
+  redis.call('HDEL', KEYS[3], unpack(jobs))
+end
+return {n, freed}
 "#,
     )
 });
@@ -115,9 +126,11 @@ return 1
 });
 
 /// Dead-letter a delivered entry: append it with its last error to the dead stream, acknowledge
-/// it and clear its job's marker, together, while this consumer owns it.
-/// KEYS: stream, dead, marks. ARGV: group, consumer, id, envelope, error, reason, failed_at_ms,
-/// job id ('' when unknown).
+/// it and clear its job's marker (and its place in its org's run set, as `ACK` does), together,
+/// while this consumer owns it. Returns 0 when not owned, 1 when dead-lettered, 2 when that
+/// also freed a slot of its org's concurrency cap.
+/// KEYS: stream, dead, marks, run orgs. ARGV: group, consumer, id, envelope, error, reason,
+/// failed_at_ms, job id ('' when unknown).
 pub static DEAD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -127,8 +140,12 @@ redis.call('XADD', KEYS[2], '*', 'j', ARGV[4], 'error', ARGV[5], 'reason', ARGV[
   'failed_at', ARGV[7], 'source', ARGV[3])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
-if ARGV[8] ~= '' then redis.call('HDEL', KEYS[3], ARGV[8]) end
-return 1
+if ARGV[8] == '' then return 1 end
+redis.call('HDEL', KEYS[3], ARGV[8])
+local set = redis.call('HGET', KEYS[4], ARGV[8])
+if not set then return 1 end
+redis.call('HDEL', KEYS[4], ARGV[8])
+return 1 + redis.call('ZREM', set, ARGV[8])
 "#,
     )
 });
@@ -246,8 +263,13 @@ return 0
 /// weights, whatever their backlogs).
 ///
 /// `fair(...)` reads the context the scripts share from KEYS/ARGV at given positions: ring,
-/// virtual time, weights, stream, marks, caps (KEYS); org list prefix, group, run set prefix,
-/// default cap, now_ms, stale_ms (ARGV).
+/// virtual time, weights, stream, marks, caps, run orgs (KEYS); org list prefix, group, run
+/// set prefix, default cap, now_ms, stale_ms (ARGV).
+///
+/// A capped org's admitted job is in its run set (`<runs><org>`, scored by admission time) and
+/// the run-org hash (job id → that set) until `ACK` or `DEAD` takes it out; `full` drops
+/// members older than `stale_ms` and, when the org looks full, its oldest member if that job
+/// has no marker any more — a backstop for jobs Redis lost, one check per capped org.
 const FAIR_LUA: &str = r#"
 local function undelivered(stream, group)
   local len = redis.call('XLEN', stream)
@@ -264,7 +286,8 @@ local function weight(weights, org)
 end
 local function fair(k, a)
   return {ring = KEYS[k], vt = KEYS[k + 1], weights = KEYS[k + 2], stream = KEYS[k + 3],
-    marks = KEYS[k + 4], caps = KEYS[k + 5], lists = ARGV[a], group = ARGV[a + 1],
+    marks = KEYS[k + 4], caps = KEYS[k + 5], run_orgs = KEYS[k + 6], lists = ARGV[a],
+    group = ARGV[a + 1],
     runs = ARGV[a + 2], cap = tonumber(ARGV[a + 3]) or 0, now = tonumber(ARGV[a + 4]),
     stale = tonumber(ARGV[a + 5])}
 end
@@ -272,29 +295,42 @@ end
 local function cap_of(f, org)
   return tonumber(redis.call('HGET', f.caps, org) or f.cap) or 0
 end
--- whether an org runs `cap` jobs already: the members of its run set admitted within `stale`
--- ms whose marker (cleared at ack or dead letter) is still there; the others are dropped
+-- whether an org runs `cap` jobs already (see above)
 local function full(f, org, cap)
   if cap <= 0 then return false end
   local set = f.runs .. org
-  if redis.call('ZCARD', set) < cap then return false end
-  redis.call('ZREMRANGEBYSCORE', set, '-inf', f.now - f.stale)
-  for _, id in ipairs(redis.call('ZRANGE', set, 0, -1)) do
-    if redis.call('HEXISTS', f.marks, id) == 0 then redis.call('ZREM', set, id) end
+  local n = redis.call('ZCARD', set)
+  if n < cap then return false end
+  local old = redis.call('ZRANGEBYSCORE', set, '-inf', f.now - f.stale)
+  if #old > 0 then
+    redis.call('ZREM', set, unpack(old))
+    redis.call('HDEL', f.run_orgs, unpack(old))
+    n = n - #old
   end
-  return redis.call('ZCARD', set) >= cap
+  if n >= cap then
+    local oldest = redis.call('ZRANGE', set, 0, 0)[1]
+    if oldest and redis.call('HEXISTS', f.marks, oldest) == 0 then
+      redis.call('ZREM', set, oldest)
+      redis.call('HDEL', f.run_orgs, oldest)
+      n = n - 1
+    end
+  end
+  return n >= cap
 end
+-- the most orgs at their cap one admission passes over before it gives up
+local MAX_PASSED = 100
 -- returns the jobs moved and the orgs passed over at their cap
 local function admit(f, n)
-  local moved, skip = 0, 0
-  while moved < n do
-    local top = redis.call('ZRANGE', f.ring, skip, skip, 'WITHSCORES')
+  local moved, passed = 0, {}
+  local v0 = tonumber(redis.call('GET', f.vt) or '0') or 0
+  local v = v0
+  while moved < n and #passed < MAX_PASSED do
+    local top = redis.call('ZRANGE', f.ring, #passed, #passed, 'WITHSCORES')
     if #top == 0 then break end
     local org, tag = top[1], tonumber(top[2])
     local cap = cap_of(f, org)
     if full(f, org, cap) then
-      -- keeps its tag, so it goes first once one of its jobs settles
-      skip = skip + 1
+      passed[#passed + 1] = org
     else
       local list = f.lists .. org
       -- (the entry first: a failed XADD leaves the job in its list)
@@ -309,19 +345,28 @@ local function admit(f, n)
             local set = f.runs .. org
             redis.call('ZADD', set, f.now, env.id)
             redis.call('PEXPIRE', set, f.stale)
+            redis.call('HSET', f.run_orgs, env.id, set)
           end
         end
       end
-      local v = tonumber(redis.call('GET', f.vt) or '0') or 0
-      if tag > v then redis.call('SET', f.vt, string.format('%.17g', tag)) end
+      if tag > v then v = tag end
       if redis.call('LLEN', list) > 0 then
-        redis.call('ZADD', f.ring, tag + 1 / weight(f.weights, org), org)
+        -- (from the virtual time at least: an org held back at its cap while others went
+        -- gets no more than this one turn of credit for it)
+        redis.call('ZADD', f.ring, math.max(tag, v) + 1 / weight(f.weights, org), org)
       else
         redis.call('ZREM', f.ring, org)
       end
     end
   end
-  return {moved, skip}
+  if v ~= v0 then redis.call('SET', f.vt, string.format('%.17g', v)) end
+  -- the orgs passed over keep their place, but not behind the virtual time (so their backlog
+  -- does not count ahead of the others' turns in `FAIR_POSITION`, nor win them extra turns)
+  for _, org in ipairs(passed) do
+    local s = tonumber(redis.call('ZSCORE', f.ring, org))
+    if s and s < v then redis.call('ZADD', f.ring, v, org) end
+  end
+  return {moved, #passed}
 end
 "#;
 
@@ -330,8 +375,9 @@ end
 /// when no entry waits in the stream (the consumers are idle), one job admitted at once.
 /// With `once`, a job id that already has a marker is not enqueued again. Returns 1 when
 /// enqueued, 0 when the job was there already.
-/// KEYS: fair ring, virtual time, weights, stream, marks, caps. ARGV: org list prefix, group,
-/// run set prefix, default cap, now_ms, stale_ms, job id, org, envelope, once (1/0).
+/// KEYS: fair ring, virtual time, weights, stream, marks, caps, run orgs. ARGV: org list
+/// prefix, group, run set prefix, default cap, now_ms, stale_ms, job id, org, envelope, once
+/// (1/0).
 pub static ENQUEUE_FAIR: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{FAIR_LUA}{}",
@@ -358,8 +404,8 @@ return 1
 /// replays, jobs given back — are read first, and do not make the stream grow a FIFO backlog
 /// of admitted jobs behind them). Returns how many moved and how many orgs were passed over
 /// at their cap.
-/// KEYS: fair ring, virtual time, weights, stream, marks, caps. ARGV: org list prefix, group,
-/// run set prefix, default cap, now_ms, stale_ms, n.
+/// KEYS: fair ring, virtual time, weights, stream, marks, caps, run orgs. ARGV: org list
+/// prefix, group, run set prefix, default cap, now_ms, stale_ms, n.
 pub static ADMIT_FAIR: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{FAIR_LUA}{}",

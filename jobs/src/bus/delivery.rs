@@ -77,22 +77,29 @@ impl Bus {
         let mut inv = scripts::ACK.key(&keys.stream);
         // the scan cap: this batch plus what else the consumer may hold in its range
         inv.key(&keys.marks)
+            .key(&keys.fair_run_orgs)
             .arg(GROUP)
             .arg(consumer)
             .arg(entries.len() + ACK_SCAN_SLACK);
         for (entry, job) in entries {
             inv.arg(*entry).arg(job.to_string());
         }
-        let acked: u64 = inv.invoke_async(&mut conn).await?;
-        // an org held back at its concurrency cap may go now: admit at once rather than at a
-        // consumer's next read (an idle one blocks for up to `read_block` first)
-        if acked > 0
-            && self.inner.capped.load(std::sync::atomic::Ordering::Relaxed)
-            && let Err(e) = self.admit(&mut conn, p, entries.len()).await
-        {
-            tracing::warn!(queue = %p, error = %e, "cannot admit waiting jobs after an ack");
-        }
+        let (acked, freed): (u64, u64) = inv.invoke_async(&mut conn).await?;
+        self.admit_freed(&mut conn, p, freed).await;
         Ok(acked)
+    }
+
+    /// Settling took `freed` jobs out of their orgs' concurrency caps: an org held back at its
+    /// cap may go now, so admit at once rather than at a consumer's next read (an idle one
+    /// blocks for up to `read_block` first). A failure is logged: the next read admits.
+    async fn admit_freed(&self, conn: &mut crate::RedisConn, p: Part, freed: u64) {
+        if freed == 0 {
+            return;
+        }
+        let n = usize::try_from(freed).unwrap_or(usize::MAX);
+        if let Err(e) = self.admit(conn, p, n).await {
+            tracing::warn!(queue = %p, error = %e, "cannot admit waiting jobs after settling");
+        }
     }
 
     /// Schedule `next` (the following attempt) at `due` and acknowledge `entry_id`, atomically,
@@ -154,12 +161,14 @@ impl Bus {
         reason: DeadReason,
         job_id: Option<Uuid>,
     ) -> Result<bool, BusError> {
+        let p = p.into();
         let keys = self.keys(p);
         let mut conn = self.conn().await?;
         let n: i64 = scripts::DEAD
             .key(&keys.stream)
             .key(&keys.dead)
             .key(&keys.marks)
+            .key(&keys.fair_run_orgs)
             .arg(GROUP)
             .arg(consumer)
             .arg(entry_id)
@@ -170,7 +179,10 @@ impl Bus {
             .arg(job_id.map(|j| j.to_string()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await?;
-        Ok(n == 1)
+        if n == 2 {
+            self.admit_freed(&mut conn, p, 1).await;
+        }
+        Ok(n >= 1)
     }
 
     /// Move up to `limit` due delayed envelopes to the stream. Returns how many moved and when

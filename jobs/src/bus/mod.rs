@@ -81,15 +81,22 @@ struct Inner {
     recorded: AtomicBool,
     /// When `readable` was last read from the record (ms since the epoch; 0: never).
     refreshed_ms: AtomicI64,
-    /// The last fair admission of this process passed over an org at its concurrency cap.
-    capped: AtomicBool,
 }
 
-/// How long a capped org's admitted job counts against its cap at most when its marker stays
-/// (a job Redis lost with its marker kept, say): as long as its every attempt could take.
+/// How long a capped org's admitted job counts against its cap at most, should neither its
+/// ack nor its dead letter ever take it out (a job Redis lost with its marker kept, say): as
+/// long as its every attempt could take, at least a day (a rate limit's `Retry-After` may
+/// exceed the backoff cap), at most 30 days.
 fn run_set_ttl_ms(s: &config::QueueSettings) -> u64 {
-    let attempt_ms = (s.run_timeout_secs + s.visibility_timeout_secs) * 1000 + s.backoff_cap_ms;
-    attempt_ms.saturating_mul(u64::from(s.max_attempts.max(1)))
+    const DAY_MS: u64 = 86_400_000;
+    let attempt_ms = s
+        .run_timeout_secs
+        .saturating_add(s.visibility_timeout_secs)
+        .saturating_mul(1000)
+        .saturating_add(s.backoff_cap_ms);
+    attempt_ms
+        .saturating_mul(u64::from(s.max_attempts.max(1)))
+        .clamp(DAY_MS, 30 * DAY_MS)
 }
 
 /// How long a process's view of the recorded partitions is trusted before `markers`, `stats`
@@ -125,7 +132,6 @@ impl Bus {
                 // one partition: nothing to record
                 recorded: AtomicBool::new(n == 1),
                 refreshed_ms: AtomicI64::new(0),
-                capped: AtomicBool::new(false),
             }),
         }
     }
@@ -437,8 +443,7 @@ impl Bus {
     /// Admit up to `n` jobs waiting in a chat partition's fair lists into its stream (a
     /// consumer about to read `n`, or jobs just settled). Whatever this process's `fair`
     /// setting: a job another process put in the lists is never left there (turning fair
-    /// admission off drains them). Remembers whether an org was passed over at its
-    /// concurrency cap, so that settling a job admits the next at once ([`Bus::ack`]).
+    /// admission off drains them).
     pub async fn admit(
         &self,
         conn: &mut crate::RedisConn,
@@ -450,12 +455,11 @@ impl Bus {
         }
         let keys = self.keys(p);
         let now = Utc::now().timestamp_millis();
-        let (moved, capped): (u64, u64) = self
+        let (moved, _passed): (u64, u64) = self
             .fair_invocation(&scripts::ADMIT_FAIR, p, keys, now)
             .arg(n)
             .invoke_async(conn)
             .await?;
-        self.inner.capped.store(capped > 0, Ordering::Relaxed);
         Ok(moved)
     }
 
@@ -475,6 +479,7 @@ impl Bus {
             .key(&keys.stream)
             .key(&keys.marks)
             .key(&keys.fair_caps)
+            .key(&keys.fair_run_orgs)
             .arg(&keys.fair_lists)
             .arg(GROUP)
             .arg(&keys.fair_runs)

@@ -332,3 +332,124 @@ async fn a_capped_orgs_slot_held_by_a_settled_or_stale_job_is_given_back() {
     let ttl: i64 = conn.pttl(&runs).await.unwrap();
     assert!(ttl > 0, "the run set expires: {ttl}");
 }
+
+#[tokio::test]
+async fn an_org_held_at_its_cap_gets_no_credit_for_it_nor_inflates_others_places() {
+    let redis = TestRedis::new();
+    let bus = crate::bus(
+        &redis,
+        &crate::queues(|q| {
+            q.partitions = 1;
+            q.chat.fair = true;
+        }),
+    );
+    let p = bus.parts(Queue::Chat).next().unwrap();
+    bus.ensure_group(p).await.unwrap();
+    bus.set_fair_cap(Queue::Chat, "org-a", Some(1))
+        .await
+        .unwrap();
+    // A's first job goes to the idle stream and is taken (and held): A is at its cap
+    for _ in 0..21 {
+        bus.enqueue_envelope(&probe("org-a")).await.unwrap();
+    }
+    let mut reader = bus.redis().blocking_conn().await.unwrap();
+    let taken = bus.read(&mut reader, p, "held", 1, None).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    // B's jobs go while A waits
+    for _ in 0..20 {
+        bus.enqueue_envelope(&probe("org-b")).await.unwrap();
+    }
+    let mut conn = bus.redis().conn().await.unwrap();
+    bus.admit(&mut conn, p, 10).await.unwrap();
+    let stats = bus.stats(Queue::Chat).await.unwrap();
+    assert_eq!((stats.length, stats.waiting), (11, 30), "{stats:?}");
+    // A was passed over, not left behind the virtual time
+    let keys = bus.keys(p);
+    use redis::AsyncCommands;
+    let vt: f64 = conn.get(&keys.fair_vt).await.unwrap();
+    let a: f64 = conn.zscore(&keys.fair, "org-a").await.unwrap();
+    assert!(a >= vt - 1e-9, "A's tag {a} behind the virtual time {vt}");
+    // a newcomer stands behind the 10 undelivered and about one turn of A and of B, not
+    // behind A's backlog (20 more)
+    let c = probe("org-c");
+    bus.enqueue_envelope(&c).await.unwrap();
+    let place = bus.fair_position(&c).await.unwrap().unwrap();
+    assert!((11..=14).contains(&place), "{place}");
+}
+
+#[tokio::test]
+async fn a_capped_orgs_retried_job_keeps_its_slot_and_its_dead_letter_frees_it_at_once() {
+    let redis = TestRedis::new();
+    let bus = crate::bus(
+        &redis,
+        &crate::queues(|q| {
+            q.partitions = 1;
+            q.chat.fair = true;
+            q.chat.org_concurrency = 1;
+            q.chat.backoff_base_ms = 300;
+            q.chat.backoff_cap_ms = 300;
+            q.chat.jitter = config::Jitter::None;
+        }),
+    );
+    for p in bus.parts(Queue::Chat) {
+        bus.ensure_group(p).await.unwrap();
+    }
+    // in org A's order: one that fails once, one that fails for good, one that succeeds
+    for fail_times in [1, 99, 0] {
+        bus.enqueue_envelope(&Envelope::new(Probe {
+            key: "org-a".to_owned(),
+            sleep_ms: 0,
+            fail_times,
+            queue: Some(Queue::Chat),
+        }))
+        .await
+        .unwrap();
+    }
+    type Run = (u32, u32, std::time::Instant, std::time::Instant);
+    let runs: Arc<Mutex<Vec<Run>>> = Arc::default();
+    let mut registry = Registry::new();
+    {
+        let runs = runs.clone();
+        registry.register::<Probe, _, _>(move |ctx, job| {
+            let runs = runs.clone();
+            async move {
+                let start = std::time::Instant::now();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                runs.lock().unwrap().push((
+                    job.fail_times,
+                    ctx.attempt,
+                    start,
+                    std::time::Instant::now(),
+                ));
+                match job.fail_times {
+                    99 => Err(jobs::JobError::permanent("never")),
+                    n if ctx.attempt <= n => Err(jobs::JobError::retryable("once")),
+                    _ => Ok(()),
+                }
+            }
+        });
+    }
+    // an idle consumer blocks 6 s on its read: only an admission at settlement is quicker
+    let opts = WorkerOptions {
+        queues: vec![Queue::Chat],
+        concurrency: 4,
+        consumer: format!("w-{:08x}", rand::random::<u32>()),
+        read_block: Duration::from_secs(6),
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let report = Worker::new(bus.clone(), registry, opts)
+        .drain_until_empty(Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!((report.completed, report.dead), (2, 1), "{report:?}");
+    let runs = runs.lock().unwrap().clone();
+    let order: Vec<(u32, u32)> = runs.iter().map(|r| (r.0, r.1)).collect();
+    // the retried job's second attempt came before the next job: it kept its slot
+    assert_eq!(order, [(1, 1), (1, 2), (99, 1), (0, 1)], "{runs:?}");
+    for w in runs.windows(2) {
+        assert!(w[1].2 >= w[0].3, "two of A's jobs ran at once: {runs:?}");
+    }
+    // the dead letter let the last one go at once
+    let after_dead = runs[3].2 - runs[2].3;
+    assert!(after_dead < Duration::from_secs(3), "{after_dead:?}");
+}
