@@ -36,8 +36,9 @@ return 1
 /// the ids it did not reach are checked one by one.
 /// Jobs that count against their org's concurrency cap (fair admission: the run-org hash
 /// names their run set) leave it here, so their org may go again. Returns `{acked, freed}`.
-/// KEYS: stream, marks, run orgs. ARGV: group, consumer, scan cap, then pairs of entry id and
-/// job id.
+/// KEYS: stream, marks, and for a fair queue its run orgs (a queue without leaves it out: a
+/// call from a script costs about as much as a small command). ARGV: group, consumer, scan
+/// cap, then pairs of entry id and job id.
 pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -81,7 +82,7 @@ local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
 redis.call('XDEL', KEYS[1], unpack(ids))
 redis.call('HDEL', KEYS[2], unpack(jobs))
 local freed = 0
-if redis.call('EXISTS', KEYS[3]) == 1 then
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
   local sets = redis.call('HMGET', KEYS[3], unpack(jobs))
   for i, set in ipairs(sets) do
     if set then freed = freed + redis.call('ZREM', set, jobs[i]) end

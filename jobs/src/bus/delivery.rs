@@ -13,7 +13,7 @@ use super::{Bus, DeadReason, Delivery, field};
 use crate::envelope::Envelope;
 use crate::error::BusError;
 use crate::metrics;
-use crate::queue::{GROUP, Part};
+use crate::queue::{GROUP, Part, Queue};
 use crate::scripts;
 
 /// How many more of its own pending entries than the batch holds an ack's range scan reads
@@ -75,10 +75,13 @@ impl Bus {
         let keys = self.keys(p);
         let mut conn = self.conn().await?;
         let mut inv = scripts::ACK.key(&keys.stream);
+        inv.key(&keys.marks);
+        // (only a fair queue's jobs may hold a slot of their org's concurrency cap)
+        if p.queue == Queue::Chat {
+            inv.key(&keys.fair_run_orgs);
+        }
         // the scan cap: this batch plus what else the consumer may hold in its range
-        inv.key(&keys.marks)
-            .key(&keys.fair_run_orgs)
-            .arg(GROUP)
+        inv.arg(GROUP)
             .arg(consumer)
             .arg(entries.len() + ACK_SCAN_SLACK);
         for (entry, job) in entries {
