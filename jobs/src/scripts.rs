@@ -131,7 +131,7 @@ return 1
 /// while this consumer owns it. Returns 0 when not owned, 1 when dead-lettered, 2 when that
 /// also freed a slot of its org's concurrency cap.
 /// KEYS: stream, dead, marks, run orgs. ARGV: group, consumer, id, envelope, error, reason,
-/// failed_at_ms, job id ('' when unknown).
+/// failed_at_ms, job id ('' when unknown: then the envelope's own `id`, if it has one).
 pub static DEAD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -141,12 +141,18 @@ redis.call('XADD', KEYS[2], '*', 'j', ARGV[4], 'error', ARGV[5], 'reason', ARGV[
   'failed_at', ARGV[7], 'source', ARGV[3])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
-if ARGV[8] == '' then return 1 end
-redis.call('HDEL', KEYS[3], ARGV[8])
-local set = redis.call('HGET', KEYS[4], ARGV[8])
+local id = ARGV[8]
+if id == '' then
+  -- (an envelope this build cannot read may still hold its org's slot, under its id)
+  local ok, env = pcall(cjson.decode, ARGV[4])
+  if not (ok and type(env) == 'table' and type(env.id) == 'string') then return 1 end
+  id = env.id
+end
+redis.call('HDEL', KEYS[3], id)
+local set = redis.call('HGET', KEYS[4], id)
 if not set then return 1 end
-redis.call('HDEL', KEYS[4], ARGV[8])
-return 1 + redis.call('ZREM', set, ARGV[8])
+redis.call('HDEL', KEYS[4], id)
+return 1 + redis.call('ZREM', set, id)
 "#,
     )
 });
@@ -302,7 +308,7 @@ local function full(f, org, cap)
   local set = f.runs .. org
   local n = redis.call('ZCARD', set)
   if n < cap then return false end
-  local old = redis.call('ZRANGEBYSCORE', set, '-inf', f.now - f.stale)
+  local old = redis.call('ZRANGEBYSCORE', set, '-inf', f.now - f.stale, 'LIMIT', 0, 1000)
   if #old > 0 then
     redis.call('ZREM', set, unpack(old))
     redis.call('HDEL', f.run_orgs, unpack(old))
@@ -347,6 +353,7 @@ local function admit(f, n)
             redis.call('ZADD', set, f.now, env.id)
             redis.call('PEXPIRE', set, f.stale)
             redis.call('HSET', f.run_orgs, env.id, set)
+            redis.call('PEXPIRE', f.run_orgs, f.stale)
           end
         end
       end

@@ -453,3 +453,44 @@ async fn a_capped_orgs_retried_job_keeps_its_slot_and_its_dead_letter_frees_it_a
     let after_dead = runs[3].2 - runs[2].3;
     assert!(after_dead < Duration::from_secs(3), "{after_dead:?}");
 }
+
+#[tokio::test]
+async fn an_envelope_this_build_cannot_read_gives_its_orgs_slot_back_when_dead_lettered() {
+    let redis = TestRedis::new();
+    let bus = crate::bus(
+        &redis,
+        &crate::queues(|q| {
+            q.partitions = 1;
+            q.chat.fair = true;
+            q.chat.org_concurrency = 1;
+        }),
+    );
+    let p = bus.parts(Queue::Chat).next().unwrap();
+    bus.ensure_group(p).await.unwrap();
+    // a job of a kind this build does not know (a newer build enqueued it), waiting in org-a's
+    // list like any other
+    let mut env = serde_json::to_value(probe("org-a")).unwrap();
+    env["kind"] = serde_json::json!("from_the_future");
+    let id = env["id"].as_str().unwrap().to_owned();
+    let keys = bus.keys(p);
+    let mut conn = bus.redis().conn().await.unwrap();
+    use redis::AsyncCommands;
+    let _: () = conn
+        .rpush(format!("{}org-a", keys.fair_lists), env.to_string())
+        .await
+        .unwrap();
+    let _: () = conn.zadd(&keys.fair, "org-a", 1).await.unwrap();
+    let _: () = conn.hset(&keys.marks, &id, 1).await.unwrap();
+    assert_eq!(bus.admit(&mut conn, p, 1).await.unwrap(), 1);
+    let runs = format!("{}org-a", keys.fair_runs);
+    let held: Vec<String> = conn.zrange(&runs, 0, -1).await.unwrap();
+    assert_eq!(held, std::slice::from_ref(&id));
+    // a worker dead-letters it (malformed for this build): org-a's slot and its marker go
+    let report = handled_in_order(&bus).await;
+    assert!(report.is_empty(), "{report:?}");
+    let held: Vec<String> = conn.zrange(&runs, 0, -1).await.unwrap();
+    assert!(held.is_empty(), "{held:?}");
+    let marked: bool = conn.hexists(&keys.marks, &id).await.unwrap();
+    assert!(!marked);
+    assert_eq!(bus.stats(Queue::Chat).await.unwrap().dead, 1);
+}
