@@ -265,7 +265,9 @@ impl LlmClient {
         let reported = v
             .get("usage")
             .and_then(|u| u.get("prompt_tokens"))
-            .and_then(Value::as_u64);
+            .and_then(Value::as_u64)
+            // (some providers report 0 through the proxy: an embedding is never free)
+            .filter(|&n| n > 0);
         Ok(Embeddings {
             vectors: out.into_iter().map(|(_, v)| v).collect(),
             tokens: reported.unwrap_or_else(|| {
@@ -283,8 +285,9 @@ impl LlmClient {
 pub struct Embeddings {
     /// One vector per input, in order.
     pub vectors: Vec<Vec<f32>>,
-    /// The prompt tokens the request cost: the upstream's `usage.prompt_tokens`, else
-    /// estimated ([`embed::estimate_tokens`] of each input). Counted against the org's budget.
+    /// The prompt tokens the request cost: the upstream's `usage.prompt_tokens` when above 0,
+    /// else estimated ([`embed::estimate_tokens`] of each input). Counted against the org's
+    /// budget.
     pub tokens: u64,
 }
 

@@ -363,7 +363,7 @@ async fn admit_locked(
     match standing.admit(policy.turn_reserve) {
         Admission::Reserve(n) => Ok(n),
         Admission::Refused(refusal) => {
-            // until the period resets (API.md), also when the org's open turns hold the rest:
+            // until the period resets (the HTTP contract), also when the org's open turns hold the rest:
             // they may free some as they settle, but no sooner is promised
             let left = (refusal.period.resets_at(now) - now).num_seconds();
             let retry_after_secs = u64::try_from(left).unwrap_or(0).max(1);

@@ -213,7 +213,7 @@ async fn fifty_concurrent_turns_at_the_budget_edge_never_pass_it() {
     );
     for r in &refused {
         assert_eq!(r.body["error"]["code"], "budget_exceeded", "{}", r.body);
-        // the open turns hold the rest: Retry-After runs until the day resets (API.md)
+        // the open turns hold the rest: Retry-After runs until the day resets (the HTTP contract)
         let midnight = (chrono::Utc::now() + chrono::Duration::days(1))
             .date_naive()
             .and_hms_opt(0, 0, 0)

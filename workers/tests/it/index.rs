@@ -138,9 +138,14 @@ async fn embedding_tokens_count_in_the_usage_of_the_orgs_whose_sources_were_embe
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let model = unique_model("embed");
-    // two orgs' projects, indexed in one batch (one embedding request for both)
-    project(&db, "hermes").await;
-    project(&db, "a-project-with-a-much-longer-name-and-so-more-tokens").await;
+    // two orgs' projects, indexed in one batch
+    let names = [
+        "hermes",
+        "a-project-with-a-much-longer-name-and-so-more-tokens",
+    ];
+    for name in names {
+        project(&db, name).await;
+    }
     worker(&db, &redis, &via_litellm(&model), &["index"]);
     worker(
         &db,
@@ -149,30 +154,41 @@ async fn embedding_tokens_count_in_the_usage_of_the_orgs_whose_sources_were_embe
         &["--queues", "index", "--until-empty", "--timeout-secs", "60"],
     );
     assert_eq!(chunks(&db).await, 2);
-    // what the upstream reported for its requests (the fake counts len / 4 + 1 per input)
+    // each request carries one org's chunks: what the upstream reported for it (the fake counts
+    // len / 4 + 1 per input) is that org's, and no other's
     let requests = FakeClient::shared().requests(&model).await.unwrap();
-    let reported: i64 = requests
-        .iter()
-        .flat_map(|r| r.body["input"].as_array().cloned().unwrap_or_default())
-        .map(|t| t.as_str().unwrap().len() as i64 / 4 + 1)
-        .sum();
-    let rows: Vec<(uuid::Uuid, i64, i64)> = sqlx::query_as(
-        "SELECT org_id, prompt_tokens, completion_tokens FROM usage_daily WHERE model = $1
-         ORDER BY prompt_tokens",
-    )
-    .bind(via_litellm(&model))
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(rows.len(), 2, "one row per org: {rows:?}");
-    assert_ne!(rows[0].0, rows[1].0);
-    assert!(rows.iter().all(|r| r.1 > 0 && r.2 == 0), "{rows:?}");
-    // the request's tokens shared by the orgs' inputs, adding up to what was reported
-    assert_eq!(rows[0].1 + rows[1].1, reported, "{rows:?}");
-    assert!(
-        rows[0].1 < rows[1].1,
-        "the longer project costs more: {rows:?}"
-    );
+    assert_eq!(requests.len(), 2, "one request per org");
+    for name in names {
+        let org: uuid::Uuid = sqlx::query_scalar("SELECT org_id FROM projects WHERE name = $1")
+            .bind(name)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        let inputs: Vec<String> = requests
+            .iter()
+            .map(|r| r.body["input"].as_array().cloned().unwrap_or_default())
+            .find(|inputs| inputs.iter().any(|t| t.as_str().unwrap().contains(name)))
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_owned())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| *n == name || !inputs.iter().any(|t| t.contains(n)))
+        );
+        let reported: i64 = inputs.iter().map(|t| t.len() as i64 / 4 + 1).sum();
+        let counted: (i64, i64, i64) = sqlx::query_as(
+            "SELECT requests, prompt_tokens, completion_tokens FROM usage_daily
+             WHERE org_id = $1 AND model = $2",
+        )
+        .bind(org)
+        .bind(via_litellm(&model))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(counted, (1, reported, 0), "{name}");
+    }
 }
 
 #[tokio::test]

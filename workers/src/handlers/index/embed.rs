@@ -15,19 +15,32 @@ impl Indexer {
     /// works for other requests too. Sources that still fail get their `failure`. Returns the
     /// plans given up on because the embedder is unavailable on the job's last attempt (sorted;
     /// empty otherwise — before the last attempt that is an error).
+    ///
+    /// A request carries one org's chunks only (`pending` is put in org order first), so its
+    /// tokens are that org's: added to `spent`, which the caller records once the batch's
+    /// transaction is over.
     pub(super) async fn embed_pending(
         &self,
         pending: &mut [Pending],
         plans: &mut [Plan],
         report: &mut PassReport,
         last_attempt: bool,
+        spent: &mut BTreeMap<Uuid, u64>,
     ) -> Result<Vec<usize>, IndexError> {
+        // (stable: each source's chunks stay in order)
+        pending.sort_by_key(|p| org_of(plans, p));
         let mut worked = false;
         let mut failed: Vec<(std::ops::Range<usize>, LlmError)> = Vec::new();
         let mut unavailable: Option<(usize, LlmError)> = None;
         let mut start = 0;
         while start < pending.len() {
-            let end = (start + self.embed_batch).min(pending.len());
+            let org = org_of(plans, &pending[start]);
+            let end = pending[start..]
+                .iter()
+                .take(self.embed_batch)
+                .take_while(|p| org_of(plans, p) == org)
+                .count()
+                + start;
             let inputs: Vec<String> = pending[start..end]
                 .iter()
                 .map(|p| chunk::embedding_input(&p.chunk))
@@ -36,8 +49,7 @@ impl Indexer {
             match self.llm.embed(&self.model, &inputs).await {
                 Ok(embedded) => {
                     worked = true;
-                    let orgs = pending[start..end].iter().map(|p| org_of(plans, p));
-                    self.count_tokens(orgs.zip(&inputs), embedded.tokens).await;
+                    spend(spent, org, embedded.tokens);
                     for (p, v) in pending[start..end].iter_mut().zip(embedded.vectors) {
                         p.vector = Some(v);
                     }
@@ -55,7 +67,7 @@ impl Indexer {
             for (range, e) in failed {
                 tracing::warn!(error = %e, "an embedding request failed; retrying source by source");
                 match self
-                    .embed_one_by_one(&mut pending[range.clone()], plans, report)
+                    .embed_one_by_one(&mut pending[range.clone()], plans, report, spent)
                     .await
                 {
                     Ok((any, failures)) => {
@@ -106,6 +118,7 @@ impl Indexer {
         pending: &mut [Pending],
         plans: &mut [Plan],
         report: &mut PassReport,
+        spent: &mut BTreeMap<Uuid, u64>,
     ) -> Result<(bool, Vec<(usize, LlmError)>), LlmError> {
         let mut by_plan: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, p) in pending.iter().enumerate() {
@@ -125,8 +138,11 @@ impl Indexer {
             match self.llm.embed(&self.model, &inputs).await {
                 Ok(embedded) => {
                     worked = true;
-                    let orgs = idx.iter().map(|i| org_of(plans, &pending[*i]));
-                    self.count_tokens(orgs.zip(&inputs), embedded.tokens).await;
+                    spend(
+                        spent,
+                        plans[plan].content.as_ref().map(|c| c.org_id.into_uuid()),
+                        embedded.tokens,
+                    );
                     for (i, v) in idx.iter().zip(embedded.vectors) {
                         pending[*i].vector = Some(v);
                     }
@@ -145,61 +161,10 @@ fn org_of(plans: &[Plan], p: &Pending) -> Option<Uuid> {
     plans[p.plan].content.as_ref().map(|c| c.org_id.into_uuid())
 }
 
-impl Indexer {
-    /// Count an embedding request's `tokens` in the usage of the orgs whose chunks it carried
-    /// (a batch may hold several orgs' sources): in proportion to their inputs' characters,
-    /// the last org getting the rounding, so the shares add up to the request's tokens.
-    async fn count_tokens<'i>(
-        &self,
-        inputs: impl Iterator<Item = (Option<Uuid>, &'i String)>,
-        tokens: u64,
-    ) {
-        let mut chars: BTreeMap<Uuid, u64> = BTreeMap::new();
-        for (org, input) in inputs {
-            if let Some(org) = org {
-                *chars.entry(org).or_default() += input.chars().count() as u64;
-            }
-        }
-        for (org, share) in shares(&chars, tokens) {
-            crate::model::record_embedding(&self.db, org, &self.model, share).await;
-        }
-    }
-}
-
-/// `tokens` split in proportion to `weights` (the last key takes what rounding leaves).
-fn shares(weights: &BTreeMap<Uuid, u64>, tokens: u64) -> Vec<(Uuid, u64)> {
-    let total: u64 = weights.values().sum();
-    let mut left = tokens;
-    let mut out = Vec::with_capacity(weights.len());
-    for (i, (org, w)) in weights.iter().enumerate() {
-        let share = if i + 1 == weights.len() {
-            left
-        } else if total == 0 {
-            0
-        } else {
-            // (u128: tokens × characters cannot overflow)
-            (u128::from(tokens) * u128::from(*w) / u128::from(total)) as u64
-        };
-        left -= share.min(left);
-        out.push((*org, share));
-    }
-    out
-}
-
-#[cfg(test)]
-mod share_tests {
-    use super::*;
-
-    #[test]
-    fn shares_follow_the_inputs_and_add_up() {
-        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
-        let one = BTreeMap::from([(a, 10)]);
-        assert_eq!(shares(&one, 7), [(a, 7)]);
-        let three = BTreeMap::from([(a, 1), (b, 1), (c, 1)]);
-        let s = shares(&three, 10);
-        assert_eq!(s, [(a, 3), (b, 3), (c, 4)]);
-        let skewed = BTreeMap::from([(a, 900), (b, 100)]);
-        assert_eq!(shares(&skewed, 50), [(a, 45), (b, 5)]);
-        assert_eq!(shares(&BTreeMap::new(), 5), []);
+/// Add a request's tokens to its org's spend.
+fn spend(spent: &mut BTreeMap<Uuid, u64>, org: Option<Uuid>, tokens: u64) {
+    if let Some(org) = org {
+        let t = spent.entry(org).or_default();
+        *t = t.saturating_add(tokens);
     }
 }

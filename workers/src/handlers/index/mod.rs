@@ -252,10 +252,25 @@ impl Indexer {
     }
 
     /// One batch in one transaction. `None` when the outbox is empty; the flag asks the pass to
-    /// stop (the embedder failed on a last attempt).
+    /// stop (the embedder failed on a last attempt). The embedding calls' tokens count in
+    /// their orgs' usage whether the batch commits or not (the upstream charged them), recorded
+    /// once its transaction is over, never while it holds the outbox rows.
     async fn run_batch(
         &self,
         last_attempt: bool,
+    ) -> Result<Option<(PassReport, bool)>, IndexError> {
+        let mut spent = BTreeMap::new();
+        let outcome = self.run_batch_in(last_attempt, &mut spent).await;
+        for (org, tokens) in spent {
+            crate::model::record_embedding(&self.db, org, &self.model, tokens).await;
+        }
+        outcome
+    }
+
+    async fn run_batch_in(
+        &self,
+        last_attempt: bool,
+        spent: &mut BTreeMap<Uuid, u64>,
     ) -> Result<Option<(PassReport, bool)>, IndexError> {
         let started = Instant::now();
         let mut tx = self.db.begin().await?;
@@ -326,7 +341,7 @@ impl Indexer {
         // Embed what changed.
         let embed_started = Instant::now();
         let unavailable = self
-            .embed_pending(&mut pending, &mut plans, &mut report, last_attempt)
+            .embed_pending(&mut pending, &mut plans, &mut report, last_attempt, spent)
             .await?;
         let stop = !unavailable.is_empty();
         report.embed_ms = embed_started.elapsed().as_millis() as u64;
