@@ -251,7 +251,7 @@ async fn a_source_failing_now_and_then_is_retried_then_dead_lettered_after_its_a
 
 /// An org with a backlog (or poison) never starves another: with small batches, the other
 /// org's document is in the first batch even though every row of the backlog is older. The
-/// embedder fails after the first request, so only the first batch commits.
+/// embedder fails after the first batch's requests, so only the first batch commits.
 #[tokio::test]
 async fn the_outbox_claim_takes_the_orgs_in_turn() {
     let (app, model) = app_with(&[("INDEX_BATCH_SOURCES", "4")]).await;
@@ -270,8 +270,10 @@ async fn the_outbox_claim_takes_the_orgs_in_turn() {
     let b = app.register(&email("quiet-b"), "Quiet Org").await;
     let pb = project(&app, &b).await;
     let doc = upload(&app, &b, &pb, "text/plain", "the quiet org's document").await;
+    // the first batch's requests succeed (one per org: a request carries one org's chunks),
+    // every later one fails
     FakeClient::shared()
-        .script(&model, vec![Behaviour::reply("ok")])
+        .script(&model, vec![Behaviour::reply("ok"), Behaviour::reply("ok")])
         .await
         .unwrap();
     FakeClient::shared()
