@@ -10,7 +10,8 @@
 //! source it loads the current content (gone or deleted → its chunks are removed), chunks it
 //! ([`chunk`]: titles and chunk text bounded), compares each chunk's hash (model + title +
 //! content) with the stored one at the same index, embeds only the changed chunks through
-//! LiteLLM (requests of `INDEX_EMBED_BATCH` inputs), upserts them, deletes chunks past the new
+//! LiteLLM (requests of up to `INDEX_EMBED_BATCH` inputs, one org's each: their tokens count in
+//! that org's usage), upserts them, deletes chunks past the new
 //! count and marks documents `indexed`.
 //!
 //! **A source that cannot be indexed fails alone.** Its writes run in a savepoint (all
