@@ -18,6 +18,43 @@ fn probe(key: &str) -> Envelope {
     })
 }
 
+/// A bus over `redis` whose chat queue admits fairly in one partition (the orgs share one
+/// stream, so the order is the admission's alone), `chat` applied to its settings; that
+/// partition's group made. Returns the bus and the partition.
+async fn one_stream(
+    redis: &TestRedis,
+    chat: impl FnOnce(&mut config::QueueSettings),
+) -> (jobs::Bus, jobs::Part) {
+    let bus = crate::bus(
+        redis,
+        &crate::queues(|q| {
+            q.partitions = 1;
+            q.chat.fair = true;
+            chat(&mut q.chat);
+        }),
+    );
+    let p = bus.parts(Queue::Chat).next().unwrap();
+    bus.ensure_group(p).await.unwrap();
+    (bus, p)
+}
+
+/// A worker of the chat queue with `concurrency` slots whose idle reads block `read_block`.
+fn chat_worker(
+    bus: &jobs::Bus,
+    registry: Registry,
+    concurrency: usize,
+    read_block: Duration,
+) -> Worker {
+    let opts = WorkerOptions {
+        queues: vec![Queue::Chat],
+        concurrency,
+        consumer: format!("w-{:08x}", rand::random::<u32>()),
+        read_block,
+        shutdown_grace: Duration::from_secs(5),
+    };
+    Worker::new(bus.clone(), registry, opts)
+}
+
 /// The keys of the probes a worker of concurrency 1 handles, in the order it handles them.
 async fn handled_in_order(bus: &jobs::Bus) -> Vec<String> {
     let order = Arc::new(Mutex::new(Vec::new()));
@@ -29,14 +66,7 @@ async fn handled_in_order(bus: &jobs::Bus) -> Vec<String> {
             async { Ok(()) }
         });
     }
-    let opts = WorkerOptions {
-        queues: vec![Queue::Chat],
-        concurrency: 1,
-        consumer: format!("w-{:08x}", rand::random::<u32>()),
-        read_block: Duration::from_millis(200),
-        shutdown_grace: Duration::from_secs(5),
-    };
-    Worker::new(bus.clone(), registry, opts)
+    chat_worker(bus, registry, 1, Duration::from_millis(200))
         .drain_until_empty(Duration::from_secs(30))
         .await
         .unwrap();
@@ -47,17 +77,7 @@ async fn handled_in_order(bus: &jobs::Bus) -> Vec<String> {
 /// in what order one consumer handles them.
 async fn backlog_then_others(fair: bool) -> (Vec<Option<u64>>, Vec<String>) {
     let redis = TestRedis::new();
-    let bus = crate::bus(
-        &redis,
-        &crate::queues(|q| {
-            // one partition: the orgs share one stream, so the order is the admission's alone
-            q.partitions = 1;
-            q.chat.fair = fair;
-        }),
-    );
-    for p in bus.parts(Queue::Chat) {
-        bus.ensure_group(p).await.unwrap();
-    }
+    let (bus, _) = one_stream(&redis, |c| c.fair = fair).await;
     let a: Vec<Envelope> = (0..30).map(|_| probe("org-a")).collect();
     for env in &a {
         bus.enqueue_envelope(env).await.unwrap();
@@ -104,16 +124,7 @@ async fn without_fair_admission_the_backlog_goes_first() {
 #[tokio::test]
 async fn weights_share_the_turns_and_a_lost_marker_is_enqueued_once() {
     let redis = TestRedis::new();
-    let bus = crate::bus(
-        &redis,
-        &crate::queues(|q| {
-            q.partitions = 1;
-            q.chat.fair = true;
-        }),
-    );
-    for p in bus.parts(Queue::Chat) {
-        bus.ensure_group(p).await.unwrap();
-    }
+    let (bus, _) = one_stream(&redis, |_| {}).await;
     bus.set_fair_weight(Queue::Chat, "org-heavy", 3)
         .await
         .unwrap();
@@ -201,14 +212,7 @@ async fn run_with_caps(
             }
         });
     }
-    let opts = WorkerOptions {
-        queues: vec![Queue::Chat],
-        concurrency,
-        consumer: format!("w-{:08x}", rand::random::<u32>()),
-        read_block,
-        shutdown_grace: Duration::from_secs(5),
-    };
-    Worker::new(bus.clone(), registry, opts)
+    chat_worker(bus, registry, concurrency, read_block)
         .drain_until_empty(Duration::from_secs(60))
         .await
         .unwrap();
@@ -219,17 +223,7 @@ async fn run_with_caps(
 #[tokio::test]
 async fn an_org_at_its_concurrency_cap_waits_while_other_orgs_take_the_free_slots() {
     let redis = TestRedis::new();
-    let bus = crate::bus(
-        &redis,
-        &crate::queues(|q| {
-            q.partitions = 1;
-            q.chat.fair = true;
-            q.chat.org_concurrency = 2;
-        }),
-    );
-    for p in bus.parts(Queue::Chat) {
-        bus.ensure_group(p).await.unwrap();
-    }
+    let (bus, _) = one_stream(&redis, |c| c.org_concurrency = 2).await;
     // org-c has a cap of its own; org-free has none
     bus.set_fair_cap(Queue::Chat, "org-c", Some(1))
         .await
@@ -268,17 +262,7 @@ async fn an_org_at_its_concurrency_cap_waits_while_other_orgs_take_the_free_slot
 #[tokio::test]
 async fn a_settled_job_lets_its_capped_org_go_at_once_not_at_the_next_read() {
     let redis = TestRedis::new();
-    let bus = crate::bus(
-        &redis,
-        &crate::queues(|q| {
-            q.partitions = 1;
-            q.chat.fair = true;
-            q.chat.org_concurrency = 1;
-        }),
-    );
-    for p in bus.parts(Queue::Chat) {
-        bus.ensure_group(p).await.unwrap();
-    }
+    let (bus, _) = one_stream(&redis, |c| c.org_concurrency = 1).await;
     for _ in 0..3 {
         bus.enqueue_envelope(&probe("org-a")).await.unwrap();
     }
@@ -294,14 +278,7 @@ async fn a_settled_job_lets_its_capped_org_go_at_once_not_at_the_next_read() {
 #[tokio::test]
 async fn a_capped_orgs_slot_held_by_a_settled_or_stale_job_is_given_back() {
     let redis = TestRedis::new();
-    let q = crate::queues(|q| {
-        q.partitions = 1;
-        q.chat.fair = true;
-        q.chat.org_concurrency = 1;
-    });
-    let bus = crate::bus(&redis, &q);
-    let p = bus.parts(Queue::Chat).next().unwrap();
-    bus.ensure_group(p).await.unwrap();
+    let (bus, p) = one_stream(&redis, |c| c.org_concurrency = 1).await;
     let keys = bus.keys(p);
     let runs = format!("{}org-a", keys.fair_runs);
     let mut conn = bus.redis().conn().await.unwrap();
@@ -336,15 +313,7 @@ async fn a_capped_orgs_slot_held_by_a_settled_or_stale_job_is_given_back() {
 #[tokio::test]
 async fn an_org_held_at_its_cap_gets_no_credit_for_it_nor_inflates_others_places() {
     let redis = TestRedis::new();
-    let bus = crate::bus(
-        &redis,
-        &crate::queues(|q| {
-            q.partitions = 1;
-            q.chat.fair = true;
-        }),
-    );
-    let p = bus.parts(Queue::Chat).next().unwrap();
-    bus.ensure_group(p).await.unwrap();
+    let (bus, p) = one_stream(&redis, |_| {}).await;
     bus.set_fair_cap(Queue::Chat, "org-a", Some(1))
         .await
         .unwrap();
@@ -380,20 +349,13 @@ async fn an_org_held_at_its_cap_gets_no_credit_for_it_nor_inflates_others_places
 #[tokio::test]
 async fn a_capped_orgs_retried_job_keeps_its_slot_and_its_dead_letter_frees_it_at_once() {
     let redis = TestRedis::new();
-    let bus = crate::bus(
-        &redis,
-        &crate::queues(|q| {
-            q.partitions = 1;
-            q.chat.fair = true;
-            q.chat.org_concurrency = 1;
-            q.chat.backoff_base_ms = 300;
-            q.chat.backoff_cap_ms = 300;
-            q.chat.jitter = config::Jitter::None;
-        }),
-    );
-    for p in bus.parts(Queue::Chat) {
-        bus.ensure_group(p).await.unwrap();
-    }
+    let (bus, _) = one_stream(&redis, |c| {
+        c.org_concurrency = 1;
+        c.backoff_base_ms = 300;
+        c.backoff_cap_ms = 300;
+        c.jitter = config::Jitter::None;
+    })
+    .await;
     // in org A's order: one that fails once, one that fails for good, one that succeeds
     for fail_times in [1, 99, 0] {
         bus.enqueue_envelope(&Envelope::new(Probe {
@@ -430,14 +392,7 @@ async fn a_capped_orgs_retried_job_keeps_its_slot_and_its_dead_letter_frees_it_a
         });
     }
     // an idle consumer blocks 6 s on its read: only an admission at settlement is quicker
-    let opts = WorkerOptions {
-        queues: vec![Queue::Chat],
-        concurrency: 4,
-        consumer: format!("w-{:08x}", rand::random::<u32>()),
-        read_block: Duration::from_secs(6),
-        shutdown_grace: Duration::from_secs(5),
-    };
-    let report = Worker::new(bus.clone(), registry, opts)
+    let report = chat_worker(&bus, registry, 4, Duration::from_secs(6))
         .drain_until_empty(Duration::from_secs(60))
         .await
         .unwrap();
@@ -457,16 +412,7 @@ async fn a_capped_orgs_retried_job_keeps_its_slot_and_its_dead_letter_frees_it_a
 #[tokio::test]
 async fn an_envelope_this_build_cannot_read_gives_its_orgs_slot_back_when_dead_lettered() {
     let redis = TestRedis::new();
-    let bus = crate::bus(
-        &redis,
-        &crate::queues(|q| {
-            q.partitions = 1;
-            q.chat.fair = true;
-            q.chat.org_concurrency = 1;
-        }),
-    );
-    let p = bus.parts(Queue::Chat).next().unwrap();
-    bus.ensure_group(p).await.unwrap();
+    let (bus, p) = one_stream(&redis, |c| c.org_concurrency = 1).await;
     // a job of a kind this build does not know (a newer build enqueued it), waiting in org-a's
     // list like any other
     let mut env = serde_json::to_value(probe("org-a")).unwrap();
