@@ -293,10 +293,9 @@ local function weight(weights, org)
 end
 local function fair(k, a)
   return {ring = KEYS[k], vt = KEYS[k + 1], weights = KEYS[k + 2], stream = KEYS[k + 3],
-    marks = KEYS[k + 4], caps = KEYS[k + 5], run_orgs = KEYS[k + 6], lists = ARGV[a],
-    group = ARGV[a + 1],
-    runs = ARGV[a + 2], cap = tonumber(ARGV[a + 3]) or 0, now = tonumber(ARGV[a + 4]),
-    stale = tonumber(ARGV[a + 5])}
+    marks = KEYS[k + 4], caps = KEYS[k + 5], run_orgs = KEYS[k + 6],
+    lists = ARGV[a], group = ARGV[a + 1], runs = ARGV[a + 2], cap = tonumber(ARGV[a + 3]) or 0,
+    now = tonumber(ARGV[a + 4]), stale = tonumber(ARGV[a + 5])}
 end
 -- an org's cap: its own, else the queue's; 0: none
 local function cap_of(f, org)
@@ -326,7 +325,7 @@ local function full(f, org, cap)
 end
 -- the most orgs at their cap one admission passes over before it gives up
 local MAX_PASSED = 100
--- returns the jobs moved and the orgs passed over at their cap
+-- returns the jobs moved
 local function admit(f, n)
   local moved, passed = 0, {}
   local v0 = tonumber(redis.call('GET', f.vt) or '0') or 0
@@ -374,7 +373,7 @@ local function admit(f, n)
     local s = tonumber(redis.call('ZSCORE', f.ring, org))
     if s and s < v then redis.call('ZADD', f.ring, v, org) end
   end
-  return {moved, #passed}
+  return moved
 end
 "#;
 
@@ -410,8 +409,7 @@ return 1
 /// Admit waiting jobs of a fair queue into its stream for a consumer about to read `n`: as many
 /// as the stream does not already hold undelivered (entries that skipped the lists — retries,
 /// replays, jobs given back — are read first, and do not make the stream grow a FIFO backlog
-/// of admitted jobs behind them). Returns how many moved and how many orgs were passed over
-/// at their cap.
+/// of admitted jobs behind them). Returns how many moved.
 /// KEYS: fair ring, virtual time, weights, stream, marks, caps, run orgs. ARGV: org list
 /// prefix, group, run set prefix, default cap, now_ms, stale_ms, n.
 pub static ADMIT_FAIR: LazyLock<Script> = LazyLock::new(|| {
@@ -419,9 +417,9 @@ pub static ADMIT_FAIR: LazyLock<Script> = LazyLock::new(|| {
         "{FAIR_LUA}{}",
         r#"
 local f = fair(1, 1)
-if redis.call('ZCARD', f.ring) == 0 then return {0, 0} end
+if redis.call('ZCARD', f.ring) == 0 then return 0 end
 local room = tonumber(ARGV[7]) - undelivered(f.stream, f.group)
-if room <= 0 then return {0, 0} end
+if room <= 0 then return 0 end
 return admit(f, room)
 "#
     ))

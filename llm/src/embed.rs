@@ -14,6 +14,17 @@ pub fn estimate_tokens(text: &str) -> usize {
     text.chars().count().div_ceil(4)
 }
 
+/// What an embeddings response `body` for `inputs` cost: the upstream's `usage.prompt_tokens`
+/// when above 0 (some providers report 0 through the proxy: an embedding is never free), else
+/// the estimate of each input.
+pub(crate) fn embedding_tokens(body: &serde_json::Value, inputs: &[String]) -> u64 {
+    body.get("usage")
+        .and_then(|u| u.get("prompt_tokens"))
+        .and_then(serde_json::Value::as_u64)
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| inputs.iter().map(|t| estimate_tokens(t) as u64).sum())
+}
+
 /// What an embedding request must deliver to be usable.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Expect {
@@ -72,6 +83,20 @@ impl LlmClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_embedding_costs_what_was_reported_else_the_estimate() {
+        let inputs = ["abcdefgh".to_owned(), "héllo".to_owned()];
+        let reported = serde_json::json!({"usage": {"prompt_tokens": 7, "total_tokens": 7}});
+        assert_eq!(embedding_tokens(&reported, &inputs), 7);
+        // none reported, or 0: 2 + 2 estimated
+        assert_eq!(
+            embedding_tokens(&serde_json::json!({"data": []}), &inputs),
+            4
+        );
+        let zero = serde_json::json!({"usage": {"prompt_tokens": 0}});
+        assert_eq!(embedding_tokens(&zero, &inputs), 4);
+    }
 
     #[test]
     fn four_characters_a_token_rounded_up() {

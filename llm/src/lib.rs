@@ -27,7 +27,6 @@ use serde_json::{Value, json};
 
 pub use chat::{ChatEvent, ChatStream, Completion, ToolCall, Usage, collect};
 pub use embed::{EmbedFailure, Expect, estimate_tokens};
-
 pub use error::LlmError;
 
 /// A chat message in OpenAI format (`content` may be absent on assistant tool-call turns).
@@ -262,20 +261,9 @@ impl LlmClient {
             )));
         }
         out.sort_by_key(|(i, _)| *i);
-        let reported = v
-            .get("usage")
-            .and_then(|u| u.get("prompt_tokens"))
-            .and_then(Value::as_u64)
-            // (some providers report 0 through the proxy: an embedding is never free)
-            .filter(|&n| n > 0);
         Ok(Embeddings {
             vectors: out.into_iter().map(|(_, v)| v).collect(),
-            tokens: reported.unwrap_or_else(|| {
-                inputs
-                    .iter()
-                    .map(|t| embed::estimate_tokens(t) as u64)
-                    .sum()
-            }),
+            tokens: embed::embedding_tokens(&v, inputs),
         })
     }
 }

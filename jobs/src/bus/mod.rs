@@ -455,12 +455,11 @@ impl Bus {
         }
         let keys = self.keys(p);
         let now = Utc::now().timestamp_millis();
-        let (moved, _passed): (u64, u64) = self
+        Ok(self
             .fair_invocation(&scripts::ADMIT_FAIR, p, keys, now)
             .arg(n)
             .invoke_async(conn)
-            .await?;
-        Ok(moved)
+            .await?)
     }
 
     /// A fair-admission script with the keys and arguments its helpers share
@@ -515,16 +514,8 @@ impl Bus {
     /// is the default: an org of weight 2 gets twice the turns of an org of weight 1 when
     /// both wait).
     pub async fn set_fair_weight(&self, q: Queue, key: &str, weight: u32) -> Result<(), BusError> {
-        let mut conn = self.conn().await?;
-        for p in self.parts(q) {
-            let keys = self.keys(p);
-            if weight == 1 {
-                let _: i64 = conn.hdel(&keys.fair_weights, key).await?;
-            } else {
-                let _: i64 = conn.hset(&keys.fair_weights, key, weight).await?;
-            }
-        }
-        Ok(())
+        self.set_fair_field(q, |k| &k.fair_weights, key, (weight != 1).then_some(weight))
+            .await
     }
 
     /// Set the concurrency cap of `key` (an org) in fair queue `q`'s admission, in every
@@ -535,17 +526,25 @@ impl Bus {
         key: &str,
         cap: Option<u32>,
     ) -> Result<(), BusError> {
+        self.set_fair_field(q, |k| &k.fair_caps, key, cap).await
+    }
+
+    /// Set (`Some`) or clear (`None`: the default) `key`'s field of a fair-admission hash in
+    /// every partition of `q`.
+    async fn set_fair_field(
+        &self,
+        q: Queue,
+        hash: fn(&QueueKeys) -> &String,
+        key: &str,
+        value: Option<u32>,
+    ) -> Result<(), BusError> {
         let mut conn = self.conn().await?;
         for p in self.parts(q) {
-            let keys = self.keys(p);
-            match cap {
-                None => {
-                    let _: i64 = conn.hdel(&keys.fair_caps, key).await?;
-                }
-                Some(n) => {
-                    let _: i64 = conn.hset(&keys.fair_caps, key, n).await?;
-                }
-            }
+            let hash = hash(self.keys(p));
+            let _: i64 = match value {
+                Some(v) => conn.hset(hash, key, v).await?,
+                None => conn.hdel(hash, key).await?,
+            };
         }
         Ok(())
     }

@@ -87,9 +87,7 @@ impl Job {
         };
         Some(fnv1a(bytes))
     }
-}
 
-impl Job {
     /// Whose turn this job is, for a queue that admits fairly (`[queues.<name>] fair`): the org
     /// of a chat turn (or a probe's key, for the bus's own tests); `None`: first come, first
     /// served.

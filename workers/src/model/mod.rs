@@ -95,9 +95,10 @@ impl ModelCaller {
 
     /// One non-streamed answer from the org's model (the fallback once when the primary
     /// fails): `(text, model)`. Every call that answered counts against the org's token budget
-    /// (`usage_daily`), whatever the job then does with the answer. A 429 or a cooling-down model re-queues the job after the
-    /// cooldown (background work: its waits count as attempts, so a model that stays rate
-    /// limited ends in the dead letters instead of waiting forever).
+    /// (`usage_daily`), whatever the job then does with the answer. A 429 or a cooling-down
+    /// model re-queues the job after the cooldown (background work: its waits count as
+    /// attempts, so a model that stays rate limited ends in the dead letters instead of waiting
+    /// forever).
     pub async fn complete_text(
         &self,
         db: &sqlx::PgPool,
@@ -141,7 +142,10 @@ impl ModelCaller {
             let rate_limited = matches!(&outcome, Err(e) if e.is_rate_limited());
             self.probe_done(&model, probe, rate_limited).await;
             if let Ok(c) = &outcome {
-                record_usage(db, org_id, &model, c.usage).await;
+                let (prompt, completion) = c.usage.map_or((0, 0), |u| {
+                    (u64::from(u.prompt_tokens), u64::from(u.completion_tokens))
+                });
+                record_usage(db, org_id, &model, prompt, completion).await;
             }
             match outcome {
                 Ok(c) if !c.text.trim().is_empty() => return Ok((c.text, model)),
@@ -172,11 +176,7 @@ pub(crate) async fn record_embedding(
     model: &str,
     tokens: u64,
 ) {
-    let usage = llm::Usage {
-        prompt_tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
-        completion_tokens: 0,
-    };
-    record_usage(db, org_id, model, Some(usage)).await;
+    record_usage(db, org_id, model, tokens, 0).await;
 }
 
 /// Count a background model call (summarize, remember) in the org's `usage_daily`, on its own:
@@ -186,19 +186,18 @@ async fn record_usage(
     db: &sqlx::PgPool,
     org_id: uuid::Uuid,
     model: &str,
-    usage: Option<llm::Usage>,
+    prompt: u64,
+    completion: u64,
 ) {
-    let (prompt, completion) = usage.map_or((0, 0), |u| {
-        (i64::from(u.prompt_tokens), i64::from(u.completion_tokens))
-    });
+    let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     let counted = async {
         let mut conn = db.acquire().await?;
         store::usage::record(
             &mut conn,
             org_id.into(),
             model,
-            prompt,
-            completion,
+            tokens(prompt),
+            tokens(completion),
             chrono::Utc::now(),
         )
         .await

@@ -28,17 +28,17 @@ impl Indexer {
         spent: &mut BTreeMap<Uuid, u64>,
     ) -> Result<Vec<usize>, IndexError> {
         // (stable: each source's chunks stay in order)
-        pending.sort_by_key(|p| org_of(plans, p));
+        pending.sort_by_key(|p| org_of(&plans[p.plan]));
         let mut worked = false;
         let mut failed: Vec<(std::ops::Range<usize>, LlmError)> = Vec::new();
         let mut unavailable: Option<(usize, LlmError)> = None;
         let mut start = 0;
         while start < pending.len() {
-            let org = org_of(plans, &pending[start]);
+            let org = org_of(&plans[pending[start].plan]);
             let end = pending[start..]
                 .iter()
                 .take(self.embed_batch)
-                .take_while(|p| org_of(plans, p) == org)
+                .take_while(|p| org_of(&plans[p.plan]) == org)
                 .count()
                 + start;
             let inputs: Vec<String> = pending[start..end]
@@ -138,11 +138,7 @@ impl Indexer {
             match self.llm.embed(&self.model, &inputs).await {
                 Ok(embedded) => {
                     worked = true;
-                    spend(
-                        spent,
-                        plans[plan].content.as_ref().map(|c| c.org_id.into_uuid()),
-                        embedded.tokens,
-                    );
+                    spend(spent, org_of(&plans[plan]), embedded.tokens);
                     for (i, v) in idx.iter().zip(embedded.vectors) {
                         pending[*i].vector = Some(v);
                     }
@@ -156,9 +152,9 @@ impl Indexer {
     }
 }
 
-/// The org whose source a pending chunk is of (every pending chunk's plan has its content).
-fn org_of(plans: &[Plan], p: &Pending) -> Option<Uuid> {
-    plans[p.plan].content.as_ref().map(|c| c.org_id.into_uuid())
+/// The org of a plan's source (every plan with pending chunks has its content).
+fn org_of(plan: &Plan) -> Option<Uuid> {
+    plan.content.as_ref().map(|c| c.org_id.into_uuid())
 }
 
 /// Add a request's tokens to its org's spend.
