@@ -45,8 +45,8 @@ pub enum ApiError {
         "too many open event streams (at most {limit} per user); close one, or retry after {retry_after_secs} s"
     )]
     TooManyStreams { limit: usize, retry_after_secs: u64 },
-    /// 429: the org's token budget is used up (`store::budgets`); `Retry-After` says when the
-    /// period resets (or, when open turns hold the rest, when to look again).
+    /// 429: the org's token budget is used up, or held by its open turns (`store::budgets`);
+    /// `Retry-After` says when the period resets.
     #[error("{message}")]
     BudgetExceeded {
         message: String,

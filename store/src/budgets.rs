@@ -40,7 +40,7 @@ impl Policy {
     }
 }
 
-/// What an org's admins set (`None`: the operator's default; 0: unlimited).
+/// What an org's admins set (`None`: the operator's default; 0 allows nothing).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct Budget {
     pub daily_tokens: Option<i64>,

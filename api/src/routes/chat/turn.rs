@@ -19,11 +19,12 @@ use crate::sse::{self, SseEvent, SseStream};
 
 impl ChatApi {
     /// Start the turn, within the org's token budget (`store::budgets::start_turn`: over it,
-    /// 429 `budget_exceeded` and nothing written). When the database drops the statement and it cannot be told whether it
-    /// committed, the turn is read back by its ids (chosen here, before the write), for about
-    /// two seconds (a statement cut off may still be finishing): found, it goes on; not found
-    /// (or the database still unreachable), 503 — and a retry with the same `Idempotency-Key`
-    /// is safe either way. A statement that never left (no pooled connection) is a plain 503.
+    /// 429 `budget_exceeded` and nothing written). When the database drops the statement and
+    /// it cannot be told whether it committed, the turn is read back by its ids (chosen here,
+    /// before the write), for about two seconds (a statement cut off may still be finishing):
+    /// found, it goes on; not found (or the database still unreachable), 503 — and a retry with
+    /// the same `Idempotency-Key` is safe either way. A statement that never left (no pooled
+    /// connection) is a plain 503.
     pub(super) async fn start(
         &self,
         org_id: Uuid,
