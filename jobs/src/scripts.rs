@@ -26,70 +26,48 @@ return 1
     )
 });
 
-/// Acknowledge handled entries: `XACK` + `XDEL` of each entry this consumer still owns (an
-/// entry reclaimed by another worker meanwhile is left to its new owner), and the job's
-/// marker with it. Returns how many.
+/// Acknowledge handled entries — jobs whose handler succeeded — whoever holds them now: `XACK`,
+/// `XDEL` and the job's marker `HDEL`, together, for the whole batch (three calls, not three per
+/// entry). A success settles its job even when a reclaim gave the entry to another consumer
+/// meanwhile (that run stops at its next heartbeat, `TOUCH`, and its own ack finds nothing).
 ///
-/// Batched: one `XPENDING` over the batch's id range filtered by this consumer finds what it
-/// still owns, then one `XACK`, one `XDEL` and one `HDEL` for all of them — four calls per
-/// batch instead of four per entry. The range scan is capped (ARGV[3]); when the cap is hit,
-/// the ids it did not reach are checked one by one.
+/// An entry that is no longer pending was settled by someone else (an ack, `RETRY` or `DEAD`,
+/// which all `XACK` and `XDEL` together): its marker may belong to the job's next attempt in the
+/// delayed set and is left alone. So when `XACK` counts fewer than the batch holds, only the
+/// entries still in the stream (each one's `XDEL` says) lose their markers.
 /// Jobs that count against their org's concurrency cap (fair admission: the run-org hash
 /// names their run set) leave it here, so their org may go again. Returns `{acked, freed}`.
 /// KEYS: stream, marks, and for a fair queue its run orgs (a queue without leaves it out: a
-/// call from a script costs about as much as a small command). ARGV: group, consumer, scan
-/// cap, then pairs of entry id and job id.
+/// call from a script costs about as much as a small command). ARGV: group, n, then the n
+/// entry ids, then their n job ids in the same order (ranges `unpack` passes on as they are).
 pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local function parse(id)
-  local d = string.find(id, '-', 1, true)
-  if not d then return tonumber(id), 0 end
-  return tonumber(string.sub(id, 1, d - 1)), tonumber(string.sub(id, d + 1))
-end
-local function less(a, b)
-  local am, as = parse(a)
-  local bm, bs = parse(b)
-  return am < bm or (am == bm and as < bs)
-end
-local lo, hi = ARGV[4], ARGV[4]
-for i = 6, #ARGV, 2 do
-  if less(ARGV[i], lo) then lo = ARGV[i] end
-  if less(hi, ARGV[i]) then hi = ARGV[i] end
-end
-local cap = tonumber(ARGV[3])
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], lo, hi, cap, ARGV[2])
-local owned = {}
-for _, e in ipairs(p) do owned[e[1]] = true end
-local last = nil
-if #p >= cap then last = p[#p][1] end
-local ids, jobs = {}, {}
-for i = 4, #ARGV, 2 do
-  local id = ARGV[i]
-  local mine = owned[id]
-  if not mine and last and less(last, id) then
-    local q = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-    mine = #q > 0 and q[1][2] == ARGV[2]
+local n = tonumber(ARGV[2])
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3, 2 + n))
+if acked == 0 then return {0, 0} end
+local jobs
+if acked < n then
+  jobs = {}
+  for i = 3, 2 + n do
+    if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then jobs[#jobs + 1] = ARGV[i + n] end
   end
-  if mine then
-    owned[id] = nil
-    ids[#ids + 1] = id
-    jobs[#jobs + 1] = ARGV[i + 1]
-  end
+  -- (never empty: what XACK counted was pending, so still in the stream)
+  if #jobs > 0 then redis.call('HDEL', KEYS[2], unpack(jobs)) end
+else
+  redis.call('XDEL', KEYS[1], unpack(ARGV, 3, 2 + n))
+  redis.call('HDEL', KEYS[2], unpack(ARGV, 3 + n, 2 + 2 * n))
 end
-if #ids == 0 then return {0, 0} end
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
-redis.call('XDEL', KEYS[1], unpack(ids))
-redis.call('HDEL', KEYS[2], unpack(jobs))
 local freed = 0
 if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
+  if not jobs then jobs = {unpack(ARGV, 3 + n, 2 + 2 * n)} end
   local sets = redis.call('HMGET', KEYS[3], unpack(jobs))
   for i, set in ipairs(sets) do
     if set then freed = freed + redis.call('ZREM', set, jobs[i]) end
   end
   redis.call('HDEL', KEYS[3], unpack(jobs))
 end
-return {n, freed}
+return {acked, freed}
 "#,
     )
 });

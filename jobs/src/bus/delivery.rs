@@ -16,11 +16,6 @@ use crate::metrics;
 use crate::queue::{GROUP, Part, Queue};
 use crate::scripts;
 
-/// How many more of its own pending entries than the batch holds an ack's range scan reads
-/// before checking the rest one by one (`scripts::ACK`): a consumer's in-flight entries
-/// between a batch's lowest and highest id are at most its concurrency.
-const ACK_SCAN_SLACK: usize = 512;
-
 impl Bus {
     /// Read new entries for `consumer` on a dedicated connection: `XREADGROUP COUNT n
     /// [BLOCK ms]`. `block` = `None` returns at once.
@@ -63,14 +58,10 @@ impl Bus {
         Ok(out)
     }
 
-    /// Acknowledge handled entries (`XACK` + `XDEL` and the job's marker, atomically) that
-    /// `consumer` still owns: `(entry id, job id)` pairs.
-    pub async fn ack(
-        &self,
-        p: impl Into<Part>,
-        consumer: &str,
-        entries: &[(&str, Uuid)],
-    ) -> Result<u64, BusError> {
+    /// Acknowledge handled entries — their handlers succeeded — whoever holds them now
+    /// (`XACK` + `XDEL` and the job's marker, atomically, `scripts::ACK`): `(entry id, job id)`
+    /// pairs. Returns how many were still pending; the rest were settled already.
+    pub async fn ack(&self, p: impl Into<Part>, entries: &[(&str, Uuid)]) -> Result<u64, BusError> {
         let p = p.into();
         let keys = self.keys(p);
         let mut conn = self.conn().await?;
@@ -80,12 +71,12 @@ impl Bus {
         if p.queue == Queue::Chat {
             inv.key(&keys.fair_run_orgs);
         }
-        // the scan cap: this batch plus what else the consumer may hold in its range
-        inv.arg(GROUP)
-            .arg(consumer)
-            .arg(entries.len() + ACK_SCAN_SLACK);
-        for (entry, job) in entries {
-            inv.arg(*entry).arg(job.to_string());
+        inv.arg(GROUP).arg(entries.len());
+        for (entry, _) in entries {
+            inv.arg(*entry);
+        }
+        for (_, job) in entries {
+            inv.arg(job.to_string());
         }
         let (acked, freed): (u64, u64) = inv.invoke_async(&mut conn).await?;
         self.admit_freed(&mut conn, p, freed).await;

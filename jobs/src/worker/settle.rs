@@ -400,13 +400,12 @@ async fn keep_claimed(run: &Run, d: &Delivery, visibility: Duration) {
 }
 
 /// Acknowledge through the queue's acker (which batches the acks of jobs finishing together)
-/// and wait until it reached Redis. A reclaimed entry (owned by a reclaim's own name) is
-/// acknowledged on its own.
+/// and wait until it reached Redis. A reclaimed entry goes the same way: an ack settles a
+/// succeeded job whoever holds its entry (`scripts::ACK`).
 async fn settle_ack(run: &Run, d: &Delivery, job_id: Uuid) {
     let entry = [(d.entry_id.as_str(), job_id)];
-    let acker = run.acker(d.part);
-    let acked = match acker {
-        Some(acker) if *d.consumer == *run.core.consumer => {
+    let acked = match run.acker(d.part) {
+        Some(acker) => {
             let (done, reply) = oneshot::channel();
             let req = AckRequest {
                 entry_id: d.entry_id.clone(),
@@ -415,10 +414,10 @@ async fn settle_ack(run: &Run, d: &Delivery, job_id: Uuid) {
             };
             match acker.send(req) {
                 Ok(()) => reply.await.unwrap_or(false),
-                Err(_) => ack_with_retries(run, d.part, &d.consumer, &entry).await,
+                Err(_) => ack_with_retries(run, d.part, &entry).await,
             }
         }
-        _ => ack_with_retries(run, d.part, &d.consumer, &entry).await,
+        None => ack_with_retries(run, d.part, &entry).await,
     };
     if !acked {
         tracing::error!(
@@ -429,13 +428,13 @@ async fn settle_ack(run: &Run, d: &Delivery, job_id: Uuid) {
 
 /// Tries for ~10 s (a Redis restart or failover takes a few): an ack lost here means a
 /// (harmless, idempotent) redelivery a visibility timeout later.
-async fn ack_with_retries(run: &Run, q: Part, consumer: &str, entries: &[(&str, Uuid)]) -> bool {
+async fn ack_with_retries(run: &Run, q: Part, entries: &[(&str, Uuid)]) -> bool {
     for wait in [0u64, 50, 200, 500, 1000, 1000, 2000, 2000, 3000] {
         if wait > 0 {
             // (a zero sleep would still wait for the next timer tick)
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
-        match run.core.bus.ack(q, consumer, entries).await {
+        match run.core.bus.ack(q, entries).await {
             Ok(_) => return true,
             Err(e) => tracing::warn!(queue = %q, error = %e, "ack failed"),
         }
@@ -462,7 +461,7 @@ pub(super) async fn ack_loop(run: Arc<Run>, q: Part, mut rx: mpsc::UnboundedRece
             .iter()
             .map(|r| (r.entry_id.as_str(), r.job_id))
             .collect();
-        let ok = ack_with_retries(&run, q, &run.core.consumer, &entries).await;
+        let ok = ack_with_retries(&run, q, &entries).await;
         for r in batch {
             let _ = r.done.send(ok);
         }
