@@ -41,6 +41,10 @@ enum Command {
 /// `api usage` without `--since` starts this many days ago.
 const USAGE_DEFAULT_DAYS: u64 = 30;
 
+// (`docs/bench-bus.md`: the allocator was a quarter of a job's CPU with glibc's malloc)
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -90,6 +90,10 @@ enum Cmd {
     Chaos(chaos::ChaosArgs),
 }
 
+// (`docs/bench-bus.md`: the allocator was a quarter of a job's CPU with glibc's malloc)
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

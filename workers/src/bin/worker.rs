@@ -179,6 +179,10 @@ enum DeadCmd {
     },
 }
 
+// (`docs/bench-bus.md`: the allocator was a quarter of a job's CPU with glibc's malloc)
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
