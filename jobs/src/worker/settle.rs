@@ -383,7 +383,8 @@ async fn schedule_again(
 
 /// The heartbeat of a running handler: resets the entry's idle time every third of the
 /// visibility timeout. Resolves only when the entry is no longer this consumer's (another
-/// worker reclaimed it after missed heartbeats): the caller then drops the handler.
+/// worker reclaimed it after missed heartbeats, or another run of the job succeeded and acked
+/// it): the caller then drops the handler.
 async fn keep_claimed(run: &Run, d: &Delivery, visibility: Duration) {
     let period = (visibility / 3).max(Duration::from_millis(100));
     loop {
@@ -391,7 +392,7 @@ async fn keep_claimed(run: &Run, d: &Delivery, visibility: Duration) {
         match run.core.bus.touch(d.part, &d.consumer, &d.entry_id).await {
             Ok(true) => {}
             Ok(false) => {
-                tracing::warn!(entry = %d.entry_id, "the entry was reclaimed by another worker; dropping this run");
+                tracing::warn!(entry = %d.entry_id, "the entry is no longer ours (reclaimed, or settled by another run of the job); dropping this run");
                 return;
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed; will try again"),

@@ -352,8 +352,8 @@ async fn a_long_running_handler_is_not_reclaimed_while_it_runs() {
 #[tokio::test]
 async fn a_succeeded_run_settles_its_entry_whoever_holds_it() {
     let redis = TestRedis::new();
-    let queues = crate::queues(|_| {});
-    let bus = crate::bus(&redis, &queues);
+    // one stream: the test reads where its jobs go
+    let bus = crate::bus(&redis, &crate::queues(|q| q.partitions = 1));
     let q = Queue::Actions;
     bus.ensure_group(q).await.unwrap();
     let mut conn = bus.redis().blocking_conn().await.unwrap();
