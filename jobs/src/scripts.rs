@@ -26,41 +26,38 @@ return 1
     )
 });
 
-/// Acknowledge handled entries — jobs whose handler succeeded — whoever holds them now: `XACK`,
-/// `XDEL` and the job's marker `HDEL`, together, for the whole batch (three calls, not three per
-/// entry). A success settles its job even when a reclaim gave the entry to another consumer
-/// meanwhile (that run stops at its next heartbeat, `TOUCH`, and its own ack finds nothing).
+/// Acknowledge handled entries: `XACK` + `XDEL` of each entry this consumer still owns (an
+/// entry reclaimed by another worker meanwhile is left to its new owner — a run that stalled
+/// past the visibility timeout may have been superseded, and its `Ok` does not say it did the
+/// work), and the job's marker with it. Returns how many.
 ///
-/// An entry that is no longer pending was settled by someone else (an ack, `RETRY` or `DEAD`,
-/// which all `XACK` and `XDEL` together): its marker may belong to the job's next attempt in the
-/// delayed set and is left alone. So when `XACK` counts fewer than the batch holds, only the
-/// entries still in the stream (each one's `XDEL` says) lose their markers.
+/// Ownership is checked per entry (`XPENDING <id> <id> 1`); then one `XACK`, one `XDEL` and one
+/// `HDEL` for the batch. (A single `XPENDING` over the batch's id range returned every entry
+/// the consumer had in flight in that range, which with a worker's concurrency cost twice as
+/// much as this: `docs/bench-bus.md`.)
 /// Jobs that count against their org's concurrency cap (fair admission: the run-org hash
 /// names their run set) leave it here, so their org may go again. Returns `{acked, freed}`.
 /// KEYS: stream, marks, and for a fair queue its run orgs (a queue without leaves it out: a
-/// call from a script costs about as much as a small command). ARGV: group, n, then the n
-/// entry ids, then their n job ids in the same order (ranges `unpack` passes on as they are).
+/// call from a script costs about as much as a small command). ARGV: group, consumer, n, then
+/// the n entry ids, then their n job ids in the same order.
 pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local n = tonumber(ARGV[2])
-local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3, 2 + n))
-if acked == 0 then return {0, 0} end
-local jobs
-if acked < n then
-  jobs = {}
-  for i = 3, 2 + n do
-    if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then jobs[#jobs + 1] = ARGV[i + n] end
+local n = tonumber(ARGV[3])
+local ids, jobs = {}, {}
+for i = 4, 3 + n do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p > 0 and p[1][2] == ARGV[2] then
+    ids[#ids + 1] = ARGV[i]
+    jobs[#jobs + 1] = ARGV[i + n]
   end
-  -- (never empty: what XACK counted was pending, so still in the stream)
-  if #jobs > 0 then redis.call('HDEL', KEYS[2], unpack(jobs)) end
-else
-  redis.call('XDEL', KEYS[1], unpack(ARGV, 3, 2 + n))
-  redis.call('HDEL', KEYS[2], unpack(ARGV, 3 + n, 2 + 2 * n))
 end
+if #ids == 0 then return {0, 0} end
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+redis.call('XDEL', KEYS[1], unpack(ids))
+redis.call('HDEL', KEYS[2], unpack(jobs))
 local freed = 0
 if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
-  if not jobs then jobs = {unpack(ARGV, 3 + n, 2 + 2 * n)} end
   local sets = redis.call('HMGET', KEYS[3], unpack(jobs))
   for i, set in ipairs(sets) do
     if set then freed = freed + redis.call('ZREM', set, jobs[i]) end

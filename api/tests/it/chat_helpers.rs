@@ -64,7 +64,7 @@ impl FakeWorker {
         };
         let env = Envelope::from_json(&d.body).unwrap();
         self.bus
-            .ack(d.part, &[(&d.entry_id, env.id)])
+            .ack(d.part, "fake-worker", &[(&d.entry_id, env.id)])
             .await
             .unwrap();
         match env.job {

@@ -58,10 +58,17 @@ impl Bus {
         Ok(out)
     }
 
-    /// Acknowledge handled entries — their handlers succeeded — whoever holds them now
-    /// (`XACK` + `XDEL` and the job's marker, atomically, `scripts::ACK`): `(entry id, job id)`
-    /// pairs. Returns how many were still pending; the rest were settled already.
-    pub async fn ack(&self, p: impl Into<Part>, entries: &[(&str, Uuid)]) -> Result<u64, BusError> {
+    /// Acknowledge handled entries (`XACK` + `XDEL` and the job's marker, atomically) that
+    /// `consumer` still owns: `(entry id, job id)` pairs. Returns how many.
+    pub async fn ack(
+        &self,
+        p: impl Into<Part>,
+        consumer: &str,
+        entries: &[(&str, Uuid)],
+    ) -> Result<u64, BusError> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
         let p = p.into();
         let keys = self.keys(p);
         let mut conn = self.conn().await?;
@@ -71,7 +78,7 @@ impl Bus {
         if p.queue == Queue::Chat {
             inv.key(&keys.fair_run_orgs);
         }
-        inv.arg(GROUP).arg(entries.len());
+        inv.arg(GROUP).arg(consumer).arg(entries.len());
         for (entry, _) in entries {
             inv.arg(*entry);
         }

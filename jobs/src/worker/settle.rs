@@ -383,8 +383,7 @@ async fn schedule_again(
 
 /// The heartbeat of a running handler: resets the entry's idle time every third of the
 /// visibility timeout. Resolves only when the entry is no longer this consumer's (another
-/// worker reclaimed it after missed heartbeats, or another run of the job succeeded and acked
-/// it): the caller then drops the handler.
+/// worker reclaimed it after missed heartbeats): the caller then drops the handler.
 async fn keep_claimed(run: &Run, d: &Delivery, visibility: Duration) {
     let period = (visibility / 3).max(Duration::from_millis(100));
     loop {
@@ -392,7 +391,7 @@ async fn keep_claimed(run: &Run, d: &Delivery, visibility: Duration) {
         match run.core.bus.touch(d.part, &d.consumer, &d.entry_id).await {
             Ok(true) => {}
             Ok(false) => {
-                tracing::warn!(entry = %d.entry_id, "the entry is no longer ours (reclaimed, or settled by another run of the job); dropping this run");
+                tracing::warn!(entry = %d.entry_id, "the entry was reclaimed by another worker; dropping this run");
                 return;
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed; will try again"),
@@ -401,12 +400,13 @@ async fn keep_claimed(run: &Run, d: &Delivery, visibility: Duration) {
 }
 
 /// Acknowledge through the queue's acker (which batches the acks of jobs finishing together)
-/// and wait until it reached Redis. A reclaimed entry goes the same way: an ack settles a
-/// succeeded job whoever holds its entry (`scripts::ACK`).
+/// and wait until it reached Redis. A reclaimed entry (owned by a reclaim's own name) is
+/// acknowledged on its own.
 async fn settle_ack(run: &Run, d: &Delivery, job_id: Uuid) {
     let entry = [(d.entry_id.as_str(), job_id)];
-    let acked = match run.acker(d.part) {
-        Some(acker) => {
+    let acker = run.acker(d.part);
+    let acked = match acker {
+        Some(acker) if *d.consumer == *run.core.consumer => {
             let (done, reply) = oneshot::channel();
             let req = AckRequest {
                 entry_id: d.entry_id.clone(),
@@ -415,10 +415,10 @@ async fn settle_ack(run: &Run, d: &Delivery, job_id: Uuid) {
             };
             match acker.send(req) {
                 Ok(()) => reply.await.unwrap_or(false),
-                Err(_) => ack_with_retries(run, d.part, &entry).await,
+                Err(_) => ack_with_retries(run, d.part, &d.consumer, &entry).await,
             }
         }
-        None => ack_with_retries(run, d.part, &entry).await,
+        _ => ack_with_retries(run, d.part, &d.consumer, &entry).await,
     };
     if !acked {
         tracing::error!(
@@ -429,13 +429,13 @@ async fn settle_ack(run: &Run, d: &Delivery, job_id: Uuid) {
 
 /// Tries for ~10 s (a Redis restart or failover takes a few): an ack lost here means a
 /// (harmless, idempotent) redelivery a visibility timeout later.
-async fn ack_with_retries(run: &Run, q: Part, entries: &[(&str, Uuid)]) -> bool {
+async fn ack_with_retries(run: &Run, q: Part, consumer: &str, entries: &[(&str, Uuid)]) -> bool {
     for wait in [0u64, 50, 200, 500, 1000, 1000, 2000, 2000, 3000] {
         if wait > 0 {
             // (a zero sleep would still wait for the next timer tick)
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
-        match run.core.bus.ack(q, entries).await {
+        match run.core.bus.ack(q, consumer, entries).await {
             Ok(_) => return true,
             Err(e) => tracing::warn!(queue = %q, error = %e, "ack failed"),
         }
@@ -462,7 +462,7 @@ pub(super) async fn ack_loop(run: Arc<Run>, q: Part, mut rx: mpsc::UnboundedRece
             .iter()
             .map(|r| (r.entry_id.as_str(), r.job_id))
             .collect();
-        let ok = ack_with_retries(&run, q, &entries).await;
+        let ok = ack_with_retries(&run, q, &run.core.consumer, &entries).await;
         for r in batch {
             let _ = r.done.send(ok);
         }

@@ -27,7 +27,7 @@ async fn retry_is_atomic_and_only_the_current_owner_may_settle() {
     assert_eq!((s.length, s.pending, s.lag), (2, 1, 1));
     let other = bus.read(&mut conn, q, "c", 1, None).await.unwrap();
     let other_job = Envelope::from_json(&other[0].body).unwrap().id;
-    bus.ack(q, &[(other[0].entry_id.as_str(), other_job)])
+    bus.ack(q, "c", &[(other[0].entry_id.as_str(), other_job)])
         .await
         .unwrap();
     assert_eq!(got[0].deliveries, 1);
@@ -345,73 +345,61 @@ async fn a_long_running_handler_is_not_reclaimed_while_it_runs() {
     assert_eq!(r1.completed + r2.completed, 1);
 }
 
-/// A run that succeeded settles its job whoever holds the entry now: a stalled worker's ack
-/// after a reclaim takes the entry and its marker (the new owner's heartbeat then finds it gone,
-/// and that run's own ack finds nothing). An entry the new owner settled first — here retried,
-/// its next attempt waiting in the delayed set — is not acked twice and keeps its marker.
+/// A worker whose entry was reclaimed by another cannot acknowledge (delete) it any more: the
+/// new owner decides.
 #[tokio::test]
-async fn a_succeeded_run_settles_its_entry_whoever_holds_it() {
+async fn a_stale_owner_cannot_acknowledge_a_reclaimed_entry() {
     let redis = TestRedis::new();
-    // one stream: the test reads where its jobs go
-    let bus = crate::bus(&redis, &crate::queues(|q| q.partitions = 1));
-    let q = Queue::Actions;
-    bus.ensure_group(q).await.unwrap();
-    let mut conn = bus.redis().blocking_conn().await.unwrap();
-    let mut read_and_reclaim = async |key: &str| {
-        let env = bus.enqueue(Probe::new(key)).await.unwrap();
-        let got = bus
-            .read(&mut conn, q, "old", 1, Some(Duration::from_millis(500)))
-            .await
-            .unwrap();
-        assert_eq!(got.len(), 1);
-        let (_, taken) = bus
-            .reclaim(q, "new", Duration::ZERO, "0-0", 10)
-            .await
-            .unwrap();
-        assert_eq!(taken.len(), 1);
-        (got[0].entry_id.clone(), env)
-    };
-
-    let (id, env) = read_and_reclaim("stale").await;
+    let queues = crate::queues(|_| {});
+    let bus = crate::bus(&redis, &queues);
+    bus.ensure_group(Queue::Actions).await.unwrap();
+    bus.enqueue(Probe::new("stale")).await.unwrap();
+    let handle = jobs::RedisHandle::new(&redis.settings()).unwrap();
+    let mut conn = handle.blocking_conn().await.unwrap();
+    let got = bus
+        .read(
+            &mut conn,
+            Queue::Actions,
+            "old",
+            1,
+            Some(Duration::from_millis(500)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    let id = got[0].entry_id.clone();
+    let job = Envelope::from_json(&got[0].body).unwrap().id;
+    let (_, taken) = bus
+        .reclaim(Queue::Actions, "new", Duration::ZERO, "0-0", 10)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
     assert_eq!(
-        bus.ack(q, &[(&id, env.id)]).await.unwrap(),
-        1,
-        "the success settles it"
-    );
-    let s = bus.stats(q).await.unwrap();
-    assert_eq!((s.length, s.pending), (0, 0));
-    assert_eq!(bus.markers(q, &[env.id]).await.unwrap(), vec![false]);
-    assert!(
-        !bus.touch(q, "new", &id).await.unwrap(),
-        "the new owner's heartbeat finds it gone, so that run stops"
-    );
-    assert_eq!(bus.ack(q, &[(&id, env.id)]).await.unwrap(), 0);
-
-    let (id, env) = read_and_reclaim("retried").await;
-    let mut next = env.clone();
-    next.attempt = 2;
-    let due = Utc::now() + chrono::Duration::seconds(30);
-    assert!(bus.retry(q, "new", &id, &next, due).await.unwrap());
-    assert_eq!(
-        bus.ack(q, &[(&id, env.id)]).await.unwrap(),
+        bus.ack(Queue::Actions, "old", &[(&id, job)]).await.unwrap(),
         0,
-        "settled already"
+        "the stale owner's ack is refused"
     );
-    let s = bus.stats(q).await.unwrap();
-    assert_eq!((s.length, s.pending, s.delayed), (0, 0, 1));
+    let stats = bus.stats(Queue::Actions).await.unwrap();
     assert_eq!(
-        bus.markers(q, &[env.id]).await.unwrap(),
-        vec![true],
-        "the next attempt keeps its marker"
+        (stats.length, stats.pending),
+        (1, 1),
+        "still there for the new owner"
     );
+    assert_eq!(
+        bus.ack(Queue::Actions, "new", &[(&id, job)]).await.unwrap(),
+        1
+    );
+    let stats = bus.stats(Queue::Actions).await.unwrap();
+    assert_eq!((stats.length, stats.pending), (0, 0));
 }
 
-/// One ack call settles a batch: every entry still pending (also one a reclaim gave to another
-/// consumer), with its marker; an entry settled meanwhile keeps what its settling left (a
-/// retried job's marker stays with its next attempt); a repeated id counts once.
+/// One ack call settles a batch: only the entries the caller still owns (not those reclaimed
+/// by another consumer), with their markers — each checked on its own, however many entries the
+/// caller holds in the batch's id range.
 #[tokio::test]
-async fn a_batched_ack_settles_what_is_still_pending_and_leaves_the_rest() {
+async fn a_batched_ack_settles_only_owned_entries() {
     let redis = TestRedis::new();
+    // one stream: the caller's 700 entries in flight lie in one id range
     let bus = crate::bus(&redis, &crate::queues(|q| q.partitions = 1));
     let q = Queue::Actions;
     bus.ensure_group(q).await.unwrap();
@@ -422,7 +410,7 @@ async fn a_batched_ack_settles_what_is_still_pending_and_leaves_the_rest() {
     let mut conn = bus.redis().blocking_conn().await.unwrap();
     let got = bus.read(&mut conn, q, "a", 700, None).await.unwrap();
     assert_eq!(got.len(), 700);
-    // "b" takes the first ten, acks one and retries another
+    // "b" takes the first ten
     let (_, taken) = bus
         .reclaim(q, "b", Duration::ZERO, "0-0", 10)
         .await
@@ -432,35 +420,28 @@ async fn a_batched_ack_settles_what_is_still_pending_and_leaves_the_rest() {
         let job = Envelope::from_json(&got[i].body).unwrap().id;
         (got[i].entry_id.as_str(), job)
     };
-    assert_eq!(bus.ack(q, &[pick(0)]).await.unwrap(), 1);
-    let mut next = Envelope::from_json(&got[1].body).unwrap();
-    next.attempt = 2;
-    let due = Utc::now() + chrono::Duration::seconds(30);
-    assert!(bus.retry(q, "b", pick(1).0, &next, due).await.unwrap());
-
-    // out of order, with b's entries (settled or not), the same entry twice
+    // out of order, with b's entries and the same entry twice
     let batch = [
         pick(699),
         pick(0),
         pick(20),
         pick(1),
-        pick(2),
         pick(350),
         pick(698),
         pick(20),
     ];
-    assert_eq!(bus.ack(q, &batch).await.unwrap(), 5);
+    assert_eq!(bus.ack(q, "a", &batch).await.unwrap(), 4);
     let s = bus.stats(q).await.unwrap();
-    assert_eq!((s.length, s.pending, s.delayed), (693, 693, 1));
+    assert_eq!((s.length, s.pending), (696, 696));
+    assert_eq!(bus.jobs_on_bus(q).await.unwrap(), 696);
     let ids: Vec<_> = batch.iter().map(|(_, j)| *j).collect();
     assert_eq!(
         bus.markers(q, &ids).await.unwrap(),
-        vec![false, false, false, true, false, false, false, false]
+        vec![false, true, false, true, false, false, false]
     );
-    // the 693 in the stream and the retried one
+    // b's entries are still b's to settle
+    assert_eq!(bus.ack(q, "b", &[pick(0), pick(1)]).await.unwrap(), 2);
     assert_eq!(bus.jobs_on_bus(q).await.unwrap(), 694);
-    // b's run of entry 2 has nothing left to settle
-    assert_eq!(bus.ack(q, &[pick(2)]).await.unwrap(), 0);
 }
 
 /// A job that fails for good runs its kind's dead-letter hook (once) before it is dead-lettered.
