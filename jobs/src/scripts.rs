@@ -132,6 +132,20 @@ return 1 + redis.call('ZREM', set, id)
     )
 });
 
+/// Remove a consumer name from the group only while it holds no pending entry, in one step:
+/// `XGROUP DELCONSUMER` drops a consumer's pending entries, and such an entry would stay in the
+/// stream, never delivered again, its marker telling the reconciler it is on the bus.
+/// KEYS: stream. ARGV: group, consumer. Returns 1 when removed, 0 when it holds entries.
+pub static DELETE_IDLE_CONSUMER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#,
+    )
+});
+
 /// Move due delayed envelopes to the stream: `ZRANGEBYSCORE` + `XADD` + `ZREM` in one step, so
 /// any number of workers may run it at once and each entry moves exactly once. Returns
 /// `{moved, next_due_ms or -1}`.

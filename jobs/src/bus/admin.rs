@@ -168,26 +168,32 @@ impl Bus {
         }
     }
 
-    /// Remove `consumer` from the group when it holds nothing (a stopped worker tidies up;
-    /// `XGROUP DELCONSUMER` would drop pending entries, so it is never used on a busy one).
+    /// Remove `consumer` from the group when it holds nothing (a stopped worker tidies up):
+    /// checked and removed in one step (`scripts::DELETE_IDLE_CONSUMER`), so an entry it was
+    /// given meanwhile is never dropped.
     pub async fn remove_consumer_if_idle(
         &self,
         q: impl Into<Part>,
         consumer: &str,
     ) -> Result<bool, BusError> {
-        let q = q.into();
-        if self.pending_of(q, consumer).await? > 0 {
-            return Ok(false);
-        }
         let mut conn = self.conn().await?;
-        let _: i64 = redis::cmd("XGROUP")
-            .arg("DELCONSUMER")
-            .arg(&self.keys(q).stream)
+        self.delete_idle_consumer(&mut conn, q.into(), consumer)
+            .await
+    }
+
+    async fn delete_idle_consumer(
+        &self,
+        conn: &mut crate::RedisConn,
+        q: Part,
+        consumer: &str,
+    ) -> Result<bool, BusError> {
+        let removed: i64 = scripts::DELETE_IDLE_CONSUMER
+            .key(&self.keys(q).stream)
             .arg(GROUP)
             .arg(consumer)
-            .query_async(&mut conn)
+            .invoke_async(conn)
             .await?;
-        Ok(true)
+        Ok(removed == 1)
     }
 
     /// Remove consumers (other than `me`) that hold nothing and were not seen for `idle_over`:
@@ -199,6 +205,7 @@ impl Bus {
         me: &str,
         idle_over: Duration,
     ) -> Result<u64, BusError> {
+        let q = q.into();
         let stream = &self.keys(q).stream;
         let mut conn = self.conn().await?;
         let reply: Result<Value, redis::RedisError> = redis::cmd("XINFO")
@@ -223,15 +230,8 @@ impl Bus {
             if name.is_empty() || name == me || pending > 0 || idle < idle_ms {
                 continue;
             }
-            let n: i64 = redis::cmd("XGROUP")
-                .arg("DELCONSUMER")
-                .arg(stream)
-                .arg(GROUP)
-                .arg(&name)
-                .query_async(&mut conn)
-                .await?;
-            // DELCONSUMER answers the pending count it dropped: 0 by the check above
-            if n == 0 {
+            // (the pending count above may be stale by now: the step checks again)
+            if self.delete_idle_consumer(&mut conn, q, &name).await? {
                 removed += 1;
             }
         }

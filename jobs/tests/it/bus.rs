@@ -234,6 +234,12 @@ async fn idle_consumer_names_without_pending_entries_are_pruned() {
     );
     let s = bus.stats(q).await.unwrap();
     assert_eq!((s.consumers, s.pending), (2, 1), "only the ghost went");
+    // a stopped worker removes its own name only when it holds nothing: the check and the
+    // removal are one step, so an entry it holds is never dropped from the group
+    assert!(!bus.remove_consumer_if_idle(q, "busy").await.unwrap());
+    assert!(bus.remove_consumer_if_idle(q, "me").await.unwrap());
+    let s = bus.stats(q).await.unwrap();
+    assert_eq!((s.consumers, s.pending), (1, 1));
 }
 
 #[tokio::test]
