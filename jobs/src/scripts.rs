@@ -33,8 +33,8 @@ return 1
 ///
 /// Ownership is checked per entry (`XPENDING <id> <id> 1`); then one `XACK`, one `XDEL` and one
 /// `HDEL` for the batch. (A single `XPENDING` over the batch's id range returned every entry
-/// the consumer had in flight in that range, which with a worker's concurrency cost twice as
-/// much as this: `docs/bench-bus.md`.)
+/// the consumer had in flight in that range, which with a worker's concurrency cost more:
+/// `docs/bench-bus.md`.)
 /// Jobs that count against their org's concurrency cap (fair admission: the run-org hash
 /// names their run set) leave it here, so their org may go again. Returns `{acked, freed}`.
 /// KEYS: stream, marks, and for a fair queue its run orgs (a queue without leaves it out: a

@@ -148,26 +148,6 @@ impl Bus {
         Ok(lens.iter().sum())
     }
 
-    /// The pending entries `consumer` holds in `q`.
-    pub async fn pending_of(&self, q: impl Into<Part>, consumer: &str) -> Result<u64, BusError> {
-        let mut conn = self.conn().await?;
-        let reply: Result<Value, redis::RedisError> = redis::cmd("XPENDING")
-            .arg(&self.keys(q).stream)
-            .arg(GROUP)
-            .arg("-")
-            .arg("+")
-            .arg(1000)
-            .arg(consumer)
-            .query_async(&mut conn)
-            .await;
-        match reply {
-            Ok(Value::Array(v)) => Ok(v.len() as u64),
-            Ok(_) => Ok(0),
-            Err(e) if e.code() == Some("NOGROUP") => Ok(0),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Remove `consumer` from the group when it holds nothing (a stopped worker tidies up):
     /// checked and removed in one step (`scripts::DELETE_IDLE_CONSUMER`), so an entry it was
     /// given meanwhile is never dropped.
